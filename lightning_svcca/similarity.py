@@ -1,0 +1,631 @@
+"""Similarity between two representations of the same datapoints: CCA, SVCCA, PWCCA and linear CKA.
+
+A representation is a 2-D tensor ``(n_datapoints, n_features)``: row ``i`` of ``x`` and row ``i`` of ``y``
+describe the same datapoint. Everything here is plain torch (no Lightning): it runs on the inputs' device,
+decomposes and accumulates in float64 unless ``dtype=torch.float32`` is asked for (reasonable on a GPU, where
+float64 is slow, at the cost of about 1e-6 in the results).
+
+Every measure is a function of three things: the singular values ``s`` and right singular vectors ``V`` of each
+centred side, and the cross product ``M = Ux^T Uy`` of the two sides' orthonormal bases. :class:`Decomposition`
+holds the first two; pass one in place of a tensor to compare one side against many others without
+decomposing it again.
+
+When ``n_datapoints >= n_features`` a side is decomposed through its Gram matrix ``Xc^T Xc`` (a GEMM and a
+small symmetric eigenproblem), and ``M`` comes from the cross-Gram ``Xc^T Yc``: the cost of a comparison is
+about the three Gram products. With fewer datapoints than features a thin SVD of the data is cheaper.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DATAPOINTS_PER_DIRECTION",
+    "CCAResult",
+    "Decomposition",
+    "SimilarityWarning",
+    "TooFewDatapointsWarning",
+    "ZeroVarianceError",
+    "cca",
+    "decompose",
+    "linear_cka",
+    "pwcca",
+    "svcca",
+    "svcca_details",
+]
+
+#: The SVCCA tutorial's advice: at least this many datapoints per kept direction, or CCA is biased upwards.
+DATAPOINTS_PER_DIRECTION = 5
+
+KeepBy = Literal["singular_values", "variance"]
+_KEEP_BY = ("singular_values", "variance")
+_COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+class SimilarityWarning(UserWarning):
+    """Base class of the warnings this package emits, so users can filter them in one line."""
+
+
+class TooFewDatapointsWarning(SimilarityWarning):
+    """Too few datapoints for the number of kept directions: similarities are biased towards 1."""
+
+
+class ZeroVarianceError(ValueError):
+    """A representation has no variance (a dead or constant layer): there is nothing to correlate."""
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """Thin SVD ``Xc = U diag(s) V^T`` of one centred representation, cut to its numerical rank.
+
+    Build it with :func:`decompose`. ``left`` (``U``) is kept when the SVD route was taken; on the Gram route
+    the centred data is kept instead and ``U`` is never formed, because the cross-Gram with the other side is
+    cheaper. Snapshots store ``U`` (and ``V`` only when PWCCA needs it) in float32.
+
+    Attributes:
+        singular_values: ``(r,)`` singular values, descending, all above the rank tolerance.
+        right: ``(n_features, r)`` right singular vectors ``V``, or ``None`` when not kept.
+        left: ``(n_datapoints, r)`` orthonormal basis ``U`` of the column space, or ``None``.
+        centred: ``(n_datapoints, n_features)`` centred data, kept when ``left`` is ``None``.
+        n_datapoints: number of datapoints (rows) of the representation.
+        n_features: number of features (columns) of the representation.
+    """
+
+    singular_values: Tensor
+    right: Tensor | None
+    left: Tensor | None
+    centred: Tensor | None
+    n_datapoints: int
+    n_features: int
+
+    @property
+    def rank(self) -> int:
+        """Numerical rank: the number of directions with non-negligible variance."""
+        return int(self.singular_values.shape[0])
+
+    def kept(self, keep: float | int, keep_by: KeepBy = "singular_values") -> int:
+        """Number of leading directions SVCCA keeps for ``keep`` (see :func:`svcca`)."""
+        return _kept_count(self.singular_values, keep, keep_by)
+
+
+@dataclass(frozen=True)
+class CCAResult:
+    """SVCCA in detail: the value together with what it was computed from.
+
+    Attributes:
+        value: 0-dim tensor, the mean of ``correlations``.
+        correlations: ``(min(kept_x, kept_y),)`` canonical correlations in ``[0, 1]``, descending.
+        kept: number of singular directions kept of ``x`` and of ``y``.
+        rank: numerical rank of ``x`` and of ``y`` before truncation.
+    """
+
+    value: Tensor
+    correlations: Tensor
+    kept: tuple[int, int]
+    rank: tuple[int, int]
+
+
+def decompose(x: Tensor | Decomposition, *, dtype: torch.dtype = torch.float64) -> Decomposition:
+    """Centre ``x`` and compute its thin SVD, cut to numerical rank, for reuse across comparisons.
+
+    Args:
+        x: ``(n_datapoints, n_features)`` representation; a :class:`Decomposition` is returned as it is.
+        dtype: precision of the decomposition, ``torch.float64`` (default) or ``torch.float32``.
+
+    Returns:
+        The :class:`Decomposition` of the centred ``x``.
+
+    Raises:
+        ValueError: ``x`` is not 2-D, has fewer than 2 datapoints, or holds NaN or Inf.
+        ZeroVarianceError: every datapoint of ``x`` is the same (no variance above rounding error).
+
+    Example:
+        >>> x = torch.randn(100, 8, dtype=torch.float64)
+        >>> d = decompose(x)
+        >>> d.rank, d.singular_values.shape
+        (8, torch.Size([8]))
+        >>> bool(svcca(d, x @ torch.randn(8, 8, dtype=torch.float64), keep=1.0) > 0.999)
+        True
+    """
+    if isinstance(x, Decomposition):
+        return x
+    _check_dtype(dtype)
+    x = _check_representation(x, "x")
+    return _decompose_checked(x, "x", dtype)
+
+
+def cca(
+    x: Tensor | Decomposition,
+    y: Tensor | Decomposition,
+    epsilon: float = 0.0,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    r"""Canonical correlations between the column spaces of the centred ``x`` and ``y``.
+
+    CCA finds pairs of directions ``(x a_i, y b_i)`` of maximal correlation, each pair uncorrelated with the
+    previous ones. With ``Ux`` and ``Uy`` orthonormal bases of the centred columns, the correlations are the
+    singular values of ``Ux^T Uy``, i.e. the cosines of the principal angles between the two subspaces
+    (Björck & Golub 1973).
+
+    Args:
+        x: ``(n, d1)`` representation, or its :class:`Decomposition`.
+        y: ``(n, d2)`` representation of the same ``n`` datapoints, or its :class:`Decomposition`.
+        epsilon: ridge added to the diagonal of each covariance matrix ``Xc^T Xc / (n - 1)`` (regularised CCA,
+            as google/svcca's ``cca_core``); ``0`` is plain CCA.
+        dtype: precision of the decompositions, ``torch.float64`` (default) or ``torch.float32``.
+
+    Returns:
+        Tensor of shape ``(min(rank(x), rank(y)),)``: canonical correlations in ``[0, 1]``, descending.
+
+    Raises:
+        ValueError: a side is not 2-D, the numbers of datapoints differ, fewer than 2 datapoints, NaN or Inf,
+            or a negative ``epsilon``.
+        ZeroVarianceError: a side has no variance.
+
+    Notes:
+        Directions whose singular value is below the rounding error of the input or of the decomposition are
+        null (rank-deficient layers, duplicated or dead neurons, ``d > n``): they are dropped rather than
+        divided by, so the result is never NaN and never above 1.
+
+    Example:
+        >>> x = torch.randn(200, 3, dtype=torch.float64)
+        >>> rotation = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))[0]
+        >>> cca(x, x @ rotation)
+        tensor([1.0000, 1.0000, 1.0000], dtype=torch.float64)
+    """
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be >= 0 (a ridge on the covariances), got {epsilon}")
+    dx, dy = _decompose_pair(x, y, dtype)
+    _warn_if_few_datapoints(dx.n_datapoints, max(dx.rank, dy.rank), "cca", stacklevel=3)
+    cross = _cross(dx, dy)
+    if epsilon > 0:
+        cross = _ridge(dx, epsilon)[:, None] * cross * _ridge(dy, epsilon)[None, :]
+    return _correlations(cross)
+
+
+def svcca(
+    x: Tensor | Decomposition,
+    y: Tensor | Decomposition,
+    keep: float | int = 0.99,
+    keep_by: KeepBy = "singular_values",
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """SVCCA similarity (Raghu et al. 2017): mean canonical correlation of the top singular directions.
+
+    1. Centre each side and take its SVD.
+    2. Keep, on each side, the fewest leading singular directions whose cumulative sum reaches ``keep`` of the
+       total. ``keep_by="singular_values"`` (default) sums singular values, as the paper's Appendix A and
+       google's tutorial do; ``keep_by="variance"`` sums squared singular values (explained variance) and so
+       keeps far fewer directions. An ``int`` ``keep`` keeps exactly that many (at most the rank).
+    3. CCA between the kept subspaces; return the plain mean of the canonical correlations.
+
+    SVCCA is invariant to rotation, isotropic scaling and translation of either side; with ``keep=1.0`` it
+    is invariant to any invertible linear map. Use :func:`svcca_details` for the correlations and the
+    kept dimensions as well.
+
+    Args:
+        x: ``(n, d1)`` representation, or its :class:`Decomposition`.
+        y: ``(n, d2)`` representation of the same datapoints, or its :class:`Decomposition`.
+        keep: fraction in ``(0, 1]`` of the singular value (or variance) total to keep, or a number of
+            directions.
+        keep_by: ``"singular_values"`` or ``"variance"``.
+        dtype: precision of the decompositions, ``torch.float64`` (default) or ``torch.float32``.
+
+    Returns:
+        0-dim tensor in ``[0, 1]``.
+
+    Raises:
+        ValueError: bad shapes or values (see :func:`cca`), ``keep`` out of range, unknown ``keep_by``.
+        ZeroVarianceError: a side has no variance.
+
+    Example:
+        >>> x = torch.randn(500, 10, dtype=torch.float64)
+        >>> round(float(svcca(x, 3.0 * x + 1.0)), 6)
+        1.0
+    """
+    return _svcca(x, y, keep, keep_by, dtype).value
+
+
+def svcca_details(
+    x: Tensor | Decomposition,
+    y: Tensor | Decomposition,
+    keep: float | int = 0.99,
+    keep_by: KeepBy = "singular_values",
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> CCAResult:
+    """:func:`svcca` with its canonical correlations and kept dimensions, computed once.
+
+    Args:
+        x: ``(n, d1)`` representation, or its :class:`Decomposition`.
+        y: ``(n, d2)`` representation of the same datapoints, or its :class:`Decomposition`.
+        keep: see :func:`svcca`.
+        keep_by: see :func:`svcca`.
+        dtype: precision of the decompositions.
+
+    Returns:
+        A :class:`CCAResult`.
+
+    Example:
+        >>> x = torch.randn(1000, 20, dtype=torch.float64)
+        >>> result = svcca_details(x, x, keep=5)
+        >>> result.kept, result.correlations.shape
+        ((5, 5), torch.Size([5]))
+    """
+    return _svcca(x, y, keep, keep_by, dtype)
+
+
+def _svcca(
+    x: Tensor | Decomposition, y: Tensor | Decomposition, keep: float | int, keep_by: KeepBy, dtype: torch.dtype
+) -> CCAResult:
+    _check_keep(keep, keep_by)
+    dx, dy = _decompose_pair(x, y, dtype)
+    kept_x, kept_y = dx.kept(keep, keep_by), dy.kept(keep, keep_by)
+    _warn_if_few_datapoints(dx.n_datapoints, max(kept_x, kept_y), "svcca", stacklevel=4)
+    correlations = _correlations(_cross(dx, dy, kept_x, kept_y))
+    return CCAResult(correlations.mean(), correlations, (kept_x, kept_y), (dx.rank, dy.rank))
+
+
+def pwcca(
+    x: Tensor | Decomposition,
+    y: Tensor | Decomposition,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    r"""Projection-weighted CCA (Morcos, Raghu & Bengio 2018), weights taken from ``x``.
+
+    .. math::
+        \mathrm{PWCCA}(x, y) = \frac{\sum_i \alpha_i \rho_i}{\sum_i \alpha_i}, \qquad
+        \alpha_i = \sum_j \lvert \langle h_i, x_j \rangle \rvert
+
+    where ``rho_i`` are the canonical correlations, ``h_i`` the orthonormal canonical variates of ``x``
+    (``Ux a_i``, with ``a_i`` the left singular vectors of ``Ux^T Uy``) and ``x_j`` the centred neurons (columns)
+    of ``x``. Directions that account for much of ``x`` count more, so noise directions with spurious
+    correlations matter less than in the plain mean.
+
+    This follows the paper. google/svcca's ``compute_pwcca`` departs from it: it weights by projections that
+    are not the canonical variates of ``x``, and raises ``IndexError`` when ``x`` has more neurons than ``y``;
+    here any widths work. PWCCA is not symmetric: swap the arguments to weight by ``y``.
+
+    Args:
+        x: ``(n, d1)`` representation whose neurons give the weights, or its :class:`Decomposition` (with
+            ``right`` kept).
+        y: ``(n, d2)`` representation of the same datapoints, or its :class:`Decomposition`.
+        dtype: precision of the decompositions.
+
+    Returns:
+        0-dim tensor in ``[0, 1]``.
+
+    Raises:
+        ValueError: bad shapes or values (see :func:`cca`), or a decomposition of ``x`` without ``right``.
+        ZeroVarianceError: a side has no variance.
+
+    Example:
+        >>> x = torch.randn(500, 6, dtype=torch.float64)
+        >>> round(float(pwcca(x, x @ torch.randn(6, 6, dtype=torch.float64))), 6)
+        1.0
+    """
+    dx, dy = _decompose_pair(x, y, dtype)
+    _warn_if_few_datapoints(dx.n_datapoints, max(dx.rank, dy.rank), "pwcca", stacklevel=3)
+    return _pwcca_from_cross(dx, _cross(dx, dy))
+
+
+def linear_cka(
+    x: Tensor | Decomposition,
+    y: Tensor | Decomposition,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    r"""Linear centred kernel alignment (Kornblith et al. 2019).
+
+    .. math::
+        \mathrm{CKA}(x, y) = \frac{\lVert Y_c^\top X_c \rVert_F^2}
+            {\lVert X_c^\top X_c \rVert_F \, \lVert Y_c^\top Y_c \rVert_F}
+
+    the HSIC of linear kernels on centred data, normalised. Invariant to orthogonal transforms and isotropic
+    scaling of either side, but not to general invertible linear maps (unlike CCA).
+
+    Args:
+        x: ``(n, d1)`` representation, or its :class:`Decomposition`.
+        y: ``(n, d2)`` representation of the same datapoints, or its :class:`Decomposition`.
+        dtype: precision of the products.
+
+    Returns:
+        0-dim tensor in ``[0, 1]``.
+
+    Raises:
+        ValueError: bad shapes or values (see :func:`cca`).
+        ZeroVarianceError: a side has no variance.
+
+    Example:
+        >>> x = torch.randn(300, 5, dtype=torch.float64)
+        >>> round(float(linear_cka(x, 2.0 * x)), 6)
+        1.0
+    """
+    _check_dtype(dtype)
+    if isinstance(x, Decomposition) or isinstance(y, Decomposition):
+        dx, dy = _decompose_pair(x, y, dtype)
+        return _cka_from_cross(dx, dy, _cross(dx, dy))
+    x = _check_representation(x, "x")
+    y = _check_representation(y, "y")
+    _check_pair(x, y)
+    # 1. centre; 2. HSIC numerator and normalisers from the Gram (or kernel) products.
+    (xc, _), (yc, _) = _centre(x, dtype, "x"), _centre(y, dtype, "y")
+    if xc.shape[0] >= max(xc.shape[1], yc.shape[1]):
+        cross = (xc.T @ yc).square().sum()
+        norm_x = torch.linalg.matrix_norm(xc.T @ xc)
+        norm_y = torch.linalg.matrix_norm(yc.T @ yc)
+    else:
+        kernel_x, kernel_y = xc @ xc.T, yc @ yc.T
+        cross = (kernel_x * kernel_y).sum()
+        norm_x, norm_y = torch.linalg.matrix_norm(kernel_x), torch.linalg.matrix_norm(kernel_y)
+    for name, norm in (("x", norm_x), ("y", norm_y)):
+        if norm == 0:
+            raise ZeroVarianceError(_zero_variance_message(name))
+    return (cross / (norm_x * norm_y)).clamp(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared pieces (also used by the snapshot store, which holds decompositions rather than data).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_representation(x: object, name: str) -> Tensor:
+    """Return ``x`` as a floating 2-D tensor with at least two datapoints and finite entries, or raise."""
+    if not isinstance(x, Tensor):
+        try:
+            x = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"{name} must be a tensor (n_datapoints, n_features), got {type(x).__name__}") from err
+    if x.is_complex():
+        raise TypeError(f"{name} must be real, got dtype {x.dtype}")
+    if not x.is_floating_point():
+        x = x.to(torch.get_default_dtype())
+    if x.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D (n_datapoints, n_features), got shape {tuple(x.shape)}; reduce conv or sequence"
+            " outputs first, e.g. lightning_svcca.activations.reduce_output"
+        )
+    if x.shape[0] < 2:
+        raise ValueError(f"{name} needs at least 2 datapoints (rows) to centre, got {x.shape[0]}")
+    if x.shape[1] < 1:
+        raise ValueError(f"{name} has no features (columns): shape {tuple(x.shape)}")
+    return x
+
+
+def _check_pair(x: Tensor, y: Tensor) -> None:
+    """Raise unless ``x`` and ``y`` describe the same datapoints on the same device."""
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"x and y must have the same number of datapoints (rows), got {x.shape[0]} and {y.shape[0]}; rows are"
+            " datapoints, columns are neurons (transpose google/svcca-style inputs)"
+        )
+    if x.device != y.device:
+        raise ValueError(f"x and y must be on the same device, got {x.device} and {y.device}")
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in _COMPUTE_DTYPES:
+        raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+
+
+def _check_keep(keep: float | int, keep_by: str) -> None:
+    """Raise unless ``keep`` is a fraction in (0, 1] or a positive number of directions."""
+    if keep_by not in _KEEP_BY:
+        raise ValueError(f"keep_by must be one of {_KEEP_BY}, got {keep_by!r}")
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise TypeError(f"keep must be a float in (0, 1] or an int >= 1, got {keep!r}")
+    if isinstance(keep, int):
+        if keep < 1:
+            raise ValueError(f"keep as a number of directions must be >= 1, got {keep}")
+    elif not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep as a fraction must be in (0, 1], got {keep}")
+
+
+def _decompose_pair(
+    x: Tensor | Decomposition, y: Tensor | Decomposition, dtype: torch.dtype
+) -> tuple[Decomposition, Decomposition]:
+    _check_dtype(dtype)
+    if not isinstance(x, Decomposition):
+        x = _check_representation(x, "x")
+    if not isinstance(y, Decomposition):
+        y = _check_representation(y, "y")
+    n_x = x.n_datapoints if isinstance(x, Decomposition) else x.shape[0]
+    n_y = y.n_datapoints if isinstance(y, Decomposition) else y.shape[0]
+    if n_x != n_y:
+        raise ValueError(
+            f"x and y must have the same number of datapoints (rows), got {n_x} and {n_y}; rows are datapoints,"
+            " columns are neurons (transpose google/svcca-style inputs)"
+        )
+    if isinstance(x, Tensor) and isinstance(y, Tensor):
+        _check_pair(x, y)
+    dx = x if isinstance(x, Decomposition) else _decompose_checked(x, "x", dtype)
+    dy = y if isinstance(y, Decomposition) else _decompose_checked(y, "y", dtype)
+    return dx, dy
+
+
+def _centre(x: Tensor, dtype: torch.dtype, name: str) -> tuple[Tensor, Tensor]:
+    """Subtract the per-feature mean, in ``dtype``; return the centred data and the mean.
+
+    The column means double as the NaN/Inf check (a non-finite entry makes its column's mean non-finite), so
+    valid inputs pay no extra pass over the data.
+    """
+    x = x.to(dtype)
+    mean = x.mean(dim=0, keepdim=True)
+    if not bool(torch.isfinite(mean).all()):
+        _raise_if_not_finite(x, name)
+    return x - mean, mean
+
+
+def _raise_if_not_finite(x: Tensor, name: str) -> None:
+    """Raise a ValueError that locates the first NaN or Inf of ``x`` (the slow path of the check)."""
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        raise ValueError(f"{name} has values so large that their sum overflows {x.dtype}; rescale it first")
+    bad = int((~finite).sum())
+    row, col = (int(i) for i in (~finite).nonzero()[0])
+    raise ValueError(
+        f"{name} holds {bad} NaN or Inf value(s), the first at row {row}, column {col}; check the layer for"
+        " overflow (e.g. under mixed precision) before comparing"
+    )
+
+
+def _decompose_checked(x: Tensor, name: str, dtype: torch.dtype) -> Decomposition:
+    """Decompose a validated representation: Gram route when n >= d, thin SVD otherwise."""
+    n, d = x.shape
+    input_eps = torch.finfo(x.dtype).eps
+    # 1. centre; ||x||_F (uncentred: rounding is relative to the raw values) follows from ||xc||_F and the mean.
+    xc, mean = _centre(x, dtype, name)
+    mean_norm_sq = n * float(mean.square().sum())
+    if n >= d:
+        # 2. eigenvectors of the Gram matrix Xc^T Xc = V diag(s^2) V^T.
+        gram = xc.T @ xc
+        data_norm = math.sqrt(float(gram.diagonal().sum()) + mean_norm_sq)
+        eigenvalues, vectors = torch.linalg.eigh(gram)
+        singular_values, right = _spectrum_from_gram(eigenvalues, vectors)
+        keep = _rank_mask(singular_values, data_norm, n, d, input_eps, gram=True)
+        if not bool(keep.any()):
+            raise ZeroVarianceError(_zero_variance_message(name))
+        singular_values, right = singular_values[keep], right[:, keep]
+        right = _fix_signs(right)
+        return Decomposition(singular_values, right, None, xc, n, d)
+    # 2. thin SVD of the data itself.
+    left, singular_values, right_t = torch.linalg.svd(xc, full_matrices=False)
+    data_norm = math.sqrt(float(singular_values.square().sum()) + mean_norm_sq)
+    keep = _rank_mask(singular_values, data_norm, n, d, input_eps, gram=False)
+    if not bool(keep.any()):
+        raise ZeroVarianceError(_zero_variance_message(name))
+    left, singular_values, right = left[:, keep], singular_values[keep], right_t.T[:, keep]
+    signs = _sign_of_largest(right)
+    return Decomposition(singular_values, right * signs, left * signs, None, n, d)
+
+
+def _spectrum_from_gram(eigenvalues: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
+    """Singular values (descending) and right vectors from ``eigh`` of a Gram matrix (ascending)."""
+    eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)
+    return eigenvalues.clamp_min(0.0).sqrt(), vectors
+
+
+def _rank_mask(singular_values: Tensor, data_norm: float, n: int, d: int, input_eps: float, *, gram: bool) -> Tensor:
+    """Directions whose singular value exceeds the rounding error of the input and of the decomposition.
+
+    Rounding the input to its dtype perturbs each entry by at most ``input_eps * |x_ij|``: a matrix of spectral
+    norm at most ``input_eps * ||x||_F``, so singular values below that carry no information. The decomposition
+    itself resolves singular values down to ``eps * max(n, d) * s_max`` (``sqrt`` of that on the Gram route,
+    which squares them).
+    """
+    if singular_values.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool, device=singular_values.device)
+    s_max = float(singular_values.max())
+    compute_eps = torch.finfo(singular_values.dtype).eps
+    decomposition_floor = compute_eps * max(n, d)
+    if gram:
+        decomposition_floor = math.sqrt(decomposition_floor)
+    tolerance = max(input_eps * data_norm, decomposition_floor * s_max)
+    return singular_values > tolerance
+
+
+def _sign_of_largest(vectors: Tensor) -> Tensor:
+    """Signs that make the largest-magnitude entry of each column positive (a deterministic SVD sign)."""
+    index = vectors.abs().argmax(dim=0, keepdim=True)
+    signs = torch.sign(torch.gather(vectors, 0, index))
+    return torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+def _fix_signs(vectors: Tensor) -> Tensor:
+    return vectors * _sign_of_largest(vectors)
+
+
+def _kept_count(singular_values: Tensor, keep: float | int, keep_by: str) -> int:
+    """Fewest leading directions whose cumulative sum reaches ``keep`` of the total (or ``keep`` itself)."""
+    rank = int(singular_values.shape[0])
+    if isinstance(keep, int) and not isinstance(keep, bool):
+        return max(1, min(keep, rank))
+    weights = singular_values if keep_by == "singular_values" else singular_values.square()
+    cumulative = torch.cumsum(weights, dim=0)
+    # Round-off can leave the last cumulative sum a hair below the total: keep=1.0 must keep everything.
+    target = keep * float(cumulative[-1]) * (1.0 - 4.0 * rank * torch.finfo(weights.dtype).eps)
+    return max(1, min(rank, int((cumulative < target).sum()) + 1))
+
+
+def _cross(a: Decomposition, b: Decomposition, kept_a: int | None = None, kept_b: int | None = None) -> Tensor:
+    """``Ua[:, :kept_a]^T Ub[:, :kept_b]``, by whichever route the two decompositions allow."""
+    kept_a = a.rank if kept_a is None else kept_a
+    kept_b = b.rank if kept_b is None else kept_b
+    dtype = a.singular_values.dtype
+    if a.left is not None and b.left is not None:
+        return a.left[:, :kept_a].to(dtype).T @ b.left[:, :kept_b].to(dtype)
+    if a.left is None and b.left is None:
+        # Cross-Gram route: Ua^T Ub = diag(1/sa) Va^T (Xa^T Xb) Vb diag(1/sb).
+        whiten_a = a.right[:, :kept_a] / a.singular_values[:kept_a]
+        whiten_b = b.right[:, :kept_b] / b.singular_values[:kept_b]
+        return whiten_a.T @ (a.centred.T @ b.centred.to(dtype)) @ whiten_b.to(dtype)
+    if a.left is None:
+        whiten_a = a.right[:, :kept_a] / a.singular_values[:kept_a]
+        return whiten_a.T @ (a.centred.T @ b.left[:, :kept_b].to(dtype))
+    return _cross(b, a, kept_b, kept_a).T
+
+
+def _correlations(cross: Tensor) -> Tensor:
+    """Canonical correlations: singular values of the cross product of orthonormal bases, clamped to [0, 1].
+
+    Taken as square roots of the eigenvalues of the smaller of ``M M^T`` and ``M^T M``: about half the cost of
+    an SVD, and exact to ``sqrt(eps)`` even for correlations near 0 (ample for a similarity in [0, 1]).
+    """
+    small = cross @ cross.T if cross.shape[0] <= cross.shape[1] else cross.T @ cross
+    return torch.linalg.eigvalsh(small).flip(0).clamp(0.0, 1.0).sqrt()
+
+
+def _ridge(decomposition: Decomposition, epsilon: float) -> Tensor:
+    """Per-direction factor ``sqrt(lambda / (lambda + epsilon))`` of a covariance ridge, ``lambda = s^2/(n-1)``."""
+    variances = decomposition.singular_values.square() / (decomposition.n_datapoints - 1)
+    return torch.sqrt(variances / (variances + epsilon))
+
+
+def _pwcca_from_cross(dx: Decomposition, cross: Tensor) -> Tensor:
+    """PWCCA from ``x``'s decomposition and ``Ux^T Uy`` (both at full rank)."""
+    if dx.right is None:
+        raise ValueError("pwcca needs the right singular vectors of x; decompose it with the vectors kept")
+    # 1. canonical directions: cross = A diag(rho) B^T; the variates of x are H = Ux A (orthonormal).
+    a_vectors, rho, _ = torch.linalg.svd(cross, full_matrices=False)
+    rho = rho.clamp(0.0, 1.0)
+    # 2. <h_i, x_j> = (A^T Ux^T Xc)_ij = (A^T diag(s) V^T)_ij; alpha_i sums their magnitudes over neurons j.
+    projections = a_vectors.T @ (dx.singular_values[:, None] * dx.right.to(cross.dtype).T)
+    alpha = projections.abs().sum(dim=1)
+    # 3. weighted mean of the correlations.
+    return ((alpha * rho).sum() / alpha.sum()).clamp(0.0, 1.0)
+
+
+def _cka_from_cross(dx: Decomposition, dy: Decomposition, cross: Tensor) -> Tensor:
+    """Linear CKA from the spectra and ``Ux^T Uy``: ``||Sx M Sy||_F^2 / (||Sx^2|| ||Sy^2||)``."""
+    sx = dx.singular_values
+    sy = dy.singular_values.to(sx.dtype)
+    numerator = (sx[:, None] * cross * sy[None, :]).square().sum()
+    return (numerator / (sx.square().norm() * sy.square().norm())).clamp(0.0, 1.0)
+
+
+def _warn_if_few_datapoints(n: int, kept: int, measure: str, *, stacklevel: int) -> None:
+    recommended = DATAPOINTS_PER_DIRECTION * kept
+    if n < recommended:
+        warnings.warn(
+            f"{measure} compares {kept} directions using only {n} datapoints; CCA is biased towards 1 with too few."
+            f" Use at least {recommended} datapoints ({DATAPOINTS_PER_DIRECTION} per kept direction), e.g. a larger"
+            " probe, more positions per sample, or fewer kept directions",
+            TooFewDatapointsWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def _zero_variance_message(name: str) -> str:
+    return (
+        f"{name} has zero variance: every datapoint has the same activations (a dead or constant layer), so there"
+        " is nothing to correlate"
+    )

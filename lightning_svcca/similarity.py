@@ -478,10 +478,14 @@ def _raise_if_not_finite(x: Tensor, name: str) -> None:
     )
 
 
-def _decompose_checked(x: Tensor, name: str, dtype: torch.dtype) -> Decomposition:
-    """Decompose a validated representation: Gram route when n >= d, thin SVD otherwise."""
+def _decompose_checked(x: Tensor, name: str, dtype: torch.dtype, input_eps: float | None = None) -> Decomposition:
+    """Decompose a validated representation: Gram route when n >= d, thin SVD otherwise.
+
+    ``input_eps`` is the rounding level of the data (default: its dtype's epsilon); pass the original dtype's
+    when ``x`` was upcast from lower precision.
+    """
     n, d = x.shape
-    input_eps = torch.finfo(x.dtype).eps
+    input_eps = torch.finfo(x.dtype).eps if input_eps is None else input_eps
     # 1. centre; ||x||_F (uncentred: rounding is relative to the raw values) follows from ||xc||_F and the mean.
     xc, mean = _centre(x, dtype, name)
     mean_norm_sq = n * float(mean.square().sum())

@@ -1,0 +1,420 @@
+"""Recording the activations of named layers during a probe pass, as ``(datapoints, features)`` matrices.
+
+Forward hooks are registered only while an :class:`ActivationRecorder` is open, so training steps pay nothing.
+Each recorded output is reduced at once to at most ``per_sample`` rows per probe sample:
+
+* ``(N, C)``: one datapoint per sample.
+* conv-like ``(N, C, *spatial)`` with ``reduction="positions"`` (default, the SVCCA paper's recipe): every
+  spatial position is a datapoint, ``C`` features. When a sample has more positions than its share of
+  ``max_datapoints``, it contributes ``per_sample`` of them: a fixed pseudo-random permutation of the positions
+  (seeded by the layer name) read cyclically from offset ``sample_index * per_sample``, so neighbouring samples
+  cover different positions and the choice never depends on chunking or on how a probe is sharded.
+* sequence ``(N, T, C)``: every frame is a datapoint; padded frames (from the probe's mask or lengths) are
+  dropped; a sample with more valid frames than its share contributes ``per_sample`` evenly spaced frames.
+* ``reduction="mean"`` pools positions (masked mean over frames); ``"flatten"`` keeps ``(N, C * positions)``.
+
+Which dimension holds the channels of a 3-D output is decided by the module type (Conv1d, BatchNorm1d and
+pooling: ``(N, C, L)``; Linear, RNNs, Transformer layers, LayerNorm: ``(N, T, C)``, or ``(T, N, C)`` when
+``batch_first`` is off); parameter-free modules such as ReLU inherit the layout of the module that ran before
+them. ``LayerSpec.layout`` overrides the guess.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.modules.pooling import (
+    _AdaptiveAvgPoolNd,
+    _AdaptiveMaxPoolNd,
+    _AvgPoolNd,
+    _MaxPoolNd,
+)
+
+__all__ = [
+    "ActivationRecorder",
+    "LayerSpec",
+    "default_layers",
+    "reduce_output",
+    "resolve_layers",
+]
+
+Reduction = Literal["positions", "mean", "flatten"]
+Layout = Literal["channels_first", "channels_last", "time_first"]
+REDUCTIONS = ("positions", "mean", "flatten")
+LAYOUTS = ("channels_first", "channels_last", "time_first")
+
+_CHANNELS_FIRST_TYPES = (
+    _ConvNd,
+    _BatchNorm,
+    _InstanceNorm,
+    _MaxPoolNd,
+    _AvgPoolNd,
+    _AdaptiveAvgPoolNd,
+    _AdaptiveMaxPoolNd,
+    nn.GroupNorm,
+)
+_DEFAULT_LAYER_TYPES = (nn.Linear, _ConvNd, nn.RNNBase, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_HIDDEN_STATE_NAMES = ("last_hidden_state", "hidden_states", "output", "logits")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A monitored layer and how to turn its output into a ``(datapoints, features)`` matrix.
+
+    Attributes:
+        name: the module's name in ``model.named_modules()``.
+        output: which part of a tuple, list, dict or dataclass output to use (an index, key or attribute name);
+            ``None`` takes the tensor itself, the first element of a tuple or list, or a dict's / dataclass's
+            ``last_hidden_state`` (else its first tensor).
+        reduction: ``"positions"``, ``"mean"`` or ``"flatten"`` (module docstring).
+        layout: ``"channels_first"``, ``"channels_last"`` or ``"time_first"`` for outputs with positions;
+            ``None`` guesses from the module type.
+    """
+
+    name: str
+    output: int | str | None = None
+    reduction: Reduction = "positions"
+    layout: Layout | None = None
+
+    def __post_init__(self) -> None:
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction of layer {self.name!r} must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise ValueError(f"layout of layer {self.name!r} must be one of {LAYOUTS}, got {self.layout!r}")
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """The layers monitored when none are named.
+
+    Every Linear, Conv1d/2d/3d, RNN/GRU/LSTM and Transformer encoder/decoder layer, outermost first: a module
+    inside one already chosen (the projections inside a Transformer layer) is left out. Layers that do not run
+    in the probe's forward pass are dropped at the first probe.
+    """
+    chosen: list[str] = []
+    for name, module in model.named_modules():
+        if not name or not isinstance(module, _DEFAULT_LAYER_TYPES):
+            continue
+        if any(name.startswith(parent + ".") for parent in chosen):
+            continue
+        chosen.append(name)
+    return chosen
+
+
+def resolve_layers(
+    model: nn.Module, layers: Sequence[str] | Mapping[str, Mapping[str, Any]] | None, reduction: Reduction
+) -> list[LayerSpec]:
+    """Turn the callback's ``layers`` argument into specs, failing early on names the model does not have.
+
+    Args:
+        model: the model whose ``named_modules()`` define the names.
+        layers: names, or ``{name: {"output": ..., "reduction": ..., "layout": ...}}``, or ``None`` for
+            :func:`default_layers`.
+        reduction: the reduction of layers that do not set their own.
+
+    Raises:
+        ValueError: an unknown name (with the closest matches), a duplicate, no layers at all, or an unknown
+            option.
+    """
+    if layers is None:
+        names = default_layers(model)
+        if not names:
+            raise ValueError(
+                "found no Linear, Conv, RNN or Transformer layers to monitor by default; name them with layers=[...]"
+            )
+        return [LayerSpec(name, reduction=reduction) for name in names]
+    if isinstance(layers, str):
+        layers = [layers]
+    options = dict(layers) if isinstance(layers, Mapping) else {name: {} for name in layers}
+    if not isinstance(layers, Mapping) and len(options) != len(layers):
+        raise ValueError(f"layers names a layer twice: {list(layers)}")
+    if not options:
+        raise ValueError("layers is empty: name at least one module, or pass layers=None for the default set")
+    known = dict(model.named_modules())
+    specs = []
+    for name, layer_options in options.items():
+        if name not in known or not name:
+            close = difflib.get_close_matches(str(name), [key for key in known if key], n=5, cutoff=0.5)
+            hint = f"; did you mean {close}?" if close else "; see [name for name, _ in model.named_modules()]"
+            raise ValueError(f"layers names {name!r}, which is not a module of {type(model).__name__}{hint}")
+        layer_options = dict(layer_options or {})
+        unknown = set(layer_options) - {"output", "reduction", "layout"}
+        if unknown:
+            raise ValueError(f"unknown options {sorted(unknown)} for layer {name!r}; use output, reduction, layout")
+        layer_options.setdefault("reduction", reduction)
+        specs.append(LayerSpec(name, **layer_options))
+    return specs
+
+
+def select_output(output: Any, which: int | str | None, layer: str) -> Tensor:
+    """The tensor to analyse among a module's outputs (see :attr:`LayerSpec.output`)."""
+    if which is None:
+        if isinstance(output, Tensor):
+            return output
+        if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+            return output[0]
+        parts = _named_parts(output)
+        for key in _HIDDEN_STATE_NAMES:
+            if isinstance(parts.get(key), Tensor):
+                return parts[key]
+        for value in parts.values():
+            if isinstance(value, Tensor):
+                return value
+        raise TypeError(
+            f"layer {layer!r} returned {type(output).__name__} without a tensor to analyse; choose one with"
+            " layers={name: {'output': <index or key>}}"
+        )
+    try:
+        selected = output[which] if isinstance(output, (tuple, list, Mapping)) else getattr(output, str(which))
+    except (IndexError, KeyError, AttributeError, TypeError) as err:
+        available = list(_named_parts(output)) or (len(output) if isinstance(output, (tuple, list)) else None)
+        raise ValueError(
+            f"layer {layer!r}: output={which!r} does not select anything from its {type(output).__name__} output"
+            f" (available: {available})"
+        ) from err
+    if not isinstance(selected, Tensor):
+        raise TypeError(f"layer {layer!r}: output={which!r} selects a {type(selected).__name__}, not a tensor")
+    return selected
+
+
+def reduce_output(
+    output: Tensor,
+    *,
+    layout: Layout,
+    reduction: Reduction,
+    sample_ids: Tensor,
+    per_sample: int,
+    seed: int,
+    lengths: Tensor | None = None,
+    mask_frames: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Reduce one chunk of a layer's output to ``(rows, features)``, and the probe sample of each row.
+
+    Args:
+        output: the layer's output for the chunk, batch first (or time first with ``layout="time_first"``).
+        layout: where the channels are (module docstring).
+        reduction: ``"positions"``, ``"mean"`` or ``"flatten"``.
+        sample_ids: ``(N,)`` global probe indices of the chunk's samples.
+        per_sample: at most this many positions or frames per sample.
+        seed: seeds the layer's fixed permutation of positions.
+        lengths: ``(N,)`` valid frames per sample of a sequence output, or ``None`` (all frames valid).
+        mask_frames: length of the probe's padding mask; when a layer's time axis differs (a strided front
+            end), lengths are rescaled by ``T / mask_frames``.
+
+    Returns:
+        ``(rows, features)`` and ``(rows,)`` sample indices.
+    """
+    if layout == "time_first" and output.ndim == 3:
+        output = output.transpose(0, 1)
+        layout = "channels_last"
+    n = output.shape[0]
+    if output.ndim == 2:
+        return output, sample_ids
+    if output.ndim == 1:
+        return output[:, None], sample_ids
+    if reduction == "flatten":
+        return output.reshape(n, -1), sample_ids
+    if layout == "channels_first":
+        flat = output.reshape(n, output.shape[1], -1)
+        if reduction == "mean":
+            return flat.mean(dim=2), sample_ids
+        return _sample_positions(flat, sample_ids, per_sample, seed)
+    sequence = output.reshape(n, -1, output.shape[-1])
+    valid = _valid_lengths(lengths, sequence.shape[1], mask_frames)
+    if reduction == "mean":
+        if valid is None:
+            return sequence.mean(dim=1), sample_ids
+        keep = torch.arange(sequence.shape[1], device=sequence.device)[None, :] < valid[:, None]
+        total = (sequence * keep[..., None]).sum(dim=1)
+        return total / valid.clamp_min(1)[:, None].to(total.dtype), sample_ids
+    return _sample_frames(sequence, sample_ids, per_sample, valid)
+
+
+class ActivationRecorder:
+    """Context manager recording reduced outputs of named modules, and the order modules finish in.
+
+    Open it around :func:`lightning_svcca.probe.run_probe` with ``before_chunk=recorder.start_chunk``. Hooks go
+    on the monitored modules and on every module with parameters or running statistics (to learn the forward
+    order that freezing follows); all are removed on exit.
+
+    Attributes:
+        activations: layer name -> ``(rows, features)`` reduced outputs of the samples seen, on their device.
+        sample_ids: layer name -> ``(rows,)`` probe sample index of each row.
+        input_eps: layer name -> machine epsilon of the dtype the layer produced (rounding level of its data).
+        order: monitored layers in the order they first finished: bottom-up.
+        completion: every hooked module, in the order it finished during the first chunk.
+    """
+
+    def __init__(
+        self, model: nn.Module, specs: Iterable[LayerSpec], *, per_sample: int, mask_frames: int | None = None
+    ) -> None:
+        self.model = model
+        self.specs = {spec.name: spec for spec in specs}
+        self.per_sample = max(1, per_sample)
+        self.mask_frames = mask_frames
+        self.activations: dict[str, Tensor] = {}
+        self.sample_ids: dict[str, Tensor] = {}
+        self.input_eps: dict[str, float] = {}
+        self.layouts: dict[str, Layout] = {}
+        self.order: list[str] = []
+        self.completion: list[str] = []
+        self._chunks: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in self.specs}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._chunk_ids: Tensor | None = None
+        self._chunk_lengths: Tensor | None = None
+        self._first_chunk = True
+        self._seen_in_chunk: set[str] = set()
+        self._layout: Layout = "channels_last"
+
+    def start_chunk(self, first: int, lengths: Tensor | None, size: int, device: torch.device) -> None:
+        """Tell the hooks which probe samples the next forward pass holds."""
+        if self._chunk_ids is not None:
+            self._first_chunk = False
+        self._chunk_ids = torch.arange(first, first + size, device=device)
+        self._chunk_lengths = None if lengths is None else lengths.to(device)
+        self._seen_in_chunk.clear()
+        self._layout = "channels_last"
+
+    def __enter__(self) -> ActivationRecorder:
+        for name, module in self.model.named_modules():
+            watched = name in self.specs
+            if watched or _has_state(module) or isinstance(module, _CHANNELS_FIRST_TYPES):
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for name, chunks in self._chunks.items():
+            if chunks:
+                self.activations[name] = torch.cat([rows for rows, _ in chunks])
+                self.sample_ids[name] = torch.cat([ids for _, ids in chunks])
+        self._chunks = {name: [] for name in self.specs}
+
+    def _hook(self, name: str):  # noqa: ANN202 - a torch forward hook
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self._first_chunk:
+                self.completion.append(name)
+            spec = self.specs.get(name)
+            own = _own_layout(module)
+            if spec is not None:
+                self._record(spec, own or self._layout, output)
+            if own is not None:
+                self._layout = own
+
+        return hook
+
+    def _record(self, spec: LayerSpec, guessed: Layout, output: Any) -> None:
+        if self._chunk_ids is None:
+            raise RuntimeError("ActivationRecorder.start_chunk must be called before each forward pass")
+        if spec.name in self._seen_in_chunk:
+            return  # a module called twice in one pass: its first call is the representation
+        self._seen_in_chunk.add(spec.name)
+        if spec.name not in self.order:
+            self.order.append(spec.name)
+        tensor = select_output(output, spec.output, spec.name).detach()
+        layout = spec.layout or guessed
+        self.layouts[spec.name] = layout
+        self.input_eps[spec.name] = torch.finfo(tensor.dtype).eps if tensor.is_floating_point() else 0.0
+        rows, ids = reduce_output(
+            tensor,
+            layout=layout,
+            reduction=spec.reduction,
+            sample_ids=self._chunk_ids,
+            per_sample=self.per_sample,
+            seed=layer_seed(spec.name),
+            lengths=self._chunk_lengths,
+            mask_frames=self.mask_frames,
+        )
+        storage = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        self._chunks[spec.name].append((rows.to(storage), ids))
+
+
+def layer_seed(name: str) -> int:
+    """A seed derived from a layer's name, stable across processes and runs (unlike ``hash``)."""
+    return zlib.crc32(name.encode())
+
+
+def _own_layout(module: nn.Module) -> Layout | None:
+    if isinstance(module, _CHANNELS_FIRST_TYPES):
+        return "channels_first"
+    if isinstance(module, (nn.RNNBase, nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return "channels_last" if getattr(module, "batch_first", False) else "time_first"
+    if isinstance(module, (nn.Linear, nn.LayerNorm, nn.Embedding)):
+        return "channels_last"
+    return None
+
+
+def _has_state(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+
+
+def _named_parts(output: Any) -> dict[str, Any]:
+    if isinstance(output, Mapping):
+        return dict(output)
+    if is_dataclass(output) and not isinstance(output, type):
+        return {field.name: getattr(output, field.name) for field in fields(output)}
+    return {}
+
+
+_PERMUTATIONS: dict[tuple[int, int, str], Tensor] = {}
+
+
+def _permutation(seed: int, size: int, device: torch.device) -> Tensor:
+    key = (seed, size, str(device))
+    if key not in _PERMUTATIONS:
+        generator = torch.Generator().manual_seed(seed)
+        _PERMUTATIONS[key] = torch.randperm(size, generator=generator).to(device)
+    return _PERMUTATIONS[key]
+
+
+def _sample_positions(flat: Tensor, sample_ids: Tensor, per_sample: int, seed: int) -> tuple[Tensor, Tensor]:
+    """``(N, C, P)`` -> rows of ``per_sample`` positions per sample (all of them when there are few)."""
+    n, channels, positions = flat.shape
+    if per_sample >= positions:
+        rows = flat.permute(0, 2, 1).reshape(n * positions, channels)
+        return rows, sample_ids.repeat_interleave(positions)
+    offsets = (sample_ids[:, None] * per_sample + torch.arange(per_sample, device=flat.device)) % positions
+    index = _permutation(seed, positions, flat.device)[offsets]
+    picked = flat.gather(2, index[:, None, :].expand(n, channels, per_sample))
+    return picked.permute(0, 2, 1).reshape(n * per_sample, channels), sample_ids.repeat_interleave(per_sample)
+
+
+def _valid_lengths(lengths: Tensor | None, frames: int, mask_frames: int | None) -> Tensor | None:
+    if lengths is None:
+        return None
+    if mask_frames is not None and mask_frames != frames:
+        lengths = torch.ceil(lengths.to(torch.float64) * frames / mask_frames).to(torch.long)
+    return lengths.clamp(0, frames)
+
+
+def _sample_frames(
+    sequence: Tensor, sample_ids: Tensor, per_sample: int, valid: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``(N, T, C)`` -> rows of the valid frames, evenly thinned to ``per_sample`` per sample."""
+    n, frames, channels = sequence.shape
+    if valid is None and per_sample >= frames:
+        return sequence.reshape(n * frames, channels), sample_ids.repeat_interleave(frames)
+    valid = torch.full((n,), frames, device=sequence.device) if valid is None else valid
+    taken = min(per_sample, frames)
+    slots = torch.arange(taken, device=sequence.device)[None, :]
+    spread = torch.floor((slots + 0.5) * valid[:, None].to(torch.float64) / taken).to(torch.long)
+    index = torch.where(valid[:, None] > taken, spread, slots).clamp(max=frames - 1)
+    keep = slots < valid[:, None].clamp(max=taken)
+    picked = sequence.gather(1, index[:, :, None].expand(n, taken, channels))
+    return picked[keep], sample_ids[:, None].expand(n, taken)[keep]
+
+
+def probe_share(max_datapoints: int, probe_size: int) -> int:
+    """Positions or frames each probe sample may contribute under the ``max_datapoints`` cap (at least one)."""
+    return max(1, math.floor(max_datapoints / probe_size))

@@ -1,0 +1,1021 @@
+"""SVCCACallback: the Lightning glue.
+
+Hooks are thin: each guards, then delegates to a named private method, which delegates to the modules below
+(probe, activations, snapshots, reporting, freezing). All logic lives in :class:`_SVCCACallbackCore`, which
+uses the trainer only through attributes that both Lightning namespaces share; :class:`SVCCACallback` combines
+it with ``pytorch_lightning.Callback`` and ``lightning_svcca.lightning.SVCCACallback`` with
+``lightning.pytorch.Callback``.
+
+When things happen in a fit:
+
+* ``setup``: layer names, references and the freeze policy are checked against the model.
+* ``on_fit_start``: freezes restored from a checkpoint are applied again (before any training step).
+* ``on_train_start``: the probe is built; epoch 0 is measured (the "initial" snapshot) and fixed references
+  are snapshotted.
+* end of each training epoch, on its last batch (so before validation and before ``ModelCheckpoint`` saves):
+  epoch ``current_epoch + 1`` is measured, compared, logged, and freezing is decided.
+* ``on_train_end``: the "final" reference, every measured epoch against the last snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import uuid
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_svcca.activations import (
+    REDUCTIONS,
+    ActivationRecorder,
+    LayerSpec,
+    layer_seed,
+    probe_share,
+    reduce_output,
+    resolve_layers,
+)
+from lightning_svcca.freezing import (
+    FreezeDecision,
+    FreezePolicy,
+    Freezer,
+    freeze_blocks,
+    is_hard_freeze_supported,
+    rebuild_ddp_wrapper,
+)
+from lightning_svcca.probe import ForwardFn, Probe, batch_size, build_probe, run_probe
+from lightning_svcca.reporting import LAYER_FACTS, Reporter
+from lightning_svcca.similarity import DATAPOINTS_PER_DIRECTION, SimilarityWarning, ZeroVarianceError, _check_keep
+from lightning_svcca.snapshots import (
+    METRICS,
+    Collective,
+    LocalCollective,
+    Pair,
+    Snapshot,
+    SnapshotStore,
+    build_snapshot,
+    cross_products,
+    measure,
+    pair_for,
+)
+
+__all__ = ["SVCCACallback", "SVCCAMonitorWarning"]
+
+_TIME_REFERENCES = ("previous", "initial", "final")
+_RESERVED_NAMES = (*_TIME_REFERENCES, *LAYER_FACTS, "heatmap")
+_COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+_STATE_VERSION = 1
+
+
+class SVCCAMonitorWarning(SimilarityWarning):
+    """A recoverable problem of the monitor (a skipped layer, a small probe); training goes on."""
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """One reference: a point in time of the same model, or something fixed (a model, a checkpoint, features)."""
+
+    name: str
+    kind: str  # "previous", "initial", "final", "lag", "module", "checkpoint" or "tensor"
+    source: Any = None
+    lag: int = 0
+
+    @property
+    def fixed(self) -> bool:
+        return self.kind in ("module", "checkpoint", "tensor")
+
+
+class _SVCCACallbackCore:
+    """Measure how each layer's representation changes while the model trains, with SVCCA and friends.
+
+    Every ``every_n_epochs`` epochs a fixed probe batch runs through the model; the activations of the chosen
+    layers are compressed to snapshots and compared with references. Results go to ``history``, to
+    ``svcca_history.csv`` in the log directory, and to the loggers (TensorBoard: per-layer curves
+    ``{metric}/{reference}/{layer}``, heatmaps ``{metric}/{reference}/heatmap``, a custom-scalars layout). With
+    ``freeze``, converged layers stop training, bottom-up.
+
+    Args:
+        probe: the probe: a tensor (the model input), a batch (tuple, list or dict of tensors), or a
+            DataLoader (its first ``probe_size`` samples). ``None``: the first ``probe_size`` samples of the
+            validation dataloader, else of the training one. Fixed for the whole run.
+        layers: module names from ``model.named_modules()``, or ``{name: {"output": ..., "reduction": ...,
+            "layout": ...}}`` for per-layer options (see :class:`~lightning_svcca.activations.LayerSpec`).
+            ``None``: every Linear, Conv, RNN and Transformer layer, outermost first.
+        reference: what each layer is compared with, one or several of: ``"previous"`` (the last measured
+            epoch), ``"initial"`` (before training), ``"final"`` (at the end of fit, every epoch against the last
+            one: the SVCCA paper's learning-dynamics plot), an ``nn.Module`` or a checkpoint path (a fixed model,
+            e.g. the pretrained one being fine-tuned; layers matched by name), or a tensor of features aligned
+            with the probe's samples (e.g. inputs or one-hot labels). Name fixed references with a dict
+            ``{"pretrained": model}``; an unnamed one is called ``"reference"``.
+        metrics: any of ``"svcca"``, ``"pwcca"``, ``"cca"`` (mean canonical correlation) and ``"linear_cka"``.
+        every_n_epochs: measure every this many epochs (epoch 0 and the end of fit are always measured).
+        freeze: a :class:`~lightning_svcca.freezing.FreezePolicy` to freeze converged layers, or ``None``.
+        probe_size: samples taken from a DataLoader (and the cap for a tensor or batch probe).
+        probe_batch_size: samples per forward pass of the probe.
+        probe_input: the part of a batch that is the model input (index or key; default: element 0 of a tuple).
+        probe_mask: the part of a batch holding a sequence padding mask ``(N, T)`` or lengths ``(N,)``.
+        forward_fn: ``forward_fn(model, batch)`` for models whose ``forward`` does not take the probe input
+            directly (e.g. ``lambda model, batch: model(**batch)``).
+        reduction: default reduction of outputs with positions: ``"positions"`` (each conv position or
+            sequence frame is a datapoint), ``"mean"`` or ``"flatten"``.
+        max_datapoints: cap on datapoints per layer: each probe sample contributes at most
+            ``max_datapoints // probe_size`` positions or frames (at least one).
+        keep: SVCCA's ``keep`` (fraction of the singular value sum, or a number of directions).
+        keep_by: ``"singular_values"`` (the paper's) or ``"variance"``.
+        baseline: also log each metric on the probe with its datapoint pairing shuffled (the noise floor).
+        max_snapshot_bytes: memory budget of the snapshot store; beyond it snapshots spill to files in the log
+            directory (deleted at the end of fit). ``None``: unbounded.
+        shard_probe: under DDP, each process runs its share of the probe and statistics are summed.
+        compute_dtype: ``"float64"`` (default) or ``"float32"`` for the decompositions (float32 is much faster on
+            GPUs and accurate to about 1e-5 in the similarities).
+    """
+
+    def __init__(
+        self,
+        probe: Tensor | Sequence[Any] | Mapping[str, Any] | DataLoader | None = None,
+        layers: Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None,
+        reference: str | nn.Module | Tensor | Sequence[Any] | Mapping[str, Any] = ("previous", "final"),
+        metrics: str | Sequence[str] = ("svcca",),
+        every_n_epochs: int = 1,
+        freeze: FreezePolicy | None = None,
+        *,
+        probe_size: int = 1024,
+        probe_batch_size: int = 256,
+        probe_input: int | str | None = None,
+        probe_mask: int | str | None = None,
+        forward_fn: ForwardFn | None = None,
+        reduction: str = "positions",
+        max_datapoints: int = 4096,
+        keep: float | int = 0.99,
+        keep_by: str = "singular_values",
+        baseline: bool = True,
+        max_snapshot_bytes: int | None = 1 << 30,
+        shard_probe: bool = True,
+        compute_dtype: str = "float64",
+    ) -> None:
+        super().__init__()
+        metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+        unknown = [metric for metric in metrics if metric not in METRICS]
+        if unknown or not metrics:
+            raise ValueError(f"metrics must be a non-empty selection of {METRICS}, got {list(metrics)}")
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if freeze is not None and not isinstance(freeze, FreezePolicy):
+            raise TypeError(f"freeze must be a FreezePolicy or None, got {type(freeze).__name__}")
+        if freeze is not None and freeze.mode == "convergence" and freeze.lag % every_n_epochs:
+            raise ValueError(
+                f"FreezePolicy.lag={freeze.lag} must be a multiple of every_n_epochs={every_n_epochs}: convergence"
+                " compares a layer with its snapshot lag epochs earlier, so that epoch must be measured"
+            )
+        if freeze is not None and freeze.noise_aware and not baseline:
+            raise ValueError("FreezePolicy(noise_aware=True) needs the shuffled baseline: keep baseline=True")
+        for name, value in (("probe_size", probe_size), ("probe_batch_size", probe_batch_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if max_datapoints < 2:
+            raise ValueError(f"max_datapoints must be >= 2, got {max_datapoints}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if compute_dtype not in _COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {tuple(_COMPUTE_DTYPES)}, got {compute_dtype!r}")
+        _check_keep(keep, keep_by)
+        self._probe_source = probe
+        self._layers_argument = layers
+        self._references = _parse_references(reference)
+        self.metrics = metrics
+        self.every_n_epochs = every_n_epochs
+        self.freeze_policy = freeze
+        self.probe_size = probe_size
+        self.probe_batch_size = probe_batch_size
+        self.probe_input = probe_input
+        self.probe_mask = probe_mask
+        self.forward_fn = forward_fn
+        self.reduction = reduction
+        self.max_datapoints = max_datapoints
+        self.keep = keep
+        self.keep_by = keep_by
+        self.baseline = baseline
+        self.shard_probe = shard_probe
+        self.compute_dtype = _COMPUTE_DTYPES[compute_dtype]
+        #: The reference a convergence policy judges by: a layer's snapshot ``lag`` epochs earlier.
+        self._lag_reference: str | None = None
+        if freeze is not None and freeze.mode == "convergence":
+            self._lag_reference = "previous" if freeze.lag == every_n_epochs else f"lag{freeze.lag}"
+            if self._lag_reference not in self.reference_names:
+                self._references.append(_Reference(self._lag_reference, "lag", lag=freeze.lag))
+        #: Every measured value: dicts with keys epoch, layer, reference, metric, value.
+        self.history: list[dict[str, Any]] = []
+        #: Frozen layers -> the epoch at which they froze.
+        self.frozen: dict[str, int] = {}
+        #: Layers skipped at some epoch: (epoch, layer, reason).
+        self.skipped: list[tuple[int, str, str]] = []
+        self._store = SnapshotStore(max_snapshot_bytes, self._spill_dir)
+        self._freezer = Freezer()
+        self._streaks: dict[str, int] = {}
+        self._measured: list[int] = []
+        self._layer_order: list[str] = []
+        self._specs: list[LayerSpec] = []
+        self._probe: Probe | None = None
+        self._probe_fingerprint: str | None = None
+        self._last_measured_step = -1
+        self._log_dir: Path | None = None
+        self._reporter: Reporter | None = None
+        self._warned: set[str] = set()
+        self._restored = False
+        self._shuffles: dict[int, Tensor] = {}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Public read-only views
+    # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def reference_names(self) -> list[str]:
+        """Names of the references, as they appear in the history and the tags."""
+        return [reference.name for reference in self._references]
+
+    @property
+    def layers(self) -> list[str]:
+        """Monitored layers in bottom-up (forward) order, known after the first probe."""
+        return list(self._layer_order) or [spec.name for spec in self._specs]
+
+    @property
+    def state_key(self) -> str:
+        """Checkpoint key; differs between instances with different layers, references or metrics."""
+        return self._generate_state_key(
+            layers=None if self._layers_argument is None else list(self._layers_argument),
+            reference=self.reference_names,
+            metrics=list(self.metrics),
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Hooks
+    # ------------------------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        """Check layers, references and the freeze policy against the model, before anything runs."""
+        if stage != "fit":
+            return
+        self._specs = resolve_layers(pl_module, self._layers_argument, self.reduction)  # type: ignore[arg-type]
+        names = [spec.name for spec in self._specs]
+        for reference in self._references:
+            if reference.kind == "module":
+                _check_reference_layers(reference, names)
+            elif reference.kind == "checkpoint" and not Path(reference.source).is_file():
+                raise FileNotFoundError(f"reference {reference.name!r}: no checkpoint file at {reference.source}")
+        policy = self.freeze_policy
+        if policy is not None and policy.mode == "schedule":
+            unknown = sorted(set(policy.schedule or {}) - set(names))
+            if unknown:
+                raise ValueError(
+                    f"FreezePolicy.schedule names layers that are not monitored: {unknown}; monitored: {names}"
+                )
+        if policy is not None and policy.mode == "linear" and (trainer.max_epochs is None or trainer.max_epochs < 1):
+            raise ValueError("FreezePolicy(mode='linear') spreads freezes over max_epochs: set Trainer(max_epochs=...)")
+
+    def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Decide how freezing works on this strategy, and re-apply freezes restored from a checkpoint."""
+        if self.freeze_policy is None and not self._freezer.parameters:
+            return
+        self._freezer.hard = is_hard_freeze_supported(trainer.strategy)
+        if not self._freezer.hard:
+            self._warn_once(
+                "soft-freeze",
+                f"freezing on {type(trainer.strategy).__name__} keeps frozen parameters fixed by dropping their"
+                " gradients before each optimizer step; the backward pass still computes them, so no compute is"
+                " saved. Hard freezing (requires_grad off) works on single-device and DDP strategies",
+                trainer,
+            )
+        if self._freezer.parameters:
+            self._freezer.apply(pl_module)
+            if self._freezer.hard:
+                rebuild_ddp_wrapper(trainer.strategy)
+
+    def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Build the probe and take the epoch-0 snapshot (unless resuming)."""
+        self._log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        self._reporter = Reporter(trainer.loggers if trainer.is_global_zero else [], self._log_dir)
+        self._build_probe(trainer)
+        if not self._measured:
+            self._measure(trainer, pl_module, 0)
+        else:
+            self._snapshot_fixed_references(trainer, pl_module)
+        if trainer.is_global_zero:
+            charts = [(metric, name) for metric in self.metrics for name in self._chart_references()]
+            charts += [("svcca", "dims")] + ([("svcca", "frozen")] if self.freeze_policy is not None else [])
+            self._reporter.layout(charts, self.layers)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
+        """Keep frozen BatchNorm layers in eval mode whatever ``model.train()`` did."""
+        if self._freezer.norm_modules:
+            self._freezer.keep_norms_in_eval(pl_module)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: nn.Module, optimizer: Any) -> None:
+        """Soft freezing only: drop the frozen parameters' gradients."""
+        if not self._freezer.hard and self._freezer.parameters:
+            self._freezer.drop_gradients(pl_module)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Measure at the end of the epoch's last batch: before validation and checkpointing."""
+        if _is_last_batch(trainer, batch_idx):
+            self._end_of_epoch(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Measure here when the last batch was not recognisable (iterable data, ``max_steps``)."""
+        self._end_of_epoch(trainer, pl_module)
+
+    def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Measure the final weights if needed, and compare every measured epoch with them."""
+        if self._probe is None:
+            return
+        if trainer.global_step > self._last_measured_step or not self._measured:
+            last = self._measured[-1] if self._measured else -1
+            self._measure(trainer, pl_module, max(int(trainer.current_epoch), last + 1), decide_freezes=False)
+        if any(reference.kind == "final" for reference in self._references):
+            rows = self._compare_with_epoch(trainer, self._measured[-1], "final")
+            self.history.extend(rows)
+            self._report(trainer, rows, self._measured[-1], live_final=[])
+        if self._reporter is not None:
+            self._reporter.flush()
+
+    def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Delete spilled snapshot files."""
+        self._store.close()
+
+    def on_exception(self, trainer: Any, pl_module: nn.Module, exception: BaseException) -> None:
+        """Delete spilled snapshot files when the fit fails."""
+        self._store.close()
+
+    def teardown(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        """Delete spilled snapshot files (also after interrupted fits)."""
+        if stage == "fit":
+            self._store.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue identically: history, freezes, policy counters, snapshots."""
+        return {
+            "version": _STATE_VERSION,
+            "history": [dict(row) for row in self.history],
+            "frozen": dict(self.frozen),
+            "streaks": dict(self._streaks),
+            "freezer": self._freezer.state_dict(),
+            "measured": list(self._measured),
+            "layer_order": list(self._layer_order),
+            "last_measured_step": self._last_measured_step,
+            "probe_fingerprint": self._probe_fingerprint,
+            "snapshots": self._store.state_dict(),
+            "skipped": [list(entry) for entry in self.skipped],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (keys missing from older checkpoints take their defaults)."""
+        self.history = [dict(row) for row in state_dict.get("history", [])]
+        self.frozen = dict(state_dict.get("frozen", {}))
+        self._streaks = dict(state_dict.get("streaks", {}))
+        self._freezer.load_state_dict(state_dict.get("freezer", {}))
+        self._measured = list(state_dict.get("measured", []))
+        self._layer_order = list(state_dict.get("layer_order", []))
+        self._last_measured_step = int(state_dict.get("last_measured_step", -1))
+        self._probe_fingerprint = state_dict.get("probe_fingerprint")
+        self._store.load_state_dict(state_dict.get("snapshots", {}))
+        self.skipped = [tuple(entry) for entry in state_dict.get("skipped", [])]
+        self._restored = True
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Measuring
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _end_of_epoch(self, trainer: Any, pl_module: nn.Module) -> None:
+        epoch = int(trainer.current_epoch) + 1
+        if self._probe is None or epoch in self._measured or epoch % self.every_n_epochs:
+            return
+        if trainer.global_step <= self._last_measured_step:
+            return  # no training step since the last measurement (e.g. an empty epoch)
+        self._measure(trainer, pl_module, epoch)
+
+    def _measure(self, trainer: Any, pl_module: nn.Module, epoch: int, *, decide_freezes: bool = True) -> None:
+        """Snapshot every layer at ``epoch``, compare with the references, log, and decide freezes."""
+        recorder = self._record(trainer, pl_module, pl_module)
+        layers = self._settle_layer_order(trainer, recorder)
+        snapshots = self._snapshots_from(trainer, recorder, layers, epoch, label=f"epoch {epoch}")
+        if not self._measured:
+            self._snapshot_fixed_references(trainer, pl_module, recorder)
+        rows = self._compare(trainer, epoch, snapshots)
+        for layer, snapshot in snapshots.items():
+            self._store.put((layer, str(epoch)), snapshot)
+        self._measured.append(epoch)
+        self._last_measured_step = int(trainer.global_step)
+        if self.freeze_policy is not None and decide_freezes:
+            self._decide_and_freeze(trainer, pl_module, recorder, epoch, rows)
+        if self.freeze_policy is not None or self.frozen:
+            rows += [_row(epoch, layer, "frozen", "svcca", float(layer in self.frozen)) for layer in self.layers]
+        self.history.extend(rows)
+        self._prune(epoch)
+        final_live = []
+        if any(reference.kind == "final" for reference in self._references) and epoch > 0:
+            final_live = self._compare_with_epoch(trainer, epoch, "final")
+        self._report(trainer, rows, epoch, live_final=final_live)
+
+    def _record(self, trainer: Any, pl_module: nn.Module, model: nn.Module) -> ActivationRecorder:
+        """Run this process's share of the probe through ``model`` with hooks on the monitored layers."""
+        assert self._probe is not None
+        collective = self._collective(trainer)
+        start, stop = _shard(self._probe.size, collective)
+        mask_frames = None
+        if self._probe.mask_key is not None:
+            mask = self._probe.batch[self._probe.mask_key]
+            mask_frames = int(mask.shape[1]) if mask.ndim == 2 else None
+        recorder = ActivationRecorder(
+            model,
+            self._specs,
+            per_sample=probe_share(self.max_datapoints, self._probe.size),
+            mask_frames=mask_frames,
+        )
+        device = _device_of(pl_module)
+        probe = self._probe
+
+        def before_chunk(first: int, chunk: Any) -> None:
+            recorder.start_chunk(first, probe.lengths(chunk), batch_size(chunk), device)
+
+        context = getattr(getattr(trainer, "precision_plugin", None), "forward_context", None)
+        with _buffers_from_rank_zero(model, collective), recorder:
+            run_probe(
+                model,
+                probe,
+                chunk_size=self.probe_batch_size,
+                device=device,
+                forward_fn=self.forward_fn,
+                start=start,
+                stop=stop,
+                before_chunk=before_chunk,
+                forward_context=context,
+            )
+        return recorder
+
+    def _settle_layer_order(self, trainer: Any, recorder: ActivationRecorder) -> list[str]:
+        """Bottom-up order from the first probe; layers that did not run are dropped with a warning."""
+        if not self._layer_order:
+            ran = [name for name in recorder.order if name in {spec.name for spec in self._specs}]
+            missing = [spec.name for spec in self._specs if spec.name not in ran]
+            if missing and self._layers_argument is not None:
+                self._warn_once(
+                    "did-not-run",
+                    f"layers {missing} did not run in the probe's forward pass and are not monitored; check the"
+                    " names, probe_input or forward_fn",
+                    trainer,
+                )
+            if not ran:
+                raise RuntimeError(
+                    "none of the monitored layers ran in the probe's forward pass: check layers, probe_input and"
+                    " forward_fn (the default calls model(probe_input))"
+                )
+            self._layer_order = ran
+        return self._layer_order
+
+    def _snapshots_from(
+        self, trainer: Any, recorder: ActivationRecorder, layers: Sequence[str], epoch: int, *, label: str
+    ) -> dict[str, Snapshot]:
+        """Build one snapshot per layer; a layer that fails is skipped with a warning."""
+        collective = self._collective(trainer)
+        present = collective.sum(torch.tensor([float(layer in recorder.activations) for layer in layers]))
+        snapshots = {}
+        for layer, count in zip(layers, present.tolist(), strict=True):
+            if count < collective.world_size:
+                self._skip(trainer, epoch, layer, f"it did not run in the probe ({label})")
+                continue
+            snapshot = self._build(trainer, recorder.activations[layer], recorder.input_eps[layer], layer, epoch, label)
+            if snapshot is not None:
+                snapshots[layer] = snapshot
+        return snapshots
+
+    def _build(
+        self, trainer: Any, rows: Tensor, input_eps: float, layer: str, epoch: int, label: str
+    ) -> Snapshot | None:
+        try:
+            snapshot = build_snapshot(
+                rows,
+                self._collective(trainer),
+                name=layer,
+                keep=self.keep,
+                keep_by=self.keep_by,
+                full_rank=any(metric != "svcca" for metric in self.metrics),
+                with_right="pwcca" in self.metrics,
+                input_eps=input_eps,
+                dtype=self.compute_dtype,
+            )
+        except ZeroVarianceError as error:
+            self._skip(trainer, epoch, layer, f"{error} ({label})")
+            return None
+        except ValueError as error:
+            self._skip(trainer, epoch, layer, f"{error} ({label})")
+            return None
+        recommended = DATAPOINTS_PER_DIRECTION * snapshot.kept
+        if snapshot.n_datapoints < recommended:
+            self._warn_once(
+                f"few-datapoints:{layer}",
+                f"layer {layer!r}: SVCCA keeps {snapshot.kept} directions but the probe gives {snapshot.n_datapoints}"
+                f" datapoints; at least {recommended} are recommended ({DATAPOINTS_PER_DIRECTION} per direction),"
+                " or similarities are biased towards 1. Raise probe_size (or max_datapoints for conv and sequence"
+                " layers); the baseline tag shows the bias",
+                trainer,
+            )
+        return snapshot
+
+    def _snapshot_fixed_references(
+        self, trainer: Any, pl_module: nn.Module, recorder: ActivationRecorder | None = None
+    ) -> None:
+        """Snapshot each fixed reference once per layer (restored from checkpoints afterwards)."""
+        for reference in self._references:
+            if not reference.fixed or all((layer, reference.name) in self._store for layer in self.layers):
+                continue
+            label = f"reference {reference.name!r}"
+            if reference.kind == "tensor":
+                if recorder is None:
+                    recorder = self._record(trainer, pl_module, pl_module)
+                snapshots = self._tensor_reference_snapshots(trainer, reference, recorder)
+            else:
+                with _reference_model(reference, pl_module) as model:
+                    reference_recorder = self._record(trainer, pl_module, model)
+                snapshots = self._snapshots_from(trainer, reference_recorder, self.layers, 0, label=label)
+            for layer, snapshot in snapshots.items():
+                self._store.put((layer, reference.name), snapshot)
+
+    def _tensor_reference_snapshots(
+        self, trainer: Any, reference: _Reference, recorder: ActivationRecorder
+    ) -> dict[str, Snapshot]:
+        """Features aligned with the probe's samples, laid out like each layer's rows."""
+        assert self._probe is not None
+        features: Tensor = reference.source
+        if features.shape[0] != self._probe.size:
+            raise ValueError(
+                f"reference {reference.name!r} has {features.shape[0]} rows but the probe has {self._probe.size}"
+                " samples: a feature reference needs one row per probe sample, in probe order"
+            )
+        start, stop = _shard(self._probe.size, self._collective(trainer))
+        snapshots = {}
+        for layer in self.layers:
+            if layer not in recorder.sample_ids:
+                continue
+            sample_ids = recorder.sample_ids[layer]
+            if features.ndim == 1 or features.ndim == 2:
+                table = features.reshape(features.shape[0], -1).to(sample_ids.device)
+                rows = table[sample_ids]
+            else:
+                spec = next(spec for spec in self._specs if spec.name == layer)
+                lengths = None if self._probe.mask_key is None else self._probe.lengths(self._probe.batch)[start:stop]
+                rows, _ = reduce_output(
+                    features[start:stop].to(sample_ids.device),
+                    layout=recorder.layouts[layer],
+                    reduction=spec.reduction,
+                    sample_ids=torch.arange(start, stop, device=sample_ids.device),
+                    per_sample=recorder.per_sample,
+                    seed=layer_seed(layer),
+                    lengths=lengths,
+                    mask_frames=recorder.mask_frames,
+                )
+                if rows.shape[0] != sample_ids.shape[0]:
+                    self._skip(
+                        trainer,
+                        0,
+                        layer,
+                        f"reference {reference.name!r} reduces to {rows.shape[0]} rows but the layer has"
+                        f" {sample_ids.shape[0]}: its positions or frames do not line up with the layer's",
+                    )
+                    continue
+            eps = torch.finfo(rows.dtype).eps if rows.is_floating_point() else 0.0
+            snapshot = self._build(trainer, rows.to(torch.float64), eps, layer, 0, f"reference {reference.name!r}")
+            if snapshot is not None:
+                snapshots[layer] = snapshot
+        return snapshots
+
+    def _compare(self, trainer: Any, epoch: int, snapshots: Mapping[str, Snapshot]) -> list[dict[str, Any]]:
+        """History rows of this measurement: each layer against each available reference, dims and baselines."""
+        jobs: list[tuple[dict[str, Any], str, Pair]] = []
+        rows = []
+        for layer, snapshot in snapshots.items():
+            rows.append(_row(epoch, layer, "dims", "svcca", float(snapshot.kept)))
+            for reference in self._references:
+                other = self._reference_snapshot(reference, layer, epoch)
+                if other is None:
+                    continue
+                for metric in self.metrics:
+                    jobs.append(
+                        (
+                            _row(epoch, layer, reference.name, metric, math.nan),
+                            metric,
+                            pair_for(metric, snapshot, other),
+                        )
+                    )
+            if self.baseline:
+                shuffle = self._shuffle(snapshot.n_datapoints)
+                for metric in self.metrics:
+                    pair = pair_for(metric, snapshot, snapshot, shuffle)
+                    jobs.append((_row(epoch, layer, "baseline", metric, math.nan), metric, pair))
+        return rows + self._evaluate(trainer, jobs)
+
+    def _compare_with_epoch(self, trainer: Any, target: int, name: str) -> list[dict[str, Any]]:
+        """Every measured epoch's snapshot against epoch ``target``'s, as rows for reference ``name``."""
+        rows = []
+        for layer in self.layers:
+            key = (layer, str(target))
+            if key not in self._store:
+                continue
+            latest = self._store.get(key)
+            jobs = []
+            for epoch in self._measured:
+                if epoch > target or (layer, str(epoch)) not in self._store:
+                    continue
+                snapshot = self._store.get((layer, str(epoch)))
+                for metric in self.metrics:
+                    jobs.append(
+                        (_row(epoch, layer, name, metric, math.nan), metric, pair_for(metric, snapshot, latest))
+                    )
+            rows += self._evaluate(trainer, jobs)
+        return rows
+
+    def _evaluate(self, trainer: Any, jobs: Sequence[tuple[dict[str, Any], str, Pair]]) -> list[dict[str, Any]]:
+        """Compute the cross products of all jobs in one collective (equal pairs once), then each measure."""
+        unique: dict[tuple[int, int, int, int, bool], int] = {}
+        pairs: list[Pair] = []
+        for _, _, pair in jobs:
+            key = (id(pair.a), id(pair.b), pair.kept_a, pair.kept_b, pair.shuffle is not None)
+            if key not in unique:
+                unique[key] = len(pairs)
+                pairs.append(pair)
+        device = _device_of(trainer.lightning_module)
+        products = cross_products(pairs, self._collective(trainer), device=device, dtype=self.compute_dtype)
+        rows = []
+        for row, metric, pair in jobs:
+            key = (id(pair.a), id(pair.b), pair.kept_a, pair.kept_b, pair.shuffle is not None)
+            value = measure(metric, pair, products[unique[key]])
+            if math.isfinite(value):
+                rows.append({**row, "value": value})
+        return rows
+
+    def _reference_snapshot(self, reference: _Reference, layer: str, epoch: int) -> Snapshot | None:
+        """The snapshot a layer is compared with at ``epoch``, or ``None`` when there is none (yet)."""
+        if reference.kind == "final":
+            return None  # compared at the end of fit (and live, for the heatmap)
+        if reference.fixed:
+            key = (layer, reference.name)
+        elif reference.kind == "initial":
+            key = (layer, "0")
+        elif reference.kind == "previous":
+            earlier = [e for e in self._measured if e < epoch]
+            if not earlier:
+                return None
+            key = (layer, str(earlier[-1]))
+        else:  # lag
+            key = (layer, str(epoch - reference.lag))
+        if epoch == 0 and not reference.fixed:
+            return None
+        return self._store.get(key) if key in self._store else None
+
+    def _prune(self, epoch: int) -> None:
+        """Forget epoch snapshots no reference will need again."""
+        keep_all = any(reference.kind == "final" for reference in self._references)
+        if keep_all:
+            return
+        lags = [reference.lag for reference in self._references if reference.kind == "lag"]
+        horizon = max(lags, default=0)
+        for layer, tag in self._store.keys():
+            if not tag.isdigit():
+                continue
+            stored = int(tag)
+            needed = stored == epoch or stored > epoch - horizon
+            if stored == 0 and any(reference.kind == "initial" for reference in self._references):
+                needed = True
+            if not needed:
+                self._store.discard((layer, tag))
+
+    def _shuffle(self, n: int) -> Tensor:
+        """The fixed datapoint permutation of the noise baseline (seeded: the same on every process and run)."""
+        if n not in self._shuffles:
+            self._shuffles[n] = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+        return self._shuffles[n]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Freezing
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _decide_and_freeze(
+        self, trainer: Any, pl_module: nn.Module, recorder: ActivationRecorder, epoch: int, rows: list[dict[str, Any]]
+    ) -> None:
+        """Decide on rank zero, broadcast, apply on every process at the same step."""
+        policy = self.freeze_policy
+        assert policy is not None
+        decisions: list[FreezeDecision] = []
+        if trainer.is_global_zero:
+            similarities = _values(rows, self._lag_reference, policy.metric)
+            baselines = _values(rows, "baseline", policy.metric)
+            decisions = policy.decide(
+                epoch, self.layers, self.frozen, self._streaks, similarities, baselines, trainer.max_epochs
+            )
+        decisions, self._streaks = trainer.strategy.broadcast((decisions, self._streaks), src=0)
+        if not decisions:
+            return
+        blocks = freeze_blocks(recorder.completion, self.layers, pl_module)
+        for decision in decisions:
+            block = blocks[decision.layer]
+            self._freezer.freeze(pl_module, decision.layer, block)
+            self.frozen[decision.layer] = epoch
+            message = (
+                f"froze layer {decision.layer!r} at epoch {epoch} ({len(block.parameters)} parameter tensors):"
+                f" {decision.reason}"
+            )
+            if trainer.is_global_zero:
+                self._logger().info(message)
+                if self._reporter is not None:
+                    self._reporter.text("svcca/freeze", message, epoch)
+        if self._freezer.hard:
+            rebuild_ddp_wrapper(trainer.strategy)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Reporting and plumbing
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _report(
+        self, trainer: Any, rows: list[dict[str, Any]], epoch: int, *, live_final: list[dict[str, Any]]
+    ) -> None:
+        if not trainer.is_global_zero or self._reporter is None:
+            return
+        self._reporter.scalars(rows)
+        for reference in self.reference_names:
+            for metric in self.metrics:
+                source = live_final if (reference == "final" and live_final) else self.history
+                self._reporter.heatmap(source, reference=reference, metric=metric, layers=self.layers, step=epoch)
+        self._reporter.write_csv(self.history)
+
+    def _chart_references(self) -> list[str]:
+        return self.reference_names + (["baseline"] if self.baseline else [])
+
+    def _build_probe(self, trainer: Any) -> None:
+        source = self._probe_source
+        size: int | None = self.probe_size
+        if source is None:
+            source = _default_probe_loader(trainer)
+        self._probe = build_probe(source, size, input_key=self.probe_input, mask_key=self.probe_mask)
+        fingerprint = self._probe.fingerprint()
+        if self._probe_fingerprint is not None and fingerprint != self._probe_fingerprint and self._store.keys():
+            self._warn_once(
+                "probe-changed",
+                "the probe differs from the one in the checkpoint, so earlier snapshots describe other datapoints;"
+                " they are dropped (history and freezes are kept) and comparisons start again from this epoch",
+                trainer,
+            )
+            for key in self._store.keys():
+                self._store.discard(key)
+            self._measured.clear()
+        self._probe_fingerprint = fingerprint
+        if self._probe.size < 2:
+            raise ValueError(f"the probe has {self._probe.size} sample(s); it needs at least 2")
+
+    def _collective(self, trainer: Any) -> Collective:
+        strategy = trainer.strategy
+        world_size = int(getattr(strategy, "world_size", 1))
+        if world_size < 2 or not self.shard_probe or self._probe is None or self._probe.size < 2 * world_size:
+            return LocalCollective()
+        return _StrategyCollective(strategy)
+
+    def _skip(self, trainer: Any, epoch: int, layer: str, reason: str) -> None:
+        self.skipped.append((epoch, layer, reason))
+        self._warn_once(
+            f"skip:{layer}:{reason.split(':')[0][:40]}",
+            f"layer {layer!r} skipped at epoch {epoch}: {reason}. Training goes on; later epochs with the same"
+            " problem are listed in callback.skipped without a new warning",
+            trainer,
+        )
+
+    def _warn_once(self, key: str, message: str, trainer: Any) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        if getattr(trainer, "is_global_zero", True):
+            warnings.warn(message, SVCCAMonitorWarning, stacklevel=2)
+
+    def _logger(self) -> logging.Logger:
+        """A logger under the Lightning namespace this callback belongs to, so its console handler shows it."""
+        for base in type(self).__mro__:
+            if base.__name__ == "Callback" and base.__module__ != __name__:
+                return logging.getLogger(base.__module__.rsplit(".", 1)[0] + ".svcca")
+        return logging.getLogger("lightning_svcca")
+
+    def _spill_dir(self) -> Path:
+        root = self._log_dir or Path.cwd()
+        return root / f".svcca_snapshots_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+
+
+class _StrategyCollective:
+    """Sums and row gathers over a Lightning strategy's process group."""
+
+    def __init__(self, strategy: Any) -> None:
+        self._strategy = strategy
+        self.rank = int(strategy.global_rank)
+        self.world_size = int(strategy.world_size)
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        return self._strategy.reduce(tensor.contiguous(), reduce_op="sum")
+
+    def gather_rows(self, tensor: Tensor) -> Tensor:
+        counts = self._strategy.all_gather(torch.tensor([tensor.shape[0]], device=tensor.device)).reshape(-1)
+        longest = int(counts.max())
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        gathered = self._strategy.all_gather(padded.contiguous())
+        return torch.cat([gathered[rank, : int(count)] for rank, count in enumerate(counts.tolist())])
+
+
+def _parse_references(reference: Any) -> list[_Reference]:
+    """Normalise the ``reference`` argument (names, modules, paths, tensors, or a dict of named ones)."""
+    if isinstance(reference, (str, nn.Module, Tensor, Path)):
+        items: list[tuple[str | None, Any]] = [(None, reference)]
+    elif isinstance(reference, Mapping):
+        items = [(str(name), value) for name, value in reference.items()]
+    elif isinstance(reference, Sequence):
+        items = []
+        for item in reference:
+            items.extend(
+                (name, value) for name, value in (item.items() if isinstance(item, Mapping) else [(None, item)])
+            )
+    else:
+        raise TypeError(
+            "reference must be a name, a module, a checkpoint path, a tensor, or a list or dict of them; got"
+            f" {type(reference).__name__}"
+        )
+    parsed: list[_Reference] = []
+    for name, value in items:
+        if isinstance(value, str) and value in _TIME_REFERENCES and name is None:
+            parsed.append(_Reference(value, value))
+            continue
+        kind = "module" if isinstance(value, nn.Module) else "tensor" if isinstance(value, Tensor) else None
+        if kind is None and isinstance(value, (str, Path)):
+            kind = "checkpoint"
+        if kind is None:
+            raise TypeError(
+                f"reference {value!r}: expected 'previous', 'initial', 'final', an nn.Module, a checkpoint path or a"
+                " tensor"
+            )
+        if kind == "tensor" and value.ndim < 1:
+            raise ValueError("a tensor reference needs one row per probe sample")
+        parsed.append(_Reference(name or "reference", kind, value.detach().cpu() if kind == "tensor" else value))
+    names = [ref.name for ref in parsed]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"reference names must be unique, got {duplicates} twice; name fixed references with a dict")
+    for ref in parsed:
+        if ref.fixed and (ref.name in _RESERVED_NAMES or ref.name.isdigit() or ref.name.startswith("lag")):
+            raise ValueError(
+                f"{ref.name!r} cannot name a fixed reference: it is reserved for {_RESERVED_NAMES} and epochs"
+            )
+        if "/" in ref.name or "@" in ref.name:
+            raise ValueError(f"reference name {ref.name!r} may not contain '/' or '@' (it is part of tags and keys)")
+    if not parsed:
+        raise ValueError("reference is empty: give at least one of 'previous', 'initial', 'final' or a fixed reference")
+    return parsed
+
+
+def _check_reference_layers(reference: _Reference, layers: Sequence[str]) -> None:
+    known = {name for name, _ in reference.source.named_modules()}
+    missing = [layer for layer in layers if layer not in known]
+    if missing:
+        raise ValueError(
+            f"reference {reference.name!r} ({type(reference.source).__name__}) has no modules named {missing}; layers"
+            " are matched by name, so give a reference with the same structure (e.g. a copy of the model before"
+            " fine-tuning, or a checkpoint of it)"
+        )
+
+
+@contextlib.contextmanager
+def _reference_model(reference: _Reference, pl_module: nn.Module) -> Iterator[nn.Module]:
+    """The model to probe for a fixed reference.
+
+    A module reference runs on the model's device (and goes back afterwards); a checkpoint reference is the model
+    itself with the checkpoint's weights loaded for the duration, restored bit for bit afterwards.
+    """
+    device = _device_of(pl_module)
+    if reference.kind == "module":
+        module: nn.Module = reference.source
+        original = next((p.device for p in module.parameters()), device)
+        module.to(device)
+        try:
+            yield module
+        finally:
+            module.to(original)
+        return
+    weights = _load_checkpoint_weights(reference)
+    saved = {name: value.detach().clone() for name, value in pl_module.state_dict().items()}
+    _load_reference_weights(pl_module, weights, reference)
+    try:
+        yield pl_module
+    finally:
+        pl_module.load_state_dict(saved)
+
+
+def _load_checkpoint_weights(reference: _Reference) -> dict[str, Tensor]:
+    try:
+        checkpoint = torch.load(reference.source, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(
+            f"reference {reference.name!r}: cannot load {reference.source} with weights_only=True ({error}). Save"
+            " the weights alone (torch.save(model.state_dict(), path)) or pass the module itself"
+        ) from error
+    weights = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(weights, Mapping) or not all(isinstance(v, Tensor) for v in weights.values()):
+        raise ValueError(f"reference {reference.name!r}: {reference.source} holds no state_dict of tensors")
+    return dict(weights)
+
+
+def _load_reference_weights(pl_module: nn.Module, weights: Mapping[str, Tensor], reference: _Reference) -> None:
+    own = pl_module.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    mismatched = [
+        f"{k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in weights and weights[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"reference {reference.name!r} ({reference.source}) does not match the model: missing keys {missing[:8]},"
+            f" unexpected keys {unexpected[:8]}, shape mismatches {mismatched[:8]}. A checkpoint reference must come"
+            " from the same architecture"
+        )
+    pl_module.load_state_dict(weights)
+
+
+@contextlib.contextmanager
+def _buffers_from_rank_zero(model: nn.Module, collective: Collective) -> Iterator[None]:
+    """Under a sharded probe, use rank 0's buffers (BatchNorm statistics) for the probe, then restore our own."""
+    if collective.world_size < 2 or not dist.is_available() or not dist.is_initialized():
+        yield
+        return
+    buffers = list(model.buffers())
+    saved = [buffer.detach().clone() for buffer in buffers]
+    for buffer in buffers:
+        dist.broadcast(buffer.data, src=0)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved, strict=True):
+                buffer.copy_(value)
+
+
+def _default_probe_loader(trainer: Any) -> Any:
+    """The validation dataloader if there is one, else the training one (unwrapped, as the user defined it)."""
+    val_source = trainer.fit_loop.epoch_loop.val_loop._data_source
+    if val_source.instance is not None and val_source.is_defined():
+        loader = val_source.dataloader()
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if loader else None
+        if isinstance(loader, DataLoader):
+            return loader
+    train = trainer.fit_loop._data_source.dataloader()
+    if isinstance(train, (list, tuple)):
+        train = train[0]
+    if isinstance(train, Mapping):
+        train = next(iter(train.values()))
+    if not isinstance(train, DataLoader):
+        raise ValueError("no probe given and no DataLoader to take one from: pass probe=<tensor, batch or DataLoader>")
+    return train
+
+
+def _is_last_batch(trainer: Any, batch_idx: int) -> bool:
+    total = trainer.num_training_batches
+    if isinstance(total, (int, float)) and math.isfinite(total) and batch_idx + 1 >= total:
+        return True
+    progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
+    return bool(getattr(progress, "is_last_batch", False))
+
+
+def _shard(size: int, collective: Collective) -> tuple[int, int]:
+    return size * collective.rank // collective.world_size, size * (collective.rank + 1) // collective.world_size
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    device = getattr(module, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def _values(rows: Sequence[Mapping[str, Any]], reference: str | None, metric: str) -> dict[str, float]:
+    """Layer -> value of the rows of one reference and metric."""
+    return {row["layer"]: row["value"] for row in rows if row["reference"] == reference and row["metric"] == metric}
+
+
+def _row(epoch: int, layer: str, reference: str, metric: str, value: float) -> dict[str, Any]:
+    return {"epoch": int(epoch), "layer": layer, "reference": reference, "metric": metric, "value": float(value)}
+
+
+class SVCCACallback(_SVCCACallbackCore, pl.Callback):  # noqa: D101 - the docstring is the core's
+    __doc__ = _SVCCACallbackCore.__doc__

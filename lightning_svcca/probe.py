@@ -1,0 +1,282 @@
+"""The probe: a fixed set of samples run through the model at every measurement.
+
+A probe is built once, from a tensor, a batch (tuple, list or dict of tensors) or a DataLoader, and kept on the
+CPU for the whole run. :func:`run_probe` feeds it to the model in chunks under ``torch.no_grad()`` and eval
+mode, and leaves the model as it found it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
+
+__all__ = ["ForwardFn", "Probe", "batch_size", "build_probe", "default_forward", "run_probe", "slice_batch"]
+
+#: ``forward_fn(model, batch_chunk)`` runs the model on a chunk of the probe batch; its return value is ignored.
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A fixed probe batch on the CPU.
+
+    Attributes:
+        batch: the samples, a tensor or a (nested) tuple, list or dict of tensors, all with ``size`` rows.
+        size: number of samples.
+        input_key: which part of ``batch`` the model takes (an index or key; ``None`` for a bare tensor).
+        mask_key: which part of ``batch`` holds a sequence padding mask ``(N, T)`` (True = real frame) or
+            lengths ``(N,)``; ``None`` when there is none.
+    """
+
+    batch: Any
+    size: int
+    input_key: int | str | None = None
+    mask_key: int | str | None = None
+
+    def inputs(self, batch: Any) -> Any:
+        """The model input of a (chunk of the) probe batch."""
+        return batch if self.input_key is None else batch[self.input_key]
+
+    def lengths(self, batch: Any) -> Tensor | None:
+        """Valid frames per sample of a chunk, from the padding mask or lengths, or ``None``."""
+        if self.mask_key is None:
+            return None
+        mask = batch[self.mask_key]
+        return mask.to(torch.long) if mask.ndim == 1 else mask.to(torch.bool).sum(dim=1)
+
+    def chunks(self, chunk_size: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Any]]:
+        """Yield ``(first sample index, chunk)`` over samples ``[start, stop)`` in chunks of ``chunk_size``."""
+        stop = self.size if stop is None else stop
+        for first in range(start, stop, chunk_size):
+            yield first, slice_batch(self.batch, first, min(first + chunk_size, stop))
+
+    def fingerprint(self) -> str:
+        """A short hash of the probe's contents, to tell whether a resumed run uses the same probe."""
+        digest = hashlib.sha256()
+        for tensor in _tensors(self.batch):
+            digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def build_probe(
+    source: Any,
+    size: int | None,
+    *,
+    input_key: int | str | None = None,
+    mask_key: int | str | None = None,
+) -> Probe:
+    """Build a :class:`Probe` from a tensor, a batch or a DataLoader.
+
+    Args:
+        source: a tensor (the model input itself), a batch (tuple, list or dict of tensors sharing their first
+            dimension), or a DataLoader.
+        size: keep the first ``size`` samples (``None``: all of a tensor or batch; required for a DataLoader).
+            From a DataLoader over a map-style dataset the samples are ``dataset[0:size]`` put together with the
+            loader's ``collate_fn``, so the probe does not depend on the loader's shuffling or sampler.
+        input_key: the part of a batch that is the model input: an index for tuples and lists (default 0),
+            a key for dicts (required for dicts unless a custom ``forward_fn`` handles the batch).
+        mask_key: the part of a batch holding a padding mask ``(N, T)`` or lengths ``(N,)``.
+
+    Returns:
+        The probe, on the CPU.
+
+    Raises:
+        TypeError: ``source`` is none of the accepted types.
+        ValueError: the probe is empty, parts of a batch disagree on the number of samples, or a key is unknown.
+    """
+    if size is not None and size < 1:
+        raise ValueError(f"probe_size must be >= 1, got {size}")
+    if isinstance(source, DataLoader):
+        if size is None:
+            raise ValueError("a DataLoader probe needs probe_size: the number of samples to take from it")
+        batch = _collect(source, size)
+    elif isinstance(source, (Tensor, Mapping, Sequence)) and not isinstance(source, str):
+        batch = source
+    else:
+        raise TypeError(
+            "probe must be a tensor, a batch (tuple, list or dict of tensors) or a DataLoader, got"
+            f" {type(source).__name__}"
+        )
+    batch = _to_cpu(batch)
+    n = batch_size(batch)
+    if n == 0:
+        raise ValueError("the probe is empty: it needs at least 2 samples")
+    if size is not None and size < n:
+        batch, n = slice_batch(batch, 0, size), size
+    if input_key is None and isinstance(batch, Sequence):
+        input_key = 0
+    if isinstance(batch, Mapping) and input_key is None:
+        input_key = _only_key(batch)
+    for role, key in (("probe_input", input_key), ("probe_mask", mask_key)):
+        if key is not None:
+            _check_key(batch, key, role)
+    return Probe(batch, n, input_key, mask_key)
+
+
+def default_forward(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model(inputs)``: what ``forward_fn`` does unless the user gives another."""
+    return model(inputs)
+
+
+def run_probe(
+    model: nn.Module,
+    probe: Probe,
+    *,
+    chunk_size: int,
+    device: torch.device,
+    forward_fn: ForwardFn | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    before_chunk: Callable[[int, Any], None] | None = None,
+    forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> None:
+    """Run samples ``[start, stop)`` of the probe through ``model``, leaving the model exactly as it was.
+
+    The model runs in eval mode under ``torch.no_grad()``; afterwards every module's training flag is restored,
+    and so are the RNG states of the CPU and of the model's device (so a probe never shifts the training run's
+    random stream). Eval mode means BatchNorm uses, and does not update, its running statistics.
+
+    Args:
+        model: the module to run (the bare LightningModule, never a DDP wrapper).
+        probe: the probe.
+        chunk_size: samples per forward pass.
+        device: where the chunks go.
+        forward_fn: ``forward_fn(model, chunk)`` runs the model on a whole chunk of the batch; by default
+            ``model(probe.inputs(chunk))``.
+        start: first sample (for a sharded probe).
+        stop: one past the last sample.
+        before_chunk: called with ``(first sample index, chunk)`` before each forward pass (activation
+            recorders use it to know which samples they see).
+        forward_context: a factory of the context to run forward passes in (e.g. the trainer's precision
+            autocast).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"probe_batch_size must be >= 1, got {chunk_size}")
+    modes = {module: module.training for module in model.modules()}
+    devices = [device] if device.type == "cuda" else []
+    context = forward_context or contextlib.nullcontext
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            model.eval()
+            for first, chunk in probe.chunks(chunk_size, start, stop):
+                chunk = _to_device(chunk, device)
+                if before_chunk is not None:
+                    before_chunk(first, chunk)
+                with context():
+                    if forward_fn is None:
+                        default_forward(model, probe.inputs(chunk))
+                    else:
+                        forward_fn(model, chunk)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def slice_batch(batch: Any, start: int, stop: int) -> Any:
+    """Samples ``[start, stop)`` of a tensor or a nested tuple/list/dict/dataclass of tensors."""
+    return _map_tensors(batch, lambda tensor: tensor[start:stop])
+
+
+def _collect(loader: DataLoader, size: int) -> Any:
+    """The first ``size`` samples of a loader's dataset, independent of its sampler and shuffling."""
+    dataset = loader.dataset
+    if not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+        count = min(size, len(dataset))
+        collate = loader.collate_fn or torch.utils.data.default_collate
+        return collate([dataset[i] for i in range(count)])
+    batches, seen = [], 0
+    for batch in loader:
+        batches.append(_to_cpu(batch))
+        seen += batch_size(batch)
+        if seen >= size:
+            break
+    if not batches:
+        raise ValueError("the probe DataLoader yielded no batches")
+    return slice_batch(_concatenate(batches), 0, size)
+
+
+def _concatenate(batches: list[Any]) -> Any:
+    first = batches[0]
+    if isinstance(first, Tensor):
+        return torch.cat(batches)
+    if isinstance(first, Mapping):
+        return {key: _concatenate([batch[key] for batch in batches]) for key in first}
+    if isinstance(first, Sequence):
+        return type(first)(_concatenate(list(parts)) for parts in zip(*batches, strict=True))
+    raise TypeError(f"cannot concatenate probe batches of type {type(first).__name__}")
+
+
+def batch_size(batch: Any) -> int:
+    """Number of samples of a batch (the shared first dimension of its tensors)."""
+    sizes = {int(tensor.shape[0]) for tensor in _tensors(batch) if tensor.ndim > 0}
+    if not sizes:
+        raise ValueError("the probe holds no tensors with a batch dimension")
+    if len(sizes) > 1:
+        raise ValueError(f"the parts of the probe batch disagree on the number of samples: {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _tensors(batch: Any) -> Iterator[Tensor]:
+    if isinstance(batch, Tensor):
+        yield batch
+    elif isinstance(batch, Mapping):
+        for value in batch.values():
+            yield from _tensors(value)
+    elif isinstance(batch, Sequence) and not isinstance(batch, str):
+        for value in batch:
+            yield from _tensors(value)
+    elif is_dataclass(batch) and not isinstance(batch, type):
+        for field in fields(batch):
+            yield from _tensors(getattr(batch, field.name))
+
+
+def _map_tensors(batch: Any, function: Callable[[Tensor], Tensor]) -> Any:
+    if isinstance(batch, Tensor):
+        return function(batch) if batch.ndim > 0 else batch
+    if isinstance(batch, Mapping):
+        return {key: _map_tensors(value, function) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_map_tensors(value, function) for value in batch))
+    if isinstance(batch, Sequence) and not isinstance(batch, str):
+        return type(batch)(_map_tensors(value, function) for value in batch)
+    if is_dataclass(batch) and not isinstance(batch, type):
+        changes = {field.name: _map_tensors(getattr(batch, field.name), function) for field in fields(batch)}
+        return replace(batch, **changes)
+    return batch
+
+
+def _to_cpu(batch: Any) -> Any:
+    return _map_tensors(batch, lambda tensor: tensor.detach().cpu())
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    return _map_tensors(batch, lambda tensor: tensor.to(device, non_blocking=True))
+
+
+def _only_key(batch: Mapping) -> str:
+    tensor_keys = [key for key, value in batch.items() if isinstance(value, Tensor)]
+    if len(tensor_keys) == 1:
+        return tensor_keys[0]
+    raise ValueError(
+        f"the probe is a dict with keys {list(batch)}: say which one is the model input with probe_input=<key>,"
+        " or pass forward_fn=lambda model, batch: model(**batch)"
+    )
+
+
+def _check_key(batch: Any, key: int | str, role: str) -> None:
+    if isinstance(batch, Mapping):
+        if key not in batch:
+            raise ValueError(f"{role}={key!r} is not a key of the probe batch; its keys are {list(batch)}")
+    elif isinstance(batch, Sequence):
+        if not isinstance(key, int) or not -len(batch) <= key < len(batch):
+            raise ValueError(f"{role}={key!r} is not an index of the probe batch, which has {len(batch)} parts")
+    else:
+        raise ValueError(f"{role}={key!r} was given but the probe is a single tensor, not a batch with parts")

@@ -1,0 +1,391 @@
+"""Per-layer, per-epoch snapshots: what later comparisons need of a representation, not the representation.
+
+A :class:`Snapshot` is the orthonormal basis ``U`` of a layer's centred activations on the probe (float32,
+``(datapoints, kept directions)``), its singular values, and, only when PWCCA is measured, the right singular
+vectors. Memory grows with the kept directions, not with the layer width. Every comparison is then a product
+``Ua^T Ub`` of two stored bases (:func:`cross_products`), and every measure follows from it
+(:func:`measure`).
+
+Snapshots are built from the rows one process holds (:func:`build_snapshot`): statistics are summed through a
+:class:`Collective`, so a probe sharded over DDP ranks gives the same snapshot on every rank as one process
+would. :class:`SnapshotStore` keeps them within a memory budget, spilling the least recently used ones to
+files.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from lightning_svcca.similarity import (
+    Decomposition,
+    ZeroVarianceError,
+    _cka_from_cross,
+    _correlations,
+    _decompose_checked,
+    _fix_signs,
+    _kept_count,
+    _pwcca_from_cross,
+    _raise_if_not_finite,
+    _rank_mask,
+    _spectrum_from_gram,
+    _zero_variance_message,
+)
+
+__all__ = [
+    "METRICS",
+    "Collective",
+    "LocalCollective",
+    "Snapshot",
+    "SnapshotStore",
+    "build_snapshot",
+    "cross_products",
+    "measure",
+]
+
+METRICS = ("svcca", "pwcca", "cca", "linear_cka")
+#: Rows converted to float64 at a time while accumulating a Gram matrix (bounds the float64 working copy).
+_ROW_BLOCK = 8192
+
+
+class Collective(Protocol):
+    """The two collectives a sharded probe needs; every process calls them in the same order."""
+
+    rank: int
+    world_size: int
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """Element-wise sum over processes (all of them get the result)."""
+
+    def gather_rows(self, tensor: Tensor) -> Tensor:
+        """Concatenate every process's rows, in rank order (row counts may differ)."""
+
+
+class LocalCollective:
+    """The single-process collective: sums and gathers are the identity."""
+
+    rank = 0
+    world_size = 1
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """Return ``tensor``."""
+        return tensor
+
+    def gather_rows(self, tensor: Tensor) -> Tensor:
+        """Return ``tensor``."""
+        return tensor
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The compressed representation of one layer on the probe.
+
+    Attributes:
+        left: ``(n_datapoints, r)`` float32 orthonormal basis ``U`` of the centred activations, leading
+            directions first.
+        singular_values: ``(r,)`` float64 singular values, descending.
+        right: ``(n_features, r)`` float32 right singular vectors, kept only for PWCCA (weights from neurons).
+        kept: directions SVCCA keeps at the run's ``keep``, the layer's intrinsic dimensionality.
+        rank: numerical rank of the activations (``r`` when all directions are stored).
+        n_features: width of the layer.
+    """
+
+    left: Tensor
+    singular_values: Tensor
+    right: Tensor | None
+    kept: int
+    rank: int
+    n_features: int
+
+    @property
+    def n_datapoints(self) -> int:
+        """Number of datapoints (rows) of the probe representation."""
+        return int(self.left.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor storage."""
+        tensors = (self.left, self.singular_values, self.right)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def decomposition(self, dtype: torch.dtype = torch.float64, device: torch.device | None = None) -> Decomposition:
+        """The snapshot as a :class:`~lightning_svcca.similarity.Decomposition`, for the public measures."""
+        right = None if self.right is None else self.right.to(device=device, dtype=dtype)
+        return Decomposition(
+            self.singular_values.to(device=device, dtype=dtype),
+            right,
+            self.left.to(device=device, dtype=dtype),
+            None,
+            self.n_datapoints,
+            self.n_features,
+        )
+
+    def to_state(self) -> dict[str, Tensor | int | None]:
+        """Plain dict for checkpoints and spill files."""
+        return {
+            "left": self.left,
+            "singular_values": self.singular_values,
+            "right": self.right,
+            "kept": self.kept,
+            "rank": self.rank,
+            "n_features": self.n_features,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> Snapshot:
+        """Inverse of :meth:`to_state`."""
+        return cls(
+            state["left"],
+            state["singular_values"],
+            state.get("right"),
+            int(state["kept"]),
+            int(state["rank"]),
+            int(state["n_features"]),
+        )
+
+
+def build_snapshot(
+    rows: Tensor,
+    collective: Collective,
+    *,
+    name: str,
+    keep: float | int,
+    keep_by: str,
+    full_rank: bool,
+    with_right: bool,
+    input_eps: float,
+    dtype: torch.dtype = torch.float64,
+) -> Snapshot:
+    """Decompose a layer's activations, held as row shards across processes, into a :class:`Snapshot`.
+
+    With at least as many datapoints as features: 1. centre with the global mean, 2. sum the centred Gram
+    matrices of all shards, 3. eigendecompose it (identically on every process), 4. ``U = Xc V / s`` shard by
+    shard, gathered. With fewer datapoints than features the rows are gathered and one thin SVD is taken.
+
+    Args:
+        rows: this process's ``(rows, features)`` activations.
+        collective: sums and gathers across processes (:class:`LocalCollective` for one process).
+        name: the layer, for messages.
+        keep: SVCCA's ``keep`` (fraction or number of directions).
+        keep_by: ``"singular_values"`` or ``"variance"``.
+        full_rank: store every direction (CCA, PWCCA and CKA need them); otherwise only the ``kept`` ones.
+        with_right: store the right singular vectors (PWCCA).
+        input_eps: rounding level of the activations' original dtype (for the rank cut).
+        dtype: precision of the accumulation and decomposition.
+
+    Raises:
+        ValueError: NaN or Inf activations on any process.
+        ZeroVarianceError: the layer's activations do not vary (a dead layer).
+    """
+    device = rows.device
+    n_features = rows.shape[1]
+    # 1. global count and mean (one collective); a NaN or Inf anywhere makes the sum non-finite everywhere.
+    totals = collective.sum(torch.cat([rows.new_tensor([rows.shape[0]], dtype=dtype), rows.sum(0, dtype=dtype)]))
+    n, mean = int(totals[0]), totals[1:] / totals[0]
+    if not bool(torch.isfinite(mean).all()):
+        if not bool(torch.isfinite(rows).all()):
+            _raise_if_not_finite(rows, f"layer {name!r}")
+        raise ValueError(f"layer {name!r} produced NaN or Inf activations on another process")
+    if n < 2:
+        raise ValueError(f"layer {name!r} gave {n} datapoint(s); a probe needs at least 2")
+    if n < n_features:
+        decomposition = _decompose_checked(collective.gather_rows(rows), f"layer {name!r}", dtype, input_eps)
+        singular_values, right, left = decomposition.singular_values, decomposition.right, decomposition.left
+    else:
+        # 2. centred Gram matrix, accumulated in float64 a block of rows at a time, summed over processes.
+        gram = torch.zeros(n_features, n_features, dtype=dtype, device=device)
+        for block in rows.split(_ROW_BLOCK):
+            centred = block.to(dtype) - mean
+            gram.addmm_(centred.T, centred)
+        gram = collective.sum(gram)
+        data_norm = math.sqrt(float(gram.diagonal().sum()) + n * float(mean.square().sum()))
+        # 3. eigendecomposition Xc^T Xc = V diag(s^2) V^T, cut to numerical rank.
+        singular_values, right = _spectrum_from_gram(*torch.linalg.eigh(gram))
+        mask = _rank_mask(singular_values, data_norm, n, n_features, input_eps, gram=True)
+        if not bool(mask.any()):
+            raise ZeroVarianceError(_zero_variance_message(f"layer {name!r}"))
+        singular_values, right = singular_values[mask], _fix_signs(right[:, mask])
+        # 4. U = Xc V diag(1/s), this shard's rows, then every shard's.
+        whiten = right / singular_values
+        local = torch.cat([(block.to(dtype) - mean) @ whiten for block in rows.split(_ROW_BLOCK)] or [whiten[:0]])
+        left = collective.gather_rows(local.to(torch.float32))
+    rank = int(singular_values.shape[0])
+    kept = _kept_count(singular_values, keep, keep_by)
+    stored = rank if full_rank else kept
+    return Snapshot(
+        left=left[:, :stored].to(torch.float32).contiguous().cpu(),
+        singular_values=singular_values[:stored].to(torch.float64).cpu(),
+        right=right[:, :stored].to(torch.float32).contiguous().cpu() if with_right else None,
+        kept=kept,
+        rank=rank,
+        n_features=n_features,
+    )
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two snapshots to compare, with how many leading directions of each to use.
+
+    ``shuffle`` permutes the datapoints of ``b`` (the noise baseline).
+    """
+
+    a: Snapshot
+    b: Snapshot
+    kept_a: int
+    kept_b: int
+    shuffle: Tensor | None = None
+
+
+def cross_products(
+    pairs: Sequence[Pair], collective: Collective, *, device: torch.device, dtype: torch.dtype = torch.float64
+) -> list[Tensor]:
+    """``Ua^T Ub`` for every pair, each process summing over its share of the rows, in one collective."""
+    if not pairs:
+        return []
+    partials = []
+    for pair in pairs:
+        if pair.a.n_datapoints != pair.b.n_datapoints:
+            raise ValueError(
+                f"cannot compare snapshots over {pair.a.n_datapoints} and {pair.b.n_datapoints} datapoints: a"
+                " reference must see the same probe datapoints"
+            )
+        n = pair.a.n_datapoints
+        start, stop = n * collective.rank // collective.world_size, n * (collective.rank + 1) // collective.world_size
+        rows_a = pair.a.left[start:stop, : pair.kept_a]
+        rows_b = pair.b.left[:, : pair.kept_b]
+        rows_b = rows_b[start:stop] if pair.shuffle is None else rows_b[pair.shuffle[start:stop]]
+        partials.append(rows_a.to(device=device, dtype=dtype).T @ rows_b.to(device=device, dtype=dtype))
+    summed = collective.sum(torch.cat([partial.reshape(-1) for partial in partials]))
+    products, offset = [], 0
+    for partial in partials:
+        products.append(summed[offset : offset + partial.numel()].reshape(partial.shape))
+        offset += partial.numel()
+    return products
+
+
+def pair_for(metric: str, a: Snapshot, b: Snapshot, shuffle: Tensor | None = None) -> Pair:
+    """The pair of bases ``metric`` needs: the SVCCA-kept directions, or all stored ones."""
+    if metric == "svcca":
+        return Pair(a, b, min(a.kept, a.left.shape[1]), min(b.kept, b.left.shape[1]), shuffle)
+    return Pair(a, b, a.left.shape[1], b.left.shape[1], shuffle)
+
+
+def measure(metric: str, pair: Pair, cross: Tensor) -> float:
+    """The value of ``metric`` for a pair, from its cross product ``Ua^T Ub``."""
+    if metric in ("svcca", "cca"):
+        return float(_correlations(cross).mean())
+    a, b = _spectrum(pair.a, cross), _spectrum(pair.b, cross)
+    if metric == "pwcca":
+        return float(_pwcca_from_cross(a, cross))
+    if metric == "linear_cka":
+        return float(_cka_from_cross(a, b, cross))
+    raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
+
+
+def _spectrum(snapshot: Snapshot, like: Tensor) -> Decomposition:
+    """The singular values and right vectors of a snapshot as a basis-free decomposition, on ``like``'s device."""
+    right = None if snapshot.right is None else snapshot.right.to(device=like.device, dtype=like.dtype)
+    singular_values = snapshot.singular_values.to(device=like.device, dtype=like.dtype)
+    return Decomposition(singular_values, right, None, None, snapshot.n_datapoints, snapshot.n_features)
+
+
+class SnapshotStore:
+    """Snapshots by ``(layer, tag)`` within a memory budget; beyond it, the least recently used go to files.
+
+    Args:
+        max_bytes: budget for snapshots held in memory (``None``: unbounded).
+        spill_dir: called once, at the first spill, for the directory to write to; it is deleted by
+            :meth:`close`.
+    """
+
+    def __init__(self, max_bytes: int | None, spill_dir: Callable[[], Path]) -> None:
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_snapshot_bytes must be >= 0 or None, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._spill_dir_factory = spill_dir
+        self._spill_dir: Path | None = None
+        self._memory: OrderedDict[tuple[str, str], Snapshot] = OrderedDict()
+        self._files: dict[tuple[str, str], Path] = {}
+        self._counter = 0
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held in memory now."""
+        return sum(snapshot.nbytes for snapshot in self._memory.values())
+
+    @property
+    def spill_dir(self) -> Path | None:
+        """Where spilled snapshots live, once one has been spilled."""
+        return self._spill_dir
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._memory or key in self._files
+
+    def keys(self) -> list[tuple[str, str]]:
+        """Every stored key, in memory or spilled."""
+        return list(self._memory) + list(self._files)
+
+    def put(self, key: tuple[str, str], snapshot: Snapshot) -> None:
+        """Store (or replace) a snapshot, then spill until the memory budget holds."""
+        self.discard(key)
+        self._memory[key] = snapshot
+        self._enforce_budget()
+
+    def get(self, key: tuple[str, str]) -> Snapshot:
+        """A stored snapshot; a spilled one is memory-mapped from its file, not brought back into memory."""
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            return self._memory[key]
+        if key in self._files:
+            return Snapshot.from_state(torch.load(self._files[key], mmap=True, weights_only=True))
+        raise KeyError(key)
+
+    def discard(self, key: tuple[str, str]) -> None:
+        """Forget a snapshot (and delete its file)."""
+        self._memory.pop(key, None)
+        path = self._files.pop(key, None)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+    def state_dict(self) -> dict[str, dict]:
+        """Every snapshot as plain tensors (spilled ones memory-mapped), keyed ``"layer@tag"``."""
+        return {f"{layer}@{tag}": self.get((layer, tag)).to_state() for layer, tag in self.keys()}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        """Replace the contents with a :meth:`state_dict`."""
+        for key in self.keys():
+            self.discard(key)
+        for joined, snapshot_state in state.items():
+            layer, _, tag = joined.rpartition("@")
+            self.put((layer, tag), Snapshot.from_state(snapshot_state))
+
+    def close(self) -> None:
+        """Delete the spill files and their directory; snapshots in memory stay."""
+        self._files.clear()
+        if self._spill_dir is not None:
+            shutil.rmtree(self._spill_dir, ignore_errors=True)
+            self._spill_dir = None
+
+    def _enforce_budget(self) -> None:
+        if self.max_bytes is None:
+            return
+        while self._memory and self.memory_bytes > self.max_bytes:
+            key, snapshot = self._memory.popitem(last=False)
+            self._files[key] = self._spill(snapshot)
+
+    def _spill(self, snapshot: Snapshot) -> Path:
+        if self._spill_dir is None:
+            self._spill_dir = Path(self._spill_dir_factory())
+            self._spill_dir.mkdir(parents=True, exist_ok=True)
+        self._counter += 1
+        path = self._spill_dir / f"snapshot-{self._counter:06d}.pt"
+        torch.save(snapshot.to_state(), path)
+        return path

@@ -19,20 +19,17 @@ When things happen in a fit:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -45,6 +42,7 @@ from lightning_svcca.activations import (
     reduce_output,
     resolve_layers,
 )
+from lightning_svcca.distributed import StrategyCollective, buffers_from_rank_zero, shard
 from lightning_svcca.freezing import (
     FreezeDecision,
     FreezePolicy,
@@ -54,7 +52,8 @@ from lightning_svcca.freezing import (
     rebuild_ddp_wrapper,
 )
 from lightning_svcca.probe import ForwardFn, Probe, batch_size, build_probe, run_probe
-from lightning_svcca.reporting import LAYER_FACTS, Reporter
+from lightning_svcca.references import Reference, check_reference_layers, device_of, parse_references, reference_model
+from lightning_svcca.reporting import Reporter
 from lightning_svcca.similarity import DATAPOINTS_PER_DIRECTION, SimilarityWarning, ZeroVarianceError, _check_keep
 from lightning_svcca.snapshots import (
     METRICS,
@@ -71,28 +70,13 @@ from lightning_svcca.snapshots import (
 
 __all__ = ["SVCCACallback", "SVCCAMonitorWarning"]
 
-_TIME_REFERENCES = ("previous", "initial", "final")
-_RESERVED_NAMES = (*_TIME_REFERENCES, *LAYER_FACTS, "heatmap")
+TIME_REFERENCES = ("previous", "initial", "final")
 _COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 _STATE_VERSION = 1
 
 
 class SVCCAMonitorWarning(SimilarityWarning):
     """A recoverable problem of the monitor (a skipped layer, a small probe); training goes on."""
-
-
-@dataclass(frozen=True)
-class _Reference:
-    """One reference: a point in time of the same model, or something fixed (a model, a checkpoint, features)."""
-
-    name: str
-    kind: str  # "previous", "initial", "final", "lag", "module", "checkpoint" or "tensor"
-    source: Any = None
-    lag: int = 0
-
-    @property
-    def fixed(self) -> bool:
-        return self.kind in ("module", "checkpoint", "tensor")
 
 
 class _SVCCACallbackCore:
@@ -191,7 +175,7 @@ class _SVCCACallbackCore:
         _check_keep(keep, keep_by)
         self._probe_source = probe
         self._layers_argument = layers
-        self._references = _parse_references(reference)
+        self._references = parse_references(reference)
         self.metrics = metrics
         self.every_n_epochs = every_n_epochs
         self.freeze_policy = freeze
@@ -212,7 +196,7 @@ class _SVCCACallbackCore:
         if freeze is not None and freeze.mode == "convergence":
             self._lag_reference = "previous" if freeze.lag == every_n_epochs else f"lag{freeze.lag}"
             if self._lag_reference not in self.reference_names:
-                self._references.append(_Reference(self._lag_reference, "lag", lag=freeze.lag))
+                self._references.append(Reference(self._lag_reference, "lag", lag=freeze.lag))
         #: Every measured value: dicts with keys epoch, layer, reference, metric, value.
         self.history: list[dict[str, Any]] = []
         #: Frozen layers -> the epoch at which they froze.
@@ -269,7 +253,7 @@ class _SVCCACallbackCore:
         names = [spec.name for spec in self._specs]
         for reference in self._references:
             if reference.kind == "module":
-                _check_reference_layers(reference, names)
+                check_reference_layers(reference, names)
             elif reference.kind == "checkpoint" and not Path(reference.source).is_file():
                 raise FileNotFoundError(f"reference {reference.name!r}: no checkpoint file at {reference.source}")
         policy = self.freeze_policy
@@ -429,7 +413,7 @@ class _SVCCACallbackCore:
         """Run this process's share of the probe through ``model`` with hooks on the monitored layers."""
         assert self._probe is not None
         collective = self._collective(trainer)
-        start, stop = _shard(self._probe.size, collective)
+        start, stop = shard(self._probe.size, collective)
         mask_frames = None
         if self._probe.mask_key is not None:
             mask = self._probe.batch[self._probe.mask_key]
@@ -440,14 +424,14 @@ class _SVCCACallbackCore:
             per_sample=probe_share(self.max_datapoints, self._probe.size),
             mask_frames=mask_frames,
         )
-        device = _device_of(pl_module)
+        device = device_of(pl_module)
         probe = self._probe
 
         def before_chunk(first: int, chunk: Any) -> None:
             recorder.start_chunk(first, probe.lengths(chunk), batch_size(chunk), device)
 
         context = getattr(getattr(trainer, "precision_plugin", None), "forward_context", None)
-        with _buffers_from_rank_zero(model, collective), recorder:
+        with buffers_from_rank_zero(model, collective), recorder:
             run_probe(
                 model,
                 probe,
@@ -543,14 +527,14 @@ class _SVCCACallbackCore:
                     recorder = self._record(trainer, pl_module, pl_module)
                 snapshots = self._tensor_reference_snapshots(trainer, reference, recorder)
             else:
-                with _reference_model(reference, pl_module) as model:
+                with reference_model(reference, pl_module) as model:
                     reference_recorder = self._record(trainer, pl_module, model)
                 snapshots = self._snapshots_from(trainer, reference_recorder, self.layers, 0, label=label)
             for layer, snapshot in snapshots.items():
                 self._store.put((layer, reference.name), snapshot)
 
     def _tensor_reference_snapshots(
-        self, trainer: Any, reference: _Reference, recorder: ActivationRecorder
+        self, trainer: Any, reference: Reference, recorder: ActivationRecorder
     ) -> dict[str, Snapshot]:
         """Features aligned with the probe's samples, laid out like each layer's rows."""
         assert self._probe is not None
@@ -560,7 +544,7 @@ class _SVCCACallbackCore:
                 f"reference {reference.name!r} has {features.shape[0]} rows but the probe has {self._probe.size}"
                 " samples: a feature reference needs one row per probe sample, in probe order"
             )
-        start, stop = _shard(self._probe.size, self._collective(trainer))
+        start, stop = shard(self._probe.size, self._collective(trainer))
         snapshots = {}
         for layer in self.layers:
             if layer not in recorder.sample_ids:
@@ -651,7 +635,7 @@ class _SVCCACallbackCore:
             if key not in unique:
                 unique[key] = len(pairs)
                 pairs.append(pair)
-        device = _device_of(trainer.lightning_module)
+        device = device_of(trainer.lightning_module)
         products = cross_products(pairs, self._collective(trainer), device=device, dtype=self.compute_dtype)
         rows = []
         for row, metric, pair in jobs:
@@ -661,7 +645,7 @@ class _SVCCACallbackCore:
                 rows.append({**row, "value": value})
         return rows
 
-    def _reference_snapshot(self, reference: _Reference, layer: str, epoch: int) -> Snapshot | None:
+    def _reference_snapshot(self, reference: Reference, layer: str, epoch: int) -> Snapshot | None:
         """The snapshot a layer is compared with at ``epoch``, or ``None`` when there is none (yet)."""
         if reference.kind == "final":
             return None  # compared at the end of fit (and live, for the heatmap)
@@ -784,7 +768,7 @@ class _SVCCACallbackCore:
         world_size = int(getattr(strategy, "world_size", 1))
         if world_size < 2 or not self.shard_probe or self._probe is None or self._probe.size < 2 * world_size:
             return LocalCollective()
-        return _StrategyCollective(strategy)
+        return StrategyCollective(strategy)
 
     def _skip(self, trainer: Any, epoch: int, layer: str, reason: str) -> None:
         self.skipped.append((epoch, layer, reason))
@@ -814,162 +798,6 @@ class _SVCCACallbackCore:
         return root / f".svcca_snapshots_{os.getpid()}_{uuid.uuid4().hex[:8]}"
 
 
-class _StrategyCollective:
-    """Sums and row gathers over a Lightning strategy's process group."""
-
-    def __init__(self, strategy: Any) -> None:
-        self._strategy = strategy
-        self.rank = int(strategy.global_rank)
-        self.world_size = int(strategy.world_size)
-
-    def sum(self, tensor: Tensor) -> Tensor:
-        return self._strategy.reduce(tensor.contiguous(), reduce_op="sum")
-
-    def gather_rows(self, tensor: Tensor) -> Tensor:
-        counts = self._strategy.all_gather(torch.tensor([tensor.shape[0]], device=tensor.device)).reshape(-1)
-        longest = int(counts.max())
-        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-        padded[: tensor.shape[0]] = tensor
-        gathered = self._strategy.all_gather(padded.contiguous())
-        return torch.cat([gathered[rank, : int(count)] for rank, count in enumerate(counts.tolist())])
-
-
-def _parse_references(reference: Any) -> list[_Reference]:
-    """Normalise the ``reference`` argument (names, modules, paths, tensors, or a dict of named ones)."""
-    if isinstance(reference, (str, nn.Module, Tensor, Path)):
-        items: list[tuple[str | None, Any]] = [(None, reference)]
-    elif isinstance(reference, Mapping):
-        items = [(str(name), value) for name, value in reference.items()]
-    elif isinstance(reference, Sequence):
-        items = []
-        for item in reference:
-            items.extend(
-                (name, value) for name, value in (item.items() if isinstance(item, Mapping) else [(None, item)])
-            )
-    else:
-        raise TypeError(
-            "reference must be a name, a module, a checkpoint path, a tensor, or a list or dict of them; got"
-            f" {type(reference).__name__}"
-        )
-    parsed: list[_Reference] = []
-    for name, value in items:
-        if isinstance(value, str) and value in _TIME_REFERENCES and name is None:
-            parsed.append(_Reference(value, value))
-            continue
-        kind = "module" if isinstance(value, nn.Module) else "tensor" if isinstance(value, Tensor) else None
-        if kind is None and isinstance(value, (str, Path)):
-            kind = "checkpoint"
-        if kind is None:
-            raise TypeError(
-                f"reference {value!r}: expected 'previous', 'initial', 'final', an nn.Module, a checkpoint path or a"
-                " tensor"
-            )
-        if kind == "tensor" and value.ndim < 1:
-            raise ValueError("a tensor reference needs one row per probe sample")
-        parsed.append(_Reference(name or "reference", kind, value.detach().cpu() if kind == "tensor" else value))
-    names = [ref.name for ref in parsed]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise ValueError(f"reference names must be unique, got {duplicates} twice; name fixed references with a dict")
-    for ref in parsed:
-        if ref.fixed and (ref.name in _RESERVED_NAMES or ref.name.isdigit() or ref.name.startswith("lag")):
-            raise ValueError(
-                f"{ref.name!r} cannot name a fixed reference: it is reserved for {_RESERVED_NAMES} and epochs"
-            )
-        if "/" in ref.name or "@" in ref.name:
-            raise ValueError(f"reference name {ref.name!r} may not contain '/' or '@' (it is part of tags and keys)")
-    if not parsed:
-        raise ValueError("reference is empty: give at least one of 'previous', 'initial', 'final' or a fixed reference")
-    return parsed
-
-
-def _check_reference_layers(reference: _Reference, layers: Sequence[str]) -> None:
-    known = {name for name, _ in reference.source.named_modules()}
-    missing = [layer for layer in layers if layer not in known]
-    if missing:
-        raise ValueError(
-            f"reference {reference.name!r} ({type(reference.source).__name__}) has no modules named {missing}; layers"
-            " are matched by name, so give a reference with the same structure (e.g. a copy of the model before"
-            " fine-tuning, or a checkpoint of it)"
-        )
-
-
-@contextlib.contextmanager
-def _reference_model(reference: _Reference, pl_module: nn.Module) -> Iterator[nn.Module]:
-    """The model to probe for a fixed reference.
-
-    A module reference runs on the model's device (and goes back afterwards); a checkpoint reference is the model
-    itself with the checkpoint's weights loaded for the duration, restored bit for bit afterwards.
-    """
-    device = _device_of(pl_module)
-    if reference.kind == "module":
-        module: nn.Module = reference.source
-        original = next((p.device for p in module.parameters()), device)
-        module.to(device)
-        try:
-            yield module
-        finally:
-            module.to(original)
-        return
-    weights = _load_checkpoint_weights(reference)
-    saved = {name: value.detach().clone() for name, value in pl_module.state_dict().items()}
-    _load_reference_weights(pl_module, weights, reference)
-    try:
-        yield pl_module
-    finally:
-        pl_module.load_state_dict(saved)
-
-
-def _load_checkpoint_weights(reference: _Reference) -> dict[str, Tensor]:
-    try:
-        checkpoint = torch.load(reference.source, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(
-            f"reference {reference.name!r}: cannot load {reference.source} with weights_only=True ({error}). Save"
-            " the weights alone (torch.save(model.state_dict(), path)) or pass the module itself"
-        ) from error
-    weights = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
-    if not isinstance(weights, Mapping) or not all(isinstance(v, Tensor) for v in weights.values()):
-        raise ValueError(f"reference {reference.name!r}: {reference.source} holds no state_dict of tensors")
-    return dict(weights)
-
-
-def _load_reference_weights(pl_module: nn.Module, weights: Mapping[str, Tensor], reference: _Reference) -> None:
-    own = pl_module.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    mismatched = [
-        f"{k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in weights and weights[k].shape != own[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"reference {reference.name!r} ({reference.source}) does not match the model: missing keys {missing[:8]},"
-            f" unexpected keys {unexpected[:8]}, shape mismatches {mismatched[:8]}. A checkpoint reference must come"
-            " from the same architecture"
-        )
-    pl_module.load_state_dict(weights)
-
-
-@contextlib.contextmanager
-def _buffers_from_rank_zero(model: nn.Module, collective: Collective) -> Iterator[None]:
-    """Under a sharded probe, use rank 0's buffers (BatchNorm statistics) for the probe, then restore our own."""
-    if collective.world_size < 2 or not dist.is_available() or not dist.is_initialized():
-        yield
-        return
-    buffers = list(model.buffers())
-    saved = [buffer.detach().clone() for buffer in buffers]
-    for buffer in buffers:
-        dist.broadcast(buffer.data, src=0)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in zip(buffers, saved, strict=True):
-                buffer.copy_(value)
-
-
 def _default_probe_loader(trainer: Any) -> Any:
     """The validation dataloader if there is one, else the training one (unwrapped, as the user defined it)."""
     val_source = trainer.fit_loop.epoch_loop.val_loop._data_source
@@ -995,17 +823,6 @@ def _is_last_batch(trainer: Any, batch_idx: int) -> bool:
         return True
     progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
     return bool(getattr(progress, "is_last_batch", False))
-
-
-def _shard(size: int, collective: Collective) -> tuple[int, int]:
-    return size * collective.rank // collective.world_size, size * (collective.rank + 1) // collective.world_size
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    device = getattr(module, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
 def _values(rows: Sequence[Mapping[str, Any]], reference: str | None, metric: str) -> dict[str, float]:

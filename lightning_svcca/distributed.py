@@ -1,0 +1,60 @@
+"""Running the probe across DDP processes: sharding, collectives over the Lightning strategy, shared buffers."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_svcca.snapshots import Collective
+
+__all__ = ["StrategyCollective", "buffers_from_rank_zero", "shard"]
+
+
+class StrategyCollective:
+    """Sums and row gathers over a Lightning strategy's process group."""
+
+    def __init__(self, strategy: Any) -> None:
+        self._strategy = strategy
+        self.rank = int(strategy.global_rank)
+        self.world_size = int(strategy.world_size)
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """All-reduce (sum) through the strategy."""
+        return self._strategy.reduce(tensor.contiguous(), reduce_op="sum")
+
+    def gather_rows(self, tensor: Tensor) -> Tensor:
+        """Every process's rows in rank order; shorter shards are padded for the all-gather, then trimmed."""
+        counts = self._strategy.all_gather(torch.tensor([tensor.shape[0]], device=tensor.device)).reshape(-1)
+        longest = int(counts.max())
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        gathered = self._strategy.all_gather(padded.contiguous())
+        return torch.cat([gathered[rank, : int(count)] for rank, count in enumerate(counts.tolist())])
+
+
+@contextlib.contextmanager
+def buffers_from_rank_zero(model: nn.Module, collective: Collective) -> Iterator[None]:
+    """Under a sharded probe, use rank 0's buffers (BatchNorm statistics) for the probe, then restore our own."""
+    if collective.world_size < 2 or not dist.is_available() or not dist.is_initialized():
+        yield
+        return
+    buffers = list(model.buffers())
+    saved = [buffer.detach().clone() for buffer in buffers]
+    for buffer in buffers:
+        dist.broadcast(buffer.data, src=0)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved, strict=True):
+                buffer.copy_(value)
+
+
+def shard(size: int, collective: Collective) -> tuple[int, int]:
+    """This process's contiguous range ``[start, stop)`` of ``size`` probe samples."""
+    return size * collective.rank // collective.world_size, size * (collective.rank + 1) // collective.world_size

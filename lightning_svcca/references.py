@@ -1,0 +1,166 @@
+"""References: what a layer is compared with, and how fixed references are turned into activations.
+
+A reference is a point in time of the same model (``"previous"``, ``"initial"``, ``"final"``, or a lag used by a
+freeze policy) or something fixed: a model (``nn.Module``), a checkpoint path (the model itself with the
+checkpoint's weights), or a tensor of features aligned with the probe's samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_svcca.reporting import LAYER_FACTS
+
+__all__ = ["TIME_REFERENCES", "Reference", "check_reference_layers", "device_of", "parse_references", "reference_model"]
+
+TIME_REFERENCES = ("previous", "initial", "final")
+RESERVED_NAMES = (*TIME_REFERENCES, *LAYER_FACTS, "heatmap")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One reference: a point in time of the same model, or something fixed (a model, a checkpoint, features)."""
+
+    name: str
+    kind: str  # "previous", "initial", "final", "lag", "module", "checkpoint" or "tensor"
+    source: Any = None
+    lag: int = 0
+
+    @property
+    def fixed(self) -> bool:
+        """A model, checkpoint or tensor rather than a point in the run's own time."""
+        return self.kind in ("module", "checkpoint", "tensor")
+
+
+def parse_references(reference: Any) -> list[Reference]:
+    """Normalise the ``reference`` argument (names, modules, paths, tensors, or a dict of named ones)."""
+    if isinstance(reference, (str, nn.Module, Tensor, Path)):
+        items: list[tuple[str | None, Any]] = [(None, reference)]
+    elif isinstance(reference, Mapping):
+        items = [(str(name), value) for name, value in reference.items()]
+    elif isinstance(reference, Sequence):
+        items = []
+        for item in reference:
+            items.extend(
+                (name, value) for name, value in (item.items() if isinstance(item, Mapping) else [(None, item)])
+            )
+    else:
+        raise TypeError(
+            "reference must be a name, a module, a checkpoint path, a tensor, or a list or dict of them; got"
+            f" {type(reference).__name__}"
+        )
+    parsed: list[Reference] = []
+    for name, value in items:
+        if isinstance(value, str) and value in TIME_REFERENCES and name is None:
+            parsed.append(Reference(value, value))
+            continue
+        kind = "module" if isinstance(value, nn.Module) else "tensor" if isinstance(value, Tensor) else None
+        if kind is None and isinstance(value, (str, Path)):
+            kind = "checkpoint"
+        if kind is None:
+            raise TypeError(
+                f"reference {value!r}: expected 'previous', 'initial', 'final', an nn.Module, a checkpoint path or a"
+                " tensor"
+            )
+        if kind == "tensor" and value.ndim < 1:
+            raise ValueError("a tensor reference needs one row per probe sample")
+        parsed.append(Reference(name or "reference", kind, value.detach().cpu() if kind == "tensor" else value))
+    names = [ref.name for ref in parsed]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"reference names must be unique, got {duplicates} twice; name fixed references with a dict")
+    for ref in parsed:
+        if ref.fixed and (ref.name in RESERVED_NAMES or ref.name.isdigit() or ref.name.startswith("lag")):
+            raise ValueError(
+                f"{ref.name!r} cannot name a fixed reference: it is reserved for {RESERVED_NAMES} and epochs"
+            )
+        if "/" in ref.name or "@" in ref.name:
+            raise ValueError(f"reference name {ref.name!r} may not contain '/' or '@' (it is part of tags and keys)")
+    if not parsed:
+        raise ValueError("reference is empty: give at least one of 'previous', 'initial', 'final' or a fixed reference")
+    return parsed
+
+
+def check_reference_layers(reference: Reference, layers: Sequence[str]) -> None:
+    """Raise unless a module reference has every monitored layer (matched by name)."""
+    known = {name for name, _ in reference.source.named_modules()}
+    missing = [layer for layer in layers if layer not in known]
+    if missing:
+        raise ValueError(
+            f"reference {reference.name!r} ({type(reference.source).__name__}) has no modules named {missing}; layers"
+            " are matched by name, so give a reference with the same structure (e.g. a copy of the model before"
+            " fine-tuning, or a checkpoint of it)"
+        )
+
+
+@contextlib.contextmanager
+def reference_model(reference: Reference, pl_module: nn.Module) -> Iterator[nn.Module]:
+    """The model to probe for a fixed reference.
+
+    A module reference runs on the model's device (and goes back afterwards); a checkpoint reference is the model
+    itself with the checkpoint's weights loaded for the duration, restored bit for bit afterwards.
+    """
+    device = device_of(pl_module)
+    if reference.kind == "module":
+        module: nn.Module = reference.source
+        original = next((p.device for p in module.parameters()), device)
+        module.to(device)
+        try:
+            yield module
+        finally:
+            module.to(original)
+        return
+    weights = _load_checkpoint_weights(reference)
+    saved = {name: value.detach().clone() for name, value in pl_module.state_dict().items()}
+    _load_reference_weights(pl_module, weights, reference)
+    try:
+        yield pl_module
+    finally:
+        pl_module.load_state_dict(saved)
+
+
+def _load_checkpoint_weights(reference: Reference) -> dict[str, Tensor]:
+    try:
+        checkpoint = torch.load(reference.source, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(
+            f"reference {reference.name!r}: cannot load {reference.source} with weights_only=True ({error}). Save"
+            " the weights alone (torch.save(model.state_dict(), path)) or pass the module itself"
+        ) from error
+    weights = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(weights, Mapping) or not all(isinstance(v, Tensor) for v in weights.values()):
+        raise ValueError(f"reference {reference.name!r}: {reference.source} holds no state_dict of tensors")
+    return dict(weights)
+
+
+def _load_reference_weights(pl_module: nn.Module, weights: Mapping[str, Tensor], reference: Reference) -> None:
+    own = pl_module.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    mismatched = [
+        f"{k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in weights and weights[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"reference {reference.name!r} ({reference.source}) does not match the model: missing keys {missing[:8]},"
+            f" unexpected keys {unexpected[:8]}, shape mismatches {mismatched[:8]}. A checkpoint reference must come"
+            " from the same architecture"
+        )
+    pl_module.load_state_dict(weights)
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """The device a module computes on (a LightningModule's ``device``, else its first parameter's)."""
+    device = getattr(module, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next((p.device for p in module.parameters()), torch.device("cpu"))

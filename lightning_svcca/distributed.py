@@ -29,12 +29,14 @@ class StrategyCollective:
 
     def gather_rows(self, tensor: Tensor) -> Tensor:
         """Every process's rows in rank order; shorter shards are padded for the all-gather, then trimmed."""
-        counts = self._strategy.all_gather(torch.tensor([tensor.shape[0]], device=tensor.device)).reshape(-1)
-        longest = int(counts.max())
+        counts = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(self.world_size)]
+        dist.all_gather(counts, torch.tensor([tensor.shape[0]], device=tensor.device))
+        longest = int(max(count.item() for count in counts))
         padded = tensor.new_zeros((longest, *tensor.shape[1:]))
         padded[: tensor.shape[0]] = tensor
-        gathered = self._strategy.all_gather(padded.contiguous())
-        return torch.cat([gathered[rank, : int(count)] for rank, count in enumerate(counts.tolist())])
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(gathered, padded)
+        return torch.cat([part[: int(count.item())] for part, count in zip(gathered, counts, strict=True)])
 
 
 @contextlib.contextmanager

@@ -151,7 +151,7 @@ class FreezePolicy:
             planned = self.freeze_epochs(layers, max_epochs)
             for layer in layers:
                 if layer not in frozen and layer in planned and epoch >= planned[layer] and epoch >= self.min_epochs:
-                    ready[layer] = f"{self.mode} schedule: epoch {planned[layer]}"
+                    ready[layer] = f"scheduled for epoch {planned[layer]} ({self.mode} schedule)"
         return self._admissible(layers, frozen, ready)
 
     def _admissible(

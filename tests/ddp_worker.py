@@ -1,0 +1,82 @@
+"""A 2-process CPU (gloo) DDP run of SVCCACallback, launched by the tests as a subprocess.
+
+Usage: python tests/ddp_worker.py SCENARIO OUT_DIR [--devices N] [--resume CKPT]
+
+Each process writes ``rank{r}.json`` to OUT_DIR: frozen layers, history, requires_grad flags and a checksum of
+every parameter, so the test can check that ranks agree and that frozen weights did not move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from digits_models import DigitsCNN, digits_tensors  # noqa: E402
+
+from lightning_svcca import FreezePolicy, SVCCACallback  # noqa: E402
+
+LAYERS = ["relu1", "relu2", "relu3", "fc2"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scenario", choices=["freeze", "measure"])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--shard", type=int, default=1)
+    args = parser.parse_args()
+    pl.seed_everything(0, verbose=False)
+    (x_train, y_train), (x_probe, _), _ = digits_tensors()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_train, y_train), batch_size=64, shuffle=True)
+    freeze = FreezePolicy(mode="schedule", schedule={"relu1": 1, "relu2": 2}) if args.scenario == "freeze" else None
+    callback = SVCCACallback(
+        probe=x_probe,
+        layers=LAYERS,
+        reference=["previous", "initial", "final", {"pixels": x_probe.flatten(1)}],
+        metrics=["svcca", "pwcca", "linear_cka"],
+        freeze=freeze,
+        shard_probe=bool(args.shard),
+    )
+    checkpoints = ModelCheckpoint(dirpath=args.out / "checkpoints", save_top_k=-1, every_n_epochs=1)
+    trainer = pl.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        default_root_dir=args.out,
+        callbacks=[callback, checkpoints],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_train_batches=6,
+    )
+    model = DigitsCNN()
+    trainer.fit(model, loader, ckpt_path=args.resume)
+    result = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "frozen": callback.frozen,
+        "history": callback.history,
+        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "checksums": {name: float(p.detach().double().sum()) for name, p in model.named_parameters()},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    if trainer.global_rank == 0:
+        torch.save(model.state_dict(), args.out / "final_weights.pt")
+    os.environ.pop("LOCAL_RANK", None)
+
+
+if __name__ == "__main__":
+    main()

@@ -280,7 +280,7 @@ class _SVCCACallbackCore:
                 trainer,
             )
         if self._freezer.parameters:
-            self._freezer.apply(pl_module)
+            self._freezer.apply(pl_module, norms=False)
             if self._freezer.hard:
                 rebuild_ddp_wrapper(trainer.strategy)
 

@@ -255,8 +255,12 @@ class Freezer:
         self.norm_modules[layer] = list(block.norm_modules)
         self.apply(model)
 
-    def apply(self, model: nn.Module) -> None:
-        """(Re-)apply every freeze: after a resume, and whenever ``model.train()`` may have undone eval mode."""
+    def apply(self, model: nn.Module, *, norms: bool = True) -> None:
+        """(Re-)apply every freeze: after a freeze and after a resume.
+
+        ``norms=False`` leaves BatchNorm modes alone (the callback restores eval mode at each batch start, and
+        switching before the fit loop starts makes Lightning warn about modules in eval mode).
+        """
         named = dict(model.named_parameters())
         for names in self.parameters.values():
             for name in names:
@@ -266,7 +270,8 @@ class Freezer:
                 if self.hard:
                     parameter.requires_grad_(False)
                 parameter.grad = None
-        self.keep_norms_in_eval(model)
+        if norms:
+            self.keep_norms_in_eval(model)
 
     def keep_norms_in_eval(self, model: nn.Module) -> None:
         """Put frozen BatchNorm-style modules back in eval mode (Lightning calls ``model.train()`` each epoch)."""

@@ -1,0 +1,283 @@
+"""Freeze training: the policy's decisions, what a freeze covers, and that frozen layers really stay frozen."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from digits_models import DigitsCNN, digits_tensors
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import nn
+
+from lightning_svcca import FreezePolicy, SVCCACallback
+from lightning_svcca.freezing import Freezer, freeze_blocks
+
+LAYERS = ["relu1", "relu2", "relu3", "fc2"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The policy, without a Trainer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "similarities", "expected"),
+    [
+        # bottom-up: relu2 has converged but relu1 below it has not, so nothing freezes
+        (FreezePolicy(threshold=0.9), {"a": 0.5, "b": 0.95, "c": 0.95}, []),
+        (FreezePolicy(threshold=0.9), {"a": 0.95, "b": 0.95, "c": 0.5}, ["a", "b"]),
+        # any order: every converged layer below the kept top
+        (FreezePolicy(threshold=0.9, order="any"), {"a": 0.5, "b": 0.95, "c": 0.95}, ["b", "c"]),
+        # keep_last=2 protects the two top layers
+        (FreezePolicy(threshold=0.9, keep_last=2), {"a": 0.95, "b": 0.95, "c": 0.95}, ["a", "b"]),
+        # max_frozen bounds the count
+        (FreezePolicy(threshold=0.9, max_frozen=1), {"a": 0.95, "b": 0.95, "c": 0.95}, ["a"]),
+        # min_epochs: too early
+        (FreezePolicy(threshold=0.9, min_epochs=11), {"a": 0.95, "b": 0.95, "c": 0.95}, []),
+    ],
+)
+def test_convergence_decisions(policy, similarities, expected):
+    decisions = policy.decide(10, ["a", "b", "c", "d"], {}, {}, similarities)
+    assert [decision.layer for decision in decisions] == expected
+    assert all("0.95" in decision.reason for decision in decisions)
+
+
+def test_patience_counts_consecutive_measurements():
+    policy = FreezePolicy(threshold=0.9, patience=2, keep_last=0)
+    streaks: dict[str, int] = {}
+    assert policy.decide(5, ["a"], {}, streaks, {"a": 0.95}) == []
+    assert policy.decide(6, ["a"], {}, streaks, {"a": 0.5}) == []  # streak broken
+    assert policy.decide(7, ["a"], {}, streaks, {"a": 0.95}) == []
+    assert [d.layer for d in policy.decide(8, ["a"], {}, streaks, {"a": 0.95})] == ["a"]
+
+
+def test_noise_aware_judges_the_excess_over_the_shuffled_baseline():
+    policy = FreezePolicy(threshold=0.9, noise_aware=True, keep_last=0)
+    # 0.95 looks converged, but with a baseline of 0.8 it is only (0.95 - 0.8) / 0.2 = 0.75 of the way
+    assert policy.decide(5, ["a"], {}, {}, {"a": 0.95}, {"a": 0.8}) == []
+    assert [d.layer for d in policy.decide(5, ["a"], {}, {}, {"a": 0.99}, {"a": 0.8})] == ["a"]
+
+
+def test_linear_schedule_places_layer_i_at_i_over_l_of_training():
+    policy = FreezePolicy(mode="linear", keep_last=0)
+    assert policy.freeze_epochs(["a", "b", "c", "d"], 20) == {"a": 5, "b": 10, "c": 15, "d": 20}
+    assert [d.layer for d in policy.decide(10, ["a", "b", "c", "d"], {}, {}, {}, max_epochs=20)] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mode": "sometimes"}, "mode must be one of"),
+        ({"metric": "cosine"}, "metric must be one of"),
+        ({"threshold": 1.5}, r"threshold must be in \(0, 1\]"),
+        ({"lag": 0}, "lag must be >= 1"),
+        ({"order": "top_down"}, "order must be one of"),
+        ({"mode": "schedule"}, "needs schedule="),
+        ({"schedule": {"a": 1}}, "only used with mode='schedule'"),
+    ],
+)
+def test_policy_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FreezePolicy(**kwargs)
+
+
+def test_callback_checks_the_policy_against_its_cadence():
+    with pytest.raises(ValueError, match="multiple of every_n_epochs"):
+        SVCCACallback(probe=torch.zeros(4, 3), freeze=FreezePolicy(lag=3), every_n_epochs=2)
+    with pytest.raises(ValueError, match="noise_aware=True\\) needs the shuffled baseline"):
+        SVCCACallback(probe=torch.zeros(4, 3), freeze=FreezePolicy(noise_aware=True), baseline=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a freeze covers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act1 = nn.Linear(4, 4), nn.ReLU()
+        self.fc2, self.act2 = nn.Linear(4, 4), nn.ReLU()
+        self.head = nn.Linear(4, 2)
+        self.unused = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = self.act1(self.fc1(x))
+        x = self.act2(self.fc2(self.fc1(x)))  # fc1 runs again in act2's block
+        return self.head(x)
+
+
+def test_blocks_follow_the_forward_pass():
+    model = DigitsCNN()
+    completion = ["conv1", "bn1", "relu1", "conv2", "bn2", "relu2", "pool", "fc1", "relu3", "fc2", ""]
+    blocks = freeze_blocks(completion, ["relu1", "relu3"], model)
+    # a monitored ReLU freezes the conv and BatchNorm before it; the next block starts after it
+    assert blocks["relu1"].parameters == ["conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias"]
+    assert blocks["relu1"].norm_modules == ["bn1"]
+    assert blocks["relu3"].parameters == [
+        "conv2.weight",
+        "conv2.bias",
+        "bn2.weight",
+        "bn2.bias",
+        "fc1.weight",
+        "fc1.bias",
+    ]
+    # fc2 runs after the last monitored layer: never frozen
+    assert all("fc2" not in name for block in blocks.values() for name in block.parameters)
+
+
+def test_shared_weights_belong_to_the_last_block_and_unused_weights_to_none():
+    model = _Shared()
+    completion = ["fc1", "act1", "fc1", "fc2", "act2", "head"]
+    blocks = freeze_blocks(completion, ["act1", "act2"], model)
+    assert blocks["act1"].parameters == []
+    assert sorted(blocks["act2"].parameters) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+    assert all("unused" not in name for block in blocks.values() for name in block.parameters)
+
+
+def test_freezer_turns_gradients_off_and_keeps_batchnorm_in_eval():
+    model = DigitsCNN()
+    blocks = freeze_blocks(["conv1", "bn1", "relu1"], ["relu1"], model)
+    model.conv1.weight.grad = torch.ones_like(model.conv1.weight)
+    freezer = Freezer()
+    freezer.freeze(model, "relu1", blocks["relu1"])
+    assert model.conv1.weight.grad is None and not model.conv1.weight.requires_grad
+    assert not model.bn1.training
+    model.train()  # what Lightning does at every epoch start
+    freezer.keep_norms_in_eval(model)
+    assert not model.bn1.training and model.bn2.training
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real training runs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Recorder(pl.Callback):
+    """Snapshots parameters and BatchNorm statistics right after the freeze, and watches gradients."""
+
+    def __init__(self, freeze_epoch: int):
+        self.freeze_epoch = freeze_epoch
+        self.after_freeze: dict[str, torch.Tensor] | None = None
+        self.gradients_seen: set[str] = set()
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.freeze_epoch:
+            self.after_freeze = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.current_epoch >= self.freeze_epoch:
+            self.gradients_seen |= {name for name, p in pl_module.named_parameters() if p.grad is not None}
+
+
+def _fit(tmp_path, model, policy, *, epochs=4, callbacks=(), ckpt_path=None, **trainer_kwargs):
+    (x_train, y_train), (x_probe, _), _ = digits_tensors()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_train, y_train), batch_size=64, shuffle=True)
+    callback = SVCCACallback(probe=x_probe, layers=LAYERS, reference=["previous"], freeze=policy)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        callbacks=[callback, *callbacks],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        limit_train_batches=8,
+        **trainer_kwargs,
+    )
+    trainer.fit(model, loader, ckpt_path=ckpt_path)
+    return callback, trainer
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_frozen_parameters_never_change_bit_for_bit(tmp_path, optimizer, set_to_none):
+    """SGD with momentum and weight decay, AdamW with weight decay, either zero_grad: frozen weights stay put."""
+    pl.seed_everything(0, verbose=False)
+    model = DigitsCNN(optimizer=optimizer, set_to_none=set_to_none)
+    recorder = _Recorder(freeze_epoch=1)
+    callback, _ = _fit(tmp_path, model, FreezePolicy(mode="schedule", schedule={"relu1": 1}), callbacks=[recorder])
+    assert callback.frozen == {"relu1": 1}
+    final = model.state_dict()
+    for name in ("conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var"):
+        assert torch.equal(final[name], recorder.after_freeze[name]), name
+    # the layers above kept training
+    assert not torch.equal(final["fc1.weight"], recorder.after_freeze["fc1.weight"])
+    assert not torch.equal(final["bn2.running_mean"], recorder.after_freeze["bn2.running_mean"])
+    # autograd skipped them: no gradient was ever computed for a frozen parameter
+    assert recorder.gradients_seen.isdisjoint({"conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias"})
+    assert "fc1.weight" in recorder.gradients_seen
+
+
+def test_convergence_freezing_is_bottom_up_and_reported(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    # threshold 0.5 at lag 1: everything "converges" at once, so the order rule alone decides what freezes
+    policy = FreezePolicy(lag=1, threshold=0.5, keep_last=2)
+    callback, _ = _fit(tmp_path, DigitsCNN(), policy, epochs=3)
+    assert callback.frozen == {"relu1": 1, "relu2": 1}
+    frozen_rows = [r for r in callback.history if r["reference"] == "frozen"]
+    assert {(r["epoch"], r["layer"]) for r in frozen_rows if r["value"] == 1.0} == {
+        (epoch, layer) for epoch in (1, 2, 3) for layer in ("relu1", "relu2")
+    }
+    assert {r["value"] for r in frozen_rows if r["layer"] == "relu3"} == {0.0}
+
+
+def test_soft_freeze_keeps_parameters_fixed_where_requires_grad_cannot_change(tmp_path, monkeypatch):
+    monkeypatch.setattr("lightning_svcca.callback.is_hard_freeze_supported", lambda strategy: False)
+    pl.seed_everything(0, verbose=False)
+    model = DigitsCNN()
+    recorder = _Recorder(freeze_epoch=1)
+    with pytest.warns(UserWarning, match="no compute is\\s+saved"):
+        _fit(tmp_path, model, FreezePolicy(mode="schedule", schedule={"relu1": 1}), callbacks=[recorder])
+    assert model.conv1.weight.requires_grad  # soft: gradients are computed, then dropped
+    assert torch.equal(model.conv1.weight, recorder.after_freeze["conv1.weight"])
+
+
+def test_resume_keeps_frozen_layers_frozen_and_history_complete(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    policy = FreezePolicy(mode="schedule", schedule={"relu1": 1, "relu2": 2})
+    first_model = DigitsCNN()
+    first, _ = _fit(tmp_path / "a", first_model, policy, epochs=3, callbacks=[checkpoints])
+    weights_at_freeze = first_model.conv1.weight.detach().clone()
+
+    # a freeze decided in the epoch that a checkpoint is saved is in that checkpoint
+    saved = torch.load(tmp_path / "ckpt" / "epoch=1-step=16.ckpt", weights_only=False)
+    state = next(v for k, v in saved["callbacks"].items() if k.startswith("SVCCACallback"))
+    assert state["frozen"] == {"relu1": 1, "relu2": 2}
+    assert any(name.startswith("conv2") for name in state["freezer"]["parameters"]["relu2"])
+
+    resumed_model = DigitsCNN()
+    resumed, trainer = _fit(
+        tmp_path / "b",
+        resumed_model,
+        policy,
+        epochs=5,
+        ckpt_path=tmp_path / "ckpt" / "epoch=1-step=16.ckpt",
+    )
+    assert resumed.frozen == {"relu1": 1, "relu2": 2}
+    assert not resumed_model.conv1.weight.requires_grad and not resumed_model.conv2.weight.requires_grad
+    assert torch.equal(resumed_model.conv1.weight, weights_at_freeze)
+    keys = [(r["epoch"], r["layer"], r["reference"], r["metric"]) for r in resumed.history]
+    assert len(keys) == len(set(keys))
+    assert sorted({r["epoch"] for r in resumed.history}) == [0, 1, 2, 3, 4, 5]
+    # the restored history is the first run's, row for row, up to the checkpoint
+    restored = [r for r in resumed.history if r["epoch"] <= 2]
+    assert restored == [r for r in first.history if r["epoch"] <= 2]
+    assert trainer.current_epoch == 5
+
+
+def test_frozen_state_is_plain_and_round_trips(tmp_path):
+    callback = SVCCACallback(probe=torch.zeros(4, 1, 8, 8), layers=LAYERS, freeze=FreezePolicy(lag=1))
+    callback.frozen = {"relu1": 3}
+    callback._streaks = {"relu1": 2}
+    callback._freezer.parameters = {"relu1": ["conv1.weight"]}
+    state = copy.deepcopy(callback.state_dict())
+    other = SVCCACallback(probe=torch.zeros(4, 1, 8, 8), layers=LAYERS, freeze=FreezePolicy(lag=1))
+    other.load_state_dict(state)
+    assert other.frozen == {"relu1": 3} and other._streaks == {"relu1": 2}
+    assert other._freezer.parameters == {"relu1": ["conv1.weight"]}
+    # older checkpoints without the newer keys still load
+    SVCCACallback(probe=torch.zeros(4, 1, 8, 8), layers=LAYERS).load_state_dict({"history": []})

@@ -63,8 +63,7 @@ from lightning_svcca.snapshots import (
     Snapshot,
     SnapshotStore,
     build_snapshot,
-    cross_products,
-    measure,
+    evaluate,
     pair_for,
 )
 
@@ -627,23 +626,17 @@ class _SVCCACallbackCore:
         return rows
 
     def _evaluate(self, trainer: Any, jobs: Sequence[tuple[dict[str, Any], str, Pair]]) -> list[dict[str, Any]]:
-        """Compute the cross products of all jobs in one collective (equal pairs once), then each measure."""
-        unique: dict[tuple[int, int, int, int, bool], int] = {}
-        pairs: list[Pair] = []
-        for _, _, pair in jobs:
-            key = (id(pair.a), id(pair.b), pair.kept_a, pair.kept_b, pair.shuffle is not None)
-            if key not in unique:
-                unique[key] = len(pairs)
-                pairs.append(pair)
+        """Fill in the value of each job's row (rows whose value is not finite are dropped)."""
         device = device_of(trainer.lightning_module)
-        products = cross_products(pairs, self._collective(trainer), device=device, dtype=self.compute_dtype)
-        rows = []
-        for row, metric, pair in jobs:
-            key = (id(pair.a), id(pair.b), pair.kept_a, pair.kept_b, pair.shuffle is not None)
-            value = measure(metric, pair, products[unique[key]])
-            if math.isfinite(value):
-                rows.append({**row, "value": value})
-        return rows
+        values = evaluate(
+            [(metric, pair) for _, metric, pair in jobs],
+            self._collective(trainer),
+            device=device,
+            dtype=self.compute_dtype,
+        )
+        return [
+            {**row, "value": value} for (row, _, _), value in zip(jobs, values, strict=True) if math.isfinite(value)
+        ]
 
     def _reference_snapshot(self, reference: Reference, layer: str, epoch: int) -> Snapshot | None:
         """The snapshot a layer is compared with at ``epoch``, or ``None`` when there is none (yet)."""

@@ -48,6 +48,7 @@ __all__ = [
     "SnapshotStore",
     "build_snapshot",
     "cross_products",
+    "evaluate",
     "measure",
 ]
 
@@ -295,6 +296,34 @@ def _spectrum(snapshot: Snapshot, like: Tensor) -> Decomposition:
     right = None if snapshot.right is None else snapshot.right.to(device=like.device, dtype=like.dtype)
     singular_values = snapshot.singular_values.to(device=like.device, dtype=like.dtype)
     return Decomposition(singular_values, right, None, None, snapshot.n_datapoints, snapshot.n_features)
+
+
+def evaluate(
+    jobs: Sequence[tuple[str, Pair]],
+    collective: Collective,
+    *,
+    device: torch.device,
+    dtype: torch.dtype = torch.float64,
+) -> list[float]:
+    """The value of each ``(metric, pair)``: every distinct cross product once, all in one collective.
+
+    This is how a snapshot is compared with many references at once, and how the "final" pass compares every
+    stored epoch with the last one: no decomposition is recomputed, and metrics that need the same directions
+    (cca, pwcca, linear_cka) share one product.
+    """
+    slots: dict[tuple[int, int, int, int, int], int] = {}
+    pairs: list[Pair] = []
+    for _, pair in jobs:
+        key = _pair_key(pair)
+        if key not in slots:
+            slots[key] = len(pairs)
+            pairs.append(pair)
+    products = cross_products(pairs, collective, device=device, dtype=dtype)
+    return [measure(metric, pair, products[slots[_pair_key(pair)]]) for metric, pair in jobs]
+
+
+def _pair_key(pair: Pair) -> tuple[int, int, int, int, int]:
+    return (id(pair.a), id(pair.b), pair.kept_a, pair.kept_b, id(pair.shuffle))
 
 
 class SnapshotStore:

@@ -1,0 +1,139 @@
+"""Callback overhead: epoch wall time with SVCCACallback over epoch time without it, in one process.
+
+The setting of the issue: a synthetic training set of 20,000 samples, a probe of 1024 samples, 6 monitored
+layers (4 conv, 2 linear), references previous + final (the "final" heatmap is redrawn live every epoch), the
+TensorBoard logger on. Runs without and with the callback alternate (A B A B) so drift of the machine hits
+both; the first epoch of each run (warm-up) is left out and the median epoch time is used. Target: ratio <= 1.05.
+
+Also prints the callback's own cost per measurement and the one-off epoch-0 snapshot at ``on_train_start``.
+Run: ``python benchmarks/overhead.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_svcca import SVCCACallback
+
+LAYERS = ["features.1", "features.3", "features.6", "features.9", "head.2", "head.4"]
+
+
+class SyntheticCNN(pl.LightningModule):
+    """Four conv blocks and two linear layers on 3x16x16 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * 16, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class EpochTimer(pl.Callback):
+    """Wall time of each training epoch (the callback's measurement runs inside it, on the last batch)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.times.append(time.perf_counter() - self._start)
+
+
+class TimedSVCCACallback(SVCCACallback):
+    """Records how long each measurement takes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.measure_seconds: dict[int, float] = {}
+
+    def _measure(self, trainer, pl_module, epoch, **kwargs):
+        start = time.perf_counter()
+        super()._measure(trainer, pl_module, epoch, **kwargs)
+        self.measure_seconds[epoch] = time.perf_counter() - start
+
+
+def run(data: TensorDataset, probe: torch.Tensor, epochs: int, with_callback: bool, root: str):
+    pl.seed_everything(0, verbose=False)
+    timer = EpochTimer()
+    callbacks: list[pl.Callback] = [timer]
+    svcca = None
+    if with_callback:
+        svcca = TimedSVCCACallback(probe=probe, layers=LAYERS, reference=("previous", "final"))
+        callbacks.insert(0, svcca)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        default_root_dir=root,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+    )
+    trainer.fit(SyntheticCNN(), DataLoader(data, batch_size=128, shuffle=True))
+    return timer.times[1:], svcca
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=20000)
+    parser.add_argument("--probe", type=int, default=1024)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="4,000 samples, 3 epochs, 1 repeat")
+    args = parser.parse_args()
+    if args.quick:
+        args.samples, args.epochs, args.repeats = 4000, 3, 1
+    warnings.filterwarnings("ignore")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(args.samples, 3, 16, 16, generator=generator)
+    y = (x[:, 0].mean(dim=(1, 2)) > 0).long() + 2 * (x[:, 1].mean(dim=(1, 2)) > 0).long()
+    probe = torch.randn(args.probe, 3, 16, 16, generator=generator)
+    data = TensorDataset(x, y)
+    without, with_, measures, initial = [], [], [], []
+    with tempfile.TemporaryDirectory() as root:
+        for _ in range(args.repeats):
+            times, _ = run(data, probe, args.epochs, False, root)
+            without += times
+            times, callback = run(data, probe, args.epochs, True, root)
+            with_ += times
+            measures += [seconds for epoch, seconds in callback.measure_seconds.items() if epoch > 1]
+            initial.append(callback.measure_seconds[0])
+    base, monitored = statistics.median(without), statistics.median(with_)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.samples} samples, probe {args.probe}")
+    print(f"  epoch without callback : {base:7.2f} s  (median of {len(without)})")
+    print(f"  epoch with callback    : {monitored:7.2f} s  (median of {len(with_)})")
+    print(f"  overhead ratio         : {monitored / base:7.3f}   (target <= 1.05)")
+    what = "probe pass, 6 snapshots, comparisons, logging"
+    print(f"  one measurement        : {statistics.median(measures):7.2f} s  ({what})")
+    print(f"  epoch-0 snapshot       : {statistics.median(initial):7.2f} s  (once, at on_train_start)")
+
+
+if __name__ == "__main__":
+    main()

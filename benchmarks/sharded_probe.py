@@ -1,0 +1,130 @@
+"""Sharded against unsharded probe under DDP: 2 CPU processes (gloo), one thread each.
+
+With ``shard_probe=True`` (the default) each process runs half of the probe and the Gram statistics are summed
+across processes; with ``shard_probe=False`` every process runs the whole probe. The script starts one DDP run of
+each kind (Lightning's launcher starts the second process), times the probe pass and the whole measurement on
+every rank, and prints the per-rank times and the ratio. Expect the probe pass to take about half as long
+sharded. Run: ``python benchmarks/sharded_probe.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from overhead import LAYERS, SyntheticCNN  # noqa: E402
+
+from lightning_svcca import SVCCACallback  # noqa: E402
+
+
+class TimedCallback(SVCCACallback):
+    """Records the probe-pass and whole-measurement seconds of every measurement."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.record_seconds: list[float] = []
+        self.measure_seconds: list[float] = []
+
+    def _record(self, *args, **kwargs):
+        start = time.perf_counter()
+        recorder = super()._record(*args, **kwargs)
+        self.record_seconds.append(time.perf_counter() - start)
+        return recorder
+
+    def _measure(self, *args, **kwargs):
+        start = time.perf_counter()
+        super()._measure(*args, **kwargs)
+        self.measure_seconds.append(time.perf_counter() - start)
+
+
+def worker(shard: bool, probe_size: int, out: Path) -> None:
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    pl.seed_everything(0, verbose=False)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 3, 16, 16, generator=generator)
+    data = TensorDataset(x, torch.randint(0, 10, (512,), generator=generator))
+    probe = torch.randn(probe_size, 3, 16, 16, generator=generator)
+    callback = TimedCallback(probe=probe, layers=LAYERS, reference=("previous",), shard_probe=shard, baseline=False)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_train_batches=2,
+    )
+    trainer.fit(SyntheticCNN(), DataLoader(data, batch_size=64))
+    result = {"record": callback.record_seconds, "measure": callback.measure_seconds}
+    (out / f"shard{int(shard)}-rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+def launch(shard: bool, probe_size: int, out: Path) -> list[dict]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore"}
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--shard",
+        str(int(shard)),
+        "--probe",
+        str(probe_size),
+        "--out",
+        str(out),
+    ]
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=900)
+    return [json.loads((out / f"shard{int(shard)}-rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--probe", type=int, default=2048)
+    parser.add_argument("--quick", action="store_true", help="a probe of 512 samples")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--shard", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.probe = 512
+    if args.worker:
+        worker(bool(args.shard), args.probe, args.out)
+        return
+    with tempfile.TemporaryDirectory() as root:
+        results = {shard: launch(shard, args.probe, Path(root)) for shard in (False, True)}
+    print(f"torch {torch.__version__}; 2 processes x 1 thread (gloo), probe of {args.probe} samples, 6 layers")
+    print(f"{'':>10} {'rank':>4} {'probe pass':>11} {'measurement':>12}")
+    medians = {}
+    for shard, ranks in results.items():
+        for rank, result in enumerate(ranks):
+            record, measure = statistics.median(result["record"]), statistics.median(result["measure"])
+            medians.setdefault(shard, []).append((record, measure))
+            print(f"{'sharded' if shard else 'unsharded':>10} {rank:>4} {record:>10.3f}s {measure:>11.3f}s")
+    slowest = {shard: (max(r for r, _ in values), max(m for _, m in values)) for shard, values in medians.items()}
+    print(f"  probe pass, sharded / unsharded (slowest rank): {slowest[True][0] / slowest[False][0]:.2f}")
+    print(f"  measurement, sharded / unsharded (slowest rank): {slowest[True][1] / slowest[False][1]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

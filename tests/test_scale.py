@@ -1,0 +1,154 @@
+"""Large layers and long runs: bounded snapshot memory with spill files, capped datapoints, GPU."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from digits_models import DigitsCNN, digits_tensors
+from torch import nn
+
+from lightning_svcca import SVCCACallback
+from lightning_svcca.activations import ActivationRecorder, LayerSpec, probe_share
+from lightning_svcca.probe import build_probe, run_probe
+
+LAYERS = ["relu1", "relu2", "relu3", "fc2"]
+
+
+class _SpillWatcher(pl.Callback):
+    """Remembers whether the store spilled during training and where."""
+
+    def __init__(self, svcca: SVCCACallback):
+        self.svcca = svcca
+        self.spill_dirs: set = set()
+        self.max_held = 0
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.state = self.svcca.state_dict()  # what a checkpoint saved now would hold
+        store = self.svcca._store
+        if store.spill_dir is not None:
+            self.spill_dirs.add(store.spill_dir)
+            assert any(store.spill_dir.iterdir())
+        self.max_held = max(self.max_held, store.memory_bytes)
+
+
+def _fit(tmp_path, max_snapshot_bytes, model=None, epochs=4):
+    pl.seed_everything(0, verbose=False)
+    (x_train, y_train), (x_probe, _), _ = digits_tensors()
+    callback = SVCCACallback(
+        probe=x_probe,
+        layers=LAYERS,
+        reference=["previous", "initial", "final"],
+        metrics=["svcca", "pwcca"],
+        max_snapshot_bytes=max_snapshot_bytes,
+    )
+    watcher = _SpillWatcher(callback)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        default_root_dir=tmp_path,
+        callbacks=[callback, watcher],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        enable_checkpointing=False,
+        limit_train_batches=4,
+    )
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_train, y_train), batch_size=64)
+    trainer.fit(model or DigitsCNN(), loader)
+    return callback, watcher
+
+
+def test_a_small_budget_spills_to_files_and_loses_nothing(tmp_path):
+    unbounded, _ = _fit(tmp_path / "unbounded", None)
+    one_snapshot = max(unbounded._store.get(key).nbytes for key in unbounded._store.keys())
+    bounded, watcher = _fit(tmp_path / "bounded", 2 * one_snapshot)
+    assert watcher.spill_dirs, "nothing was spilled"
+    assert watcher.max_held <= 2 * one_snapshot
+    # the same numbers as without a budget, final reference included
+    assert [(r["epoch"], r["layer"], r["reference"], r["metric"]) for r in bounded.history] == [
+        (r["epoch"], r["layer"], r["reference"], r["metric"]) for r in unbounded.history
+    ]
+    for a, b in zip(bounded.history, unbounded.history, strict=True):
+        assert a["value"] == pytest.approx(b["value"], abs=1e-12)
+    assert {r["epoch"] for r in bounded.history if r["reference"] == "final"} == {0, 1, 2, 3, 4}
+    # spill files are temporary: gone after fit
+    assert all(not path.exists() for path in watcher.spill_dirs)
+
+
+def test_spilled_snapshots_go_into_checkpoints(tmp_path):
+    _, watcher = _fit(tmp_path, 1, epochs=2)
+    state = watcher.state
+    assert {key.rpartition("@")[2] for key in state["snapshots"]} == {"0", "1", "2"}
+    assert all(isinstance(value["left"], torch.Tensor) for value in state["snapshots"].values())
+
+
+class _Exploding(DigitsCNN):
+    def training_step(self, batch, batch_idx):
+        if self.current_epoch == 2:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+def test_spill_files_are_removed_when_fit_fails(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        _fit(tmp_path, 1, model=_Exploding())
+    assert not list(tmp_path.rglob(".svcca_snapshots_*"))
+
+
+class _WideConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.encoder = nn.GRU(16, 24, batch_first=True)
+
+    def forward(self, x):
+        feature_map = self.conv(x)  # (N, 16, 64, 64): 4096 positions per sample
+        return self.encoder(feature_map.flatten(2).transpose(1, 2)[:, :50])
+
+
+def test_capped_datapoints_bound_what_a_layer_keeps():
+    """64 samples x 4096 positions = 262,144 candidate rows; max_datapoints=2048 keeps 32 per sample."""
+    model = _WideConv()
+    probe = build_probe(torch.randn(64, 3, 64, 64), None)
+    specs = [LayerSpec("conv"), LayerSpec("encoder")]
+    share = probe_share(2048, probe.size)
+    recorder = ActivationRecorder(model, specs, per_sample=share)
+    with recorder:
+        run_probe(
+            model,
+            probe,
+            chunk_size=16,
+            device=torch.device("cpu"),
+            before_chunk=lambda first, chunk: recorder.start_chunk(first, None, chunk.shape[0], torch.device("cpu")),
+        )
+    assert share == 32
+    assert recorder.activations["conv"].shape == (2048, 16)
+    assert recorder.activations["encoder"].shape == (2048, 24)  # 50 frames per sample, thinned to 32
+    assert torch.equal(recorder.sample_ids["conv"], torch.arange(64).repeat_interleave(32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compute_dtype", ["float64", "float32"])
+def test_gpu_run_matches_cpu(tmp_path, compute_dtype):
+    (x_train, y_train), (x_probe, _), _ = digits_tensors()
+    results = {}
+    for accelerator in ("cpu", "gpu"):
+        pl.seed_everything(0, verbose=False)
+        callback = SVCCACallback(probe=x_probe, layers=LAYERS, reference=["initial"], compute_dtype=compute_dtype)
+        trainer = pl.Trainer(
+            max_epochs=1,
+            accelerator=accelerator,
+            devices=1,
+            default_root_dir=tmp_path / accelerator,
+            callbacks=[callback],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            limit_train_batches=1,
+        )
+        trainer.fit(DigitsCNN(lr=0.0), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_train, y_train)))
+        # epoch 0 is measured before any training step: the same seeded weights on both devices
+        results[accelerator] = {(r["layer"], r["reference"]): r["value"] for r in callback.history if r["epoch"] == 0}
+    tolerance = 1e-4 if compute_dtype == "float32" else 1e-5
+    for key, value in results["cpu"].items():
+        assert results["gpu"][key] == pytest.approx(value, abs=tolerance), key

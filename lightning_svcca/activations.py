@@ -217,6 +217,11 @@ def reduce_output(
         output = output.transpose(0, 1)
         layout = "channels_last"
     n = output.shape[0]
+    if n != sample_ids.shape[0]:
+        raise ValueError(
+            f"the output has {n} entries along its batch dimension but the chunk holds {sample_ids.shape[0]}"
+            " samples; choose another output or set the layer's layout (e.g. 'time_first' for an RNN's h_n)"
+        )
     if output.ndim == 2:
         return output, sample_ids
     if output.ndim == 1:
@@ -234,7 +239,7 @@ def reduce_output(
         if valid is None:
             return sequence.mean(dim=1), sample_ids
         keep = torch.arange(sequence.shape[1], device=sequence.device)[None, :] < valid[:, None]
-        total = (sequence * keep[..., None]).sum(dim=1)
+        total = torch.where(keep[..., None], sequence, sequence.new_zeros(())).sum(dim=1)
         return total / valid.clamp_min(1)[:, None].to(total.dtype), sample_ids
     return _sample_frames(sequence, sample_ids, per_sample, valid)
 
@@ -265,6 +270,7 @@ class ActivationRecorder:
         self.sample_ids: dict[str, Tensor] = {}
         self.input_eps: dict[str, float] = {}
         self.layouts: dict[str, Layout] = {}
+        self.output_ndim: dict[str, int] = {}
         self.order: list[str] = []
         self.completion: list[str] = []
         self._chunks: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in self.specs}
@@ -325,17 +331,21 @@ class ActivationRecorder:
         tensor = select_output(output, spec.output, spec.name).detach()
         layout = spec.layout or guessed
         self.layouts[spec.name] = layout
+        self.output_ndim[spec.name] = tensor.ndim
         self.input_eps[spec.name] = torch.finfo(tensor.dtype).eps if tensor.is_floating_point() else 0.0
-        rows, ids = reduce_output(
-            tensor,
-            layout=layout,
-            reduction=spec.reduction,
-            sample_ids=self._chunk_ids,
-            per_sample=self.per_sample,
-            seed=layer_seed(spec.name),
-            lengths=self._chunk_lengths,
-            mask_frames=self.mask_frames,
-        )
+        try:
+            rows, ids = reduce_output(
+                tensor,
+                layout=layout,
+                reduction=spec.reduction,
+                sample_ids=self._chunk_ids,
+                per_sample=self.per_sample,
+                seed=layer_seed(spec.name),
+                lengths=self._chunk_lengths,
+                mask_frames=self.mask_frames,
+            )
+        except ValueError as error:
+            raise ValueError(f"layer {spec.name!r}: {error}") from error
         storage = torch.float64 if rows.dtype == torch.float64 else torch.float32
         self._chunks[spec.name].append((rows.to(storage), ids))
 
@@ -348,8 +358,11 @@ def layer_seed(name: str) -> int:
 def _own_layout(module: nn.Module) -> Layout | None:
     if isinstance(module, _CHANNELS_FIRST_TYPES):
         return "channels_first"
-    if isinstance(module, (nn.RNNBase, nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-        return "channels_last" if getattr(module, "batch_first", False) else "time_first"
+    if isinstance(module, (nn.RNNBase, nn.MultiheadAttention)):
+        return "channels_last" if module.batch_first else "time_first"
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        # these keep batch_first only on their attention module
+        return "channels_last" if module.self_attn.batch_first else "time_first"
     if isinstance(module, (nn.Linear, nn.LayerNorm, nn.Embedding)):
         return "channels_last"
     return None

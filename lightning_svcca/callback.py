@@ -549,7 +549,7 @@ class _SVCCACallbackCore:
             if layer not in recorder.sample_ids:
                 continue
             sample_ids = recorder.sample_ids[layer]
-            if features.ndim == 1 or features.ndim == 2:
+            if features.ndim <= 2 or recorder.output_ndim.get(layer, 2) <= 2:
                 table = features.reshape(features.shape[0], -1).to(sample_ids.device)
                 rows = table[sample_ids]
             else:
@@ -740,7 +740,9 @@ class _SVCCACallbackCore:
         size: int | None = self.probe_size
         if source is None:
             source = _default_probe_loader(trainer)
-        self._probe = build_probe(source, size, input_key=self.probe_input, mask_key=self.probe_mask)
+        self._probe = build_probe(
+            source, size, input_key=self.probe_input, mask_key=self.probe_mask, needs_input=self.forward_fn is None
+        )
         fingerprint = self._probe.fingerprint()
         if self._probe_fingerprint is not None and fingerprint != self._probe_fingerprint and self._store.keys():
             self._warn_once(

@@ -72,6 +72,7 @@ def build_probe(
     *,
     input_key: int | str | None = None,
     mask_key: int | str | None = None,
+    needs_input: bool = True,
 ) -> Probe:
     """Build a :class:`Probe` from a tensor, a batch or a DataLoader.
 
@@ -84,6 +85,8 @@ def build_probe(
         input_key: the part of a batch that is the model input: an index for tuples and lists (default 0),
             a key for dicts (required for dicts unless a custom ``forward_fn`` handles the batch).
         mask_key: the part of a batch holding a padding mask ``(N, T)`` or lengths ``(N,)``.
+        needs_input: whether the model input must be found in a dict batch (not when a custom ``forward_fn``
+            takes the whole batch).
 
     Returns:
         The probe, on the CPU.
@@ -113,7 +116,7 @@ def build_probe(
         batch, n = slice_batch(batch, 0, size), size
     if input_key is None and isinstance(batch, Sequence):
         input_key = 0
-    if isinstance(batch, Mapping) and input_key is None:
+    if isinstance(batch, Mapping) and input_key is None and needs_input:
         input_key = _only_key(batch)
     for role, key in (("probe_input", input_key), ("probe_mask", mask_key)):
         if key is not None:
@@ -210,7 +213,8 @@ def _concatenate(batches: list[Any]) -> Any:
     if isinstance(first, Mapping):
         return {key: _concatenate([batch[key] for batch in batches]) for key in first}
     if isinstance(first, Sequence):
-        return type(first)(_concatenate(list(parts)) for parts in zip(*batches, strict=True))
+        parts = [_concatenate(list(group)) for group in zip(*batches, strict=True)]
+        return type(first)(*parts) if hasattr(first, "_fields") else type(first)(parts)
     raise TypeError(f"cannot concatenate probe batches of type {type(first).__name__}")
 
 

@@ -1,0 +1,58 @@
+"""Shared tiny models and data for the tests: sklearn digits (offline) and a small CNN LightningModule."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from digits_models import TinyDigitsCNN, digit_images
+from torch.utils.data import DataLoader, TensorDataset
+
+# The models here are tiny and the test machines have few, shared cores: intra-op threads only contend (one
+# thread runs the callback tests about four times faster on 2 busy cores). Results do not depend on it.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """The sklearn digits as ``(1797, 1, 8, 8)`` float32 images in [0, 1] and ``(1797,)`` int64 labels."""
+    return digit_images()
+
+
+@pytest.fixture(scope="session")
+def digits_cnn() -> type[TinyDigitsCNN]:
+    """The TinyDigitsCNN class (for tests that need several instances or subclasses)."""
+    return TinyDigitsCNN
+
+
+@pytest.fixture(scope="session")
+def digits_loaders(digits) -> tuple[DataLoader, DataLoader]:
+    """A training loader over 256 digits (4 batches of 64, shuffled) and a validation loader over 128 others."""
+    x, y = digits
+    train = DataLoader(TensorDataset(x[:256], y[:256]), batch_size=64, shuffle=True)
+    val = DataLoader(TensorDataset(x[1500:1628], y[1500:1628]), batch_size=64)
+    return train, val
+
+
+@pytest.fixture
+def make_trainer(tmp_path):
+    """``make_trainer(callbacks, **overrides)``: a quiet CPU Trainer in ``tmp_path``, 2 epochs of 2 batches."""
+
+    def make(callbacks=(), **overrides) -> pl.Trainer:
+        kwargs = dict(
+            default_root_dir=tmp_path,
+            accelerator="cpu",
+            devices=1,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            max_epochs=2,
+            limit_train_batches=2,
+            limit_val_batches=1,
+            num_sanity_val_steps=0,
+            callbacks=list(callbacks),
+        )
+        kwargs.update(overrides)
+        return pl.Trainer(**kwargs)
+
+    return make

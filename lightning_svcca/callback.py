@@ -70,7 +70,10 @@ from lightning_svcca.snapshots import (
 __all__ = ["SVCCACallback", "SVCCAMonitorWarning"]
 
 TIME_REFERENCES = ("previous", "initial", "final")
-_COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+_COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32, "auto": None}
+#: Metrics that float32 computes accurately: SVCCA drops the small directions whose float32 Gram
+#: eigenvectors are poor, and CKA weights directions by their variance. CCA and PWCCA use every direction.
+_FLOAT32_SAFE_METRICS = ("svcca", "linear_cka")
 _STATE_VERSION = 1
 
 
@@ -119,8 +122,9 @@ class _SVCCACallbackCore:
         max_snapshot_bytes: memory budget of the snapshot store; beyond it snapshots spill to files in the log
             directory (deleted at the end of fit). ``None``: unbounded.
         shard_probe: under DDP, each process runs its share of the probe and statistics are summed.
-        compute_dtype: ``"float64"`` (default) or ``"float32"`` for the decompositions (float32 is much faster on
-            GPUs and accurate to about 1e-5 in the similarities).
+        compute_dtype: precision of the decompositions: ``"float64"``, ``"float32"``, or ``"auto"`` (default):
+            float32 on a GPU when every metric is svcca or linear_cka (accurate to about 1e-5 there, and much faster
+            on GPUs with slow float64), float64 otherwise.
     """
 
     def __init__(
@@ -144,7 +148,7 @@ class _SVCCACallbackCore:
         baseline: bool = True,
         max_snapshot_bytes: int | None = 1 << 30,
         shard_probe: bool = True,
-        compute_dtype: str = "float64",
+        compute_dtype: str = "auto",
     ) -> None:
         super().__init__()
         metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
@@ -189,7 +193,7 @@ class _SVCCACallbackCore:
         self.keep_by = keep_by
         self.baseline = baseline
         self.shard_probe = shard_probe
-        self.compute_dtype = _COMPUTE_DTYPES[compute_dtype]
+        self.compute_dtype = compute_dtype
         #: The reference a convergence policy judges by: a layer's snapshot ``lag`` epochs earlier.
         self._lag_reference: str | None = None
         if freeze is not None and freeze.mode == "convergence":
@@ -493,7 +497,7 @@ class _SVCCACallbackCore:
                 full_rank=any(metric != "svcca" for metric in self.metrics),
                 with_right="pwcca" in self.metrics,
                 input_eps=input_eps,
-                dtype=self.compute_dtype,
+                dtype=self._dtype(trainer),
             )
         except ZeroVarianceError as error:
             self._skip(trainer, epoch, layer, f"{error} ({label})")
@@ -632,7 +636,7 @@ class _SVCCACallbackCore:
             [(metric, pair) for _, metric, pair in jobs],
             self._collective(trainer),
             device=device,
-            dtype=self.compute_dtype,
+            dtype=self._dtype(trainer),
         )
         return [
             {**row, "value": value} for (row, _, _), value in zip(jobs, values, strict=True) if math.isfinite(value)
@@ -757,6 +761,14 @@ class _SVCCACallbackCore:
         self._probe_fingerprint = fingerprint
         if self._probe.size < 2:
             raise ValueError(f"the probe has {self._probe.size} sample(s); it needs at least 2")
+
+    def _dtype(self, trainer: Any) -> torch.dtype:
+        """The decomposition precision: ``compute_dtype``, with ``"auto"`` resolved for the model's device."""
+        chosen = _COMPUTE_DTYPES[self.compute_dtype]
+        if chosen is not None:
+            return chosen
+        on_gpu = device_of(trainer.lightning_module).type == "cuda"
+        return torch.float32 if on_gpu and set(self.metrics) <= set(_FLOAT32_SAFE_METRICS) else torch.float64
 
     def _collective(self, trainer: Any) -> Collective:
         strategy = trainer.strategy

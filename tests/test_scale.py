@@ -152,3 +152,22 @@ def test_gpu_run_matches_cpu(tmp_path, compute_dtype):
     tolerance = 1e-4 if compute_dtype == "float32" else 1e-5
     for key, value in results["cpu"].items():
         assert results["gpu"][key] == pytest.approx(value, abs=tolerance), key
+
+
+@pytest.mark.parametrize(
+    ("device", "metrics", "compute_dtype", "expected"),
+    [
+        ("cuda", ["svcca"], "auto", torch.float32),
+        ("cuda", ["svcca", "linear_cka"], "auto", torch.float32),
+        ("cuda", ["svcca", "pwcca"], "auto", torch.float64),  # PWCCA weights every direction: float64
+        ("cpu", ["svcca"], "auto", torch.float64),
+        ("cuda", ["svcca"], "float64", torch.float64),
+        ("cpu", ["cca"], "float32", torch.float32),
+    ],
+)
+def test_decomposition_precision(device, metrics, compute_dtype, expected):
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(lightning_module=SimpleNamespace(device=torch.device(device)))
+    callback = SVCCACallback(probe=torch.zeros(4, 2), metrics=metrics, compute_dtype=compute_dtype)
+    assert callback._dtype(trainer) == expected

@@ -228,6 +228,8 @@ def reduce_output(
         return output[:, None], sample_ids
     if reduction == "flatten":
         return output.reshape(n, -1), sample_ids
+    if layout == "channels_first" and output.ndim == 3 and lengths is not None:
+        output, layout = output.transpose(1, 2), "channels_last"  # (N, C, L) of a masked sequence: frames
     if layout == "channels_first":
         flat = output.reshape(n, output.shape[1], -1)
         if reduction == "mean":

@@ -237,11 +237,12 @@ class _SVCCACallbackCore:
 
     @property
     def state_key(self) -> str:
-        """Checkpoint key; differs between instances with different layers, references or metrics."""
+        """Checkpoint key; differs between instances with different layers, references, metrics or probe shapes."""
         return self._generate_state_key(
             layers=None if self._layers_argument is None else list(self._layers_argument),
             reference=self.reference_names,
             metrics=list(self.metrics),
+            probe=_describe_probe(self._probe_source, self.probe_size),
         )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -830,6 +831,17 @@ def _is_last_batch(trainer: Any, batch_idx: int) -> bool:
         return True
     progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
     return bool(getattr(progress, "is_last_batch", False))
+
+
+def _describe_probe(probe: Any, size: int) -> str:
+    """A stable, cheap description of the probe argument (its kind and tensor shapes, not its contents)."""
+    if probe is None or isinstance(probe, DataLoader):
+        return f"{'loader' if probe is not None else 'default'}:{size}"
+    if isinstance(probe, Tensor):
+        return f"tensor:{tuple(probe.shape)}"
+    if isinstance(probe, Mapping):
+        return "dict:" + ",".join(f"{k}{tuple(v.shape) if isinstance(v, Tensor) else ''}" for k, v in probe.items())
+    return f"{type(probe).__name__}:" + ",".join(str(tuple(v.shape)) for v in probe if isinstance(v, Tensor))
 
 
 def _values(rows: Sequence[Mapping[str, Any]], reference: str | None, metric: str) -> dict[str, float]:

@@ -121,7 +121,26 @@ def build_probe(
     for role, key in (("probe_input", input_key), ("probe_mask", mask_key)):
         if key is not None:
             _check_key(batch, key, role)
+    if mask_key is not None:
+        _check_mask(batch[mask_key])
     return Probe(batch, n, input_key, mask_key)
+
+
+def _check_mask(mask: Tensor) -> None:
+    """A padding mask must mark real frames True on a prefix of each row (right padding), or be lengths."""
+    if mask.ndim == 1:
+        if mask.is_floating_point() or bool((mask < 0).any()):
+            raise ValueError("probe_mask as lengths must hold non-negative integers, one per sample")
+        return
+    if mask.ndim != 2:
+        raise ValueError(f"probe_mask must be (N, T) or lengths (N,), got shape {tuple(mask.shape)}")
+    real = mask.to(torch.bool)
+    prefix = torch.arange(real.shape[1]) < real.sum(dim=1, keepdim=True)
+    if not torch.equal(real, prefix):
+        raise ValueError(
+            "probe_mask must be True on the real frames at the start of each row (right padding). PyTorch's"
+            " src_key_padding_mask is the opposite (True = padded): pass ~mask"
+        )
 
 
 def default_forward(model: nn.Module, inputs: Any) -> Any:

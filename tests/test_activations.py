@@ -487,3 +487,22 @@ def test_recorder_drops_padded_frames_of_a_sequence_layer():
     expected = torch.cat([out[i, :length] for i, length in enumerate(lengths.tolist())])
     torch.testing.assert_close(recorder.activations["0"], expected)
     assert recorder.sample_ids["0"].tolist() == [0] * 6 + [1] * 3 + [2] + [3] * 4
+
+
+def test_conv1d_sequence_output_honours_the_padding_mask():
+    """A Conv1d over a padded sequence gives (N, C, L): its frames are datapoints and padded ones are dropped."""
+    output = torch.randn(3, 4, 5)
+    lengths = torch.tensor([5, 2, 3])
+    output[1, :, 2:] = float("nan")
+    output[2, :, 3:] = float("nan")
+    rows, ids = reduce_output(
+        output,
+        layout="channels_first",
+        reduction="positions",
+        sample_ids=torch.arange(3),
+        per_sample=10,
+        seed=0,
+        lengths=lengths,
+    )
+    assert rows.shape == (10, 4) and bool(torch.isfinite(rows).all())
+    assert ids.tolist() == [0] * 5 + [1] * 2 + [2] * 3

@@ -625,3 +625,12 @@ def test_lightning_namespace_tensorboard_logger_gets_the_extras(tmp_path):
     events.Reload()
     assert "svcca/final/heatmap" in events.Tags()["images"]
     assert [event.step for event in events.Scalars("svcca/final/layer")] == [0, 1]
+
+
+def test_two_callbacks_with_different_probes_share_a_trainer(make_trainer, digits, digits_loaders, digits_cnn):
+    x, _ = digits
+    first = SVCCACallback(probe=x[:64], layers=["relu1"], reference="previous")
+    second = SVCCACallback(probe=x[64:96], layers=["relu1"], reference="previous")
+    assert first.state_key != second.state_key
+    make_trainer([first, second], max_epochs=1, logger=False).fit(digits_cnn(), digits_loaders[0])
+    assert first.history and second.history

@@ -385,3 +385,16 @@ def test_default_forward_calls_the_model_on_the_input(mixed_model, xy):
     probe = build_probe((x, y), None)
     recorded = _record(mixed_model, probe, 16, ["fc1"])["fc1"][0]
     torch.testing.assert_close(recorded, mixed_model.fc1(x).detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        torch.tensor([[False, True, True], [False, False, True]]),  # left padding
+        torch.tensor([[False, False, True], [False, True, True]]),  # PyTorch's src_key_padding_mask convention
+    ],
+)
+def test_a_mask_that_is_not_right_padding_is_refused(mask):
+    batch = (torch.randn(2, 3, 4), mask)
+    with pytest.raises(ValueError, match="right padding"):
+        build_probe(batch, None, mask_key=1)

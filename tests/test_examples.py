@@ -1,0 +1,130 @@
+"""The examples, run for real in ``--quick`` mode: each script's ``main`` returns its results, checked here."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from lightning_svcca.reporting import read_history_csv
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+pytestmark = pytest.mark.slow
+
+
+def load_example(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` (the folder is not a package)."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))  # examples import their shared digits module, as when run as scripts
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_digits_convergence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    example = load_example("digits_convergence")
+    result = example.main(["--quick", "--root", str(tmp_path)])
+    out = capsys.readouterr().out
+
+    assert result["accuracy"] > 0.8
+    assert result["layers"] == list(example.LAYERS)
+    epochs = result["epochs"]
+    for layer in example.LAYERS:
+        reached = result["convergence"][layer]
+        assert set(reached) == set(example.THRESHOLDS)
+        for epoch in reached.values():
+            assert epoch is not None and 0 <= epoch <= epochs
+        assert reached[0.9] <= reached[0.95]
+    # The bottom layer settles before the top one (in the full run, every layer before the one above it).
+    assert result["convergence"]["relu1"][0.95] < result["convergence"]["relu3"][0.95]
+
+    assert example.TABLE_TITLE in out
+    assert all(line in out for line in ("test accuracy", f"tensorboard --logdir {tmp_path}", "history CSV"))
+    table = out[out.index(example.TABLE_TITLE) :].splitlines()
+    assert [line.split()[0] for line in table[4 : 4 + len(example.LAYERS)]] == list(example.LAYERS)
+
+    rows = read_history_csv(result["csv"])
+    assert {row["reference"] for row in rows} >= {"previous", "final", "baseline", "dims"}
+    assert any(path.name.startswith("events.out.tfevents") for path in result["log_dir"].iterdir())
+
+
+def test_finetune_reference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    example = load_example("finetune_reference")
+    result = example.main(["--quick", "--root", str(tmp_path)])
+    out = capsys.readouterr().out
+
+    assert result["checkpoint"].is_file()
+    assert result["pretrain_accuracy"] > 0.8
+    assert result["accuracy"] > 0.8
+    assert result["layers"] == list(example.LAYERS)
+    for reference in ("pretrained", "initial", "previous"):
+        values = result[reference]
+        assert set(values) == set(example.LAYERS)
+        assert all(-1e-9 <= value <= 1 + 1e-9 for value in values.values()), (reference, values)
+    # Lower layers stay closer to the pretrained model than upper ones.
+    assert result["pretrained"]["relu1"] > result["pretrained"]["relu3"]
+    assert result["pretrained"]["relu3"] < 0.95
+    # "initial" is the pretrained body with a new head: the same as the checkpoint below the head.
+    for layer in ("relu1", "relu2", "relu3"):
+        assert result["initial"][layer] == pytest.approx(result["pretrained"][layer], abs=1e-6)
+
+    assert example.TABLE_TITLE in out
+    assert "to pretrained" in out
+    epochs = {row["epoch"] for row in result["history"] if row["reference"] == "pretrained"}
+    assert epochs == set(range(0, 4))
+
+
+def test_sequence_frames(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    example = load_example("sequence_frames")
+    result = example.main(["--quick", "--root", str(tmp_path)])
+    out = capsys.readouterr().out
+
+    assert result["accuracy"] > 0.5  # chance is 0.25
+    assert result["layers"] == list(example.LAYERS)
+    # Padded frames filled with 1e4 change nothing: they never enter the activations.
+    assert result["mask_max_difference"] < 1e-6
+    assert set(result["final"]) == set(result["poisoned_final"])
+    epochs = result["epochs"]
+    assert {key for key in result["final"]} == {(layer, e) for layer in example.LAYERS for e in range(epochs + 1)}
+    for (layer, _), value in result["final"].items():
+        assert 0 <= value <= 1 + 1e-9 and math.isfinite(value)
+        if layer == "proj":  # an affine map of the inputs: invisible to SVCCA
+            assert value == pytest.approx(1.0, abs=1e-6)
+
+    assert example.TABLE_TITLE in out
+    assert "padding ignored" in out
+
+
+def test_poisoned_padding_differs_only_in_padded_frames() -> None:
+    example = load_example("sequence_frames")
+    data = example.make_sequences(8, torch.Generator().manual_seed(0))
+    poisoned = example.poisoned(data)
+    mask = data["mask"]
+    assert torch.equal(poisoned["x"][mask], data["x"][mask])
+    assert (poisoned["x"][~mask] == example.PAD_POISON).all()
+    assert mask.sum(dim=1).min() >= example.MIN_LENGTH and mask.sum(dim=1).max() <= example.MAX_LENGTH
+
+
+def test_readme_demo_command(tmp_path: Path) -> None:
+    """The README's demo, ``python examples/digits_convergence.py``, in its quick form."""
+    script = EXAMPLES / "digits_convergence.py"
+    completed = subprocess.run(
+        [sys.executable, str(script), "--quick"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert load_example("digits_convergence").TABLE_TITLE in completed.stdout
+    assert "tensorboard --logdir runs/digits_convergence" in completed.stdout
+    assert list((tmp_path / "runs" / "digits_convergence").rglob("svcca_history.csv"))

@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from overhead import LAYERS, SyntheticCNN  # noqa: E402
-
 from lightning_svcca import SVCCACallback  # noqa: E402
+
+from overhead import LAYERS, SyntheticCNN  # noqa: E402
 
 
 class TimedCallback(SVCCACallback):

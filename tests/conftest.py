@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-from digits_models import TinyDigitsCNN, digit_images
 from torch.utils.data import DataLoader, TensorDataset
+
+from digits_models import TinyDigitsCNN, digit_images
 
 # The models here are tiny and the test machines have few, shared cores: intra-op threads only contend (one
 # thread runs the callback tests about four times faster on 2 busy cores). Results do not depend on it.

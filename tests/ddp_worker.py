@@ -20,9 +20,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits_models import DigitsCNN, digits_tensors  # noqa: E402
-
 from lightning_svcca import FreezePolicy, SVCCACallback  # noqa: E402
+
+from digits_models import DigitsCNN, digits_tensors  # noqa: E402
 
 LAYERS = ["relu1", "relu2", "relu3", "fc2"]
 

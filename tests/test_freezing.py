@@ -7,12 +7,13 @@ import copy
 import pytest
 import pytorch_lightning as pl
 import torch
-from digits_models import DigitsCNN, digits_tensors
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_svcca import FreezePolicy, SVCCACallback
 from lightning_svcca.freezing import Freezer, freeze_blocks
+
+from digits_models import DigitsCNN, digits_tensors
 
 LAYERS = ["relu1", "relu2", "relu3", "fc2"]
 

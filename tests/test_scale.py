@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-from digits_models import DigitsCNN, digits_tensors
 from torch import nn
 
 from lightning_svcca import SVCCACallback
 from lightning_svcca.activations import ActivationRecorder, LayerSpec, probe_share
 from lightning_svcca.probe import build_probe, run_probe
+
+from digits_models import DigitsCNN, digits_tensors
 
 LAYERS = ["relu1", "relu2", "relu3", "fc2"]
 

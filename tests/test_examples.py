@@ -25,6 +25,7 @@ def load_example(name: str) -> ModuleType:
         sys.path.insert(0, str(EXAMPLES))  # examples import their shared digits module, as when run as scripts
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
     spec.loader.exec_module(module)
     return module
 
@@ -128,3 +129,17 @@ def test_readme_demo_command(tmp_path: Path) -> None:
     assert load_example("digits_convergence").TABLE_TITLE in completed.stdout
     assert "tensorboard --logdir runs/digits_convergence" in completed.stdout
     assert list((tmp_path / "runs" / "digits_convergence").rglob("svcca_history.csv"))
+
+
+def test_freeze_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    example = load_example("freeze_training")
+    results = example.main(["--quick", "--root", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert [r.variant for r in results] == ["no freezing", "linear schedule", "convergence"]
+    by_name = {r.variant: r for r in results}
+    assert by_name["no freezing"].gradient_work_skipped == 0.0 and not by_name["no freezing"].frozen
+    # the linear schedule freezes layer i of 3 after i/3 of the 8 epochs; the top monitored layer stays trainable
+    assert by_name["linear schedule"].frozen == {"relu1": 3, "relu2": 6}
+    assert 0.0 < by_name["linear schedule"].gradient_work_skipped < 1.0
+    assert all(r.accuracy > 0.8 for r in results)
+    assert "grad work skipped" in out

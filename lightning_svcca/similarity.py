@@ -177,8 +177,8 @@ def cca(
     Example:
         >>> x = torch.randn(200, 3, dtype=torch.float64)
         >>> rotation = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))[0]
-        >>> cca(x, x @ rotation)
-        tensor([1.0000, 1.0000, 1.0000], dtype=torch.float64)
+        >>> cca(x, x @ rotation).round(decimals=6)
+        tensor([1., 1., 1.], dtype=torch.float64)
     """
     if epsilon < 0:
         raise ValueError(f"epsilon must be >= 0 (a ridge on the covariances), got {epsilon}")

@@ -358,17 +358,20 @@ def linear_cka(
     y = _check_representation(y, "y")
     _check_pair(x, y)
     # 1. centre; 2. HSIC numerator and normalisers from the Gram (or kernel) products.
-    (xc, _), (yc, _) = _centre(x, dtype, "x"), _centre(y, dtype, "y")
+    (xc, mean_x), (yc, mean_y) = _centre(x, dtype, "x"), _centre(y, dtype, "y")
     if xc.shape[0] >= max(xc.shape[1], yc.shape[1]):
         cross = (xc.T @ yc).square().sum()
-        norm_x = torch.linalg.matrix_norm(xc.T @ xc)
-        norm_y = torch.linalg.matrix_norm(yc.T @ yc)
+        gram_x, gram_y = xc.T @ xc, yc.T @ yc
     else:
-        kernel_x, kernel_y = xc @ xc.T, yc @ yc.T
-        cross = (kernel_x * kernel_y).sum()
-        norm_x, norm_y = torch.linalg.matrix_norm(kernel_x), torch.linalg.matrix_norm(kernel_y)
-    for name, norm in (("x", norm_x), ("y", norm_y)):
-        if norm == 0:
+        gram_x, gram_y = xc @ xc.T, yc @ yc.T  # the kernel matrices have the same Frobenius norms and traces
+        cross = (gram_x * gram_y).sum()
+    norm_x, norm_y = torch.linalg.matrix_norm(gram_x), torch.linalg.matrix_norm(gram_y)
+    # 3. a side whose largest singular value (at most sqrt(||Xc^T Xc||_F)) is below its noise floor is constant.
+    n = xc.shape[0]
+    for name, data, gram, mean, norm in (("x", x, gram_x, mean_x, norm_x), ("y", y, gram_y, mean_y, norm_y)):
+        mean_sq = n * float(mean.square().sum())
+        floor = _noise_floor(float(gram.diagonal().sum()), mean_sq, n, torch.finfo(data.dtype).eps, dtype)
+        if math.sqrt(float(norm)) <= floor:
             raise ZeroVarianceError(_zero_variance_message(name))
     return (cross / (norm_x * norm_y)).clamp(0.0, 1.0)
 
@@ -486,16 +489,16 @@ def _decompose_checked(x: Tensor, name: str, dtype: torch.dtype, input_eps: floa
     """
     n, d = x.shape
     input_eps = torch.finfo(x.dtype).eps if input_eps is None else input_eps
-    # 1. centre; ||x||_F (uncentred: rounding is relative to the raw values) follows from ||xc||_F and the mean.
+    # 1. centre.
     xc, mean = _centre(x, dtype, name)
-    mean_norm_sq = n * float(mean.square().sum())
+    mean_sq = n * float(mean.square().sum())
     if n >= d:
         # 2. eigenvectors of the Gram matrix Xc^T Xc = V diag(s^2) V^T.
         gram = xc.T @ xc
-        data_norm = math.sqrt(float(gram.diagonal().sum()) + mean_norm_sq)
+        floor = _noise_floor(float(gram.diagonal().sum()), mean_sq, n, input_eps, dtype)
         eigenvalues, vectors = torch.linalg.eigh(gram)
         singular_values, right = _spectrum_from_gram(eigenvalues, vectors)
-        keep = _rank_mask(singular_values, data_norm, n, d, input_eps, gram=True)
+        keep = _rank_mask(singular_values, floor, n, d, gram=True)
         if not bool(keep.any()):
             raise ZeroVarianceError(_zero_variance_message(name))
         singular_values, right = singular_values[keep], right[:, keep]
@@ -503,8 +506,8 @@ def _decompose_checked(x: Tensor, name: str, dtype: torch.dtype, input_eps: floa
         return Decomposition(singular_values, right, None, xc, n, d)
     # 2. thin SVD of the data itself.
     left, singular_values, right_t = torch.linalg.svd(xc, full_matrices=False)
-    data_norm = math.sqrt(float(singular_values.square().sum()) + mean_norm_sq)
-    keep = _rank_mask(singular_values, data_norm, n, d, input_eps, gram=False)
+    floor = _noise_floor(float(singular_values.square().sum()), mean_sq, n, input_eps, dtype)
+    keep = _rank_mask(singular_values, floor, n, d, gram=False)
     if not bool(keep.any()):
         raise ZeroVarianceError(_zero_variance_message(name))
     left, singular_values, right = left[:, keep], singular_values[keep], right_t.T[:, keep]
@@ -518,23 +521,41 @@ def _spectrum_from_gram(eigenvalues: Tensor, vectors: Tensor) -> tuple[Tensor, T
     return eigenvalues.clamp_min(0.0).sqrt(), vectors
 
 
-def _rank_mask(singular_values: Tensor, data_norm: float, n: int, d: int, input_eps: float, *, gram: bool) -> Tensor:
-    """Directions whose singular value exceeds the rounding error of the input and of the decomposition.
+def _noise_floor(centred_sq: float, mean_sq: float, n: int, input_eps: float, dtype: torch.dtype) -> float:
+    """Singular value below which a direction of the centred data is rounding error, not signal.
 
-    Rounding the input to its dtype perturbs each entry by at most ``input_eps * |x_ij|``: a matrix of spectral
-    norm at most ``input_eps * ||x||_F``, so singular values below that carry no information. The decomposition
-    itself resolves singular values down to ``eps * max(n, d) * s_max`` (``sqrt`` of that on the Gram route,
-    which squares them).
+    Args:
+        centred_sq: ``||Xc||_F^2``.
+        mean_sq: ``n * ||mean||^2``, so that ``||X||_F^2 = centred_sq + mean_sq`` (the raw, uncentred data).
+        n: number of datapoints.
+        input_eps: rounding level of the data's own dtype.
+        dtype: the compute dtype (data are rounded to it too).
+
+    Two sources: 1. rounding each entry (to its dtype, then to the compute dtype) changes it by at most
+    ``eps * |x_ij|``, a perturbation of spectral norm at most ``eps * ||X||_F``; 2. the column means carry a
+    summation error of about ``eps * log2(n) * |mean_j|``, and subtracting them leaves that residue in every
+    row: a rank-one matrix of spectral norm ``sqrt(n) * ||error||``. A constant layer thus has no direction
+    above the floor, whatever its values.
+    """
+    compute_eps = torch.finfo(dtype).eps
+    rounding = max(input_eps, compute_eps) * math.sqrt(centred_sq + mean_sq)
+    mean_residue = 4.0 * compute_eps * math.log2(2 * n) * math.sqrt(mean_sq)
+    return max(rounding, mean_residue)
+
+
+def _rank_mask(singular_values: Tensor, floor: float, n: int, d: int, *, gram: bool) -> Tensor:
+    """Directions above the data's noise floor and above what the decomposition itself resolves.
+
+    The decomposition resolves singular values down to ``eps * max(n, d) * s_max`` (the ``sqrt`` of that on
+    the Gram route, which squares them).
     """
     if singular_values.numel() == 0:
         return torch.zeros(0, dtype=torch.bool, device=singular_values.device)
     s_max = float(singular_values.max())
-    compute_eps = torch.finfo(singular_values.dtype).eps
-    decomposition_floor = compute_eps * max(n, d)
+    decomposition_floor = torch.finfo(singular_values.dtype).eps * max(n, d)
     if gram:
         decomposition_floor = math.sqrt(decomposition_floor)
-    tolerance = max(input_eps * data_norm, decomposition_floor * s_max)
-    return singular_values > tolerance
+    return singular_values > max(floor, decomposition_floor * s_max)
 
 
 def _sign_of_largest(vectors: Tensor) -> Tensor:

@@ -14,7 +14,6 @@ files.
 
 from __future__ import annotations
 
-import math
 import shutil
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ from lightning_svcca.similarity import (
     _decompose_checked,
     _fix_signs,
     _kept_count,
+    _noise_floor,
     _pwcca_from_cross,
     _raise_if_not_finite,
     _rank_mask,
@@ -207,10 +207,10 @@ def build_snapshot(
             centred = block.to(dtype) - mean
             gram.addmm_(centred.T, centred)
         gram = collective.sum(gram)
-        data_norm = math.sqrt(float(gram.diagonal().sum()) + n * float(mean.square().sum()))
+        floor = _noise_floor(float(gram.diagonal().sum()), n * float(mean.square().sum()), n, input_eps, dtype)
         # 3. eigendecomposition Xc^T Xc = V diag(s^2) V^T, cut to numerical rank.
         singular_values, right = _spectrum_from_gram(*torch.linalg.eigh(gram))
-        mask = _rank_mask(singular_values, data_norm, n, n_features, input_eps, gram=True)
+        mask = _rank_mask(singular_values, floor, n, n_features, gram=True)
         if not bool(mask.any()):
             raise ZeroVarianceError(_zero_variance_message(f"layer {name!r}"))
         singular_values, right = singular_values[mask], _fix_signs(right[:, mask])

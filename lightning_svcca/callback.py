@@ -71,9 +71,10 @@ __all__ = ["SVCCACallback", "SVCCAMonitorWarning"]
 
 TIME_REFERENCES = ("previous", "initial", "final")
 _COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32, "auto": None}
-#: Metrics that float32 computes accurately: SVCCA drops the small directions whose float32 Gram
-#: eigenvectors are poor, and CKA weights directions by their variance. CCA and PWCCA use every direction.
-_FLOAT32_SAFE_METRICS = ("svcca", "linear_cka")
+#: Metrics that a float32 decomposition computes accurately. The Gram route squares singular values, so float32
+#: only resolves directions down to about 1% of the largest: CKA weights directions by their variance and barely
+#: notices, but SVCCA's kept set (and so its value) can change by several hundredths on ill-conditioned layers.
+_FLOAT32_SAFE_METRICS = ("linear_cka",)
 _STATE_VERSION = 1
 
 
@@ -123,8 +124,9 @@ class _SVCCACallbackCore:
             directory (deleted at the end of fit). ``None``: unbounded.
         shard_probe: under DDP, each process runs its share of the probe and statistics are summed.
         compute_dtype: precision of the decompositions: ``"float64"``, ``"float32"``, or ``"auto"`` (default):
-            float32 on a GPU when every metric is svcca or linear_cka (accurate to about 1e-5 there, and much faster
-            on GPUs with slow float64), float64 otherwise.
+            float32 on a GPU when the only metric is linear_cka (accurate there, and much faster on GPUs with slow
+            float64), float64 otherwise. float32 decompositions resolve directions only down to about 1% of the
+            largest, which can shift SVCCA on layers whose spectrum spans several decades.
     """
 
     def __init__(

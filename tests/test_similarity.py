@@ -640,7 +640,7 @@ def test_bad_keep_raises(function, keep, keep_by, error, match):
         function(x, y, keep=keep, keep_by=keep_by)
 
 
-@pytest.mark.parametrize("epsilon", [-1e-3, -1.0, -math.inf])
+@pytest.mark.parametrize("epsilon", [-1e-3, -1.0, -math.inf, math.nan])
 def test_negative_epsilon_raises(epsilon):
     x, y = related_pair(n=100, d1=5, d2=5)
     with pytest.raises(ValueError, match=r"epsilon must be >= 0"):
@@ -666,8 +666,6 @@ def _constant_rows(values, dtype, n=50):
 
 _BIAS = np.random.default_rng(0).standard_normal(4).tolist()
 _GRAM = ("cca", "svcca", "pwcca", "decompose")
-# (name, input dtype, compute dtype, row values, {measure: known bug}). Column means of 0s and of 2.0 * k are exact;
-# the float64 mean of 50 copies of 0.3 * 3 is not.
 # (name, input dtype, compute dtype, row values). Column means of 0s and of 2.0 * k are exact; the float64 mean
 # of 50 copies of 0.3 * 3 is not, and a float64 bias computed in float32 is rounded by the cast: neither residue
 # may pass for variance.

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from lightning_svcca import FreezePolicy
 
-from digits import cpu_threads
+from common import cpu_threads
 from freeze_training import CNN, Setup, train
 
 

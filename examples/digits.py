@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-from collections.abc import Iterator
-
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -77,21 +73,3 @@ def accuracy(model: nn.Module, data: TensorDataset) -> float:
     correct = (model(x).argmax(dim=1) == y).float().mean().item()
     model.train(training)
     return correct
-
-
-@contextlib.contextmanager
-def cpu_threads(count: int) -> Iterator[None]:
-    """Run with ``count`` torch CPU threads (one is fastest for models this small), then restore the setting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Help with the module docstring as written and each option's default."""
-
-
-THREADS_HELP = "torch CPU threads; one is fastest for a model this small (more threads mostly wait for each other)"

@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader
 from lightning_svcca import SVCCACallback
 from lightning_svcca.reporting import HISTORY_FILE, convergence_epochs, history_matrix
 
-from digits import THREADS_HELP, DigitsCNN, HelpFormatter, accuracy, cpu_threads, load_data
+from common import HelpFormatter, add_run_arguments, cpu_threads
+from digits import DigitsCNN, accuracy, load_data
 
 #: Monitored layers, bottom-up: the output of each block after its non-linearity.
 LAYERS = ("relu1", "relu2", "relu3")
@@ -93,23 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=500,
         help="held-out digits in the probe; each conv position of each probe digit is a datapoint (up to a cap)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the order of the training data")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help=THREADS_HELP,
-    )
-    parser.add_argument(
-        "--root",
-        type=Path,
-        default=Path("runs") / Path(__file__).stem,
-        help="where TensorBoard events and svcca_history.csv go",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="a short run for the tests: 5 epochs and a 300-digit probe (the table is printed all the same)",
+    add_run_arguments(
+        parser,
+        __file__,
+        root_help="where TensorBoard events and svcca_history.csv go",
+        quick_help="a short run for the tests: 5 epochs and a 300-digit probe (the table is printed all the same)",
     )
     return parser.parse_args(argv)
 

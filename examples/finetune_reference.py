@@ -37,7 +37,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_svcca import SVCCACallback
 from lightning_svcca.reporting import HISTORY_FILE, history_matrix
 
-from digits import THREADS_HELP, DigitsCNN, HelpFormatter, accuracy, cpu_threads, load_data
+from common import HelpFormatter, add_run_arguments, cpu_threads
+from digits import DigitsCNN, accuracy, load_data
 
 #: Monitored layers, bottom-up: each block after its non-linearity, then the (new) output layer.
 LAYERS = ("relu1", "relu2", "relu3", "fc2")
@@ -101,23 +102,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--probe-size", type=int, default=300, help="held-out digits 5-9 in the probe (there are about 300)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seeds the weights, the new head and the data order")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help=THREADS_HELP,
-    )
-    parser.add_argument(
-        "--root",
-        type=Path,
-        default=Path("runs") / Path(__file__).stem,
-        help="where the pretrained checkpoint, TensorBoard events and svcca_history.csv go",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="a short run for the tests: 3 + 3 epochs (the table is printed all the same)",
+    add_run_arguments(
+        parser,
+        __file__,
+        root_help="where the pretrained checkpoint, TensorBoard events and svcca_history.csv go",
+        quick_help="a short run for the tests: 3 + 3 epochs (the table is printed all the same)",
     )
     return parser.parse_args(argv)
 

@@ -29,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_svcca import FreezePolicy, SVCCACallback
 
-from digits import DigitsCNN, accuracy, cpu_threads, load_data
+from common import cpu_threads
+from digits import DigitsCNN, accuracy, load_data
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_svcca import SVCCACallback
 from lightning_svcca.reporting import HISTORY_FILE, history_matrix
 
+from common import HelpFormatter, add_run_arguments, cpu_threads
+
 #: Monitored layers, bottom-up: per-frame input projection, each encoder layer, the per-sequence classifier.
 LAYERS = ("proj", "encoder.layers.0", "encoder.layers.1", "classifier")
 FREQUENCIES = (0.35, 0.6, 0.85, 1.1)  # radians per frame, one per class
@@ -188,10 +190,6 @@ def format_table(history: list[dict[str, Any]], layers: list[str], columns: int 
     return "\n".join(lines)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Help with the module docstring as written and each option's default."""
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__,
@@ -209,23 +207,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--lr", type=float, default=6e-3, help="AdamW learning rate")
     parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the data, the weights and the data order")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads; one is fastest for a model this small (more threads mostly wait for each other)",
-    )
-    parser.add_argument(
-        "--root",
-        type=Path,
-        default=Path("runs") / Path(__file__).stem,
-        help="where TensorBoard events and svcca_history.csv go",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="a short run for the tests: 5 epochs and a 150-sequence probe (the table is printed all the same)",
+    add_run_arguments(
+        parser,
+        __file__,
+        root_help="where TensorBoard events and svcca_history.csv go",
+        quick_help="a short run for the tests: 5 epochs and a 150-sequence probe (the table is printed all the same)",
     )
     return parser.parse_args(argv)
 
@@ -245,15 +231,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.quick:
         args.epochs, args.probe_size = 5, 150
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with cpu_threads(args.threads):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             warnings.filterwarnings("ignore", ".*LeafSpec.*")
             return run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

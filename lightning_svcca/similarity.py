@@ -67,14 +67,16 @@ class Decomposition:
     """Thin SVD ``Xc = U diag(s) V^T`` of one centred representation, cut to its numerical rank.
 
     Build it with :func:`decompose`. ``left`` (``U``) is kept when the SVD route was taken; on the Gram route
-    the centred data is kept instead and ``U`` is never formed, because the cross-Gram with the other side is
-    cheaper. Snapshots store ``U`` (and ``V`` only when PWCCA needs it) in float32.
+    the data and its mean are kept instead and ``U`` is never formed, because the cross-Gram with the other side
+    (centred a block of rows at a time) is cheaper. Snapshots store ``U`` (and ``V`` only when PWCCA needs it) in
+    float32.
 
     Attributes:
         singular_values: ``(r,)`` singular values, descending, all above the rank tolerance.
         right: ``(n_features, r)`` right singular vectors ``V``, or ``None`` when not kept.
         left: ``(n_datapoints, r)`` orthonormal basis ``U`` of the column space, or ``None``.
-        centred: ``(n_datapoints, n_features)`` centred data, kept when ``left`` is ``None``.
+        data: ``(n_datapoints, n_features)`` the data as given, kept when ``left`` is ``None``.
+        mean: ``(1, n_features)`` column means of ``data`` in the compute dtype, kept with it.
         n_datapoints: number of datapoints (rows) of the representation.
         n_features: number of features (columns) of the representation.
     """
@@ -82,7 +84,8 @@ class Decomposition:
     singular_values: Tensor
     right: Tensor | None
     left: Tensor | None
-    centred: Tensor | None
+    data: Tensor | None
+    mean: Tensor | None
     n_datapoints: int
     n_features: int
 
@@ -360,16 +363,17 @@ def linear_cka(
     y = _check_representation(y, "y")
     _check_pair(x, y)
     # 1. centre; 2. HSIC numerator and normalisers from the Gram (or kernel) products.
-    (xc, mean_x), (yc, mean_y) = _centre(x, dtype, "x"), _centre(y, dtype, "y")
-    if xc.shape[0] >= max(xc.shape[1], yc.shape[1]):
-        cross = (xc.T @ yc).square().sum()
-        gram_x, gram_y = xc.T @ xc, yc.T @ yc
+    mean_x, mean_y = _mean(x, dtype, "x"), _mean(y, dtype, "y")
+    n = x.shape[0]
+    if n >= max(x.shape[1], y.shape[1]):
+        gram_x, gram_y = _gram(x, mean_x, x, mean_x), _gram(y, mean_y, y, mean_y)
+        cross = _gram(x, mean_x, y, mean_y).square().sum()
     else:
+        xc, yc = x.to(dtype) - mean_x, y.to(dtype) - mean_y
         gram_x, gram_y = xc @ xc.T, yc @ yc.T  # the kernel matrices have the same Frobenius norms and traces
         cross = (gram_x * gram_y).sum()
     norm_x, norm_y = torch.linalg.matrix_norm(gram_x), torch.linalg.matrix_norm(gram_y)
     # 3. a side whose largest singular value (at most sqrt(||Xc^T Xc||_F)) is below its noise floor is constant.
-    n = xc.shape[0]
     for name, data, gram, mean, norm in (("x", x, gram_x, mean_x, norm_x), ("y", y, gram_y, mean_y, norm_y)):
         mean_sq = n * float(mean.square().sum())
         floor = _noise_floor(float(gram.diagonal().sum()), mean_sq, n, torch.finfo(data.dtype).eps, dtype)
@@ -457,17 +461,39 @@ def _decompose_pair(
     return dx, dy
 
 
-def _centre(x: Tensor, dtype: torch.dtype, name: str) -> tuple[Tensor, Tensor]:
-    """Subtract the per-feature mean, in ``dtype``; return the centred data and the mean.
+def _mean(x: Tensor, dtype: torch.dtype, name: str) -> Tensor:
+    """Column means ``(1, d)``, accumulated in ``dtype``.
 
-    The column means double as the NaN/Inf check (a non-finite entry makes its column's mean non-finite), so
-    valid inputs pay no extra pass over the data.
+    They double as the NaN/Inf check (a non-finite entry makes its column's mean non-finite), so valid inputs
+    pay no extra pass over the data.
     """
-    x = x.to(dtype)
-    mean = x.mean(dim=0, keepdim=True)
+    mean = x.mean(dim=0, keepdim=True, dtype=dtype)
     if not bool(torch.isfinite(mean).all()):
         _raise_if_not_finite(x, name)
-    return x - mean, mean
+    return mean
+
+
+#: Bytes of rows centred at a time: small enough to stay in cache, large enough for efficient products.
+_BLOCK_BYTES = 1 << 22
+
+
+def _gram(x: Tensor, mean_x: Tensor, y: Tensor, mean_y: Tensor) -> Tensor:
+    """``(x - mean_x)^T (y - mean_y)`` in the means' dtype, centring a block of rows at a time.
+
+    Centring the whole matrices first would allocate (and page in) two more copies of the data, which costs
+    as much as the products themselves when the layers are narrow; blocks of a few MiB are centred in cache.
+    """
+    dtype, device = mean_x.dtype, x.device
+    rows = min(x.shape[0], max(64, _BLOCK_BYTES // (8 * (x.shape[1] + y.shape[1]))))
+    product = torch.zeros(x.shape[1], y.shape[1], dtype=dtype, device=device)
+    buffer_x = torch.empty(rows, x.shape[1], dtype=dtype, device=device)
+    buffer_y = buffer_x if x is y else torch.empty(rows, y.shape[1], dtype=dtype, device=device)
+    for start in range(0, x.shape[0], rows):
+        stop = min(start + rows, x.shape[0])
+        block_x = torch.sub(x[start:stop], mean_x, out=buffer_x[: stop - start])
+        block_y = block_x if x is y else torch.sub(y[start:stop], mean_y, out=buffer_y[: stop - start])
+        product.addmm_(block_x.T, block_y)
+    return product
 
 
 def _raise_if_not_finite(x: Tensor, name: str) -> None:
@@ -491,12 +517,12 @@ def _decompose_checked(x: Tensor, name: str, dtype: torch.dtype, input_eps: floa
     """
     n, d = x.shape
     input_eps = torch.finfo(x.dtype).eps if input_eps is None else input_eps
-    # 1. centre.
-    xc, mean = _centre(x, dtype, name)
+    # 1. centre (block by block, inside the products).
+    mean = _mean(x, dtype, name)
     mean_sq = n * float(mean.square().sum())
     if n >= d:
         # 2. eigenvectors of the Gram matrix Xc^T Xc = V diag(s^2) V^T.
-        gram = xc.T @ xc
+        gram = _gram(x, mean, x, mean)
         floor = _noise_floor(float(gram.diagonal().sum()), mean_sq, n, input_eps, dtype)
         eigenvalues, vectors = torch.linalg.eigh(gram)
         singular_values, right = _spectrum_from_gram(eigenvalues, vectors)
@@ -505,16 +531,16 @@ def _decompose_checked(x: Tensor, name: str, dtype: torch.dtype, input_eps: floa
             raise ZeroVarianceError(_zero_variance_message(name))
         singular_values, right = singular_values[keep], right[:, keep]
         right = _fix_signs(right)
-        return Decomposition(singular_values, right, None, xc, n, d)
-    # 2. thin SVD of the data itself.
-    left, singular_values, right_t = torch.linalg.svd(xc, full_matrices=False)
+        return Decomposition(singular_values, right, None, x, mean, n, d)
+    # 2. thin SVD of the centred data itself.
+    left, singular_values, right_t = torch.linalg.svd(x.to(dtype) - mean, full_matrices=False)
     floor = _noise_floor(float(singular_values.square().sum()), mean_sq, n, input_eps, dtype)
     keep = _rank_mask(singular_values, floor, n, d, gram=False)
     if not bool(keep.any()):
         raise ZeroVarianceError(_zero_variance_message(name))
     left, singular_values, right = left[:, keep], singular_values[keep], right_t.T[:, keep]
     signs = _sign_of_largest(right)
-    return Decomposition(singular_values, right * signs, left * signs, None, n, d)
+    return Decomposition(singular_values, right * signs, left * signs, None, None, n, d)
 
 
 def _spectrum_from_gram(eigenvalues: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
@@ -594,10 +620,11 @@ def _cross(a: Decomposition, b: Decomposition, kept_a: int | None = None, kept_b
         # Cross-Gram route: Ua^T Ub = diag(1/sa) Va^T (Xa^T Xb) Vb diag(1/sb).
         whiten_a = a.right[:, :kept_a] / a.singular_values[:kept_a]
         whiten_b = b.right[:, :kept_b] / b.singular_values[:kept_b]
-        return whiten_a.T @ (a.centred.T @ b.centred.to(dtype)) @ whiten_b.to(dtype)
+        return whiten_a.T @ _gram(a.data, a.mean, b.data, b.mean.to(dtype)) @ whiten_b.to(dtype)
     if a.left is None:
         whiten_a = a.right[:, :kept_a] / a.singular_values[:kept_a]
-        return whiten_a.T @ (a.centred.T @ b.left[:, :kept_b].to(dtype))
+        # the mean is orthogonal to b's basis (its columns sum to zero), so a's raw data needs no centring here
+        return whiten_a.T @ (a.data.to(dtype).T @ b.left[:, :kept_b].to(dtype))
     return _cross(b, a, kept_b, kept_a).T
 
 

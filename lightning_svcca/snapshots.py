@@ -121,12 +121,13 @@ class Snapshot:
         """The snapshot as a :class:`~lightning_svcca.similarity.Decomposition`, for the public measures."""
         right = None if self.right is None else self.right.to(device=device, dtype=dtype)
         return Decomposition(
-            self.singular_values.to(device=device, dtype=dtype),
-            right,
-            self.left.to(device=device, dtype=dtype),
-            None,
-            self.n_datapoints,
-            self.n_features,
+            singular_values=self.singular_values.to(device=device, dtype=dtype),
+            right=right,
+            left=self.left.to(device=device, dtype=dtype),
+            data=None,
+            mean=None,
+            n_datapoints=self.n_datapoints,
+            n_features=self.n_features,
         )
 
     def to_state(self) -> dict[str, Tensor | int | None]:
@@ -295,7 +296,7 @@ def _spectrum(snapshot: Snapshot, like: Tensor) -> Decomposition:
     """The singular values and right vectors of a snapshot as a basis-free decomposition, on ``like``'s device."""
     right = None if snapshot.right is None else snapshot.right.to(device=like.device, dtype=like.dtype)
     singular_values = snapshot.singular_values.to(device=like.device, dtype=like.dtype)
-    return Decomposition(singular_values, right, None, None, snapshot.n_datapoints, snapshot.n_features)
+    return Decomposition(singular_values, right, None, None, None, snapshot.n_datapoints, snapshot.n_features)
 
 
 def evaluate(

@@ -220,7 +220,6 @@ class _SVCCACallbackCore:
         self._log_dir: Path | None = None
         self._reporter: Reporter | None = None
         self._warned: set[str] = set()
-        self._restored = False
         self._shuffles: dict[int, Tensor] = {}
 
     # ------------------------------------------------------------------------------------------------------------
@@ -330,10 +329,10 @@ class _SVCCACallbackCore:
         if trainer.global_step > self._last_measured_step or not self._measured:
             last = self._measured[-1] if self._measured else -1
             self._measure(trainer, pl_module, max(int(trainer.current_epoch), last + 1), decide_freezes=False)
-        if any(reference.kind == "final" for reference in self._references):
+        if self._wants_final:
             rows = self._compare_with_epoch(trainer, self._measured[-1], "final")
             self.history.extend(rows)
-            self._report(trainer, rows, self._measured[-1], live_final=[])
+            self._report(trainer, rows, self._measured[-1], {"final": self.history})
         if self._reporter is not None:
             self._reporter.flush()
 
@@ -378,7 +377,6 @@ class _SVCCACallbackCore:
         self._probe_fingerprint = state_dict.get("probe_fingerprint")
         self._store.load_state_dict(state_dict.get("snapshots", {}))
         self.skipped = [tuple(entry) for entry in state_dict.get("skipped", [])]
-        self._restored = True
 
     # ------------------------------------------------------------------------------------------------------------
     # Measuring
@@ -410,10 +408,11 @@ class _SVCCACallbackCore:
             rows += [_row(epoch, layer, "frozen", "svcca", float(layer in self.frozen)) for layer in self.layers]
         self.history.extend(rows)
         self._prune(epoch)
-        final_live = []
-        if any(reference.kind == "final" for reference in self._references) and epoch > 0:
-            final_live = self._compare_with_epoch(trainer, epoch, "final")
-        self._report(trainer, rows, epoch, live_final=final_live)
+        heatmaps = {name: self.history for name in self.reference_names if name != "final"}
+        if self._wants_final and epoch > 0:
+            # the learning-dynamics picture so far: every epoch against the latest one (not kept in the history)
+            heatmaps["final"] = self._compare_with_epoch(trainer, epoch, "final")
+        self._report(trainer, rows, epoch, heatmaps)
 
     def _record(self, trainer: Any, pl_module: nn.Module, model: nn.Module) -> ActivationRecorder:
         """Run this process's share of the probe through ``model`` with hooks on the monitored layers."""
@@ -666,9 +665,8 @@ class _SVCCACallbackCore:
 
     def _prune(self, epoch: int) -> None:
         """Forget epoch snapshots no reference will need again."""
-        keep_all = any(reference.kind == "final" for reference in self._references)
-        if keep_all:
-            return
+        if self._wants_final:
+            return  # the final pass needs every epoch
         lags = [reference.lag for reference in self._references if reference.kind == "lag"]
         horizon = max(lags, default=0)
         for layer, tag in self._store.keys():
@@ -728,16 +726,20 @@ class _SVCCACallbackCore:
     # ------------------------------------------------------------------------------------------------------------
 
     def _report(
-        self, trainer: Any, rows: list[dict[str, Any]], epoch: int, *, live_final: list[dict[str, Any]]
+        self, trainer: Any, rows: list[dict[str, Any]], epoch: int, heatmaps: Mapping[str, Sequence[dict[str, Any]]]
     ) -> None:
+        """On rank zero: rows as scalars, a heatmap per reference (drawn from the rows given for it), the CSV."""
         if not trainer.is_global_zero or self._reporter is None:
             return
         self._reporter.scalars(rows)
-        for reference in self.reference_names:
+        for reference, source in heatmaps.items():
             for metric in self.metrics:
-                source = live_final if (reference == "final" and live_final) else self.history
                 self._reporter.heatmap(source, reference=reference, metric=metric, layers=self.layers, step=epoch)
         self._reporter.write_csv(self.history)
+
+    @property
+    def _wants_final(self) -> bool:
+        return any(reference.kind == "final" for reference in self._references)
 
     def _chart_references(self) -> list[str]:
         return self.reference_names + (["baseline"] if self.baseline else [])

@@ -187,9 +187,9 @@ def cca(
     """
     if not epsilon >= 0:  # also refuses NaN
         raise ValueError(f"epsilon must be >= 0 (a ridge on the covariances), got {epsilon}")
-    dx, dy = _decompose_pair(x, y, dtype)
+    dx, dy, cross_gram = _decompose_pair(x, y, dtype)
     _warn_if_few_datapoints(dx.n_datapoints, max(dx.rank, dy.rank), "cca", stacklevel=3)
-    cross = _cross(dx, dy)
+    cross = _cross(dx, dy, cross_gram=cross_gram)
     if epsilon > 0:
         cross = _ridge(dx, epsilon)[:, None] * cross * _ridge(dy, epsilon)[None, :]
     return _correlations(cross)
@@ -272,10 +272,10 @@ def _svcca(
     x: Tensor | Decomposition, y: Tensor | Decomposition, keep: float | int, keep_by: KeepBy, dtype: torch.dtype
 ) -> CCAResult:
     _check_keep(keep, keep_by)
-    dx, dy = _decompose_pair(x, y, dtype)
+    dx, dy, cross_gram = _decompose_pair(x, y, dtype)
     kept_x, kept_y = dx.kept(keep, keep_by), dy.kept(keep, keep_by)
     _warn_if_few_datapoints(dx.n_datapoints, max(kept_x, kept_y), "svcca", stacklevel=4)
-    correlations = _correlations(_cross(dx, dy, kept_x, kept_y))
+    correlations = _correlations(_cross(dx, dy, kept_x, kept_y, cross_gram=cross_gram))
     return CCAResult(correlations.mean(), correlations, (kept_x, kept_y), (dx.rank, dy.rank))
 
 
@@ -318,9 +318,9 @@ def pwcca(
         >>> round(float(pwcca(x, x @ torch.randn(6, 6, dtype=torch.float64))), 6)
         1.0
     """
-    dx, dy = _decompose_pair(x, y, dtype)
+    dx, dy, cross_gram = _decompose_pair(x, y, dtype)
     _warn_if_few_datapoints(dx.n_datapoints, max(dx.rank, dy.rank), "pwcca", stacklevel=3)
-    return _pwcca_from_cross(dx, _cross(dx, dy))
+    return _pwcca_from_cross(dx, _cross(dx, dy, cross_gram=cross_gram))
 
 
 def linear_cka(
@@ -357,8 +357,8 @@ def linear_cka(
     """
     _check_dtype(dtype)
     if isinstance(x, Decomposition) or isinstance(y, Decomposition):
-        dx, dy = _decompose_pair(x, y, dtype)
-        return _cka_from_cross(dx, dy, _cross(dx, dy))
+        dx, dy, cross_gram = _decompose_pair(x, y, dtype)
+        return _cka_from_cross(dx, dy, _cross(dx, dy, cross_gram=cross_gram))
     x = _check_representation(x, "x")
     y = _check_representation(y, "y")
     _check_pair(x, y)
@@ -366,8 +366,8 @@ def linear_cka(
     mean_x, mean_y = _mean(x, dtype, "x"), _mean(y, dtype, "y")
     n = x.shape[0]
     if n >= max(x.shape[1], y.shape[1]):
-        gram_x, gram_y = _gram(x, mean_x, x, mean_x), _gram(y, mean_y, y, mean_y)
-        cross = _gram(x, mean_x, y, mean_y).square().sum()
+        gram_x, gram_y, cross_gram = _block_products(x, mean_x, y, mean_y, own=True)
+        cross = cross_gram.square().sum()
     else:
         xc, yc = x.to(dtype) - mean_x, y.to(dtype) - mean_y
         gram_x, gram_y = xc @ xc.T, yc @ yc.T  # the kernel matrices have the same Frobenius norms and traces
@@ -441,7 +441,11 @@ def _check_keep(keep: float | int, keep_by: str) -> None:
 
 def _decompose_pair(
     x: Tensor | Decomposition, y: Tensor | Decomposition, dtype: torch.dtype
-) -> tuple[Decomposition, Decomposition]:
+) -> tuple[Decomposition, Decomposition, Tensor | None]:
+    """Check and decompose both sides; two tensors on the Gram route share one pass over the data.
+
+    Returns the decompositions and, when that pass ran, the centred cross-Gram ``Xc^T Yc`` it produced.
+    """
     _check_dtype(dtype)
     if not isinstance(x, Decomposition):
         x = _check_representation(x, "x")
@@ -456,9 +460,16 @@ def _decompose_pair(
         )
     if isinstance(x, Tensor) and isinstance(y, Tensor):
         _check_pair(x, y)
+        if n_x >= max(x.shape[1], y.shape[1]):
+            # the three Gram products in one pass over both matrices
+            mean_x, mean_y = _mean(x, dtype, "x"), _mean(y, dtype, "y")
+            gram_x, gram_y, cross_gram = _block_products(x, mean_x, y, mean_y, own=True)
+            dx = _from_gram(x, mean_x, gram_x, "x", torch.finfo(x.dtype).eps)
+            dy = _from_gram(y, mean_y, gram_y, "y", torch.finfo(y.dtype).eps)
+            return dx, dy, cross_gram
     dx = x if isinstance(x, Decomposition) else _decompose_checked(x, "x", dtype)
     dy = y if isinstance(y, Decomposition) else _decompose_checked(y, "y", dtype)
-    return dx, dy
+    return dx, dy, None
 
 
 def _mean(x: Tensor, dtype: torch.dtype, name: str) -> Tensor:
@@ -477,23 +488,45 @@ def _mean(x: Tensor, dtype: torch.dtype, name: str) -> Tensor:
 _BLOCK_BYTES = 1 << 22
 
 
-def _gram(x: Tensor, mean_x: Tensor, y: Tensor, mean_y: Tensor) -> Tensor:
-    """``(x - mean_x)^T (y - mean_y)`` in the means' dtype, centring a block of rows at a time.
+def _block_products(
+    x: Tensor, mean_x: Tensor, y: Tensor, mean_y: Tensor, *, own: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Centred products in the means' dtype, one pass over the rows: ``(Xc^T Xc, Yc^T Yc, Xc^T Yc)``.
 
-    Centring the whole matrices first would allocate (and page in) two more copies of the data, which costs
-    as much as the products themselves when the layers are narrow; blocks of a few MiB are centred in cache.
+    With ``own=False`` only the cross product is formed (the first two are empty). Rows are centred a block of a
+    few MiB at a time, in reused buffers: centring whole matrices first would allocate (and page in) copies of
+    the data, which costs as much as the products themselves when layers are narrow.
     """
     dtype, device = mean_x.dtype, x.device
-    rows = min(x.shape[0], max(64, _BLOCK_BYTES // (8 * (x.shape[1] + y.shape[1]))))
-    product = torch.zeros(x.shape[1], y.shape[1], dtype=dtype, device=device)
-    buffer_x = torch.empty(rows, x.shape[1], dtype=dtype, device=device)
-    buffer_y = buffer_x if x is y else torch.empty(rows, y.shape[1], dtype=dtype, device=device)
+    d1, d2 = x.shape[1], y.shape[1]
+    rows = min(x.shape[0], max(64, _BLOCK_BYTES // (8 * (d1 + d2))))
+    gram_x = torch.zeros(d1 if own else 0, d1 if own else 0, dtype=dtype, device=device)
+    gram_y = torch.zeros(d2 if own else 0, d2 if own else 0, dtype=dtype, device=device)
+    cross = torch.zeros(d1, d2, dtype=dtype, device=device)
+    buffer_x = torch.empty(rows, d1, dtype=dtype, device=device)
+    buffer_y = torch.empty(rows, d2, dtype=dtype, device=device)
     for start in range(0, x.shape[0], rows):
         stop = min(start + rows, x.shape[0])
         block_x = torch.sub(x[start:stop], mean_x, out=buffer_x[: stop - start])
-        block_y = block_x if x is y else torch.sub(y[start:stop], mean_y, out=buffer_y[: stop - start])
-        product.addmm_(block_x.T, block_y)
-    return product
+        block_y = torch.sub(y[start:stop], mean_y, out=buffer_y[: stop - start])
+        cross.addmm_(block_x.T, block_y)
+        if own:
+            gram_x.addmm_(block_x.T, block_x)
+            gram_y.addmm_(block_y.T, block_y)
+    return gram_x, gram_y, cross
+
+
+def _gram(x: Tensor, mean: Tensor) -> Tensor:
+    """``Xc^T Xc``, centring a block of rows at a time."""
+    dtype, device = mean.dtype, x.device
+    rows = min(x.shape[0], max(64, _BLOCK_BYTES // (8 * x.shape[1])))
+    gram = torch.zeros(x.shape[1], x.shape[1], dtype=dtype, device=device)
+    buffer = torch.empty(rows, x.shape[1], dtype=dtype, device=device)
+    for start in range(0, x.shape[0], rows):
+        stop = min(start + rows, x.shape[0])
+        block = torch.sub(x[start:stop], mean, out=buffer[: stop - start])
+        gram.addmm_(block.T, block)
+    return gram
 
 
 def _raise_if_not_finite(x: Tensor, name: str) -> None:
@@ -519,20 +552,10 @@ def _decompose_checked(x: Tensor, name: str, dtype: torch.dtype, input_eps: floa
     input_eps = torch.finfo(x.dtype).eps if input_eps is None else input_eps
     # 1. centre (block by block, inside the products).
     mean = _mean(x, dtype, name)
-    mean_sq = n * float(mean.square().sum())
     if n >= d:
-        # 2. eigenvectors of the Gram matrix Xc^T Xc = V diag(s^2) V^T.
-        gram = _gram(x, mean, x, mean)
-        floor = _noise_floor(float(gram.diagonal().sum()), mean_sq, n, input_eps, dtype)
-        eigenvalues, vectors = torch.linalg.eigh(gram)
-        singular_values, right = _spectrum_from_gram(eigenvalues, vectors)
-        keep = _rank_mask(singular_values, floor, n, d, gram=True)
-        if not bool(keep.any()):
-            raise ZeroVarianceError(_zero_variance_message(name))
-        singular_values, right = singular_values[keep], right[:, keep]
-        right = _fix_signs(right)
-        return Decomposition(singular_values, right, None, x, mean, n, d)
+        return _from_gram(x, mean, _gram(x, mean), name, input_eps)
     # 2. thin SVD of the centred data itself.
+    mean_sq = n * float(mean.square().sum())
     left, singular_values, right_t = torch.linalg.svd(x.to(dtype) - mean, full_matrices=False)
     floor = _noise_floor(float(singular_values.square().sum()), mean_sq, n, input_eps, dtype)
     keep = _rank_mask(singular_values, floor, n, d, gram=False)
@@ -541,6 +564,17 @@ def _decompose_checked(x: Tensor, name: str, dtype: torch.dtype, input_eps: floa
     left, singular_values, right = left[:, keep], singular_values[keep], right_t.T[:, keep]
     signs = _sign_of_largest(right)
     return Decomposition(singular_values, right * signs, left * signs, None, None, n, d)
+
+
+def _from_gram(x: Tensor, mean: Tensor, gram: Tensor, name: str, input_eps: float) -> Decomposition:
+    """The Gram route: eigenvectors of ``Xc^T Xc = V diag(s^2) V^T``, cut to numerical rank."""
+    n, d = x.shape
+    floor = _noise_floor(float(gram.diagonal().sum()), n * float(mean.square().sum()), n, input_eps, gram.dtype)
+    singular_values, right = _spectrum_from_gram(*torch.linalg.eigh(gram))
+    keep = _rank_mask(singular_values, floor, n, d, gram=True)
+    if not bool(keep.any()):
+        raise ZeroVarianceError(_zero_variance_message(name))
+    return Decomposition(singular_values[keep], _fix_signs(right[:, keep]), None, x, mean, n, d)
 
 
 def _spectrum_from_gram(eigenvalues: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
@@ -609,8 +643,18 @@ def _kept_count(singular_values: Tensor, keep: float | int, keep_by: str) -> int
     return max(1, min(rank, int((cumulative < target).sum()) + 1))
 
 
-def _cross(a: Decomposition, b: Decomposition, kept_a: int | None = None, kept_b: int | None = None) -> Tensor:
-    """``Ua[:, :kept_a]^T Ub[:, :kept_b]``, by whichever route the two decompositions allow."""
+def _cross(
+    a: Decomposition,
+    b: Decomposition,
+    kept_a: int | None = None,
+    kept_b: int | None = None,
+    *,
+    cross_gram: Tensor | None = None,
+) -> Tensor:
+    """``Ua[:, :kept_a]^T Ub[:, :kept_b]``, by whichever route the two decompositions allow.
+
+    ``cross_gram`` is ``Xa_c^T Xb_c`` when the caller already has it (two tensors decomposed together).
+    """
     kept_a = a.rank if kept_a is None else kept_a
     kept_b = b.rank if kept_b is None else kept_b
     dtype = a.singular_values.dtype
@@ -620,7 +664,9 @@ def _cross(a: Decomposition, b: Decomposition, kept_a: int | None = None, kept_b
         # Cross-Gram route: Ua^T Ub = diag(1/sa) Va^T (Xa^T Xb) Vb diag(1/sb).
         whiten_a = a.right[:, :kept_a] / a.singular_values[:kept_a]
         whiten_b = b.right[:, :kept_b] / b.singular_values[:kept_b]
-        return whiten_a.T @ _gram(a.data, a.mean, b.data, b.mean.to(dtype)) @ whiten_b.to(dtype)
+        if cross_gram is None:
+            cross_gram = _block_products(a.data, a.mean, b.data, b.mean.to(dtype))[2]
+        return whiten_a.T @ cross_gram @ whiten_b.to(dtype)
     if a.left is None:
         whiten_a = a.right[:, :kept_a] / a.singular_values[:kept_a]
         # the mean is orthogonal to b's basis (its columns sum to zero), so a's raw data needs no centring here

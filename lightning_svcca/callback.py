@@ -408,7 +408,8 @@ class _SVCCACallbackCore:
             rows += [_row(epoch, layer, "frozen", "svcca", float(layer in self.frozen)) for layer in self.layers]
         self.history.extend(rows)
         self._prune(epoch)
-        heatmaps = {name: self.history for name in self.reference_names if name != "final"}
+        # heatmaps of the references the user asked for (a freeze policy's lag reference is only charted)
+        heatmaps = {ref.name: self.history for ref in self._references if ref.kind not in ("final", "lag")}
         if self._wants_final and epoch > 0:
             # the learning-dynamics picture so far: every epoch against the latest one (not kept in the history)
             heatmaps["final"] = self._compare_with_epoch(trainer, epoch, "final")

@@ -54,7 +54,7 @@ from lightning_svcca.freezing import (
 from lightning_svcca.probe import ForwardFn, Probe, batch_size, build_probe, run_probe
 from lightning_svcca.references import Reference, check_reference_layers, device_of, parse_references, reference_model
 from lightning_svcca.reporting import Reporter
-from lightning_svcca.similarity import DATAPOINTS_PER_DIRECTION, SimilarityWarning, ZeroVarianceError, _check_keep
+from lightning_svcca.similarity import DATAPOINTS_PER_DIRECTION, SimilarityWarning, _check_keep
 from lightning_svcca.snapshots import (
     METRICS,
     Collective,
@@ -165,6 +165,11 @@ class _SVCCACallbackCore:
             raise ValueError(
                 f"FreezePolicy.lag={freeze.lag} must be a multiple of every_n_epochs={every_n_epochs}: convergence"
                 " compares a layer with its snapshot lag epochs earlier, so that epoch must be measured"
+            )
+        if freeze is not None and freeze.mode == "convergence" and freeze.metric not in metrics:
+            raise ValueError(
+                f"FreezePolicy(metric={freeze.metric!r}) judges convergence by a metric the callback does not"
+                f" measure; add it: metrics={(*metrics, freeze.metric)}"
             )
         if freeze is not None and freeze.noise_aware and not baseline:
             raise ValueError("FreezePolicy(noise_aware=True) needs the shuffled baseline: keep baseline=True")
@@ -476,7 +481,8 @@ class _SVCCACallbackCore:
     ) -> dict[str, Snapshot]:
         """Build one snapshot per layer; a layer that fails is skipped with a warning."""
         collective = self._collective(trainer)
-        present = collective.sum(torch.tensor([float(layer in recorder.activations) for layer in layers]))
+        ran = [float(layer in recorder.activations) for layer in layers]
+        present = collective.sum(torch.tensor(ran, device=device_of(trainer.lightning_module)))
         snapshots = {}
         for layer, count in zip(layers, present.tolist(), strict=True):
             if count < collective.world_size:
@@ -502,10 +508,7 @@ class _SVCCACallbackCore:
                 input_eps=input_eps,
                 dtype=self._dtype(trainer),
             )
-        except ZeroVarianceError as error:
-            self._skip(trainer, epoch, layer, f"{error} ({label})")
-            return None
-        except ValueError as error:
+        except ValueError as error:  # ZeroVarianceError (a dead layer) included: skip the layer, train on
             self._skip(trainer, epoch, layer, f"{error} ({label})")
             return None
         recommended = DATAPOINTS_PER_DIRECTION * snapshot.kept

@@ -22,6 +22,7 @@ import numpy as np
 
 __all__ = [
     "HISTORY_COLUMNS",
+    "HeatmapFigure",
     "Reporter",
     "convergence_epochs",
     "heatmap_image",
@@ -99,33 +100,50 @@ def convergence_epochs(
     return result
 
 
+class HeatmapFigure:
+    """A layers x epochs heatmap, first layer at the bottom, redrawn as the epochs come in.
+
+    Uses matplotlib's object API with the Agg canvas (no pyplot state, no display needed). The figure is built
+    once and redrawn with new data: building the axes costs three times as much as drawing them, and the
+    callback redraws every epoch.
+    """
+
+    def __init__(self, *, title: str, label: str) -> None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        self._figure = Figure(dpi=100)
+        self._canvas = FigureCanvasAgg(self._figure)
+        self._axes = self._figure.add_subplot()
+        self._image = self._axes.imshow(
+            np.zeros((1, 1)), origin="lower", aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis"
+        )
+        self._axes.set_xlabel("epoch", fontsize=8)
+        self._axes.set_title(title, fontsize=9)
+        self._figure.colorbar(self._image, ax=self._axes, label=label).ax.tick_params(labelsize=7)
+
+    def render(self, layers: Sequence[str], epochs: Sequence[int], matrix: np.ndarray) -> np.ndarray:
+        """The heatmap of ``matrix[i, j]`` (layer ``i``, epoch ``j``) as an RGB image ``(H, W, 3)``."""
+        height = 1.6 + 0.32 * max(len(layers), 1)
+        label_width = 0.3 + 0.06 * max((len(layer) for layer in layers), default=1)  # inches, 7-point labels
+        width = label_width + 2.9 + min(0.22 * max(len(epochs), 1), 9.0)
+        self._figure.set_size_inches(width, height)
+        self._image.set_data(np.ma.masked_invalid(matrix))
+        self._image.set_extent((-0.5, len(epochs) - 0.5, -0.5, len(layers) - 0.5))
+        self._axes.set_yticks(range(len(layers)), labels=list(layers), fontsize=7)
+        step = max(1, math.ceil(len(epochs) / 12))
+        self._axes.set_xticks(range(0, len(epochs), step), labels=[str(e) for e in epochs[::step]], fontsize=7)
+        # margins from the label width (tight_layout would cost a third of the drawing time, every epoch)
+        self._figure.subplots_adjust(left=label_width / width, right=0.97, bottom=0.5 / height, top=1.0 - 0.35 / height)
+        self._canvas.draw()
+        return np.asarray(self._canvas.buffer_rgba())[..., :3].copy()
+
+
 def heatmap_image(
     layers: Sequence[str], epochs: Sequence[int], matrix: np.ndarray, *, title: str, label: str
 ) -> np.ndarray:
-    """Render a layers x epochs matrix as an RGB image ``(H, W, 3)``, first layer at the bottom.
-
-    Uses matplotlib's object API with the Agg canvas (no pyplot state, no display needed).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    height = 1.6 + 0.32 * max(len(layers), 1)
-    label_width = 0.3 + 0.06 * max((len(layer) for layer in layers), default=1)  # inches, 7-point labels
-    width = label_width + 2.9 + min(0.22 * max(len(epochs), 1), 9.0)
-    figure = Figure(figsize=(width, height), dpi=100)
-    canvas = FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    image = axes.imshow(np.ma.masked_invalid(matrix), origin="lower", aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis")
-    axes.set_yticks(range(len(layers)), labels=list(layers), fontsize=7)
-    step = max(1, math.ceil(len(epochs) / 12))
-    axes.set_xticks(range(0, len(epochs), step), labels=[str(e) for e in epochs[::step]], fontsize=7)
-    axes.set_xlabel("epoch", fontsize=8)
-    axes.set_title(title, fontsize=9)
-    figure.colorbar(image, ax=axes, label=label).ax.tick_params(labelsize=7)
-    # margins from the label width (tight_layout would cost a third of the drawing time, every epoch)
-    figure.subplots_adjust(left=label_width / width, right=0.97, bottom=0.5 / height, top=1.0 - 0.35 / height)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    """Render a layers x epochs matrix as an RGB image ``(H, W, 3)``, first layer at the bottom."""
+    return HeatmapFigure(title=title, label=label).render(layers, epochs, matrix)
 
 
 def write_history_csv(history: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
@@ -159,6 +177,7 @@ class Reporter:
     def __init__(self, loggers: Sequence[Any], log_dir: str | Path | None) -> None:
         self.loggers = list(loggers)
         self.csv_path = None if log_dir is None else Path(log_dir) / HISTORY_FILE
+        self._figures: dict[str, HeatmapFigure] = {}
 
     def scalars(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Log rows as scalars, one ``log_metrics`` call per epoch (the step)."""
@@ -187,9 +206,12 @@ class Reporter:
         names, epochs, matrix = history_matrix(history, reference, metric, layers)
         if not names or not epochs:
             return
-        image = heatmap_image(names, epochs, matrix, title=f"{metric} to {reference}", label=metric)
+        name = tag(metric, reference, "heatmap")
+        if name not in self._figures:
+            self._figures[name] = HeatmapFigure(title=f"{metric} to {reference}", label=metric)
+        image = self._figures[name].render(names, epochs, matrix)
         for writer in writers:
-            writer.add_image(tag(metric, reference, "heatmap"), image, step, dataformats="HWC")
+            writer.add_image(name, image, step, dataformats="HWC")
 
     def layout(self, charts: Sequence[tuple[str, str]], layers: Sequence[str]) -> None:
         """Custom-scalars layout: one chart per ``(metric, reference)`` with every layer on it, grouped by metric."""

@@ -87,6 +87,8 @@ def test_policy_rejects_bad_values(kwargs, match):
 def test_callback_checks_the_policy_against_its_cadence():
     with pytest.raises(ValueError, match="multiple of every_n_epochs"):
         SVCCACallback(probe=torch.zeros(4, 3), freeze=FreezePolicy(lag=3), every_n_epochs=2)
+    with pytest.raises(ValueError, match="does not\\s+measure; add it"):
+        SVCCACallback(probe=torch.zeros(4, 3), freeze=FreezePolicy(metric="pwcca"), metrics=["svcca"])
     with pytest.raises(ValueError, match="noise_aware=True\\) needs the shuffled baseline"):
         SVCCACallback(probe=torch.zeros(4, 3), freeze=FreezePolicy(noise_aware=True), baseline=False)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,7 +32,6 @@ __all__ = [
     "freeze_blocks",
     "is_hard_freeze_supported",
     "rebuild_ddp_wrapper",
-    "trainable_parameter_count",
 ]
 
 FreezeMode = Literal["convergence", "linear", "schedule"]
@@ -261,15 +260,10 @@ class Freezer:
         ``norms=False`` leaves BatchNorm modes alone (the callback restores eval mode at each batch start, and
         switching before the fit loop starts makes Lightning warn about modules in eval mode).
         """
-        named = dict(model.named_parameters())
-        for names in self.parameters.values():
-            for name in names:
-                parameter = named.get(name)
-                if parameter is None:
-                    continue
-                if self.hard:
-                    parameter.requires_grad_(False)
-                parameter.grad = None
+        for parameter in self._frozen_parameters(model):
+            if self.hard:
+                parameter.requires_grad_(False)
+            parameter.grad = None
         if norms:
             self.keep_norms_in_eval(model)
 
@@ -283,16 +277,15 @@ class Freezer:
 
     def drop_gradients(self, model: nn.Module) -> None:
         """Soft freezing: clear the frozen parameters' gradients (call before each optimizer step)."""
+        for parameter in self._frozen_parameters(model):
+            parameter.grad = None
+
+    def _frozen_parameters(self, model: nn.Module) -> Iterator[nn.Parameter]:
         named = dict(model.named_parameters())
         for names in self.parameters.values():
             for name in names:
                 if name in named:
-                    named[name].grad = None
-
-    def frozen_parameter_count(self, model: nn.Module) -> int:
-        """Number of scalar parameters frozen."""
-        named = dict(model.named_parameters())
-        return sum(named[name].numel() for names in self.parameters.values() for name in names if name in named)
+                    yield named[name]
 
     def state_dict(self) -> dict[str, Any]:
         """Plain state for checkpoints."""
@@ -343,8 +336,3 @@ def is_hard_freeze_supported(strategy: Any) -> bool:
 
 def _has_running_stats(module: nn.Module) -> bool:
     return isinstance(module, (_BatchNorm, _InstanceNorm)) and bool(getattr(module, "track_running_stats", False))
-
-
-def trainable_parameter_count(model: nn.Module) -> int:
-    """Scalar parameters that currently require gradients."""
-    return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Iterator
+import logging
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import pytorch_lightning as pl
 import torch
 
 
@@ -36,3 +40,13 @@ def cpu_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def run_example(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> Any:
+    """``run(args)`` seeded, with ``args.threads`` CPU threads, and without Lightning's advice for large jobs."""
+    with cpu_threads(args.threads), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        pl.seed_everything(args.seed, workers=True, verbose=False)
+        logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+        return run(args)

@@ -22,8 +22,6 @@ TensorBoard events and ``svcca_history.csv`` (every measured value) go under ``-
 from __future__ import annotations
 
 import argparse
-import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ from torch.utils.data import DataLoader
 from lightning_svcca import SVCCACallback
 from lightning_svcca.reporting import HISTORY_FILE, convergence_epochs, history_matrix
 
-from common import HelpFormatter, add_run_arguments, cpu_threads
+from common import HelpFormatter, add_run_arguments, run_example
 from digits import DigitsCNN, accuracy, load_data
 
 #: Monitored layers, bottom-up: the output of each block after its non-linearity.
@@ -117,17 +115,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.quick:
         args.epochs, args.probe_size = 5, 300
-    with cpu_threads(args.threads):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*does not have many workers.*")
-            warnings.filterwarnings("ignore", ".*LeafSpec.*")
-            return run(args)
+    return run_example(run, args)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The body of :func:`main`, on parsed arguments."""
-    pl.seed_everything(args.seed, workers=True, verbose=False)
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     train, test = load_data()
     callback = SVCCACallback(
         probe=test.tensors[0][: args.probe_size],  # held-out digits, never trained on

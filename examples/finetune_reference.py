@@ -23,8 +23,6 @@ The checkpoint, TensorBoard events and ``svcca_history.csv`` go under ``--root``
 from __future__ import annotations
 
 import argparse
-import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_svcca import SVCCACallback
 from lightning_svcca.reporting import HISTORY_FILE, history_matrix
 
-from common import HelpFormatter, add_run_arguments, cpu_threads
+from common import HelpFormatter, add_run_arguments, run_example
 from digits import DigitsCNN, accuracy, load_data
 
 #: Monitored layers, bottom-up: each block after its non-linearity, then the (new) output layer.
@@ -126,17 +124,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.quick:
         args.pretrain_epochs, args.finetune_epochs = 3, 3
-    with cpu_threads(args.threads):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*does not have many workers.*")
-            warnings.filterwarnings("ignore", ".*LeafSpec.*")
-            return run(args)
+    return run_example(run, args)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The body of :func:`main`, on parsed arguments."""
-    pl.seed_everything(args.seed, workers=True, verbose=False)
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     train, test = load_data(test_size=600)
     old_train, old_test = only(train, PRETRAIN_CLASSES), only(test, PRETRAIN_CLASSES)
     new_train, new_test = only(train, FINETUNE_CLASSES), only(test, FINETUNE_CLASSES)

@@ -28,9 +28,7 @@ TensorBoard events and ``svcca_history.csv`` go under ``--root``.
 from __future__ import annotations
 
 import argparse
-import logging
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +41,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_svcca import SVCCACallback
 from lightning_svcca.reporting import HISTORY_FILE, history_matrix
 
-from common import HelpFormatter, add_run_arguments, cpu_threads
+from common import HelpFormatter, add_run_arguments, run_example
 
 #: Monitored layers, bottom-up: per-frame input projection, each encoder layer, the per-sequence classifier.
 LAYERS = ("proj", "encoder.layers.0", "encoder.layers.1", "classifier")
@@ -231,17 +229,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.quick:
         args.epochs, args.probe_size = 5, 150
-    with cpu_threads(args.threads):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*does not have many workers.*")
-            warnings.filterwarnings("ignore", ".*LeafSpec.*")
-            return run(args)
+    return run_example(run, args)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The body of :func:`main`, on parsed arguments."""
-    pl.seed_everything(args.seed, workers=True, verbose=False)
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     generator = torch.Generator().manual_seed(args.seed)
     train = make_sequences(args.train_size, generator)
     test = make_sequences(args.test_size, generator)

@@ -75,16 +75,11 @@ class EpochTimer(pl.Callback):
 
 
 class TimedSVCCACallback(SVCCACallback):
-    """Records how long each measurement takes."""
+    """Keeps the monitor's per-measurement seconds (by epoch) after the fit."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.measure_seconds: dict[int, float] = {}
-
-    def _measure(self, trainer, pl_module, epoch, **kwargs):
-        start = time.perf_counter()
-        super()._measure(trainer, pl_module, epoch, **kwargs)
-        self.measure_seconds[epoch] = time.perf_counter() - start
+    @property
+    def measure_seconds(self) -> dict[int, float]:
+        return self.monitor.timings
 
 
 @dataclass

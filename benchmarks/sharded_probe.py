@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -33,23 +32,15 @@ from overhead import LAYERS, SyntheticCNN  # noqa: E402
 
 
 class TimedCallback(SVCCACallback):
-    """Records the probe-pass and whole-measurement seconds of every measurement."""
+    """Keeps the monitor's probe-pass and whole-measurement seconds after the fit."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.record_seconds: list[float] = []
-        self.measure_seconds: list[float] = []
+    @property
+    def record_seconds(self) -> list[float]:
+        return list(self.monitor.probe_timings.values())
 
-    def _record(self, *args, **kwargs):
-        start = time.perf_counter()
-        recorder = super()._record(*args, **kwargs)
-        self.record_seconds.append(time.perf_counter() - start)
-        return recorder
-
-    def _measure(self, *args, **kwargs):
-        start = time.perf_counter()
-        super()._measure(*args, **kwargs)
-        self.measure_seconds.append(time.perf_counter() - start)
+    @property
+    def measure_seconds(self) -> list[float]:
+        return list(self.monitor.timings.values())
 
 
 def worker(shard: bool, probe_size: int, out: Path) -> None:

@@ -183,7 +183,7 @@ def test_every_n_epochs_and_no_logger(make_trainer, tmp_path, digits, digits_loa
     assert _epochs(callback.history, "previous") == [2, 4, 5]
     assert _epochs(callback.history, "final") == [0, 2, 4, 5]
     # "previous" means the last measured epoch: epoch 5 against epoch 4
-    assert callback._measured == [0, 2, 4, 5]
+    assert callback.monitor.measured == [0, 2, 4, 5]
     # without a logger the history file goes to the default_root_dir
     assert read_history_csv(tmp_path / "svcca_history.csv") == callback.history
 
@@ -195,22 +195,33 @@ class _Watched(SVCCACallback):
         super().__init__(*args, **kwargs)
         self.visits = []
 
-    def _measure(self, trainer, pl_module, epoch, *, decide_freezes=True):
+    def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
+        measure = self.monitor._measure
+
+        def watched(epoch, step, *, decide_freezes=True):
+            self._visit(trainer, pl_module, epoch, lambda: measure(epoch, step, decide_freezes=decide_freezes))
+
+        self.monitor._measure = watched
+
+    def _visit(self, trainer, pl_module, epoch, measure):
         flags = {name: module.training for name, module in pl_module.named_modules()}
         state = {name: value.clone() for name, value in pl_module.state_dict().items()}
         rng = torch.get_rng_state()
         # two probes of the same weights, dropout and BatchNorm in the model
-        first = self._record(trainer, pl_module, pl_module)
-        second = self._record(trainer, pl_module, pl_module)
+        capture = self.monitor._capture
+        device = next(pl_module.parameters()).device
+        first = capture.record(pl_module, device)
+        second = capture.record(pl_module, device)
         identical = all(torch.equal(first.activations[k], second.activations[k]) for k in first.activations)
-        layers = self._settle_layer_order(trainer, first)
-        snapshots = [self._snapshots_from(trainer, rec, layers, epoch, label="test") for rec in (first, second)]
+        layers = self.monitor._settle_layer_order(first.order)
+        snapshots = [capture.snapshots(rec, layers, epoch, device, label="test") for rec in (first, second)]
         identical_snapshots = all(
             torch.equal(snapshots[0][layer].left, snapshots[1][layer].left)
             and torch.equal(snapshots[0][layer].singular_values, snapshots[1][layer].singular_values)
             for layer in snapshots[0]
         )
-        super()._measure(trainer, pl_module, epoch, decide_freezes=decide_freezes)
+        measure()
         self.visits.append(
             {
                 "epoch": epoch,
@@ -502,10 +513,10 @@ def test_default_probe_from_the_dataloaders(make_trainer, digits, digits_loaders
     trainer = make_trainer([callback], max_epochs=1, logger=False, limit_val_batches=1 if with_validation else 0)
     trainer.fit(digits_cnn(), train, val if with_validation else None)
     source = (val if with_validation else train).dataset.tensors
-    assert callback._probe.size == 40
+    assert callback.monitor.probe.size == 40
     # the first 40 samples of the dataset, not of a shuffled epoch
-    assert torch.equal(callback._probe.batch[0], source[0][:40])
-    assert torch.equal(callback._probe.batch[1], source[1][:40])
+    assert torch.equal(callback.monitor.probe.batch[0], source[0][:40])
+    assert torch.equal(callback.monitor.probe.batch[1], source[1][:40])
     assert _epochs(callback.history, "previous") == [1]
 
 

@@ -10,7 +10,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from lightning_svcca import FreezePolicy, SVCCACallback
+from lightning_svcca import FreezePolicy, SVCCACallback, SVCCAMonitor
 from lightning_svcca.freezing import Freezer, freeze_blocks
 
 from digits_models import DigitsCNN, digits_tensors
@@ -272,15 +272,22 @@ def test_resume_keeps_frozen_layers_frozen_and_history_complete(tmp_path):
     assert trainer.current_epoch == 5
 
 
-def test_frozen_state_is_plain_and_round_trips(tmp_path):
-    callback = SVCCACallback(probe=torch.zeros(4, 1, 8, 8), layers=LAYERS, freeze=FreezePolicy(lag=1))
-    callback.frozen = {"relu1": 3}
-    callback._streaks = {"relu1": 2}
-    callback._freezer.parameters = {"relu1": ["conv1.weight"]}
-    state = copy.deepcopy(callback.state_dict())
-    other = SVCCACallback(probe=torch.zeros(4, 1, 8, 8), layers=LAYERS, freeze=FreezePolicy(lag=1))
+def test_frozen_state_is_plain_and_round_trips(digits_cnn):
+    def monitor():
+        return SVCCAMonitor(digits_cnn(), probe=torch.zeros(4, 1, 8, 8), layers=LAYERS, freeze=FreezePolicy(lag=1))
+
+    first = monitor()
+    first.frozen = {"relu1": 3}
+    first.streaks = {"relu1": 2}
+    first.freezer.parameters = {"relu1": ["conv1.weight"]}
+    state = copy.deepcopy(first.state_dict())
+    other = monitor()
     other.load_state_dict(state)
-    assert other.frozen == {"relu1": 3} and other._streaks == {"relu1": 2}
-    assert other._freezer.parameters == {"relu1": ["conv1.weight"]}
+    assert other.frozen == {"relu1": 3} and other.streaks == {"relu1": 2}
+    assert other.freezer.parameters == {"relu1": ["conv1.weight"]}
+    # the callback hands a checkpoint's state to the monitor it builds for the fit
+    callback = SVCCACallback(probe=torch.zeros(4, 1, 8, 8), layers=LAYERS, freeze=FreezePolicy(lag=1))
+    callback.load_state_dict(state)
+    assert callback.frozen == {"relu1": 3} and callback.state_dict() == state
     # older checkpoints without the newer keys still load
-    SVCCACallback(probe=torch.zeros(4, 1, 8, 8), layers=LAYERS).load_state_dict({"history": []})
+    monitor().load_state_dict({"history": []})

@@ -7,7 +7,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lightning_svcca import SVCCACallback
+from lightning_svcca import SVCCACallback, SVCCAMonitor
 from lightning_svcca.activations import ActivationRecorder, LayerSpec, probe_share
 from lightning_svcca.probe import build_probe, run_probe
 
@@ -26,7 +26,7 @@ class _SpillWatcher(pl.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.state = self.svcca.state_dict()  # what a checkpoint saved now would hold
-        store = self.svcca._store
+        store = self.svcca.monitor.store
         if store.spill_dir is not None:
             self.spill_dirs.add(store.spill_dir)
             assert any(store.spill_dir.iterdir())
@@ -61,7 +61,7 @@ def _fit(tmp_path, max_snapshot_bytes, model=None, epochs=4):
 
 def test_a_small_budget_spills_to_files_and_loses_nothing(tmp_path):
     unbounded, _ = _fit(tmp_path / "unbounded", None)
-    one_snapshot = max(unbounded._store.get(key).nbytes for key in unbounded._store.keys())
+    one_snapshot = max(unbounded.monitor.store.get(key).nbytes for key in unbounded.monitor.store.keys())
     bounded, watcher = _fit(tmp_path / "bounded", 2 * one_snapshot)
     assert watcher.spill_dirs, "nothing was spilled"
     assert watcher.max_held <= 2 * one_snapshot
@@ -167,8 +167,7 @@ def test_gpu_run_matches_cpu(tmp_path, compute_dtype):
     ],
 )
 def test_decomposition_precision(device, metrics, compute_dtype, expected):
-    from types import SimpleNamespace
-
-    trainer = SimpleNamespace(lightning_module=SimpleNamespace(device=torch.device(device)))
-    callback = SVCCACallback(probe=torch.zeros(4, 2), metrics=metrics, compute_dtype=compute_dtype)
-    assert callback._dtype(trainer) == expected
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model.device = torch.device(device)  # the device a LightningModule reports; no GPU needed to check the choice
+    monitor = SVCCAMonitor(model, probe=torch.zeros(4, 2), metrics=metrics, compute_dtype=compute_dtype)
+    assert monitor.compute_dtype() == expected

@@ -1,0 +1,202 @@
+"""From model to snapshots: run the probe with hooks on the monitored layers and compress each layer's rows.
+
+One :class:`Capture` serves a whole run. :meth:`Capture.record` runs this process's share of the probe through a
+model (the trained one, or a fixed reference model) and returns the :class:`ActivationRecorder` holding the
+reduced outputs; :meth:`Capture.snapshots` turns those rows into :class:`~lightning_svcca.snapshots.Snapshot`
+objects, skipping (with a warning, through ``skip``) any layer that did not run everywhere, is dead, or holds NaN.
+Feature references (a tensor aligned with the probe's samples) are laid out like each layer's rows by
+:meth:`Capture.feature_snapshots`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_svcca.activations import ActivationRecorder, LayerSpec, layer_seed, probe_share, reduce_output
+from lightning_svcca.distributed import buffers_from_rank_zero, shard
+from lightning_svcca.probe import ForwardFn, Probe, batch_size, run_probe
+from lightning_svcca.similarity import DATAPOINTS_PER_DIRECTION
+from lightning_svcca.snapshots import Collective, Snapshot, build_snapshot
+
+__all__ = ["Capture", "CaptureOptions"]
+
+#: ``skip(epoch, layer, reason)``: record and warn about a layer left out of one measurement.
+SkipFn = Callable[[int, str, str], None]
+#: ``warn_once(key, message)``: a soft problem, warned about once per key.
+WarnFn = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    """How the probe runs and how rows are compressed (the monitor's arguments of the same names)."""
+
+    probe_batch_size: int = 256
+    forward_fn: ForwardFn | None = None
+    max_datapoints: int = 4096
+    keep: float | int = 0.99
+    keep_by: str = "singular_values"
+    full_rank: bool = False
+    with_right: bool = False
+    dtype: torch.dtype = torch.float64
+
+
+class Capture:
+    """Probe passes and snapshots for one run: a fixed probe, fixed layer specs, fixed options.
+
+    Args:
+        probe: the probe batch.
+        specs: the monitored layers.
+        options: probe and snapshot options.
+        collective: sums and gathers across processes for a sharded probe (``LocalCollective`` otherwise).
+        skip: called for a layer left out of a measurement.
+        warn_once: called for soft problems (few datapoints).
+        forward_context: a context manager factory wrapped around each probe pass (e.g. a precision context).
+    """
+
+    def __init__(
+        self,
+        probe: Probe,
+        specs: Sequence[LayerSpec],
+        options: CaptureOptions,
+        collective: Collective,
+        *,
+        skip: SkipFn,
+        warn_once: WarnFn,
+        forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+    ) -> None:
+        self.probe = probe
+        self.specs = list(specs)
+        self.options = options
+        self.collective = collective
+        self._skip = skip
+        self._warn_once = warn_once
+        self._forward_context = forward_context
+
+    def record(self, model: nn.Module, device: torch.device) -> ActivationRecorder:
+        """Run this process's share of the probe through ``model`` on ``device`` with hooks on the layers."""
+        probe = self.probe
+        start, stop = shard(probe.size, self.collective)
+        mask_frames = None
+        if probe.mask_key is not None:
+            mask = probe.batch[probe.mask_key]
+            mask_frames = int(mask.shape[1]) if mask.ndim == 2 else None
+        recorder = ActivationRecorder(
+            model,
+            self.specs,
+            per_sample=probe_share(self.options.max_datapoints, probe.size),
+            mask_frames=mask_frames,
+        )
+
+        def before_chunk(first: int, chunk: Any) -> None:
+            recorder.start_chunk(first, probe.lengths(chunk), batch_size(chunk), device)
+
+        with buffers_from_rank_zero(model, self.collective), recorder:
+            run_probe(
+                model,
+                probe,
+                chunk_size=self.options.probe_batch_size,
+                device=device,
+                forward_fn=self.options.forward_fn,
+                start=start,
+                stop=stop,
+                before_chunk=before_chunk,
+                forward_context=self._forward_context,
+            )
+        return recorder
+
+    def snapshots(
+        self, recorder: ActivationRecorder, layers: Sequence[str], epoch: int, device: torch.device, *, label: str
+    ) -> dict[str, Snapshot]:
+        """One snapshot per layer that ran on every process; a layer that fails is skipped."""
+        ran = [float(layer in recorder.activations) for layer in layers]
+        present = self.collective.sum(torch.tensor(ran, device=device))
+        snapshots = {}
+        for layer, count in zip(layers, present.tolist(), strict=True):
+            if count < self.collective.world_size:
+                self._skip(epoch, layer, f"it did not run in the probe ({label})")
+                continue
+            snapshot = self.build(recorder.activations[layer], recorder.input_eps[layer], layer, epoch, label)
+            if snapshot is not None:
+                snapshots[layer] = snapshot
+        return snapshots
+
+    def build(self, rows: Tensor, input_eps: float, layer: str, epoch: int, label: str) -> Snapshot | None:
+        """Compress one layer's rows; ``None`` (and a skip) when the rows cannot be decomposed."""
+        options = self.options
+        try:
+            snapshot = build_snapshot(
+                rows,
+                self.collective,
+                name=layer,
+                keep=options.keep,
+                keep_by=options.keep_by,
+                full_rank=options.full_rank,
+                with_right=options.with_right,
+                input_eps=input_eps,
+                dtype=options.dtype,
+            )
+        except ValueError as error:  # ZeroVarianceError (a dead layer) included: skip the layer, train on
+            self._skip(epoch, layer, f"{error} ({label})")
+            return None
+        recommended = DATAPOINTS_PER_DIRECTION * snapshot.kept
+        if snapshot.n_datapoints < recommended:
+            self._warn_once(
+                f"few-datapoints:{layer}",
+                f"layer {layer!r}: SVCCA keeps {snapshot.kept} directions but the probe gives {snapshot.n_datapoints}"
+                f" datapoints; at least {recommended} are recommended ({DATAPOINTS_PER_DIRECTION} per direction),"
+                " or similarities are biased towards 1. Raise probe_size (or max_datapoints for conv and sequence"
+                " layers); the baseline tag shows the bias",
+            )
+        return snapshot
+
+    def feature_snapshots(
+        self, name: str, features: Tensor, recorder: ActivationRecorder, layers: Sequence[str]
+    ) -> dict[str, Snapshot]:
+        """Snapshots of a feature reference (one row per probe sample, in probe order) laid out like each layer."""
+        probe = self.probe
+        if features.shape[0] != probe.size:
+            raise ValueError(
+                f"reference {name!r} has {features.shape[0]} rows but the probe has {probe.size} samples: a feature"
+                " reference needs one row per probe sample, in probe order"
+            )
+        start, stop = shard(probe.size, self.collective)
+        specs = {spec.name: spec for spec in self.specs}
+        label = f"reference {name!r}"
+        snapshots = {}
+        for layer in layers:
+            if layer not in recorder.sample_ids:
+                continue
+            sample_ids = recorder.sample_ids[layer]
+            if features.ndim <= 2 or recorder.output_ndim.get(layer, 2) <= 2:
+                rows = features.reshape(features.shape[0], -1).to(sample_ids.device)[sample_ids]
+            else:
+                lengths = None if probe.mask_key is None else probe.lengths(probe.batch)[start:stop]
+                rows, _ = reduce_output(
+                    features[start:stop].to(sample_ids.device),
+                    layout=recorder.layouts[layer],
+                    reduction=specs[layer].reduction,
+                    sample_ids=torch.arange(start, stop, device=sample_ids.device),
+                    per_sample=recorder.per_sample,
+                    seed=layer_seed(layer),
+                    lengths=lengths,
+                    mask_frames=recorder.mask_frames,
+                )
+                if rows.shape[0] != sample_ids.shape[0]:
+                    self._skip(
+                        0,
+                        layer,
+                        f"{label} reduces to {rows.shape[0]} rows but the layer has {sample_ids.shape[0]}: its"
+                        " positions or frames do not line up with the layer's",
+                    )
+                    continue
+            eps = torch.finfo(rows.dtype).eps if rows.is_floating_point() else 0.0
+            snapshot = self.build(rows.to(torch.float64), eps, layer, 0, label)
+            if snapshot is not None:
+                snapshots[layer] = snapshot
+        return snapshots

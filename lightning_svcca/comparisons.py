@@ -1,0 +1,159 @@
+"""Which snapshot each layer is compared with, the comparisons themselves, and forgetting what is no longer needed.
+
+A measurement at ``epoch`` compares every layer's new snapshot with each reference that has a snapshot by then
+(:meth:`Comparisons.rows_for`): the last measured epoch (``previous``), epoch 0 (``initial``), a fixed model or
+features, or a freeze policy's lag. The ``final`` reference is different: every measured epoch is compared with
+the latest one (:meth:`Comparisons.against_epoch`), live for the heatmap and once at the end of fit for the
+history. Each row is a plain dict (see :func:`row`); rows whose value is not finite are dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_svcca.references import Reference
+from lightning_svcca.snapshots import Collective, Pair, Snapshot, SnapshotStore, evaluate, pair_for
+
+__all__ = ["Comparisons", "row", "values_of"]
+
+
+def row(epoch: int, layer: str, reference: str, metric: str, value: float) -> dict[str, Any]:
+    """One history row."""
+    return {"epoch": int(epoch), "layer": layer, "reference": reference, "metric": metric, "value": float(value)}
+
+
+def values_of(rows: Sequence[Mapping[str, Any]], reference: str | None, metric: str) -> dict[str, float]:
+    """Layer -> value of the rows of one reference and metric."""
+    return {r["layer"]: r["value"] for r in rows if r["reference"] == reference and r["metric"] == metric}
+
+
+class Comparisons:
+    """Compares snapshots held in a :class:`SnapshotStore` with the run's references.
+
+    Args:
+        store: epoch snapshots under ``(layer, str(epoch))``, fixed references under ``(layer, name)``.
+        references: the references, in the order of the rows.
+        metrics: the metrics computed for each pair.
+        baseline: also compare each snapshot with itself under a fixed datapoint shuffle (the noise floor).
+        measured: the measured epochs so far, in order (shared with the monitor, which appends to it).
+        collective: sums across processes for a sharded probe.
+        device: where the pairs are evaluated (the model's device).
+        dtype: precision of the decompositions.
+    """
+
+    def __init__(
+        self,
+        store: SnapshotStore,
+        references: Sequence[Reference],
+        metrics: Sequence[str],
+        *,
+        baseline: bool,
+        measured: list[int],
+        collective: Collective,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.store = store
+        self.references = list(references)
+        self.metrics = tuple(metrics)
+        self.baseline = baseline
+        self.measured = measured
+        self._collective = collective
+        self._device = device
+        self._dtype = dtype
+        self._shuffles: dict[int, Tensor] = {}
+
+    @property
+    def wants_final(self) -> bool:
+        """Whether a ``final`` reference keeps every epoch's snapshot until the end of fit."""
+        return any(reference.kind == "final" for reference in self.references)
+
+    def rows_for(self, epoch: int, snapshots: Mapping[str, Snapshot]) -> list[dict[str, Any]]:
+        """Rows of one measurement: kept directions, each layer against each reference, and the baselines."""
+        jobs: list[tuple[dict[str, Any], str, Pair]] = []
+        rows = []
+        for layer, snapshot in snapshots.items():
+            rows.append(row(epoch, layer, "dims", "svcca", float(snapshot.kept)))
+            for reference in self.references:
+                other = self.reference_snapshot(reference, layer, epoch)
+                if other is None:
+                    continue
+                for metric in self.metrics:
+                    jobs.append(
+                        (row(epoch, layer, reference.name, metric, math.nan), metric, pair_for(metric, snapshot, other))
+                    )
+            if self.baseline:
+                shuffle = self._shuffle(snapshot.n_datapoints)
+                for metric in self.metrics:
+                    pair = pair_for(metric, snapshot, snapshot, shuffle)
+                    jobs.append((row(epoch, layer, "baseline", metric, math.nan), metric, pair))
+        return rows + self._evaluate(jobs)
+
+    def against_epoch(self, target: int, name: str, layers: Sequence[str]) -> list[dict[str, Any]]:
+        """Every measured epoch's snapshot against epoch ``target``'s, as rows for reference ``name``."""
+        rows = []
+        for layer in layers:
+            key = (layer, str(target))
+            if key not in self.store:
+                continue
+            latest = self.store.get(key)
+            jobs = []
+            for epoch in self.measured:
+                if epoch > target or (layer, str(epoch)) not in self.store:
+                    continue
+                snapshot = self.store.get((layer, str(epoch)))
+                for metric in self.metrics:
+                    jobs.append((row(epoch, layer, name, metric, math.nan), metric, pair_for(metric, snapshot, latest)))
+            rows += self._evaluate(jobs)
+        return rows
+
+    def reference_snapshot(self, reference: Reference, layer: str, epoch: int) -> Snapshot | None:
+        """The snapshot a layer is compared with at ``epoch``, or ``None`` when there is none (yet)."""
+        if reference.kind == "final":
+            return None  # compared at the end of fit (and live, for the heatmap)
+        if reference.fixed:
+            key = (layer, reference.name)
+        elif reference.kind == "initial":
+            key = (layer, "0")
+        elif reference.kind == "previous":
+            earlier = [e for e in self.measured if e < epoch]
+            if not earlier:
+                return None
+            key = (layer, str(earlier[-1]))
+        else:  # lag
+            key = (layer, str(epoch - reference.lag))
+        if epoch == 0 and not reference.fixed:
+            return None
+        return self.store.get(key) if key in self.store else None
+
+    def prune(self, epoch: int) -> None:
+        """Forget epoch snapshots no reference will need again."""
+        if self.wants_final:
+            return  # the final pass needs every epoch
+        horizon = max((reference.lag for reference in self.references if reference.kind == "lag"), default=0)
+        keep_initial = any(reference.kind == "initial" for reference in self.references)
+        for layer, tag in self.store.keys():
+            if not tag.isdigit():
+                continue
+            stored = int(tag)
+            needed = stored == epoch or stored > epoch - horizon or (stored == 0 and keep_initial)
+            if not needed:
+                self.store.discard((layer, tag))
+
+    def _evaluate(self, jobs: Sequence[tuple[dict[str, Any], str, Pair]]) -> list[dict[str, Any]]:
+        """Fill in each job's row value; rows whose value is not finite are dropped."""
+        values = evaluate(
+            [(metric, pair) for _, metric, pair in jobs], self._collective, device=self._device, dtype=self._dtype
+        )
+        return [{**r, "value": v} for (r, _, _), v in zip(jobs, values, strict=True) if math.isfinite(v)]
+
+    def _shuffle(self, n: int) -> Tensor:
+        """The fixed datapoint permutation of the noise baseline (seeded: the same on every process and run)."""
+        if n not in self._shuffles:
+            self._shuffles[n] = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+        return self._shuffles[n]

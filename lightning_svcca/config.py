@@ -1,0 +1,104 @@
+"""The monitor's options, checked once where the user passes them (so a bad value fails at construction).
+
+:class:`MonitorConfig` holds the arguments shared by :class:`~lightning_svcca.monitor.SVCCAMonitor`,
+``SVCCACallback`` and the HuggingFace callback, checks each against its allowed values, and derives what follows
+from them: the parsed references (with a freeze policy's lag reference added) and the decomposition dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_svcca.activations import REDUCTIONS
+from lightning_svcca.freezing import FreezePolicy
+from lightning_svcca.references import Reference, parse_references
+from lightning_svcca.similarity import _check_keep
+from lightning_svcca.snapshots import METRICS
+
+__all__ = ["COMPUTE_DTYPES", "MonitorConfig"]
+
+COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32, "auto": None}
+
+
+@dataclass
+class MonitorConfig:
+    """Every option of the monitor (see :class:`~lightning_svcca.SVCCACallback` for their meaning)."""
+
+    probe: Any = None
+    layers: Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None
+    reference: Any = ("previous", "final")
+    metrics: str | Sequence[str] = ("svcca",)
+    every_n_epochs: int = 1
+    freeze: FreezePolicy | None = None
+    probe_size: int = 1024
+    probe_batch_size: int = 256
+    probe_input: int | str | None = None
+    probe_mask: int | str | None = None
+    forward_fn: Any = None
+    reduction: str = "positions"
+    max_datapoints: int = 4096
+    keep: float | int = 0.99
+    keep_by: str = "singular_values"
+    baseline: bool = True
+    max_snapshot_bytes: int | None = 1 << 30
+    shard_probe: bool = True
+    compute_dtype: str = "auto"
+    #: Parsed references, with a convergence policy's lag reference appended when it is not "previous".
+    references: list[Reference] = field(init=False)
+    #: The reference a convergence policy judges by: a layer's snapshot ``lag`` epochs earlier.
+    lag_reference: str | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.metrics = (self.metrics,) if isinstance(self.metrics, str) else tuple(self.metrics)
+        metrics = self.metrics
+        unknown = [metric for metric in metrics if metric not in METRICS]
+        if unknown or not metrics:
+            raise ValueError(f"metrics must be a non-empty selection of {METRICS}, got {list(metrics)}")
+        if self.every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {self.every_n_epochs}")
+        freeze = self.freeze
+        if freeze is not None and not isinstance(freeze, FreezePolicy):
+            raise TypeError(f"freeze must be a FreezePolicy or None, got {type(freeze).__name__}")
+        if freeze is not None and freeze.mode == "convergence" and freeze.lag % self.every_n_epochs:
+            raise ValueError(
+                f"FreezePolicy.lag={freeze.lag} must be a multiple of every_n_epochs={self.every_n_epochs}:"
+                " convergence compares a layer with its snapshot lag epochs earlier, so that epoch must be measured"
+            )
+        if freeze is not None and freeze.mode == "convergence" and freeze.metric not in metrics:
+            raise ValueError(
+                f"FreezePolicy(metric={freeze.metric!r}) judges convergence by a metric the monitor does not"
+                f" measure; add it: metrics={(*metrics, freeze.metric)}"
+            )
+        if freeze is not None and freeze.noise_aware and not self.baseline:
+            raise ValueError("FreezePolicy(noise_aware=True) needs the shuffled baseline: keep baseline=True")
+        for name in ("probe_size", "probe_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_datapoints < 2:
+            raise ValueError(f"max_datapoints must be >= 2, got {self.max_datapoints}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        if self.forward_fn is not None and not callable(self.forward_fn):
+            raise TypeError(f"forward_fn must be callable as forward_fn(model, batch), got {self.forward_fn!r}")
+        _check_keep(self.keep, self.keep_by)
+        self.references = parse_references(self.reference)
+        if freeze is not None and freeze.mode == "convergence":
+            self.lag_reference = "previous" if freeze.lag == self.every_n_epochs else f"lag{freeze.lag}"
+            if self.lag_reference not in self.reference_names:
+                self.references.append(Reference(self.lag_reference, "lag", lag=freeze.lag))
+
+    @property
+    def reference_names(self) -> list[str]:
+        """Names of the references, as they appear in the history and the tags."""
+        return [reference.name for reference in self.references]
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The chosen decomposition dtype, ``None`` for ``"auto"``."""
+        return COMPUTE_DTYPES[self.compute_dtype]

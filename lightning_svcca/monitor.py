@@ -1,0 +1,573 @@
+"""SVCCAMonitor: the whole measurement pipeline, with no training framework attached.
+
+probe -> activations -> snapshots -> comparisons -> history -> outputs. The monitor runs a fixed probe batch
+through the model (:mod:`~lightning_svcca.capture`), compares each layer's snapshot with the references
+(:mod:`~lightning_svcca.comparisons`), keeps every value in :attr:`SVCCAMonitor.history`, writes them to its writers
+and the history CSV (:mod:`~lightning_svcca.reporting`), and can freeze converged layers
+(:mod:`~lightning_svcca.freezing`). A training loop calls :meth:`~SVCCAMonitor.start` before its first step,
+:meth:`~SVCCAMonitor.measure` after training steps and :meth:`~SVCCAMonitor.finish` at the end; the Lightning
+callback and the HuggingFace ``TrainerCallback`` are such loops. What the monitor needs from a framework
+(collectives, which process is rank zero, a precision context, what to do after a freeze) comes in a
+:class:`Runtime`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_svcca.activations import LayerSpec, resolve_layers
+from lightning_svcca.capture import Capture, CaptureOptions
+from lightning_svcca.comparisons import Comparisons, row, values_of
+from lightning_svcca.config import MonitorConfig
+from lightning_svcca.freezing import FreezeDecision, Freezer, freeze_blocks
+from lightning_svcca.probe import Probe, build_probe
+from lightning_svcca.references import check_reference_layers, device_of, reference_model
+from lightning_svcca.reporting import Reporter
+from lightning_svcca.similarity import SimilarityWarning
+from lightning_svcca.snapshots import Collective, LocalCollective, Snapshot, SnapshotStore
+from lightning_svcca.writers import as_writers
+
+__all__ = ["Runtime", "SVCCAMonitor", "SVCCAMonitorWarning"]
+
+STATE_VERSION = 1
+#: Metrics that a float32 decomposition computes accurately. The Gram route squares singular values, so float32
+#: only resolves directions down to about 1% of the largest: CKA weights directions by their variance and barely
+#: notices, but SVCCA's kept set (and so its value) can change by several hundredths on ill-conditioned layers.
+_FLOAT32_SAFE_METRICS = ("linear_cka",)
+
+
+class SVCCAMonitorWarning(SimilarityWarning):
+    """A recoverable problem of the monitor (a skipped layer, a small probe); training goes on."""
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+@dataclass
+class Runtime:
+    """What the monitor needs from the training framework; the defaults describe a single process.
+
+    Attributes:
+        collective: sums and row gathers over all processes (sharded probes).
+        is_global_zero: whether this process writes outputs and decides freezes.
+        broadcast: rank zero's object on every process (freeze decisions).
+        forward_context: a context manager factory wrapped around each probe pass (e.g. a precision context).
+        after_freeze: called on every process after layers were frozen (e.g. to rebuild a DDP wrapper).
+        max_epochs: the run's length in epochs, for ``FreezePolicy(mode="linear")``.
+        logger: where freeze events are logged as text.
+    """
+
+    collective: Collective = field(default_factory=LocalCollective)
+    is_global_zero: bool = True
+    broadcast: Callable[[Any], Any] = _identity
+    forward_context: Callable[[], contextlib.AbstractContextManager] | None = None
+    after_freeze: Callable[[], None] | None = None
+    max_epochs: int | None = None
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("lightning_svcca"))
+
+
+class SVCCAMonitor:
+    """Measure how each layer's representation changes while a model trains, in any training loop.
+
+    Build it from the model and a probe, call :meth:`start` before the first training step, :meth:`measure` after
+    each epoch (or every k steps), :meth:`finish` at the end, and :meth:`close` when done (or use it as a context
+    manager). Every value lands in :attr:`history`; with ``writers`` (a ``SummaryWriter``, Lightning loggers) and
+    ``log_dir`` (``svcca_history.csv``) they are written out too. :meth:`state_dict` is a flat, versioned dict.
+
+    Args:
+        model: the model being trained.
+        probe: a tensor (the model input), a batch (tuple, list or dict of tensors), a DataLoader (its first
+            ``probe_size`` samples), or a function returning one of those (called at :meth:`start`).
+        layers, reference, metrics, every_n_epochs, freeze: as for :class:`~lightning_svcca.SVCCACallback`.
+        writers: where scalars, heatmaps and freeze events go: ``None``, a ``SummaryWriter``, a Lightning logger,
+            anything with ``log_metrics(metrics, step)``, or a list of them.
+        log_dir: where ``svcca_history.csv`` (and spilled snapshots) go; ``None``: no file, spills in the working
+            directory.
+        runtime: what the framework provides (collectives, rank, precision context, after-freeze hook).
+        **options: the remaining keyword arguments of :class:`~lightning_svcca.SVCCACallback` (``probe_size``,
+            ``keep``, ``baseline``, ``max_snapshot_bytes``, ...).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> monitor = SVCCAMonitor(model, probe=torch.randn(64, 4), layers=["0", "2"], baseline=False)
+        >>> monitor.start()
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.mul_(2.0)  # a "training step" that only rescales: SVCCA stays 1
+        >>> rows = monitor.measure(epoch=1, step=1)
+        >>> round(next(r["value"] for r in rows if r["reference"] == "previous" and r["layer"] == "0"), 6)
+        1.0
+        >>> monitor.close()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        probe: Any = None,
+        layers: Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None,
+        reference: Any = ("previous", "final"),
+        metrics: str | Sequence[str] = ("svcca",),
+        every_n_epochs: int = 1,
+        freeze: Any = None,
+        *,
+        writers: Any = None,
+        log_dir: str | Path | None = None,
+        runtime: Runtime | None = None,
+        **options: Any,
+    ) -> None:
+        config = MonitorConfig(
+            probe=probe,
+            layers=layers,
+            reference=reference,
+            metrics=metrics,
+            every_n_epochs=every_n_epochs,
+            freeze=freeze,
+            **options,
+        )
+        self._init(model, config, writers=writers, log_dir=log_dir, runtime=runtime)
+
+    @classmethod
+    def from_config(
+        cls,
+        model: nn.Module,
+        config: MonitorConfig,
+        *,
+        writers: Any = None,
+        log_dir: str | Path | None = None,
+        runtime: Runtime | None = None,
+    ) -> SVCCAMonitor:
+        """A monitor from an already checked :class:`MonitorConfig` (what the callbacks hold)."""
+        monitor = cls.__new__(cls)
+        monitor._init(model, config, writers=writers, log_dir=log_dir, runtime=runtime)
+        return monitor
+
+    def _init(
+        self,
+        model: nn.Module,
+        config: MonitorConfig,
+        *,
+        writers: Any,
+        log_dir: str | Path | None,
+        runtime: Runtime | None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.config = config
+        self.runtime = runtime or Runtime()
+        self.log_dir = None if log_dir is None else Path(log_dir)
+        self.writers = as_writers(writers)
+        self.specs: list[LayerSpec] = resolve_layers(model, config.layers, config.reduction)
+        self._check_against_model()
+        #: Every measured value: dicts with keys epoch, layer, reference, metric, value.
+        self.history: list[dict[str, Any]] = []
+        #: Frozen layers -> the epoch at which they froze.
+        self.frozen: dict[str, int] = {}
+        #: Layers skipped at some epoch: (epoch, layer, reason).
+        self.skipped: list[tuple[int, str, str]] = []
+        #: Seconds each measurement took, by epoch (probe, snapshots, comparisons, outputs).
+        self.timings: dict[int, float] = {}
+        #: Seconds of each measurement's probe pass (the forward pass with hooks), by epoch.
+        self.probe_timings: dict[int, float] = {}
+        self.freezer = Freezer()
+        self.streaks: dict[str, int] = {}
+        self.measured: list[int] = []
+        self.layer_order: list[str] = []
+        self.probe: Probe | None = None
+        self.probe_fingerprint: str | None = None
+        self.last_measured_step = -1
+        self.store = SnapshotStore(config.max_snapshot_bytes, self._spill_dir)
+        self._capture: Capture | None = None
+        self._comparisons: Comparisons | None = None
+        self._reporter: Reporter | None = None
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Read-only views
+    # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def layers(self) -> list[str]:
+        """Monitored layers in bottom-up (forward) order, known after the first probe."""
+        return list(self.layer_order) or [spec.name for spec in self.specs]
+
+    @property
+    def reference_names(self) -> list[str]:
+        """Names of the references, as they appear in the history and the tags."""
+        return self.config.reference_names
+
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` has built the probe."""
+        return self.probe is not None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The run
+    # ------------------------------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Build the probe (once; :meth:`start` does it when not done yet), so a bad probe fails early."""
+        if self.probe is None:
+            self._build_probe()
+
+    def start(self, *, step: int = 0) -> None:
+        """Build the probe and measure epoch 0 (the initial snapshot), or, when resuming, the fixed references."""
+        self.prepare()
+        collective = self._probe_collective()
+        device = device_of(self.model)
+        dtype = self.compute_dtype()
+        config = self.config
+        self._capture = Capture(
+            self.probe,
+            self.specs,
+            CaptureOptions(
+                probe_batch_size=config.probe_batch_size,
+                forward_fn=config.forward_fn,
+                max_datapoints=config.max_datapoints,
+                keep=config.keep,
+                keep_by=config.keep_by,
+                full_rank=any(metric != "svcca" for metric in config.metrics),
+                with_right="pwcca" in config.metrics,
+                dtype=dtype,
+            ),
+            collective,
+            skip=self._skip,
+            warn_once=self.warn_once,
+            forward_context=self.runtime.forward_context,
+        )
+        self._comparisons = Comparisons(
+            self.store,
+            config.references,
+            config.metrics,
+            baseline=config.baseline,
+            measured=self.measured,
+            collective=collective,
+            device=device,
+            dtype=dtype,
+        )
+        self._reporter = Reporter(self.writers if self.runtime.is_global_zero else [], self.log_dir)
+        if not self.measured:
+            self._measure(0, step)
+        else:
+            self._snapshot_fixed_references()
+        if self.runtime.is_global_zero:
+            charts = [(metric, name) for metric in config.metrics for name in self._chart_references()]
+            charts += [("svcca", "dims")] + ([("svcca", "frozen")] if config.freeze is not None else [])
+            self._reporter.layout(charts, self.layers)
+
+    def measure(self, *, epoch: int, step: int) -> list[dict[str, Any]]:
+        """Measure after training up to ``epoch`` (1 after the first epoch) and ``step``; returns the new rows.
+
+        Does nothing (and returns ``[]``) when ``epoch`` is not a multiple of ``every_n_epochs``, was measured
+        already, or no training step happened since the last measurement. Freezes converged layers when a
+        :class:`~lightning_svcca.FreezePolicy` is set.
+        """
+        self._require_started("measure")
+        if epoch in self.measured or epoch % self.config.every_n_epochs or step <= self.last_measured_step:
+            return []
+        return self._measure(epoch, step)
+
+    def finish(self, *, epoch: int, step: int) -> list[dict[str, Any]]:
+        """At the end of training: measure the final weights if needed, then every epoch against them ("final")."""
+        if self.probe is None:
+            return []
+        rows: list[dict[str, Any]] = []
+        if step > self.last_measured_step or not self.measured:
+            last = self.measured[-1] if self.measured else -1
+            rows += self._measure(max(int(epoch), last + 1), step, decide_freezes=False)
+        assert self._comparisons is not None
+        if self._comparisons.wants_final:
+            final = self._comparisons.against_epoch(self.measured[-1], "final", self.layers)
+            self.history.extend(final)
+            self._report(final, self.measured[-1], {"final": self.history})
+            rows += final
+        if self._reporter is not None:
+            self._reporter.flush()
+        return rows
+
+    def close(self) -> None:
+        """Delete spilled snapshot files (the history stays)."""
+        self.store.close()
+
+    def __enter__(self) -> SVCCAMonitor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Freezing, for the training loop
+    # ------------------------------------------------------------------------------------------------------------
+
+    def restore_freezes(self, *, hard: bool = True) -> None:
+        """Apply freezes restored from a checkpoint (before any training step); ``hard=False``: gradients dropped."""
+        self.freezer.hard = hard
+        if self.freezer.parameters:
+            self.freezer.apply(self.model, norms=False)
+            if hard and self.runtime.after_freeze is not None:
+                self.runtime.after_freeze()
+
+    def before_batch(self) -> None:
+        """Keep frozen BatchNorm layers in eval mode whatever ``model.train()`` did: call at each batch start."""
+        if self.freezer.norm_modules:
+            self.freezer.keep_norms_in_eval(self.model)
+
+    def before_optimizer_step(self) -> None:
+        """Soft freezing only: drop the frozen parameters' gradients."""
+        if not self.freezer.hard and self.freezer.parameters:
+            self.freezer.drop_gradients(self.model)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # State
+    # ------------------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue identically: history, freezes, policy counters, snapshots."""
+        return {
+            "version": STATE_VERSION,
+            "history": [dict(r) for r in self.history],
+            "frozen": dict(self.frozen),
+            "streaks": dict(self.streaks),
+            "freezer": self.freezer.state_dict(),
+            "measured": list(self.measured),
+            "layer_order": list(self.layer_order),
+            "last_measured_step": self.last_measured_step,
+            "probe_fingerprint": self.probe_fingerprint,
+            "snapshots": self.store.state_dict(),
+            "skipped": [list(entry) for entry in self.skipped],
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (keys missing from older checkpoints take their defaults)."""
+        self.history = [dict(r) for r in state_dict.get("history", [])]
+        self.frozen = dict(state_dict.get("frozen", {}))
+        self.streaks = dict(state_dict.get("streaks", {}))
+        self.freezer.load_state_dict(state_dict.get("freezer", {}))
+        self.measured[:] = list(state_dict.get("measured", []))
+        self.layer_order = list(state_dict.get("layer_order", []))
+        self.last_measured_step = int(state_dict.get("last_measured_step", -1))
+        self.probe_fingerprint = state_dict.get("probe_fingerprint")
+        self.store.load_state_dict(state_dict.get("snapshots", {}))
+        self.skipped = [tuple(entry) for entry in state_dict.get("skipped", [])]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Measuring
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _measure(self, epoch: int, step: int, *, decide_freezes: bool = True) -> list[dict[str, Any]]:
+        """Snapshot every layer at ``epoch``, compare with the references, log, and decide freezes."""
+        assert self._capture is not None and self._comparisons is not None
+        started = time.perf_counter()
+        device = device_of(self.model)
+        recorder = self._capture.record(self.model, device)
+        self.probe_timings[epoch] = time.perf_counter() - started
+        layers = self._settle_layer_order(recorder.order)
+        snapshots = self._capture.snapshots(recorder, layers, epoch, device, label=f"epoch {epoch}")
+        if not self.measured:
+            self._snapshot_fixed_references(recorder)
+        rows = self._comparisons.rows_for(epoch, snapshots)
+        for layer, snapshot in snapshots.items():
+            self.store.put((layer, str(epoch)), snapshot)
+        self.measured.append(epoch)
+        self.last_measured_step = int(step)
+        policy = self.config.freeze
+        if policy is not None and decide_freezes:
+            self._decide_and_freeze(recorder.completion, epoch, rows)
+        if policy is not None or self.frozen:
+            rows += [row(epoch, layer, "frozen", "svcca", float(layer in self.frozen)) for layer in self.layers]
+        self.history.extend(rows)
+        self._comparisons.prune(epoch)
+        # heatmaps of the references the user asked for (a freeze policy's lag reference is only charted)
+        heatmaps: dict[str, Sequence[dict[str, Any]]] = {
+            ref.name: self.history for ref in self.config.references if ref.kind not in ("final", "lag")
+        }
+        if self._comparisons.wants_final and epoch > 0:
+            # the learning-dynamics picture so far: every epoch against the latest one (not kept in the history)
+            heatmaps["final"] = self._comparisons.against_epoch(epoch, "final", self.layers)
+        self._report(rows, epoch, heatmaps)
+        self.timings[epoch] = time.perf_counter() - started
+        return rows
+
+    def _settle_layer_order(self, order: Sequence[str]) -> list[str]:
+        """Bottom-up order from the first probe; layers that did not run are dropped with a warning."""
+        if not self.layer_order:
+            monitored = {spec.name for spec in self.specs}
+            ran = [name for name in order if name in monitored]
+            missing = [spec.name for spec in self.specs if spec.name not in ran]
+            if missing and self.config.layers is not None:
+                self.warn_once(
+                    "did-not-run",
+                    f"layers {missing} did not run in the probe's forward pass and are not monitored; check the"
+                    " names, probe_input or forward_fn",
+                )
+            if not ran:
+                raise RuntimeError(
+                    "none of the monitored layers ran in the probe's forward pass: check layers, probe_input and"
+                    " forward_fn (the default calls model(probe_input))"
+                )
+            self.layer_order = ran
+        return self.layer_order
+
+    def _snapshot_fixed_references(self, recorder: Any = None) -> None:
+        """Snapshot each fixed reference once per layer (restored from checkpoints afterwards)."""
+        assert self._capture is not None
+        device = device_of(self.model)
+        for reference in self.config.references:
+            if not reference.fixed or all((layer, reference.name) in self.store for layer in self.layers):
+                continue
+            snapshots: dict[str, Snapshot]
+            if reference.kind == "tensor":
+                if recorder is None:
+                    recorder = self._capture.record(self.model, device)
+                snapshots = self._capture.feature_snapshots(reference.name, reference.source, recorder, self.layers)
+            else:
+                with reference_model(reference, self.model) as model:
+                    reference_recorder = self._capture.record(model, device)
+                snapshots = self._capture.snapshots(
+                    reference_recorder, self.layers, 0, device, label=f"reference {reference.name!r}"
+                )
+            for layer, snapshot in snapshots.items():
+                self.store.put((layer, reference.name), snapshot)
+
+    def _decide_and_freeze(self, completion: Sequence[str], epoch: int, rows: list[dict[str, Any]]) -> None:
+        """Decide on rank zero, broadcast, apply on every process at the same step."""
+        policy = self.config.freeze
+        assert policy is not None
+        decisions: list[FreezeDecision] = []
+        if self.runtime.is_global_zero:
+            similarities = values_of(rows, self.config.lag_reference, policy.metric)
+            baselines = values_of(rows, "baseline", policy.metric)
+            decisions = policy.decide(
+                epoch, self.layers, self.frozen, self.streaks, similarities, baselines, self.runtime.max_epochs
+            )
+        decisions, self.streaks = self.runtime.broadcast((decisions, self.streaks))
+        if not decisions:
+            return
+        blocks = freeze_blocks(completion, self.layers, self.model)
+        for decision in decisions:
+            block = blocks[decision.layer]
+            self.freezer.freeze(self.model, decision.layer, block)
+            self.frozen[decision.layer] = epoch
+            message = (
+                f"froze layer {decision.layer!r} at epoch {epoch} ({len(block.parameters)} parameter tensors):"
+                f" {decision.reason}"
+            )
+            if self.runtime.is_global_zero:
+                self.runtime.logger.info(message)
+                if self._reporter is not None:
+                    self._reporter.text("svcca/freeze", message, epoch)
+        if self.freezer.hard and self.runtime.after_freeze is not None:
+            self.runtime.after_freeze()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Outputs and plumbing
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _report(self, rows: list[dict[str, Any]], epoch: int, heatmaps: Mapping[str, Sequence[dict[str, Any]]]) -> None:
+        """On rank zero: rows as scalars, a heatmap per reference (drawn from the rows given for it), the CSV."""
+        if not self.runtime.is_global_zero or self._reporter is None:
+            return
+        self._reporter.scalars(rows)
+        for reference, source in heatmaps.items():
+            for metric in self.config.metrics:
+                self._reporter.heatmap(source, reference=reference, metric=metric, layers=self.layers, step=epoch)
+        self._reporter.write_csv(self.history)
+
+    def _chart_references(self) -> list[str]:
+        return self.reference_names + (["baseline"] if self.config.baseline else [])
+
+    def _check_against_model(self) -> None:
+        """Layer names, module references and a freeze schedule must fit the model before anything runs."""
+        names = [spec.name for spec in self.specs]
+        for reference in self.config.references:
+            if reference.kind == "module":
+                check_reference_layers(reference, names)
+            elif reference.kind == "checkpoint" and not Path(reference.source).is_file():
+                raise FileNotFoundError(f"reference {reference.name!r}: no checkpoint file at {reference.source}")
+        policy = self.config.freeze
+        if policy is not None and policy.mode == "schedule":
+            unknown = sorted(set(policy.schedule or {}) - set(names))
+            if unknown:
+                raise ValueError(
+                    f"FreezePolicy.schedule names layers that are not monitored: {unknown}; monitored: {names}"
+                )
+
+    def _build_probe(self) -> None:
+        config = self.config
+        source = config.probe() if callable(config.probe) and not isinstance(config.probe, nn.Module) else config.probe
+        if source is None:
+            raise ValueError("no probe: pass probe=<tensor, batch or DataLoader> (a few hundred samples or more)")
+        self.probe = build_probe(
+            source,
+            config.probe_size,
+            input_key=config.probe_input,
+            mask_key=config.probe_mask,
+            needs_input=config.forward_fn is None,
+        )
+        fingerprint = self.probe.fingerprint()
+        if self.probe_fingerprint is not None and fingerprint != self.probe_fingerprint and self.store.keys():
+            self.warn_once(
+                "probe-changed",
+                "the probe differs from the one in the checkpoint, so earlier snapshots describe other datapoints;"
+                " they are dropped (history and freezes are kept) and comparisons start again from this epoch",
+            )
+            for key in self.store.keys():
+                self.store.discard(key)
+            self.measured.clear()
+        self.probe_fingerprint = fingerprint
+        if self.probe.size < 2:
+            raise ValueError(f"the probe has {self.probe.size} sample(s); it needs at least 2")
+
+    def compute_dtype(self) -> torch.dtype:
+        """The decomposition precision: ``compute_dtype``, with ``"auto"`` resolved for the model's device."""
+        chosen = self.config.dtype
+        if chosen is not None:
+            return chosen
+        on_gpu = device_of(self.model).type == "cuda"
+        return torch.float32 if on_gpu and set(self.config.metrics) <= set(_FLOAT32_SAFE_METRICS) else torch.float64
+
+    def _probe_collective(self) -> Collective:
+        """The full collective for a sharded probe, or this process alone (no sharding, or a tiny probe)."""
+        collective = self.runtime.collective
+        assert self.probe is not None
+        if collective.world_size < 2 or not self.config.shard_probe or self.probe.size < 2 * collective.world_size:
+            return LocalCollective()
+        return collective
+
+    def _require_started(self, what: str) -> None:
+        if self.probe is None:
+            raise RuntimeError(f"call start() before {what}(): it builds the probe and measures the initial model")
+
+    def _skip(self, epoch: int, layer: str, reason: str) -> None:
+        self.skipped.append((epoch, layer, reason))
+        self.warn_once(
+            f"skip:{layer}:{reason.split(':')[0][:40]}",
+            f"layer {layer!r} skipped at epoch {epoch}: {reason}. Training goes on; later epochs with the same"
+            " problem are listed in skipped without a new warning",
+        )
+
+    def warn_once(self, key: str, message: str) -> None:
+        """Warn (on rank zero) with :class:`SVCCAMonitorWarning`, once per ``key`` for this monitor."""
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        if self.runtime.is_global_zero:
+            warnings.warn(message, SVCCAMonitorWarning, stacklevel=3)
+
+    def _spill_dir(self) -> Path:
+        root = self.log_dir or Path.cwd()
+        return root / f".svcca_snapshots_{os.getpid()}_{uuid.uuid4().hex[:8]}"

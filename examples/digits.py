@@ -11,18 +11,15 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 
-class DigitsCNN(pl.LightningModule):
-    """conv -> BN -> ReLU -> conv -> BN -> ReLU -> pool -> Linear -> ReLU -> Linear, for 8x8 digits.
+class DigitsNet(nn.Module):
+    """conv -> BN -> ReLU -> conv -> BN -> ReLU -> pool -> Linear -> ReLU -> Linear, for 8x8 digits (plain torch).
 
     Args:
-        lr: learning rate of SGD with momentum 0.9 (constant, so the layers settle by themselves, not because a
-            schedule stops them).
         num_classes: size of the output layer.
     """
 
-    def __init__(self, lr: float = 0.01, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
-        self.save_hyperparameters()
         self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu1 = nn.ReLU()
@@ -39,6 +36,20 @@ class DigitsCNN(pl.LightningModule):
         x = self.relu1(self.bn1(self.conv1(x)))
         x = self.pool(self.relu2(self.bn2(self.conv2(x))))
         return self.fc2(self.relu3(self.fc1(x.flatten(1))))
+
+
+class DigitsCNN(DigitsNet, pl.LightningModule):
+    """:class:`DigitsNet` as a LightningModule, trained with SGD.
+
+    Args:
+        lr: learning rate of SGD with momentum 0.9 (constant, so the layers settle by themselves, not because a
+            schedule stops them).
+        num_classes: size of the output layer.
+    """
+
+    def __init__(self, lr: float = 0.01, num_classes: int = 10) -> None:
+        super().__init__(num_classes)
+        self.save_hyperparameters()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Cross-entropy on a batch."""

@@ -1,4 +1,4 @@
-"""Running the probe across DDP processes: sharding, collectives over the Lightning strategy, shared buffers."""
+"""Running the probe across processes: sharding, collectives (a Lightning strategy or torch.distributed), buffers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from lightning_svcca.snapshots import Collective
 
-__all__ = ["StrategyCollective", "buffers_from_rank_zero", "shard"]
+__all__ = ["ProcessGroupCollective", "StrategyCollective", "broadcast_object", "buffers_from_rank_zero", "shard"]
 
 
 class StrategyCollective:
@@ -37,6 +37,33 @@ class StrategyCollective:
         gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(gathered, padded)
         return torch.cat([part[: int(count.item())] for part, count in zip(gathered, counts, strict=True)])
+
+
+class ProcessGroupCollective:
+    """Sums and row gathers over the default ``torch.distributed`` process group (HF Trainer, Fabric, plain DDP)."""
+
+    def __init__(self) -> None:
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """All-reduce (sum) of a copy."""
+        total = tensor.clone().contiguous()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    def gather_rows(self, tensor: Tensor) -> Tensor:
+        """Every process's rows in rank order (as :meth:`StrategyCollective.gather_rows`)."""
+        return StrategyCollective.gather_rows(self, tensor)  # type: ignore[arg-type]
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank zero's ``obj`` on every process of the default group (``obj`` itself without one)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 @contextlib.contextmanager

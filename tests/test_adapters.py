@@ -1,0 +1,220 @@
+"""The monitor without Lightning: a plain loop and the HuggingFace Trainer give the Lightning callback's history.
+
+Each run trains the same initial weights on the same batches in the same order with the same optimizer, so the
+three histories must agree value for value (up to float rounding in the different loops' loss reductions).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.nn import functional
+from torch.utils.data import DataLoader, Dataset, SequentialSampler, TensorDataset
+
+from lightning_svcca import FreezePolicy, SVCCACallback, SVCCAMonitor, TensorBoardWriter
+
+from digits_models import DigitsCNN, digits_tensors
+
+transformers = pytest.importorskip("transformers")
+
+LAYERS = ["relu1", "relu2", "relu3", "fc2"]
+EPOCHS = 3
+OPTIONS = dict(layers=LAYERS, reference=("previous", "initial", "final"), probe_size=256)
+
+
+@pytest.fixture(scope="module")
+def data():
+    (x_train, y_train), (x_probe, _), _ = digits_tensors(n_train=384)
+    return TensorDataset(x_train, y_train), x_probe
+
+
+@pytest.fixture(scope="module")
+def initial_model():
+    torch.manual_seed(0)
+    return DigitsCNN(lr=0.05, weight_decay=0.0)
+
+
+def _sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
+def _keyed(history):
+    return {(r["epoch"], r["layer"], r["reference"], r["metric"]): r["value"] for r in history}
+
+
+def _assert_same_history(history, expected):
+    got, want = _keyed(history), _keyed(expected)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert math.isclose(got[key], value, rel_tol=0, abs_tol=2e-5), key
+
+
+def _lightning_history(tmp_path, model, data):
+    train, probe = data
+    callback = SVCCACallback(probe=probe, **OPTIONS)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=EPOCHS,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
+    trainer.fit(model, DataLoader(train, batch_size=64))
+    return callback.history
+
+
+@pytest.fixture(scope="module")
+def lightning_history(tmp_path_factory, initial_model, data):
+    return _lightning_history(tmp_path_factory.mktemp("lightning"), copy.deepcopy(initial_model), data)
+
+
+def test_plain_loop_gives_the_callbacks_history(tmp_path, initial_model, data, lightning_history):
+    train, probe = data
+    model = copy.deepcopy(initial_model)
+    optimizer = _sgd(model)
+    with SVCCAMonitor(model, probe=probe, writers=TensorBoardWriter(tmp_path), log_dir=tmp_path, **OPTIONS) as monitor:
+        monitor.start()
+        step = 0
+        for epoch in range(EPOCHS):
+            model.train()
+            for x, y in DataLoader(train, batch_size=64):
+                monitor.before_batch()
+                loss = functional.cross_entropy(model(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                step += 1
+            monitor.measure(epoch=epoch + 1, step=step)
+        monitor.finish(epoch=EPOCHS, step=step)
+    _assert_same_history(monitor.history, lightning_history)
+    monitor.writers[0].close()
+    events = EventAccumulator(str(tmp_path)).Reload()
+    assert {"svcca/previous/relu1", "svcca/final/fc2"} <= set(events.Tags()["scalars"])
+    assert (tmp_path / "svcca_history.csv").is_file()
+
+
+class _Dicts(Dataset):
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index):
+        x, y = self.data[index]
+        return {"x": x, "labels": y}
+
+
+class _InOrderTrainer(transformers.Trainer):
+    """The Trainer with the batches in dataset order, as the other loops see them."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
+
+
+def _hf_trainer(tmp_path, model, train, callback, epochs, **overrides):
+    options = dict(
+        output_dir=str(tmp_path),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=64,
+        max_grad_norm=0.0,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+        save_strategy="no",
+        remove_unused_columns=False,
+    )
+    args = transformers.TrainingArguments(**{**options, **overrides})
+    optimizer = _sgd(model)
+    return _InOrderTrainer(
+        model=model,
+        args=args,
+        train_dataset=_Dicts(train),
+        optimizers=(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)),
+        compute_loss_func=lambda outputs, labels, num_items_in_batch=None: functional.cross_entropy(outputs, labels),
+        callbacks=[callback],
+    )
+
+
+def test_hf_trainer_gives_the_callbacks_history(tmp_path, initial_model, data, lightning_history):
+    from lightning_svcca.huggingface import SVCCATrainerCallback
+
+    train, probe = data
+    callback = SVCCATrainerCallback(probe=probe, **OPTIONS)
+    _hf_trainer(tmp_path, copy.deepcopy(initial_model), train, callback, EPOCHS).train()
+    _assert_same_history(callback.history, lightning_history)
+    events = EventAccumulator(str(tmp_path / "runs" / "svcca")).Reload()
+    assert "svcca/previous/relu2" in events.Tags()["scalars"]
+
+
+def test_hf_trainer_resume_continues_the_history(tmp_path, initial_model, data, lightning_history):
+    from lightning_svcca.huggingface import STATE_FILE, SVCCATrainerCallback
+
+    train, probe = data
+    first = SVCCATrainerCallback(probe=probe, **OPTIONS)
+    _hf_trainer(tmp_path, copy.deepcopy(initial_model), train, first, EPOCHS, save_strategy="epoch").train()
+    checkpoints = sorted(tmp_path.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    assert all((folder / STATE_FILE).is_file() for folder in checkpoints) and len(checkpoints) == EPOCHS
+    resumed = SVCCATrainerCallback(probe=probe, **OPTIONS)
+    trainer = _hf_trainer(tmp_path, copy.deepcopy(initial_model), train, resumed, EPOCHS, save_strategy="no")
+    trainer.train(resume_from_checkpoint=str(checkpoints[1]))  # after epoch 2 of 3
+    keys = [(r["epoch"], r["layer"], r["reference"], r["metric"]) for r in resumed.history]
+    assert len(keys) == len(set(keys))
+    _assert_same_history(resumed.history, lightning_history)
+
+
+def test_plain_loop_freezing_keeps_frozen_weights_and_norms(initial_model, data):
+    train, probe = data
+    model = copy.deepcopy(initial_model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    policy = FreezePolicy(mode="schedule", schedule={"relu1": 1})
+    with SVCCAMonitor(model, probe=probe, layers=LAYERS, reference="previous", freeze=policy) as monitor:
+        monitor.start()
+        step = 0
+        for epoch in range(EPOCHS):
+            model.train()
+            for x, y in DataLoader(train, batch_size=64):
+                monitor.before_batch()
+                loss = functional.cross_entropy(model(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                step += 1
+            monitor.measure(epoch=epoch + 1, step=step)
+            if epoch == 0:
+                frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("conv1", "bn1"))}
+                trained = model.fc2.weight.detach().clone()
+        monitor.finish(epoch=EPOCHS, step=step)
+    assert monitor.frozen == {"relu1": 1}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in frozen.items())  # weights and BN statistics
+    assert not model.conv1.weight.requires_grad and model.conv1.weight.grad is None
+    assert not torch.equal(model.fc2.weight, trained)
+
+
+def test_monitor_needs_start_before_measure(initial_model, data):
+    monitor = SVCCAMonitor(copy.deepcopy(initial_model), probe=data[1], layers=LAYERS)
+    with pytest.raises(RuntimeError, match=r"call start\(\) before measure\(\)"):
+        monitor.measure(epoch=1, step=1)
+
+
+def test_importing_the_package_loads_no_lightning_tensorboard_or_matplotlib():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lightning_svcca, torch\n"
+        "lightning_svcca.svcca(torch.randn(50, 4), torch.randn(50, 4))\n"
+        "heavy = [m for m in ('pytorch_lightning', 'lightning', 'tensorboard', 'matplotlib') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -3,23 +3,57 @@
 The math (:func:`cca`, :func:`svcca`, :func:`pwcca`, :func:`linear_cka`) is plain torch; :class:`SVCCACallback`
 (for ``pytorch_lightning``; ``lightning_svcca.lightning.SVCCACallback`` for ``lightning.pytorch``) runs it on a
 probe batch every epoch and can freeze converged layers with a :class:`FreezePolicy`.
+
+The names below are imported on first use (PEP 562), so ``import lightning_svcca.reporting`` and the
+``lightning-svcca`` command start without importing torch or Lightning.
 """
 
-from lightning_svcca.callback import SVCCACallback, SVCCAMonitorWarning
-from lightning_svcca.freezing import FreezePolicy
-from lightning_svcca.similarity import (
-    CCAResult,
-    Decomposition,
-    SimilarityWarning,
-    TooFewDatapointsWarning,
-    ZeroVarianceError,
-    cca,
-    decompose,
-    linear_cka,
-    pwcca,
-    svcca,
-    svcca_details,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_svcca.callback import SVCCACallback, SVCCAMonitorWarning
+    from lightning_svcca.freezing import FreezePolicy
+    from lightning_svcca.similarity import (
+        CCAResult,
+        Decomposition,
+        SimilarityWarning,
+        TooFewDatapointsWarning,
+        ZeroVarianceError,
+        cca,
+        decompose,
+        linear_cka,
+        pwcca,
+        svcca,
+        svcca_details,
+    )
+
+__version__ = "0.1.0"
+
+#: Public name -> the module that defines it.
+_MODULES = {
+    "SVCCACallback": "callback",
+    "SVCCAMonitorWarning": "callback",
+    "FreezePolicy": "freezing",
+    **{
+        name: "similarity"
+        for name in (
+            "CCAResult",
+            "Decomposition",
+            "SimilarityWarning",
+            "TooFewDatapointsWarning",
+            "ZeroVarianceError",
+            "cca",
+            "decompose",
+            "linear_cka",
+            "pwcca",
+            "svcca",
+            "svcca_details",
+        )
+    },
+}
 
 __all__ = [
     "CCAResult",
@@ -37,4 +71,15 @@ __all__ = [
     "svcca",
     "svcca_details",
 ]
-__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODULES])

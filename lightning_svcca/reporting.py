@@ -117,7 +117,7 @@ _FONT = 8  # points, every label
 _DPI = 100
 _MIN_ANNOTATION_FONT = 5.5  # points: smaller cells are left without their values
 _PLOT_WIDTH = 5.6  # inches of heatmap, the same for every run: the image size never depends on the epochs
-_ROW_HEIGHT = 0.24  # inches per layer
+_ROW_HEIGHT = (0.15, 0.24)  # inches per layer: the most, down to the least once the map is 6 inches high
 _MIN_PLOT_HEIGHT = 1.5
 
 
@@ -240,7 +240,10 @@ class HeatmapFigure:
             return self._text_width(text, size) / 72
 
         line = (_FONT + 1) * 1.4 / 72  # inches of one line of axis-label text
-        names = max((width(name, _FONT) for name in layers), default=0.0)
+        row = min(_ROW_HEIGHT[1], max(_ROW_HEIGHT[0], 6.0 / max(len(layers), 1)))
+        font = min(_FONT, 0.7 * row * 72)  # many layers: smaller names, so that neighbours do not overlap
+        self._axes.tick_params(axis="y", labelsize=font)
+        names = max((width(name, font) for name in layers), default=0.0)
         if self.scale == "similarity":
             ticks = max(width(text, _FONT) for text in _tick_labels(SIMILARITY_TICKS))
         else:  # the locator picks the ticks at drawing time: allow for the longest end of the range and a decimal
@@ -249,7 +252,7 @@ class HeatmapFigure:
         right = 0.15 + 0.16 + 0.06 + ticks + 0.08 + line + 0.1  # gap, bar, ticks, tick labels, bar label, margin
         bottom = 0.12 + 2 * line + 0.08
         top = 0.15 + line + 0.1
-        height = bottom + max(_MIN_PLOT_HEIGHT, _ROW_HEIGHT * len(layers)) + top
+        height = bottom + max(_MIN_PLOT_HEIGHT, row * len(layers)) + top
         self._size = (max(self._size[0], left + _PLOT_WIDTH + right), max(self._size[1], height))
         total_width, total_height = self._size
         self.figure.set_size_inches(total_width, total_height)

@@ -209,7 +209,12 @@ class HeatmapFigure:
 
     def render(self, layers: Sequence[str], epochs: Sequence[int], matrix: np.ndarray) -> np.ndarray:
         """The heatmap of ``matrix[i, j]`` (layer ``i``, epoch ``j``) as an RGB image ``(H, W, 3)``, ``uint8``."""
-        matrix = np.asarray(matrix, dtype=float).reshape(len(layers), len(epochs))
+        matrix = np.asarray(matrix, dtype=float)
+        if matrix.shape != (len(layers), len(epochs)):
+            raise ValueError(
+                f"matrix must have one row per layer and one column per epoch, {(len(layers), len(epochs))}, got"
+                f" shape {matrix.shape}"
+            )
         columns = thinned_columns(len(epochs))
         shown = matrix[:, columns]
         shown_epochs = [epochs[j] for j in columns]

@@ -331,6 +331,8 @@ def test_heatmap_styles():
     assert heatmap_style("svcca", "frozen")["scale"] == "linear"
     with pytest.raises(ValueError, match="scale must be"):
         HeatmapFigure(title="t", label="l", scale="log")
+    with pytest.raises(ValueError, match=r"one row per layer and one column per epoch, \(2, 3\), got shape \(3, 2\)"):
+        heatmap_image(["a", "b"], [0, 1, 2], np.zeros((3, 2)), title="t", label="l")
 
 
 class _FakeExperiment:

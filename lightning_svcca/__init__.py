@@ -1,36 +1,67 @@
 """lightning_svcca: watch each layer of a network converge while it trains, and freeze the ones that have.
 
-The math (:func:`cca`, :func:`svcca`, :func:`pwcca`, :func:`linear_cka`) is plain torch; :class:`SVCCAMonitor`
+The math (:func:`cca`, :func:`svcca`, :func:`pwcca`, :func:`linear_cka`) is plain torch. :class:`SVCCAMonitor`
 runs it on a probe batch from any training loop; :class:`SVCCACallback` (for ``pytorch_lightning``;
 ``lightning_svcca.lightning.SVCCACallback`` for ``lightning.pytorch``) is the Lightning callback around it, and
 ``lightning_svcca.huggingface.SVCCATrainerCallback`` the HuggingFace ``Trainer`` one. Converged layers can be
 frozen with a :class:`FreezePolicy`.
 
-Importing the package loads torch and numpy only: Lightning, TensorBoard and matplotlib are imported when a
-callback, a writer or a heatmap needs them.
+The names below are imported on first use (PEP 562): ``import lightning_svcca`` loads nothing heavy, the math and
+the monitor load torch and numpy only, and Lightning, TensorBoard and matplotlib are imported when a callback, a
+writer or a heatmap needs them (so the ``lightning-svcca`` command starts without torch).
 """
 
-from typing import TYPE_CHECKING, Any
+from __future__ import annotations
 
-from lightning_svcca.freezing import FreezePolicy
-from lightning_svcca.monitor import Runtime, SVCCAMonitor, SVCCAMonitorWarning
-from lightning_svcca.similarity import (
-    CCAResult,
-    Decomposition,
-    SimilarityWarning,
-    TooFewDatapointsWarning,
-    ZeroVarianceError,
-    cca,
-    decompose,
-    linear_cka,
-    pwcca,
-    svcca,
-    svcca_details,
-)
-from lightning_svcca.writers import TensorBoardWriter
+import importlib
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lightning_svcca.callback import SVCCACallback
+    from lightning_svcca.freezing import FreezePolicy
+    from lightning_svcca.monitor import Runtime, SVCCAMonitor, SVCCAMonitorWarning
+    from lightning_svcca.similarity import (
+        CCAResult,
+        Decomposition,
+        SimilarityWarning,
+        TooFewDatapointsWarning,
+        ZeroVarianceError,
+        cca,
+        decompose,
+        linear_cka,
+        pwcca,
+        svcca,
+        svcca_details,
+    )
+    from lightning_svcca.writers import TensorBoardWriter
+
+__version__ = "0.1.0"
+
+#: Public name -> the module that defines it.
+_MODULES = {
+    "SVCCACallback": "callback",
+    "FreezePolicy": "freezing",
+    "Runtime": "monitor",
+    "SVCCAMonitor": "monitor",
+    "SVCCAMonitorWarning": "monitor",
+    "TensorBoardWriter": "writers",
+    **{
+        name: "similarity"
+        for name in (
+            "CCAResult",
+            "Decomposition",
+            "SimilarityWarning",
+            "TooFewDatapointsWarning",
+            "ZeroVarianceError",
+            "cca",
+            "decompose",
+            "linear_cka",
+            "pwcca",
+            "svcca",
+            "svcca_details",
+        )
+    },
+}
 
 __all__ = [
     "CCAResult",
@@ -51,13 +82,15 @@ __all__ = [
     "svcca",
     "svcca_details",
 ]
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    """``SVCCACallback`` imports pytorch_lightning, so it is loaded on first use only."""
-    if name == "SVCCACallback":
-        from lightning_svcca.callback import SVCCACallback
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
 
-        return SVCCACallback
-    raise AttributeError(f"module 'lightning_svcca' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODULES])

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import re
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,8 +28,10 @@ __all__ = [
     "Reporter",
     "convergence_epochs",
     "heatmap_image",
+    "heatmap_style",
     "history_matrix",
     "read_history_csv",
+    "similarity_position",
     "tag",
     "write_history_csv",
 ]
@@ -100,69 +104,312 @@ def convergence_epochs(
     return result
 
 
+#: Colour-bar ticks of the similarity scale: the thresholds people judge convergence by.
+SIMILARITY_TICKS = (0.0, 0.5, 0.9, 0.95, 0.99, 0.999)
+#: The similarity scale resolves ``1 - value`` down to this; closer to 1 shows as the top colour.
+SIMILARITY_FLOOR = 1e-3
+#: At most this many epoch columns are drawn; longer runs show evenly spaced epochs (first and last included).
+MAX_COLUMNS = 100
+#: Cells are annotated with their value while there are at most this many (and they are wide enough).
+MAX_ANNOTATED_CELLS = 160
+
+_FONT = 8  # points, every label
+_DPI = 100
+_MIN_ANNOTATION_FONT = 5.5  # points: smaller cells are left without their values
+_PLOT_WIDTH = 5.6  # inches of heatmap, the same for every run: the image size never depends on the epochs
+_ROW_HEIGHT = (0.15, 0.24)  # inches per layer: the most, down to the least once the map is 6 inches high
+_MIN_PLOT_HEIGHT = 1.5
+
+
+def similarity_position(values: np.ndarray | float) -> np.ndarray:
+    """Where a similarity sits on the colour scale: ``log10(1 - value) / log10(SIMILARITY_FLOOR)``, in [0, 1].
+
+    0 is a value of 0 (or below), 0.1 is 0.5, 1/3 is 0.9, 0.43 is 0.95, 2/3 is 0.99, 1 is 0.999 and above; NaN
+    stays NaN. Equal steps of the scale are equal factors of the remaining dissimilarity, so the band between
+    0.9 and 1 that convergence thresholds live in gets two thirds of the colours.
+    """
+    gap = np.clip(1.0 - np.asarray(values, dtype=float), SIMILARITY_FLOOR, 1.0)
+    return np.log10(gap) / math.log10(SIMILARITY_FLOOR)
+
+
+def heatmap_style(metric: str, reference: str) -> dict[str, str]:
+    """``title``, ``label`` and ``scale`` for :class:`HeatmapFigure` of one metric and reference slot.
+
+    Similarities to references use the similarity scale; the per-layer facts (``dims``: directions kept,
+    ``baseline``: the shuffled-pairing noise floor, ``frozen``: 0 or 1) a linear scale over their own range.
+    """
+    if reference == "dims":
+        return {"title": f"directions kept by {metric}", "label": "directions kept", "scale": "linear"}
+    if reference == "baseline":
+        return {"title": f"{metric} noise floor (shuffled pairing)", "label": metric, "scale": "linear"}
+    if reference == "frozen":
+        return {"title": "frozen layers", "label": "frozen (1) or trained (0)", "scale": "linear"}
+    return {"title": f"{metric} to {reference}", "label": metric, "scale": "similarity"}
+
+
+def thinned_columns(count: int, max_columns: int = MAX_COLUMNS) -> np.ndarray:
+    """Indices of at most ``max_columns`` evenly spaced columns of ``count``, the first and the last included."""
+    if count <= max_columns:
+        return np.arange(count)
+    return np.unique(np.round(np.linspace(0, count - 1, max_columns)).astype(int))
+
+
 class HeatmapFigure:
     """A layers x epochs heatmap, first layer at the bottom, redrawn as the epochs come in.
 
+    Similarities are coloured on ``1 - value`` with a log scale (:func:`similarity_position`), so 0.9, 0.95,
+    0.99 and 1 get clearly different colours; the colour bar is ticked at :data:`SIMILARITY_TICKS`. With
+    ``scale="linear"`` (kept directions, noise floor, freezes) the colours span the values' own range. The image
+    has the same size at every epoch: the heatmap area is fixed and runs longer than :data:`MAX_COLUMNS` epochs
+    show evenly spaced epochs; the height follows the number of layers and the width the longest layer name,
+    measured with the font so that no label is clipped. Small maps are annotated with their values.
+
     Uses matplotlib's object API with the Agg canvas (no pyplot state, no display needed). The figure is built
     once and redrawn with new data: building the axes costs three times as much as drawing them, and the
-    callback redraws every epoch.
+    callback redraws every epoch. Its size only grows (when more layers or longer names come in), never shrinks.
+
+    Args:
+        title: drawn above the map, e.g. ``"svcca to final"``.
+        label: the colour bar's label, e.g. the metric.
+        scale: ``"similarity"`` (values in [0, 1], log scale of ``1 - value``) or ``"linear"``.
+        xlabel: what the columns are, ``"epoch"`` or ``"step"``.
     """
 
-    def __init__(self, *, title: str, label: str) -> None:
+    def __init__(self, *, title: str, label: str, scale: str = "similarity", xlabel: str = "epoch") -> None:
+        if scale not in ("similarity", "linear"):
+            raise ValueError(f"scale must be 'similarity' or 'linear', got {scale!r}")
+        from matplotlib import colormaps
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        self._figure = Figure(dpi=100)
-        self._canvas = FigureCanvasAgg(self._figure)
-        self._axes = self._figure.add_subplot()
+        self.scale = scale
+        self.xlabel = xlabel
+        self.figure = Figure(dpi=_DPI)
+        self._canvas = FigureCanvasAgg(self.figure)
+        self._axes = self.figure.add_axes((0.1, 0.1, 0.7, 0.8))
+        self._bar_axes = self.figure.add_axes((0.85, 0.1, 0.03, 0.8))
+        # grey: not measured; a different map for the linear scale, so it is not read as a similarity
+        cmap = colormaps["viridis" if scale == "similarity" else "cividis"].with_extremes(bad="#d9d9d9")
         self._image = self._axes.imshow(
-            np.zeros((1, 1)), origin="lower", aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis"
+            np.zeros((1, 1)), origin="lower", aspect="auto", interpolation="nearest", vmin=0.0, vmax=1.0, cmap=cmap
         )
-        self._axes.set_xlabel("epoch", fontsize=8)
-        self._axes.set_title(title, fontsize=9)
-        self._figure.colorbar(self._image, ax=self._axes, label=label).ax.tick_params(labelsize=7)
+        self._axes.set_title(title, fontsize=_FONT + 2)
+        self._axes.set_ylabel("layer (bottom-up)", fontsize=_FONT + 1)
+        self._axes.tick_params(labelsize=_FONT, length=2)
+        self._bar = self.figure.colorbar(self._image, cax=self._bar_axes)
+        self._bar.ax.tick_params(labelsize=_FONT, length=2)
+        if scale == "similarity":
+            self._bar.set_ticks(similarity_position(SIMILARITY_TICKS), labels=_tick_labels(SIMILARITY_TICKS))
+            self._bar.set_label(f"{label} (log scale of 1 - {label})", fontsize=_FONT + 1)
+        else:
+            self._bar.set_label(label, fontsize=_FONT + 1)
+        self._annotations: list[Any] = []
+        self._widths: dict[tuple[str, float], float] = {}
+        self._size = (0.0, 0.0)
 
     def render(self, layers: Sequence[str], epochs: Sequence[int], matrix: np.ndarray) -> np.ndarray:
-        """The heatmap of ``matrix[i, j]`` (layer ``i``, epoch ``j``) as an RGB image ``(H, W, 3)``."""
-        height = 1.6 + 0.32 * max(len(layers), 1)
-        label_width = 0.3 + 0.06 * max((len(layer) for layer in layers), default=1)  # inches, 7-point labels
-        width = label_width + 2.9 + min(0.22 * max(len(epochs), 1), 9.0)
-        self._figure.set_size_inches(width, height)
-        self._image.set_data(np.ma.masked_invalid(matrix))
-        self._image.set_extent((-0.5, len(epochs) - 0.5, -0.5, len(layers) - 0.5))
-        self._axes.set_yticks(range(len(layers)), labels=list(layers), fontsize=7)
-        step = max(1, math.ceil(len(epochs) / 12))
-        self._axes.set_xticks(range(0, len(epochs), step), labels=[str(e) for e in epochs[::step]], fontsize=7)
-        # margins from the label width (tight_layout would cost a third of the drawing time, every epoch)
-        self._figure.subplots_adjust(left=label_width / width, right=0.97, bottom=0.5 / height, top=1.0 - 0.35 / height)
+        """The heatmap of ``matrix[i, j]`` (layer ``i``, epoch ``j``) as an RGB image ``(H, W, 3)``, ``uint8``."""
+        matrix = np.asarray(matrix, dtype=float)
+        if matrix.shape != (len(layers), len(epochs)):
+            raise ValueError(
+                f"matrix must have one row per layer and one column per epoch, {(len(layers), len(epochs))}, got"
+                f" shape {matrix.shape}"
+            )
+        columns = thinned_columns(len(epochs))
+        shown = matrix[:, columns]
+        shown_epochs = [epochs[j] for j in columns]
+        if self.scale == "similarity":
+            self._image.set_data(np.ma.masked_invalid(similarity_position(shown)))
+        else:
+            self._image.set_data(np.ma.masked_invalid(shown))
+            self._image.set_clim(*_linear_limits(shown))
+            finite = shown[np.isfinite(shown)]
+            from matplotlib.ticker import MaxNLocator
+
+            self._bar.locator = MaxNLocator(nbins=6, integer=bool(np.all(finite == np.round(finite))))
+        self._image.set_extent((-0.5, max(len(columns), 1) - 0.5, -0.5, max(len(layers), 1) - 0.5))
+        self._axes.set_yticks(range(len(layers)), labels=list(layers))
+        self._axes.set_xticks(*_epoch_ticks(shown_epochs))
+        notes = [f"{len(columns)} of {len(epochs)} measured shown"] if len(columns) < len(epochs) else []
+        notes += ["grey: not measured"] if np.isnan(shown).any() else []
+        self._axes.set_xlabel(self.xlabel + (f" ({'; '.join(notes)})" if notes else ""), fontsize=_FONT + 1)
+        self._layout(layers)
+        self._annotate(shown)
         self._canvas.draw()
         return np.asarray(self._canvas.buffer_rgba())[..., :3].copy()
 
+    def _layout(self, layers: Sequence[str]) -> None:
+        """Size the figure and place the axes from the measured widths of the labels (in inches)."""
+
+        def width(text: str, size: float) -> float:  # inches
+            return self._text_width(text, size) / 72
+
+        line = (_FONT + 1) * 1.4 / 72  # inches of one line of axis-label text
+        row = min(_ROW_HEIGHT[1], max(_ROW_HEIGHT[0], 6.0 / max(len(layers), 1)))
+        font = min(_FONT, 0.7 * row * 72)  # many layers: smaller names, so that neighbours do not overlap
+        self._axes.tick_params(axis="y", labelsize=font)
+        names = max((width(name, font) for name in layers), default=0.0)
+        if self.scale == "similarity":
+            ticks = max(width(text, _FONT) for text in _tick_labels(SIMILARITY_TICKS))
+        else:  # the locator picks the ticks at drawing time: allow for the longest end of the range and a decimal
+            ticks = max(width(f"{limit:g}.0", _FONT) for limit in self._image.get_clim())
+        left = 0.1 + line + names + 0.1  # margin, y-axis label, layer names, tick marks
+        right = 0.15 + 0.16 + 0.06 + ticks + 0.08 + line + 0.1  # gap, bar, ticks, tick labels, bar label, margin
+        bottom = 0.12 + 2 * line + 0.08
+        top = 0.15 + line + 0.1
+        height = bottom + max(_MIN_PLOT_HEIGHT, row * len(layers)) + top
+        self._size = (max(self._size[0], left + _PLOT_WIDTH + right), max(self._size[1], height))
+        total_width, total_height = self._size
+        self.figure.set_size_inches(total_width, total_height)
+        plot = (left, bottom, total_width - left - right, total_height - bottom - top)
+        self._axes.set_position(_fraction(plot, self._size))
+        self._bar_axes.set_position(_fraction((plot[0] + plot[2] + 0.15, bottom, 0.16, plot[3]), self._size))
+
+    def _annotate(self, shown: np.ndarray) -> None:
+        """Write each cell's value in it while the cells are few and large enough to hold the text legibly."""
+        for text in self._annotations:
+            text.remove()
+        self._annotations = []
+        rows, columns = shown.shape
+        if not rows or not columns or rows * columns > MAX_ANNOTATED_CELLS:
+            return
+        formatted = [[_cell_text(value, self.scale) for value in row] for row in shown]
+        box = self._axes.get_position()
+        cell_width = box.width * self._size[0] * 72 / columns  # points
+        cell_height = box.height * self._size[1] * 72 / rows
+        texts = {text for row in formatted for text in row if text}
+        widest = max((self._text_width(text, 10.0) for text in texts), default=0.0) / 10.0  # points per point
+        size = min(_FONT - 1, 0.85 * cell_width / max(widest, 1e-9), 0.6 * cell_height)
+        if size < _MIN_ANNOTATION_FONT:
+            return
+        colours = self._image.to_rgba(self._image.get_array())
+        for i in range(rows):
+            for j in range(columns):
+                if math.isnan(shown[i, j]):
+                    continue
+                red, green, blue, _ = colours[i, j]
+                colour = "white" if 0.299 * red + 0.587 * green + 0.114 * blue < 0.5 else "black"
+                text = self._axes.text(j, i, formatted[i][j], ha="center", va="center", fontsize=size, color=colour)
+                self._annotations.append(text)
+
+    def _text_width(self, text: str, size: float) -> float:
+        """Width of ``text`` at ``size`` points, in points (remembered: the same labels come back every epoch)."""
+        if (text, size) not in self._widths:
+            from matplotlib.font_manager import FontProperties
+
+            renderer = self._canvas.get_renderer()
+            pixels = renderer.get_text_width_height_descent(text, FontProperties(size=size), ismath=False)[0]
+            self._widths[text, size] = pixels * 72 / _DPI
+        return self._widths[text, size]
+
+
+def _cell_text(value: float, scale: str) -> str:
+    """A cell's annotation: three significant digits, or for similarities three decimals without the zero.
+
+    Similarities are cut rather than rounded (0.8996 is ".899": not yet 0.9), and 1 up to rounding is "1".
+    """
+    if math.isnan(value):
+        return ""
+    if scale != "similarity":
+        return f"{value:.3g}"
+    if value >= 1.0 - 1e-6:  # a model against itself, up to rounding
+        return "1"
+    if value < 0.0:
+        return f"{value:.2f}"
+    return f"{math.floor(value * 1000) / 1000:.3f}"[1:]
+
+
+def _epoch_ticks(epochs: Sequence[int], count: int = 10) -> tuple[list[float], list[str]]:
+    """Ticks at round epochs (multiples of 1, 2, 5, 10, 20, 25, 50, ...), placed between the drawn columns."""
+    if not epochs:
+        return [], []
+    first, last = epochs[0], epochs[-1]
+    steps = sorted({int(m * 10**power) for power in range(12) for m in (1, 2, 2.5, 5)})
+    step = next(step for step in steps if (last - first) / step < count)
+    marks = range(math.ceil(first / step) * step, last + 1, step)
+    positions = np.interp(list(marks), epochs, np.arange(len(epochs)))
+    return positions.tolist(), [str(mark) for mark in marks]
+
+
+def _tick_labels(values: Sequence[float]) -> list[str]:
+    labels = [f"{value:g}" for value in values]
+    labels[-1] = f">={labels[-1]}"
+    return labels
+
+
+def _linear_limits(values: np.ndarray) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = float(finite.min()), float(finite.max())
+    if low == high:
+        return low - 0.5, high + 0.5
+    return low, high
+
+
+def _fraction(box: tuple[float, float, float, float], size: tuple[float, float]) -> tuple[float, float, float, float]:
+    left, bottom, width, height = box
+    return left / size[0], bottom / size[1], width / size[0], height / size[1]
+
 
 def heatmap_image(
-    layers: Sequence[str], epochs: Sequence[int], matrix: np.ndarray, *, title: str, label: str
+    layers: Sequence[str],
+    epochs: Sequence[int],
+    matrix: np.ndarray,
+    *,
+    title: str,
+    label: str,
+    scale: str = "similarity",
+    xlabel: str = "epoch",
 ) -> np.ndarray:
-    """Render a layers x epochs matrix as an RGB image ``(H, W, 3)``, first layer at the bottom."""
-    return HeatmapFigure(title=title, label=label).render(layers, epochs, matrix)
+    """Render a layers x epochs matrix as an RGB image ``(H, W, 3)``, first layer at the bottom.
+
+    One-off drawing with :class:`HeatmapFigure` (same arguments); to redraw as values come in, keep a
+    :class:`HeatmapFigure`.
+    """
+    return HeatmapFigure(title=title, label=label, scale=scale, xlabel=xlabel).render(layers, epochs, matrix)
 
 
-def write_history_csv(history: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
-    """Write history rows to a CSV file with :data:`HISTORY_COLUMNS` (atomically: write, then rename)."""
+def write_history_csv(
+    history: Iterable[Mapping[str, Any]], path: str | Path, *, columns: Sequence[str] = HISTORY_COLUMNS
+) -> Path:
+    """Write history rows to a CSV file with ``columns`` (default :data:`HISTORY_COLUMNS`), atomically.
+
+    The rows go to a temporary file beside ``path`` whose name holds the process id and a random UUID, which then
+    replaces ``path`` in one rename: readers see the old file or the new one, never a half-written one, and two
+    runs (processes or threads) writing into the same directory never collide on the temporary name.
+
+    Returns:
+        ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(path.suffix + ".partial")
-    with partial.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
-    partial.replace(path)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.partial")
+    try:
+        with partial.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(history)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)  # only left if writing failed
     return path
 
 
+#: Columns read back as integers when a history file has them.
+_INTEGER_COLUMNS = ("epoch", "step")
+
+
 def read_history_csv(path: str | Path) -> list[dict[str, Any]]:
-    """Read a history CSV back into rows with typed ``epoch`` (int) and ``value`` (float)."""
+    """Read a history CSV back into rows: ``epoch`` (and ``step``, where present) as int, ``value`` as float."""
     with Path(path).open(newline="") as handle:
-        return [{**row, "epoch": int(row["epoch"]), "value": float(row["value"])} for row in csv.DictReader(handle)]
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        for column in _INTEGER_COLUMNS:
+            if column in row:
+                row[column] = int(row[column]) if row[column] not in ("", None) else None
+        row["value"] = float(row["value"])
+    return rows
 
 
 class Reporter:

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
+import threading
 
 import numpy as np
 import pytest
+from matplotlib import colormaps
 
 from lightning_svcca.reporting import (
     HISTORY_COLUMNS,
+    MAX_COLUMNS,
+    HeatmapFigure,
     Reporter,
     convergence_epochs,
     heatmap_image,
+    heatmap_style,
     history_matrix,
     read_history_csv,
+    similarity_position,
     tag,
+    thinned_columns,
     write_history_csv,
 )
 
@@ -112,6 +120,95 @@ def test_csv_round_trip_of_special_values(tmp_path):
     assert math.isnan(back[0]["value"]) and back[1]["value"] == math.inf
 
 
+def _writer(path, rows, times, errors):
+    try:
+        for _ in range(times):
+            write_history_csv(rows, path)
+    except Exception as error:  # noqa: BLE001 - reported by the test
+        errors.append(error)
+
+
+def test_csv_writers_sharing_a_directory_never_collide(tmp_path):
+    # two runs rewriting the same file over and over: each write goes through its own temporary name (process id
+    # and UUID), so none fails and the file always holds one whole history, never a mix or a torn one
+    path = tmp_path / "svcca_history.csv"
+    histories = [_curve("a", [0.1] * 50), _curve("b", [0.2] * 80)]
+    errors = []
+    threads = [threading.Thread(target=_writer, args=(path, rows, 60, errors)) for rows in histories]
+    for thread in threads:
+        thread.start()
+    for _ in range(200):  # readers meanwhile see one complete file or the other
+        if path.exists():
+            assert read_history_csv(path) in histories
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert read_history_csv(path) in histories
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["svcca_history.csv"]  # no temporary file left
+
+
+def test_csv_writers_in_two_processes(tmp_path):
+    path = tmp_path / "svcca_history.csv"
+    histories = [_curve("a", [0.1] * 50), _curve("b", [0.2] * 80)]
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=write_history_csv_many, args=(path, rows, 40)) for rows in histories]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=60)
+    assert [process.exitcode for process in processes] == [0, 0]
+    assert read_history_csv(path) in histories
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["svcca_history.csv"]
+
+
+def write_history_csv_many(path, rows, times):
+    for _ in range(times):
+        write_history_csv(rows, path)
+
+
+def test_csv_failed_write_keeps_the_old_file(tmp_path, history):
+    path = write_history_csv(history, tmp_path / "svcca_history.csv")
+
+    def broken():
+        yield _row(0, "x", 0.5)
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_history_csv(broken(), path)
+    assert read_history_csv(path) == history
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["svcca_history.csv"]
+
+
+def test_csv_with_a_step_column(tmp_path):
+    rows = [{**_row(1, "fc", 0.5), "step": 40}, {**_row(2, "fc", 0.7), "step": 80}]
+    path = write_history_csv(rows, tmp_path / "h.csv", columns=(*HISTORY_COLUMNS, "step"))
+    assert path.read_text().splitlines()[0] == ",".join((*HISTORY_COLUMNS, "step"))
+    assert read_history_csv(path) == rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# heatmaps
+# ----------------------------------------------------------------------------------------------------------------
+
+LONG_NAMES = [f"encoder.layer.{i}.attention.output.dense" for i in range(12)]
+
+
+def _cielab(rgb):
+    """sRGB in [0, 1] -> CIELAB (D65), the textbook formulas."""
+    linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    to_xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = to_xyz @ linear / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def _cell_colour(figure, image, i, j):
+    """The RGB colour drawn for cell (layer i, column j), read off a corner of the cell (the middle holds text)."""
+    axes = figure.figure.axes[0]
+    x, y = axes.transData.transform((j - 0.35, i - 0.35))
+    return image[image.shape[0] - 1 - round(y), round(x)].astype(int)
+
+
 @pytest.mark.parametrize(("n_layers", "n_epochs"), [(1, 1), (3, 4), (12, 60)])
 def test_heatmap_image_is_an_rgb_array(n_layers, n_epochs):
     matrix = np.linspace(0, 1, n_layers * n_epochs).reshape(n_layers, n_epochs)
@@ -121,6 +218,121 @@ def test_heatmap_image_is_an_rgb_array(n_layers, n_epochs):
     assert image.dtype == np.uint8
     assert image.shape[0] > 50 and image.shape[1] > 50
     assert image.std() > 0  # something was drawn
+
+
+def test_similarity_position_is_the_log_of_one_minus_the_value():
+    values = np.array([-0.2, 0.0, 0.5, 0.9, 0.95, 0.99, 0.999, 0.9999, 1.0, 1.0 + 1e-9, np.nan])
+    # by hand: log10(1 - v) / log10(0.001), clipped to [0, 1]
+    expected = [0.0, 0.0, 0.30103 / 3, 1 / 3, 1.30103 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0, np.nan]
+    np.testing.assert_allclose(similarity_position(values), expected, atol=1e-5)
+
+
+def test_heatmap_colours_separate_the_convergence_band():
+    # 0.90, 0.95, 0.99 and 1.0 must get distinct colours (on a linear 0-1 scale all four are the same yellow);
+    # each cell is viridis at the position computed by hand
+    values = [0.5, 0.9, 0.95, 0.99, 1.0]
+    figure = HeatmapFigure(title="svcca to final", label="svcca")
+    image = figure.render(["layer"], list(range(len(values))), np.array([values]))
+    colours = [_cell_colour(figure, image, 0, j) for j in range(len(values))]
+    positions = [0.30103 / 3, 1 / 3, 1.30103 / 3, 2 / 3, 1.0]
+    for colour, position in zip(colours, positions, strict=True):
+        expected = np.round(np.array(colormaps["viridis"](position)[:3]) * 255)
+        np.testing.assert_allclose(colour, expected, atol=3)
+    lab = [_cielab(colour / 255) for colour in colours]
+    for a in range(len(values)):
+        for b in range(a + 1, len(values)):
+            # CIE76 colour difference: 2.3 is just noticeable; neighbours here differ by 20 and more
+            assert np.linalg.norm(lab[a] - lab[b]) > 15, (values[a], values[b])
+
+
+def test_heatmap_size_does_not_depend_on_the_epochs():
+    layers = ["conv1", "conv2", "fc"]
+    rng = np.random.default_rng(0)
+    shapes = {
+        heatmap_image(layers, list(range(n)), rng.random((3, n)), title="t", label="svcca").shape
+        for n in (1, 2, 7, 30, MAX_COLUMNS, MAX_COLUMNS + 1, 500)
+    }
+    assert len(shapes) == 1
+    figure = HeatmapFigure(title="svcca to final", label="svcca")  # redrawn every epoch, as the callback does
+    shapes = {figure.render(layers, list(range(n)), rng.random((3, n))).shape for n in range(1, 40, 3)}
+    assert shapes == {next(iter(shapes))}
+
+
+def test_heatmap_thins_long_runs_to_evenly_spaced_epochs():
+    columns = thinned_columns(1000)
+    assert len(columns) == MAX_COLUMNS and columns[0] == 0 and columns[-1] == 999
+    assert np.all(np.diff(columns) >= 9) and np.all(np.diff(columns) <= 11)
+    np.testing.assert_array_equal(thinned_columns(7), range(7))
+    figure = HeatmapFigure(title="t", label="svcca")
+    epochs = list(range(0, 1000, 4))
+    figure.render(["a"], epochs, np.linspace(0, 1, len(epochs))[None, :])
+    axes = figure.figure.axes[0]
+    assert axes.get_xlabel() == f"epoch ({MAX_COLUMNS} of 250 measured shown)"
+    ticks = [text.get_text() for text in axes.get_xticklabels()]
+    assert ticks[0] == "0" and all(int(t) % 100 == 0 for t in ticks)  # round epochs
+    assert axes.get_ylabel() and axes.get_images()[0].get_array().shape == (1, MAX_COLUMNS)
+
+
+@pytest.mark.parametrize("n_epochs", [3, 250])
+def test_heatmap_labels_are_never_clipped(n_epochs):
+    names = [*LONG_NAMES, "model.backbone.stages.3.blocks.27.mixer.attention.output_projection.dense"]
+    matrix = np.full((len(names), n_epochs), 0.97)
+    matrix[2, 1] = np.nan  # adds a note to the x label
+    figure = HeatmapFigure(title="linear_cka to pretrained", label="linear_cka")
+    image = figure.render(names, list(range(n_epochs)), matrix)
+    renderer = figure.figure.canvas.get_renderer()
+    height, width = image.shape[:2]
+    for axes in figure.figure.axes:  # the map and the colour bar, with every tick label, axis label and title
+        box = axes.get_tightbbox(renderer)
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, (axes, box)
+    heatmap, bar = figure.figure.axes
+    assert [text.get_text() for text in heatmap.get_yticklabels()] == names
+    assert heatmap.get_ylabel().startswith("layer") and "epoch" in heatmap.get_xlabel()
+    assert "linear_cka" in bar.get_ylabel()
+    texts = [heatmap.xaxis.label, heatmap.yaxis.label, bar.yaxis.label, *heatmap.get_yticklabels()]
+    for text in texts:  # and each text on its own (the tight box of a whole axes could hide one)
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, text.get_text()
+
+
+def test_heatmap_annotates_small_maps_with_cut_values():
+    figure = HeatmapFigure(title="t", label="svcca")
+    figure.render(["a"], [0, 1, 2, 3, 4], np.array([[0.8996, 0.95, 0.9999999999, 1.0, np.nan]]))
+    assert [text.get_text() for text in figure.figure.axes[0].texts] == [".899", ".950", "1", "1"]
+    narrow = HeatmapFigure(title="t", label="svcca")  # 60 cells, but too narrow for legible text
+    narrow.render(["a", "b"], list(range(30)), np.full((2, 30), 0.5))
+    assert len(narrow.figure.axes[0].texts) == 0
+
+
+def test_dims_heatmap_has_a_linear_scale_of_its_own():
+    style = heatmap_style("svcca", "dims")
+    assert style == {"title": "directions kept by svcca", "label": "directions kept", "scale": "linear"}
+    dims = np.array([[12.0, 16.0, 16.0], [28.0, 32.0, 32.0], [45.0, 48.0, 50.0]])
+    figure = HeatmapFigure(**style)
+    image = figure.render(["relu1", "relu2", "relu3"], [0, 1, 2], dims)
+    for i in range(3):
+        for j in range(3):
+            position = (dims[i, j] - 12.0) / (50.0 - 12.0)  # the values' own range
+            expected = np.round(np.array(colormaps["cividis"](position)[:3]) * 255)
+            np.testing.assert_allclose(_cell_colour(figure, image, i, j), expected, atol=3)
+    bar = figure.figure.axes[1]
+    ticks = [float(t) for t in bar.get_yticks() if 12 <= t <= 50]
+    assert ticks and all(t == int(t) for t in ticks)  # whole directions
+    assert [text.get_text() for text in figure.figure.axes[0].texts][:3] == ["12", "16", "16"]
+
+
+def test_heatmap_styles():
+    assert heatmap_style("linear_cka", "final") == {
+        "title": "linear_cka to final",
+        "label": "linear_cka",
+        "scale": "similarity",
+    }
+    assert heatmap_style("svcca", "baseline")["scale"] == "linear"
+    assert heatmap_style("svcca", "frozen")["scale"] == "linear"
+    with pytest.raises(ValueError, match="scale must be"):
+        HeatmapFigure(title="t", label="l", scale="log")
+    with pytest.raises(ValueError, match=r"one row per layer and one column per epoch, \(2, 3\), got shape \(3, 2\)"):
+        heatmap_image(["a", "b"], [0, 1, 2], np.zeros((3, 2)), title="t", label="l")
 
 
 class _FakeExperiment:

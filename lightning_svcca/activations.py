@@ -73,20 +73,23 @@ class LayerSpec:
 
     Attributes:
         name: the module's name in ``model.named_modules()``.
-        output: which part of a tuple, list, dict or dataclass output to use (an index, key or attribute name);
-            ``None`` takes the tensor itself, the first element of a tuple or list, or a dict's / dataclass's
-            ``last_hidden_state`` (else its first tensor).
+        output: which part of a tuple, list, dict or dataclass output to use (an index, key or attribute name,
+            or a path of them into nested outputs, e.g. ``(1, 0)`` for an LSTM's ``h_n``); ``None`` takes the
+            tensor itself, the first element of a tuple or list, or a dict's / dataclass's ``last_hidden_state``
+            (else its first tensor).
         reduction: ``"positions"``, ``"mean"`` or ``"flatten"`` (module docstring).
         layout: ``"channels_first"``, ``"channels_last"`` or ``"time_first"`` for outputs with positions;
             ``None`` guesses from the module type.
     """
 
     name: str
-    output: int | str | None = None
+    output: int | str | tuple[int | str, ...] | None = None
     reduction: Reduction = "positions"
     layout: Layout | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.output, list):  # a path read from YAML
+            object.__setattr__(self, "output", tuple(self.output))
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction of layer {self.name!r} must be one of {REDUCTIONS}, got {self.reduction!r}")
         if self.layout is not None and self.layout not in LAYOUTS:
@@ -155,34 +158,70 @@ def resolve_layers(
     return specs
 
 
-def select_output(output: Any, which: int | str | None, layer: str) -> Tensor:
-    """The tensor to analyse among a module's outputs (see :attr:`LayerSpec.output`)."""
+def select_output(output: Any, which: int | str | Sequence[int | str] | None, layer: str) -> Tensor:
+    """The tensor to analyse among a module's outputs (see :attr:`LayerSpec.output`).
+
+    ``which`` may be a path into nested outputs: ``(1, 0)`` takes element 0 of element 1 (an LSTM's ``h_n``).
+    """
+    if isinstance(which, (tuple, list)):
+        if not which:
+            raise ValueError(f"layer {layer!r}: output=() selects nothing; give an index, a key or a path of them")
+        selected = output
+        for depth, step in enumerate(which):
+            path = tuple(which[: depth + 1])
+            if isinstance(selected, Tensor):
+                raise ValueError(
+                    f"layer {layer!r}: output={tuple(which)!r} goes deeper than its outputs: {path[:-1]!r} is"
+                    f" already a tensor of shape {tuple(selected.shape)}; use output={path[:-1]!r}"
+                )
+            selected = _select_one(selected, step, layer, path)
+        return _checked(selected, tuple(which), layer)
     if which is None:
         if isinstance(output, Tensor):
-            return output
+            return _checked(output, which, layer)
         if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-            return output[0]
+            return _checked(output[0], which, layer)
         parts = _named_parts(output)
         for key in _HIDDEN_STATE_NAMES:
             if isinstance(parts.get(key), Tensor):
-                return parts[key]
+                return _checked(parts[key], which, layer)
         for value in parts.values():
             if isinstance(value, Tensor):
-                return value
+                return _checked(value, which, layer)
         raise TypeError(
             f"layer {layer!r} returned {type(output).__name__} without a tensor to analyse; choose one with"
-            " layers={name: {'output': <index or key>}}"
+            " layers={name: {'output': <index, key or path such as (1, 0)>}}"
         )
+    return _checked(_select_one(output, which, layer, which), which, layer)
+
+
+def _select_one(output: Any, which: int | str, layer: str, shown: Any) -> Any:
+    """``output[which]`` (or an attribute), with an error naming the layer and what is available."""
     try:
-        selected = output[which] if isinstance(output, (tuple, list, Mapping)) else getattr(output, str(which))
+        return output[which] if isinstance(output, (tuple, list, Mapping)) else getattr(output, str(which))
     except (IndexError, KeyError, AttributeError, TypeError) as err:
         available = list(_named_parts(output)) or (len(output) if isinstance(output, (tuple, list)) else None)
         raise ValueError(
-            f"layer {layer!r}: output={which!r} does not select anything from its {type(output).__name__} output"
+            f"layer {layer!r}: output={shown!r} does not select anything from its {type(output).__name__} output"
             f" (available: {available})"
         ) from err
+
+
+def _checked(selected: Any, which: Any, layer: str) -> Tensor:
+    """The selected output must be a tensor with a sample dimension."""
+    if isinstance(selected, (tuple, list)) and selected and isinstance(selected[0], Tensor):
+        path = (*which, 0) if isinstance(which, tuple) else (0,) if which is None else (which, 0)
+        raise TypeError(
+            f"layer {layer!r}: output={which!r} selects a {type(selected).__name__} of {len(selected)} tensors, not"
+            f" a tensor; select inside it with a path, e.g. output={path!r}"
+        )
     if not isinstance(selected, Tensor):
         raise TypeError(f"layer {layer!r}: output={which!r} selects a {type(selected).__name__}, not a tensor")
+    if selected.ndim == 0:
+        raise ValueError(
+            f"layer {layer!r}: output={which!r} is a 0-dim tensor (a scalar, e.g. a loss); a monitored output needs"
+            " one row per probe sample, shape (N, ...): monitor another layer or select another output"
+        )
     return selected
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from lightning_svcca.activations import ActivationRecorder, LayerSpec, layer_seed, probe_share, reduce_output
 from lightning_svcca.distributed import buffers_from_rank_zero, shard
-from lightning_svcca.probe import ForwardFn, Probe, batch_size, run_probe
+from lightning_svcca.probe import ForwardFn, Probe, batch_size, describe_batch, run_probe
 from lightning_svcca.similarity import DATAPOINTS_PER_DIRECTION
 from lightning_svcca.snapshots import Collective, Snapshot, build_snapshot
 
@@ -78,8 +78,12 @@ class Capture:
         self._warn_once = warn_once
         self._forward_context = forward_context
 
-    def record(self, model: nn.Module, device: torch.device) -> ActivationRecorder:
-        """Run this process's share of the probe through ``model`` on ``device`` with hooks on the layers."""
+    def record(self, model: nn.Module, device: torch.device, *, label: str = "the model") -> ActivationRecorder:
+        """Run this process's share of the probe through ``model`` on ``device`` with hooks on the layers.
+
+        A forward pass that fails inside torch (a probe of the wrong shape or dtype for the model, a reference
+        model that does not take it) raises a ``ValueError`` naming the probe and ``label``.
+        """
         probe = self.probe
         start, stop = shard(probe.size, self.collective)
         mask_frames = None
@@ -97,17 +101,25 @@ class Capture:
             recorder.start_chunk(first, probe.lengths(chunk), batch_size(chunk), device)
 
         with buffers_from_rank_zero(model, self.collective), recorder:
-            run_probe(
-                model,
-                probe,
-                chunk_size=self.options.probe_batch_size,
-                device=device,
-                forward_fn=self.options.forward_fn,
-                start=start,
-                stop=stop,
-                before_chunk=before_chunk,
-                forward_context=self._forward_context,
-            )
+            try:
+                run_probe(
+                    model,
+                    probe,
+                    chunk_size=self.options.probe_batch_size,
+                    device=device,
+                    forward_fn=self.options.forward_fn,
+                    start=start,
+                    stop=stop,
+                    before_chunk=before_chunk,
+                    forward_context=self._forward_context,
+                )
+            except RuntimeError as error:
+                raise ValueError(
+                    f"the probe's forward pass through {label} ({type(model).__name__}) failed: {error}. The probe"
+                    f" ({describe_batch(probe.inputs(probe.batch))}) must be what the model's forward takes, in a"
+                    " dtype it computes in: check probe, probe_input and forward_fn (and for a reference model, that"
+                    " it has the trained model's input format)"
+                ) from error
         return recorder
 
     def snapshots(

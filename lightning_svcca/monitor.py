@@ -26,13 +26,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from lightning_svcca.activations import LayerSpec, resolve_layers
 from lightning_svcca.capture import Capture, CaptureOptions
 from lightning_svcca.comparisons import Comparisons, row, values_of
 from lightning_svcca.config import MonitorConfig
 from lightning_svcca.freezing import FreezeDecision, Freezer, freeze_blocks
-from lightning_svcca.probe import Probe, build_probe
+from lightning_svcca.probe import Probe, build_probe, check_not_meta
 from lightning_svcca.references import check_reference_layers, device_of, reference_model
 from lightning_svcca.reporting import Reporter
 from lightning_svcca.similarity import SimilarityWarning
@@ -436,7 +437,7 @@ class SVCCAMonitor:
                 snapshots = self._capture.feature_snapshots(reference.name, reference.source, recorder, self.layers)
             else:
                 with reference_model(reference, self.model) as model:
-                    reference_recorder = self._capture.record(model, device)
+                    reference_recorder = self._capture.record(model, device, label=f"reference {reference.name!r}")
                 snapshots = self._capture.snapshots(
                     reference_recorder, self.layers, 0, device, label=f"reference {reference.name!r}"
                 )
@@ -511,6 +512,7 @@ class SVCCAMonitor:
         source = config.probe() if callable(config.probe) and not isinstance(config.probe, nn.Module) else config.probe
         if source is None:
             raise ValueError("no probe: pass probe=<tensor, batch or DataLoader> (a few hundred samples or more)")
+        check_not_meta(source)
         self.probe = build_probe(
             source,
             config.probe_size,
@@ -518,6 +520,12 @@ class SVCCAMonitor:
             mask_key=config.probe_mask,
             needs_input=config.forward_fn is None,
         )
+        if isinstance(source, DataLoader) and self.probe.size < config.probe_size:
+            self.warn_once(
+                "probe-truncated",
+                f"probe_size={config.probe_size} but the probe DataLoader holds only {self.probe.size} samples: the"
+                f" probe is all {self.probe.size} of them. Pass probe_size=<n> (or more data) to silence this",
+            )
         fingerprint = self.probe.fingerprint()
         if self.probe_fingerprint is not None and fingerprint != self.probe_fingerprint and self.store.keys():
             self.warn_once(

@@ -303,3 +303,19 @@ def _check_key(batch: Any, key: int | str, role: str) -> None:
             raise ValueError(f"{role}={key!r} is not an index of the probe batch, which has {len(batch)} parts")
     else:
         raise ValueError(f"{role}={key!r} was given but the probe is a single tensor, not a batch with parts")
+
+
+def describe_batch(batch: Any) -> str:
+    """Shapes and dtypes of a batch's tensors, for error messages (``"tensor (256, 1, 8, 8) float32"``)."""
+    parts = [f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}" for tensor in _tensors(batch)]
+    return ("tensor " if isinstance(batch, Tensor) else "batch of ") + ", ".join(parts or ["no tensors"])
+
+
+def check_not_meta(source: Any) -> None:
+    """Refuse a probe whose tensors live on the ``meta`` device (shapes without data)."""
+    if isinstance(source, (Tensor, Mapping, Sequence)) and not isinstance(source, str):
+        if any(tensor.is_meta for tensor in _tensors(source)):
+            raise ValueError(
+                "the probe's tensors are on the meta device (shapes without data), so they cannot be run through"
+                " the model: pass real samples (e.g. a slice of the validation data) as probe"
+            )

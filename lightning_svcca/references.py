@@ -8,6 +8,7 @@ checkpoint's weights), or a tensor of features aligned with the probe's samples.
 from __future__ import annotations
 
 import contextlib
+import difflib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,7 @@ def parse_references(reference: Any) -> list[Reference]:
             continue
         kind = "module" if isinstance(value, nn.Module) else "tensor" if isinstance(value, Tensor) else None
         if kind is None and isinstance(value, (str, Path)):
+            _check_not_a_misspelt_name(value)
             kind = "checkpoint"
         if kind is None:
             raise TypeError(
@@ -86,6 +88,19 @@ def parse_references(reference: Any) -> list[Reference]:
     if not parsed:
         raise ValueError("reference is empty: give at least one of 'previous', 'initial', 'final' or a fixed reference")
     return parsed
+
+
+def _check_not_a_misspelt_name(value: str | Path) -> None:
+    """A string that is no file but close to a reference name is a typo, not a checkpoint path."""
+    text = str(value)
+    if Path(text).exists():
+        return
+    close = difflib.get_close_matches(text.lower(), TIME_REFERENCES, n=1, cutoff=0.6)
+    if close:
+        raise ValueError(
+            f"reference {text!r} is neither one of {TIME_REFERENCES} nor an existing checkpoint file; did you mean"
+            f" {close[0]!r}?"
+        )
 
 
 def check_reference_layers(reference: Reference, layers: Sequence[str]) -> None:

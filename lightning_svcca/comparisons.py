@@ -22,9 +22,16 @@ from lightning_svcca.snapshots import Collective, Pair, Snapshot, SnapshotStore,
 __all__ = ["Comparisons", "row", "values_of"]
 
 
-def row(epoch: int, layer: str, reference: str, metric: str, value: float) -> dict[str, Any]:
-    """One history row."""
-    return {"epoch": int(epoch), "layer": layer, "reference": reference, "metric": metric, "value": float(value)}
+def row(epoch: int, step: int, layer: str, reference: str, metric: str, value: float) -> dict[str, Any]:
+    """One history row: what was measured at ``epoch`` (completed epochs) and global ``step``."""
+    return {
+        "epoch": int(epoch),
+        "step": int(step),
+        "layer": layer,
+        "reference": reference,
+        "metric": metric,
+        "value": float(value),
+    }
 
 
 def values_of(rows: Sequence[Mapping[str, Any]], reference: str | None, metric: str) -> dict[str, float]:
@@ -41,6 +48,7 @@ class Comparisons:
         metrics: the metrics computed for each pair.
         baseline: also compare each snapshot with itself under a fixed datapoint shuffle (the noise floor).
         measured: the measured epochs so far, in order (shared with the monitor, which appends to it).
+        steps: the global step of each measured epoch (shared with the monitor).
         collective: sums across processes for a sharded probe.
         device: where the pairs are evaluated (the model's device).
         dtype: precision of the decompositions.
@@ -54,6 +62,7 @@ class Comparisons:
         *,
         baseline: bool,
         measured: list[int],
+        steps: dict[int, int],
         collective: Collective,
         device: torch.device,
         dtype: torch.dtype,
@@ -63,6 +72,7 @@ class Comparisons:
         self.metrics = tuple(metrics)
         self.baseline = baseline
         self.measured = measured
+        self.steps = steps
         self._collective = collective
         self._device = device
         self._dtype = dtype
@@ -73,29 +83,35 @@ class Comparisons:
         """Whether a ``final`` reference keeps every epoch's snapshot until the end of fit."""
         return any(reference.kind == "final" for reference in self.references)
 
-    def rows_for(self, epoch: int, snapshots: Mapping[str, Snapshot]) -> list[dict[str, Any]]:
+    def rows_for(self, epoch: int, step: int, snapshots: Mapping[str, Snapshot]) -> list[dict[str, Any]]:
         """Rows of one measurement: kept directions, each layer against each reference, and the baselines."""
         jobs: list[tuple[dict[str, Any], str, Pair]] = []
         rows = []
         for layer, snapshot in snapshots.items():
-            rows.append(row(epoch, layer, "dims", "svcca", float(snapshot.kept)))
+            rows.append(row(epoch, step, layer, "dims", "svcca", float(snapshot.kept)))
             for reference in self.references:
                 other = self.reference_snapshot(reference, layer, epoch)
                 if other is None:
                     continue
                 for metric in self.metrics:
                     jobs.append(
-                        (row(epoch, layer, reference.name, metric, math.nan), metric, pair_for(metric, snapshot, other))
+                        (
+                            row(epoch, step, layer, reference.name, metric, math.nan),
+                            metric,
+                            pair_for(metric, snapshot, other),
+                        )
                     )
             if self.baseline:
                 shuffle = self._shuffle(snapshot.n_datapoints)
                 for metric in self.metrics:
                     pair = pair_for(metric, snapshot, snapshot, shuffle)
-                    jobs.append((row(epoch, layer, "baseline", metric, math.nan), metric, pair))
+                    jobs.append((row(epoch, step, layer, "baseline", metric, math.nan), metric, pair))
         return rows + self._evaluate(jobs)
 
-    def against_epoch(self, target: int, name: str, layers: Sequence[str]) -> list[dict[str, Any]]:
-        """Every measured epoch's snapshot against epoch ``target``'s, as rows for reference ``name``."""
+    def against_epoch(
+        self, target: int, name: str, layers: Sequence[str], epochs: Sequence[int] | None = None
+    ) -> list[dict[str, Any]]:
+        """Each measured epoch's snapshot (or those of ``epochs``) against epoch ``target``'s, as ``name`` rows."""
         rows = []
         for layer in layers:
             key = (layer, str(target))
@@ -103,12 +119,18 @@ class Comparisons:
                 continue
             latest = self.store.get(key)
             jobs = []
-            for epoch in self.measured:
+            for epoch in self.measured if epochs is None else epochs:
                 if epoch > target or (layer, str(epoch)) not in self.store:
                     continue
                 snapshot = self.store.get((layer, str(epoch)))
                 for metric in self.metrics:
-                    jobs.append((row(epoch, layer, name, metric, math.nan), metric, pair_for(metric, snapshot, latest)))
+                    jobs.append(
+                        (
+                            row(epoch, self.steps.get(epoch, epoch), layer, name, metric, math.nan),
+                            metric,
+                            pair_for(metric, snapshot, latest),
+                        )
+                    )
             rows += self._evaluate(jobs)
         return rows
 

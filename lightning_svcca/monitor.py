@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 import uuid
 import warnings
@@ -35,14 +34,18 @@ from lightning_svcca.config import MonitorConfig
 from lightning_svcca.freezing import FreezeDecision, Freezer, freeze_blocks
 from lightning_svcca.probe import Probe, build_probe, check_not_meta
 from lightning_svcca.references import check_reference_layers, device_of, reference_model
-from lightning_svcca.reporting import Reporter
+from lightning_svcca.reporting import HISTORY_FILE
 from lightning_svcca.similarity import SimilarityWarning
 from lightning_svcca.snapshots import Collective, LocalCollective, Snapshot, SnapshotStore
-from lightning_svcca.writers import as_writers
+from lightning_svcca.writers import Reporter, as_writers
 
 __all__ = ["Runtime", "SVCCAMonitor", "SVCCAMonitorWarning"]
 
 STATE_VERSION = 1
+#: The folder under ``log_dir`` holding each run's snapshot files (``svcca_snapshots/<run_id>/``).
+SNAPSHOT_FOLDER = "svcca_snapshots"
+#: Epochs the live "final" heatmap compares with the latest one at most (the end-of-fit pass compares all).
+LIVE_FINAL_COLUMNS = 32
 #: Metrics that a float32 decomposition computes accurately. The Gram route squares singular values, so float32
 #: only resolves directions down to about 1% of the largest: CKA weights directions by their variance and barely
 #: notices, but SVCCA's kept set (and so its value) can change by several hundredths on ill-conditioned layers.
@@ -187,11 +190,17 @@ class SVCCAMonitor:
         self.freezer = Freezer()
         self.streaks: dict[str, int] = {}
         self.measured: list[int] = []
+        #: The global step of each measured epoch.
+        self.steps: dict[int, int] = {}
+        #: This run's id: its snapshot folder under ``log_dir`` (kept across resumes).
+        self.run_id: str | None = None
+        #: The history CSV's file name in ``log_dir`` (unique among runs sharing the folder).
+        self.csv_name: str | None = None
         self.layer_order: list[str] = []
         self.probe: Probe | None = None
         self.probe_fingerprint: str | None = None
         self.last_measured_step = -1
-        self.store = SnapshotStore(config.max_snapshot_bytes, self._spill_dir)
+        self.store = SnapshotStore(config.max_snapshot_bytes)
         self._capture: Capture | None = None
         self._comparisons: Comparisons | None = None
         self._reporter: Reporter | None = None
@@ -228,6 +237,9 @@ class SVCCAMonitor:
     def start(self, *, step: int = 0) -> None:
         """Build the probe and measure epoch 0 (the initial snapshot), or, when resuming, the fixed references."""
         self.prepare()
+        self.run_id = self.run_id or uuid.uuid4().hex[:12]
+        if self.log_dir is not None:
+            self.store.persist_to(self.log_dir / SNAPSHOT_FOLDER / self.run_id)
         collective = self._probe_collective()
         device = device_of(self.model)
         dtype = self.compute_dtype()
@@ -256,11 +268,12 @@ class SVCCAMonitor:
             config.metrics,
             baseline=config.baseline,
             measured=self.measured,
+            steps=self.steps,
             collective=collective,
             device=device,
             dtype=dtype,
         )
-        self._reporter = Reporter(self.writers if self.runtime.is_global_zero else [], self.log_dir)
+        self._reporter = Reporter(self.writers if self.runtime.is_global_zero else [], self._claim_csv())
         if not self.measured:
             self._measure(0, step)
         else:
@@ -283,21 +296,32 @@ class SVCCAMonitor:
         return self._measure(epoch, step)
 
     def finish(self, *, epoch: int, step: int) -> list[dict[str, Any]]:
-        """At the end of training: measure the final weights if needed, then every epoch against them ("final")."""
+        """At the end of training: measure the final weights if needed, then every epoch against them ("final").
+
+        The ``final`` rows replace any earlier ones (a run finished, checkpointed and finished again keeps one set).
+        """
         if self.probe is None:
             return []
         rows: list[dict[str, Any]] = []
         if step > self.last_measured_step or not self.measured:
             last = self.measured[-1] if self.measured else -1
-            rows += self._measure(max(int(epoch), last + 1), step, decide_freezes=False)
-        assert self._comparisons is not None
+            rows += self._measure(max(int(epoch), last + 1), step, decide_freezes=False, live_final=False)
+        assert self._comparisons is not None and self._reporter is not None
         if self._comparisons.wants_final:
             final = self._comparisons.against_epoch(self.measured[-1], "final", self.layers)
-            self.history.extend(final)
-            self._report(final, self.measured[-1], {"final": self.history})
+            self.history = [r for r in self.history if r["reference"] != "final"] + final
+            if self.runtime.is_global_zero:
+                last_step = self.steps.get(self.measured[-1], step)
+                self._reporter.late_scalars(final)
+                for metric in self.config.metrics:
+                    image = self._reporter.heatmap(
+                        self.history, reference="final", metric=metric, layers=self.layers, step=last_step
+                    )
+                    ours = [r for r in final if r["metric"] == metric]
+                    self._reporter.final_summary(image, ours, last_step, f"{metric}/final/heatmap")
+                self._reporter.write_csv(self.history)
             rows += final
-        if self._reporter is not None:
-            self._reporter.flush()
+        self._reporter.flush()
         return rows
 
     def close(self) -> None:
@@ -350,6 +374,9 @@ class SVCCAMonitor:
             "probe_fingerprint": self.probe_fingerprint,
             "snapshots": self.store.state_dict(),
             "skipped": [list(entry) for entry in self.skipped],
+            "steps": {str(epoch): step for epoch, step in self.steps.items()},
+            "run_id": self.run_id,
+            "csv_name": self.csv_name,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -362,14 +389,26 @@ class SVCCAMonitor:
         self.layer_order = list(state_dict.get("layer_order", []))
         self.last_measured_step = int(state_dict.get("last_measured_step", -1))
         self.probe_fingerprint = state_dict.get("probe_fingerprint")
-        self.store.load_state_dict(state_dict.get("snapshots", {}))
+        missing = self.store.load_state_dict(state_dict.get("snapshots", {}))
         self.skipped = [tuple(entry) for entry in state_dict.get("skipped", [])]
+        self.steps = {int(epoch): int(step) for epoch, step in state_dict.get("steps", {}).items()}
+        self.run_id = state_dict.get("run_id")
+        self.csv_name = state_dict.get("csv_name")
+        if missing:
+            self.warn_once(
+                "snapshots-missing",
+                f"the checkpoint's snapshot files of {len(missing)} layer/epoch pairs are gone (e.g. {missing[:3]});"
+                " the run goes on with what it has: comparisons with those epochs are skipped, and a freeze policy"
+                " may need more epochs to decide. Keep the run's svcca_snapshots folder with its checkpoints",
+            )
 
     # ------------------------------------------------------------------------------------------------------------
     # Measuring
     # ------------------------------------------------------------------------------------------------------------
 
-    def _measure(self, epoch: int, step: int, *, decide_freezes: bool = True) -> list[dict[str, Any]]:
+    def _measure(
+        self, epoch: int, step: int, *, decide_freezes: bool = True, live_final: bool = True
+    ) -> list[dict[str, Any]]:
         """Snapshot every layer at ``epoch``, compare with the references, log, and decide freezes."""
         assert self._capture is not None and self._comparisons is not None
         started = time.perf_counter()
@@ -380,26 +419,29 @@ class SVCCAMonitor:
         snapshots = self._capture.snapshots(recorder, layers, epoch, device, label=f"epoch {epoch}")
         if not self.measured:
             self._snapshot_fixed_references(recorder)
-        rows = self._comparisons.rows_for(epoch, snapshots)
+        rows = self._comparisons.rows_for(epoch, step, snapshots)
         for layer, snapshot in snapshots.items():
             self.store.put((layer, str(epoch)), snapshot)
         self.measured.append(epoch)
+        self.steps[epoch] = int(step)
         self.last_measured_step = int(step)
         policy = self.config.freeze
         if policy is not None and decide_freezes:
-            self._decide_and_freeze(recorder.completion, epoch, rows)
+            self._decide_and_freeze(recorder.completion, epoch, step, rows)
         if policy is not None or self.frozen:
-            rows += [row(epoch, layer, "frozen", "svcca", float(layer in self.frozen)) for layer in self.layers]
+            rows += [row(epoch, step, layer, "frozen", "svcca", float(layer in self.frozen)) for layer in self.layers]
         self.history.extend(rows)
         self._comparisons.prune(epoch)
         # heatmaps of the references the user asked for (a freeze policy's lag reference is only charted)
         heatmaps: dict[str, Sequence[dict[str, Any]]] = {
             ref.name: self.history for ref in self.config.references if ref.kind not in ("final", "lag")
         }
-        if self._comparisons.wants_final and epoch > 0:
-            # the learning-dynamics picture so far: every epoch against the latest one (not kept in the history)
-            heatmaps["final"] = self._comparisons.against_epoch(epoch, "final", self.layers)
-        self._report(rows, epoch, heatmaps)
+        if self._comparisons.wants_final and epoch > 0 and live_final:
+            # the learning-dynamics picture so far, against the latest epoch (not kept in the history): at most
+            # LIVE_FINAL_COLUMNS epochs, so a measurement costs the same at epoch 10 and at epoch 1000
+            shown = thinned(self.measured, LIVE_FINAL_COLUMNS)
+            heatmaps["final"] = self._comparisons.against_epoch(epoch, "final", self.layers, shown)
+        self._report(rows, step, heatmaps)
         self.timings[epoch] = time.perf_counter() - started
         return rows
 
@@ -444,7 +486,7 @@ class SVCCAMonitor:
             for layer, snapshot in snapshots.items():
                 self.store.put((layer, reference.name), snapshot)
 
-    def _decide_and_freeze(self, completion: Sequence[str], epoch: int, rows: list[dict[str, Any]]) -> None:
+    def _decide_and_freeze(self, completion: Sequence[str], epoch: int, step: int, rows: list[dict[str, Any]]) -> None:
         """Decide on rank zero, broadcast, apply on every process at the same step."""
         policy = self.config.freeze
         assert policy is not None
@@ -470,7 +512,7 @@ class SVCCAMonitor:
             if self.runtime.is_global_zero:
                 self.runtime.logger.info(message)
                 if self._reporter is not None:
-                    self._reporter.text("svcca/freeze", message, epoch)
+                    self._reporter.text("svcca/freeze", message, step)
         if self.freezer.hard and self.runtime.after_freeze is not None:
             self.runtime.after_freeze()
 
@@ -478,14 +520,14 @@ class SVCCAMonitor:
     # Outputs and plumbing
     # ------------------------------------------------------------------------------------------------------------
 
-    def _report(self, rows: list[dict[str, Any]], epoch: int, heatmaps: Mapping[str, Sequence[dict[str, Any]]]) -> None:
+    def _report(self, rows: list[dict[str, Any]], step: int, heatmaps: Mapping[str, Sequence[dict[str, Any]]]) -> None:
         """On rank zero: rows as scalars, a heatmap per reference (drawn from the rows given for it), the CSV."""
         if not self.runtime.is_global_zero or self._reporter is None:
             return
         self._reporter.scalars(rows)
         for reference, source in heatmaps.items():
             for metric in self.config.metrics:
-                self._reporter.heatmap(source, reference=reference, metric=metric, layers=self.layers, step=epoch)
+                self._reporter.heatmap(source, reference=reference, metric=metric, layers=self.layers, step=step)
         self._reporter.write_csv(self.history)
 
     def _chart_references(self) -> list[str]:
@@ -576,6 +618,28 @@ class SVCCAMonitor:
         if self.runtime.is_global_zero:
             warnings.warn(message, SVCCAMonitorWarning, stacklevel=3)
 
-    def _spill_dir(self) -> Path:
-        root = self.log_dir or Path.cwd()
-        return root / f".svcca_snapshots_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    def _claim_csv(self) -> Path | None:
+        """This run's history CSV: ``svcca_history.csv``, or the first free ``svcca_history-N.csv`` beside it."""
+        if self.log_dir is None or not self.runtime.is_global_zero:
+            return None
+        if self.csv_name is not None:
+            return self.log_dir / self.csv_name
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        stem, suffix = HISTORY_FILE.rsplit(".", 1)
+        for index in range(10_000):
+            name = HISTORY_FILE if index == 0 else f"{stem}-{index}.{suffix}"
+            try:
+                (self.log_dir / name).open("x").close()  # claimed atomically: concurrent runs get different names
+            except FileExistsError:
+                continue
+            self.csv_name = name
+            return self.log_dir / name
+        raise RuntimeError(f"no free history file name in {self.log_dir}")
+
+
+def thinned(epochs: Sequence[int], count: int) -> list[int]:
+    """At most ``count`` of ``epochs``, evenly spaced, the first and the last included."""
+    if len(epochs) <= count:
+        return list(epochs)
+    picks = {round(i * (len(epochs) - 1) / (count - 1)) for i in range(count)}
+    return [epochs[i] for i in sorted(picks)]

@@ -1,12 +1,10 @@
-"""Turning the history into what users look at: TensorBoard scalars, heatmaps and layouts, and a CSV file.
+"""Turning the history into what people read: tags, layers x epochs matrices, heatmap images and the CSV file.
 
-The history is a list of rows ``{"epoch", "layer", "reference", "metric", "value"}``. A row's TensorBoard tag is
-``{metric}/{reference}/{layer}`` at ``global_step = epoch``; besides the references ("previous", "initial",
-"final", fixed references), the reference slot also holds ``dims`` (directions kept), ``baseline`` (the noise
-floor) and ``frozen`` (1 once a layer is frozen). Scalars go to every logger through ``log_metrics``;
-images, text and the custom-scalars layout only to loggers whose ``experiment`` can take them (duck typing, so
-both Lightning namespaces and plain ``SummaryWriter`` users work). Nothing here needs a logger: the history and
-the CSV are kept regardless.
+The history is a list of rows ``{"epoch", "step", "layer", "reference", "metric", "value"}``. A row's tag is
+``{metric}/{reference}/{layer}``; besides the references ("previous", "initial", "final", fixed references), the
+reference slot also holds ``dims`` (directions kept), ``baseline`` (the noise floor) and ``frozen`` (1 once a
+layer is frozen). Where rows go (writers, loggers) is :mod:`lightning_svcca.writers`' job; nothing here needs a
+logger, and matplotlib is imported only when a heatmap is drawn.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -25,7 +22,6 @@ import numpy as np
 __all__ = [
     "HISTORY_COLUMNS",
     "HeatmapFigure",
-    "Reporter",
     "convergence_epochs",
     "heatmap_image",
     "heatmap_style",
@@ -36,7 +32,7 @@ __all__ = [
     "write_history_csv",
 ]
 
-HISTORY_COLUMNS = ("epoch", "layer", "reference", "metric", "value")
+HISTORY_COLUMNS = ("epoch", "step", "layer", "reference", "metric", "value")
 HISTORY_FILE = "svcca_history.csv"
 #: Reference slots that are not references: per-layer facts logged beside the similarities.
 LAYER_FACTS = ("dims", "baseline", "frozen")
@@ -410,87 +406,3 @@ def read_history_csv(path: str | Path) -> list[dict[str, Any]]:
                 row[column] = int(row[column]) if row[column] not in ("", None) else None
         row["value"] = float(row["value"])
     return rows
-
-
-class Reporter:
-    """Writes history rows to the loggers and the CSV file.
-
-    Args:
-        loggers: the trainer's loggers (any with ``log_metrics``); TensorBoard extras go to those whose
-            ``experiment`` has ``add_image``, ``add_text`` or ``add_custom_scalars``.
-        log_dir: where ``svcca_history.csv`` goes (``None``: no file).
-    """
-
-    def __init__(self, loggers: Sequence[Any], log_dir: str | Path | None) -> None:
-        self.loggers = list(loggers)
-        self.csv_path = None if log_dir is None else Path(log_dir) / HISTORY_FILE
-        self._figures: dict[str, HeatmapFigure] = {}
-
-    def scalars(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        """Log rows as scalars, one ``log_metrics`` call per epoch (the step)."""
-        by_epoch: dict[int, dict[str, float]] = {}
-        for row in rows:
-            by_epoch.setdefault(int(row["epoch"]), {})[tag(row["metric"], row["reference"], row["layer"])] = float(
-                row["value"]
-            )
-        for epoch in sorted(by_epoch):
-            for logger in self.loggers:
-                logger.log_metrics(by_epoch[epoch], step=epoch)
-
-    def heatmap(
-        self,
-        history: Iterable[Mapping[str, Any]],
-        *,
-        reference: str,
-        metric: str,
-        layers: Sequence[str],
-        step: int,
-    ) -> None:
-        """Draw the layers x epochs heatmap of a reference as image ``{metric}/{reference}/heatmap``."""
-        writers = self._experiments("add_image")
-        if not writers:
-            return
-        names, epochs, matrix = history_matrix(history, reference, metric, layers)
-        if not names or not epochs:
-            return
-        name = tag(metric, reference, "heatmap")
-        if name not in self._figures:
-            self._figures[name] = HeatmapFigure(title=f"{metric} to {reference}", label=metric)
-        image = self._figures[name].render(names, epochs, matrix)
-        for writer in writers:
-            writer.add_image(name, image, step, dataformats="HWC")
-
-    def layout(self, charts: Sequence[tuple[str, str]], layers: Sequence[str]) -> None:
-        """Custom-scalars layout: one chart per ``(metric, reference)`` with every layer on it, grouped by metric."""
-        writers = self._experiments("add_custom_scalars")
-        if not writers:
-            return
-        layout: dict[str, dict[str, list]] = {}
-        for metric, reference in charts:
-            series = [f"^{re.escape(tag(metric, reference, layer))}$" for layer in layers]
-            layout.setdefault(metric, {})[f"{metric}/{reference}"] = ["Multiline", series]
-        for writer in writers:
-            writer.add_custom_scalars(layout)
-
-    def text(self, name: str, message: str, step: int) -> None:
-        """A text entry (e.g. a freeze event)."""
-        for writer in self._experiments("add_text"):
-            writer.add_text(name, message, step)
-
-    def write_csv(self, history: Iterable[Mapping[str, Any]]) -> None:
-        """Rewrite ``svcca_history.csv`` with the whole history."""
-        if self.csv_path is not None:
-            write_history_csv(history, self.csv_path)
-
-    def flush(self) -> None:
-        """Flush writers that buffer (TensorBoard), so the event files are complete on disk."""
-        for writer in self._experiments("flush"):
-            writer.flush()
-
-    def _experiments(self, method: str) -> list[Any]:
-        writers = []
-        for logger in self.loggers:
-            experiment = getattr(logger, "experiment", None)
-            if callable(getattr(experiment, method, None)):
-                writers.append(experiment)
-        return writers

@@ -14,9 +14,14 @@ files.
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import tempfile
+import uuid
+import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -344,23 +349,30 @@ def _pair_key(pair: Pair) -> tuple[int, int, int, int, int]:
 
 
 class SnapshotStore:
-    """Snapshots by ``(layer, tag)`` within a memory budget; beyond it, the least recently used go to files.
+    """Snapshots by ``(layer, tag)``, with at most ``max_bytes`` of them in memory.
+
+    Two modes:
+
+    * **persistent** (``directory`` given: the run's folder, beside its event files): every snapshot is written to
+      a file when stored, the memory holds the most recently used ones within the budget, and :meth:`state_dict`
+      holds file names only, so a checkpoint stays small however long the run. Files are never deleted by the
+      store: checkpoints of the run may need them; they go with the run's folder.
+    * **in memory** (``directory=None``): beyond the budget the least recently used snapshots spill to a temporary
+      folder (deleted by :meth:`close`), and :meth:`state_dict` holds the tensors themselves.
 
     Args:
         max_bytes: budget for snapshots held in memory (``None``: unbounded).
-        spill_dir: called once, at the first spill, for the directory to write to; it is deleted by
-            :meth:`close`.
+        directory: the persistent folder, or ``None``.
     """
 
-    def __init__(self, max_bytes: int | None, spill_dir: Callable[[], Path]) -> None:
+    def __init__(self, max_bytes: int | None, directory: Path | None = None) -> None:
         if max_bytes is not None and max_bytes < 0:
             raise ValueError(f"max_snapshot_bytes must be >= 0 or None, got {max_bytes}")
         self.max_bytes = max_bytes
-        self._spill_dir_factory = spill_dir
+        self.directory = None if directory is None else Path(directory)
         self._spill_dir: Path | None = None
         self._memory: OrderedDict[tuple[str, str], Snapshot] = OrderedDict()
         self._files: dict[tuple[str, str], Path] = {}
-        self._counter = 0
 
     @property
     def memory_bytes(self) -> int:
@@ -369,24 +381,26 @@ class SnapshotStore:
 
     @property
     def spill_dir(self) -> Path | None:
-        """Where spilled snapshots live, once one has been spilled."""
-        return self._spill_dir
+        """Where snapshots not held in memory live (the persistent folder, or the temporary spill folder)."""
+        return self.directory if self.directory is not None and self._files else self._spill_dir
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         return key in self._memory or key in self._files
 
     def keys(self) -> list[tuple[str, str]]:
-        """Every stored key, in memory or spilled."""
-        return list(self._memory) + list(self._files)
+        """Every stored key, in memory or in a file."""
+        return list(dict.fromkeys([*self._memory, *self._files]))
 
     def put(self, key: tuple[str, str], snapshot: Snapshot) -> None:
-        """Store (or replace) a snapshot, then spill until the memory budget holds."""
+        """Store (or replace) a snapshot (written to its file in persistent mode), then hold the budget."""
         self.discard(key)
+        if self.directory is not None:
+            self._files[key] = self._write(self.directory, key, snapshot)
         self._memory[key] = snapshot
         self._enforce_budget()
 
     def get(self, key: tuple[str, str]) -> Snapshot:
-        """A stored snapshot; a spilled one is memory-mapped from its file, not brought back into memory."""
+        """A stored snapshot; one not in memory is memory-mapped from its file, not brought back into memory."""
         if key in self._memory:
             self._memory.move_to_end(key)
             return self._memory[key]
@@ -395,27 +409,44 @@ class SnapshotStore:
         raise KeyError(key)
 
     def discard(self, key: tuple[str, str]) -> None:
-        """Forget a snapshot (and delete its file)."""
+        """Forget a snapshot (a temporary spill file is deleted; a persistent file stays for older checkpoints)."""
         self._memory.pop(key, None)
         path = self._files.pop(key, None)
-        if path is not None:
+        if path is not None and self.directory is None:
             path.unlink(missing_ok=True)
 
     def state_dict(self) -> dict[str, dict]:
-        """Every snapshot as plain tensors (spilled ones memory-mapped), keyed ``"layer@tag"``."""
+        """Keyed ``"layer@tag"``: ``{"file": path}`` in persistent mode, else the snapshot's tensors."""
+        if self.directory is not None:
+            return {f"{layer}@{tag}": {"file": str(self._files[(layer, tag)])} for layer, tag in self.keys()}
         return {f"{layer}@{tag}": self.get((layer, tag)).to_state() for layer, tag in self.keys()}
 
-    def load_state_dict(self, state: dict[str, dict]) -> None:
-        """Replace the contents with a :meth:`state_dict`."""
+    def load_state_dict(self, state: dict[str, dict]) -> list[str]:
+        """Replace the contents with a :meth:`state_dict` of either mode; returns the keys whose file is gone."""
         for key in self.keys():
             self.discard(key)
-        for joined, snapshot_state in state.items():
+        missing = []
+        for joined, entry in state.items():
             layer, _, tag = joined.rpartition("@")
-            self.put((layer, tag), Snapshot.from_state(snapshot_state))
+            if "file" not in entry:
+                self.put((layer, tag), Snapshot.from_state(entry))
+            elif Path(entry["file"]).is_file():
+                self._files[(layer, tag)] = Path(entry["file"])
+            else:
+                missing.append(joined)
+        return missing
+
+    def persist_to(self, directory: Path) -> None:
+        """Switch to persistent mode in ``directory``; snapshots held only in memory are written there."""
+        self.directory = Path(directory)
+        for key, snapshot in self._memory.items():
+            if key not in self._files:
+                self._files[key] = self._write(self.directory, key, snapshot)
 
     def close(self) -> None:
-        """Delete the spill files and their directory; snapshots in memory stay."""
-        self._files.clear()
+        """Release memory-mapped files and delete the temporary spill folder; persistent files and memory stay."""
+        if self.directory is None:
+            self._files.clear()
         if self._spill_dir is not None:
             shutil.rmtree(self._spill_dir, ignore_errors=True)
             self._spill_dir = None
@@ -425,13 +456,19 @@ class SnapshotStore:
             return
         while self._memory and self.memory_bytes > self.max_bytes:
             key, snapshot = self._memory.popitem(last=False)
-            self._files[key] = self._spill(snapshot)
+            if key not in self._files:
+                if self._spill_dir is None:
+                    self._spill_dir = Path(tempfile.mkdtemp(prefix="svcca_spill_"))
+                self._files[key] = self._write(self._spill_dir, key, snapshot)
 
-    def _spill(self, snapshot: Snapshot) -> Path:
-        if self._spill_dir is None:
-            self._spill_dir = Path(self._spill_dir_factory())
-            self._spill_dir.mkdir(parents=True, exist_ok=True)
-        self._counter += 1
-        path = self._spill_dir / f"snapshot-{self._counter:06d}.pt"
-        torch.save(snapshot.to_state(), path)
+    @staticmethod
+    def _write(folder: Path, key: tuple[str, str], snapshot: Snapshot) -> Path:
+        """Write a snapshot to ``folder`` atomically (a unique temporary name, then a rename)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        layer, tag = key
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{layer}@{tag}")[:80]
+        path = folder / f"{safe}-{zlib.crc32(f'{layer}@{tag}'.encode()):08x}.pt"
+        partial = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+        torch.save(snapshot.to_state(), partial)
+        partial.replace(path)
         return path

@@ -1,19 +1,35 @@
-"""Where the monitor's outputs go: the small writer interface, and an adapter for a plain ``SummaryWriter``.
+"""Where the monitor's outputs go: the writer interface, a ``SummaryWriter`` adapter, and the fan-out.
 
 A writer is anything with ``log_metrics(metrics: dict[str, float], step: int)``: every Lightning logger is one
 as it is (TensorBoard, CSV, MLflow, W&B, in either Lightning namespace). Images (heatmaps), text (freeze events)
 and the custom-scalars layout go to writers whose ``experiment`` has ``add_image``, ``add_text`` or
 ``add_custom_scalars``, which a TensorBoard logger's ``experiment`` (a ``SummaryWriter``) does. A plain
-``torch.utils.tensorboard.SummaryWriter`` is wrapped in :class:`TensorBoardWriter`; the history CSV is written
-by the monitor itself into its ``log_dir``, so no writer is needed for it.
+``torch.utils.tensorboard.SummaryWriter`` is wrapped in :class:`TensorBoardWriter`. :class:`Reporter` sends each
+measurement's rows to every writer at its global step and rewrites the history CSV.
+
+Steps only go forward: each measurement is one ``log_metrics`` call at its step. The end-of-fit ``final`` curve
+belongs to earlier steps, so only TensorBoard (which takes steps in any order) receives it as scalars; the other
+writers get it as the final heatmap image (W&B ``log_image``, MLflow ``log_image``), a table (W&B
+``log_table``) or the history CSV as an artifact (MLflow), and the CSV file beside a CSVLogger's own holds it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["TensorBoardWriter", "Writer", "as_writers"]
+from lightning_svcca.reporting import (
+    HISTORY_COLUMNS,
+    HeatmapFigure,
+    heatmap_style,
+    history_matrix,
+    tag,
+    write_history_csv,
+)
+
+__all__ = ["Reporter", "TensorBoardWriter", "Writer", "as_writers"]
 
 
 @runtime_checkable
@@ -65,3 +81,123 @@ def as_writers(writers: Any) -> list[Any]:
                 f" SummaryWriter; got {type(item).__name__}"
             )
     return normalised
+
+
+class Reporter:
+    """Sends history rows to the writers and keeps the history CSV up to date.
+
+    Args:
+        writers: normalised writers (:func:`as_writers`).
+        csv_path: the history CSV (``None``: no file).
+        xlabel: the heatmaps' horizontal axis (measured epochs).
+    """
+
+    def __init__(self, writers: Sequence[Any], csv_path: Path | None, *, xlabel: str = "epoch") -> None:
+        self.writers = list(writers)
+        self.csv_path = csv_path
+        self.xlabel = xlabel
+        self._figures: dict[str, HeatmapFigure] = {}
+        self._last_step = -1
+        self._drawn: dict[str, tuple[int, tuple[int, ...]]] = {}
+
+    def scalars(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """One ``log_metrics`` call per step (in increasing order) with every row's value at that step."""
+        by_step: dict[int, dict[str, float]] = {}
+        for row in rows:
+            by_step.setdefault(int(row["step"]), {})[tag(row["metric"], row["reference"], row["layer"])] = float(
+                row["value"]
+            )
+        for step in sorted(by_step):
+            if step < self._last_step:
+                continue  # a logger never receives a step lower than one it has (W&B would drop it)
+            for writer in self.writers:
+                writer.log_metrics(by_step[step], step=step)
+            self._last_step = step
+
+    def late_scalars(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Rows of earlier steps (the ``final`` curve): TensorBoard scalars at their own steps."""
+        experiments = self._experiments("add_scalar")
+        for row in rows:
+            for experiment in experiments:
+                experiment.add_scalar(tag(row["metric"], row["reference"], row["layer"]), row["value"], row["step"])
+
+    def heatmap(
+        self,
+        history: Iterable[Mapping[str, Any]],
+        *,
+        reference: str,
+        metric: str,
+        layers: Sequence[str],
+        step: int,
+    ) -> Any:
+        """Draw the layers x epochs heatmap of a reference as image ``{metric}/{reference}/heatmap``.
+
+        Returns the image (``None`` when nothing was drawn). The same picture is not written twice at one step.
+        """
+        experiments = self._experiments("add_image")
+        names, epochs, matrix = history_matrix(history, reference, metric, layers)
+        if not names or not epochs:
+            return None
+        name = tag(metric, reference, "heatmap")
+        if self._drawn.get(name) == (step, tuple(epochs)):
+            return None
+        if name not in self._figures:
+            self._figures[name] = HeatmapFigure(**heatmap_style(metric, reference), xlabel=self.xlabel)
+        image = self._figures[name].render(names, epochs, matrix)
+        self._drawn[name] = (step, tuple(epochs))
+        for experiment in experiments:
+            experiment.add_image(name, image, step, dataformats="HWC")
+        return image
+
+    def final_summary(self, image: Any, rows: Sequence[Mapping[str, Any]], step: int, name: str) -> None:
+        """The ``final`` curve for writers that cannot take earlier steps: an image, a table, the CSV artifact."""
+        for writer in self.writers:
+            experiment = getattr(writer, "experiment", None)
+            if callable(getattr(experiment, "add_scalar", None)):
+                continue  # TensorBoard has the curve as scalars
+            if image is not None and callable(getattr(writer, "log_image", None)):  # W&B
+                writer.log_image(key=name, images=[image], step=step)
+            if rows and callable(getattr(writer, "log_table", None)):  # W&B
+                columns = list(HISTORY_COLUMNS)
+                writer.log_table(key=f"{name}_table", columns=columns, data=[[r[c] for c in columns] for r in rows])
+            run_id = getattr(writer, "run_id", None)
+            if run_id is not None and callable(getattr(experiment, "log_artifact", None)):  # MLflow
+                if image is not None and callable(getattr(experiment, "log_image", None)):
+                    experiment.log_image(run_id, image, artifact_file=f"{re.sub('/', '_', name)}.png")
+                if self.csv_path is not None and self.csv_path.is_file():
+                    experiment.log_artifact(run_id, str(self.csv_path))
+
+    def layout(self, charts: Sequence[tuple[str, str]], layers: Sequence[str]) -> None:
+        """Custom-scalars layout: one chart per ``(metric, reference)`` with every layer on it, grouped by metric."""
+        experiments = self._experiments("add_custom_scalars")
+        if not experiments:
+            return
+        layout: dict[str, dict[str, list]] = {}
+        for metric, reference in charts:
+            series = [f"^{re.escape(tag(metric, reference, layer))}$" for layer in layers]
+            layout.setdefault(metric, {})[f"{metric}/{reference}"] = ["Multiline", series]
+        for experiment in experiments:
+            experiment.add_custom_scalars(layout)
+
+    def text(self, name: str, message: str, step: int) -> None:
+        """A text entry (e.g. a freeze event)."""
+        for experiment in self._experiments("add_text"):
+            experiment.add_text(name, message, step)
+
+    def write_csv(self, history: Iterable[Mapping[str, Any]]) -> None:
+        """Rewrite the history CSV with the whole history (atomically)."""
+        if self.csv_path is not None:
+            write_history_csv(history, self.csv_path)
+
+    def flush(self) -> None:
+        """Flush writers that buffer (TensorBoard), so the event files are complete on disk."""
+        for experiment in self._experiments("flush"):
+            experiment.flush()
+
+    def _experiments(self, method: str) -> list[Any]:
+        found = []
+        for writer in self.writers:
+            experiment = getattr(writer, "experiment", None)
+            if callable(getattr(experiment, method, None)):
+                found.append(experiment)
+        return found

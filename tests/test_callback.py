@@ -62,6 +62,7 @@ def _no_hooks(model: nn.Module) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 TB_EPOCHS = 2
+TB_STEPS_PER_EPOCH = 2
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def tensorboard_run(tmp_path_factory, digits, digits_loaders, digits_cnn):
         enable_model_summary=False,
         enable_checkpointing=False,
         max_epochs=TB_EPOCHS,
-        limit_train_batches=2,
+        limit_train_batches=TB_STEPS_PER_EPOCH,
         limit_val_batches=1,
         num_sanity_val_steps=0,
         callbacks=[callback],
@@ -102,7 +103,7 @@ def tensorboard_run(tmp_path_factory, digits, digits_loaders, digits_cnn):
 def test_tensorboard_scalar_tags_and_steps(tensorboard_run, metric, layer):
     _, _, _, events = tensorboard_run
     scalars = set(events.Tags()["scalars"])
-    every_epoch = list(range(TB_EPOCHS + 1))
+    every_epoch = [TB_STEPS_PER_EPOCH * epoch for epoch in range(TB_EPOCHS + 1)]  # logged at the global step
     expected = {
         f"{metric}/previous/{layer}": every_epoch[1:],
         f"{metric}/initial/{layer}": every_epoch[1:],
@@ -123,7 +124,8 @@ def test_tensorboard_scalars_match_the_history(tensorboard_run):
     for row in callback.history:
         name = f"{row['metric']}/{row['reference']}/{row['layer']}"
         logged = {event.step: event.value for event in events.Scalars(name)}
-        assert logged[row["epoch"]] == pytest.approx(row["value"], rel=1e-6, abs=1e-7), (name, row["epoch"])
+        assert row["step"] == TB_STEPS_PER_EPOCH * row["epoch"]
+        assert logged[row["step"]] == pytest.approx(row["value"], rel=1e-6, abs=1e-7), (name, row["epoch"])
 
 
 def test_tensorboard_images_and_layout(tensorboard_run):
@@ -131,7 +133,9 @@ def test_tensorboard_images_and_layout(tensorboard_run):
     images = set(events.Tags()["images"])
     assert {"svcca/final/heatmap", "svcca/previous/heatmap", "linear_cka/initial/heatmap"} <= images
     final_steps = [event.step for event in events.Images("svcca/final/heatmap")]
-    assert final_steps[-1] == TB_EPOCHS and set(final_steps) <= set(range(TB_EPOCHS + 1))
+    steps = [TB_STEPS_PER_EPOCH * epoch for epoch in range(TB_EPOCHS + 1)]
+    assert final_steps[-1] == steps[-1] and set(final_steps) <= set(steps)
+    assert len(final_steps) == len(set(final_steps))  # one picture per step
     assert "custom_scalars__config__" in events.Tags()["tensors"]
 
 
@@ -375,7 +379,9 @@ def test_spilled_snapshots_give_the_same_history_and_are_cleaned_up(
         )
         root = tmp_path / f"budget-{budget}"
         make_trainer([callback], max_epochs=2, logger=False, default_root_dir=root).fit(digits_cnn(), digits_loaders[0])
-        assert [path.name for path in root.iterdir()] == ["svcca_history.csv"]  # no spill directory left
+        # the run's snapshots live beside its history (as event files do); no temporary spill folder is left
+        assert sorted(path.name for path in root.iterdir()) == ["svcca_history.csv", "svcca_snapshots"]
+        assert callback.monitor.store.spill_dir is None or callback.monitor.store.spill_dir.parent.parent == root
         histories.append(callback.history)
     unbounded, spilled = histories
     assert [{**row, "value": None} for row in unbounded] == [{**row, "value": None} for row in spilled]
@@ -541,8 +547,12 @@ def test_csv_logger(tmp_path, make_trainer, digits, digits_loaders, digits_cnn):
     trainer.fit(digits_cnn(), *digits_loaders)
     logger.save()
     header = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"svcca/previous/fc1", "svcca/final/fc2", "svcca/dims/fc1", "svcca/baseline/fc2"} <= set(header)
+    assert {"svcca/previous/fc1", "svcca/dims/fc1", "svcca/baseline/fc2"} <= set(header)
+    # the end-of-fit "final" curve belongs to earlier steps, which a CSVLogger cannot take: it is in the history
+    # CSV beside the logger's metrics.csv
+    assert "svcca/final/fc2" not in header
     assert read_history_csv(tmp_path / "csv" / "version_0" / "svcca_history.csv") == callback.history
+    assert {row["reference"] for row in callback.history} >= {"final", "previous"}
 
 
 def test_dict_probe_with_forward_fn_needs_no_probe_input(make_trainer):
@@ -635,7 +645,7 @@ def test_lightning_namespace_tensorboard_logger_gets_the_extras(tmp_path):
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     events.Reload()
     assert "svcca/final/heatmap" in events.Tags()["images"]
-    assert [event.step for event in events.Scalars("svcca/final/layer")] == [0, 1]
+    assert [event.step for event in events.Scalars("svcca/final/layer")] == [0, 2]  # global steps
 
 
 def test_two_callbacks_with_different_probes_share_a_trainer(make_trainer, digits, digits_loaders, digits_cnn):

@@ -1,4 +1,4 @@
-"""Tests of lightning_svcca.reporting: history tables, convergence epochs, CSV files, heatmaps and the Reporter."""
+"""Tests of lightning_svcca.reporting and writers.Reporter: history tables, convergence epochs, CSV, heatmaps."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from lightning_svcca.reporting import (
     HISTORY_COLUMNS,
     MAX_COLUMNS,
     HeatmapFigure,
-    Reporter,
     convergence_epochs,
     heatmap_image,
     heatmap_style,
@@ -25,10 +24,11 @@ from lightning_svcca.reporting import (
     thinned_columns,
     write_history_csv,
 )
+from lightning_svcca.writers import Reporter
 
 
 def _row(epoch, layer, value, reference="final", metric="svcca"):
-    return {"epoch": epoch, "layer": layer, "reference": reference, "metric": metric, "value": value}
+    return {"epoch": epoch, "step": epoch, "layer": layer, "reference": reference, "metric": metric, "value": value}
 
 
 def _curve(layer, values, reference="final", metric="svcca", epochs=None):
@@ -181,8 +181,8 @@ def test_csv_failed_write_keeps_the_old_file(tmp_path, history):
 
 def test_csv_with_a_step_column(tmp_path):
     rows = [{**_row(1, "fc", 0.5), "step": 40}, {**_row(2, "fc", 0.7), "step": 80}]
-    path = write_history_csv(rows, tmp_path / "h.csv", columns=(*HISTORY_COLUMNS, "step"))
-    assert path.read_text().splitlines()[0] == ",".join((*HISTORY_COLUMNS, "step"))
+    path = write_history_csv(rows, tmp_path / "h.csv")
+    assert path.read_text().splitlines()[0] == "epoch,step,layer,reference,metric,value"
     assert read_history_csv(path) == rows
 
 
@@ -411,7 +411,7 @@ def test_reporter_tensorboard_extras_by_duck_typing(history):
 
 
 def test_reporter_without_loggers(tmp_path, history):
-    reporter = Reporter([], tmp_path)
+    reporter = Reporter([], tmp_path / "svcca_history.csv")
     reporter.scalars(history)
     reporter.heatmap(history, reference="final", metric="svcca", layers=["fc"], step=1)
     reporter.layout([("svcca", "final")], ["fc"])

@@ -1,6 +1,10 @@
-"""Large layers and long runs: bounded snapshot memory with spill files, capped datapoints, GPU."""
+"""Large layers and long runs: bounded snapshot memory, snapshot files beside the run, capped datapoints, GPU."""
 
 from __future__ import annotations
+
+import copy
+import io
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -16,21 +20,16 @@ from digits_models import DigitsCNN, digits_tensors
 LAYERS = ["relu1", "relu2", "relu3", "fc2"]
 
 
-class _SpillWatcher(pl.Callback):
-    """Remembers whether the store spilled during training and where."""
+class _StoreWatcher(pl.Callback):
+    """Remembers, at each epoch end, what a checkpoint would hold and how much the store keeps in memory."""
 
     def __init__(self, svcca: SVCCACallback):
         self.svcca = svcca
-        self.spill_dirs: set = set()
         self.max_held = 0
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self.state = self.svcca.state_dict()  # what a checkpoint saved now would hold
-        store = self.svcca.monitor.store
-        if store.spill_dir is not None:
-            self.spill_dirs.add(store.spill_dir)
-            assert any(store.spill_dir.iterdir())
-        self.max_held = max(self.max_held, store.memory_bytes)
+        self.state = copy.deepcopy(self.svcca.state_dict())  # what a checkpoint saved now would hold
+        self.max_held = max(self.max_held, self.svcca.monitor.store.memory_bytes)
 
 
 def _fit(tmp_path, max_snapshot_bytes, model=None, epochs=4):
@@ -43,7 +42,7 @@ def _fit(tmp_path, max_snapshot_bytes, model=None, epochs=4):
         metrics=["svcca", "pwcca"],
         max_snapshot_bytes=max_snapshot_bytes,
     )
-    watcher = _SpillWatcher(callback)
+    watcher = _StoreWatcher(callback)
     trainer = pl.Trainer(
         max_epochs=epochs,
         default_root_dir=tmp_path,
@@ -59,11 +58,10 @@ def _fit(tmp_path, max_snapshot_bytes, model=None, epochs=4):
     return callback, watcher
 
 
-def test_a_small_budget_spills_to_files_and_loses_nothing(tmp_path):
+def test_a_small_budget_holds_memory_and_loses_nothing(tmp_path):
     unbounded, _ = _fit(tmp_path / "unbounded", None)
     one_snapshot = max(unbounded.monitor.store.get(key).nbytes for key in unbounded.monitor.store.keys())
     bounded, watcher = _fit(tmp_path / "bounded", 2 * one_snapshot)
-    assert watcher.spill_dirs, "nothing was spilled"
     assert watcher.max_held <= 2 * one_snapshot
     # the same numbers as without a budget, final reference included
     assert [(r["epoch"], r["layer"], r["reference"], r["metric"]) for r in bounded.history] == [
@@ -72,15 +70,19 @@ def test_a_small_budget_spills_to_files_and_loses_nothing(tmp_path):
     for a, b in zip(bounded.history, unbounded.history, strict=True):
         assert a["value"] == pytest.approx(b["value"], abs=1e-12)
     assert {r["epoch"] for r in bounded.history if r["reference"] == "final"} == {0, 1, 2, 3, 4}
-    # spill files are temporary: gone after fit
-    assert all(not path.exists() for path in watcher.spill_dirs)
+    # the snapshots are the run's data, beside its history: one file each, still there after fit
+    folder = tmp_path / "bounded" / "svcca_snapshots" / bounded.monitor.run_id
+    assert len(list(folder.glob("*.pt"))) == len(LAYERS) * 5
 
 
-def test_spilled_snapshots_go_into_checkpoints(tmp_path):
+def test_checkpoints_hold_snapshot_file_names_not_snapshots(tmp_path):
     _, watcher = _fit(tmp_path, 1, epochs=2)
     state = watcher.state
     assert {key.rpartition("@")[2] for key in state["snapshots"]} == {"0", "1", "2"}
-    assert all(isinstance(value["left"], torch.Tensor) for value in state["snapshots"].values())
+    assert all(set(value) == {"file"} and Path(value["file"]).is_file() for value in state["snapshots"].values())
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    assert buffer.tell() < 64 * 1024  # 12 snapshots of up to 64 x 256 floats each are not in it
 
 
 class _Exploding(DigitsCNN):
@@ -90,10 +92,12 @@ class _Exploding(DigitsCNN):
         return super().training_step(batch, batch_idx)
 
 
-def test_spill_files_are_removed_when_fit_fails(tmp_path):
+def test_a_checkpoint_saved_after_a_failed_fit_is_complete(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         _fit(tmp_path, 1, model=_Exploding())
-    assert not list(tmp_path.rglob(".svcca_snapshots_*"))
+    files = list((tmp_path / "svcca_snapshots").rglob("*.pt"))
+    assert len(files) == len(LAYERS) * 3  # epochs 0-2: nothing deleted while a checkpoint may need it
+    assert not list(tmp_path.rglob(".svcca_snapshots_*")) and not list(tmp_path.rglob("*.partial"))
 
 
 class _WideConv(nn.Module):

@@ -207,8 +207,8 @@ def snapshots() -> dict[tuple[str, str], Snapshot]:
     }
 
 
-def test_store_put_get_discard(tmp_path, snapshots):
-    store = SnapshotStore(None, lambda: tmp_path / "spill")
+def test_store_put_get_discard(snapshots):
+    store = SnapshotStore(None)
     for key, snapshot in snapshots.items():
         store.put(key, snapshot)
     assert set(store.keys()) == set(snapshots)
@@ -223,30 +223,28 @@ def test_store_put_get_discard(tmp_path, snapshots):
         store.get(("fc", "1"))
     assert store.memory_bytes == sum(s.nbytes for s in snapshots.values()) - snapshots[("fc", "1")].nbytes
     assert store.spill_dir is None
-    assert not (tmp_path / "spill").exists()
 
 
-def test_store_rejects_a_negative_budget(tmp_path):
+def test_store_rejects_a_negative_budget():
     with pytest.raises(ValueError, match="max_snapshot_bytes must be >= 0"):
-        SnapshotStore(-1, lambda: tmp_path)
+        SnapshotStore(-1)
 
 
-def test_store_spills_beyond_the_budget(tmp_path, snapshots):
+def test_store_spills_beyond_the_budget(snapshots):
     one = next(iter(snapshots.values())).nbytes
     budget = 2 * one + 10
-    spill = tmp_path / "spill"
-    store = SnapshotStore(budget, lambda: spill)
+    store = SnapshotStore(budget)
     for key, snapshot in snapshots.items():
         store.put(key, snapshot)
         assert store.memory_bytes <= budget
-    assert store.spill_dir == spill
+    spill = store.spill_dir
     files = sorted(spill.glob("*.pt"))
     assert len(files) == 4  # two of six stay in memory
     assert set(store.keys()) == set(snapshots)
     for key, snapshot in snapshots.items():
         _assert_same(store.get(key), snapshot)
         assert store.memory_bytes <= budget
-    # discarding a spilled snapshot deletes its file
+    # discarding a spilled snapshot deletes its (temporary) file
     store.discard(("conv1", "0"))
     assert len(list(spill.glob("*.pt"))) == 3
     store.close()
@@ -254,18 +252,19 @@ def test_store_spills_beyond_the_budget(tmp_path, snapshots):
     assert store.spill_dir is None
 
 
-def test_store_spills_everything_with_a_zero_budget(tmp_path, snapshots):
-    store = SnapshotStore(0, lambda: tmp_path / "spill")
+def test_store_spills_everything_with_a_zero_budget(snapshots):
+    store = SnapshotStore(0)
     for key, snapshot in snapshots.items():
         store.put(key, snapshot)
     assert store.memory_bytes == 0
-    assert len(list((tmp_path / "spill").glob("*.pt"))) == len(snapshots)
+    assert len(list(store.spill_dir.glob("*.pt"))) == len(snapshots)
     _assert_same(store.get(("fc", "2")), snapshots[("fc", "2")])
+    store.close()
 
 
-def test_store_evicts_the_least_recently_used(tmp_path, snapshots):
+def test_store_evicts_the_least_recently_used(snapshots):
     one = next(iter(snapshots.values())).nbytes
-    store = SnapshotStore(2 * one, lambda: tmp_path / "spill")
+    store = SnapshotStore(2 * one)
     store.put(("a", "0"), snapshots[("fc", "0")])
     store.put(("a", "1"), snapshots[("fc", "1")])
     store.get(("a", "0"))  # now a/1 is the least recently used
@@ -273,19 +272,20 @@ def test_store_evicts_the_least_recently_used(tmp_path, snapshots):
     assert store.get(("a", "0")) is snapshots[("fc", "0")]  # still in memory: the same object
     assert store.get(("a", "1")) is not snapshots[("fc", "1")]  # loaded from its file
     _assert_same(store.get(("a", "1")), snapshots[("fc", "1")])
+    store.close()
 
 
 @pytest.mark.parametrize("budget_snapshots", [None, 1])
-def test_store_state_dict_round_trip(tmp_path, snapshots, budget_snapshots):
+def test_store_state_dict_round_trip(snapshots, budget_snapshots):
     one = next(iter(snapshots.values())).nbytes
     budget = None if budget_snapshots is None else budget_snapshots * one
-    store = SnapshotStore(budget, lambda: tmp_path / "spill")
+    store = SnapshotStore(budget)
     for key, snapshot in snapshots.items():
         store.put(key, snapshot)
     state = store.state_dict()
     assert set(state) == {f"{layer}@{tag}" for layer, tag in snapshots}
     assert all(isinstance(value, dict) and set(value) >= {"left", "kept"} for value in state.values())
-    restored = SnapshotStore(None, lambda: tmp_path / "other")
+    restored = SnapshotStore(None)
     restored.load_state_dict(state)
     assert set(restored.keys()) == set(snapshots)
     for key, snapshot in snapshots.items():
@@ -293,9 +293,9 @@ def test_store_state_dict_round_trip(tmp_path, snapshots, budget_snapshots):
     store.close()
 
 
-def test_store_load_state_dict_into_itself(tmp_path, snapshots):
+def test_store_load_state_dict_into_itself(snapshots):
     one = next(iter(snapshots.values())).nbytes
-    store = SnapshotStore(one, lambda: tmp_path / "spill")
+    store = SnapshotStore(one)
     for key, snapshot in snapshots.items():
         store.put(key, snapshot)
     store.load_state_dict(store.state_dict())
@@ -304,17 +304,51 @@ def test_store_load_state_dict_into_itself(tmp_path, snapshots):
     store.close()
 
 
-def test_store_state_dict_keys_with_at_signs_in_layer_names(tmp_path, snapshots):
-    store = SnapshotStore(None, lambda: tmp_path / "spill")
+def test_store_state_dict_keys_with_at_signs_in_layer_names(snapshots):
+    store = SnapshotStore(None)
     store.put(("blocks@2.fc", "3"), snapshots[("fc", "0")])
-    restored = SnapshotStore(None, lambda: tmp_path / "spill")
+    restored = SnapshotStore(None)
     restored.load_state_dict(store.state_dict())
     assert restored.keys() == [("blocks@2.fc", "3")]
 
 
-def test_store_close_without_spill_is_harmless(tmp_path, snapshots):
-    store = SnapshotStore(None, lambda: tmp_path / "spill")
+def test_store_close_without_spill_is_harmless(snapshots):
+    store = SnapshotStore(None)
     store.put(("fc", "0"), snapshots[("fc", "0")])
     store.close()
     store.close()
     assert store.get(("fc", "0")) is snapshots[("fc", "0")]
+
+
+@pytest.mark.parametrize("budget_snapshots", [None, 0, 2])
+def test_persistent_store_checkpoints_file_names_and_keeps_its_files(tmp_path, snapshots, budget_snapshots):
+    one = next(iter(snapshots.values())).nbytes
+    store = SnapshotStore(None if budget_snapshots is None else budget_snapshots * one)
+    store.put(("fc", "0"), snapshots[("fc", "0")])  # before it knows its folder: written there on persist_to
+    store.persist_to(tmp_path / "run")
+    for key, snapshot in snapshots.items():
+        store.put(key, snapshot)
+    state = store.state_dict()
+    assert all(set(entry) == {"file"} for entry in state.values())  # a few bytes per snapshot, however large
+    assert len(list((tmp_path / "run").glob("*.pt"))) == len(snapshots)
+    store.discard(("fc", "1"))  # forgotten, but its file stays: an older checkpoint may need it
+    store.close()
+    assert len(list((tmp_path / "run").glob("*.pt"))) == len(snapshots)
+    restored = SnapshotStore(None)
+    assert restored.load_state_dict(state) == []
+    for key, snapshot in snapshots.items():
+        _assert_same(restored.get(key), snapshot)
+    # a checkpoint whose files are gone loads what is left and names what is missing
+    next((tmp_path / "run").glob("conv1_2-*.pt")).unlink()
+    again = SnapshotStore(None)
+    assert again.load_state_dict(state) == ["conv1@2"]
+    assert set(again.keys()) == set(snapshots) - {("conv1", "2")}
+
+
+def test_persistent_store_has_no_leftover_temporary_files(tmp_path, snapshots):
+    store = SnapshotStore(None, tmp_path)
+    for key, snapshot in snapshots.items():
+        store.put(key, snapshot)
+        store.put(key, snapshot)  # rewritten in place
+    assert not list(tmp_path.glob("*.partial"))
+    assert len(list(tmp_path.glob("*.pt"))) == len(snapshots)

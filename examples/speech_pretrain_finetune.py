@@ -16,8 +16,10 @@ same, offline and small:
    ``model(**probe)`` and ``attention_mask`` is the padding mask, so padded frames are never datapoints.
 
 The table shows, per layer, SVCCA to the log-mel features before and after fine-tuning, and to the pretrained
-model at the end. As in the papers, the layers nearest the input stay closest to the spectral features and to
-the pretrained model; the upper layers, which the new task rewrites, move away from both.
+model at the end. As in the papers' fine-tuned models, similarity to the pretrained model falls layer by layer:
+the feature projection changes least, the top transformer layer, nearest the new task, most. Similarity to the
+log-mel features is modest throughout (the tone tasks need pitch, not the whole spectrum) and is highest in the
+lower transformer layers.
 
 Run::
 
@@ -75,7 +77,7 @@ def config(num_labels: int) -> Wav2Vec2Config:
         num_conv_pos_embeddings=8,
         num_conv_pos_embedding_groups=4,
         feat_extract_norm="layer",  # per-frame LayerNorm: the variant meant to be called with an attention_mask
-        do_stable_layer_norm=True,
+        do_stable_layer_norm=False,  # post-norm transformer layers, as in wav2vec2-base
         classifier_proj_size=32,
         mask_time_prob=0.0,
         layerdrop=0.0,

@@ -150,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser,
         __file__,
         root_help="where TensorBoard events and svcca_history.csv go",
-        quick_help="a short run for the tests: 3 + 2 epochs (the table is printed all the same)",
+        quick_help="a short run for the tests: 5 + 3 epochs (the table is printed all the same)",
     )
     return parser.parse_args(argv)
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """
     args = parse_args(argv)
     if args.quick:
-        args.pretrain_epochs, args.finetune_epochs, args.probe_size = 3, 2, 150
+        args.pretrain_epochs, args.finetune_epochs, args.probe_size = 5, 3, 150
     return run_example(run, args)
 
 

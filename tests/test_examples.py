@@ -158,7 +158,7 @@ def test_transfer_resnet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     # the first stage stays closer to the pretrained model than the last one
     assert result["pretrained"]["layer1"] > result["pretrained"]["layer4"]
     epochs = {row["epoch"] for row in result["history"] if row["reference"] == "pretrained"}
-    assert epochs == set(range(0, 3))
+    assert epochs == set(range(0, 4))
     assert example.TABLE_TITLE in out
     table = out[out.index(example.TABLE_TITLE) :].splitlines()
     assert [line.split()[0] for line in table[3 : 3 + len(example.STAGES)]] == list(example.STAGES)

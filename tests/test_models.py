@@ -38,9 +38,15 @@ def _bert() -> nn.Module:
     return transformers.BertForSequenceClassification(config).eval()
 
 
-def _wav2vec2() -> nn.Module:
+def _wav2vec2(**changes) -> nn.Module:
     torch.manual_seed(0)
-    return transformers.Wav2Vec2ForSequenceClassification(transformers.Wav2Vec2Config(num_labels=3, **SPEECH)).eval()
+    config = transformers.Wav2Vec2Config(num_labels=3, **{**SPEECH, **changes})
+    return transformers.Wav2Vec2ForSequenceClassification(config).eval()
+
+
+def _wav2vec2_post_norm() -> nn.Module:
+    """Post-norm transformer layers (wav2vec2-base's encoder) over the same feature encoder."""
+    return _wav2vec2(do_stable_layer_norm=False)
 
 
 def _hubert() -> nn.Module:
@@ -191,7 +197,7 @@ def _conv_lengths(lengths: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("make", [_wav2vec2, _hubert], ids=["wav2vec2", "hubert"])
+@pytest.mark.parametrize("make", [_wav2vec2, _wav2vec2_post_norm, _hubert], ids=["wav2vec2", "post-norm", "hubert"])
 def test_speech_padding_is_left_out_of_every_layer(make):
     generator = torch.Generator().manual_seed(0)
     lengths = torch.tensor([1600, 1210, 905, 1600, 700])

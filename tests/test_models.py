@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
@@ -282,3 +283,73 @@ def test_a_conv_wrapper_that_hides_its_conv_is_read_channels_first():
         recorder = _record(model, {"input": torch.randn(3, 4, 41)}, layers=["0", "1"])
     assert recorder.layouts == {"0": "channels_first", "1": "channels_first"}
     assert recorder.activations["0"].shape == (3 * 20, 8) and recorder.activations["1"].shape == (3 * 9, 8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end: SVCCACallback() with nothing but defaults on a BERT and a wav2vec2 LightningModule
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _HFModule(pl.LightningModule):
+    """A Hugging Face classifier trained on dict batches: ``forward(**inputs)`` returns logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, attention_mask: torch.Tensor, input_ids=None, input_values=None) -> torch.Tensor:
+        inputs = {"input_ids": input_ids} if input_ids is not None else {"input_values": input_values}
+        return self.model(**inputs, attention_mask=attention_mask).logits
+
+    def training_step(self, batch, batch_idx):
+        labels = batch.pop("labels")
+        return nn.functional.cross_entropy(self(**batch), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+class _Dicts(torch.utils.data.Dataset):
+    def __init__(self, **columns: torch.Tensor) -> None:
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {key: value[index] for key, value in self.columns.items()}
+
+
+def _text_data(count: int, generator: torch.Generator) -> _Dicts:
+    lengths = torch.randint(3, 17, (count,), generator=generator)
+    mask = (torch.arange(16)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(1, 100, (count, 16), generator=generator) * mask
+    return _Dicts(input_ids=ids, attention_mask=mask, labels=torch.randint(3, (count,), generator=generator))
+
+
+def _audio_data(count: int, generator: torch.Generator) -> _Dicts:
+    lengths = torch.randint(600, 1601, (count,), generator=generator)
+    mask, audio = _padded(lengths.tolist(), 1600, generator)
+    return _Dicts(
+        input_values=audio * mask, attention_mask=mask, labels=torch.randint(3, (count,), generator=generator)
+    )
+
+
+@pytest.mark.filterwarnings("ignore:.*SVCCA keeps")  # a probe of 32 sentences is small for the pooler
+@pytest.mark.parametrize(("make", "data"), [(_bert, _text_data), (_wav2vec2, _audio_data)], ids=["bert", "wav2vec2"])
+def test_the_callback_with_defaults_on_hugging_face_models(make_trainer, make, data):
+    from lightning_svcca import SVCCACallback
+
+    generator = torch.Generator().manual_seed(0)
+    model = _HFModule(make().train())
+    loader = DataLoader(data(48, generator), batch_size=16, shuffle=True)
+    callback = SVCCACallback(probe_size=32)  # probe: a seeded subset of the training set; model(**batch)
+    make_trainer([callback], max_epochs=1, logger=False).fit(model, loader)
+
+    expected = [f"model.{name}" for name in default_layers(model.model)]
+    assert sorted(callback.layers) == sorted(expected)
+    assert callback._probe.mask_key == "attention_mask" and callback._probe.input_key is None
+    measured = {row["layer"] for row in callback.history if row["reference"] == "previous"}
+    assert measured == set(expected)
+    dims = {row["layer"]: row["value"] for row in callback.history if row["reference"] == "dims"}
+    assert all(value <= 32 for layer, value in dims.items() if "classifier" not in layer)  # at most the channels

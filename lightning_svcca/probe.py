@@ -186,39 +186,40 @@ def default_forward(model: nn.Module, inputs: Any) -> Any:
     """Call ``model(inputs)``, or ``model(**inputs)`` for a dict: what runs unless a ``forward_fn`` is given.
 
     A dict's keys that ``model.forward`` does not accept (``labels``, an ``id`` column) are left out, unless it
-    takes ``**kwargs``.
+    takes ``**kwargs``. A ``forward(self, batch)`` that takes none of the keys gets the dict whole.
 
     Raises:
-        ValueError: none of a dict's keys is a parameter of ``model.forward``.
+        ValueError: none of a dict's keys is a parameter of ``model.forward``, which takes more than one.
     """
     if not isinstance(inputs, Mapping):
         return model(inputs)
-    accepted = _keyword_parameters(model)
-    if accepted is None:
+    signature = _signature(model)
+    if signature is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
         return model(**inputs)
-    kwargs = {key: value for key, value in inputs.items() if key in accepted}
-    if not kwargs:
-        raise ValueError(
-            f"the probe is a dict with keys {list(inputs)}, none of which {type(model).__name__}.forward takes"
-            f" (its parameters: {sorted(accepted)}); name the input with probe_input=<key>, or pass"
-            " forward_fn=lambda model, batch: ..."
-        )
-    return model(**kwargs)
-
-
-def _keyword_parameters(model: nn.Module) -> set[str] | None:
-    """Names ``model.forward`` accepts as keywords, or ``None`` when it takes ``**kwargs`` (or has no signature)."""
-    try:
-        parameters = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
-        return None
-    return {
-        parameter.name
-        for parameter in parameters
+    named = {
+        name: parameter
+        for name, parameter in signature.parameters.items()
         if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     }
+    kwargs = {key: value for key, value in inputs.items() if key in named}
+    if kwargs:
+        return model(**kwargs)
+    parameters = list(signature.parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if len(parameters) == 1 and parameters[0].kind in positional:
+        return model(inputs)  # forward(self, batch): the dict is the batch
+    raise ValueError(
+        f"the probe is a dict with keys {list(inputs)}, none of which {type(model).__name__}.forward takes"
+        f" (its parameters: {list(signature.parameters)}); name the input with probe_input=<key>, or pass"
+        " forward_fn=lambda model, batch: ..."
+    )
+
+
+def _signature(model: nn.Module) -> inspect.Signature | None:
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
 
 
 def run_probe(

@@ -84,10 +84,29 @@ def test_dict_batch_without_input_key_is_passed_as_keywords(xy):
 
 def test_dict_batch_the_model_cannot_take_names_the_keys(xy):
     x, y = xy
+
+    class TwoInputs(nn.Module):
+        def forward(self, a, b):
+            return a + b
+
     probe = build_probe({"image": x, "label": y}, None)
-    with pytest.raises(ValueError, match=r"none of which Linear.forward takes.*probe_input") as error:
-        run_probe(nn.Linear(5, 2), probe, chunk_size=100, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"none of which TwoInputs.forward takes.*probe_input") as error:
+        run_probe(TwoInputs(), probe, chunk_size=100, device=torch.device("cpu"))
     assert "'image'" in str(error.value) and "'label'" in str(error.value)
+
+
+def test_dict_batch_goes_whole_to_a_forward_taking_the_batch(xy):
+    x, y = xy
+
+    class TakesBatch(nn.Module):
+        def forward(self, batch):
+            self.seen = batch["image"] + batch["label"][:, None]
+            return self.seen
+
+    probe = build_probe({"image": x, "label": y}, None)
+    model = TakesBatch()
+    run_probe(model, probe, chunk_size=100, device=torch.device("cpu"))
+    torch.testing.assert_close(model.seen, x + y[:, None], rtol=0, atol=0)
 
 
 def test_dict_batch_with_unknown_input_key_names_the_keys(xy):

@@ -130,9 +130,9 @@ def default_layers(model: nn.Module) -> list[str]:
        ``encoder.layers.N`` and ``feature_extractor.conv_layers.N``, a ResNet's ``layerK.M``. A container inside
        a chosen block is not searched (outermost blocks win).
     2. **Stems and heads.** Beside those blocks, every module with parameters whose parent contains a block
-       (the model itself, ``bert``, ``encoder``, ...), except lone normalisation, embedding-table and dropout
-       layers: BERT's ``embeddings`` and ``pooler``, wav2vec2's ``feature_projection``, a ResNet's ``conv1`` and
-       ``fc``, a classifier.
+       (the model itself, ``bert``, ``encoder``, ...), except lone normalisation (any class named ``...Norm``),
+       embedding-table and dropout layers: BERT's ``embeddings`` and ``pooler``, wav2vec2's
+       ``feature_projection``, a ResNet's ``conv1`` and ``fc``, a classifier, a decoder's ``lm_head``.
     3. **No repeated blocks** (a plain MLP or CNN such as ``nn.Sequential(Conv2d, ReLU, ..., Linear)``): every
        Linear, Conv1d/2d/3d, RNN/GRU/LSTM and Transformer encoder/decoder layer, outermost first (a module inside
        one already chosen, such as the projections inside a Transformer layer, is left out).
@@ -154,10 +154,15 @@ def default_layers(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if not name or name in holders or _parent(name) not in holders:
             continue
-        if isinstance(module, _NOT_STEM_OR_HEAD) or not any(True for _ in module.parameters()):
+        if _is_lone_norm_or_table(module) or not any(True for _ in module.parameters()):
             continue
         chosen.add(name)
     return [name for name, _ in model.named_modules() if name in chosen]
+
+
+def _is_lone_norm_or_table(module: nn.Module) -> bool:
+    """Normalisation (also custom ones named ``...Norm``, such as RMSNorm), lookup tables and dropout."""
+    return isinstance(module, _NOT_STEM_OR_HEAD) or type(module).__name__.endswith("Norm")
 
 
 def format_layers(names: Sequence[str]) -> str:

@@ -576,6 +576,25 @@ def test_containers_that_are_not_block_stages_fall_back_to_every_layer(blocks):
     assert all(isinstance(model.get_submodule(name), (nn.Linear,)) for name in names)
 
 
+class RMSNorm(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+
+
+def test_decoder_only_default_layers_are_the_blocks_and_the_head():
+    """A LLaMA-like layout: token table, blocks, a custom final norm, an output head."""
+    model = nn.Module()
+    model.embed_tokens = nn.Embedding(10, 4)
+    model.layers = nn.ModuleList([_Block(), _Block()])
+    model.norm = RMSNorm(4)
+    model.lm_head = nn.Linear(4, 10)
+    assert default_layers(model) == ["layers.0", "layers.1", "lm_head"]
+
+
 def test_nested_block_containers_take_the_outermost():
     stages = nn.Sequential(nn.Sequential(_Block(), _Block()), nn.Sequential(_Block(), _Block()))
     assert default_layers(stages) == ["0", "1"]

@@ -15,16 +15,30 @@ Each recorded output is reduced at once to at most ``per_sample`` rows per probe
 
 Which dimension holds the channels of a 3-D output is decided by the module type (Conv1d, BatchNorm1d and
 pooling: ``(N, C, L)``; Linear, RNNs, Transformer layers, LayerNorm: ``(N, T, C)``, or ``(T, N, C)`` when
-``batch_first`` is off); parameter-free modules such as ReLU inherit the layout of the module that ran before
-them. ``LayerSpec.layout`` overrides the guess.
+``batch_first`` is off). Other modules (ReLU, or a wrapper such as Hugging Face's wav2vec2 conv layer, which runs
+Conv1d -> LayerNorm -> GELU) are matched by channel count: the channels of the last module with a known layout
+that ran before their output (its ``out_channels``, ``out_features``, ``normalized_shape`` ...) find the channel
+axis, so a Conv1d's ``(N, C, T)`` stays channels-first (time steps are datapoints) whatever module returns it.
+When that does not decide, the last known layout is inherited, and a :class:`LayoutWarning` is issued if the
+result has more features than that module has channels. ``LayerSpec.layout`` overrides the guess.
+
+Padding: a sequence layer's valid frames come from the probe's lengths. Where a layer's time axis is shorter than
+the probe's mask (a strided front end such as wav2vec2's feature encoder), the lengths are mapped through the
+model's own length arithmetic (:meth:`ActivationRecorder.frame_lengths`): the ``output_lengths`` hook (by default
+Hugging Face's ``_get_feat_extract_output_lengths``, looked up on the model and its submodules), else the
+kernel/stride/padding arithmetic of the Conv1d and pooling layers that produced that frame count, else a
+proportional rescale.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+import re
+import warnings
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Literal
 
@@ -40,10 +54,14 @@ from torch.nn.modules.pooling import (
     _MaxPoolNd,
 )
 
+from lightning_svcca.similarity import SimilarityWarning
+
 __all__ = [
     "ActivationRecorder",
     "LayerSpec",
+    "LayoutWarning",
     "default_layers",
+    "format_layers",
     "reduce_output",
     "resolve_layers",
 ]
@@ -64,7 +82,15 @@ _CHANNELS_FIRST_TYPES = (
     nn.GroupNorm,
 )
 _DEFAULT_LAYER_TYPES = (nn.Linear, _ConvNd, nn.RNNBase, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+#: never a stem or head on their own: normalisation, lookup tables (a position table has no batch dimension)
+_NOT_STEM_OR_HEAD = (nn.LayerNorm, _BatchNorm, _InstanceNorm, nn.GroupNorm, nn.Embedding, nn.Dropout)
+#: output length arithmetic of Hugging Face speech models (wav2vec2, HuBERT, WavLM, ...)
+HF_LENGTH_HOOK = "_get_feat_extract_output_lengths"
 _HIDDEN_STATE_NAMES = ("last_hidden_state", "hidden_states", "output", "logits")
+
+
+class LayoutWarning(SimilarityWarning):
+    """A layer's channel axis was guessed and the guess looks wrong: set its ``layout``."""
 
 
 @dataclass(frozen=True)
@@ -97,12 +123,108 @@ class LayerSpec:
 
 
 def default_layers(model: nn.Module) -> list[str]:
-    """The layers monitored when none are named.
+    """The layers monitored when none are named: repeated blocks, plus the stems and heads around them.
 
-    Every Linear, Conv1d/2d/3d, RNN/GRU/LSTM and Transformer encoder/decoder layer, outermost first: a module
-    inside one already chosen (the projections inside a Transformer layer) is left out. Layers that do not run
-    in the probe's forward pass are dropped at the first probe.
+    The rule, in order:
+
+    1. **Blocks.** The children of every ``nn.ModuleList`` / ``nn.Sequential`` that holds at least two blocks of
+       one type, where a block is a module with submodules of its own, and every child but possibly the first
+       (a stage's downsampling or normalising first block) has that type: BERT's ``encoder.layer.N``, wav2vec2's
+       ``encoder.layers.N`` and ``feature_extractor.conv_layers.N``, a ResNet's ``layerK.M``. A container inside
+       a chosen block is not searched (outermost blocks win).
+    2. **Stems and heads.** Beside those blocks, every module with parameters whose parent contains a block
+       (the model itself, ``bert``, ``encoder``, ...), except lone normalisation (any class named ``...Norm``),
+       embedding-table and dropout layers: BERT's ``embeddings`` and ``pooler``, wav2vec2's
+       ``feature_projection``, a ResNet's ``conv1`` and ``fc``, a classifier, a decoder's ``lm_head``.
+    3. **No repeated blocks** (a plain MLP or CNN such as ``nn.Sequential(Conv2d, ReLU, ..., Linear)``): every
+       Linear, Conv1d/2d/3d, RNN/GRU/LSTM and Transformer encoder/decoder layer, outermost first (a module inside
+       one already chosen, such as the projections inside a Transformer layer, is left out).
+
+    The names come in ``named_modules()`` order; layers that do not run in the probe's forward pass are dropped at
+    the first probe. :func:`format_layers` writes the choice in one line.
+
+    Example:
+        >>> block = lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        >>> model = nn.Sequential(nn.Linear(2, 4), nn.Sequential(block(), block(), block()), nn.Linear(4, 1))
+        >>> default_layers(model)
+        ['0', '1.0', '1.1', '1.2', '2']
     """
+    blocks = _repeated_blocks(model)
+    if not blocks:
+        return _every_layer(model)
+    holders = {""} | {name for block in blocks for name in _ancestors(block)}
+    chosen = set(blocks)
+    for name, module in model.named_modules():
+        if not name or name in holders or _parent(name) not in holders:
+            continue
+        if _is_lone_norm_or_table(module) or not any(True for _ in module.parameters()):
+            continue
+        chosen.add(name)
+    return [name for name, _ in model.named_modules() if name in chosen]
+
+
+def _is_lone_norm_or_table(module: nn.Module) -> bool:
+    """Normalisation (also custom ones named ``...Norm``, such as RMSNorm), lookup tables and dropout."""
+    return isinstance(module, _NOT_STEM_OR_HEAD) or type(module).__name__.endswith("Norm")
+
+
+def format_layers(names: Sequence[str]) -> str:
+    """The monitored layers in one line, numbered runs folded: ``encoder.layer.{0..11}``.
+
+    Example:
+        >>> format_layers(["embeddings", "encoder.layer.0", "encoder.layer.1", "encoder.layer.2", "pooler"])
+        '5 layers: embeddings, encoder.layer.{0..2}, pooler'
+    """
+    parts: list[str] = []
+    run: list[tuple[str, int]] = []
+
+    def flush() -> None:
+        if len(run) > 1:
+            parts.append(f"{run[0][0]}{{{run[0][1]}..{run[-1][1]}}}")
+        elif run:
+            parts.append(f"{run[0][0]}{run[0][1]}")
+        run.clear()
+
+    for name in names:
+        match = re.fullmatch(r"(.*?)(\d+)", name)
+        if match is None:
+            flush()
+            parts.append(name)
+            continue
+        stem, number = match.group(1), int(match.group(2))
+        if run and (run[-1][0] != stem or run[-1][1] + 1 != number):
+            flush()
+        run.append((stem, number))
+    flush()
+    count = len(names)
+    return f"{count} layer{'s' if count != 1 else ''}: {', '.join(parts)}"
+
+
+def _repeated_blocks(model: nn.Module) -> list[str]:
+    """Names of the blocks of rule 1 of :func:`default_layers`."""
+    blocks: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or not _is_block_container(module):
+            continue
+        if any(name == block or name.startswith(block + ".") for block in blocks):
+            continue
+        prefix = f"{name}." if name else ""
+        blocks.extend(prefix + child for child, _ in module.named_children())
+    return blocks
+
+
+def _is_block_container(container: nn.Module) -> bool:
+    children = list(container.children())
+    if len(children) < 2:
+        return False
+    if not all(any(True for _ in child.children()) and any(True for _ in child.parameters()) for child in children):
+        return False
+    block_type, count = Counter(type(child) for child in children[1:]).most_common(1)[0]
+    return count == len(children) - 1 and count + (type(children[0]) is block_type) >= 2
+
+
+def _every_layer(model: nn.Module) -> list[str]:
+    """Rule 3 of :func:`default_layers`."""
     chosen: list[str] = []
     for name, module in model.named_modules():
         if not name or not isinstance(module, _DEFAULT_LAYER_TYPES):
@@ -111,6 +233,16 @@ def default_layers(model: nn.Module) -> list[str]:
             continue
         chosen.append(name)
     return chosen
+
+
+def _parent(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _ancestors(name: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a", "a.b"]`` (the root ``""`` not included)."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def resolve_layers(
@@ -235,6 +367,7 @@ def reduce_output(
     seed: int,
     lengths: Tensor | None = None,
     mask_frames: int | None = None,
+    length_map: Callable[[Tensor, int], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Reduce one chunk of a layer's output to ``(rows, features)``, and the probe sample of each row.
 
@@ -247,7 +380,9 @@ def reduce_output(
         seed: seeds the layer's fixed permutation of positions.
         lengths: ``(N,)`` valid frames per sample of a sequence output, or ``None`` (all frames valid).
         mask_frames: length of the probe's padding mask; when a layer's time axis differs (a strided front
-            end), lengths are rescaled by ``T / mask_frames``.
+            end) and no ``length_map`` is given, lengths are rescaled by ``T / mask_frames``.
+        length_map: ``length_map(lengths, T)`` -> valid frames of each sample in an output with ``T`` frames
+            (:meth:`ActivationRecorder.frame_lengths`, the model's exact length arithmetic).
 
     Returns:
         ``(rows, features)`` and ``(rows,)`` sample indices.
@@ -275,7 +410,10 @@ def reduce_output(
             return flat.mean(dim=2), sample_ids
         return _sample_positions(flat, sample_ids, per_sample, seed)
     sequence = output.reshape(n, -1, output.shape[-1])
-    valid = _valid_lengths(lengths, sequence.shape[1], mask_frames)
+    if lengths is not None and length_map is not None:
+        valid = length_map(lengths, sequence.shape[1]).to(sequence.device).clamp(0, sequence.shape[1])
+    else:
+        valid = _valid_lengths(lengths, sequence.shape[1], mask_frames)
     if reduction == "mean":
         if valid is None:
             return sequence.mean(dim=1), sample_ids
@@ -301,9 +439,28 @@ class ActivationRecorder:
     """
 
     def __init__(
-        self, model: nn.Module, specs: Iterable[LayerSpec], *, per_sample: int, mask_frames: int | None = None
+        self,
+        model: nn.Module,
+        specs: Iterable[LayerSpec],
+        *,
+        per_sample: int,
+        mask_frames: int | None = None,
+        output_lengths: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
+        """Prepare hooks (registered on ``__enter__``).
+
+        Args:
+            model: the model to watch.
+            specs: the monitored layers.
+            per_sample: at most this many positions or frames per probe sample.
+            mask_frames: length ``T`` of the probe's ``(N, T)`` padding mask (``None``: lengths, or no mask).
+            output_lengths: ``output_lengths(lengths)`` maps a sample's valid input length to the valid frames of
+                the model's downsampled sequence (the encoder's frames); default: the model's (or a
+                submodule's) ``_get_feat_extract_output_lengths``, as Hugging Face's wav2vec2, HuBERT and WavLM
+                define it. :meth:`frame_lengths` uses it for every layer with that many frames.
+        """
         self.model = model
+        self.output_lengths = output_lengths if output_lengths is not None else find_length_hook(model)
         self.specs = {spec.name: spec for spec in specs}
         self.per_sample = max(1, per_sample)
         self.mask_frames = mask_frames
@@ -321,6 +478,37 @@ class ActivationRecorder:
         self._first_chunk = True
         self._seen_in_chunk: set[str] = set()
         self._layout: Layout = "channels_last"
+        self._channels: int | None = None
+        self._strides: dict[int, tuple[int, nn.Module]] = {}  # output frames -> (input frames, strided module)
+        self._hook_frames: int | None = None
+        self._warned_layouts: set[str] = set()
+
+    def frame_lengths(self, lengths: Tensor, frames: int) -> Tensor:
+        """Valid frames per sample of an output with ``frames`` time steps, from the probe's lengths.
+
+        Exact where the model says how it downsamples: ``frames`` equal to the mask's length (no downsampling),
+        the ``output_lengths`` hook's frame count, or a chain of strided Conv1d / pooling layers seen in the
+        forward pass (``floor((L + 2p - d(k - 1) - 1) / s) + 1`` per layer). Otherwise the lengths are rescaled by
+        ``frames / mask_frames``, rounding up.
+        """
+        mask_frames = self.mask_frames
+        if mask_frames is None or frames == mask_frames:
+            return lengths.clamp(0, frames)
+        if self.output_lengths is not None:
+            if self._hook_frames is None:
+                self._hook_frames = int(self.output_lengths(torch.tensor([mask_frames])).reshape(-1)[0])
+            if self._hook_frames == frames:
+                return self.output_lengths(lengths).to(lengths.device, torch.long).clamp(0, frames)
+        chain, at = [], frames
+        while at in self._strides and at != mask_frames and len(chain) < 64:
+            before, module = self._strides[at]
+            chain.append(module)
+            at = before
+        if at != mask_frames:
+            return _valid_lengths(lengths, frames, mask_frames)  # type: ignore[return-value]
+        for module in reversed(chain):
+            lengths = _strided_lengths(module, lengths)
+        return lengths.clamp(0, frames)
 
     def start_chunk(self, first: int, lengths: Tensor | None, size: int, device: torch.device) -> None:
         """Tell the hooks which probe samples the next forward pass holds."""
@@ -330,6 +518,7 @@ class ActivationRecorder:
         self._chunk_lengths = None if lengths is None else lengths.to(device)
         self._seen_in_chunk.clear()
         self._layout = "channels_last"
+        self._channels = None
 
     def __enter__(self) -> ActivationRecorder:
         for name, module in self.model.named_modules():
@@ -354,14 +543,49 @@ class ActivationRecorder:
                 self.completion.append(name)
             spec = self.specs.get(name)
             own = _own_layout(module)
+            self._note_stride(module, args, output)
             if spec is not None:
-                self._record(spec, own or self._layout, output)
+                self._record(spec, own, output)
             if own is not None:
                 self._layout = own
+                self._channels = _channel_count(module) or self._channels
 
         return hook
 
-    def _record(self, spec: LayerSpec, guessed: Layout, output: Any) -> None:
+    def _note_stride(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Remember which strided Conv1d / pooling layer turned how many frames into how many."""
+        if not isinstance(module, (nn.Conv1d, nn.MaxPool1d, nn.AvgPool1d)) or not isinstance(output, Tensor):
+            return
+        source = args[0] if args and isinstance(args[0], Tensor) else None
+        if source is None or source.ndim != output.ndim or output.ndim < 2:
+            return
+        before, after = int(source.shape[-1]), int(output.shape[-1])
+        if before != after and after not in self._strides:
+            self._strides[after] = (before, module)
+
+    def _guess_layout(self, name: str, tensor: Tensor) -> Layout:
+        """Layout of a module that has none of its own: where the last known module's channel count sits."""
+        layout, channels = self._layout, self._channels
+        if tensor.ndim < 3 or channels is None:
+            return layout
+        first, last = tensor.shape[1] == channels, tensor.shape[-1] == channels
+        if first and not last:
+            return "channels_first"
+        if last and not first:
+            return "time_first" if layout == "time_first" else "channels_last"
+        features = tensor.shape[1] if layout == "channels_first" else tensor.shape[-1]
+        if features > channels and name not in self._warned_layouts:
+            self._warned_layouts.add(name)
+            warnings.warn(
+                f"layer {name!r}: its output {tuple(tensor.shape)} is read as {layout} with {features} features,"
+                f" but the module before it has {channels} channels, so it may keep more directions than the layer"
+                f" has channels; set layers={{{name!r}: {{'layout': 'channels_first' or 'channels_last'}}}}",
+                LayoutWarning,
+                stacklevel=3,
+            )
+        return layout
+
+    def _record(self, spec: LayerSpec, own: Layout | None, output: Any) -> None:
         if self._chunk_ids is None:
             raise RuntimeError("ActivationRecorder.start_chunk must be called before each forward pass")
         if spec.name in self._seen_in_chunk:
@@ -370,7 +594,7 @@ class ActivationRecorder:
         if spec.name not in self.order:
             self.order.append(spec.name)
         tensor = select_output(output, spec.output, spec.name).detach()
-        layout = spec.layout or guessed
+        layout = spec.layout or own or self._guess_layout(spec.name, tensor)
         self.layouts[spec.name] = layout
         self.output_ndim[spec.name] = tensor.ndim
         self.input_eps[spec.name] = torch.finfo(tensor.dtype).eps if tensor.is_floating_point() else 0.0
@@ -384,6 +608,7 @@ class ActivationRecorder:
                 seed=layer_seed(spec.name),
                 lengths=self._chunk_lengths,
                 mask_frames=self.mask_frames,
+                length_map=self.frame_lengths,
             )
         except ValueError as error:
             raise ValueError(f"layer {spec.name!r}: {error}") from error
@@ -407,6 +632,52 @@ def _own_layout(module: nn.Module) -> Layout | None:
     if isinstance(module, (nn.Linear, nn.LayerNorm, nn.Embedding)):
         return "channels_last"
     return None
+
+
+def find_length_hook(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """The model's (or a submodule's) ``_get_feat_extract_output_lengths``: Hugging Face's length arithmetic."""
+    for module in model.modules():
+        hook = getattr(module, HF_LENGTH_HOOK, None)
+        if callable(hook):
+            return hook
+    return None
+
+
+def _channel_count(module: nn.Module) -> int | None:
+    """How many channels a module with a known layout produces (``None`` when it keeps its input's)."""
+    if isinstance(module, _ConvNd):
+        return module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[-1] if module.normalized_shape else None
+    if isinstance(module, (_BatchNorm, _InstanceNorm)):
+        return module.num_features
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim
+    if isinstance(module, nn.RNNBase):
+        return module.hidden_size * (2 if module.bidirectional else 1)
+    if isinstance(module, nn.MultiheadAttention):
+        return module.embed_dim
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return module.linear2.out_features
+    return None
+
+
+def _strided_lengths(module: nn.Module, lengths: Tensor) -> Tensor:
+    """Valid output frames of a Conv1d or 1-d pooling layer: ``floor((L + 2p - d(k - 1) - 1) / s) + 1``."""
+
+    def first(value: Any) -> int:
+        return int(value[0] if isinstance(value, (tuple, list)) else value)
+
+    padding = getattr(module, "padding", 0)
+    padding = 0 if isinstance(padding, str) else first(padding)  # "same" keeps the length: never strided here
+    kernel, stride = first(module.kernel_size), first(module.stride or module.kernel_size)
+    dilation = first(getattr(module, "dilation", 1))
+    span = lengths + 2 * padding - dilation * (kernel - 1) - 1
+    return torch.div(span, stride, rounding_mode="floor").add(1).clamp_min(0)
 
 
 def _has_state(module: nn.Module) -> bool:

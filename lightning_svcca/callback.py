@@ -50,11 +50,14 @@ class _SVCCACallbackCore:
 
     Args:
         probe: the probe: a tensor (the model input), a batch (tuple, list or dict of tensors), or a
-            DataLoader (its first ``probe_size`` samples). ``None``: the first ``probe_size`` samples of the
-            validation dataloader, else of the training one. Fixed for the whole run.
+            DataLoader (``probe_size`` samples drawn at random with ``probe_seed``, so class-sorted datasets are
+            covered). ``None``: such a subset of the validation dataloader, else of the training one. Fixed for the
+            whole run, the same on every process and after resuming.
         layers: module names from ``model.named_modules()``, or ``{name: {"output": ..., "reduction": ...,
             "layout": ...}}`` for per-layer options (see :class:`~lightning_svcca.activations.LayerSpec`).
-            ``None``: every Linear, Conv, RNN and Transformer layer, outermost first.
+            ``None``: the repeated blocks a person would name (``encoder.layer.N``, ``layerK.M``) plus stems and
+            heads; in models without repeated blocks, every Linear, Conv, RNN and Transformer layer. The chosen
+            layers are logged once at the start.
         reference: what each layer is compared with, one or several of: ``"previous"`` (the last measured
             epoch), ``"initial"`` (before training), ``"final"`` (at the end of fit, every epoch against the last
             one: the SVCCA paper's learning-dynamics plot), an ``nn.Module`` or a checkpoint path (a fixed model,
@@ -67,9 +70,11 @@ class _SVCCACallbackCore:
         probe_size: samples taken from a DataLoader (and the cap for a tensor or batch probe).
         probe_batch_size: samples per forward pass of the probe.
         probe_input: the part of a batch that is the model input (index or key; default: element 0 of a tuple).
-        probe_mask: the part of a batch holding a sequence padding mask ``(N, T)`` or lengths ``(N,)``.
+        probe_mask: the part of a batch holding a sequence padding mask ``(N, T)`` (1 = real frame) or lengths
+            ``(N,)``; a dict batch's ``attention_mask`` by default (``False``: none).
+        probe_seed: seeds the choice of a DataLoader probe's samples.
         forward_fn: ``forward_fn(model, batch)`` for models whose ``forward`` does not take the probe input
-            directly (e.g. ``lambda model, batch: model(**batch)``).
+            directly; a dict batch is passed as ``model(**batch)`` by default.
         reduction: default reduction of outputs with positions: ``"positions"`` (each conv position or
             sequence frame is a datapoint), ``"mean"`` or ``"flatten"``.
         max_datapoints: cap on datapoints per layer: each probe sample contributes at most
@@ -98,7 +103,8 @@ class _SVCCACallbackCore:
         probe_size: int = 1024,
         probe_batch_size: int = 256,
         probe_input: int | str | None = None,
-        probe_mask: int | str | None = None,
+        probe_mask: int | str | bool | None = None,
+        probe_seed: int = 0,
         forward_fn: ForwardFn | None = None,
         reduction: str = "positions",
         max_datapoints: int = 4096,
@@ -121,6 +127,7 @@ class _SVCCACallbackCore:
             probe_batch_size=probe_batch_size,
             probe_input=probe_input,
             probe_mask=probe_mask,
+            probe_seed=probe_seed,
             forward_fn=forward_fn,
             reduction=reduction,
             max_datapoints=max_datapoints,

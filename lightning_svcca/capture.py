@@ -198,6 +198,7 @@ class Capture:
                     seed=layer_seed(layer),
                     lengths=lengths,
                     mask_frames=recorder.mask_frames,
+                    length_map=recorder.frame_lengths,
                 )
                 if rows.shape[0] != sample_ids.shape[0]:
                     self._skip(

@@ -37,7 +37,8 @@ class MonitorConfig:
     probe_size: int = 1024
     probe_batch_size: int = 256
     probe_input: int | str | None = None
-    probe_mask: int | str | None = None
+    probe_mask: int | str | bool | None = None
+    probe_seed: int = 0
     forward_fn: Any = None
     reduction: str = "positions"
     max_datapoints: int = 4096

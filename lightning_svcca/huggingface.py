@@ -68,8 +68,6 @@ class SVCCATrainerCallback(TrainerCallback):
     ) -> None:
         if probe is None:
             raise ValueError("SVCCATrainerCallback needs a probe: a tensor, a batch (dict of tensors) or a DataLoader")
-        if isinstance(probe, Mapping) and options.get("forward_fn") is None and options.get("probe_input") is None:
-            options["forward_fn"] = _call_with_keywords
         self.config = MonitorConfig(
             probe=probe,
             layers=layers,
@@ -161,8 +159,3 @@ def tensorboard_dir(args: Any) -> Path:
     """
     folder = getattr(args, "logging_dir", None) or os.environ.get("TENSORBOARD_LOGGING_DIR")
     return Path(folder) if folder else Path(args.output_dir) / "runs" / "svcca"
-
-
-def _call_with_keywords(model: nn.Module, batch: Mapping[str, Any]) -> Any:
-    """The HuggingFace convention: a dict batch is the model's keyword arguments."""
-    return model(**batch)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_svcca.activations import LayerSpec, resolve_layers
+from lightning_svcca.activations import LayerSpec, format_layers, resolve_layers
 from lightning_svcca.capture import Capture, CaptureOptions
 from lightning_svcca.comparisons import Comparisons, row, values_of
 from lightning_svcca.config import MonitorConfig
@@ -279,6 +279,7 @@ class SVCCAMonitor:
         else:
             self._snapshot_fixed_references()
         if self.runtime.is_global_zero:
+            self.runtime.logger.info("SVCCA monitors %s", format_layers(self.layers))
             charts = [(metric, name) for metric in config.metrics for name in self._chart_references()]
             charts += [("svcca", "dims")] + ([("svcca", "frozen")] if config.freeze is not None else [])
             self._reporter.layout(charts, self.layers)
@@ -561,6 +562,7 @@ class SVCCAMonitor:
             input_key=config.probe_input,
             mask_key=config.probe_mask,
             needs_input=config.forward_fn is None,
+            seed=config.probe_seed,
         )
         if isinstance(source, DataLoader) and self.probe.size < config.probe_size:
             self.warn_once(

@@ -3,12 +3,17 @@
 A probe is built once, from a tensor, a batch (tuple, list or dict of tensors) or a DataLoader, and kept on the
 CPU for the whole run. :func:`run_probe` feeds it to the model in chunks under ``torch.no_grad()`` and eval
 mode, and leaves the model as it found it.
+
+Dict batches follow the Hugging Face convention: the model is called as ``model(**batch)`` (keys its ``forward``
+does not take, such as ``labels``, are left out), and a key ``attention_mask`` is the padding mask (1 = real
+token or sample, padding on the right).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
@@ -17,7 +22,20 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
-__all__ = ["ForwardFn", "Probe", "batch_size", "build_probe", "default_forward", "run_probe", "slice_batch"]
+__all__ = [
+    "DEFAULT_MASK_KEY",
+    "ForwardFn",
+    "Probe",
+    "batch_size",
+    "build_probe",
+    "default_forward",
+    "probe_indices",
+    "run_probe",
+    "slice_batch",
+]
+
+#: the key of a dict batch that is its padding mask unless ``mask_key`` says otherwise (Hugging Face's name)
+DEFAULT_MASK_KEY = "attention_mask"
 
 #: ``forward_fn(model, batch_chunk)`` runs the model on a chunk of the probe batch; its return value is ignored.
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -30,7 +48,8 @@ class Probe:
     Attributes:
         batch: the samples, a tensor or a (nested) tuple, list or dict of tensors, all with ``size`` rows.
         size: number of samples.
-        input_key: which part of ``batch`` the model takes (an index or key; ``None`` for a bare tensor).
+        input_key: which part of ``batch`` the model takes (an index or key; ``None`` for a bare tensor, or for a
+            dict passed whole as keyword arguments).
         mask_key: which part of ``batch`` holds a sequence padding mask ``(N, T)`` (True = real frame) or
             lengths ``(N,)``; ``None`` when there is none.
     """
@@ -71,8 +90,9 @@ def build_probe(
     size: int | None,
     *,
     input_key: int | str | None = None,
-    mask_key: int | str | None = None,
+    mask_key: int | str | bool | None = None,
     needs_input: bool = True,
+    seed: int = 0,
 ) -> Probe:
     """Build a :class:`Probe` from a tensor, a batch or a DataLoader.
 
@@ -80,13 +100,18 @@ def build_probe(
         source: a tensor (the model input itself), a batch (tuple, list or dict of tensors sharing their first
             dimension), or a DataLoader.
         size: keep the first ``size`` samples (``None``: all of a tensor or batch; required for a DataLoader).
-            From a DataLoader over a map-style dataset the samples are ``dataset[0:size]`` put together with the
-            loader's ``collate_fn``, so the probe does not depend on the loader's shuffling or sampler.
-        input_key: the part of a batch that is the model input: an index for tuples and lists (default 0),
-            a key for dicts (required for dicts unless a custom ``forward_fn`` handles the batch).
-        mask_key: the part of a batch holding a padding mask ``(N, T)`` or lengths ``(N,)``.
-        needs_input: whether the model input must be found in a dict batch (not when a custom ``forward_fn``
-            takes the whole batch).
+            From a DataLoader over a map-style dataset the samples are ``size`` indices drawn at random without
+            replacement, the same for a given ``seed`` and dataset length (:func:`probe_indices`), put together
+            with the loader's ``collate_fn``: the probe covers a class-sorted dataset, does not depend on the
+            loader's shuffling or sampler, and is the same on every rank and after a resume. An iterable dataset
+            gives its first ``size`` samples.
+        input_key: the part of a batch that is the model input: an index for tuples and lists (default 0), a key
+            for dicts (default: the whole dict as keyword arguments, ``model(**batch)``, or its only tensor).
+        mask_key: the part of a batch holding a padding mask ``(N, T)`` (1 = real frame, right padding) or
+            lengths ``(N,)``; default ``"attention_mask"`` when a dict batch has that key; ``False``: no mask.
+        needs_input: whether the model input is taken from the batch (not when a custom ``forward_fn`` takes the
+            whole batch).
+        seed: seeds the choice of a DataLoader probe's samples.
 
     Returns:
         The probe, on the CPU.
@@ -100,7 +125,7 @@ def build_probe(
     if isinstance(source, DataLoader):
         if size is None:
             raise ValueError("a DataLoader probe needs probe_size: the number of samples to take from it")
-        batch = _collect(source, size)
+        batch = _collect(source, size, seed)
     elif isinstance(source, (Tensor, Mapping, Sequence)) and not isinstance(source, str):
         batch = source
     else:
@@ -117,7 +142,12 @@ def build_probe(
     if input_key is None and isinstance(batch, Sequence):
         input_key = 0
     if isinstance(batch, Mapping) and input_key is None and needs_input:
-        input_key = _only_key(batch)
+        tensor_keys = [key for key, value in batch.items() if isinstance(value, Tensor)]
+        input_key = tensor_keys[0] if len(tensor_keys) == 1 else None  # else model(**batch)
+    if mask_key is False:
+        mask_key = None
+    elif mask_key is None and isinstance(batch, Mapping) and DEFAULT_MASK_KEY in batch:
+        mask_key = DEFAULT_MASK_KEY
     for role, key in (("probe_input", input_key), ("probe_mask", mask_key)):
         if key is not None:
             _check_key(batch, key, role)
@@ -135,17 +165,61 @@ def _check_mask(mask: Tensor) -> None:
     if mask.ndim != 2:
         raise ValueError(f"probe_mask must be (N, T) or lengths (N,), got shape {tuple(mask.shape)}")
     real = mask.to(torch.bool)
-    prefix = torch.arange(real.shape[1]) < real.sum(dim=1, keepdim=True)
-    if not torch.equal(real, prefix):
+    count = real.sum(dim=1, keepdim=True)
+    prefix = torch.arange(real.shape[1]) < count
+    if torch.equal(real, prefix):
+        return
+    suffix = torch.arange(real.shape[1]) >= real.shape[1] - count
+    if torch.equal(real, suffix):
         raise ValueError(
-            "probe_mask must be True on the real frames at the start of each row (right padding). PyTorch's"
-            " src_key_padding_mask is the opposite (True = padded): pass ~mask"
+            "the probe's padding mask is left-padded (real frames at the end of each row), but frames are matched"
+            " from the start: use right padding (a Hugging Face tokenizer: padding_side='right'); if the mask is"
+            " PyTorch's src_key_padding_mask (True = padded), pass ~mask"
         )
+    raise ValueError(
+        "probe_mask must be True on the real frames at the start of each row (right padding). PyTorch's"
+        " src_key_padding_mask is the opposite (True = padded): pass ~mask"
+    )
 
 
 def default_forward(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model(inputs)``: what ``forward_fn`` does unless the user gives another."""
-    return model(inputs)
+    """Call ``model(inputs)``, or ``model(**inputs)`` for a dict: what runs unless a ``forward_fn`` is given.
+
+    A dict's keys that ``model.forward`` does not accept (``labels``, an ``id`` column) are left out, unless it
+    takes ``**kwargs``. A ``forward(self, batch)`` that takes none of the keys gets the dict whole.
+
+    Raises:
+        ValueError: none of a dict's keys is a parameter of ``model.forward``, which takes more than one.
+    """
+    if not isinstance(inputs, Mapping):
+        return model(inputs)
+    signature = _signature(model)
+    if signature is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return model(**inputs)
+    named = {
+        name: parameter
+        for name, parameter in signature.parameters.items()
+        if parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    kwargs = {key: value for key, value in inputs.items() if key in named}
+    if kwargs:
+        return model(**kwargs)
+    parameters = list(signature.parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if len(parameters) == 1 and parameters[0].kind in positional:
+        return model(inputs)  # forward(self, batch): the dict is the batch
+    raise ValueError(
+        f"the probe is a dict with keys {list(inputs)}, none of which {type(model).__name__}.forward takes"
+        f" (its parameters: {list(signature.parameters)}); name the input with probe_input=<key>, or pass"
+        " forward_fn=lambda model, batch: ..."
+    )
+
+
+def _signature(model: nn.Module) -> inspect.Signature | None:
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
 
 
 def run_probe(
@@ -172,7 +246,7 @@ def run_probe(
         chunk_size: samples per forward pass.
         device: where the chunks go.
         forward_fn: ``forward_fn(model, chunk)`` runs the model on a whole chunk of the batch; by default
-            ``model(probe.inputs(chunk))``.
+            ``model(probe.inputs(chunk))``, or ``model(**inputs)`` for a dict (:func:`default_forward`).
         start: first sample (for a sharded probe).
         stop: one past the last sample.
         before_chunk: called with ``(first sample index, chunk)`` before each forward pass (activation
@@ -207,13 +281,31 @@ def slice_batch(batch: Any, start: int, stop: int) -> Any:
     return _map_tensors(batch, lambda tensor: tensor[start:stop])
 
 
-def _collect(loader: DataLoader, size: int) -> Any:
-    """The first ``size`` samples of a loader's dataset, independent of its sampler and shuffling."""
+def probe_indices(length: int, size: int, seed: int = 0) -> list[int]:
+    """The dataset indices of a DataLoader probe: ``size`` of ``range(length)`` drawn without replacement.
+
+    A function of its arguments alone (its own generator, not the global random state), so every rank and every
+    resumed run draws the same samples. Sorted, so the probe keeps the dataset's order; all indices when
+    ``size >= length``.
+
+    Example:
+        >>> probe_indices(5, 10)
+        [0, 1, 2, 3, 4]
+        >>> probe_indices(1000, 4, seed=0) == probe_indices(1000, 4, seed=0) != probe_indices(1000, 4, seed=1)
+        True
+    """
+    if size >= length:
+        return list(range(length))
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(length, generator=generator)[:size].tolist())
+
+
+def _collect(loader: DataLoader, size: int, seed: int = 0) -> Any:
+    """A seeded random subset of a loader's dataset (the first samples of a stream), whatever its sampler."""
     dataset = loader.dataset
     if not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
-        count = min(size, len(dataset))
         collate = loader.collate_fn or torch.utils.data.default_collate
-        return collate([dataset[i] for i in range(count)])
+        return collate([dataset[i] for i in probe_indices(len(dataset), size, seed)])
     batches, seen = [], 0
     for batch in loader:
         batches.append(_to_cpu(batch))
@@ -282,16 +374,6 @@ def _to_cpu(batch: Any) -> Any:
 
 def _to_device(batch: Any, device: torch.device) -> Any:
     return _map_tensors(batch, lambda tensor: tensor.to(device, non_blocking=True))
-
-
-def _only_key(batch: Mapping) -> str:
-    tensor_keys = [key for key, value in batch.items() if isinstance(value, Tensor)]
-    if len(tensor_keys) == 1:
-        return tensor_keys[0]
-    raise ValueError(
-        f"the probe is a dict with keys {list(batch)}: say which one is the model input with probe_input=<key>,"
-        " or pass forward_fn=lambda model, batch: model(**batch)"
-    )
 
 
 def _check_key(batch: Any, key: int | str, role: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ from torch import nn
 from lightning_svcca.activations import (
     ActivationRecorder,
     LayerSpec,
+    LayoutWarning,
     default_layers,
+    format_layers,
     reduce_output,
     resolve_layers,
 )
@@ -506,3 +509,164 @@ def test_conv1d_sequence_output_honours_the_padding_mask():
     )
     assert rows.shape == (10, 4) and bool(torch.isfinite(rows).all())
     assert ids.tolist() == [0] * 5 + [1] * 2 + [2] * 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Default layers: repeated blocks, stems and heads
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(torch.relu(self.fc(x)) + x)
+
+
+class _FirstBlock(_Block):
+    """A stage's first block of another type (a downsampling block)."""
+
+
+class _Other(_Block):
+    pass
+
+
+def _container_model(*blocks: nn.Module) -> nn.Module:
+    model = nn.Module()
+    model.stem = nn.Linear(2, 4)
+    model.norm = nn.LayerNorm(4)  # a lone norm is neither stem nor head
+    model.body = nn.Module()
+    model.body.blocks = nn.ModuleList(blocks)
+    model.body.scale = nn.Linear(4, 4)  # beside the blocks, inside their parent
+    model.drop = nn.Dropout()
+    model.head = nn.Linear(4, 1)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("blocks", "expected"),
+    [
+        ((_Block(), _Block(), _Block()), ["body.blocks.0", "body.blocks.1", "body.blocks.2"]),
+        ((_FirstBlock(), _Block(), _Block()), ["body.blocks.0", "body.blocks.1", "body.blocks.2"]),
+    ],
+    ids=["identical", "first-differs"],
+)
+def test_default_layers_take_repeated_blocks_stems_and_heads(blocks, expected):
+    names = default_layers(_container_model(*blocks))
+    assert names == ["stem", *expected, "body.scale", "head"]
+
+
+@pytest.mark.parametrize(
+    "blocks",
+    [
+        (_Block(), _Other()),  # two different sublayers (a T5 block's attention + feed-forward)
+        (_Block(), _Other(), _Block()),
+        (_Block(),),  # one block is not a repetition
+        (nn.Linear(4, 4), nn.Linear(4, 4)),  # leaf layers are not blocks
+    ],
+    ids=["two-types", "mixed", "single", "leaves"],
+)
+def test_containers_that_are_not_block_stages_fall_back_to_every_layer(blocks):
+    model = _container_model(*blocks)
+    names = default_layers(model)
+    assert "stem" in names and "head" in names
+    assert all(isinstance(model.get_submodule(name), (nn.Linear,)) for name in names)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+
+
+def test_decoder_only_default_layers_are_the_blocks_and_the_head():
+    """A LLaMA-like layout: token table, blocks, a custom final norm, an output head."""
+    model = nn.Module()
+    model.embed_tokens = nn.Embedding(10, 4)
+    model.layers = nn.ModuleList([_Block(), _Block()])
+    model.norm = RMSNorm(4)
+    model.lm_head = nn.Linear(4, 10)
+    assert default_layers(model) == ["layers.0", "layers.1", "lm_head"]
+
+
+def test_nested_block_containers_take_the_outermost():
+    stages = nn.Sequential(nn.Sequential(_Block(), _Block()), nn.Sequential(_Block(), _Block()))
+    assert default_layers(stages) == ["0", "1"]
+
+
+def test_format_layers_folds_numbered_runs():
+    names = ["conv1", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer2.3", "fc"]
+    assert format_layers(names) == "7 layers: conv1, layer1.{0..1}, layer2.{0..1}, layer2.3, fc"
+    assert format_layers(["fc"]) == "1 layer: fc"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layout guesses and strided time axes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Scrambler(nn.Module):
+    """A parameter-free output whose channel axis cannot be told from the Linear before it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1, 3)
+
+
+def test_a_wrong_looking_guess_warns_with_the_fix():
+    model = nn.Sequential(nn.Linear(4, 2), _Scrambler())  # (N, 6, 2) -> (N, 4, 3): 3 features, 2 channels
+    with pytest.warns(LayoutWarning, match=r"layer '1'.*3 features.*2 channels.*'layout'"):
+        _record(model, [LayerSpec("1")], torch.randn(5, 6, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _record(model, [LayerSpec("1", layout="channels_last")], torch.randn(5, 6, 4))
+
+
+def test_a_parameter_free_layer_after_a_conv1d_is_channels_first():
+    model = nn.Sequential(nn.Conv1d(3, 5, 3), nn.ReLU())
+    recorder = _record(model, [LayerSpec("1")], torch.randn(4, 3, 7))
+    assert recorder.layouts["1"] == "channels_first" and recorder.activations["1"].shape == (4 * 5, 5)
+
+
+class _Frontend(nn.Module):
+    """A strided conv and pooling front end, then a per-frame Linear: (N, 1, L) -> (N, T, C)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 4, kernel_size=5, stride=3, padding=1)
+        self.pool = nn.MaxPool1d(2)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.conv(x[:, None, :])).transpose(1, 2))
+
+
+def test_frame_lengths_follow_the_strided_layers_exactly():
+    lengths = torch.tensor([60, 47, 31, 10])
+    mask_frames = 60
+    model = _Frontend()
+    recorder = ActivationRecorder(
+        model, resolve_layers(model, ["conv", "fc"], "positions"), per_sample=1000, mask_frames=mask_frames
+    )
+    with recorder, torch.no_grad():
+        recorder.start_chunk(0, lengths, 4, CPU)
+        model(torch.randn(4, mask_frames))
+    after_conv = (lengths + 2 * 1 - 5) // 3 + 1  # floor((L + 2p - k) / s) + 1
+    after_pool = after_conv // 2
+    torch.testing.assert_close(recorder.frame_lengths(lengths, 20), after_conv)
+    torch.testing.assert_close(recorder.frame_lengths(lengths, 10), after_pool)
+    assert recorder.activations["conv"].shape[0] == int(after_conv.sum())
+    assert recorder.activations["fc"].shape[0] == int(after_pool.sum())
+
+
+def test_frame_lengths_prefer_the_given_hook():
+    model = _Frontend()
+    recorder = ActivationRecorder(model, [], per_sample=1, mask_frames=60, output_lengths=lambda n: n // 6)
+    torch.testing.assert_close(recorder.frame_lengths(torch.tensor([60, 35]), 10), torch.tensor([10, 5]))
+    # an unknown frame count without strided layers seen: the proportional rescale
+    torch.testing.assert_close(recorder.frame_lengths(torch.tensor([60, 35]), 12), torch.tensor([12, 7]))

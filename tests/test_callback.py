@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_svcca import SVCCACallback, SVCCAMonitorWarning
+from lightning_svcca.probe import probe_indices
 from lightning_svcca.reporting import HISTORY_COLUMNS, read_history_csv
 
 pytestmark = [
@@ -520,9 +521,10 @@ def test_default_probe_from_the_dataloaders(make_trainer, digits, digits_loaders
     trainer.fit(digits_cnn(), train, val if with_validation else None)
     source = (val if with_validation else train).dataset.tensors
     assert callback.monitor.probe.size == 40
-    # the first 40 samples of the dataset, not of a shuffled epoch
-    assert torch.equal(callback.monitor.probe.batch[0], source[0][:40])
-    assert torch.equal(callback.monitor.probe.batch[1], source[1][:40])
+    # a seeded subset of the dataset (probe_indices), not of a shuffled epoch
+    chosen = probe_indices(len(source[0]), 40, seed=0)
+    assert torch.equal(callback.monitor.probe.batch[0], source[0][chosen])
+    assert torch.equal(callback.monitor.probe.batch[1], source[1][chosen])
     assert _epochs(callback.history, "previous") == [1]
 
 

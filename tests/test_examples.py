@@ -143,3 +143,67 @@ def test_freeze_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert 0.0 < by_name["linear schedule"].gradient_work_skipped < 1.0
     assert all(r.accuracy > 0.8 for r in results)
     assert "grad work skipped" in out
+
+
+def test_transfer_resnet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    example = load_example("transfer_resnet")
+    result = example.main(["--quick", "--root", str(tmp_path)])
+    out = capsys.readouterr().out
+
+    assert result["pretrain_accuracy"] > 0.8
+    assert result["accuracy"] > 0.5  # chance is 0.2
+    assert result["layers"] == list(example.STAGES)
+    for stage in example.STAGES:
+        assert result["noise_floor"][stage] < result["pretrained"][stage] <= 1 + 1e-9
+    # the first stage stays closer to the pretrained model than the last one
+    assert result["pretrained"]["layer1"] > result["pretrained"]["layer4"]
+    epochs = {row["epoch"] for row in result["history"] if row["reference"] == "pretrained"}
+    assert epochs == set(range(0, 4))
+    assert example.TABLE_TITLE in out
+    table = out[out.index(example.TABLE_TITLE) :].splitlines()
+    assert [line.split()[0] for line in table[3 : 3 + len(example.STAGES)]] == list(example.STAGES)
+
+
+def test_speech_pretrain_finetune(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    example = load_example("speech_pretrain_finetune")
+    result = example.main(["--quick", "--root", str(tmp_path)])
+    out = capsys.readouterr().out
+
+    assert result["layers"] == list(example.LAYERS)
+    for column in ("pretrained", "mel_before", "mel_after"):
+        values = result[column]
+        assert set(values) == set(example.LAYERS), column
+        for layer, value in values.items():
+            assert result["noise_floor"][layer] < value <= 1 + 1e-9, (column, layer)
+    epochs = {row["epoch"] for row in result["history"] if row["reference"] == "log-mel"}
+    assert epochs == set(range(0, 4))
+    assert not [row for row in result["history"] if row["reference"] == "log-mel" and row["value"] != row["value"]]
+    assert example.TABLE_TITLE in out
+    table = out[out.index(example.TABLE_TITLE) :].splitlines()
+    assert [line.split()[0] for line in table[3 : 3 + len(example.LAYERS)]] == [
+        example.short(layer) for layer in example.LAYERS
+    ]
+
+
+def test_speech_features_line_up_with_encoder_frames() -> None:
+    pytest.importorskip("transformers")
+    example = load_example("speech_pretrain_finetune")
+    audio, mask, labels = example.clips("shape", 6, torch.Generator().manual_seed(0)).tensors
+    lengths = mask.sum(dim=1)
+    assert bool((lengths % example.HOP == 0).all()) and set(labels.tolist()) <= {0, 1, 2}
+    model = example.SpeechClassifier(num_labels=3).model
+    frames = model.wav2vec2._get_feat_extract_output_lengths(lengths)
+    torch.testing.assert_close(frames, lengths // example.HOP)  # one log-mel frame per encoder frame
+    mel = example.log_mel(audio)
+    assert mel.shape == (6, example.MAX_FRAMES, example.MELS)
+    # a pure tone's energy sits in the band holding its frequency
+    tone = torch.sin(2 * math.pi * 1000 * torch.arange(example.HOP * 4) / example.SAMPLE_RATE)[None, :]
+    peak = int(example.log_mel(tone)[0, 0].argmax())
+    assert 1000 * 0.7 < float(mel_band_centres(example)[peak]) < 1000 * 1.3
+
+
+def mel_band_centres(example: ModuleType) -> torch.Tensor:
+    top = 2595 * math.log10(1 + example.SAMPLE_RATE / 2 / 700)
+    centres = torch.linspace(0, top, example.MELS + 2)[1:-1]
+    return 700 * (10 ** (centres / 2595) - 1)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from lightning_svcca.activations import ActivationRecorder, LayerSpec
-from lightning_svcca.probe import Probe, batch_size, build_probe, run_probe
+from lightning_svcca.probe import Probe, batch_size, build_probe, probe_indices, run_probe
 
 CPU = torch.device("cpu")
 
@@ -67,11 +67,46 @@ def test_dict_batch_with_a_single_tensor_needs_no_key(xy):
     assert probe.input_key == "image"
 
 
-def test_dict_batch_without_input_key_names_the_keys(xy):
+def test_dict_batch_without_input_key_is_passed_as_keywords(xy):
     x, y = xy
-    with pytest.raises(ValueError, match=r"probe_input.*") as error:
-        build_probe({"image": x, "label": y}, None)
+
+    class Takes(nn.Module):
+        def forward(self, image, scale=1.0):  # no `label` parameter: that key is left out
+            self.seen = image * scale
+            return self.seen
+
+    probe = build_probe({"image": x, "label": y, "scale": torch.full((40, 1), 2.0)}, None)
+    assert probe.input_key is None and probe.mask_key is None
+    model = Takes()
+    run_probe(model, probe, chunk_size=100, device=torch.device("cpu"))
+    torch.testing.assert_close(model.seen, 2 * x, rtol=0, atol=0)
+
+
+def test_dict_batch_the_model_cannot_take_names_the_keys(xy):
+    x, y = xy
+
+    class TwoInputs(nn.Module):
+        def forward(self, a, b):
+            return a + b
+
+    probe = build_probe({"image": x, "label": y}, None)
+    with pytest.raises(ValueError, match=r"none of which TwoInputs.forward takes.*probe_input") as error:
+        run_probe(TwoInputs(), probe, chunk_size=100, device=torch.device("cpu"))
     assert "'image'" in str(error.value) and "'label'" in str(error.value)
+
+
+def test_dict_batch_goes_whole_to_a_forward_taking_the_batch(xy):
+    x, y = xy
+
+    class TakesBatch(nn.Module):
+        def forward(self, batch):
+            self.seen = batch["image"] + batch["label"][:, None]
+            return self.seen
+
+    probe = build_probe({"image": x, "label": y}, None)
+    model = TakesBatch()
+    run_probe(model, probe, chunk_size=100, device=torch.device("cpu"))
+    torch.testing.assert_close(model.seen, x + y[:, None], rtol=0, atol=0)
 
 
 def test_dict_batch_with_unknown_input_key_names_the_keys(xy):
@@ -127,14 +162,19 @@ def test_invalid_sources_raise(source, size, error, match):
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_dataloader_probe_is_the_first_samples_of_the_dataset(xy, shuffle):
+def test_dataloader_probe_is_a_seeded_subset_of_the_dataset(xy, shuffle):
     x, y = xy
     loader = DataLoader(TensorDataset(x, y), batch_size=6, shuffle=shuffle)
+    torch.manual_seed(123)  # the global random state plays no part
     first = build_probe(loader, 15)
+    torch.manual_seed(456)
     second = build_probe(loader, 15)
     assert first.size == 15 and first.input_key == 0
-    torch.testing.assert_close(first.batch[0], x[:15], rtol=0, atol=0)
-    torch.testing.assert_close(first.batch[1], y[:15], rtol=0, atol=0)
+    # y is arange(40): the labels are the chosen indices, distinct, sorted and not simply the first 15
+    chosen = first.batch[1].tolist()
+    assert chosen == sorted(set(chosen)) and chosen != list(range(15))
+    assert chosen == probe_indices(40, 15, seed=0)
+    torch.testing.assert_close(first.batch[0], x[chosen], rtol=0, atol=0)
     assert first.fingerprint() == second.fingerprint()
     for a, b in zip(first.batch, second.batch, strict=True):
         assert torch.equal(a, b)
@@ -148,7 +188,7 @@ def test_dataloader_probe_uses_the_collate_fn(xy):
 
     loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True, collate_fn=to_dict)
     probe = build_probe(loader, 9, input_key="x")
-    torch.testing.assert_close(probe.inputs(probe.batch), x[:9], rtol=0, atol=0)
+    torch.testing.assert_close(probe.inputs(probe.batch), x[probe_indices(40, 9)], rtol=0, atol=0)
 
 
 class _Stream(IterableDataset):
@@ -191,11 +231,14 @@ class _PairStream(_Stream):
 
 def test_namedtuple_batches(xy):
     x, y = xy
-    for source in (_Pair(x, y), DataLoader(_PairDataset(x, y), batch_size=4, shuffle=True)):
+    for source, chosen in (
+        (_Pair(x, y), list(range(6))),
+        (DataLoader(_PairDataset(x, y), batch_size=4, shuffle=True), probe_indices(40, 6)),
+    ):
         probe = build_probe(source, 6)
         assert isinstance(probe.batch, _Pair) and probe.size == 6
-        torch.testing.assert_close(probe.batch.image, x[:6], rtol=0, atol=0)
-        torch.testing.assert_close(probe.inputs(probe.batch), x[:6], rtol=0, atol=0)
+        torch.testing.assert_close(probe.batch.image, x[chosen], rtol=0, atol=0)
+        torch.testing.assert_close(probe.inputs(probe.batch), x[chosen], rtol=0, atol=0)
         assert isinstance(next(probe.chunks(4))[1], _Pair)
 
 

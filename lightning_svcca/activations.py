@@ -290,6 +290,10 @@ def resolve_layers(
     return specs
 
 
+class OutputSelectionError(TypeError):
+    """A layer's ``output`` selection does not lead to a tensor (raised inside the probe's forward pass)."""
+
+
 def select_output(output: Any, which: int | str | Sequence[int | str] | None, layer: str) -> Tensor:
     """The tensor to analyse among a module's outputs (see :attr:`LayerSpec.output`).
 
@@ -320,7 +324,7 @@ def select_output(output: Any, which: int | str | Sequence[int | str] | None, la
         for value in parts.values():
             if isinstance(value, Tensor):
                 return _checked(value, which, layer)
-        raise TypeError(
+        raise OutputSelectionError(
             f"layer {layer!r} returned {type(output).__name__} without a tensor to analyse; choose one with"
             " layers={name: {'output': <index, key or path such as (1, 0)>}}"
         )
@@ -343,12 +347,14 @@ def _checked(selected: Any, which: Any, layer: str) -> Tensor:
     """The selected output must be a tensor with a sample dimension."""
     if isinstance(selected, (tuple, list)) and selected and isinstance(selected[0], Tensor):
         path = (*which, 0) if isinstance(which, tuple) else (0,) if which is None else (which, 0)
-        raise TypeError(
+        raise OutputSelectionError(
             f"layer {layer!r}: output={which!r} selects a {type(selected).__name__} of {len(selected)} tensors, not"
             f" a tensor; select inside it with a path, e.g. output={path!r}"
         )
     if not isinstance(selected, Tensor):
-        raise TypeError(f"layer {layer!r}: output={which!r} selects a {type(selected).__name__}, not a tensor")
+        raise OutputSelectionError(
+            f"layer {layer!r}: output={which!r} selects a {type(selected).__name__}, not a tensor"
+        )
     if selected.ndim == 0:
         raise ValueError(
             f"layer {layer!r}: output={which!r} is a 0-dim tensor (a scalar, e.g. a loss); a monitored output needs"

@@ -18,7 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_svcca.activations import ActivationRecorder, LayerSpec, layer_seed, probe_share, reduce_output
+from lightning_svcca.activations import (
+    ActivationRecorder,
+    LayerSpec,
+    OutputSelectionError,
+    layer_seed,
+    probe_share,
+    reduce_output,
+)
 from lightning_svcca.distributed import buffers_from_rank_zero, shard
 from lightning_svcca.probe import ForwardFn, Probe, batch_size, describe_batch, run_probe
 from lightning_svcca.similarity import DATAPOINTS_PER_DIRECTION
@@ -113,14 +120,37 @@ class Capture:
                     before_chunk=before_chunk,
                     forward_context=self._forward_context,
                 )
-            except RuntimeError as error:
-                raise ValueError(
-                    f"the probe's forward pass through {label} ({type(model).__name__}) failed: {error}. The probe"
-                    f" ({describe_batch(probe.inputs(probe.batch))}) must be what the model's forward takes, in a"
-                    " dtype it computes in: check probe, probe_input and forward_fn (and for a reference model, that"
-                    " it has the trained model's input format)"
-                ) from error
+            except OutputSelectionError:
+                raise
+            except (RuntimeError, TypeError) as error:
+                raise self._forward_error(error, model, label) from error
         return recorder
+
+    def _forward_error(self, error: Exception, model: nn.Module, label: str) -> ValueError:
+        """A forward pass that failed inside torch, told in terms of the probe and the model."""
+        probe = self.probe
+        return ValueError(
+            f"the probe's forward pass through {label} ({type(model).__name__}) failed: {error}. The probe"
+            f" ({describe_batch(probe.inputs(probe.batch))}) must be what the model's forward takes, in a dtype it"
+            " computes in: check probe, probe_input and forward_fn (a dict batch is passed as model(**batch)); for a"
+            " reference model, that it takes the trained model's inputs"
+        )
+
+    def check(self, model: nn.Module, device: torch.device) -> None:
+        """Run the first two probe samples through ``model`` (no hooks): a probe it cannot take fails here."""
+        probe = self.probe
+        try:
+            run_probe(
+                model,
+                probe,
+                chunk_size=2,
+                device=device,
+                forward_fn=self.options.forward_fn,
+                stop=min(2, probe.size),
+                forward_context=self._forward_context,
+            )
+        except (RuntimeError, TypeError) as error:
+            raise self._forward_error(error, model, "the model") from error
 
     def snapshots(
         self, recorder: ActivationRecorder, layers: Sequence[str], epoch: int, device: torch.device, *, label: str

@@ -230,19 +230,13 @@ class SVCCAMonitor:
     # ------------------------------------------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Build the probe (once; :meth:`start` does it when not done yet), so a bad probe fails early."""
-        if self.probe is None:
-            self._build_probe()
+        """Build the probe and run two of its samples through the model, so a bad probe fails before training.
 
-    def start(self, *, step: int = 0) -> None:
-        """Build the probe and measure epoch 0 (the initial snapshot), or, when resuming, the fixed references."""
-        self.prepare()
-        self.run_id = self.run_id or uuid.uuid4().hex[:12]
-        if self.log_dir is not None:
-            self.store.persist_to(self.log_dir / SNAPSHOT_FOLDER / self.run_id)
-        collective = self._probe_collective()
-        device = device_of(self.model)
-        dtype = self.compute_dtype()
+        Done once; :meth:`start` calls it when the loop has not.
+        """
+        if self.probe is not None:
+            return
+        self._build_probe()
         config = self.config
         self._capture = Capture(
             self.probe,
@@ -255,13 +249,23 @@ class SVCCAMonitor:
                 keep_by=config.keep_by,
                 full_rank=any(metric != "svcca" for metric in config.metrics),
                 with_right="pwcca" in config.metrics,
-                dtype=dtype,
+                dtype=self.compute_dtype(),
             ),
-            collective,
+            self._probe_collective(),
             skip=self._skip,
             warn_once=self.warn_once,
             forward_context=self.runtime.forward_context,
         )
+        self._capture.check(self.model, device_of(self.model))
+
+    def start(self, *, step: int = 0) -> None:
+        """Build the probe and measure epoch 0 (the initial snapshot), or, when resuming, the fixed references."""
+        self.prepare()
+        assert self._capture is not None
+        self.run_id = self.run_id or uuid.uuid4().hex[:12]
+        if self.log_dir is not None:
+            self.store.persist_to(self.log_dir / SNAPSHOT_FOLDER / self.run_id)
+        config = self.config
         self._comparisons = Comparisons(
             self.store,
             config.references,
@@ -269,9 +273,9 @@ class SVCCAMonitor:
             baseline=config.baseline,
             measured=self.measured,
             steps=self.steps,
-            collective=collective,
-            device=device,
-            dtype=dtype,
+            collective=self._capture.collective,
+            device=device_of(self.model),
+            dtype=self._capture.options.dtype,
         )
         self._reporter = Reporter(self.writers if self.runtime.is_global_zero else [], self._claim_csv())
         if not self.measured:

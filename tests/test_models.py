@@ -348,7 +348,7 @@ def test_the_callback_with_defaults_on_hugging_face_models(make_trainer, make, d
 
     expected = [f"model.{name}" for name in default_layers(model.model)]
     assert sorted(callback.layers) == sorted(expected)
-    assert callback._probe.mask_key == "attention_mask" and callback._probe.input_key is None
+    assert callback.monitor.probe.mask_key == "attention_mask" and callback.monitor.probe.input_key is None
     measured = {row["layer"] for row in callback.history if row["reference"] == "previous"}
     assert measured == set(expected)
     dims = {row["layer"]: row["value"] for row in callback.history if row["reference"] == "dims"}

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -34,6 +35,7 @@ from lightning_svcca.distributed import StrategyCollective
 from lightning_svcca.freezing import FreezePolicy, is_hard_freeze_supported, rebuild_ddp_wrapper
 from lightning_svcca.monitor import Runtime, SVCCAMonitor, SVCCAMonitorWarning
 from lightning_svcca.probe import ForwardFn
+from lightning_svcca.reporting import LAYER_FACTS, tag
 from lightning_svcca.snapshots import LocalCollective
 
 __all__ = ["SVCCACallback", "SVCCAMonitorWarning"]
@@ -233,7 +235,9 @@ class _SVCCACallbackCore:
 
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
         """Take the epoch-0 snapshot (unless resuming)."""
-        self._require_monitor().start(step=int(trainer.global_step))
+        monitor = self._require_monitor()
+        monitor.start(step=int(trainer.global_step))
+        _publish(trainer, [row for row in monitor.history if row["epoch"] == monitor.measured[-1]])
 
     def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
         """Keep frozen BatchNorm layers in eval mode whatever ``model.train()`` did."""
@@ -291,7 +295,8 @@ class _SVCCACallbackCore:
 
     def _end_of_epoch(self, trainer: Any) -> None:
         if self.monitor is not None and self.monitor.started:
-            self.monitor.measure(epoch=int(trainer.current_epoch) + 1, step=int(trainer.global_step))
+            rows = self.monitor.measure(epoch=int(trainer.current_epoch) + 1, step=int(trainer.global_step))
+            _publish(trainer, rows)
 
     def _require_monitor(self) -> SVCCAMonitor:
         if self.monitor is None:
@@ -311,6 +316,23 @@ class _SVCCACallbackCore:
             if base.__name__ == "Callback" and base.__module__ != __name__:
                 return logging.getLogger(base.__module__.rsplit(".", 1)[0] + ".svcca")
         return logging.getLogger("lightning_svcca")
+
+
+def _publish(trainer: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """A measurement's values in ``trainer.callback_metrics``, for ``EarlyStopping`` and ``ModelCheckpoint``.
+
+    Each row under its tag, and per metric and reference ``{metric}/{reference}/min_over_layers``: the least
+    converged layer (every process computes the same values, so every rank agrees).
+    """
+    lowest: dict[str, float] = {}
+    for row in rows:
+        name = tag(row["metric"], row["reference"], row["layer"])
+        trainer.callback_metrics[name] = torch.tensor(row["value"])
+        if row["reference"] not in LAYER_FACTS:
+            key = tag(row["metric"], row["reference"], "min_over_layers")
+            lowest[key] = min(lowest.get(key, math.inf), row["value"])
+    for name, value in lowest.items():
+        trainer.callback_metrics[name] = torch.tensor(value)
 
 
 def _runtime(trainer: Any, logger: logging.Logger) -> Runtime:

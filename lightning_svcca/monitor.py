@@ -317,6 +317,7 @@ class SVCCAMonitor:
             self.history = [r for r in self.history if r["reference"] != "final"] + final
             if self.runtime.is_global_zero:
                 last_step = self.steps.get(self.measured[-1], step)
+                self._reporter.write_csv(self.history)
                 self._reporter.late_scalars(final)
                 for metric in self.config.metrics:
                     image = self._reporter.heatmap(
@@ -324,7 +325,6 @@ class SVCCAMonitor:
                     )
                     ours = [r for r in final if r["metric"] == metric]
                     self._reporter.final_summary(image, ours, last_step, f"{metric}/final/heatmap")
-                self._reporter.write_csv(self.history)
             rows += final
         self._reporter.flush()
         return rows

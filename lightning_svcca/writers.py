@@ -98,7 +98,7 @@ class Reporter:
         self.xlabel = xlabel
         self._figures: dict[str, HeatmapFigure] = {}
         self._last_step = -1
-        self._drawn: dict[str, tuple[int, tuple[int, ...]]] = {}
+        self._drawn: dict[str, tuple[int, tuple[int, ...], Any]] = {}
 
     def scalars(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """One ``log_metrics`` call per step (in increasing order) with every row's value at that step."""
@@ -132,19 +132,21 @@ class Reporter:
     ) -> Any:
         """Draw the layers x epochs heatmap of a reference as image ``{metric}/{reference}/heatmap``.
 
-        Returns the image (``None`` when nothing was drawn). The same picture is not written twice at one step.
+        Returns the image (``None`` when there is nothing to draw). The same picture is not written twice at one
+        step: it is returned as drawn before.
         """
         experiments = self._experiments("add_image")
         names, epochs, matrix = history_matrix(history, reference, metric, layers)
         if not names or not epochs:
             return None
         name = tag(metric, reference, "heatmap")
-        if self._drawn.get(name) == (step, tuple(epochs)):
-            return None
+        drawn = self._drawn.get(name)
+        if drawn is not None and drawn[:2] == (step, tuple(epochs)):
+            return drawn[2]
         if name not in self._figures:
             self._figures[name] = HeatmapFigure(**heatmap_style(metric, reference), xlabel=self.xlabel)
         image = self._figures[name].render(names, epochs, matrix)
-        self._drawn[name] = (step, tuple(epochs))
+        self._drawn[name] = (step, tuple(epochs), image)
         for experiment in experiments:
             experiment.add_image(name, image, step, dataformats="HWC")
         return image

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,11 @@ class _SVCCACallbackCore:
             with the probe's samples (e.g. inputs or one-hot labels). Name fixed references with a dict
             ``{"pretrained": model}``; an unnamed one is called ``"reference"``.
         metrics: any of ``"svcca"``, ``"pwcca"``, ``"cca"`` (mean canonical correlation) and ``"linear_cka"``.
-        every_n_epochs: measure every this many epochs (epoch 0 and the end of fit are always measured).
+        every_n_epochs: measure every this many epochs (epoch 0 and the end of fit are always measured); ``None``
+            with ``every_n_train_steps`` measures by steps only.
+        every_n_train_steps: also measure every this many optimizer steps (as ``ModelCheckpoint`` names it), for
+            short fine-tunes and step-based runs. Measurements are then identified by their global step: the
+            history's ``step`` column, the heatmaps' columns, and a freeze policy's ``lag`` counts measurements.
         freeze: a :class:`~lightning_svcca.freezing.FreezePolicy` to freeze converged layers, or ``None``.
         probe_size: samples taken from a DataLoader (and the cap for a tensor or batch probe).
         probe_batch_size: samples per forward pass of the probe.
@@ -99,9 +104,11 @@ class _SVCCACallbackCore:
         layers: Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None,
         reference: str | nn.Module | Tensor | Sequence[Any] | Mapping[str, Any] = ("previous", "final"),
         metrics: str | Sequence[str] = ("svcca",),
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = 1,
         freeze: FreezePolicy | None = None,
         *,
+        every_n_train_steps: int | None = None,
+        probe_autocast: bool = False,
         probe_size: int = 1024,
         probe_batch_size: int = 256,
         probe_input: int | str | None = None,
@@ -125,6 +132,7 @@ class _SVCCACallbackCore:
             metrics=metrics,
             every_n_epochs=every_n_epochs,
             freeze=freeze,
+            every_n_train_steps=every_n_train_steps,
             probe_size=probe_size,
             probe_batch_size=probe_batch_size,
             probe_input=probe_input,
@@ -140,9 +148,13 @@ class _SVCCACallbackCore:
             shard_probe=shard_probe,
             compute_dtype=compute_dtype,
         )
+        self.probe_autocast = probe_autocast
         #: The monitor of the current fit (built in ``setup``).
         self.monitor: SVCCAMonitor | None = None
         self._pending_state: Mapping[str, Any] | None = None
+        #: Epochs the trainer had completed when this fit started (a second fit numbers its own epochs from 0).
+        self._epoch_offset = 0
+        self._warned_stages: set[str] = set()
 
     # ------------------------------------------------------------------------------------------------------------
     # Public read-only views (the monitor's, or empty before the first fit)
@@ -199,19 +211,32 @@ class _SVCCACallbackCore:
     # ------------------------------------------------------------------------------------------------------------
 
     def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
-        """Build this fit's monitor: layers, references and the freeze policy are checked against the model."""
+        """Build this fit's monitor: layers, references and the freeze policy are checked against the model.
+
+        Every ``fit`` is a run of its own (a second fit of the same callback starts a new history), unless it
+        resumes from a checkpoint, whose state ``load_state_dict`` hands to the monitor built here.
+        """
         if stage != "fit":
+            if stage not in self._warned_stages and trainer.is_global_zero:
+                self._warned_stages.add(stage)
+                warnings.warn(
+                    f"SVCCACallback measures during Trainer.fit only; this {stage} run records nothing",
+                    SVCCAMonitorWarning,
+                    stacklevel=2,
+                )
             return
         policy = self.config.freeze
         if policy is not None and policy.mode == "linear" and (trainer.max_epochs is None or trainer.max_epochs < 1):
             raise ValueError("FreezePolicy(mode='linear') spreads freezes over max_epochs: set Trainer(max_epochs=...)")
         self._close_monitor()
+        self._epoch_offset = int(trainer.current_epoch)
+        debugging = bool(getattr(trainer, "fast_dev_run", False))  # Lightning writes no logs then; neither do we
         self.monitor = SVCCAMonitor.from_config(
             pl_module,
             _with_probe(self.config, lambda: _default_probe_loader(trainer)),
-            writers=trainer.loggers if trainer.is_global_zero else [],
-            log_dir=Path(trainer.log_dir or trainer.default_root_dir),
-            runtime=_runtime(trainer, self._logger()),
+            writers=trainer.loggers if trainer.is_global_zero and not debugging else [],
+            log_dir=None if debugging else Path(trainer.log_dir or trainer.default_root_dir),
+            runtime=_runtime(trainer, self._logger(), autocast=self.probe_autocast),
         )
         if self._pending_state is not None:
             self.monitor.load_state_dict(self._pending_state)
@@ -250,8 +275,12 @@ class _SVCCACallbackCore:
             self.monitor.before_optimizer_step()
 
     def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Measure at the end of the epoch's last batch: before validation and checkpointing."""
-        if _is_last_batch(trainer, batch_idx):
+        """Measure every ``every_n_train_steps`` steps, and on the epoch's last batch (before validation)."""
+        steps = self.config.every_n_train_steps
+        step = int(trainer.global_step)
+        if steps is not None and step > 0 and step % steps == 0:
+            self._measure(trainer)
+        elif _is_last_batch(trainer, batch_idx):
             self._end_of_epoch(trainer)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
@@ -261,7 +290,7 @@ class _SVCCACallbackCore:
     def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
         """Measure the final weights if needed, and compare every measured epoch with them."""
         if self.monitor is not None:
-            self.monitor.finish(epoch=int(trainer.current_epoch), step=int(trainer.global_step))
+            self.monitor.finish(epoch=self._fit_epoch(trainer), step=int(trainer.global_step))
 
     def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
         """Delete spilled snapshot files."""
@@ -279,11 +308,12 @@ class _SVCCACallbackCore:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue identically: history, freezes, policy counters, snapshots."""
         if self.monitor is not None:
-            return self.monitor.state_dict()
+            return {**self.monitor.state_dict(), "epoch_offset": self._epoch_offset}
         return dict(self._pending_state or {})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (keys missing from older checkpoints take their defaults)."""
+        self._epoch_offset = int(state_dict.get("epoch_offset", 0))
         if self.monitor is not None:
             self.monitor.load_state_dict(state_dict)
         else:
@@ -294,9 +324,21 @@ class _SVCCACallbackCore:
     # ------------------------------------------------------------------------------------------------------------
 
     def _end_of_epoch(self, trainer: Any) -> None:
+        every_n_epochs = self.config.every_n_epochs
+        epoch = self._fit_epoch(trainer) + 1
+        if every_n_epochs is not None and epoch % every_n_epochs == 0:
+            self._measure(trainer, completed=epoch)
+
+    def _measure(self, trainer: Any, completed: int | None = None) -> None:
+        """One measurement at the trainer's global step; its values also go to ``trainer.callback_metrics``."""
         if self.monitor is not None and self.monitor.started:
-            rows = self.monitor.measure(epoch=int(trainer.current_epoch) + 1, step=int(trainer.global_step))
+            epoch = self._fit_epoch(trainer) if completed is None else completed
+            rows = self.monitor.measure(epoch=epoch, step=int(trainer.global_step))
             _publish(trainer, rows)
+
+    def _fit_epoch(self, trainer: Any) -> int:
+        """Completed epochs of this fit (the trainer's, less those done before the fit began)."""
+        return int(trainer.current_epoch) - self._epoch_offset
 
     def _require_monitor(self) -> SVCCAMonitor:
         if self.monitor is None:
@@ -335,15 +377,23 @@ def _publish(trainer: Any, rows: Sequence[Mapping[str, Any]]) -> None:
         trainer.callback_metrics[name] = torch.tensor(value)
 
 
-def _runtime(trainer: Any, logger: logging.Logger) -> Runtime:
-    """The monitor's view of the trainer: collectives over the strategy, rank zero, precision, DDP rebuilds."""
+def _runtime(trainer: Any, logger: logging.Logger, *, autocast: bool) -> Runtime:
+    """The monitor's view of the trainer: collectives over the strategy, rank zero, precision, DDP rebuilds.
+
+    Precision: the probe's inputs get what the trainer does to training batches (``convert_input``: a cast to the
+    model's dtype under ``*-true`` precision). The precision's forward context wraps the probe under ``*-true``
+    (it only sets the default dtype); under ``*-mixed`` it is autocast, used only with ``probe_autocast=True``.
+    """
     strategy = trainer.strategy
     world_size = int(getattr(strategy, "world_size", 1))
+    plugin = getattr(trainer, "precision_plugin", None)
+    mixed = "mixed" in str(getattr(trainer, "precision", ""))
     return Runtime(
         collective=StrategyCollective(strategy) if world_size > 1 else LocalCollective(),
         is_global_zero=bool(trainer.is_global_zero),
         broadcast=lambda obj: strategy.broadcast(obj, src=0),
-        forward_context=getattr(getattr(trainer, "precision_plugin", None), "forward_context", None),
+        forward_context=getattr(plugin, "forward_context", None) if autocast or not mixed else None,
+        convert_input=getattr(plugin, "convert_input", None),
         after_freeze=lambda: rebuild_ddp_wrapper(strategy),
         max_epochs=trainer.max_epochs,
         logger=logger,

@@ -64,6 +64,7 @@ class Capture:
         skip: called for a layer left out of a measurement.
         warn_once: called for soft problems (few datapoints).
         forward_context: a context manager factory wrapped around each probe pass (e.g. a precision context).
+        convert_input: applied to each probe chunk before the forward pass (e.g. a cast to the model's dtype).
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class Capture:
         skip: SkipFn,
         warn_once: WarnFn,
         forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+        convert_input: Callable[[Any], Any] | None = None,
     ) -> None:
         self.probe = probe
         self.specs = list(specs)
@@ -84,6 +86,7 @@ class Capture:
         self._skip = skip
         self._warn_once = warn_once
         self._forward_context = forward_context
+        self._convert_input = convert_input
 
     def record(self, model: nn.Module, device: torch.device, *, label: str = "the model") -> ActivationRecorder:
         """Run this process's share of the probe through ``model`` on ``device`` with hooks on the layers.
@@ -119,6 +122,7 @@ class Capture:
                     stop=stop,
                     before_chunk=before_chunk,
                     forward_context=self._forward_context,
+                    convert=self._convert_input,
                 )
             except OutputSelectionError:
                 raise
@@ -148,6 +152,7 @@ class Capture:
                 forward_fn=self.options.forward_fn,
                 stop=min(2, probe.size),
                 forward_context=self._forward_context,
+                convert=self._convert_input,
             )
         except (RuntimeError, TypeError) as error:
             raise self._forward_error(error, model, "the model") from error

@@ -1,6 +1,7 @@
 """Which snapshot each layer is compared with, the comparisons themselves, and forgetting what is no longer needed.
 
-A measurement at ``epoch`` compares every layer's new snapshot with each reference that has a snapshot by then
+Measurements are identified by their *point*: the epoch when measuring per epoch, the global step when measuring
+every k steps. A measurement at a point compares every layer's new snapshot with each reference that has one by then
 (:meth:`Comparisons.rows_for`): the last measured epoch (``previous``), epoch 0 (``initial``), a fixed model or
 features, or a freeze policy's lag. The ``final`` reference is different: every measured epoch is compared with
 the latest one (:meth:`Comparisons.against_epoch`), live for the heatmap and once at the end of fit for the
@@ -48,7 +49,8 @@ class Comparisons:
         metrics: the metrics computed for each pair.
         baseline: also compare each snapshot with itself under a fixed datapoint shuffle (the noise floor).
         measured: the measured epochs so far, in order (shared with the monitor, which appends to it).
-        steps: the global step of each measured epoch (shared with the monitor).
+        points: ``(epoch, step)`` of each measured point (shared with the monitor).
+        lag_in_measurements: a lag reference counts measurements back (step mode), not epochs.
         collective: sums across processes for a sharded probe.
         device: where the pairs are evaluated (the model's device).
         dtype: precision of the decompositions.
@@ -62,17 +64,19 @@ class Comparisons:
         *,
         baseline: bool,
         measured: list[int],
-        steps: dict[int, int],
+        points: dict[int, tuple[int, int]],
         collective: Collective,
         device: torch.device,
         dtype: torch.dtype,
+        lag_in_measurements: bool = False,
     ) -> None:
         self.store = store
         self.references = list(references)
         self.metrics = tuple(metrics)
         self.baseline = baseline
         self.measured = measured
-        self.steps = steps
+        self.points = points
+        self.lag_in_measurements = lag_in_measurements
         self._collective = collective
         self._device = device
         self._dtype = dtype
@@ -83,14 +87,15 @@ class Comparisons:
         """Whether a ``final`` reference keeps every epoch's snapshot until the end of fit."""
         return any(reference.kind == "final" for reference in self.references)
 
-    def rows_for(self, epoch: int, step: int, snapshots: Mapping[str, Snapshot]) -> list[dict[str, Any]]:
+    def rows_for(self, point: int, snapshots: Mapping[str, Snapshot]) -> list[dict[str, Any]]:
         """Rows of one measurement: kept directions, each layer against each reference, and the baselines."""
+        epoch, step = self.points[point]
         jobs: list[tuple[dict[str, Any], str, Pair]] = []
         rows = []
         for layer, snapshot in snapshots.items():
             rows.append(row(epoch, step, layer, "dims", "svcca", float(snapshot.kept)))
             for reference in self.references:
-                other = self.reference_snapshot(reference, layer, epoch)
+                other = self.reference_snapshot(reference, layer, point)
                 if other is None:
                     continue
                 for metric in self.metrics:
@@ -108,10 +113,10 @@ class Comparisons:
                     jobs.append((row(epoch, step, layer, "baseline", metric, math.nan), metric, pair))
         return rows + self._evaluate(jobs)
 
-    def against_epoch(
-        self, target: int, name: str, layers: Sequence[str], epochs: Sequence[int] | None = None
+    def against_point(
+        self, target: int, name: str, layers: Sequence[str], points: Sequence[int] | None = None
     ) -> list[dict[str, Any]]:
-        """Each measured epoch's snapshot (or those of ``epochs``) against epoch ``target``'s, as ``name`` rows."""
+        """Each measured point's snapshot (or those of ``points``) against point ``target``'s, as ``name`` rows."""
         rows = []
         for layer in layers:
             key = (layer, str(target))
@@ -119,14 +124,15 @@ class Comparisons:
                 continue
             latest = self.store.get(key)
             jobs = []
-            for epoch in self.measured if epochs is None else epochs:
-                if epoch > target or (layer, str(epoch)) not in self.store:
+            for point in self.measured if points is None else points:
+                if point > target or (layer, str(point)) not in self.store:
                     continue
-                snapshot = self.store.get((layer, str(epoch)))
+                snapshot = self.store.get((layer, str(point)))
+                epoch, step = self.points[point]
                 for metric in self.metrics:
                     jobs.append(
                         (
-                            row(epoch, self.steps.get(epoch, epoch), layer, name, metric, math.nan),
+                            row(epoch, step, layer, name, metric, math.nan),
                             metric,
                             pair_for(metric, snapshot, latest),
                         )
@@ -134,37 +140,40 @@ class Comparisons:
             rows += self._evaluate(jobs)
         return rows
 
-    def reference_snapshot(self, reference: Reference, layer: str, epoch: int) -> Snapshot | None:
-        """The snapshot a layer is compared with at ``epoch``, or ``None`` when there is none (yet)."""
+    def reference_snapshot(self, reference: Reference, layer: str, point: int) -> Snapshot | None:
+        """The snapshot a layer is compared with at ``point``, or ``None`` when there is none (yet)."""
+        earlier = [p for p in self.measured if p < point]
         if reference.kind == "final":
             return None  # compared at the end of fit (and live, for the heatmap)
         if reference.fixed:
             key = (layer, reference.name)
+        elif not earlier:
+            return None  # the first measurement has no earlier point
         elif reference.kind == "initial":
-            key = (layer, "0")
+            key = (layer, str(self.measured[0]))
         elif reference.kind == "previous":
-            earlier = [e for e in self.measured if e < epoch]
-            if not earlier:
-                return None
             key = (layer, str(earlier[-1]))
-        else:  # lag
-            key = (layer, str(epoch - reference.lag))
-        if epoch == 0 and not reference.fixed:
-            return None
+        elif self.lag_in_measurements:
+            if len(earlier) < reference.lag:
+                return None
+            key = (layer, str(earlier[-reference.lag]))
+        else:  # lag in epochs
+            key = (layer, str(point - reference.lag))
         return self.store.get(key) if key in self.store else None
 
-    def prune(self, epoch: int) -> None:
-        """Forget epoch snapshots no reference will need again."""
+    def prune(self, point: int) -> None:
+        """Forget snapshots of measured points no reference will need again."""
         if self.wants_final:
-            return  # the final pass needs every epoch
+            return  # the final pass needs every point
         horizon = max((reference.lag for reference in self.references if reference.kind == "lag"), default=0)
-        keep_initial = any(reference.kind == "initial" for reference in self.references)
+        if self.lag_in_measurements:
+            kept = set(self.measured[-(horizon + 1) :])
+        else:
+            kept = {p for p in self.measured if p == point or p > point - horizon}
+        if self.measured and any(reference.kind == "initial" for reference in self.references):
+            kept.add(self.measured[0])
         for layer, tag in self.store.keys():
-            if not tag.isdigit():
-                continue
-            stored = int(tag)
-            needed = stored == epoch or stored > epoch - horizon or (stored == 0 and keep_initial)
-            if not needed:
+            if tag.isdigit() and int(tag) not in kept:
                 self.store.discard((layer, tag))
 
     def _evaluate(self, jobs: Sequence[tuple[dict[str, Any], str, Pair]]) -> list[dict[str, Any]]:

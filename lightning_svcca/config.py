@@ -32,8 +32,9 @@ class MonitorConfig:
     layers: Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None
     reference: Any = ("previous", "final")
     metrics: str | Sequence[str] = ("svcca",)
-    every_n_epochs: int = 1
+    every_n_epochs: int | None = 1
     freeze: FreezePolicy | None = None
+    every_n_train_steps: int | None = None
     probe_size: int = 1024
     probe_batch_size: int = 256
     probe_input: int | str | None = None
@@ -59,12 +60,18 @@ class MonitorConfig:
         unknown = [metric for metric in metrics if metric not in METRICS]
         if unknown or not metrics:
             raise ValueError(f"metrics must be a non-empty selection of {METRICS}, got {list(metrics)}")
-        if self.every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {self.every_n_epochs}")
+        for name in ("every_n_epochs", "every_n_train_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
+        if self.every_n_epochs is None and self.every_n_train_steps is None:
+            raise ValueError("every_n_epochs and every_n_train_steps are both None: set one of them to measure")
+        by_step = self.every_n_train_steps is not None
+        cadence = 1 if by_step else self.every_n_epochs
         freeze = self.freeze
         if freeze is not None and not isinstance(freeze, FreezePolicy):
             raise TypeError(f"freeze must be a FreezePolicy or None, got {type(freeze).__name__}")
-        if freeze is not None and freeze.mode == "convergence" and freeze.lag % self.every_n_epochs:
+        if freeze is not None and freeze.mode == "convergence" and not by_step and freeze.lag % cadence:
             raise ValueError(
                 f"FreezePolicy.lag={freeze.lag} must be a multiple of every_n_epochs={self.every_n_epochs}:"
                 " convergence compares a layer with its snapshot lag epochs earlier, so that epoch must be measured"
@@ -90,7 +97,8 @@ class MonitorConfig:
         _check_keep(self.keep, self.keep_by)
         self.references = parse_references(self.reference)
         if freeze is not None and freeze.mode == "convergence":
-            self.lag_reference = "previous" if freeze.lag == self.every_n_epochs else f"lag{freeze.lag}"
+            # per epoch, lag counts epochs; every k steps, it counts measurements
+            self.lag_reference = "previous" if freeze.lag == cadence else f"lag{freeze.lag}"
             if self.lag_reference not in self.reference_names:
                 self.references.append(Reference(self.lag_reference, "lag", lag=freeze.lag))
 

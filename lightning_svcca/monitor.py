@@ -69,6 +69,8 @@ class Runtime:
         is_global_zero: whether this process writes outputs and decides freezes.
         broadcast: rank zero's object on every process (freeze decisions).
         forward_context: a context manager factory wrapped around each probe pass (e.g. a precision context).
+        convert_input: applied to each probe chunk before the forward pass (e.g. casting floating inputs to a
+            ``bf16-true`` model's dtype, as the trainer does with training batches).
         after_freeze: called on every process after layers were frozen (e.g. to rebuild a DDP wrapper).
         max_epochs: the run's length in epochs, for ``FreezePolicy(mode="linear")``.
         logger: where freeze events are logged as text.
@@ -78,6 +80,7 @@ class Runtime:
     is_global_zero: bool = True
     broadcast: Callable[[Any], Any] = _identity
     forward_context: Callable[[], contextlib.AbstractContextManager] | None = None
+    convert_input: Callable[[Any], Any] | None = None
     after_freeze: Callable[[], None] | None = None
     max_epochs: int | None = None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("lightning_svcca"))
@@ -125,7 +128,7 @@ class SVCCAMonitor:
         layers: Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None,
         reference: Any = ("previous", "final"),
         metrics: str | Sequence[str] = ("svcca",),
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = 1,
         freeze: Any = None,
         *,
         writers: Any = None,
@@ -190,8 +193,8 @@ class SVCCAMonitor:
         self.freezer = Freezer()
         self.streaks: dict[str, int] = {}
         self.measured: list[int] = []
-        #: The global step of each measured epoch.
-        self.steps: dict[int, int] = {}
+        #: Each measured point (the epoch, or the global step when measuring every k steps) -> (epoch, step).
+        self.points: dict[int, tuple[int, int]] = {}
         #: This run's id: its snapshot folder under ``log_dir`` (kept across resumes).
         self.run_id: str | None = None
         #: The history CSV's file name in ``log_dir`` (unique among runs sharing the folder).
@@ -255,6 +258,7 @@ class SVCCAMonitor:
             skip=self._skip,
             warn_once=self.warn_once,
             forward_context=self.runtime.forward_context,
+            convert_input=self.runtime.convert_input,
         )
         self._capture.check(self.model, device_of(self.model))
 
@@ -272,12 +276,17 @@ class SVCCAMonitor:
             config.metrics,
             baseline=config.baseline,
             measured=self.measured,
-            steps=self.steps,
+            points=self.points,
             collective=self._capture.collective,
             device=device_of(self.model),
             dtype=self._capture.options.dtype,
+            lag_in_measurements=self.by_step,
         )
-        self._reporter = Reporter(self.writers if self.runtime.is_global_zero else [], self._claim_csv())
+        self._reporter = Reporter(
+            self.writers if self.runtime.is_global_zero else [],
+            self._claim_csv(),
+            axis="step" if self.by_step else "epoch",
+        )
         if not self.measured:
             self._measure(0, step)
         else:
@@ -288,15 +297,23 @@ class SVCCAMonitor:
             charts += [("svcca", "dims")] + ([("svcca", "frozen")] if config.freeze is not None else [])
             self._reporter.layout(charts, self.layers)
 
-    def measure(self, *, epoch: int, step: int) -> list[dict[str, Any]]:
-        """Measure after training up to ``epoch`` (1 after the first epoch) and ``step``; returns the new rows.
+    @property
+    def by_step(self) -> bool:
+        """Whether measurements are identified by global step (``every_n_train_steps``) rather than by epoch."""
+        return self.config.every_n_train_steps is not None
 
-        Does nothing (and returns ``[]``) when ``epoch`` is not a multiple of ``every_n_epochs``, was measured
-        already, or no training step happened since the last measurement. Freezes converged layers when a
+    def measure(self, *, epoch: int, step: int) -> list[dict[str, Any]]:
+        """Measure after ``epoch`` completed epochs (1 after the first) and ``step`` optimizer steps; new rows.
+
+        Does nothing (and returns ``[]``) when no training step happened since the last measurement, or, when
+        measuring per epoch, when ``epoch`` was measured already or is not a multiple of ``every_n_epochs``
+        (with ``every_n_train_steps`` the loop decides when to call). Freezes converged layers when a
         :class:`~lightning_svcca.FreezePolicy` is set.
         """
         self._require_started("measure")
-        if epoch in self.measured or epoch % self.config.every_n_epochs or step <= self.last_measured_step:
+        if step <= self.last_measured_step:
+            return []
+        if not self.by_step and (epoch in self.measured or epoch % (self.config.every_n_epochs or 1)):
             return []
         return self._measure(epoch, step)
 
@@ -310,13 +327,14 @@ class SVCCAMonitor:
         rows: list[dict[str, Any]] = []
         if step > self.last_measured_step or not self.measured:
             last = self.measured[-1] if self.measured else -1
-            rows += self._measure(max(int(epoch), last + 1), step, decide_freezes=False, live_final=False)
+            epoch = int(epoch) if self.by_step else max(int(epoch), last + 1)
+            rows += self._measure(epoch, step, decide_freezes=False, live_final=False)
         assert self._comparisons is not None and self._reporter is not None
         if self._comparisons.wants_final:
-            final = self._comparisons.against_epoch(self.measured[-1], "final", self.layers)
+            final = self._comparisons.against_point(self.measured[-1], "final", self.layers)
             self.history = [r for r in self.history if r["reference"] != "final"] + final
             if self.runtime.is_global_zero:
-                last_step = self.steps.get(self.measured[-1], step)
+                last_step = self.points[self.measured[-1]][1]
                 self._reporter.write_csv(self.history)
                 self._reporter.late_scalars(final)
                 for metric in self.config.metrics:
@@ -379,7 +397,7 @@ class SVCCAMonitor:
             "probe_fingerprint": self.probe_fingerprint,
             "snapshots": self.store.state_dict(),
             "skipped": [list(entry) for entry in self.skipped],
-            "steps": {str(epoch): step for epoch, step in self.steps.items()},
+            "points": {str(point): list(at) for point, at in self.points.items()},
             "run_id": self.run_id,
             "csv_name": self.csv_name,
         }
@@ -396,7 +414,9 @@ class SVCCAMonitor:
         self.probe_fingerprint = state_dict.get("probe_fingerprint")
         missing = self.store.load_state_dict(state_dict.get("snapshots", {}))
         self.skipped = [tuple(entry) for entry in state_dict.get("skipped", [])]
-        self.steps = {int(epoch): int(step) for epoch, step in state_dict.get("steps", {}).items()}
+        points = state_dict.get("points") or {point: (point, -1) for point in self.measured}  # before steps were kept
+        self.points.clear()
+        self.points.update({int(point): (int(at[0]), int(at[1])) for point, at in points.items()})
         self.run_id = state_dict.get("run_id")
         self.csv_name = state_dict.get("csv_name")
         if missing:
@@ -414,21 +434,22 @@ class SVCCAMonitor:
     def _measure(
         self, epoch: int, step: int, *, decide_freezes: bool = True, live_final: bool = True
     ) -> list[dict[str, Any]]:
-        """Snapshot every layer at ``epoch``, compare with the references, log, and decide freezes."""
+        """Snapshot every layer at ``epoch``/``step``, compare with the references, log, and decide freezes."""
         assert self._capture is not None and self._comparisons is not None
         started = time.perf_counter()
         device = device_of(self.model)
         recorder = self._capture.record(self.model, device)
-        self.probe_timings[epoch] = time.perf_counter() - started
+        point = step if self.by_step else epoch
+        self.probe_timings[point] = time.perf_counter() - started
         layers = self._settle_layer_order(recorder.order)
         snapshots = self._capture.snapshots(recorder, layers, epoch, device, label=f"epoch {epoch}")
         if not self.measured:
             self._snapshot_fixed_references(recorder)
-        rows = self._comparisons.rows_for(epoch, step, snapshots)
+        self.points[point] = (int(epoch), int(step))
+        rows = self._comparisons.rows_for(point, snapshots)
         for layer, snapshot in snapshots.items():
-            self.store.put((layer, str(epoch)), snapshot)
-        self.measured.append(epoch)
-        self.steps[epoch] = int(step)
+            self.store.put((layer, str(point)), snapshot)
+        self.measured.append(point)
         self.last_measured_step = int(step)
         policy = self.config.freeze
         if policy is not None and decide_freezes:
@@ -436,18 +457,18 @@ class SVCCAMonitor:
         if policy is not None or self.frozen:
             rows += [row(epoch, step, layer, "frozen", "svcca", float(layer in self.frozen)) for layer in self.layers]
         self.history.extend(rows)
-        self._comparisons.prune(epoch)
+        self._comparisons.prune(point)
         # heatmaps of the references the user asked for (a freeze policy's lag reference is only charted)
         heatmaps: dict[str, Sequence[dict[str, Any]]] = {
             ref.name: self.history for ref in self.config.references if ref.kind not in ("final", "lag")
         }
-        if self._comparisons.wants_final and epoch > 0 and live_final:
+        if self._comparisons.wants_final and len(self.measured) > 1 and live_final:
             # the learning-dynamics picture so far, against the latest epoch (not kept in the history): at most
             # LIVE_FINAL_COLUMNS epochs, so a measurement costs the same at epoch 10 and at epoch 1000
             shown = thinned(self.measured, LIVE_FINAL_COLUMNS)
-            heatmaps["final"] = self._comparisons.against_epoch(epoch, "final", self.layers, shown)
+            heatmaps["final"] = self._comparisons.against_point(point, "final", self.layers, shown)
         self._report(rows, step, heatmaps)
-        self.timings[epoch] = time.perf_counter() - started
+        self.timings[point] = time.perf_counter() - started
         return rows
 
     def _settle_layer_order(self, order: Sequence[str]) -> list[str]:

@@ -233,6 +233,7 @@ def run_probe(
     stop: int | None = None,
     before_chunk: Callable[[int, Any], None] | None = None,
     forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+    convert: Callable[[Any], Any] | None = None,
 ) -> None:
     """Run samples ``[start, stop)`` of the probe through ``model``, leaving the model exactly as it was.
 
@@ -253,6 +254,8 @@ def run_probe(
             recorders use it to know which samples they see).
         forward_context: a factory of the context to run forward passes in (e.g. the trainer's precision
             autocast).
+        convert: applied to each chunk on the device before the forward pass (e.g. the trainer's precision
+            casting floating inputs to a ``bf16-true`` model's dtype).
     """
     if chunk_size < 1:
         raise ValueError(f"probe_batch_size must be >= 1, got {chunk_size}")
@@ -264,6 +267,8 @@ def run_probe(
             model.eval()
             for first, chunk in probe.chunks(chunk_size, start, stop):
                 chunk = _to_device(chunk, device)
+                if convert is not None:
+                    chunk = convert(chunk)
                 if before_chunk is not None:
                     before_chunk(first, chunk)
                 with context():

@@ -44,7 +44,12 @@ def tag(metric: str, reference: str, layer: str) -> str:
 
 
 def history_matrix(
-    history: Iterable[Mapping[str, Any]], reference: str, metric: str, layers: Sequence[str] | None = None
+    history: Iterable[Mapping[str, Any]],
+    reference: str,
+    metric: str,
+    layers: Sequence[str] | None = None,
+    *,
+    axis: str = "epoch",
 ) -> tuple[list[str], list[int], np.ndarray]:
     """Layers x epochs matrix of one reference and metric (NaN where nothing was measured).
 
@@ -53,6 +58,7 @@ def history_matrix(
         reference: e.g. ``"final"``.
         metric: e.g. ``"svcca"``.
         layers: row order (bottom-up); default: order of first appearance.
+        axis: the column key, ``"epoch"`` or ``"step"`` (for runs measured every k steps).
 
     Returns:
         ``(layers, epochs, matrix)`` with ``matrix[i, j]`` the value of ``layers[i]`` at ``epochs[j]``.
@@ -61,7 +67,7 @@ def history_matrix(
     seen: list[str] = []
     for row in history:
         if row["reference"] == reference and row["metric"] == metric:
-            cells[(row["layer"], int(row["epoch"]))] = float(row["value"])
+            cells[(row["layer"], int(row[axis]))] = float(row["value"])
             if row["layer"] not in seen:
                 seen.append(row["layer"])
     layers = [layer for layer in (layers or seen) if any(key[0] == layer for key in cells)]

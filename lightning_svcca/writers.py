@@ -89,13 +89,13 @@ class Reporter:
     Args:
         writers: normalised writers (:func:`as_writers`).
         csv_path: the history CSV (``None``: no file).
-        xlabel: the heatmaps' horizontal axis (measured epochs).
+        axis: the heatmaps' columns: ``"epoch"``, or ``"step"`` for runs measured every k steps.
     """
 
-    def __init__(self, writers: Sequence[Any], csv_path: Path | None, *, xlabel: str = "epoch") -> None:
+    def __init__(self, writers: Sequence[Any], csv_path: Path | None, *, axis: str = "epoch") -> None:
         self.writers = list(writers)
         self.csv_path = csv_path
-        self.xlabel = xlabel
+        self.axis = axis
         self._figures: dict[str, HeatmapFigure] = {}
         self._last_step = -1
         self._drawn: dict[str, tuple[int, tuple[int, ...], Any]] = {}
@@ -136,7 +136,7 @@ class Reporter:
         step: it is returned as drawn before.
         """
         experiments = self._experiments("add_image")
-        names, epochs, matrix = history_matrix(history, reference, metric, layers)
+        names, epochs, matrix = history_matrix(history, reference, metric, layers, axis=self.axis)
         if not names or not epochs:
             return None
         name = tag(metric, reference, "heatmap")
@@ -144,7 +144,7 @@ class Reporter:
         if drawn is not None and drawn[:2] == (step, tuple(epochs)):
             return drawn[2]
         if name not in self._figures:
-            self._figures[name] = HeatmapFigure(**heatmap_style(metric, reference), xlabel=self.xlabel)
+            self._figures[name] = HeatmapFigure(**heatmap_style(metric, reference), xlabel=self.axis)
         image = self._figures[name].render(names, epochs, matrix)
         self._drawn[name] = (step, tuple(epochs), image)
         for experiment in experiments:

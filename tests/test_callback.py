@@ -204,8 +204,8 @@ class _Watched(SVCCACallback):
         super().setup(trainer, pl_module, stage)
         measure = self.monitor._measure
 
-        def watched(epoch, step, *, decide_freezes=True):
-            self._visit(trainer, pl_module, epoch, lambda: measure(epoch, step, decide_freezes=decide_freezes))
+        def watched(epoch, step, **options):
+            return self._visit(trainer, pl_module, epoch, lambda: measure(epoch, step, **options))
 
         self.monitor._measure = watched
 
@@ -226,7 +226,7 @@ class _Watched(SVCCACallback):
             and torch.equal(snapshots[0][layer].singular_values, snapshots[1][layer].singular_values)
             for layer in snapshots[0]
         )
-        measure()
+        rows = measure()
         self.visits.append(
             {
                 "epoch": epoch,
@@ -240,6 +240,7 @@ class _Watched(SVCCACallback):
                 "hooks_left": not _no_hooks(pl_module),
             }
         )
+        return rows
 
 
 def test_measurements_leave_the_model_unchanged(make_trainer, digits, digits_loaders, digits_cnn):
@@ -400,7 +401,7 @@ def test_spilled_snapshots_give_the_same_history_and_are_cleaned_up(
     [
         ({"metrics": ("svcca", "rsa")}, ValueError, r"metrics must be .*'pwcca', 'cca', 'linear_cka'\).*'rsa'"),
         ({"metrics": ()}, ValueError, "metrics must be a non-empty"),
-        ({"every_n_epochs": 0}, ValueError, "every_n_epochs must be >= 1, got 0"),
+        ({"every_n_epochs": 0}, ValueError, "every_n_epochs must be an int >= 1 or None, got 0"),
         ({"keep": 1.5}, ValueError, r"keep as a fraction must be in \(0, 1\], got 1.5"),
         ({"keep": 0.0}, ValueError, r"keep as a fraction must be in \(0, 1\]"),
         ({"keep": 0}, ValueError, "keep as a number of directions must be >= 1, got 0"),

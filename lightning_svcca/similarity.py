@@ -683,7 +683,8 @@ def _from_kernel(x: Tensor, mean: Tensor, name: str, input_eps: float, *, standa
         centred = centred * scale
     scaled_mean = mean if scale is None else mean * scale
     kernel = centred @ centred.T
-    floor = _noise_floor(float(kernel.diagonal().sum()), n * float(scaled_mean.square().sum()), n, input_eps, mean.dtype)
+    mean_sq = n * float(scaled_mean.square().sum())
+    floor = _noise_floor(float(kernel.diagonal().sum()), mean_sq, n, input_eps, mean.dtype)
     singular_values, left = _spectrum_from_gram(*torch.linalg.eigh(kernel))
     keep = _rank_mask(singular_values, floor, n, d, gram=True)
     if not bool(keep.any()):
@@ -713,9 +714,7 @@ def _from_gram(
         gram = unit.reshape(-1, 1) * gram * unit
         scale = unit if scale is None else scale * unit
     scaled_mean = mean if scale is None else mean * scale
-    floor = _noise_floor(
-        float(gram.diagonal().sum()), n * float(scaled_mean.square().sum()), n, input_eps, gram.dtype
-    )
+    floor = _noise_floor(float(gram.diagonal().sum()), n * float(scaled_mean.square().sum()), n, input_eps, gram.dtype)
     singular_values, right = _spectrum_from_gram(*torch.linalg.eigh(gram))
     keep = _rank_mask(singular_values, floor, n, d, gram=True)
     if not bool(keep.any()):

@@ -39,7 +39,10 @@ __all__ = [
     "cca",
     "decompose",
     "linear_cka",
+    "procrustes",
     "pwcca",
+    "r2cca",
+    "rbf_cka",
     "svcca",
     "svcca_details",
 ]
@@ -342,6 +345,7 @@ def linear_cka(
     x: Tensor | Decomposition,
     y: Tensor | Decomposition,
     *,
+    debiased: bool = False,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     r"""Linear centred kernel alignment (Kornblith et al. 2019).
@@ -353,13 +357,19 @@ def linear_cka(
     the HSIC of linear kernels on centred data, normalised. Invariant to orthogonal transforms and isotropic
     scaling of either side, but not to general invertible linear maps (unlike CCA).
 
+    The plain (biased) HSIC estimator makes CKA of independent data about ``d / n`` rather than 0 when there
+    are few datapoints per feature. ``debiased=True`` uses the unbiased estimator of Song et al. (2012),
+    :math:`\mathrm{HSIC}_1`, in numerator and normalisers (as Kornblith et al.'s code does), which is near 0
+    for independent data at any ``n``; it needs ``n >= 4`` and may then be slightly negative.
+
     Args:
         x: ``(n, d1)`` representation, or its :class:`Decomposition`.
         y: ``(n, d2)`` representation of the same datapoints, or its :class:`Decomposition`.
+        debiased: use the unbiased HSIC estimator.
         dtype: precision of the products.
 
     Returns:
-        0-dim tensor in ``[0, 1]``.
+        0-dim tensor, in ``[0, 1]`` (debiased: at most 1, near 0 or slightly below for unrelated data).
 
     Raises:
         ValueError: bad shapes or values (see :func:`cca`).
@@ -371,9 +381,14 @@ def linear_cka(
         1.0
     """
     _check_dtype(dtype)
-    if isinstance(x, Decomposition) or isinstance(y, Decomposition):
+    if debiased or isinstance(x, Decomposition) or isinstance(y, Decomposition):
         dx, dy, cross_gram = _decompose_pair(x, y, dtype)
-        return _cka_from_cross(dx, dy, _cross(dx, dy, cross_gram=cross_gram))
+        cross = _cross(dx, dy, cross_gram=cross_gram)
+        if not debiased:
+            return _cka_from_cross(dx, dy, cross)
+        if dx.n_datapoints < 4:
+            raise ValueError(f"linear_cka(debiased=True) needs at least 4 datapoints, got {dx.n_datapoints}")
+        return _debiased_cka_from_cross(dx, dy, cross)
     x = _check_representation(x, "x")
     y = _check_representation(y, "y")
     _check_pair(x, y)
@@ -398,6 +413,211 @@ def linear_cka(
         if math.sqrt(float(norm)) <= floor:
             raise ZeroVarianceError(_zero_variance_message(name))
     return (cross / (norm_x * norm_y)).clamp(0.0, 1.0)
+
+
+def r2cca(
+    x: Tensor | Decomposition,
+    y: Tensor | Decomposition,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    r"""Mean squared canonical correlation, :math:`R^2_{CCA}` (Kornblith et al. 2019, Table 1).
+
+    .. math::
+        R^2_{\mathrm{CCA}}(x, y) = \frac{1}{k} \sum_{i=1}^{k} \rho_i^2 = \frac{\lVert U_x^\top U_y \rVert_F^2}{k},
+        \qquad k = \min(\mathrm{rank}\,x, \mathrm{rank}\,y)
+
+    the fraction of the smaller side's variance that a linear map of the other explains, averaged over its
+    canonical directions. Like :func:`cca`, invariant to any invertible linear map of either side; squaring
+    makes weak (often noise) correlations count less than in the plain mean.
+
+    Args:
+        x: ``(n, d1)`` representation, or its :class:`Decomposition`.
+        y: ``(n, d2)`` representation of the same datapoints, or its :class:`Decomposition`.
+        dtype: precision of the decompositions.
+
+    Returns:
+        0-dim tensor in ``[0, 1]``.
+
+    Raises:
+        ValueError: bad shapes or values (see :func:`cca`).
+        ZeroVarianceError: a side has no variance.
+
+    Example:
+        >>> x = torch.randn(400, 6, dtype=torch.float64)
+        >>> round(float(r2cca(x, x @ torch.randn(6, 6, dtype=torch.float64) + 5.0)), 6)
+        1.0
+    """
+    dx, dy, cross_gram = _decompose_pair(x, y, dtype, standardize=True)
+    _warn_if_few_datapoints(dx.n_datapoints, max(dx.rank, dy.rank), "r2cca", stacklevel=3)
+    cross = _cross(dx, dy, cross_gram=cross_gram)
+    return (cross.square().sum() / min(cross.shape)).clamp(0.0, 1.0)
+
+
+def procrustes(
+    x: Tensor | Decomposition,
+    y: Tensor | Decomposition,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    r"""Orthogonal Procrustes similarity: one minus the normalised Procrustes distance (Ding et al. 2021).
+
+    With both sides centred and scaled to unit Frobenius norm (:math:`\tilde X = X_c / \lVert X_c \rVert_F`),
+    Ding et al. define the distance :math:`d = \min_{Q^\top Q = I} \lVert \tilde X Q - \tilde Y \rVert_F^2
+    = 2 - 2 \lVert \tilde X^\top \tilde Y \rVert_*`, in ``[0, 2]``. This returns
+
+    .. math::
+        1 - \frac{d}{2} = \frac{\lVert X_c^\top Y_c \rVert_*}{\lVert X_c \rVert_F \, \lVert Y_c \rVert_F}
+            = \frac{\lVert S_x U_x^\top U_y S_y \rVert_*}{\lVert s_x \rVert_2 \, \lVert s_y \rVert_2}
+
+    (``||.||_*`` the nuclear norm, the sum of singular values; zero-padding handles different widths). Invariant
+    to orthogonal transforms, isotropic scaling and translation of either side, not to other linear maps: like
+    linear CKA it weights directions by their variance, but linearly rather than quadratically, so low-variance
+    directions count more than in CKA and less than in CCA.
+
+    Args:
+        x: ``(n, d1)`` representation, or its :class:`Decomposition`.
+        y: ``(n, d2)`` representation of the same datapoints, or its :class:`Decomposition`.
+        dtype: precision of the decompositions.
+
+    Returns:
+        0-dim tensor in ``[0, 1]``.
+
+    Raises:
+        ValueError: bad shapes or values (see :func:`cca`).
+        ZeroVarianceError: a side has no variance.
+
+    Example:
+        >>> x = torch.randn(300, 5, dtype=torch.float64)
+        >>> rotation = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))[0]
+        >>> round(float(procrustes(x, 3.0 * x @ rotation)), 6)
+        1.0
+    """
+    dx, dy, cross_gram = _decompose_pair(x, y, dtype)
+    return _procrustes_from_cross(dx, dy, _cross(dx, dy, cross_gram=cross_gram))
+
+
+def rbf_cka(
+    x: Tensor | Decomposition,
+    y: Tensor | Decomposition,
+    bandwidth: float = 1.0,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    r"""Centred kernel alignment with Gaussian (RBF) kernels (Kornblith et al. 2019).
+
+    .. math::
+        K_{ij} = \exp\!\Big(-\frac{\lVert x_i - x_j \rVert^2}{2 \sigma_x^2}\Big), \qquad
+        \mathrm{CKA} = \frac{\mathrm{tr}(K H L H)}{\sqrt{\mathrm{tr}(K H K H)\, \mathrm{tr}(L H L H)}}
+
+    with ``H`` the centring matrix. Bandwidth rule: ``sigma = bandwidth * median_{i<j} ||x_i - x_j||`` on each
+    side (the median over distinct pairs; Kornblith's code takes the median of the full squared-distance
+    matrix, diagonal zeros included, which gives a slightly smaller ``sigma``). Invariant to orthogonal
+    transforms, translation and, through the median rule, isotropic scaling. Costs ``O(n^2)`` memory: fine for
+    probes of a few thousand datapoints.
+
+    Args:
+        x: ``(n, d1)`` representation, or its :class:`Decomposition` (its rows ``U diag(s)`` are the centred data
+            up to a rotation, which distances do not see).
+        y: ``(n, d2)`` representation of the same datapoints, or its :class:`Decomposition`.
+        bandwidth: factor on the median pairwise distance, ``> 0``; small values make the kernel local.
+        dtype: precision of the decompositions and kernels.
+
+    Returns:
+        0-dim tensor in ``[0, 1]``.
+
+    Raises:
+        ValueError: bad shapes or values (see :func:`cca`), ``bandwidth <= 0``, or more than half of the pairs
+            of datapoints coincide (the median distance is 0).
+        ZeroVarianceError: a side has no variance.
+
+    Example:
+        >>> x = torch.randn(200, 4, dtype=torch.float64)
+        >>> round(float(rbf_cka(x, 2.0 * x + 1.0)), 6)
+        1.0
+    """
+    if not bandwidth > 0:
+        raise ValueError(f"bandwidth must be > 0 (a factor on the median distance), got {bandwidth}")
+    dx, dy, _ = _decompose_pair(x, y, dtype)
+    return _rbf_cka_from_rows(_rows(dx), _rows(dy), bandwidth)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared pieces of the kernel and Procrustes measures (also used by the snapshot store).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _rows(decomposition: Decomposition) -> Tensor:
+    """The centred datapoints up to a rotation of their coordinates: ``U diag(s)`` (or ``Xc W`` itself)."""
+    d = decomposition
+    dtype = d.singular_values.dtype
+    if d.left is not None:
+        return d.left.to(dtype) * d.singular_values
+    centred = d.data.to(dtype) - d.mean
+    return centred if d.column_scale is None else centred * d.column_scale
+
+
+def _procrustes_from_cross(dx: Decomposition, dy: Decomposition, cross: Tensor) -> Tensor:
+    """``||Sx M Sy||_* / (||sx|| ||sy||)`` from the spectra and ``M = Ux^T Uy``."""
+    sx = dx.singular_values
+    sy = dy.singular_values.to(sx.dtype)
+    nuclear = torch.linalg.svdvals(sx[:, None] * cross * sy[None, :]).sum()
+    return (nuclear / (sx.norm() * sy.norm())).clamp(0.0, 1.0)
+
+
+def _rbf_kernel(rows: Tensor, bandwidth: float, name: str) -> Tensor:
+    """Centred RBF kernel ``H K H`` of the rows, bandwidth ``bandwidth`` times the median pairwise distance."""
+    n = rows.shape[0]
+    dot = rows @ rows.T
+    norms = dot.diagonal()
+    distances_sq = (norms[:, None] + norms[None, :] - 2.0 * dot).clamp_min(0.0)
+    upper = torch.triu_indices(n, n, offset=1, device=rows.device)
+    pairs = distances_sq[upper[0], upper[1]]
+    half = pairs.numel() // 2  # the median of an even count is the mean of the middle two, as numpy's
+    median_sq = pairs.kthvalue(half + 1).values
+    if pairs.numel() % 2 == 0:
+        median_sq = 0.5 * (median_sq + pairs.kthvalue(half).values)
+    if not float(median_sq) > 0:
+        raise ValueError(
+            f"{name}: more than half of the pairs of datapoints coincide, so the median distance (the RBF"
+            " bandwidth's scale) is 0; remove duplicated datapoints"
+        )
+    kernel = torch.exp(-distances_sq / (2.0 * bandwidth**2 * median_sq))
+    return kernel - kernel.mean(dim=0, keepdim=True) - kernel.mean(dim=1, keepdim=True) + kernel.mean()
+
+
+def _rbf_cka_from_rows(rows_x: Tensor, rows_y: Tensor, bandwidth: float) -> Tensor:
+    """RBF CKA of two sets of centred rows (same datapoints, same order)."""
+    kx, ky = _rbf_kernel(rows_x, bandwidth, "x"), _rbf_kernel(rows_y.to(rows_x.dtype), bandwidth, "y")
+    return ((kx * ky).sum() / (kx.norm() * ky.norm())).clamp(0.0, 1.0)
+
+
+def _debiased_cka_from_cross(dx: Decomposition, dy: Decomposition, cross: Tensor) -> Tensor:
+    """Linear CKA with the unbiased HSIC estimator of Song et al. (2012), from spectra, ``M`` and row norms.
+
+    For centred data (``K 1 = 0``), with ``d_K = diag(K)`` (squared row norms) and ``K~`` the kernel with its
+    diagonal zeroed: ``tr(K~ L~) = tr(KL) - d_K.d_L``, ``1^T K~ 1 = -tr K`` and ``1^T K~ L~ 1 = d_K.d_L``, so
+
+        HSIC_1(K, L) = [tr(KL) - d_K.d_L + tr(K) tr(L) / ((n-1)(n-2)) - 2 d_K.d_L / (n-2)] / (n (n-3))
+
+    and ``tr(KL) = ||Sx M Sy||_F^2``, ``tr(K^2) = sum(sx^4)``, ``tr(K) = sum(sx^2)``.
+    """
+    n = dx.n_datapoints
+    sx = dx.singular_values
+    sy = dy.singular_values.to(sx.dtype)
+    rows_x, rows_y = _rows(dx), _rows(dy).to(sx.dtype)
+    diag_x, diag_y = rows_x.square().sum(dim=1), rows_y.square().sum(dim=1)
+    # the rows of a Gram-route decomposition are the data themselves: use its own (unscaled-spectrum) traces
+    trace_x, trace_y = diag_x.sum(), diag_y.sum()
+
+    def hsic(kl: Tensor, dk: Tensor, dl: Tensor, tk: Tensor, tl: Tensor) -> Tensor:
+        dot = (dk * dl).sum()
+        return (kl - dot + tk * tl / ((n - 1) * (n - 2)) - 2.0 * dot / (n - 2)) / (n * (n - 3))
+
+    xy = hsic((sx[:, None] * cross * sy[None, :]).square().sum(), diag_x, diag_y, trace_x, trace_y)
+    xx = hsic(sx.pow(4).sum(), diag_x, diag_x, trace_x, trace_x)
+    yy = hsic(sy.pow(4).sum(), diag_y, diag_y, trace_y, trace_y)
+    return xy / (xx * yy).sqrt()
 
 
 # ----------------------------------------------------------------------------------------------------------------

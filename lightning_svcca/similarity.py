@@ -408,9 +408,9 @@ def linear_cka(
     norm_x, norm_y = torch.linalg.matrix_norm(gram_x), torch.linalg.matrix_norm(gram_y)
     # 3. a side whose largest singular value (at most sqrt(||Xc^T Xc||_F)) is below its noise floor is constant.
     for name, data, gram, mean, norm in (("x", x, gram_x, mean_x, norm_x), ("y", y, gram_y, mean_y, norm_y)):
-        mean_sq = n * float(mean.square().sum())
-        floor = _noise_floor(float(gram.diagonal().sum()), mean_sq, n, torch.finfo(data.dtype).eps, dtype)
-        if math.sqrt(float(norm)) <= floor:
+        mean_sq = n * float(mean.detach().square().sum())
+        floor = _noise_floor(float(gram.detach().diagonal().sum()), mean_sq, n, torch.finfo(data.dtype).eps, dtype)
+        if math.sqrt(float(norm.detach())) <= floor:
             raise ZeroVarianceError(_zero_variance_message(name))
     return (cross / (norm_x * norm_y)).clamp(0.0, 1.0)
 
@@ -577,7 +577,7 @@ def _rbf_kernel(rows: Tensor, bandwidth: float, name: str) -> Tensor:
     median_sq = pairs.kthvalue(half + 1).values
     if pairs.numel() % 2 == 0:
         median_sq = 0.5 * (median_sq + pairs.kthvalue(half).values)
-    if not float(median_sq) > 0:
+    if not float(median_sq.detach()) > 0:
         raise ValueError(
             f"{name}: more than half of the pairs of datapoints coincide, so the median distance (the RBF"
             " bandwidth's scale) is 0; remove duplicated datapoints"
@@ -829,7 +829,7 @@ def _gram(x: Tensor, mean: Tensor, scale: Tensor | None = None) -> Tensor:
 
 def _out_of_range(gram: Tensor) -> bool:
     """Whether a Gram matrix overflowed or underflowed its dtype (data beyond about 1e150 or below 1e-150)."""
-    trace = float(gram.diagonal().sum())
+    trace = float(gram.detach().diagonal().sum())
     finfo = torch.finfo(gram.dtype)
     return not math.isfinite(trace) or trace < finfo.tiny / finfo.eps
 
@@ -903,8 +903,8 @@ def _from_kernel(x: Tensor, mean: Tensor, name: str, input_eps: float, *, standa
         centred = centred * scale
     scaled_mean = mean if scale is None else mean * scale
     kernel = centred @ centred.T
-    mean_sq = n * float(scaled_mean.square().sum())
-    floor = _noise_floor(float(kernel.diagonal().sum()), mean_sq, n, input_eps, mean.dtype)
+    mean_sq = n * float(scaled_mean.detach().square().sum())
+    floor = _noise_floor(float(kernel.detach().diagonal().sum()), mean_sq, n, input_eps, mean.dtype)
     singular_values, left = _spectrum_from_gram(*torch.linalg.eigh(kernel))
     keep = _rank_mask(singular_values, floor, n, d, gram=True)
     if not bool(keep.any()):
@@ -934,7 +934,9 @@ def _from_gram(
         gram = unit.reshape(-1, 1) * gram * unit
         scale = unit if scale is None else scale * unit
     scaled_mean = mean if scale is None else mean * scale
-    floor = _noise_floor(float(gram.diagonal().sum()), n * float(scaled_mean.square().sum()), n, input_eps, gram.dtype)
+    floor = _noise_floor(
+        float(gram.detach().diagonal().sum()), n * float(scaled_mean.detach().square().sum()), n, input_eps, gram.dtype
+    )
     singular_values, right = _spectrum_from_gram(*torch.linalg.eigh(gram))
     keep = _rank_mask(singular_values, floor, n, d, gram=True)
     if not bool(keep.any()):
@@ -1001,7 +1003,7 @@ def _rank_mask(singular_values: Tensor, floor: float, n: int, d: int, *, gram: b
     """
     if singular_values.numel() == 0:
         return torch.zeros(0, dtype=torch.bool, device=singular_values.device)
-    s_max = float(singular_values.max())
+    s_max = float(singular_values.detach().max())
     decomposition_floor = torch.finfo(singular_values.dtype).eps * max(n, d)
     if gram:
         decomposition_floor = math.sqrt(decomposition_floor)
@@ -1027,7 +1029,7 @@ def _kept_count(singular_values: Tensor, keep: float | int, keep_by: str) -> int
     weights = singular_values if keep_by == "singular_values" else singular_values.square()
     cumulative = torch.cumsum(weights, dim=0)
     # Round-off can leave the last cumulative sum a hair below the total: keep=1.0 must keep everything.
-    target = keep * float(cumulative[-1]) * (1.0 - 4.0 * rank * torch.finfo(weights.dtype).eps)
+    target = keep * float(cumulative[-1].detach()) * (1.0 - 4.0 * rank * torch.finfo(weights.dtype).eps)
     return max(1, min(rank, int((cumulative < target).sum()) + 1))
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_svcca.heldout import cca_heldout, pwcca_heldout, svcca_heldout
-from lightning_svcca.similarity import DATAPOINTS_PER_DIRECTION, cca, svcca
+from lightning_svcca.similarity import DATAPOINTS_PER_DIRECTION, svcca
 
 pytestmark = pytest.mark.filterwarnings("ignore::lightning_svcca.similarity.TooFewDatapointsWarning")
 

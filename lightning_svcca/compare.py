@@ -252,13 +252,8 @@ def compare_models(
     jobs = [(metric, pair_for(metric, snapshots[0][name], snapshots[1][name])) for name in names for metric in metrics]
     values = iter(evaluate(jobs, LocalCollective(), device=torch.device("cpu"), dtype=dtype))
     table = [{"layer": name, **{metric: next(values) for metric in metrics}} for name in names]
-    pooled = [
-        {
-            name: snapshot(pool_by_sample(r.activations[name], r.sample_ids[name]), r.input_eps[name], name)
-            for name in names
-        }
-        for r in recorders
-    ]
+    # one datapoint per sample, so that layers with different spatial sizes can be compared
+    pooled = [{name: snapshot(_pooled_rows(r, name), r.input_eps[name], name) for name in names} for r in recorders]
     cross = _map_from_snapshots(pooled[0], pooled[1], cross_layer_metric)
     return ModelComparison(table, cross)
 
@@ -291,6 +286,10 @@ def _record(
     with recorder:
         run_probe(model, probe, chunk_size=chunk_size, device=device, forward_fn=forward_fn, before_chunk=before_chunk)
     return recorder
+
+
+def _pooled_rows(recorder: ActivationRecorder, name: str) -> Tensor:
+    return pool_by_sample(recorder.activations[name], recorder.sample_ids[name])
 
 
 def _snapshot_builder(

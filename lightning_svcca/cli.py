@@ -5,6 +5,7 @@ Examples::
     lightning-svcca summary runs/digits/lightning_logs/version_0
     lightning-svcca table runs/.../svcca_history.csv --reference previous
     lightning-svcca heatmap runs/.../svcca_history.csv --reference final --out final.png
+    lightning-svcca compare a.ckpt b.ckpt --model my_pkg.models:Net --probe probe.pt
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if getattr(args, "standalone", False):  # commands that read no history (compare)
+        return _standalone(args)
     try:
         history = read_history_csv(_history_path(args.history))
     except (FileNotFoundError, KeyError, ValueError) as error:
@@ -55,7 +58,18 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.95])
         if name == "heatmap":
             command.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    from lightning_svcca.compare_cli import add_compare_command
+
+    add_compare_command(commands)
     return parser
+
+
+def _standalone(args: argparse.Namespace) -> int:
+    try:
+        return args.command(args)
+    except (FileNotFoundError, ImportError, ValueError) as error:
+        print(f"lightning-svcca: {error}", file=sys.stderr)
+        return 2
 
 
 def _history_path(path: str) -> Path:

@@ -16,7 +16,7 @@ Two pieces, both Lightning-free:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -169,7 +169,15 @@ def cross_layer_similarity(
     rows_b = rows_a if b is a else _as_rows(b, sample_ids_b)
     counts = {rows.shape[0] for rows, _ in (*rows_a.values(), *rows_b.values())}
     if len(counts) > 1:
-        rows_a, rows_b = _pooled(rows_a, "a"), _pooled(rows_b, "b")
+        rows_a, rows_b = _pooled(rows_a), _pooled(rows_b)
+        detail = {
+            f"{side}:{name}": t.shape[0] for side, r in (("a", rows_a), ("b", rows_b)) for name, (t, _) in r.items()
+        }
+        if len(set(detail.values())) > 1:
+            raise ValueError(
+                f"layers have different numbers of datapoints {detail}; give sample_ids_a / sample_ids_b for layers"
+                " with several rows per sample, so that they are pooled to one datapoint per sample"
+            )
     function = _measure_function(metric, keep, keep_by)
     prepared_a = {name: _prepare(rows, metric) for name, (rows, _) in rows_a.items()}
     prepared_b = prepared_a if b is a else {name: _prepare(rows, metric) for name, (rows, _) in rows_b.items()}
@@ -252,7 +260,13 @@ def compare_models(
     jobs = [(metric, pair_for(metric, snapshots[0][name], snapshots[1][name])) for name in names for metric in metrics]
     values = iter(evaluate(jobs, LocalCollective(), device=torch.device("cpu"), dtype=dtype))
     table = [{"layer": name, **{metric: next(values) for metric in metrics}} for name in names]
-    # one datapoint per sample, so that layers with different spatial sizes can be compared
+    # one datapoint per sample (the mean over all positions), so that layers of different spatial sizes compare
+    if any(r.activations[name].shape[0] != probe.size for r in recorders for name in names):
+        mean_specs = [replace(spec, reduction="mean") for spec in specs if spec.name in names]
+        recorders = [
+            _record(model, probe, mean_specs, max_datapoints, probe_batch_size, device, forward_fn)
+            for model in (model_a, model_b)
+        ]
     pooled = [{name: snapshot(_pooled_rows(r, name), r.input_eps[name], name) for name in names} for r in recorders]
     cross = _map_from_snapshots(pooled[0], pooled[1], cross_layer_metric)
     return ModelComparison(table, cross)
@@ -289,6 +303,7 @@ def _record(
 
 
 def _pooled_rows(recorder: ActivationRecorder, name: str) -> Tensor:
+    """One row per sample (sequence layers may still give several frames under reduction="mean" masks)."""
     return pool_by_sample(recorder.activations[name], recorder.sample_ids[name])
 
 
@@ -340,21 +355,11 @@ def _as_rows(
     return out
 
 
-def _pooled(rows: dict[str, tuple[Tensor, Tensor | None]], side: str) -> dict[str, tuple[Tensor, None]]:
-    out = {}
-    for name, (tensor, ids) in rows.items():
-        if ids is None:
-            out[name] = (tensor, None)
-            continue
-        out[name] = (pool_by_sample(tensor, ids), None)
-    counts = {tensor.shape[0] for tensor, _ in out.values()}
-    if len(counts) > 1:
-        detail = {name: tensor.shape[0] for name, (tensor, _) in out.items()}
-        raise ValueError(
-            f"layers of {side} have different numbers of datapoints {detail}; give sample_ids_{side} for layers"
-            " with several rows per sample so they can be pooled to one datapoint per sample"
-        )
-    return out
+def _pooled(rows: dict[str, tuple[Tensor, Tensor | None]]) -> dict[str, tuple[Tensor, None]]:
+    """Layers with sample ids pooled to one row per sample; the others as they are."""
+    return {
+        name: (tensor if ids is None else pool_by_sample(tensor, ids), None) for name, (tensor, ids) in rows.items()
+    }
 
 
 def _prepare(rows: Tensor, metric: str) -> Tensor | Decomposition:

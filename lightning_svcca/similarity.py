@@ -802,9 +802,44 @@ def _block_products(
             block_y.mul_(scale_y)
         cross.addmm_(block_x.T, block_y)
         if own:
-            gram_x.addmm_(block_x.T, block_x)
-            gram_y.addmm_(block_y.T, block_y)
+            _add_upper_gram(gram_x, block_x)
+            _add_upper_gram(gram_y, block_y)
+    if own:
+        gram_x, gram_y = _mirror_upper(gram_x), _mirror_upper(gram_y)
     return gram_x, gram_y, cross
+
+
+#: Column groups of about this width split a Gram product into its upper-triangular blocks.
+_GRAM_GROUP = 128
+
+
+def _add_upper_gram(gram: Tensor, block: Tensor) -> None:
+    """Add ``block^T block`` to the upper triangle (and diagonal blocks) of ``gram``, skipping the lower blocks.
+
+    A symmetric product needs only the blocks on and above the diagonal: with column groups of about
+    ``_GRAM_GROUP`` this does about ``(1 + 1/g) / 2`` of a full product's work for ``g`` groups (5/8 for 512
+    columns), in GEMMs wide enough to stay efficient. torch exposes no ``syrk``. Call :func:`_mirror_upper` once
+    at the end.
+    """
+    d = block.shape[1]
+    parts = _gram_groups(d)
+    if parts < 2:
+        gram.addmm_(block.T, block)
+        return
+    edges = [round(i * d / parts) for i in range(parts + 1)]
+    for start, stop in zip(edges[:-1], edges[1:], strict=True):
+        gram[start:stop, start:].addmm_(block[:, start:stop].T, block[:, start:])
+
+
+def _gram_groups(d: int) -> int:
+    return max(1, round(d / _GRAM_GROUP))
+
+
+def _mirror_upper(gram: Tensor) -> Tensor:
+    """The symmetric matrix whose upper triangle is ``gram``'s (after :func:`_add_upper_gram`)."""
+    if _gram_groups(gram.shape[0]) < 2:
+        return gram  # one group: the product was formed whole
+    return gram.triu() + gram.triu(1).T
 
 
 def _gram(x: Tensor, mean: Tensor, scale: Tensor | None = None) -> Tensor:
@@ -823,8 +858,8 @@ def _gram(x: Tensor, mean: Tensor, scale: Tensor | None = None) -> Tensor:
         block = torch.sub(x[start:stop], mean, out=buffer[: stop - start])
         if scale is not None:
             block.mul_(scale)
-        gram.addmm_(block.T, block)
-    return gram
+        _add_upper_gram(gram, block)
+    return _mirror_upper(gram)
 
 
 def _out_of_range(gram: Tensor) -> bool:

@@ -1,4 +1,8 @@
-"""Similarity between two representations of the same datapoints: CCA, SVCCA, PWCCA and linear CKA.
+"""Similarity between two representations of the same datapoints: CCA, SVCCA, PWCCA, CKA, Procrustes.
+
+Measures: :func:`cca`, :func:`svcca`, :func:`pwcca`, :func:`r2cca` (the CCA family, in-sample; held-out versions
+are in :mod:`lightning_svcca.heldout`), :func:`linear_cka` (optionally debiased), :func:`rbf_cka` and
+:func:`procrustes`. ``docs/measures.md`` says which to use when.
 
 A representation is a 2-D tensor ``(n_datapoints, n_features)``: row ``i`` of ``x`` and row ``i`` of ``y``
 describe the same datapoint. Everything here is plain torch (no Lightning): it runs on the inputs' device,
@@ -14,7 +18,12 @@ decomposing it again.
 
 When ``n_datapoints >= n_features`` a side is decomposed through its Gram matrix ``Xc^T Xc`` (a GEMM and a
 small symmetric eigenproblem), and ``M`` comes from the cross-Gram ``Xc^T Yc``: the cost of a comparison is
-about the three Gram products. With fewer datapoints than features a thin SVD of the data is cheaper.
+about the three Gram products (the two own ones formed by their upper blocks only). With fewer datapoints than
+features the ``n x n`` kernel ``Xc Xc^T`` takes the Gram matrix's place.
+
+Numerical hygiene: ranks are cut at the data's rounding level; the CCA family decides ranks on unit-norm columns
+(it does not depend on a neuron's scale); data whose squares overflow or underflow are rescaled by a power of
+two; inputs that require grad give differentiable values (checked with ``torch.autograd.gradcheck``).
 """
 
 from __future__ import annotations
@@ -71,9 +80,9 @@ class ZeroVarianceError(ValueError):
 class Decomposition:
     """Thin SVD ``Xc = U diag(s) V^T`` of one centred representation, cut to its numerical rank.
 
-    Build it with :func:`decompose`. ``left`` (``U``) is kept when the SVD route was taken; on the Gram route
-    the data and its mean are kept instead and ``U`` is never formed, because the cross-Gram with the other side
-    (centred a block of rows at a time) is cheaper. Snapshots store ``U`` (and ``V`` only when PWCCA needs it) in
+    Build it with :func:`decompose`. ``left`` (``U``) is kept when the kernel route (``n < d``) was taken; on the
+    Gram route the data and its mean are kept instead and ``U`` is never formed, because the cross-Gram with the
+    other side (centred a block of rows at a time) is cheaper. Snapshots store ``U`` (and ``V`` only when PWCCA needs it) in
     float32.
 
     Attributes:

@@ -82,8 +82,8 @@ class Decomposition:
 
     Build it with :func:`decompose`. ``left`` (``U``) is kept when the kernel route (``n < d``) was taken; on the
     Gram route the data and its mean are kept instead and ``U`` is never formed, because the cross-Gram with the
-    other side (centred a block of rows at a time) is cheaper. Snapshots store ``U`` (and ``V`` only when PWCCA needs it) in
-    float32.
+    other side (centred a block of rows at a time) is cheaper. Snapshots store ``U`` (and ``V`` only when PWCCA
+    needs it) in float32.
 
     Attributes:
         singular_values: ``(r,)`` singular values, descending, all above the rank tolerance.

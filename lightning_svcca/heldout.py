@@ -15,7 +15,8 @@ self-supervised speech representation model":
 
 Held-out correlations are signed: unrelated representations give values around 0 (of either sign), identical
 ones 1. The ridge is relative: ``epsilon`` times the mean variance of a side's kept directions is added to every
-direction's variance (``0``: plain CCA).
+direction's variance (``0``: plain CCA). The inputs are detached: held-out values are for reporting, not for
+backpropagation (the fold split and the ridge choice are not differentiable).
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lightning_svcca.callback import SVCCACallback
+    from lightning_svcca.compare import compare_models, cross_layer_similarity
     from lightning_svcca.freezing import FreezePolicy
+    from lightning_svcca.heldout import cca_heldout, pwcca_heldout, svcca_heldout
     from lightning_svcca.monitor import Runtime, SVCCAMonitor, SVCCAMonitorWarning
     from lightning_svcca.similarity import (
         CCAResult,
@@ -29,7 +31,10 @@ if TYPE_CHECKING:
         cca,
         decompose,
         linear_cka,
+        procrustes,
         pwcca,
+        r2cca,
+        rbf_cka,
         svcca,
         svcca_details,
     )
@@ -45,6 +50,11 @@ _MODULES = {
     "SVCCAMonitor": "monitor",
     "SVCCAMonitorWarning": "monitor",
     "TensorBoardWriter": "writers",
+    "compare_models": "compare",
+    "cross_layer_similarity": "compare",
+    "cca_heldout": "heldout",
+    "svcca_heldout": "heldout",
+    "pwcca_heldout": "heldout",
     **{
         name: "similarity"
         for name in (
@@ -56,7 +66,10 @@ _MODULES = {
             "cca",
             "decompose",
             "linear_cka",
+            "procrustes",
             "pwcca",
+            "r2cca",
+            "rbf_cka",
             "svcca",
             "svcca_details",
         )
@@ -76,11 +89,19 @@ __all__ = [
     "TooFewDatapointsWarning",
     "ZeroVarianceError",
     "cca",
+    "cca_heldout",
+    "compare_models",
+    "cross_layer_similarity",
     "decompose",
     "linear_cka",
+    "procrustes",
     "pwcca",
+    "pwcca_heldout",
+    "r2cca",
+    "rbf_cka",
     "svcca",
     "svcca_details",
+    "svcca_heldout",
 ]
 
 

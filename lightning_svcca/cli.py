@@ -6,6 +6,7 @@ Examples::
     lightning-svcca summary runs/digits_convergence --all  # every run in it
     lightning-svcca table runs/.../version_0 --reference previous
     lightning-svcca heatmap runs/.../svcca_history.csv --reference dims --out dims.png
+    lightning-svcca compare a.ckpt b.ckpt --model my_pkg.models:Net --probe probe.pt
 
 The metric and the reference default to what the history holds, so runs with other metrics (CKA only, say) or
 references work without options. Importing this module imports neither torch nor Lightning, and matplotlib only
@@ -66,6 +67,8 @@ class NothingToReport(UsageError):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0: done, 1: nothing to report, 2: bad input)."""
     args = _parser().parse_args(argv)
+    if getattr(args, "standalone", False):  # commands that read no history (compare)
+        return _standalone(args)
     try:
         paths = history_paths(args.history, every=args.all)
     except UsageError as error:
@@ -82,6 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (UsageError, OSError) as error:
             status = max(status, _fail(error, 2))
     return status
+
+
+def _standalone(args: argparse.Namespace) -> int:
+    """Run a command that needs models rather than a history (``compare``)."""
+    try:
+        return args.command(args)
+    except (FileNotFoundError, ImportError, ValueError) as error:
+        return _fail(error, 2)
 
 
 def _fail(error: Exception, status: int) -> int:
@@ -141,6 +152,9 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument(
                 "--out", type=Path, required=True, help="PNG file to write (with --all: one per run, named after it)"
             )
+    from lightning_svcca.compare_cli import add_compare_command  # its imports wait until it runs
+
+    add_compare_command(commands)
     return parser
 
 

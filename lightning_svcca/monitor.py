@@ -36,7 +36,7 @@ from lightning_svcca.probe import Probe, build_probe, check_not_meta
 from lightning_svcca.references import check_reference_layers, device_of, reference_model
 from lightning_svcca.reporting import HISTORY_FILE
 from lightning_svcca.similarity import SimilarityWarning
-from lightning_svcca.snapshots import Collective, LocalCollective, Snapshot, SnapshotStore
+from lightning_svcca.snapshots import Collective, LocalCollective, Snapshot, SnapshotStore, snapshot_needs
 from lightning_svcca.writers import Reporter, as_writers
 
 __all__ = ["Runtime", "SVCCAMonitor", "SVCCAMonitorWarning"]
@@ -241,6 +241,7 @@ class SVCCAMonitor:
             return
         self._build_probe()
         config = self.config
+        full_rank, with_right = snapshot_needs(config.metrics)
         self._capture = Capture(
             self.probe,
             self.specs,
@@ -250,8 +251,8 @@ class SVCCAMonitor:
                 max_datapoints=config.max_datapoints,
                 keep=config.keep,
                 keep_by=config.keep_by,
-                full_rank=any(metric != "svcca" for metric in config.metrics),
-                with_right="pwcca" in config.metrics,
+                full_rank=full_rank,
+                with_right=with_right,
                 dtype=self.compute_dtype(),
             ),
             self._probe_collective(),

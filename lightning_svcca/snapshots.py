@@ -29,18 +29,22 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from lightning_svcca.heldout import cca_heldout, pwcca_heldout, svcca_heldout
 from lightning_svcca.similarity import (
     Decomposition,
     ZeroVarianceError,
     _cka_from_cross,
     _correlations,
+    _debiased_cka_from_cross,
     _decompose_checked,
     _fix_signs,
     _kept_count,
     _noise_floor,
+    _procrustes_from_cross,
     _pwcca_from_cross,
     _raise_if_not_finite,
     _rank_mask,
+    _rbf_cka_from_rows,
     _spectrum_from_gram,
     _zero_variance_message,
 )
@@ -55,9 +59,52 @@ __all__ = [
     "cross_products",
     "evaluate",
     "measure",
+    "snapshot_needs",
 ]
 
-METRICS = ("svcca", "pwcca", "cca", "linear_cka")
+#: Every metric a snapshot comparison can compute. The in-sample CCA family (svcca, pwcca, cca, r2cca) and the
+#: variance-weighted measures (linear_cka, linear_cka_debiased, procrustes) follow from the cross product of two
+#: stored bases; rbf_cka and the held-out measures need the datapoints themselves, which a full-rank snapshot
+#: gives up to a rotation (``U diag(s) = Xc V``: distances, and CCA fits, do not see the rotation).
+METRICS = (
+    "svcca",
+    "pwcca",
+    "cca",
+    "linear_cka",
+    "r2cca",
+    "procrustes",
+    "linear_cka_debiased",
+    "rbf_cka",
+    "cca_heldout",
+    "svcca_heldout",
+    "pwcca_heldout",
+)
+#: Metrics computed from the snapshots' rows rather than from ``Ua^T Ub``.
+_ROW_METRICS = ("rbf_cka", "cca_heldout", "svcca_heldout", "pwcca_heldout")
+#: Metrics that need the right singular vectors (weights from neurons).
+_RIGHT_METRICS = ("pwcca", "pwcca_heldout")
+
+
+def snapshot_needs(metrics: Sequence[str]) -> tuple[bool, bool]:
+    """What :func:`build_snapshot` must store for ``metrics``: ``(full_rank, with_right)``.
+
+    Only ``"svcca"`` can do with the SVCCA-kept directions; every other metric needs all directions
+    (``full_rank``). ``"pwcca"`` and ``"pwcca_heldout"`` weight by neurons, so they need the right singular
+    vectors (``with_right``).
+
+    Raises:
+        ValueError: an unknown metric.
+
+    Example:
+        >>> snapshot_needs(["svcca"]), snapshot_needs(["svcca", "linear_cka"]), snapshot_needs(["pwcca"])
+        ((False, False), (True, False), (True, True))
+    """
+    unknown = [metric for metric in metrics if metric not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {METRICS}")
+    return any(metric != "svcca" for metric in metrics), any(metric in _RIGHT_METRICS for metric in metrics)
+
+
 #: Rows converted to float64 at a time while accumulating a Gram matrix (bounds the float64 working copy).
 _ROW_BLOCK = 8192
 
@@ -302,15 +349,63 @@ def pair_for(metric: str, a: Snapshot, b: Snapshot, shuffle: Tensor | None = Non
 
 
 def measure(metric: str, pair: Pair, cross: Tensor) -> float:
-    """The value of ``metric`` for a pair, from its cross product ``Ua^T Ub``."""
+    """The value of ``metric`` for a pair, from its cross product ``Ua^T Ub`` (or the snapshots' rows).
+
+    The held-out metrics use their functions' defaults (5 folds, seed 0, ridge picked on a dev part) on the
+    rows ``U diag(s)`` (``U diag(s) V^T``, the centred activations, for ``pwcca_heldout``).
+    """
     if metric in ("svcca", "cca"):
         return float(_correlations(cross).mean())
+    if metric == "r2cca":
+        return float(cross.square().sum() / min(cross.shape))
+    if metric in _ROW_METRICS:
+        return _measure_rows(metric, pair, cross)
     a, b = _spectrum(pair.a, cross), _spectrum(pair.b, cross)
     if metric == "pwcca":
         return float(_pwcca_from_cross(a, cross))
     if metric == "linear_cka":
         return float(_cka_from_cross(a, b, cross))
+    if metric == "procrustes":
+        return float(_procrustes_from_cross(a, b, cross))
+    if metric == "linear_cka_debiased":
+        a, b = _with_rows(pair.a, None, cross), _with_rows(pair.b, pair.shuffle, cross)
+        return float(_debiased_cka_from_cross(a, b, cross))
     raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
+
+
+def _with_rows(snapshot: Snapshot, shuffle: Tensor | None, like: Tensor) -> Decomposition:
+    """A snapshot as a decomposition with its basis (datapoints permuted by ``shuffle``), on ``like``'s device."""
+    left = snapshot.left if shuffle is None else snapshot.left[shuffle.to(snapshot.left.device)]
+    return Decomposition(
+        snapshot.singular_values.to(device=like.device, dtype=like.dtype),
+        None,
+        left.to(device=like.device, dtype=like.dtype),
+        None,
+        None,
+        snapshot.n_datapoints,
+        snapshot.n_features,
+    )
+
+
+def _measure_rows(metric: str, pair: Pair, cross: Tensor) -> float:
+    """Metrics that need the datapoints: from ``U diag(s)`` (full-rank snapshots) of each side."""
+    for snapshot in (pair.a, pair.b):
+        if snapshot.left.shape[1] < snapshot.rank:
+            raise ValueError(f"{metric} needs full-rank snapshots; build them with snapshot_needs(metrics)")
+    rows_a = _with_rows(pair.a, None, cross)
+    rows_b = _with_rows(pair.b, pair.shuffle, cross)
+    x = rows_a.left * rows_a.singular_values
+    y = rows_b.left * rows_b.singular_values
+    if metric == "rbf_cka":
+        return float(_rbf_cka_from_rows(x, y, 1.0))
+    if metric == "cca_heldout":
+        return float(cca_heldout(x, y).mean())
+    if metric == "svcca_heldout":
+        # the run's keep is applied through the stored count of kept directions
+        return float(svcca_heldout(x[:, : pair.a.kept], y[:, : pair.b.kept], keep=1.0))
+    if pair.a.right is None:
+        raise ValueError("pwcca_heldout needs the right singular vectors; build snapshots with with_right=True")
+    return float(pwcca_heldout(x @ pair.a.right.to(x).T, y))
 
 
 def _spectrum(snapshot: Snapshot, like: Tensor) -> Decomposition:

@@ -1,0 +1,114 @@
+"""The ``lightning-svcca compare`` command: two checkpoints of one model class, layer by layer, on a probe.
+
+Example::
+
+    lightning-svcca compare epoch0.ckpt epoch9.ckpt --model my_pkg.models:Net --probe probe.pt --metrics svcca cca
+
+The model class is given by import path (``pkg.module:Class`` or ``pkg.module.Class``). A LightningModule is
+loaded with its ``load_from_checkpoint``; any other ``nn.Module`` class is built without arguments and given the
+checkpoint's ``state_dict`` (or the file itself when it is a state dict). The probe is a ``.pt`` file holding
+the model input (a tensor, or a batch with ``--input-key``), or ``digits`` / ``digits-flat``: sklearn's 8x8
+digits as ``(N, 1, 8, 8)`` images or ``(N, 64)`` rows in ``[0, 1]`` (offline, for quick checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_svcca.compare import compare_models
+from lightning_svcca.snapshots import METRICS
+
+__all__ = ["add_compare_command", "load_model", "load_probe"]
+
+
+def add_compare_command(commands: Any) -> None:
+    """Add the ``compare`` subcommand to the CLI's subparsers."""
+    help_text = "compare two checkpoints layer by layer (and every layer with every other) on a probe"
+    command = commands.add_parser("compare", help=help_text, description=__doc__.split("\n\n")[0])
+    command.set_defaults(command=_run, standalone=True)
+    command.add_argument("checkpoint_a", type=Path, help="first checkpoint (rows of the cross-layer map)")
+    command.add_argument("checkpoint_b", type=Path, help="second checkpoint")
+    command.add_argument("--model", required=True, help="model class, pkg.module:Class or pkg.module.Class")
+    command.add_argument("--probe", required=True, help="a .pt file with the model input, or digits / digits-flat")
+    command.add_argument("--probe-size", type=int, default=None, help="use the first N probe samples")
+    command.add_argument("--input-key", default=None, help="the model input in a batch probe (index or key)")
+    command.add_argument("--layers", nargs="+", default=None, help="module names (default: Linear/Conv/RNN/...)")
+    command.add_argument("--metrics", nargs="+", default=["svcca"], choices=METRICS, metavar="METRIC")
+    command.add_argument("--cross-layer-metric", default=None, choices=METRICS, metavar="METRIC")
+    command.add_argument("--keep", type=float, default=0.99, help="SVCCA keep fraction (default 0.99)")
+    command.add_argument("--reduction", default="positions", choices=("positions", "mean", "flatten"))
+    command.add_argument("--max-datapoints", type=int, default=4096)
+
+
+def load_model(spec: str, checkpoint: Path) -> nn.Module:
+    """Import the class named by ``spec`` and load ``checkpoint`` into it, on the CPU.
+
+    Raises:
+        ValueError: ``spec`` does not name a class.
+        FileNotFoundError: no checkpoint file.
+    """
+    module_name, _, class_name = spec.partition(":") if ":" in spec else spec.rpartition(".")
+    if not module_name or not class_name:
+        raise ValueError(f"--model must be pkg.module:Class or pkg.module.Class, got {spec!r}")
+    model_class = getattr(importlib.import_module(module_name), class_name, None)
+    if not isinstance(model_class, type) or not issubclass(model_class, nn.Module):
+        raise ValueError(f"--model {spec!r} is not an nn.Module class")
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint}")
+    if hasattr(model_class, "load_from_checkpoint"):
+        return model_class.load_from_checkpoint(checkpoint, map_location="cpu")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = model_class()
+    model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    return model
+
+
+def load_probe(source: str, size: int | None = None) -> Any:
+    """The probe: a ``.pt`` file's contents, or the sklearn digits (``digits`` or ``digits-flat``)."""
+    if source in ("digits", "digits-flat"):
+        from sklearn.datasets import load_digits
+
+        images = torch.tensor(load_digits().data / 16.0, dtype=torch.float32)
+        probe = images if source == "digits-flat" else images.reshape(-1, 1, 8, 8)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"no probe file at {path} (give a .pt file, digits or digits-flat)")
+        probe = torch.load(path, map_location="cpu", weights_only=True)
+    if size is not None:
+        if isinstance(probe, torch.Tensor):
+            probe = probe[:size]
+        else:
+            from lightning_svcca.probe import slice_batch
+
+            probe = slice_batch(probe, 0, size)
+    return probe
+
+
+def _run(args: argparse.Namespace) -> int:
+    model_a, model_b = load_model(args.model, args.checkpoint_a), load_model(args.model, args.checkpoint_b)
+    input_key = args.input_key
+    if input_key is not None and input_key.isdigit():
+        input_key = int(input_key)
+    result = compare_models(
+        model_a,
+        model_b,
+        load_probe(args.probe, args.probe_size),
+        args.layers,
+        args.metrics,
+        cross_layer_metric=args.cross_layer_metric,
+        keep=args.keep,
+        reduction=args.reduction,
+        max_datapoints=args.max_datapoints,
+        input_key=input_key,
+        device="cpu",
+    )
+    print(f"{args.checkpoint_a} vs {args.checkpoint_b}")
+    print(result.to_text())
+    return 0

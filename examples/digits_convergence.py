@@ -70,6 +70,28 @@ def format_table(history: list[dict[str, Any]], layers: list[str], convergence: 
     return "\n".join(lines)
 
 
+def diagonal_sharpening(maps: list[dict[str, Any]], layers: list[str]) -> dict[int, dict[str, float]]:
+    """Per kept epoch: each layer against the same final layer (the map's diagonal) and the mean off it."""
+    cells: dict[int, dict[tuple[str, str], float]] = {}
+    for row in maps:
+        if row["metric"] == "svcca":
+            cells.setdefault(row["epoch"], {})[(row["layer"], row["reference_layer"])] = row["value"]
+    result = {}
+    for epoch, values in sorted(cells.items()):
+        off = [value for (a, b), value in values.items() if a != b]
+        result[epoch] = {layer: values[(layer, layer)] for layer in layers} | {"off": sum(off) / max(len(off), 1)}
+    return result
+
+
+def format_sharpening(sharpening: dict[int, dict[str, float]], layers: list[str]) -> str:
+    """Plain-text view of the cross-layer maps' diagonal over training (the SVCCA paper's Fig. 4)."""
+    header = f"{'epoch':<7}" + "".join(f"{layer:>8}" for layer in layers) + f"{'off-diag':>10}"
+    lines = ["Cross-layer SVCCA to the final model: the diagonal (each layer vs itself at the end)", header]
+    for epoch, values in sharpening.items():
+        lines.append(f"{epoch:<7}" + "".join(f"{values[layer]:>8.2f}" for layer in layers) + f"{values['off']:>10.2f}")
+    return "\n".join(lines) + "\n"
+
+
 def is_bottom_up(layers: list[str], convergence: dict[str, dict], threshold: float) -> bool:
     """Whether every layer reaches ``threshold`` for good no later than the layer above it."""
     reached = [convergence[layer][threshold] for layer in layers]
@@ -125,6 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         probe=test.tensors[0][: args.probe_size],  # held-out digits, never trained on
         layers=list(LAYERS),
         reference=("previous", "final"),
+        cross_layer=True,  # every layer against every final layer at 0, 25, 50, 75 and 100% of training
     )
     trainer = pl.Trainer(
         max_epochs=args.epochs,
@@ -150,6 +173,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(format_table(callback.history, layers, convergence))
     verdicts = ", ".join(f">={t:g}: {'yes' if bottom_up[t] else 'no'}" for t in THRESHOLDS)
     print(f"layers settle bottom-up ({' -> '.join(layers)}): {verdicts}\n")
+    sharpening = diagonal_sharpening(callback.monitor.cross_layer_maps, layers)
+    print(format_sharpening(sharpening, layers))
     print(f"TensorBoard: tensorboard --logdir {args.root}")
     print(f"history CSV: {log_dir / HISTORY_FILE}")
     return {
@@ -161,6 +186,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "history": callback.history,
         "log_dir": log_dir,
         "csv": log_dir / HISTORY_FILE,
+        "sharpening": sharpening,
     }
 
 

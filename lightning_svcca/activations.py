@@ -452,6 +452,7 @@ class ActivationRecorder:
         per_sample: int,
         mask_frames: int | None = None,
         output_lengths: Callable[[Tensor], Tensor] | None = None,
+        keep_means: bool = False,
     ) -> None:
         """Prepare hooks (registered on ``__enter__``).
 
@@ -464,6 +465,8 @@ class ActivationRecorder:
                 the model's downsampled sequence (the encoder's frames); default: the model's (or a
                 submodule's) ``_get_feat_extract_output_lengths``, as Hugging Face's wav2vec2, HuBERT and WavLM
                 define it. :meth:`frame_lengths` uses it for every layer with that many frames.
+            keep_means: also keep each sample's output averaged over all its positions or valid frames
+            (:attr:`means`: one datapoint per sample, for cross-layer maps between layers of different sizes).
         """
         self.model = model
         self.output_lengths = output_lengths if output_lengths is not None else find_length_hook(model)
@@ -472,6 +475,10 @@ class ActivationRecorder:
         self.mask_frames = mask_frames
         self.activations: dict[str, Tensor] = {}
         self.sample_ids: dict[str, Tensor] = {}
+        #: layer -> ``(samples, features)`` means over every position or valid frame (with ``keep_means``).
+        self.means: dict[str, Tensor] = {}
+        self.keep_means = keep_means
+        self._mean_chunks: dict[str, list[Tensor]] = {name: [] for name in self.specs}
         self.input_eps: dict[str, float] = {}
         self.layouts: dict[str, Layout] = {}
         self.output_ndim: dict[str, int] = {}
@@ -541,7 +548,11 @@ class ActivationRecorder:
             if chunks:
                 self.activations[name] = torch.cat([rows for rows, _ in chunks])
                 self.sample_ids[name] = torch.cat([ids for _, ids in chunks])
+        for name, chunks in self._mean_chunks.items():
+            if chunks:
+                self.means[name] = torch.cat(chunks)
         self._chunks = {name: [] for name in self.specs}
+        self._mean_chunks = {name: [] for name in self.specs}
 
     def _hook(self, name: str):  # noqa: ANN202 - a torch forward hook
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -620,6 +631,24 @@ class ActivationRecorder:
             raise ValueError(f"layer {spec.name!r}: {error}") from error
         storage = torch.float64 if rows.dtype == torch.float64 else torch.float32
         self._chunks[spec.name].append((rows.to(storage), ids))
+        if self.keep_means:
+            means = rows if tensor.ndim <= 2 else self._means(tensor, layout)
+            self._mean_chunks[spec.name].append(means.to(storage))
+
+    def _means(self, tensor: Tensor, layout: Layout) -> Tensor:
+        """Each sample's output averaged over all its positions or valid frames: ``(samples, features)``."""
+        means, _ = reduce_output(
+            tensor,
+            layout=layout,
+            reduction="mean",
+            sample_ids=self._chunk_ids,
+            per_sample=1,
+            seed=0,
+            lengths=self._chunk_lengths,
+            mask_frames=self.mask_frames,
+            length_map=self.frame_lengths,
+        )
+        return means
 
 
 def layer_seed(name: str) -> int:

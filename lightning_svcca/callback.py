@@ -96,6 +96,11 @@ class _SVCCACallbackCore:
             float32 on a GPU when the only metric is linear_cka (accurate there, and much faster on GPUs with slow
             float64), float64 otherwise. float32 decompositions resolve directions only down to about 1% of the
             largest, which can shift SVCCA on layers whose spectrum spans several decades.
+        cross_layer: keep every layer at 0, 25, 50, 75 and 100% of training (``True``) or at the given fractions,
+            and at the end of fit map each moment, every layer against every layer of ``cross_layer_reference``
+            (the SVCCA paper's Fig. 4): images ``{metric}/cross_layer/{reference}`` at each moment's step, and
+            ``svcca_cross_layer.csv`` beside the history. Layers are pooled to one datapoint per probe sample.
+        cross_layer_reference: ``"final"`` (default), ``"initial"``, or the name of a fixed model reference.
     """
 
     def __init__(
@@ -123,6 +128,8 @@ class _SVCCACallbackCore:
         max_snapshot_bytes: int | None = 1 << 30,
         shard_probe: bool = True,
         compute_dtype: str = "auto",
+        cross_layer: bool | Sequence[float] = False,
+        cross_layer_reference: str = "final",
     ) -> None:
         super().__init__()
         self.config = MonitorConfig(
@@ -147,6 +154,8 @@ class _SVCCACallbackCore:
             max_snapshot_bytes=max_snapshot_bytes,
             shard_probe=shard_probe,
             compute_dtype=compute_dtype,
+            cross_layer=cross_layer,
+            cross_layer_reference=cross_layer_reference,
         )
         self.probe_autocast = probe_autocast
         #: The monitor of the current fit (built in ``setup``).
@@ -261,6 +270,8 @@ class _SVCCACallbackCore:
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
         """Take the epoch-0 snapshot (unless resuming)."""
         monitor = self._require_monitor()
+        if self.config.cross_layer_moments:
+            monitor.runtime.max_steps = _planned_steps(trainer)
         monitor.start(step=int(trainer.global_step))
         _publish(trainer, [row for row in monitor.history if row["epoch"] == monitor.measured[-1]])
 
@@ -375,6 +386,15 @@ def _publish(trainer: Any, rows: Sequence[Mapping[str, Any]]) -> None:
             lowest[key] = min(lowest.get(key, math.inf), row["value"])
     for name, value in lowest.items():
         trainer.callback_metrics[name] = torch.tensor(value)
+
+
+def _planned_steps(trainer: Any) -> int | None:
+    """The fit's length in optimizer steps, when Lightning can tell."""
+    try:
+        steps = float(trainer.estimated_stepping_batches)
+    except Exception:  # e.g. an iterable dataset without a length
+        return None
+    return int(steps) if math.isfinite(steps) else None
 
 
 def _runtime(trainer: Any, logger: logging.Logger, *, autocast: bool) -> Runtime:

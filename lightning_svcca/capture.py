@@ -51,6 +51,8 @@ class CaptureOptions:
     full_rank: bool = False
     with_right: bool = False
     dtype: torch.dtype = torch.float64
+    #: Also keep each sample's output averaged over its positions (cross-layer maps).
+    keep_means: bool = False
 
 
 class Capture:
@@ -105,6 +107,7 @@ class Capture:
             self.specs,
             per_sample=probe_share(self.options.max_datapoints, probe.size),
             mask_frames=mask_frames,
+            keep_means=self.options.keep_means,
         )
 
         def before_chunk(first: int, chunk: Any) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from lightning_svcca.activations import REDUCTIONS
+from lightning_svcca.crosslayer import CROSS_LAYER_MOMENTS
 from lightning_svcca.freezing import FreezePolicy
 from lightning_svcca.references import Reference, parse_references
 from lightning_svcca.similarity import _check_keep
@@ -49,6 +50,8 @@ class MonitorConfig:
     max_snapshot_bytes: int | None = 1 << 30
     shard_probe: bool = True
     compute_dtype: str = "auto"
+    cross_layer: bool | Sequence[float] = False
+    cross_layer_reference: str = "final"
     #: Parsed references, with a convergence policy's lag reference appended when it is not "previous".
     references: list[Reference] = field(init=False)
     #: The reference a convergence policy judges by: a layer's snapshot ``lag`` epochs earlier.
@@ -96,11 +99,29 @@ class MonitorConfig:
             raise TypeError(f"forward_fn must be callable as forward_fn(model, batch), got {self.forward_fn!r}")
         _check_keep(self.keep, self.keep_by)
         self.references = parse_references(self.reference)
+        moments = self.cross_layer_moments
+        if any(not isinstance(f, float) or not 0.0 <= f <= 1.0 for f in moments):
+            raise ValueError(f"cross_layer must be True or fractions of training in [0, 1], got {self.cross_layer!r}")
+        fixed = [ref.name for ref in self.references if ref.kind in ("module", "checkpoint")]
+        if moments and self.cross_layer_reference not in ("final", "initial", *fixed):
+            raise ValueError(
+                f"cross_layer_reference must be 'final', 'initial' or a fixed model reference {fixed}, got"
+                f" {self.cross_layer_reference!r}"
+            )
         if freeze is not None and freeze.mode == "convergence":
             # per epoch, lag counts epochs; every k steps, it counts measurements
             self.lag_reference = "previous" if freeze.lag == cadence else f"lag{freeze.lag}"
             if self.lag_reference not in self.reference_names:
                 self.references.append(Reference(self.lag_reference, "lag", lag=freeze.lag))
+
+    @property
+    def cross_layer_moments(self) -> tuple[float, ...]:
+        """The fractions of training kept for cross-layer maps (empty: no maps)."""
+        if self.cross_layer is True:
+            return CROSS_LAYER_MOMENTS
+        if not self.cross_layer:
+            return ()
+        return tuple(float(fraction) for fraction in self.cross_layer)
 
     @property
     def reference_names(self) -> list[str]:

@@ -24,17 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_svcca.activations import LayerSpec, format_layers, resolve_layers
 from lightning_svcca.capture import Capture, CaptureOptions
 from lightning_svcca.comparisons import Comparisons, row, values_of
 from lightning_svcca.config import MonitorConfig
+from lightning_svcca.crosslayer import CrossLayerMoments
 from lightning_svcca.freezing import FreezeDecision, Freezer, freeze_blocks
 from lightning_svcca.probe import Probe, build_probe, check_not_meta
 from lightning_svcca.references import check_reference_layers, device_of, reference_model
-from lightning_svcca.reporting import HISTORY_FILE
+from lightning_svcca.reporting import HISTORY_FILE, layer_map_image, write_history_csv
 from lightning_svcca.similarity import SimilarityWarning
 from lightning_svcca.snapshots import Collective, LocalCollective, Snapshot, SnapshotStore, snapshot_needs
 from lightning_svcca.writers import Reporter, as_writers
@@ -46,6 +47,8 @@ STATE_VERSION = 1
 SNAPSHOT_FOLDER = "svcca_snapshots"
 #: Epochs the live "final" heatmap compares with the latest one at most (the end-of-fit pass compares all).
 LIVE_FINAL_COLUMNS = 32
+#: Columns of the cross-layer CSV (``svcca_cross_layer.csv`` beside the history).
+CROSS_LAYER_COLUMNS = ("epoch", "step", "fraction", "metric", "reference", "layer", "reference_layer", "value")
 #: Metrics that a float32 decomposition computes accurately. The Gram route squares singular values, so float32
 #: only resolves directions down to about 1% of the largest: CKA weights directions by their variance and barely
 #: notices, but SVCCA's kept set (and so its value) can change by several hundredths on ill-conditioned layers.
@@ -72,7 +75,8 @@ class Runtime:
         convert_input: applied to each probe chunk before the forward pass (e.g. casting floating inputs to a
             ``bf16-true`` model's dtype, as the trainer does with training batches).
         after_freeze: called on every process after layers were frozen (e.g. to rebuild a DDP wrapper).
-        max_epochs: the run's length in epochs, for ``FreezePolicy(mode="linear")``.
+        max_epochs: the run's length in epochs, for ``FreezePolicy(mode="linear")`` and cross-layer moments.
+        max_steps: the run's length in optimizer steps, for cross-layer moments when measuring by steps.
         logger: where freeze events are logged as text.
     """
 
@@ -83,6 +87,7 @@ class Runtime:
     convert_input: Callable[[Any], Any] | None = None
     after_freeze: Callable[[], None] | None = None
     max_epochs: int | None = None
+    max_steps: int | None = None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("lightning_svcca"))
 
 
@@ -109,7 +114,7 @@ class SVCCAMonitor:
 
     Example:
         >>> import torch
-        >>> from torch import nn
+        >>> from torch import Tensor, nn
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> monitor = SVCCAMonitor(model, probe=torch.randn(64, 4), layers=["0", "2"], baseline=False)
         >>> monitor.start()
@@ -199,6 +204,15 @@ class SVCCAMonitor:
         self.run_id: str | None = None
         #: The history CSV's file name in ``log_dir`` (unique among runs sharing the folder).
         self.csv_name: str | None = None
+        #: Layers kept at moments of the run for cross-layer maps (``cross_layer=...``), or ``None``.
+        self.cross_layer = (
+            CrossLayerMoments(config.cross_layer_moments, config.cross_layer_reference)
+            if config.cross_layer_moments
+            else None
+        )
+        #: The cross-layer maps of the finished run: rows with epoch, step, fraction, metric, reference, layer,
+        #: reference_layer and value.
+        self.cross_layer_maps: list[dict[str, Any]] = []
         self.layer_order: list[str] = []
         self.probe: Probe | None = None
         self.probe_fingerprint: str | None = None
@@ -253,6 +267,7 @@ class SVCCAMonitor:
                 keep_by=config.keep_by,
                 full_rank=full_rank,
                 with_right=with_right,
+                keep_means=self.cross_layer is not None,
                 dtype=self.compute_dtype(),
             ),
             self._probe_collective(),
@@ -270,6 +285,8 @@ class SVCCAMonitor:
         self.run_id = self.run_id or uuid.uuid4().hex[:12]
         if self.log_dir is not None:
             self.store.persist_to(self.log_dir / SNAPSHOT_FOLDER / self.run_id)
+            if self.cross_layer is not None:
+                self.cross_layer.folder = self.store.directory
         config = self.config
         self._comparisons = Comparisons(
             self.store,
@@ -345,8 +362,48 @@ class SVCCAMonitor:
                     ours = [r for r in final if r["metric"] == metric]
                     self._reporter.final_summary(image, ours, last_step, f"{metric}/final/heatmap")
             rows += final
+        self._finish_cross_layer()
         self._reporter.flush()
         return rows
+
+    def _finish_cross_layer(self) -> None:
+        """Each kept moment against the cross-layer reference: rows, a CSV beside the history, and images."""
+        if self.cross_layer is None:
+            return
+        self.cross_layer_maps = []
+        for moment, layer_map in self.cross_layer.maps(self.config.metrics):
+            for i, layer in enumerate(layer_map.rows):
+                for j, other in enumerate(layer_map.columns):
+                    self.cross_layer_maps.append(
+                        {
+                            "epoch": moment.epoch,
+                            "step": moment.step,
+                            "fraction": moment.fraction,
+                            "metric": layer_map.metric,
+                            "reference": self.cross_layer.reference,
+                            "layer": layer,
+                            "reference_layer": other,
+                            "value": float(layer_map.values[i, j]),
+                        }
+                    )
+            if self.runtime.is_global_zero and self._reporter is not None:
+                title = (
+                    f"{layer_map.metric}: epoch {moment.epoch} ({moment.fraction:.0%}) vs {self.cross_layer.reference}"
+                )
+                image = layer_map_image(layer_map.rows, layer_map.columns, layer_map.values.numpy(), title=title)
+                self._reporter.image(f"{layer_map.metric}/cross_layer/{self.cross_layer.reference}", image, moment.step)
+        if self.runtime.is_global_zero and self.log_dir is not None and self.csv_name is not None:
+            name = self.csv_name.replace("history", "cross_layer")
+            write_history_csv(self.cross_layer_maps, self.log_dir / name, columns=CROSS_LAYER_COLUMNS)
+
+    def _pooled(self, recorder: Any, layers: Sequence[str]) -> dict[str, Tensor]:
+        """Each layer's output averaged over its positions (one datapoint per sample), every process's gathered."""
+        assert self._capture is not None
+        return {
+            layer: self._capture.collective.gather_rows(recorder.means[layer]).float().cpu()
+            for layer in layers
+            if layer in recorder.means
+        }
 
     def close(self) -> None:
         """Delete spilled snapshot files (the history stays)."""
@@ -401,6 +458,7 @@ class SVCCAMonitor:
             "points": {str(point): list(at) for point, at in self.points.items()},
             "run_id": self.run_id,
             "csv_name": self.csv_name,
+            "cross_layer": {} if self.cross_layer is None else self.cross_layer.state_dict(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -420,6 +478,8 @@ class SVCCAMonitor:
         self.points.update({int(point): (int(at[0]), int(at[1])) for point, at in points.items()})
         self.run_id = state_dict.get("run_id")
         self.csv_name = state_dict.get("csv_name")
+        if self.cross_layer is not None:
+            self.cross_layer.load_state_dict(state_dict.get("cross_layer", {}))
         if missing:
             self.warn_once(
                 "snapshots-missing",
@@ -444,6 +504,9 @@ class SVCCAMonitor:
         self.probe_timings[point] = time.perf_counter() - started
         layers = self._settle_layer_order(recorder.order)
         snapshots = self._capture.snapshots(recorder, layers, epoch, device, label=f"epoch {epoch}")
+        if self.cross_layer is not None:
+            total = self.runtime.max_steps if self.by_step else self.runtime.max_epochs
+            self.cross_layer.observe(point, epoch, step, self._pooled(recorder, layers), total)
         if not self.measured:
             self._snapshot_fixed_references(recorder)
         self.points[point] = (int(epoch), int(step))
@@ -507,6 +570,8 @@ class SVCCAMonitor:
             else:
                 with reference_model(reference, self.model) as model:
                     reference_recorder = self._capture.record(model, device, label=f"reference {reference.name!r}")
+                if self.cross_layer is not None and reference.name == self.cross_layer.reference:
+                    self.cross_layer.set_reference(self._pooled(reference_recorder, self.layers))
                 snapshots = self._capture.snapshots(
                     reference_recorder, self.layers, 0, device, label=f"reference {reference.name!r}"
                 )

@@ -372,6 +372,43 @@ def heatmap_image(
     return HeatmapFigure(title=title, label=label, scale=scale, xlabel=xlabel).render(layers, epochs, matrix)
 
 
+def layer_map_image(rows: Sequence[str], columns: Sequence[str], matrix: np.ndarray, *, title: str) -> np.ndarray:
+    """A layers x layers similarity map as an RGB image ``(H, W, 3)``: rows bottom-up, the similarity colour scale.
+
+    Used for cross-layer maps (each layer at one moment against each layer of a reference), coloured on
+    ``1 - value`` with a log scale like the heatmaps (:func:`similarity_position`), with values in the cells.
+    """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    size = 1.2 + 0.32 * max(len(rows), len(columns), 3)
+    longest = max((len(name) for name in (*rows, *columns)), default=4)
+    margin = 0.25 + 0.065 * longest
+    figure = Figure(figsize=(size + margin + 1.2, size + margin + 0.5), dpi=_DPI)
+    FigureCanvasAgg(figure)
+    axes = figure.add_axes(_fraction((margin, margin, size, size), (size + margin + 1.2, size + margin + 0.5)))
+    shown = similarity_position(np.asarray(matrix, dtype=float))
+    image = axes.imshow(shown, origin="lower", cmap=colormaps["viridis"], vmin=0.0, vmax=1.0, aspect="auto")
+    axes.set_xticks(range(len(columns)), list(columns), rotation=90, fontsize=_FONT)
+    axes.set_yticks(range(len(rows)), list(rows), fontsize=_FONT)
+    axes.set_xlabel("reference layer", fontsize=_FONT)
+    axes.set_ylabel("layer (bottom-up)", fontsize=_FONT)
+    axes.set_title(title, fontsize=_FONT + 1)
+    if len(rows) * len(columns) <= MAX_ANNOTATED_CELLS:
+        for i in range(len(rows)):
+            for j in range(len(columns)):
+                value = float(matrix[i][j])
+                if math.isfinite(value):
+                    colour = "black" if shown[i, j] > 0.6 else "white"
+                    axes.text(j, i, _cell_text(value, "similarity"), ha="center", va="center", fontsize=6, color=colour)
+    bar = figure.colorbar(image, ax=axes, fraction=0.05, pad=0.02)
+    bar.set_ticks([similarity_position(t).item() for t in SIMILARITY_TICKS], labels=_tick_labels(SIMILARITY_TICKS))
+    bar.ax.tick_params(labelsize=_FONT)
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+
+
 def write_history_csv(
     history: Iterable[Mapping[str, Any]], path: str | Path, *, columns: Sequence[str] = HISTORY_COLUMNS
 ) -> Path:

@@ -169,6 +169,14 @@ class Reporter:
                 if self.csv_path is not None and self.csv_path.is_file():
                     experiment.log_artifact(run_id, str(self.csv_path))
 
+    def image(self, name: str, image: Any, step: int) -> None:
+        """An RGB image ``(H, W, 3)`` to writers that take images (TensorBoard; W&B ``log_image``)."""
+        for experiment in self._experiments("add_image"):
+            experiment.add_image(name, image, step, dataformats="HWC")
+        for writer in self.writers:
+            if callable(getattr(writer, "log_image", None)):
+                writer.log_image(key=name, images=[image], step=max(step, self._last_step))
+
     def layout(self, charts: Sequence[tuple[str, str]], layers: Sequence[str]) -> None:
         """Custom-scalars layout: one chart per ``(metric, reference)`` with every layer on it, grouped by metric."""
         experiments = self._experiments("add_custom_scalars")

@@ -55,6 +55,12 @@ def test_digits_convergence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     rows = read_history_csv(result["csv"])
     assert {row["reference"] for row in rows} >= {"previous", "final", "baseline", "dims"}
     assert any(path.name.startswith("events.out.tfevents") for path in result["log_dir"].iterdir())
+    # the cross-layer map sharpens along its diagonal: each layer grows into its final self
+    sharpening = result["sharpening"]
+    first, last = min(sharpening), max(sharpening)
+    assert all(sharpening[first][layer] < sharpening[last][layer] for layer in example.LAYERS)
+    assert all(sharpening[last][layer] == pytest.approx(1.0, abs=1e-6) for layer in example.LAYERS)
+    assert "Cross-layer SVCCA to the final model" in out
 
 
 def test_finetune_reference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -32,7 +32,7 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_svcca import SVCCACallback
+from lightning_svcca import SVCCACallback, compare_models
 from lightning_svcca.reporting import HISTORY_FILE, history_matrix
 
 from common import HelpFormatter, add_run_arguments, run_example
@@ -40,6 +40,9 @@ from digits import DigitsCNN, accuracy, load_data
 
 #: Monitored layers, bottom-up: each block after its non-linearity, then the (new) output layer.
 LAYERS = ("relu1", "relu2", "relu3", "fc2")
+#: Measures of the offline comparison: SVCCA as the callback computes it, held-out CCA (no small-probe bias),
+#: orthogonal Procrustes and linear CKA.
+OFFLINE_METRICS = ("svcca", "cca_heldout", "procrustes", "linear_cka")
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
 FINETUNE_CLASSES = (5, 6, 7, 8, 9)
 TABLE_TITLE = "SVCCA similarity at the end of fine-tuning on digits 5-9, per layer (bottom-up)"
@@ -173,6 +176,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         " from 'pretrained' only at fc2;\n 'noise floor': the same measure with the probe's datapoints shuffled,"
         " what unrelated representations would score)\n"
     )
+    # 3. The same question without a training run: the pretrained and the fine-tuned model, compared offline on the
+    #    probe (also `lightning-svcca compare` for two checkpoints), with held-out CCA and Procrustes beside SVCCA.
+    pretrained = DigitsCNN(lr=args.lr)
+    pretrained.load_state_dict(torch.load(checkpoint, weights_only=True))
+    offline = compare_models(
+        pretrained, model, new_test.tensors[0][: args.probe_size], layers=list(LAYERS), metrics=OFFLINE_METRICS
+    )
+    print("offline comparison, pretrained vs fine-tuned (compare_models):")
+    print(offline.to_text())
+    print()
     print(f"pretrained weights: {checkpoint}")
     print(f"TensorBoard: tensorboard --logdir {args.root}")
     print(f"history CSV: {log_dir / HISTORY_FILE}")
@@ -187,6 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "history": callback.history,
         "log_dir": log_dir,
         "csv": log_dir / HISTORY_FILE,
+        "offline": offline,
     }
 
 

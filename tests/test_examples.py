@@ -87,6 +87,11 @@ def test_finetune_reference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "to pretrained" in out
     epochs = {row["epoch"] for row in result["history"] if row["reference"] == "pretrained"}
     assert epochs == set(range(0, 4))
+    # the offline comparison of the two models agrees with what the callback measured at the end of fine-tuning
+    offline = {row["layer"]: row for row in result["offline"].table}
+    for layer in example.LAYERS:
+        assert offline[layer]["svcca"] == pytest.approx(result["pretrained"][layer], abs=1e-4)
+    assert "offline comparison" in out
 
 
 def test_sequence_frames(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

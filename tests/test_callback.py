@@ -658,3 +658,43 @@ def test_two_callbacks_with_different_probes_share_a_trainer(make_trainer, digit
     assert first.state_key != second.state_key
     make_trainer([first, second], max_epochs=1, logger=False).fit(digits_cnn(), digits_loaders[0])
     assert first.history and second.history
+
+
+def test_every_metric_through_the_callback(make_trainer, digits, digits_loaders, digits_cnn):
+    """Each measure of snapshots.METRICS is a callback metric, equal to the public function on the same data."""
+    from lightning_svcca import cca_heldout, linear_cka, procrustes, r2cca, rbf_cka
+    from lightning_svcca.snapshots import METRICS
+
+    x, _ = digits
+    probe = x[PROBE]
+    torch.manual_seed(0)
+    model = digits_cnn()
+    initial = copy.deepcopy(model).eval()
+    features = torch.randn(probe.shape[0], 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    callback = SVCCACallback(
+        probe=probe, layers=["fc1", "fc2"], reference={"features": features}, metrics=METRICS, baseline=False
+    )
+    make_trainer([callback], max_epochs=1, logger=False).fit(model, digits_loaders[0])
+    rows = {(r["epoch"], r["layer"], r["metric"]): r["value"] for r in callback.history if r["reference"] == "features"}
+    assert {metric for _, _, metric in rows} == set(METRICS)
+    assert all(math.isfinite(value) for value in rows.values())
+    # epoch 0 is the initial model: its fc2 output against the features, by the public functions
+    with torch.no_grad():
+        outputs = {}
+        handle = initial.fc2.register_forward_hook(lambda module, inputs, output: outputs.update(fc2=output))
+        initial(probe)
+        handle.remove()
+    fc2 = outputs["fc2"]  # float32, as the layer produced it: the rank cut follows its rounding level
+    expected = {
+        "linear_cka": linear_cka(fc2, features),
+        "linear_cka_debiased": linear_cka(fc2, features, debiased=True),
+        "procrustes": procrustes(fc2, features),
+        "r2cca": r2cca(fc2, features),
+        "rbf_cka": rbf_cka(fc2, features),
+        "cca_heldout": cca_heldout(fc2, features).mean(),  # the metric is the mean held-out correlation
+    }
+    for metric, value in expected.items():
+        # held-out CCA refits on the snapshot's rows (the layer's directions above its rounding level, stored in
+        # float32), so the ridge chosen on the dev part can differ slightly from a fit on the raw activations
+        tolerance = 0.02 if metric == "cca_heldout" else 1e-4
+        assert rows[(0, "fc2", metric)] == pytest.approx(float(value), abs=tolerance), metric

@@ -511,9 +511,13 @@ class SnapshotStore:
             path.unlink(missing_ok=True)
 
     def state_dict(self) -> dict[str, dict]:
-        """Keyed ``"layer@tag"``: ``{"file": path}`` in persistent mode, else the snapshot's tensors."""
+        """Keyed ``"layer@tag"``: the file's name in persistent mode (folder under ``""``), else its tensors."""
         if self.directory is not None:
-            return {f"{layer}@{tag}": {"file": str(self._files[(layer, tag)])} for layer, tag in self.keys()}
+            state: dict[str, dict] = {"": {"folder": str(self.directory)}}
+            for layer, tag in self.keys():
+                path = self._files[(layer, tag)]
+                state[f"{layer}@{tag}"] = {"name": path.name} if path.parent == self.directory else {"file": str(path)}
+            return state
         return {f"{layer}@{tag}": self.get((layer, tag)).to_state() for layer, tag in self.keys()}
 
     def load_state_dict(self, state: dict[str, dict]) -> list[str]:
@@ -521,12 +525,17 @@ class SnapshotStore:
         for key in self.keys():
             self.discard(key)
         missing = []
+        folder = Path(state[""]["folder"]) if "" in state else None
         for joined, entry in state.items():
+            if not joined:
+                continue
             layer, _, tag = joined.rpartition("@")
-            if "file" not in entry:
+            if "file" not in entry and "name" not in entry:
                 self.put((layer, tag), Snapshot.from_state(entry))
-            elif Path(entry["file"]).is_file():
-                self._files[(layer, tag)] = Path(entry["file"])
+                continue
+            path = Path(entry["file"]) if "file" in entry else folder / entry["name"]  # type: ignore[operator]
+            if path.is_file():
+                self._files[(layer, tag)] = path
             else:
                 missing.append(joined)
         return missing

@@ -290,3 +290,22 @@ def test_live_final_heatmap_compares_a_bounded_number_of_epochs():
     shown = thinned(epochs, LIVE_FINAL_COLUMNS)
     assert len(shown) == LIVE_FINAL_COLUMNS and shown[0] == 0 and shown[-1] == 499
     assert thinned(epochs[:10], LIVE_FINAL_COLUMNS) == epochs[:10]
+
+
+def test_history_packs_bit_for_bit_and_small():
+    from lightning_svcca.monitor import pack_history, unpack_history
+
+    generator = torch.Generator().manual_seed(0)
+    rows = [
+        {"epoch": e, "step": 7 * e, "layer": f"encoder.layer.{i}", "reference": ref, "metric": "svcca", "value": v}
+        for e in range(200)
+        for i in range(3)
+        for ref, v in (("previous", torch.rand(1, generator=generator).item()), ("dims", 12.0))
+    ]
+    packed = pack_history(rows)
+    assert unpack_history(packed) == rows  # values bit for bit
+    buffer = io.BytesIO()
+    torch.save(packed, buffer)
+    assert buffer.tell() / len(rows) < 40  # bytes a row
+    old = [{k: v for k, v in row.items() if k != "step"} for row in rows[:3]]  # checkpoints from before steps
+    assert [row["step"] for row in unpack_history(old)] == [0, 0, 0]

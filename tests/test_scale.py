@@ -78,8 +78,10 @@ def test_a_small_budget_holds_memory_and_loses_nothing(tmp_path):
 def test_checkpoints_hold_snapshot_file_names_not_snapshots(tmp_path):
     _, watcher = _fit(tmp_path, 1, epochs=2)
     state = watcher.state
-    assert {key.rpartition("@")[2] for key in state["snapshots"]} == {"0", "1", "2"}
-    assert all(set(value) == {"file"} and Path(value["file"]).is_file() for value in state["snapshots"].values())
+    snapshots = dict(state["snapshots"])
+    folder = Path(snapshots.pop("")["folder"])
+    assert {key.rpartition("@")[2] for key in snapshots} == {"0", "1", "2"}
+    assert all(set(value) == {"name"} and (folder / value["name"]).is_file() for value in snapshots.values())
     buffer = io.BytesIO()
     torch.save(state, buffer)
     assert buffer.tell() < 64 * 1024  # 12 snapshots of up to 64 x 256 floats each are not in it

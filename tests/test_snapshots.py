@@ -329,7 +329,9 @@ def test_persistent_store_checkpoints_file_names_and_keeps_its_files(tmp_path, s
     for key, snapshot in snapshots.items():
         store.put(key, snapshot)
     state = store.state_dict()
-    assert all(set(entry) == {"file"} for entry in state.values())  # a few bytes per snapshot, however large
+    assert state.pop("") == {"folder": str(tmp_path / "run")}
+    assert all(set(entry) == {"name"} for entry in state.values())  # a few bytes per snapshot, however large
+    state[""] = {"folder": str(tmp_path / "run")}
     assert len(list((tmp_path / "run").glob("*.pt"))) == len(snapshots)
     store.discard(("fc", "1"))  # forgotten, but its file stays: an older checkpoint may need it
     store.close()

@@ -1,0 +1,143 @@
+"""SVCCACallback on real Trainers, the way users run it: every precision setting, measurements every k steps,
+two-stage fits (linear probing, then fine-tuning) with the same callback, validate/test-only calls, debugging
+runs that must write nothing, class-sorted datasets, and resuming from checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from digits_models import TinyDigitsCNN
+from lightning_svcca import FreezePolicy, SVCCACallback, SVCCAMonitorWarning
+
+PRECISIONS = ["32-true", "64-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed"]
+#: fp16 autocast needs a GPU: on a CPU Lightning swaps ``16-mixed`` for ``bf16-mixed`` (with a warning)
+GPU_ONLY = {"16-mixed": "fp16 autocast (16-mixed) is GPU-only; on a CPU Lightning runs bf16-mixed instead"}
+ACCELERATOR = "cuda" if torch.cuda.is_available() else "cpu"
+QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0}
+
+
+def _trainer(root: Path, callbacks=(), **overrides) -> pl.Trainer:
+    """A quiet Trainer writing under ``root``: 1 epoch of 4 batches, no checkpoints, TensorBoard by default."""
+    kwargs = {
+        "default_root_dir": root,
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 1,
+        "limit_train_batches": 4,
+        "limit_val_batches": 1,
+        "enable_checkpointing": False,
+        "callbacks": list(callbacks),
+        **QUIET,
+    }
+    kwargs.update(overrides)
+    return pl.Trainer(**kwargs)
+
+
+def _model(seed: int = 0) -> TinyDigitsCNN:
+    torch.manual_seed(seed)
+    return TinyDigitsCNN(dropout=0.0)
+
+
+def _rows(history, reference=None, epoch=None, step=None):
+    return [
+        row
+        for row in history
+        if (reference is None or row["reference"] == reference)
+        and (epoch is None or row["epoch"] == epoch)
+        and (step is None or row["step"] == step)
+    ]
+
+
+def _keys(rows):
+    return [(row["epoch"], row["step"], row["layer"], row["reference"], row["metric"]) for row in rows]
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0}).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def loaders(digits):
+    x, y = digits
+    train = DataLoader(TensorDataset(x[:256], y[:256]), batch_size=64, shuffle=True)
+    val = DataLoader(TensorDataset(x[1500:1628], y[1500:1628]), batch_size=64)
+    return train, val
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Precision
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _precision_run(tmp_path, digits, loaders, precision, **options):
+    """One epoch of the digits CNN at ``precision``, compared with a fixed (float32) model of other weights."""
+    x, _ = digits
+    reference = _model(seed=1)
+    callback = SVCCACallback(probe=x[:512], reference=("previous", "final", {"other": reference}), **options)
+    model = _model()
+    dtypes = []  # the dtype of fc1's output in every forward pass, probe passes included
+    model.fc1.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    accelerator = ACCELERATOR if precision in GPU_ONLY else "cpu"
+    trainer = _trainer(tmp_path / precision, [callback], precision=precision, accelerator=accelerator, logger=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SVCCAMonitorWarning)  # small layers: SVCCA keeps most directions
+        trainer.fit(model, loaders[0])
+    return callback, set(dtypes)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_every_precision_trains_and_measures(tmp_path, digits, loaders, precision):
+    if precision in GPU_ONLY and ACCELERATOR == "cpu":
+        pytest.skip(GPU_ONLY[precision])
+    callback, dtypes = _precision_run(tmp_path, digits, loaders, precision)
+    history = callback.history
+    assert {row["epoch"] for row in history} == {0, 1}
+    assert {row["reference"] for row in history} >= {"previous", "other", "final", "dims", "baseline"}
+    assert all(math.isfinite(row["value"]) for row in history)
+    assert {row["layer"] for row in _rows(history, "previous")} == {"conv1", "conv2", "fc1", "fc2"}
+    similarities = [row["value"] for row in history if row["reference"] not in ("dims", "frozen")]
+    assert all(-1e-6 <= value <= 1 + 1e-6 for value in similarities)
+    # *-true: the probe ran in the model's own dtype (the activations were upcast only for the decomposition)
+    expected = {"64-true": torch.float64, "bf16-true": torch.bfloat16, "16-true": torch.float16}
+    if precision in expected:
+        assert dtypes == {expected[precision]}
+
+
+def test_mixed_precision_probes_match_float32_unless_autocast_is_asked_for(tmp_path, digits, loaders):
+    """bf16-mixed: the probe runs without autocast, so epoch 0 matches a 32-true run on the same weights."""
+    float32, _ = _precision_run(tmp_path / "a", digits, loaders, "32-true")
+    mixed, _ = _precision_run(tmp_path / "b", digits, loaders, "bf16-mixed")
+    autocast, _ = _precision_run(tmp_path / "c", digits, loaders, "bf16-mixed", probe_autocast=True)
+
+    def epoch0(callback):
+        rows = _rows(callback.history, epoch=0)  # "final" rows compare with the trained weights, which differ
+        return {(r["layer"], r["reference"]): r["value"] for r in rows if r["reference"] != "final"}
+
+    expected, got, cast = epoch0(float32), epoch0(mixed), epoch0(autocast)
+    assert {reference for _, reference in expected} == {"other", "dims", "baseline"}
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-4), key
+    # under autocast the convolutions and Linear layers run in bfloat16: other values, fewer kept directions
+    differences = [abs(cast[key] - value) for key, value in expected.items() if key[1] == "other"]
+    assert max(differences) > 1e-3
+    dims = [(cast[(layer, "dims")], expected[(layer, "dims")]) for layer, ref in expected if ref == "dims"]
+    assert all(low <= high for low, high in dims) and any(low < high for low, high in dims)

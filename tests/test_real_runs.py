@@ -141,3 +141,83 @@ def test_mixed_precision_probes_match_float32_unless_autocast_is_asked_for(tmp_p
     assert max(differences) > 1e-3
     dims = [(cast[(layer, "dims")], expected[(layer, "dims")]) for layer, ref in expected if ref == "dims"]
     assert all(low <= high for low, high in dims) and any(low < high for low, high in dims)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measuring every k optimizer steps
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("every", "every_n_epochs", "epochs"),  # 2 epochs of 4 steps: global step -> completed epochs at that step
+    [
+        (3, None, {0: 0, 3: 0, 6: 1, 8: 2}),  # the end of fit (step 8) is always measured
+        (3, 1, {0: 0, 3: 0, 4: 1, 6: 1, 8: 2}),
+        (2, 1, {0: 0, 2: 0, 4: 1, 6: 1, 8: 2}),  # step 4 is both a 2-step mark and the end of epoch 0
+    ],
+    ids=["every-3-steps-only", "every-3-steps-and-epochs", "every-2-steps-and-epochs"],
+)
+def test_every_n_train_steps_measures_every_k_steps(tmp_path, digits, loaders, every, every_n_epochs, epochs):
+    x, _ = digits
+    callback = SVCCACallback(probe=x[:256], every_n_train_steps=every, every_n_epochs=every_n_epochs, baseline=False)
+    trainer = _trainer(tmp_path, [callback], max_epochs=2)
+    trainer.fit(_model(), loaders[0])
+
+    steps = sorted(epochs)
+    history = callback.history
+    assert sorted({row["step"] for row in _rows(history, "dims")}) == steps
+    # the epoch column counts completed epochs at the row's step
+    assert {row["step"]: row["epoch"] for row in history} == epochs
+    assert sorted({row["step"] for row in _rows(history, "previous")}) == steps[1:]
+    assert len(_keys(history)) == len(set(_keys(history)))  # nothing measured twice
+    # TensorBoard: one point per measurement, at its global step; the CSV has the step column
+    scalars = _scalars(trainer.log_dir)
+    assert [step for step, _ in scalars["svcca/previous/fc1"]] == steps[1:]
+    for row in _rows(history, "previous"):
+        assert dict(scalars[f"svcca/previous/{row['layer']}"])[row["step"]] == pytest.approx(row["value"], abs=1e-6)
+    table = _read_csv(Path(trainer.log_dir) / "svcca_history.csv")
+    assert [int(r["step"]) for r in table] == [row["step"] for row in history]
+    assert [int(r["epoch"]) for r in table] == [row["epoch"] for row in history]
+
+
+def test_a_convergence_policy_counts_its_lag_in_measurements(tmp_path, digits, loaders):
+    """Step mode: lag=2 compares each layer with its snapshot two measurements (not two epochs) earlier."""
+    x, _ = digits
+    policy = FreezePolicy(threshold=0.01, lag=2, patience=1, min_epochs=0)  # every layer counts as converged
+    callback = SVCCACallback(probe=x[:256], every_n_train_steps=1, every_n_epochs=None, freeze=policy, baseline=False)
+    trainer = _trainer(tmp_path, [callback], logger=False, limit_train_batches=4)
+    model = _model()
+    trainer.fit(model, loaders[0])
+
+    lagged = _rows(callback.history, "lag2")
+    assert sorted({row["step"] for row in lagged}) == [2, 3, 4]  # step 2 is the first with a measurement 2 back
+    # the bottom layer froze at the first measurement with a lag comparison, within the first epoch
+    assert callback.frozen["conv1"] == 0
+    frozen_at = min(row["step"] for row in _rows(callback.history, "frozen") if row["layer"] == "conv1" and row["value"])
+    assert frozen_at == 2
+    assert not model.conv1.weight.requires_grad
+
+
+def test_resuming_from_a_mid_epoch_checkpoint_continues_the_step_history(tmp_path, digits, loaders):
+    x, _ = digits
+
+    def run(root, ckpt_path=None):
+        callback = SVCCACallback(probe=x[:256], every_n_train_steps=3, every_n_epochs=None, baseline=False)
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+        trainer = _trainer(root, [callback, saver], max_epochs=2, enable_checkpointing=True)
+        trainer.fit(_model(), loaders[0], ckpt_path=ckpt_path)
+        return callback, trainer
+
+    whole, _ = run(tmp_path / "whole")
+    checkpoint = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
+    assert checkpoint.is_file()
+    resumed, trainer = run(tmp_path / "resumed", ckpt_path=checkpoint)
+
+    history = resumed.history
+    assert len(_keys(history)) == len(set(_keys(history)))
+    assert sorted({row["step"] for row in history}) == sorted({row["step"] for row in whole.history}) == [0, 3, 6, 8]
+    # what was measured before the checkpoint is carried over unchanged
+    before = [row for row in whole.history if row["step"] <= 3 and row["reference"] != "final"]
+    assert [row for row in history if row["step"] <= 3 and row["reference"] != "final"] == before
+    table = _read_csv(Path(trainer.log_dir) / "svcca_history.csv")
+    assert [int(r["step"]) for r in table] == [row["step"] for row in history]

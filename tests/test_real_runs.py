@@ -221,3 +221,98 @@ def test_resuming_from_a_mid_epoch_checkpoint_continues_the_step_history(tmp_pat
     assert [row for row in history if row["step"] <= 3 and row["reference"] != "final"] == before
     table = _read_csv(Path(trainer.log_dir) / "svcca_history.csv")
     assert [int(r["step"]) for r in table] == [row["step"] for row in history]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two-stage fits: linear probing, then full fine-tuning, with the same callback
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _backbone(model: TinyDigitsCNN, trainable: bool) -> None:
+    for parameter in [*model.conv1.parameters(), *model.bn1.parameters(), *model.conv2.parameters()]:
+        parameter.requires_grad_(trainable)
+
+
+def _fine_tune(trainer, model, loader):
+    """Stage 2 in a fixed data order, so a run of a fresh callback can be compared with it."""
+    _backbone(model, True)
+    trainer.fit(model, DataLoader(loader.dataset, batch_size=64))
+
+
+@pytest.mark.parametrize("same_trainer", [False, True], ids=["new-trainer", "same-trainer"])
+def test_a_second_fit_of_the_same_callback_is_a_run_of_its_own(tmp_path, digits, loaders, same_trainer):
+    x, _ = digits
+    options = {"probe": x[:256], "reference": ("previous", "initial", "final"), "baseline": False}
+    callback = SVCCACallback(**options)
+    model = _model()
+    _backbone(model, False)  # stage 1: linear probing, the user froze the backbone
+    first = _trainer(tmp_path, [callback], max_epochs=2)
+    first.fit(model, loaders[0])
+    stage1 = [dict(row) for row in callback.history]
+    stage1_dir = Path(first.log_dir)
+    stage1_csv = (stage1_dir / "svcca_history.csv").read_text()
+    # conv1 reads the raw input and did not train: it is where it started (snapshots are float32 bases)
+    assert all(row["value"] == pytest.approx(1.0, abs=1e-5) for row in _rows(stage1, "initial") if row["layer"] == "conv1")
+
+    # what stage 2 must record: a fresh callback fine-tuning an identical copy from the same point
+    twin, twin_callback = _model(), SVCCACallback(**options)
+    twin.load_state_dict(model.state_dict())
+    _fine_tune(_trainer(tmp_path / "twin", [twin_callback], max_epochs=2, logger=False), twin, loaders[0])
+
+    if same_trainer:
+        second = first
+        second.fit_loop.max_epochs = 4
+    else:
+        second = _trainer(tmp_path, [callback], max_epochs=2)
+    _fine_tune(second, model, loaders[0])
+
+    history = callback.history
+    assert len(_keys(history)) == len(set(_keys(history)))
+    assert sorted({row["epoch"] for row in history}) == [0, 1, 2]  # this fit's epochs, from 0
+    start = 8 if same_trainer else 0  # the trainer's global step goes on; the epochs are this fit's
+    assert sorted({row["step"] for row in history}) == [start, start + 4, start + 8]
+    # epoch 0 is the model as stage 2 starts, and every value is what a fresh callback records
+    for row, twin_row in zip(history, twin_callback.history, strict=True):
+        assert {**row, "step": 0, "value": 0} == {**twin_row, "step": 0, "value": 0}
+        assert row["value"] == pytest.approx(twin_row["value"], abs=1e-6), row
+    assert min(row["value"] for row in _rows(history, "initial", epoch=2) if row["layer"] == "conv1") < 0.999
+
+    # files: stage 1's CSV is untouched; stage 2's holds stage 2's rows only, in its own folder or under its own name
+    assert (stage1_dir / "svcca_history.csv").read_text() == stage1_csv
+    log_dir = Path(second.log_dir)
+    assert (log_dir == stage1_dir) == same_trainer
+    name = "svcca_history-1.csv" if same_trainer else "svcca_history.csv"
+    table = _read_csv(log_dir / name)
+    assert [(int(r["epoch"]), int(r["step"]), r["layer"], r["reference"]) for r in table] == [
+        (row["epoch"], row["step"], row["layer"], row["reference"]) for row in history
+    ]
+    scalars = _scalars(log_dir)
+    for layer in callback.layers:
+        if same_trainer:  # one logger: both fits' curves share its tags, at distinct global steps
+            assert [step for step, _ in scalars[f"svcca/previous/{layer}"]] == [4, 8, 12, 16]
+        else:  # the new folder holds stage 2's points only, once each
+            assert [step for step, _ in scalars[f"svcca/previous/{layer}"]] == [4, 8]
+            assert [step for step, _ in scalars[f"svcca/dims/{layer}"]] == [0, 4, 8]
+            assert [step for step, _ in scalars[f"svcca/final/{layer}"]] == [0, 4, 8]
+
+
+def test_resuming_a_checkpoint_after_another_fit_continues_the_checkpointed_run(tmp_path, digits, loaders):
+    x, _ = digits
+    callback = SVCCACallback(probe=x[:256], baseline=False)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    model = _model()
+    first = _trainer(tmp_path, [callback, saver], max_epochs=2, enable_checkpointing=True)
+    first.fit(model, loaders[0])
+    stage1 = [dict(row) for row in callback.history if row["reference"] != "final"]
+    _trainer(tmp_path, [callback], max_epochs=1).fit(_model(seed=3), loaders[0])  # another run in between
+    assert {row["epoch"] for row in callback.history} == {0, 1}
+
+    resumed = _trainer(tmp_path, [callback], max_epochs=3)
+    resumed.fit(model, loaders[0], ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    history = callback.history
+    assert [row for row in history if row["epoch"] <= 2 and row["reference"] != "final"] == [
+        row for row in stage1 if row["epoch"] <= 2
+    ]
+    assert sorted({row["epoch"] for row in history}) == [0, 1, 2, 3]  # the checkpointed run's epochs go on
+    assert len(_keys(history)) == len(set(_keys(history)))
+    assert {row["step"] for row in _rows(history, "previous", epoch=3)} == {12}

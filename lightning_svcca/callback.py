@@ -216,6 +216,7 @@ class _SVCCACallbackCore:
         Every ``fit`` is a run of its own (a second fit of the same callback starts a new history), unless it
         resumes from a checkpoint, whose state ``load_state_dict`` hands to the monitor built here.
         """
+        stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn (a str enum): "validate", ...
         if stage != "fit":
             if stage not in self._warned_stages and trainer.is_global_zero:
                 self._warned_stages.add(stage)

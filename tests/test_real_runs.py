@@ -316,3 +316,49 @@ def test_resuming_a_checkpoint_after_another_fit_continues_the_checkpointed_run(
     assert sorted({row["epoch"] for row in history}) == [0, 1, 2, 3]  # the checkpointed run's epochs go on
     assert len(_keys(history)) == len(set(_keys(history)))
     assert {row["step"] for row in _rows(history, "previous", epoch=3)} == {12}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Calls that measure nothing, and runs that must write nothing (or only into default_root_dir)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Testable(TinyDigitsCNN):
+    def test_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        return self.validation_step(batch, batch_idx)
+
+
+def test_validate_and_test_alone_warn_once_that_nothing_is_measured(tmp_path, digits, loaders):
+    x, _ = digits
+    callback = SVCCACallback(probe=x[:256])
+    trainer = _trainer(tmp_path, [callback], logger=False)
+    model = _Testable()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            trainer.validate(model, loaders[1], verbose=False)
+            trainer.test(model, loaders[1], verbose=False)
+    ours = [str(w.message) for w in caught if issubclass(w.category, SVCCAMonitorWarning)]
+    assert len(ours) == 2
+    assert "validate run records nothing" in ours[0] and "test run records nothing" in ours[1]
+    assert callback.history == [] and not list(tmp_path.rglob("*svcca*"))
+
+
+@pytest.mark.parametrize("overrides", [{"fast_dev_run": True}, {"logger": False}], ids=["fast_dev_run", "no-logger"])
+def test_nothing_is_written_outside_default_root_dir(tmp_path, monkeypatch, digits, loaders, overrides):
+    x, _ = digits
+    cwd, root = tmp_path / "cwd", tmp_path / "root"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    # a tiny snapshot budget: snapshots spill to files from the first measurement on
+    callback = SVCCACallback(probe=x[:256], max_snapshot_bytes=1)
+    trainer = _trainer(root, [callback], enable_checkpointing=False, **overrides)
+    trainer.fit(_model(), loaders[0], loaders[1])
+
+    assert callback.history  # it measured
+    assert list(cwd.iterdir()) == []
+    written = sorted(path.name for path in root.rglob("*") if path.is_file())
+    if "fast_dev_run" in overrides:  # a debugging run: no files at all, as Lightning writes none
+        assert written == []
+    else:
+        assert "svcca_history.csv" in written and (root / "svcca_history.csv").is_file()

@@ -13,13 +13,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from digits_models import TinyDigitsCNN
 from lightning_svcca import FreezePolicy, SVCCACallback, SVCCAMonitorWarning
+
+from digits_models import TinyDigitsCNN
 
 PRECISIONS = ["32-true", "64-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed"]
 #: fp16 autocast needs a GPU: on a CPU Lightning swaps ``16-mixed`` for ``bf16-mixed`` (with a warning)
@@ -143,6 +142,41 @@ def test_mixed_precision_probes_match_float32_unless_autocast_is_asked_for(tmp_p
     assert all(low <= high for low, high in dims) and any(low < high for low, high in dims)
 
 
+@pytest.mark.filterwarnings("ignore:.*SVCCA keeps")  # 32 sentences are few for the pooler
+def test_bert_under_bf16_precisions(tmp_path):
+    """A tiny BERT on dict batches: bf16-mixed matches float32 at epoch 0, bf16-true measures in bfloat16."""
+    test_models = pytest.importorskip("test_models")  # needs transformers
+    data = test_models._text_data(48, torch.Generator().manual_seed(0))
+    probe = {key: value[:32] for key, value in data.columns.items() if key != "labels"}
+    initial = test_models._bert().state_dict()
+    other = test_models._HFModule(test_models._bert())  # a fixed reference: the initial weights, perturbed
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+
+    def run(precision):
+        model = test_models._HFModule(test_models._bert().train())
+        model.model.load_state_dict(initial)
+        callback = SVCCACallback(probe=probe, reference=("previous", "final", {"other": other}))
+        trainer = _trainer(tmp_path / precision, [callback], precision=precision, logger=False, limit_train_batches=2)
+        trainer.fit(model, DataLoader(data, batch_size=16))
+        return callback.history
+
+    histories = {precision: run(precision) for precision in ("32-true", "bf16-mixed", "bf16-true")}
+    for history in histories.values():
+        assert {row["epoch"] for row in history} == {0, 1}
+        assert all(math.isfinite(row["value"]) for row in history)
+        assert len({row["layer"] for row in _rows(history, "previous")}) == 5  # embeddings, 2 blocks, pooler, head
+    epoch0 = {
+        precision: {(r["layer"], r["reference"]): r["value"] for r in _rows(h, epoch=0) if r["reference"] != "final"}
+        for precision, h in histories.items()
+    }
+    assert epoch0["bf16-mixed"].keys() == epoch0["32-true"].keys()
+    for key, value in epoch0["32-true"].items():
+        assert epoch0["bf16-mixed"][key] == pytest.approx(value, abs=1e-4), key
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Measuring every k optimizer steps
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,7 +227,9 @@ def test_a_convergence_policy_counts_its_lag_in_measurements(tmp_path, digits, l
     assert sorted({row["step"] for row in lagged}) == [2, 3, 4]  # step 2 is the first with a measurement 2 back
     # the bottom layer froze at the first measurement with a lag comparison, within the first epoch
     assert callback.frozen["conv1"] == 0
-    frozen_at = min(row["step"] for row in _rows(callback.history, "frozen") if row["layer"] == "conv1" and row["value"])
+    frozen_at = min(
+        row["step"] for row in _rows(callback.history, "frozen") if row["layer"] == "conv1" and row["value"]
+    )
     assert frozen_at == 2
     assert not model.conv1.weight.requires_grad
 
@@ -252,7 +288,9 @@ def test_a_second_fit_of_the_same_callback_is_a_run_of_its_own(tmp_path, digits,
     stage1_dir = Path(first.log_dir)
     stage1_csv = (stage1_dir / "svcca_history.csv").read_text()
     # conv1 reads the raw input and did not train: it is where it started (snapshots are float32 bases)
-    assert all(row["value"] == pytest.approx(1.0, abs=1e-5) for row in _rows(stage1, "initial") if row["layer"] == "conv1")
+    assert all(
+        row["value"] == pytest.approx(1.0, abs=1e-5) for row in _rows(stage1, "initial") if row["layer"] == "conv1"
+    )
 
     # what stage 2 must record: a fresh callback fine-tuning an identical copy from the same point
     twin, twin_callback = _model(), SVCCACallback(**options)
@@ -362,3 +400,34 @@ def test_nothing_is_written_outside_default_root_dir(tmp_path, monkeypatch, digi
         assert written == []
     else:
         assert "svcca_history.csv" in written and (root / "svcca_history.csv").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Class-sorted datasets (ImageFolder order)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["default-probe", "loader-probe"])
+def test_a_class_sorted_dataset_gives_a_probe_of_every_class_and_the_same_after_resume(tmp_path, digits, given):
+    x, y = digits
+    order = torch.argsort(y, stable=True)
+    sorted_set = TensorDataset(x[order], y[order])  # the first 200 samples hold classes 0 and 1 only
+    assert set(sorted_set[:200][1].tolist()) == {0, 1}
+    train = DataLoader(sorted_set, batch_size=64)
+
+    def fit(callback, max_epochs=1, ckpt_path=None):
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        trainer = _trainer(tmp_path, [callback, saver], max_epochs=max_epochs, enable_checkpointing=True, logger=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SVCCAMonitorWarning)  # e.g. "the probe differs from the checkpoint's"
+            trainer.fit(model, train, ckpt_path=ckpt_path)
+        return callback.monitor.probe.batch
+
+    model = _model()
+    probe = fit(SVCCACallback(probe=train if given else None, probe_size=200))
+    labels = probe[1]
+    assert len(labels) == 200 and set(labels.tolist()) == set(range(10))
+    assert min(torch.bincount(labels).tolist()) >= 8  # a random subset: roughly 20 per class
+
+    again = fit(SVCCACallback(probe=train if given else None, probe_size=200), max_epochs=2, ckpt_path="last")
+    assert torch.equal(again[0], probe[0]) and torch.equal(again[1], labels)

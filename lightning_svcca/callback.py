@@ -225,6 +225,7 @@ class _SVCCACallbackCore:
         Every ``fit`` is a run of its own (a second fit of the same callback starts a new history), unless it
         resumes from a checkpoint, whose state ``load_state_dict`` hands to the monitor built here.
         """
+        stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn (a str enum): "validate", ...
         if stage != "fit":
             if stage not in self._warned_stages and trainer.is_global_zero:
                 self._warned_stages.add(stage)
@@ -289,9 +290,11 @@ class _SVCCACallbackCore:
         """Measure every ``every_n_train_steps`` steps, and on the epoch's last batch (before validation)."""
         steps = self.config.every_n_train_steps
         step = int(trainer.global_step)
+        last = _is_last_batch(trainer, batch_idx)
         if steps is not None and step > 0 and step % steps == 0:
-            self._measure(trainer)
-        elif _is_last_batch(trainer, batch_idx):
+            # on an epoch's last batch the epoch is complete: the row counts it
+            self._measure(trainer, completed=self._fit_epoch(trainer) + 1 if last else None)
+        elif last:
             self._end_of_epoch(trainer)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:

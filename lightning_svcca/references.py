@@ -8,6 +8,7 @@ checkpoint's weights), or a tensor of features aligned with the probe's samples.
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -119,12 +120,18 @@ def check_reference_layers(reference: Reference, layers: Sequence[str]) -> None:
 def reference_model(reference: Reference, pl_module: nn.Module) -> Iterator[nn.Module]:
     """The model to probe for a fixed reference.
 
-    A module reference runs on the model's device (and goes back afterwards); a checkpoint reference is the model
-    itself with the checkpoint's weights loaded for the duration, restored bit for bit afterwards.
+    A module reference runs on the model's device (and goes back afterwards), as a copy in the model's floating
+    dtype when the two differ (a float32 pretrained model beside a ``bf16-true`` or ``64-true`` one, whose probe
+    inputs are cast to that dtype); a checkpoint reference is the model itself with the checkpoint's weights
+    loaded for the duration, restored bit for bit afterwards.
     """
     device = device_of(pl_module)
     if reference.kind == "module":
         module: nn.Module = reference.source
+        dtype = _floating_dtype(pl_module)
+        if dtype is not None and _floating_dtype(module) not in (None, dtype):
+            yield copy.deepcopy(module).to(device=device, dtype=dtype)
+            return
         original = next((p.device for p in module.parameters()), device)
         module.to(device)
         try:
@@ -179,3 +186,8 @@ def device_of(module: nn.Module) -> torch.device:
     if isinstance(device, torch.device):
         return device
     return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def _floating_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of a module's first floating-point parameter (``None`` without one)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)

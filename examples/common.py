@@ -42,6 +42,26 @@ def cpu_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def format_columns(
+    title: str,
+    layers: list[str],
+    columns: dict[str, dict[str, float]],
+    *,
+    label: str = "layer",
+    names: dict[str, str] | None = None,
+) -> str:
+    """Plain-text table: one row per layer (``names`` shortens them), one column per measurement."""
+    shown = {layer: (names or {}).get(layer, layer) for layer in layers}
+    first = max(len(label), *(len(name) for name in shown.values())) + 2
+    width = max(12, *(len(name) + 2 for name in columns))
+    header = f"{label:<{first}}" + "".join(f"{name:>{width}}" for name in columns)
+    lines = [title, header, "-" * len(header)]
+    for layer in layers:
+        cells = [values.get(layer, float("nan")) for values in columns.values()]
+        lines.append(f"{shown[layer]:<{first}}" + "".join(f"{value:>{width}.3f}" for value in cells))
+    return "\n".join(lines)
+
+
 def run_example(run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> Any:
     """``run(args)`` seeded, with ``args.threads`` CPU threads, and without Lightning's advice for large jobs."""
     with cpu_threads(args.threads), warnings.catch_warnings():

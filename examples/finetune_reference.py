@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_svcca import SVCCACallback, compare_models
 from lightning_svcca.reporting import HISTORY_FILE, history_matrix
 
-from common import HelpFormatter, add_run_arguments, run_example
+from common import HelpFormatter, add_run_arguments, format_columns, run_example
 from digits import DigitsCNN, accuracy, load_data
 
 #: Monitored layers, bottom-up: each block after its non-linearity, then the (new) output layer.
@@ -78,16 +78,6 @@ def last_values(history: list[dict[str, Any]], reference: str, layers: list[str]
         if measured.size:
             result[name] = float(measured[-1])
     return result
-
-
-def format_table(layers: list[str], columns: dict[str, dict[str, float]]) -> str:
-    """Plain-text table: one row per layer, one column per reference."""
-    header = f"{'layer':<8}" + "".join(f"{name:>16}" for name in columns)
-    lines = [TABLE_TITLE, header, "-" * len(header)]
-    for layer in layers:
-        cells = [values.get(layer, float("nan")) for values in columns.values()]
-        lines.append(f"{layer:<8}" + "".join(f"{value:>16.3f}" for value in cells))
-    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -170,7 +160,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     print(f"\npretrained on digits 0-4: test accuracy {pretrain_accuracy:.3f} on {len(old_test)} held-out digits")
     print(f"fine-tuned on digits 5-9: test accuracy {new_accuracy:.3f} on {len(new_test)} held-out digits\n")
-    print(format_table(layers, columns))
+    print(format_columns(TABLE_TITLE, layers, columns, label="layer"))
     print(
         f"(after {args.finetune_epochs} epochs; 'initial' is the pretrained body with the new head, so it differs"
         " from 'pretrained' only at fc2;\n 'noise floor': the same measure with the probe's datapoints shuffled,"

@@ -48,7 +48,7 @@ from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
 from lightning_svcca import SVCCACallback
 from lightning_svcca.reporting import HISTORY_FILE
 
-from common import HelpFormatter, add_run_arguments, run_example
+from common import HelpFormatter, add_run_arguments, format_columns, run_example
 from finetune_reference import last_values, trainer
 
 SAMPLE_RATE = 4000
@@ -155,16 +155,6 @@ def values_at(history: list[dict[str, Any]], reference: str, layers: list[str], 
     }
 
 
-def format_table(layers: list[str], columns: dict[str, dict[str, float]]) -> str:
-    """Plain-text table: one row per layer (its short name), one column per measurement."""
-    header = f"{'layer':<20}" + "".join(f"{name:>20}" for name in columns)
-    lines = [TABLE_TITLE, header, "-" * len(header)]
-    for layer in layers:
-        cells = [values.get(layer, float("nan")) for values in columns.values()]
-        lines.append(f"{short(layer):<20}" + "".join(f"{value:>20.3f}" for value in cells))
-    return "\n".join(lines)
-
-
 def short(layer: str) -> str:
     """``model.wav2vec2.encoder.layers.3`` -> ``encoder.layers.3``."""
     return layer.removeprefix("model.wav2vec2.")
@@ -258,7 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     print(f"\npretrained (tone frequency, 6 classes): accuracy {pretrain_accuracy:.3f} on {len(tone_test)} clips")
     print(f"fine-tuned (pitch shape, 3 classes): accuracy {new_accuracy:.3f} on {len(shape_test)} clips\n")
-    print(format_table(layers, columns))
+    print(format_columns(TABLE_TITLE, layers, columns, label="layer", names={layer: short(layer) for layer in layers}))
     print(
         f"(after {args.finetune_epochs} epochs of fine-tuning; datapoints are the probe's real 20 ms frames, padding"
         " left out;\n 'noise floor': the same measure with the datapoints shuffled)\n"

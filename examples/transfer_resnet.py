@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from lightning_svcca import SVCCACallback
 from lightning_svcca.reporting import HISTORY_FILE
 
-from common import HelpFormatter, add_run_arguments, run_example
+from common import HelpFormatter, add_run_arguments, format_columns, run_example
 from digits import accuracy, load_data
 from finetune_reference import FINETUNE_CLASSES, PRETRAIN_CLASSES, last_values, only, trainer
 
@@ -124,16 +124,6 @@ def first_values(history: list[dict[str, Any]], reference: str, layers: list[str
     }
 
 
-def format_table(layers: list[str], columns: dict[str, dict[str, float]]) -> str:
-    """Plain-text table: one row per stage, one column per measurement."""
-    header = f"{'stage':<8}" + "".join(f"{name:>22}" for name in columns)
-    lines = [TABLE_TITLE, header, "-" * len(header)]
-    for layer in layers:
-        cells = [values.get(layer, float("nan")) for values in columns.values()]
-        lines.append(f"{layer:<8}" + "".join(f"{value:>22.3f}" for value in cells))
-    return "\n".join(lines)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__,
@@ -210,7 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     print(f"\npretrained on digits 0-4: test accuracy {pretrain_accuracy:.3f} on {len(old_test)} held-out digits")
     print(f"fine-tuned on digits 5-9: test accuracy {new_accuracy:.3f} on {len(new_test)} held-out digits\n")
-    print(format_table(layers, columns))
+    print(format_columns(TABLE_TITLE, layers, columns, label="stage"))
     print(
         "(every spatial position of a stage's output is a datapoint; 'noise floor': the same measure with the"
         " probe's\n datapoints shuffled, what unrelated representations would score)\n"

@@ -214,7 +214,7 @@ class _SVCCACallbackCore:
         #: Layers skipped at some epoch: (epoch, layer, reason).
         self.skipped: list[tuple[int, str, str]] = []
         self._store = SnapshotStore(max_snapshot_bytes, self._spill_dir)
-        self._freezer = Freezer()
+        self._freezer = Freezer(policy=freeze, spill_dir=self._spill_dir)
         self._streaks: dict[str, int] = {}
         self._measured: list[int] = []
         self._layer_order: list[str] = []
@@ -309,9 +309,8 @@ class _SVCCACallbackCore:
             self._reporter.layout(charts, self.layers)
 
     def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
-        """Keep frozen BatchNorm layers in eval mode whatever ``model.train()`` did."""
-        if self._freezer.norm_modules:
-            self._freezer.keep_norms_in_eval(pl_module)
+        """Keep frozen BatchNorm layers in eval mode whatever ``model.train()`` did; tell the prefix cache the epoch."""
+        self._freezer.start_batch(pl_module, int(trainer.current_epoch))
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: nn.Module, optimizer: Any) -> None:
         """Soft freezing only: drop the frozen parameters' gradients."""
@@ -353,6 +352,7 @@ class _SVCCACallbackCore:
         """Delete spilled snapshot files (also after interrupted fits)."""
         if stage == "fit":
             self._store.close()
+            self._freezer.close()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue identically: history, freezes, policy counters, snapshots."""
@@ -712,10 +712,22 @@ class _SVCCACallbackCore:
         blocks = freeze_blocks(recorder.completion, self.layers, pl_module)
         for decision in decisions:
             block = blocks[decision.layer]
+            if not self._freezer.leaves_trainable(pl_module, block):
+                self._warn_once(
+                    "freeze-all",
+                    f"the freeze policy would freeze every trainable parameter at layer {decision.layer!r}; it stops"
+                    " one short and that layer keeps training. Use FreezePolicy(keep_last=1) or more",
+                    trainer,
+                )
+                break
             self._freezer.freeze(pl_module, decision.layer, block)
             self.frozen[decision.layer] = epoch
+            if not block.parameters:  # nothing of its own to freeze: noted, not reported as a freeze
+                self._logger().debug(f"layer {decision.layer!r} has no parameters of its own: {decision.reason}")
+                continue
+            count = len(block.parameters)
             message = (
-                f"froze layer {decision.layer!r} at epoch {epoch} ({len(block.parameters)} parameter tensors):"
+                f"froze layer {decision.layer!r} at epoch {epoch} ({count} parameter tensor{'s' * (count != 1)}):"
                 f" {decision.reason}"
             )
             if trainer.is_global_zero:

@@ -62,7 +62,7 @@ def prefix_refusal(model: nn.Module, modules: Sequence[str], boundary: str) -> s
             return f"module {name!r} of the frozen prefix is not in the model"
         for parameter_name, parameter in module.named_parameters():
             if parameter.requires_grad:
-                return f"parameter '{name}.{parameter_name}' in the frozen prefix still trains (shared with a layer above?)"
+                return f"parameter '{name}.{parameter_name}' in the frozen prefix still trains (shared above?)"
         for sub_name, sub in module.named_modules():
             full = f"{name}.{sub_name}" if sub_name else name
             if isinstance(sub, _DropoutNd) and sub.p > 0:
@@ -284,7 +284,9 @@ class PrefixCache:
             return
         replayed, error = self._replay(module, args, kwargs, cached)
         if error is not None:
-            self.disable(f"the forward pass fails when the prefix is skipped ({error}); the frozen layers are not a prefix")
+            self.disable(
+                f"the forward pass fails when the prefix is skipped ({error}); the frozen layers are not a prefix"
+            )
             return
         if not _same_outputs(output, replayed):
             self.disable(
@@ -297,7 +299,12 @@ class PrefixCache:
     def _replay(self, module: nn.Module, args: tuple, kwargs: dict, cached: Tensor) -> tuple[Any, str | None]:
         """The same forward through the short cut: same random state, buffers (running statistics) restored."""
         rng_after = _rng_state()
-        buffers = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
+        # the replay updates copies of the buffers: the originals (saved for backward) must not change version
+        originals = [(owner, dict(owner._buffers)) for owner in module.modules() if owner._buffers]
+        for owner, buffers in originals:
+            for name, buffer in buffers.items():
+                if buffer is not None:
+                    owner._buffers[name] = buffer.detach().clone()
         self._replaying, self._mode, self._served = True, "hit", cached
         try:
             _set_rng_state(self._rng_before)
@@ -308,9 +315,8 @@ class PrefixCache:
         finally:
             self._replaying, self._mode = False, None
             _set_rng_state(rng_after)
-            with torch.no_grad():
-                for buffer, saved in buffers:
-                    buffer.copy_(saved)
+            for owner, buffers in originals:
+                owner._buffers.update(buffers)
 
     # ------------------------------------------------------------------------------------------------------------
     # Storage
@@ -421,7 +427,7 @@ def _same_outputs(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor) and isinstance(b, Tensor):
         return a.shape == b.shape and _close(b.detach(), a.detach())
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same_outputs(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same_outputs(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same_outputs(a[key], b[key]) for key in a)
     return type(a) is type(b)

@@ -184,7 +184,7 @@ def finetune_variants() -> dict[str, FreezePolicy | None]:
 
 def run_all(seeds: list[int], quick: bool, root: Path) -> dict[str, dict[str, list[Run]]]:
     """Both workloads, seed by seed, variants interleaved."""
-    limit = 192 if quick else None
+    limit = 128 if quick else None
     scratch_epochs, pretrain_epochs, finetune_epochs = (3, 2, 3) if quick else (12, 8, 15)
     everything = digits32(range(10), limit)
     lower, upper = digits32(range(5), limit), digits32(range(5, 10), limit)
@@ -196,6 +196,7 @@ def run_all(seeds: list[int], quick: bool, root: Path) -> dict[str, dict[str, li
         for name, policy in scratch_variants().items():
             run = fit(copy.deepcopy(initial), everything, policy, scratch_epochs, seed, root / f"a{seed}")
             results["a"].setdefault(name, []).append(run)
+            _progress("a", name, seed, run)
         pl.seed_everything(seed, verbose=False)
         pretrained = ConvNet()
         fit(pretrained, lower, None, pretrain_epochs, seed, root / f"pre{seed}")
@@ -203,7 +204,18 @@ def run_all(seeds: list[int], quick: bool, root: Path) -> dict[str, dict[str, li
         for name, policy in finetune_variants().items():
             run = fit(copy.deepcopy(pretrained), upper, policy, finetune_epochs, seed, root / f"b{seed}")
             results["b"].setdefault(name, []).append(run)
+            _progress("b", name, seed, run)
     return results
+
+
+def _progress(workload: str, name: str, seed: int, run: Run) -> None:
+    frozen = ", ".join(f"{layer}@{epoch}" for layer, epoch in run.frozen.items()) or "-"
+    share = "-" if run.cached_share is None else f"{run.cached_share:.0%}"
+    print(
+        f"# ({workload}) seed {seed} {name}: {run.seconds:.1f} s, accuracy {100 * run.accuracy:.2f}%,"
+        f" cached {share}, frozen {frozen}",
+        flush=True,
+    )
 
 
 def report(results: dict[str, dict[str, list[Run]]], threads: int, seeds: list[int]) -> str:
@@ -249,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[Run]]]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the target machine has 2 cores)")
     parser.add_argument("--root", type=Path, default=None, help="run directory (default: a temporary one)")
-    parser.add_argument("--quick", action="store_true", help="192 samples, 2-3 epochs, one seed: a smoke test")
+    parser.add_argument("--quick", action="store_true", help="128 samples, 2-3 epochs, one seed: a smoke test")
     args = parser.parse_args(argv)
     seeds = args.seeds[:1] if args.quick else args.seeds
     previous = torch.get_num_threads()

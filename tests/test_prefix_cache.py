@@ -240,3 +240,24 @@ def test_sample_keys_are_exact_content_keys():
     # every tensor argument with the batch dimension is part of the key
     assert sample_keys((x, torch.zeros(4)), {})[0] != sample_keys((x, torch.ones(4)), {})[0]
     assert sample_keys((3,), {}) is None
+
+
+@pytest.mark.slow
+def test_under_ddp_each_process_caches_its_own_samples(tmp_path):
+    """Two gloo processes, the same samples per process every epoch: the cache serves each process's own samples
+    and the weights end as without it."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from test_distributed import _run_worker
+
+    cached = _run_worker(tmp_path / "cache", "cache", "--epochs", "5")
+    plain = _run_worker(tmp_path / "plain", "nocache", "--epochs", "5")
+    # 1200 samples, 600 per process, limit_train_batches=6 of 64: each process caches its own 384
+    assert [rank["cache"]["entries"] for rank in cached] == [384, 384]
+    assert all(rank["cache"]["enabled"] and rank["cache"]["skipped"] == 10 for rank in cached)
+    assert cached[0]["frozen"] == plain[0]["frozen"] == {"relu1": 1, "relu2": 2}
+    weights = torch.load(tmp_path / "cache" / "final_weights.pt"), torch.load(tmp_path / "plain" / "final_weights.pt")
+    for name, value in weights[1].items():
+        torch.testing.assert_close(weights[0][name], value, rtol=1e-5, atol=1e-6, msg=name)

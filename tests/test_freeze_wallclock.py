@@ -17,7 +17,12 @@ def test_quick_mode_runs_every_variant(tmp_path, capsys):
     spec.loader.exec_module(module)
     results = module.main(["--quick", "--threads", "1", "--root", str(tmp_path)])
     assert set(results["a"]) == {"no callback", "convergence (defaults)", "linear schedule", "linear schedule + cache"}
-    assert set(results["b"]) == {"no callback", "convergence (defaults)", "convergence + cache"}
+    assert set(results["b"]) == {
+        "no callback",
+        "convergence (defaults)",
+        "convergence + cache",
+        "stages 1-2 at epoch 3 + cache",
+    }
     # the linear schedule freezes the three stages at epochs 1, 2, 3 of 3
     assert results["a"]["linear schedule"][0].frozen == {"stage1": 1, "stage2": 2, "stage3": 3}
     table = capsys.readouterr().out

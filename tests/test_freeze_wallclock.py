@@ -21,6 +21,7 @@ def test_quick_mode_runs_every_variant(tmp_path, capsys):
         "no callback",
         "convergence (defaults)",
         "convergence + cache",
+        "convergence 0.98 + cache",
         "stages 1-2 at epoch 3 + cache",
     }
     # the linear schedule freezes the three stages at epochs 1, 2, 3 of 3

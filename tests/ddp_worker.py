@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     pl.seed_everything(0, verbose=False)
     (x_train, y_train), (x_probe, _), _ = digits_tensors()
-    # cache scenarios: the same samples on each rank every epoch (no shuffling), with and without the prefix cache
+    # cache scenarios: with and without the prefix cache, loader unshuffled (Lightning's sampler still reshuffles)
     shuffle = args.scenario not in ("cache", "nocache")
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x_train, y_train), batch_size=64, shuffle=shuffle
@@ -74,7 +74,7 @@ def main() -> None:
         devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",
         default_root_dir=args.out,
-        callbacks=[callback, checkpoints, _CacheCounters(callback)],
+        callbacks=[callback, checkpoints, counters := _CacheCounters(callback)],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -89,7 +89,7 @@ def main() -> None:
         "history": callback.history,
         "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
         "checksums": {name: float(p.detach().double().sum()) for name, p in model.named_parameters()},
-        "cache": trainer.callbacks[-1].counters,
+        "cache": counters.counters,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))

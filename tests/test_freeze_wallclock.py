@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,11 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "freeze_wallclock.
 def test_quick_mode_runs_every_variant(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("freeze_wallclock", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules["freeze_wallclock"] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop("freeze_wallclock", None)
     results = module.main(["--quick", "--threads", "1", "--root", str(tmp_path)])
     assert set(results["a"]) == {"no callback", "convergence (defaults)", "linear schedule", "linear schedule + cache"}
     assert set(results["b"]) == {

@@ -60,7 +60,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         for epoch in range(epochs):
             model.train()
             for x, y in loader:
-                monitor.before_batch()
+                monitor.before_batch(epoch=epoch)
                 loss = functional.cross_entropy(model(x), y)
                 optimizer.zero_grad()
                 loss.backward()

@@ -9,20 +9,30 @@ applies it: ``requires_grad`` off (autograd skips their gradients, which is the 
 
 Dropout inside a frozen block is left as it is: it keeps regularising what is trained above it, and a frozen
 block's parameters do not change either way.
+
+With ``FreezePolicy(cache_outputs=True)`` the :class:`Freezer` also keeps a
+:class:`~lightning_svcca.prefix_cache.PrefixCache` on the frozen prefix (the frozen layers from the bottom up to
+the first unfrozen one), so the prefix's forward pass is skipped too; see that module for when it is refused.
+A freeze never takes the last trainable parameters: the Freezer stops one short (:meth:`Freezer.leaves_trainable`).
 """
 
 from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Iterator, Mapping, Sequence
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.parallel import DistributedDataParallel
+
+from lightning_svcca.prefix_cache import PrefixCache, PrefixCacheWarning, prefix_refusal
 
 __all__ = [
     "Block",
@@ -65,6 +75,13 @@ class FreezePolicy:
         noise_aware: judge convergence on ``(value - baseline) / (1 - baseline)``, with ``baseline`` the same
             measure on the probe with its datapoint pairing shuffled, so CCA's small-probe bias (high values for
             unrelated data when directions are many and datapoints few) cannot pass for convergence.
+        cache_outputs: once the frozen layers form a prefix of the forward pass (the lowest monitored layers),
+            compute each training sample's prefix output once and skip the prefix's forward pass afterwards
+            (:mod:`lightning_svcca.prefix_cache`). Samples are keyed by their exact input bytes; the cache checks
+            itself on a sample of batches and turns itself off with a warning where it would change training
+            (dropout or batch statistics in the prefix, random augmentation, a prefix that is not a prefix).
+        cache_max_bytes: host memory for cached outputs (``None``: unbounded); beyond it they are written to
+            files in the run directory, deleted when the fit ends.
     """
 
     mode: FreezeMode = "convergence"
@@ -78,6 +95,8 @@ class FreezePolicy:
     max_frozen: int | None = None
     schedule: dict[str, int] | None = None
     noise_aware: bool = False
+    cache_outputs: bool = False
+    cache_max_bytes: int | None = 2**30
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -94,6 +113,8 @@ class FreezePolicy:
         for name in ("min_epochs", "keep_last"):
             if getattr(self, name) < 0:
                 raise ValueError(f"FreezePolicy.{name} must be >= 0, got {getattr(self, name)}")
+        if self.cache_max_bytes is not None and self.cache_max_bytes < 0:
+            raise ValueError(f"FreezePolicy.cache_max_bytes must be >= 0 or None, got {self.cache_max_bytes}")
         if self.max_frozen is not None and self.max_frozen < 0:
             raise ValueError(f"FreezePolicy.max_frozen must be >= 0 or None, got {self.max_frozen}")
         if self.mode == "schedule" and not self.schedule:
@@ -121,6 +142,7 @@ class FreezePolicy:
         similarities: Mapping[str, float],
         baselines: Mapping[str, float] | None = None,
         max_epochs: int | None = None,
+        compared_with: str | None = None,
     ) -> list[FreezeDecision]:
         """Layers to freeze now, bottom-up, with the reason for each; updates ``streaks`` in place.
 
@@ -132,6 +154,8 @@ class FreezePolicy:
             similarities: this measurement's similarity of each layer to its snapshot ``lag`` epochs earlier.
             baselines: the shuffled-pairing baseline of each layer (for ``noise_aware``).
             max_epochs: the Trainer's ``max_epochs`` (for ``linear``).
+            compared_with: how a reason names the snapshot compared with (default ``"epoch <epoch - lag>"``; when
+                measuring every k steps, the lag counts measurements).
         """
         ready: dict[str, str] = {}
         if self.mode == "convergence":
@@ -139,7 +163,8 @@ class FreezePolicy:
                 if layer in frozen or layer not in similarities:
                     continue
                 value = similarities[layer]
-                judged, note = value, f"{self.metric} to epoch {epoch - self.lag} = {value:.4f}"
+                earlier = compared_with or f"epoch {epoch - self.lag}"
+                judged, note = value, f"{self.metric} to {earlier} = {value:.4f}"
                 if self.noise_aware and baselines and layer in baselines and baselines[layer] < 1.0:
                     judged = (value - baselines[layer]) / (1.0 - baselines[layer])
                     note += f", {judged:.4f} above the shuffled baseline {baselines[layer]:.4f}"
@@ -150,7 +175,9 @@ class FreezePolicy:
             planned = self.freeze_epochs(layers, max_epochs)
             for layer in layers:
                 if layer not in frozen and layer in planned and epoch >= planned[layer] and epoch >= self.min_epochs:
-                    ready[layer] = f"scheduled for epoch {planned[layer]} ({self.mode} schedule)"
+                    ready[layer] = f"scheduled for epoch {planned[layer]}" + (
+                        " by the linear schedule" if self.mode == "linear" else ""
+                    )
         return self._admissible(layers, frozen, ready)
 
     def _admissible(
@@ -189,6 +216,10 @@ class Block:
 
     parameters: list[str] = field(default_factory=list)
     norm_modules: list[str] = field(default_factory=list)
+    #: Every module that finished in this block's part of the forward pass (what a prefix cache skips).
+    modules: list[str] = field(default_factory=list)
+    #: The layer's position among the monitored layers, bottom-up.
+    index: int = 0
 
 
 def freeze_blocks(completion: Sequence[str], layers: Sequence[str], model: nn.Module) -> dict[str, Block]:
@@ -215,7 +246,13 @@ def freeze_blocks(completion: Sequence[str], layers: Sequence[str], model: nn.Mo
     # (block index len(layers), "above the top") means it is never frozen.
     top = len(layers)
     parameter_block: dict[int, tuple[int, str]] = {}
-    blocks = {layer: Block() for layer in layers}
+    blocks = {layer: Block(index=index) for index, layer in enumerate(layers)}
+    position = 0
+    for name in completion:
+        if position < len(layers) and name and name not in blocks[layers[position]].modules:
+            blocks[layers[position]].modules.append(name)
+        if position < len(layers) and name == layers[position]:
+            position += 1
     for name, block_index in owner.items():
         module = modules.get(name)
         if module is None:
@@ -235,27 +272,48 @@ def freeze_blocks(completion: Sequence[str], layers: Sequence[str], model: nn.Mo
 
 
 class Freezer:
-    """Applies freezes to a model and keeps them applied.
+    """Applies freezes to a model and keeps them applied (and, if the policy asks, caches the frozen prefix).
 
     ``hard`` freezing turns ``requires_grad`` off, so the backward pass skips the frozen layers. ``hard=False``
     (for strategies that shard or flatten parameters, where changing ``requires_grad`` mid-run is not
     possible) keeps ``requires_grad`` and drops the frozen parameters' gradients before each optimizer step:
     parameters stay fixed but no compute is saved.
+
+    Args:
+        hard: hard or soft freezing (the callback decides at fit start).
+        policy: the freeze policy; its ``cache_outputs`` and ``cache_max_bytes`` drive the prefix cache.
+        spill_dir: called for a fresh directory when cached outputs outgrow ``cache_max_bytes``.
     """
 
-    def __init__(self, hard: bool = True) -> None:
+    def __init__(
+        self, hard: bool = True, policy: FreezePolicy | None = None, spill_dir: Callable[[], Path] | None = None
+    ) -> None:
         self.hard = hard
+        self.policy = policy
         self.parameters: dict[str, list[str]] = {}
         self.norm_modules: dict[str, list[str]] = {}
+        #: Frozen layer -> the modules of its block and its position bottom-up (what the prefix cache needs).
+        self.modules: dict[str, list[str]] = {}
+        self.positions: dict[str, int] = {}
+        self.cache: PrefixCache | None = None
+        self._spill_dir = spill_dir or (lambda: Path(tempfile.mkdtemp(prefix="svcca_prefix_cache_")))
+        self._cache_refused = False
+
+    def leaves_trainable(self, model: nn.Module, block: Block) -> bool:
+        """Whether some parameter still trains once ``block`` is frozen too (a freeze never takes the last ones)."""
+        taken = set(block.parameters).union(*self.parameters.values()) if self.parameters else set(block.parameters)
+        return any(parameter.requires_grad and name not in taken for name, parameter in model.named_parameters())
 
     def freeze(self, model: nn.Module, layer: str, block: Block) -> None:
         """Freeze one layer's block."""
         self.parameters[layer] = list(block.parameters)
         self.norm_modules[layer] = list(block.norm_modules)
+        self.modules[layer] = list(block.modules)
+        self.positions[layer] = block.index
         self.apply(model)
 
     def apply(self, model: nn.Module, *, norms: bool = True) -> None:
-        """(Re-)apply every freeze: after a freeze and after a resume.
+        """(Re-)apply every freeze: after a freeze and after a resume; then (re)build the prefix cache.
 
         ``norms=False`` leaves BatchNorm modes alone (the callback restores eval mode at each batch start, and
         switching before the fit loop starts makes Lightning warn about modules in eval mode).
@@ -266,6 +324,14 @@ class Freezer:
             parameter.grad = None
         if norms:
             self.keep_norms_in_eval(model)
+        self._update_cache(model)
+
+    def start_batch(self, model: nn.Module, epoch: int) -> None:
+        """Before each training batch: frozen norms back in eval mode, and the cache told the epoch."""
+        if self.norm_modules:
+            self.keep_norms_in_eval(model)
+        if self.cache is not None:
+            self.cache.start_epoch(epoch)
 
     def keep_norms_in_eval(self, model: nn.Module) -> None:
         """Put frozen BatchNorm-style modules back in eval mode (Lightning calls ``model.train()`` each epoch)."""
@@ -280,6 +346,13 @@ class Freezer:
         for parameter in self._frozen_parameters(model):
             parameter.grad = None
 
+    def close(self) -> None:
+        """Take the prefix cache off the model and delete what it holds (at the end of a fit)."""
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
+        self._cache_refused = False
+
     def _frozen_parameters(self, model: nn.Module) -> Iterator[nn.Parameter]:
         named = dict(model.named_parameters())
         for names in self.parameters.values():
@@ -287,14 +360,54 @@ class Freezer:
                 if name in named:
                     yield named[name]
 
+    def _update_cache(self, model: nn.Module) -> None:
+        """Cache the frozen prefix: the frozen layers at positions 0, 1, ... up to the first unfrozen one."""
+        if self.policy is None or not self.policy.cache_outputs or self._cache_refused:
+            return
+        if self.cache is not None and not self.cache.enabled:
+            self._cache_refused = True  # it turned itself off (and said why): it stays off for this fit
+            self.cache = None
+            return
+        by_position = {position: layer for layer, position in self.positions.items()}
+        count = 0
+        while count in by_position:
+            count += 1
+        if count == 0:
+            return
+        boundary = by_position[count - 1]
+        if self.cache is not None and self.cache.boundary == boundary and self.cache.model is model:
+            return
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
+        modules = [name for position in range(count) for name in self.modules.get(by_position[position], [])]
+        reason = "soft freezing computes the prefix anyway" if not self.hard else None
+        reason = reason or prefix_refusal(model, modules, boundary)
+        if reason is not None:
+            self._cache_refused = True
+            warnings.warn(
+                f"FreezePolicy(cache_outputs=True): the frozen prefix up to {boundary!r} is not cached: {reason}",
+                PrefixCacheWarning,
+                stacklevel=3,
+            )
+            return
+        self.cache = PrefixCache(model, modules, boundary, self.policy.cache_max_bytes, self._spill_dir)
+
     def state_dict(self) -> dict[str, Any]:
-        """Plain state for checkpoints."""
-        return {"parameters": dict(self.parameters), "norm_modules": dict(self.norm_modules)}
+        """Plain state for checkpoints (the cache itself is not saved: it is rebuilt and verified after a resume)."""
+        return {
+            "parameters": dict(self.parameters),
+            "norm_modules": dict(self.norm_modules),
+            "modules": dict(self.modules),
+            "positions": dict(self.positions),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Inverse of :meth:`state_dict`."""
         self.parameters = {layer: list(names) for layer, names in state.get("parameters", {}).items()}
         self.norm_modules = {layer: list(names) for layer, names in state.get("norm_modules", {}).items()}
+        self.modules = {layer: list(names) for layer, names in state.get("modules", {}).items()}
+        self.positions = {layer: int(position) for layer, position in state.get("positions", {}).items()}
 
 
 def rebuild_ddp_wrapper(strategy: Any) -> bool:

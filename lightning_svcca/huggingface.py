@@ -116,7 +116,9 @@ class SVCCATrainerCallback(TrainerCallback):
             self.monitor.load_state_dict(torch.load(saved, map_location="cpu", weights_only=False))
         self.monitor.restore_freezes(hard=not distributed)
         # the Trainer calls model.train() inside each training step: frozen norms go back to eval at each forward
-        self._norm_hook = model.register_forward_pre_hook(lambda module, inputs: self.monitor.before_batch())
+        self._norm_hook = model.register_forward_pre_hook(
+            lambda module, inputs: self.monitor.before_batch(epoch=int(state.epoch or 0))
+        )
         self.monitor.start(step=int(state.global_step))
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import time
 import uuid
 import warnings
@@ -195,7 +196,7 @@ class SVCCAMonitor:
         self.timings: dict[int, float] = {}
         #: Seconds of each measurement's probe pass (the forward pass with hooks), by epoch.
         self.probe_timings: dict[int, float] = {}
-        self.freezer = Freezer()
+        self.freezer = Freezer(policy=config.freeze, spill_dir=self._cache_dir)
         self.streaks: dict[str, int] = {}
         self.measured: list[int] = []
         #: Each measured point (the epoch, or the global step when measuring every k steps) -> (epoch, step).
@@ -406,8 +407,9 @@ class SVCCAMonitor:
         }
 
     def close(self) -> None:
-        """Delete spilled snapshot files (the history stays)."""
+        """Delete temporary files (spilled snapshots, the prefix cache); the history and the run's files stay."""
         self.store.close()
+        self.freezer.close()
 
     def __enter__(self) -> SVCCAMonitor:
         return self
@@ -427,10 +429,13 @@ class SVCCAMonitor:
             if hard and self.runtime.after_freeze is not None:
                 self.runtime.after_freeze()
 
-    def before_batch(self) -> None:
-        """Keep frozen BatchNorm layers in eval mode whatever ``model.train()`` did: call at each batch start."""
-        if self.freezer.norm_modules:
-            self.freezer.keep_norms_in_eval(self.model)
+    def before_batch(self, epoch: int | None = None) -> None:
+        """Call at each batch start: frozen BatchNorm layers back in eval mode whatever ``model.train()`` did.
+
+        ``epoch`` (the loop's own count) lets the frozen-prefix cache (``FreezePolicy(cache_outputs=True)``) notice
+        epochs whose inputs never repeat (random augmentation) and turn itself off.
+        """
+        self.freezer.start_batch(self.model, -1 if epoch is None else int(epoch))
 
     def before_optimizer_step(self) -> None:
         """Soft freezing only: drop the frozen parameters' gradients."""
@@ -587,7 +592,14 @@ class SVCCAMonitor:
             similarities = values_of(rows, self.config.lag_reference, policy.metric)
             baselines = values_of(rows, "baseline", policy.metric)
             decisions = policy.decide(
-                epoch, self.layers, self.frozen, self.streaks, similarities, baselines, self.runtime.max_epochs
+                epoch,
+                self.layers,
+                self.frozen,
+                self.streaks,
+                similarities,
+                baselines,
+                self.runtime.max_epochs,
+                compared_with=f"the snapshot {policy.lag} measurement(s) earlier" if self.by_step else None,
             )
         decisions, self.streaks = self.runtime.broadcast((decisions, self.streaks))
         if not decisions:
@@ -595,10 +607,21 @@ class SVCCAMonitor:
         blocks = freeze_blocks(completion, self.layers, self.model)
         for decision in decisions:
             block = blocks[decision.layer]
+            if not self.freezer.leaves_trainable(self.model, block):
+                self.warn_once(
+                    "freeze-all",
+                    f"the freeze policy would freeze every trainable parameter at layer {decision.layer!r}; it stops"
+                    " one short and that layer keeps training. Use FreezePolicy(keep_last=1) or more",
+                )
+                break
             self.freezer.freeze(self.model, decision.layer, block)
             self.frozen[decision.layer] = epoch
+            if not block.parameters:  # nothing of its own to freeze: it counts for the order, but is no freeze
+                self.runtime.logger.debug(f"layer {decision.layer!r} has no parameters of its own: {decision.reason}")
+                continue
+            count = len(block.parameters)
             message = (
-                f"froze layer {decision.layer!r} at epoch {epoch} ({len(block.parameters)} parameter tensors):"
+                f"froze layer {decision.layer!r} at epoch {epoch} ({count} parameter tensor{'s' * (count != 1)}):"
                 f" {decision.reason}"
             )
             if self.runtime.is_global_zero:
@@ -710,6 +733,12 @@ class SVCCAMonitor:
         self._warned.add(key)
         if self.runtime.is_global_zero:
             warnings.warn(message, SVCCAMonitorWarning, stacklevel=3)
+
+    def _cache_dir(self) -> Path:
+        """A fresh folder for the frozen-prefix cache's spill files: in the run's folder, else a temporary one."""
+        if self.store.directory is not None:
+            return self.store.directory / f"prefix_cache_{uuid.uuid4().hex[:8]}"
+        return Path(tempfile.mkdtemp(prefix="svcca_prefix_cache_"))
 
     def _claim_csv(self) -> Path | None:
         """This run's history CSV: ``svcca_history.csv``, or the first free ``svcca_history-N.csv`` beside it."""

@@ -27,9 +27,21 @@ from digits_models import DigitsCNN, digits_tensors  # noqa: E402
 LAYERS = ["relu1", "relu2", "relu3", "fc2"]
 
 
+class _CacheCounters(pl.Callback):
+    """The prefix cache's counters at the end of training (the fit's teardown deletes the cache)."""
+
+    def __init__(self, callback: SVCCACallback) -> None:
+        self.callback, self.counters = callback, None
+
+    def on_train_end(self, trainer, pl_module):  # noqa: ANN001, ANN201
+        cache = self.callback.monitor.freezer.cache
+        if cache is not None:
+            self.counters = {"enabled": cache.enabled, "skipped": cache.skipped_batches, "entries": len(cache)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["freeze", "measure"])
+    parser.add_argument("scenario", choices=["freeze", "measure", "cache", "nocache"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=4)
@@ -38,8 +50,15 @@ def main() -> None:
     args = parser.parse_args()
     pl.seed_everything(0, verbose=False)
     (x_train, y_train), (x_probe, _), _ = digits_tensors()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_train, y_train), batch_size=64, shuffle=True)
-    freeze = FreezePolicy(mode="schedule", schedule={"relu1": 1, "relu2": 2}) if args.scenario == "freeze" else None
+    # cache scenarios: with and without the prefix cache, loader unshuffled (Lightning's sampler still reshuffles)
+    shuffle = args.scenario not in ("cache", "nocache")
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x_train, y_train), batch_size=64, shuffle=shuffle
+    )
+    freeze = None
+    if args.scenario != "measure":
+        schedule = {"relu1": 1, "relu2": 2}
+        freeze = FreezePolicy(mode="schedule", schedule=schedule, cache_outputs=args.scenario == "cache")
     callback = SVCCACallback(
         probe=x_probe,
         layers=LAYERS,
@@ -55,7 +74,7 @@ def main() -> None:
         devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",
         default_root_dir=args.out,
-        callbacks=[callback, checkpoints],
+        callbacks=[callback, checkpoints, counters := _CacheCounters(callback)],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -70,6 +89,7 @@ def main() -> None:
         "history": callback.history,
         "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
         "checksums": {name: float(p.detach().double().sum()) for name, p in model.named_parameters()},
+        "cache": counters.counters,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))

@@ -10,7 +10,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from lightning_svcca import FreezePolicy, SVCCACallback, SVCCAMonitor
+from lightning_svcca import FreezePolicy, SVCCACallback, SVCCAMonitor, SVCCAMonitorWarning
 from lightning_svcca.freezing import Freezer, freeze_blocks
 
 from digits_models import DigitsCNN, digits_tensors
@@ -67,10 +67,20 @@ def test_linear_schedule_places_layer_i_at_i_over_l_of_training():
     assert [d.layer for d in policy.decide(10, ["a", "b", "c", "d"], {}, {}, {}, max_epochs=20)] == ["a", "b"]
 
 
+def test_scheduled_freezes_give_their_reason_in_plain_words():
+    schedule = FreezePolicy(mode="schedule", schedule={"a": 1}, keep_last=0)
+    assert [d.reason for d in schedule.decide(1, ["a"], {}, {}, {})] == ["scheduled for epoch 1"]
+    linear = FreezePolicy(mode="linear")
+    assert [d.reason for d in linear.decide(2, ["a", "b"], {}, {}, {}, max_epochs=4)] == [
+        "scheduled for epoch 2 by the linear schedule"
+    ]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"mode": "sometimes"}, "mode must be one of"),
+        ({"cache_max_bytes": -1}, "cache_max_bytes must be >= 0 or None"),
         ({"metric": "cosine"}, "metric must be one of"),
         ({"threshold": 1.5}, r"threshold must be in \(0, 1\]"),
         ({"lag": 0}, "lag must be >= 1"),
@@ -175,10 +185,10 @@ class _Recorder(pl.Callback):
             self.gradients_seen |= {name for name, p in pl_module.named_parameters() if p.grad is not None}
 
 
-def _fit(tmp_path, model, policy, *, epochs=4, callbacks=(), ckpt_path=None, **trainer_kwargs):
+def _fit(tmp_path, model, policy, *, epochs=4, callbacks=(), ckpt_path=None, layers=LAYERS, **trainer_kwargs):
     (x_train, y_train), (x_probe, _), _ = digits_tensors()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_train, y_train), batch_size=64, shuffle=True)
-    callback = SVCCACallback(probe=x_probe, layers=LAYERS, reference=["previous"], freeze=policy)
+    callback = SVCCACallback(probe=x_probe, layers=layers, reference=["previous"], freeze=policy)
     trainer = pl.Trainer(
         max_epochs=epochs,
         default_root_dir=tmp_path,
@@ -291,3 +301,41 @@ def test_frozen_state_is_plain_and_round_trips(digits_cnn):
     assert callback.frozen == {"relu1": 3} and callback.state_dict()["streaks"] == {"relu1": 2}
     # older checkpoints without the newer keys still load
     monitor().load_state_dict({"history": []})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Policy safety
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_policy_that_would_freeze_every_parameter_stops_one_short(tmp_path):
+    """keep_last=0 with the output layer monitored: before, the next step died in autograd; now fc2 keeps training."""
+    pl.seed_everything(0, verbose=False)
+    model = DigitsCNN()
+    policy = FreezePolicy(mode="schedule", schedule=dict.fromkeys(LAYERS, 1), keep_last=0)
+    with pytest.warns(SVCCAMonitorWarning, match="would freeze every trainable parameter at layer 'fc2'; it stops one"):
+        callback, trainer = _fit(tmp_path, model, policy, epochs=3)
+    assert callback.frozen == {"relu1": 1, "relu2": 1, "relu3": 1}
+    assert trainer.current_epoch == 3  # the fit ran to the end
+    assert model.fc2.weight.requires_grad and not model.fc1.weight.requires_grad
+
+
+def test_a_layer_without_parameters_of_its_own_is_not_reported_as_a_freeze(tmp_path, caplog):
+    """bn1 takes conv1 and bn1; relu1 right after it owns nothing: it counts as frozen (for bottom-up order) but
+    no freeze is logged for it."""
+    pl.seed_everything(0, verbose=False)
+    layers = ["bn1", "relu1", "relu2", "fc2"]
+    policy = FreezePolicy(mode="schedule", schedule={"bn1": 1, "relu1": 1, "relu2": 2})
+    logger = SVCCACallback(probe=torch.zeros(2, 1, 8, 8))._logger()  # Lightning's logger does not propagate
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("INFO", logger=logger.name):
+            callback, _ = _fit(tmp_path, DigitsCNN(), policy, epochs=3, layers=layers)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert callback.frozen == {"bn1": 1, "relu1": 1, "relu2": 2}
+    froze = [record.getMessage() for record in caplog.records if "froze layer" in record.getMessage()]
+    assert froze == [
+        "froze layer 'bn1' at epoch 1 (4 parameter tensors): scheduled for epoch 1",
+        "froze layer 'relu2' at epoch 2 (4 parameter tensors): scheduled for epoch 2",
+    ]

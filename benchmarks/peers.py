@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_svcca.similarity import cca, linear_cka, pwcca, svcca
+from lightning_svcca.similarity import cca, linear_cka, pwcca, r2cca, rbf_cka, svcca
 
 KEEP = 0.99
 SIZES = [(2000, 64), (5000, 256)]
@@ -41,7 +41,10 @@ OURS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "svcca": lambda x, y: svcca(x, y, keep=KEEP),
     "cca": lambda x, y: cca(x, y).mean(),
     "pwcca": pwcca,
+    "pwcca_symmetric": lambda x, y: (pwcca(x, y) + pwcca(y, x)) / 2,
+    "r2cca": r2cca,
     "linear_cka": linear_cka,
+    "rbf_cka": rbf_cka,
 }
 
 
@@ -107,10 +110,39 @@ def cca_zoo_peer() -> dict[str, Callable] | str:
 
     def mean_correlation(x: np.ndarray, y: np.ndarray) -> float:
         k = min(x.shape[1], y.shape[1])
-        model = CCA(latent_dimensions=k).fit((x, y))
-        return float(np.mean(model.score((x, y))) if np.ndim(model.score((x, y))) else model.score((x, y)))
+        try:  # cca-zoo 4 (scikit-learn style)
+            model = CCA(n_components=k).fit([x, y])
+        except TypeError:  # cca-zoo 2
+            model = CCA(latent_dims=k).fit((x, y))
+        return float(np.mean(model.score([x, y])))
 
     return {"cca": mean_correlation}
+
+
+def repsim_peer() -> dict[str, Callable] | str:
+    try:
+        import repsim
+    except ImportError:
+        return "repsim is not installed (pip install repsim)"
+
+    def pair(function: Callable, **options: Any) -> Callable:
+        return lambda x, y: float(function([x, y], **options)[0, 1])
+
+    return {
+        "cca": pair(repsim.cca, summary_type="pillai"),  # Pillai's trace / d: the mean canonical correlation
+        "r2cca": pair(repsim.cca, summary_type="yanai"),  # Yanai's GCD: the mean squared canonical correlation
+        "pwcca_symmetric": pair(repsim.pwcca),  # repsim averages PWCCA over both directions
+        "linear_cka": pair(repsim.cka, kernel_type="linear", estimator="gretton"),
+        "rbf_cka": pair(repsim.cka, kernel_type="rbf", estimator="gretton"),
+    }
+
+
+def ckatorch_peer() -> dict[str, Callable] | str:
+    try:
+        import ckatorch
+    except ImportError:
+        return "ckatorch is not installed (pip install ckatorch)"
+    return {"linear_cka": lambda x, y: float(ckatorch.cka_base(torch.from_numpy(x), torch.from_numpy(y)))}
 
 
 def google_peer() -> dict[str, Callable] | str:
@@ -140,7 +172,14 @@ def google_peer() -> dict[str, Callable] | str:
     }
 
 
-PEERS = {"scipy": scipy_peer, "anatome": anatome_peer, "cca-zoo": cca_zoo_peer, "google/svcca": google_peer}
+PEERS = {
+    "scipy": scipy_peer,
+    "anatome": anatome_peer,
+    "cca-zoo": cca_zoo_peer,
+    "repsim": repsim_peer,
+    "ckatorch": ckatorch_peer,
+    "google/svcca": google_peer,
+}
 
 
 def run(sizes: list[tuple[int, int]], repeats: int) -> None:

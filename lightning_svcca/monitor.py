@@ -47,7 +47,7 @@ STATE_VERSION = 1
 #: The folder under ``log_dir`` holding each run's snapshot files (``svcca_snapshots/<run_id>/``).
 SNAPSHOT_FOLDER = "svcca_snapshots"
 #: Epochs the live "final" heatmap compares with the latest one at most (the end-of-fit pass compares all).
-LIVE_FINAL_COLUMNS = 32
+LIVE_FINAL_COLUMNS = 10
 #: Columns of the cross-layer CSV (``svcca_cross_layer.csv`` beside the history).
 CROSS_LAYER_COLUMNS = ("epoch", "step", "fraction", "metric", "reference", "layer", "reference_layer", "value")
 #: Metrics that a float32 decomposition computes accurately. The Gram route squares singular values, so float32

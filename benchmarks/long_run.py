@@ -8,7 +8,8 @@ At each checkpoint epoch the script records:
 * the size of ``trainer.save_checkpoint`` (model, optimizer and the callback's state) and of the callback's state
   alone (``torch.save(callback.state_dict())``), each written to a file, measured and deleted;
 * the seconds of the callback's ``on_train_batch_end`` on the epoch's last batch (where it measures), at that
-  epoch and as the median of the five epochs ending there (a shared machine moves single timings);
+  epoch and as the median of the five epochs ending there, in wall time and in this process's CPU time (one
+  thread by default: CPU time does not move with other processes' load on a shared machine);
 * the run's log folder on disk (event files, history CSV and, where the code keeps them there, snapshot files).
 
 Target: the 200-epoch checkpoint and measurement time within 10% of the 10-epoch values (ratio <= 1.10). The
@@ -66,14 +67,17 @@ class TimedSVCCACallback(SVCCACallback):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: Seconds of the last batch's hook, by completed epoch (1 after the first epoch).
+        #: Wall seconds of the last batch's hook, by completed epoch (1 after the first epoch).
         self.seconds: dict[int, float] = {}
+        #: CPU seconds of this process in the same hook: on a shared machine, immune to other processes' load.
+        self.cpu_seconds: dict[int, float] = {}
 
     def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if batch_idx + 1 == trainer.num_training_batches:
             self.seconds[trainer.current_epoch + 1] = time.perf_counter() - start
+            self.cpu_seconds[trainer.current_epoch + 1] = time.process_time() - cpu_start
 
 
 class CheckpointSizes(pl.Callback):
@@ -105,11 +109,13 @@ class CheckpointSizes(pl.Callback):
             "save_seconds": save_seconds,
             "log_folder": log_folder / MIB,
         }
-        recent = [self.svcca.seconds[e] for e in range(max(1, epoch - WINDOW + 1), epoch + 1)]
+        recent = range(max(1, epoch - WINDOW + 1), epoch + 1)
+        wall = statistics.median(self.svcca.seconds[e] for e in recent)
+        cpu = statistics.median(self.svcca.cpu_seconds[e] for e in recent)
         print(
             f"  epoch {epoch}: checkpoint {checkpoint / MIB:.2f} MiB, state {state / MIB:.3f} MiB, log dir"
-            f" {log_folder / MIB:.1f} MiB, measured in {recent[-1]:.3f} s (median of {len(recent)}:"
-            f" {statistics.median(recent):.3f} s), {sum(self.svcca.seconds.values()):.0f} s measuring so far",
+            f" {log_folder / MIB:.1f} MiB, measured in {self.svcca.seconds[epoch]:.3f} s (median of {len(recent)}:"
+            f" {wall:.3f} s wall, {cpu:.3f} s CPU), {sum(self.svcca.seconds.values()):.0f} s measuring so far",
             flush=True,
         )
 
@@ -169,20 +175,22 @@ def main() -> None:
         svcca, sizes, seconds = run(epochs, args.batches, args.batch_size, args.probe, Path(root))
     spent = sum(svcca.seconds.values())
     print(f"run: {max(epochs)} epochs in {seconds:.1f} s, of which {spent:.1f} s in the measurements")
-    header = ("epoch", "ckpt MiB", "state MiB", "save s", "log dir MiB", "measure s", f"median{WINDOW} s")
-    header += ("ckpt x", "state x", "measure x")
+    header = ("epoch", "ckpt MiB", "state MiB", "save s", "log dir MiB", "measure s", f"wall med{WINDOW}")
+    header += (f"CPU med{WINDOW}", "ckpt x", "state x", "wall x", "CPU x")
     print(" ".join(f"{name:>11}" for name in header))
     first = epochs[0]
 
-    def window(epoch: int) -> float:
-        return statistics.median(svcca.seconds[e] for e in range(max(1, epoch - WINDOW + 1), epoch + 1))
+    def window(seconds: dict[int, float], epoch: int) -> float:
+        return statistics.median(seconds[e] for e in range(max(1, epoch - WINDOW + 1), epoch + 1))
 
     for epoch in epochs:
         s, base = sizes.sizes[epoch], sizes.sizes[first]
-        values = (s["checkpoint"], s["state"], s["save_seconds"], s["log_folder"], svcca.seconds[epoch], window(epoch))
-        ratios = (s["checkpoint"] / base["checkpoint"], s["state"] / base["state"], window(epoch) / window(first))
+        wall, cpu = window(svcca.seconds, epoch), window(svcca.cpu_seconds, epoch)
+        values = (s["checkpoint"], s["state"], s["save_seconds"], s["log_folder"], svcca.seconds[epoch], wall, cpu)
+        ratios = (s["checkpoint"] / base["checkpoint"], s["state"] / base["state"])
+        ratios += (wall / window(svcca.seconds, first), cpu / window(svcca.cpu_seconds, first))
         print(f"{epoch:>11} " + " ".join(f"{v:>11.3f}" for v in values) + " " + " ".join(f"{r:>11.2f}" for r in ratios))
-    print(f"ratios are to epoch {first}; target at epoch {epochs[-1]}: checkpoint and measure (median) <= 1.10")
+    print(f"ratios are to epoch {first}; target at epoch {epochs[-1]}: checkpoint and measurement <= 1.10")
 
 
 if __name__ == "__main__":

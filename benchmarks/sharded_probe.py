@@ -59,6 +59,7 @@ def worker(shard: bool, probe_size: int, out: Path) -> None:
         strategy="ddp",
         callbacks=[callback],
         logger=False,
+        default_root_dir=out,  # the history CSV and snapshot files go to the temporary folder, not the cwd
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -8,6 +8,12 @@ pass does) and checks they are intact. Snapshots are real ones (``build_snapshot
 activations of 1024 probe samples), so their size is what the callback stores: ``U`` of the kept directions in
 float32, never the layer's full width.
 
+The store has two modes (``--mode``): ``memory`` (no folder: beyond the budget the least recently used snapshots
+spill to a temporary folder, deleted by ``close``; what a monitor without a log directory uses) and
+``persistent`` (the run's folder: every snapshot is written to a file when stored, memory holds the recent ones
+within the budget, the files stay for the run's checkpoints; what the callback uses). "to disk" is what went to
+files: the spilled snapshots, or in persistent mode all of them.
+
 Run: ``python benchmarks/snapshot_memory.py [--quick]``.
 """
 
@@ -47,13 +53,13 @@ def layer_snapshot(width: int, n: int, seed: int) -> Snapshot:
     )
 
 
-def replay(width: int, epochs: int, layers: int, budget: int, n: int) -> dict[str, float]:
+def replay(width: int, epochs: int, layers: int, budget: int, n: int, mode: str) -> dict[str, float]:
     """Put epochs x layers snapshots into a bounded store, read them all back, report the memory figures."""
     template = layer_snapshot(width, n, seed=width)
     rss_before = peak_rss_mib()
     peak_in_memory, total = 0, 0
     with tempfile.TemporaryDirectory() as root:
-        store = SnapshotStore(budget, lambda: Path(root) / "spill")
+        store = SnapshotStore(budget, Path(root) / "snapshots" if mode == "persistent" else None)
         for epoch in range(epochs):
             for layer in range(layers):
                 snapshot = Snapshot(
@@ -62,20 +68,22 @@ def replay(width: int, epochs: int, layers: int, budget: int, n: int) -> dict[st
                 store.put((f"layer{layer}", str(epoch)), snapshot)
                 total += snapshot.nbytes
                 peak_in_memory = max(peak_in_memory, store.memory_bytes)
-        spilled = sum(path.stat().st_size for path in Path(root).glob("spill/*.pt"))
+        folder = store.spill_dir
+        on_disk = 0 if folder is None else sum(path.stat().st_size for path in folder.glob("*.pt"))
         intact = all(
             torch.equal(store.get((f"layer{layer}", str(epoch))).left, template.left + 1e-3 * epoch)
             for epoch in range(epochs)
             for layer in range(layers)
         )
         store.close()
-        cleaned = not (Path(root) / "spill").exists()
+        # a temporary spill folder is deleted by close; a persistent folder stays with the run
+        cleaned = folder is None or folder.exists() == (mode == "persistent")
     return {
         "kept": template.kept,
         "snapshot_mib": template.nbytes / MIB,
         "unbounded_mib": total / MIB,
         "peak_mib": peak_in_memory / MIB,
-        "spilled_mib": spilled / MIB,
+        "spilled_mib": on_disk / MIB,
         "rss_growth_mib": peak_rss_mib() - rss_before,
         "intact": intact and cleaned,
     }
@@ -88,6 +96,7 @@ def main() -> None:
     parser.add_argument("--datapoints", type=int, default=1024)
     parser.add_argument("--budget-mib", type=float, default=64.0)
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    parser.add_argument("--mode", choices=["memory", "persistent", "both"], default="both")
     parser.add_argument("--quick", action="store_true", help="10 epochs, widths 256 and 1024")
     args = parser.parse_args()
     if args.quick:
@@ -95,16 +104,18 @@ def main() -> None:
     budget = int(args.budget_mib * MIB)
     run = f"{args.epochs} epochs x {args.layers} layers, {args.datapoints} datapoints"
     print(f"snapshot store: {run}, budget {args.budget_mib:g} MiB")
-    columns = (("width", 6), ("kept", 5), ("MiB/snap", 9), ("unbounded", 10), ("peak held", 10))
-    columns += (("peak/budget", 11), ("spilled", 9), ("RSS growth", 11), ("ok", 2))
+    columns = (("mode", 10), ("width", 6), ("kept", 5), ("MiB/snap", 9), ("unbounded", 10), ("peak held", 10))
+    columns += (("peak/budget", 11), ("to disk", 9), ("RSS growth", 11), ("ok", 2))
     print(" ".join(f"{name:>{width}}" for name, width in columns))
-    for width in args.widths:
-        r = replay(width, args.epochs, args.layers, budget, args.datapoints)
-        print(
-            f"{width:>6} {r['kept']:>5} {r['snapshot_mib']:>9.2f} {r['unbounded_mib']:>9.1f}M {r['peak_mib']:>9.1f}M"
-            f" {r['peak_mib'] / args.budget_mib:>11.2f} {r['spilled_mib']:>8.1f}M {r['rss_growth_mib']:>10.1f}M"
-            f" {'yes' if r['intact'] else 'NO'}"
-        )
+    modes = ["memory", "persistent"] if args.mode == "both" else [args.mode]
+    for mode in modes:
+        for width in args.widths:
+            r = replay(width, args.epochs, args.layers, budget, args.datapoints, mode)
+            print(
+                f"{mode:>10} {width:>6} {r['kept']:>5} {r['snapshot_mib']:>9.2f} {r['unbounded_mib']:>9.1f}M"
+                f" {r['peak_mib']:>9.1f}M {r['peak_mib'] / args.budget_mib:>11.2f} {r['spilled_mib']:>8.1f}M"
+                f" {r['rss_growth_mib']:>10.1f}M {'yes' if r['intact'] else 'NO'}"
+            )
 
 
 if __name__ == "__main__":

@@ -358,7 +358,7 @@ class SVCCAMonitor:
                 self._reporter.late_scalars(final)
                 for metric in self.config.metrics:
                     image = self._reporter.heatmap(
-                        self.history, reference="final", metric=metric, layers=self.layers, step=last_step
+                        self.history, reference="final", metric=metric, layers=self.layers, step=last_step, always=True
                     )
                     ours = [r for r in final if r["metric"] == metric]
                     self._reporter.final_summary(image, ours, last_step, f"{metric}/final/heatmap")

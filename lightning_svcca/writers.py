@@ -129,13 +129,17 @@ class Reporter:
         metric: str,
         layers: Sequence[str],
         step: int,
+        always: bool = False,
     ) -> Any:
         """Draw the layers x epochs heatmap of a reference as image ``{metric}/{reference}/heatmap``.
 
-        Returns the image (``None`` when there is nothing to draw). The same picture is not written twice at one
-        step: it is returned as drawn before.
+        Returns the image (``None`` when there is nothing to draw). Drawn only when a writer takes images, or
+        ``always`` (the end-of-fit picture other writers get). The same picture is not written twice at one step:
+        it is returned as drawn before.
         """
         experiments = self._experiments("add_image")
+        if not experiments and not always:
+            return None
         names, epochs, matrix = history_matrix(history, reference, metric, layers, axis=self.axis)
         if not names or not epochs:
             return None

@@ -19,6 +19,7 @@ When things happen in a fit:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -425,12 +426,7 @@ def _runtime(trainer: Any, logger: logging.Logger, *, autocast: bool) -> Runtime
 
 def _with_probe(config: MonitorConfig, probe: Any) -> MonitorConfig:
     """The config with its probe replaced (``None`` becomes a loader taken from the trainer at probe time)."""
-    if config.probe is not None:
-        return config
-    copy = MonitorConfig.__new__(MonitorConfig)
-    copy.__dict__.update(config.__dict__)
-    copy.probe = probe
-    return copy
+    return config if config.probe is not None else dataclasses.replace(config, probe=probe)
 
 
 def _default_probe_loader(trainer: Any) -> Any:

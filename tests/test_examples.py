@@ -218,3 +218,35 @@ def mel_band_centres(example: ModuleType) -> torch.Tensor:
     top = 2595 * math.log10(1 + example.SAMPLE_RATE / 2 / 700)
     centres = torch.linspace(0, top, example.MELS + 2)[1:-1]
     return 700 * (10 ** (centres / 2595) - 1)
+
+
+def test_plain_loop(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    example = load_example("plain_loop")
+    result = example.main(["--quick", "--freeze", "--root", str(tmp_path)])
+    out = capsys.readouterr().out
+
+    assert result["accuracy"] > 0.8
+    assert "test accuracy" in out and "frozen at" in out
+    # the monitor wrote what the callback writes: TensorBoard events and the history CSV, in the loop's folder
+    assert read_history_csv(tmp_path / "svcca_history.csv") == result["history"]
+    assert any(path.name.startswith("events.out.tfevents") for path in tmp_path.iterdir())
+    previous = [row for row in result["history"] if row["reference"] == "previous"]
+    assert {row["epoch"] for row in previous} == set(range(1, 7))
+    # every frozen layer's curve is flat from its freeze on: its weights no longer change
+    for layer, epoch in result["frozen"].items():
+        later = [row["value"] for row in previous if row["layer"] == layer and row["epoch"] > epoch]
+        assert all(value == pytest.approx(1.0, abs=1e-6) for value in later), layer
+
+
+def test_hf_trainer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    example = load_example("hf_trainer")
+    result = example.main(["--quick", "--root", str(tmp_path)])
+    out = capsys.readouterr().out
+
+    assert result["accuracy"] > 0.8
+    assert "SVCCA to the final model" in out
+    final = [row for row in result["history"] if row["reference"] == "final"]
+    assert {row["epoch"] for row in final} == {0, 1, 2, 3}
+    assert read_history_csv(tmp_path / "svcca_history.csv") == result["history"]
+    assert any((tmp_path / "runs" / "svcca").glob("events.out.tfevents*"))

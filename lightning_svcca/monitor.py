@@ -34,6 +34,7 @@ from lightning_svcca.comparisons import Comparisons, row, values_of
 from lightning_svcca.config import MonitorConfig
 from lightning_svcca.crosslayer import CrossLayerMoments
 from lightning_svcca.freezing import FreezeDecision, Freezer, freeze_blocks
+from lightning_svcca.history import pack_history, unpack_history
 from lightning_svcca.probe import Probe, build_probe, check_not_meta
 from lightning_svcca.references import check_reference_layers, device_of, reference_model
 from lightning_svcca.reporting import HISTORY_FILE, layer_map_image, write_history_csv
@@ -757,50 +758,6 @@ class SVCCAMonitor:
             self.csv_name = name
             return self.log_dir / name
         raise RuntimeError(f"no free history file name in {self.log_dir}")
-
-
-def pack_history(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The history as a few tensors and name tables (about 30 bytes a row in a checkpoint, values bit for bit).
-
-    A list of dicts would cost several hundred bytes a row, which over a long run outgrows the snapshots' file
-    names; :func:`unpack_history` is its inverse.
-    """
-    names: dict[str, dict[str, int]] = {"layer": {}, "reference": {}, "metric": {}}
-    codes = {key: [table.setdefault(row[key], len(table)) for row in rows] for key, table in names.items()}
-    return {
-        "format": "packed",
-        "epoch": torch.tensor([int(row["epoch"]) for row in rows], dtype=torch.int64),
-        "step": torch.tensor([int(row.get("step", row["epoch"])) for row in rows], dtype=torch.int64),
-        "value": torch.tensor([float(row["value"]) for row in rows], dtype=torch.float64),
-        **{key: torch.tensor(codes[key], dtype=torch.int32) for key in names},
-        **{f"{key}_names": list(table) for key, table in names.items()},
-    }
-
-
-def unpack_history(packed: Any) -> list[dict[str, Any]]:
-    """Rows from :func:`pack_history` (or from a list of row dicts, as older checkpoints hold them)."""
-    if not isinstance(packed, Mapping):
-        return [{"step": row.get("epoch"), **row} for row in packed]
-    columns = {key: packed[key].tolist() for key in ("epoch", "step", "value", "layer", "reference", "metric")}
-    return [
-        {
-            "epoch": epoch,
-            "step": step,
-            "layer": packed["layer_names"][layer],
-            "reference": packed["reference_names"][reference],
-            "metric": packed["metric_names"][metric],
-            "value": value,
-        }
-        for epoch, step, layer, reference, metric, value in zip(
-            columns["epoch"],
-            columns["step"],
-            columns["layer"],
-            columns["reference"],
-            columns["metric"],
-            columns["value"],
-            strict=True,
-        )
-    ]
 
 
 def thinned(epochs: Sequence[int], count: int) -> list[int]:

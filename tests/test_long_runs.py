@@ -293,7 +293,7 @@ def test_live_final_heatmap_compares_a_bounded_number_of_epochs():
 
 
 def test_history_packs_bit_for_bit_and_small():
-    from lightning_svcca.monitor import pack_history, unpack_history
+    from lightning_svcca.history import pack_history, unpack_history
 
     generator = torch.Generator().manual_seed(0)
     rows = [

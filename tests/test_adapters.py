@@ -76,24 +76,31 @@ def lightning_history(tmp_path_factory, initial_model, data):
     return _lightning_history(tmp_path_factory.mktemp("lightning"), copy.deepcopy(initial_model), data)
 
 
+def _train_plain(model, optimizer, monitor, train, after_epoch=None):
+    """A hand-written training loop driving the monitor: start, before_batch, measure each epoch, finish."""
+    monitor.start()
+    step = 0
+    for epoch in range(EPOCHS):
+        model.train()
+        for x, y in DataLoader(train, batch_size=64):
+            monitor.before_batch()
+            loss = functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+        monitor.measure(epoch=epoch + 1, step=step)
+        if after_epoch is not None:
+            after_epoch(epoch)
+    monitor.finish(epoch=EPOCHS, step=step)
+
+
 def test_plain_loop_gives_the_callbacks_history(tmp_path, initial_model, data, lightning_history):
     train, probe = data
     model = copy.deepcopy(initial_model)
     optimizer = _sgd(model)
     with SVCCAMonitor(model, probe=probe, writers=TensorBoardWriter(tmp_path), log_dir=tmp_path, **OPTIONS) as monitor:
-        monitor.start()
-        step = 0
-        for epoch in range(EPOCHS):
-            model.train()
-            for x, y in DataLoader(train, batch_size=64):
-                monitor.before_batch()
-                loss = functional.cross_entropy(model(x), y)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                step += 1
-            monitor.measure(epoch=epoch + 1, step=step)
-        monitor.finish(epoch=EPOCHS, step=step)
+        _train_plain(model, optimizer, monitor, train)
     _assert_same_history(monitor.history, lightning_history)
     monitor.writers[0].close()
     events = EventAccumulator(str(tmp_path)).Reload()
@@ -178,22 +185,17 @@ def test_plain_loop_freezing_keeps_frozen_weights_and_norms(initial_model, data)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
     policy = FreezePolicy(mode="schedule", schedule={"relu1": 1})
     with SVCCAMonitor(model, probe=probe, layers=LAYERS, reference="previous", freeze=policy) as monitor:
-        monitor.start()
-        step = 0
-        for epoch in range(EPOCHS):
-            model.train()
-            for x, y in DataLoader(train, batch_size=64):
-                monitor.before_batch()
-                loss = functional.cross_entropy(model(x), y)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                step += 1
-            monitor.measure(epoch=epoch + 1, step=step)
+        after_first = {}
+
+        def remember(epoch):
             if epoch == 0:
-                frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("conv1", "bn1"))}
-                trained = model.fc2.weight.detach().clone()
-        monitor.finish(epoch=EPOCHS, step=step)
+                after_first["frozen"] = {
+                    k: v.clone() for k, v in model.state_dict().items() if k.startswith(("conv1", "bn1"))
+                }
+                after_first["trained"] = model.fc2.weight.detach().clone()
+
+        _train_plain(model, optimizer, monitor, train, after_epoch=remember)
+        frozen, trained = after_first["frozen"], after_first["trained"]
     assert monitor.frozen == {"relu1": 1}
     assert all(torch.equal(model.state_dict()[k], v) for k, v in frozen.items())  # weights and BN statistics
     assert not model.conv1.weight.requires_grad and model.conv1.weight.grad is None

@@ -156,7 +156,9 @@ def test_gpu_run_matches_cpu(tmp_path, compute_dtype):
         trainer.fit(DigitsCNN(lr=0.0), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_train, y_train)))
         # epoch 0 is measured before any training step: the same seeded weights on both devices
         results[accelerator] = {(r["layer"], r["reference"]): r["value"] for r in callback.history if r["epoch"] == 0}
-    tolerance = 1e-4 if compute_dtype == "float32" else 1e-5
+    # the activations come from float32 forward passes on two devices (other kernels, other rounding), which the
+    # measures amplify up to 1e-5 (the shuffled baseline of the 10-unit output layer) whatever the decomposition dtype
+    tolerance = 1e-4
     for key, value in results["cpu"].items():
         assert results["gpu"][key] == pytest.approx(value, abs=tolerance), key
 

@@ -152,7 +152,13 @@ def _bert():
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(
-        vocab_size=100, max_position_embeddings=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, num_labels=3
+        vocab_size=100,
+        max_position_embeddings=64,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
     )
     return BertForSequenceClassification(config)
 

@@ -102,6 +102,10 @@ class _SVCCACallbackCore:
             (the SVCCA paper's Fig. 4): images ``{metric}/cross_layer/{reference}`` at each moment's step, and
             ``svcca_cross_layer.csv`` beside the history. Layers are pooled to one datapoint per probe sample.
         cross_layer_reference: ``"final"`` (default), ``"initial"``, or the name of a fixed model reference.
+        heatmap_time_share: the largest share of the fit's time that drawing heatmap images may take (default
+            5%). A heatmap that would exceed it is drawn at a later measurement instead, and every heatmap's
+            latest state is drawn at the end of the fit; scalars and the history are never thinned. ``1.0``
+            draws every heatmap at every measurement.
     """
 
     def __init__(
@@ -131,6 +135,7 @@ class _SVCCACallbackCore:
         compute_dtype: str = "auto",
         cross_layer: bool | Sequence[float] = False,
         cross_layer_reference: str = "final",
+        heatmap_time_share: float = 0.05,
     ) -> None:
         super().__init__()
         self.config = MonitorConfig(
@@ -157,6 +162,7 @@ class _SVCCACallbackCore:
             compute_dtype=compute_dtype,
             cross_layer=cross_layer,
             cross_layer_reference=cross_layer_reference,
+            heatmap_time_share=heatmap_time_share,
         )
         self.probe_autocast = probe_autocast
         #: The monitor of the current fit (built in ``setup``).

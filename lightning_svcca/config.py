@@ -52,6 +52,7 @@ class MonitorConfig:
     compute_dtype: str = "auto"
     cross_layer: bool | Sequence[float] = False
     cross_layer_reference: str = "final"
+    heatmap_time_share: float = 0.05
     #: Parsed references, with a convergence policy's lag reference appended when it is not "previous".
     references: list[Reference] = field(init=False)
     #: The reference a convergence policy judges by: a layer's snapshot ``lag`` epochs earlier.
@@ -63,6 +64,10 @@ class MonitorConfig:
         unknown = [metric for metric in metrics if metric not in METRICS]
         if unknown or not metrics:
             raise ValueError(f"metrics must be a non-empty selection of {METRICS}, got {list(metrics)}")
+        if not 0.0 < self.heatmap_time_share <= 1.0:
+            raise ValueError(
+                f"heatmap_time_share must be in (0, 1] (1.0 draws every heatmap), got {self.heatmap_time_share!r}"
+            )
         for name in ("every_n_epochs", "every_n_train_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

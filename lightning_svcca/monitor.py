@@ -306,6 +306,7 @@ class SVCCAMonitor:
             self.writers if self.runtime.is_global_zero else [],
             self._claim_csv(),
             axis="step" if self.by_step else "epoch",
+            heatmap_time_share=self.config.heatmap_time_share,
         )
         if not self.measured:
             self._measure(0, step)

@@ -16,6 +16,7 @@ writers get it as the final heatmap image (W&B ``log_image``, MLflow ``log_image
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -90,15 +91,25 @@ class Reporter:
         writers: normalised writers (:func:`as_writers`).
         csv_path: the history CSV (``None``: no file).
         axis: the heatmaps' columns: ``"epoch"``, or ``"step"`` for runs measured every k steps.
+        heatmap_time_share: the largest share of the time since this reporter was made that drawing heatmaps
+            may take. Drawing one costs about 0.1 s (matplotlib), as much as an epoch of a small model: past the
+            share, a heatmap waits for a later measurement, and :meth:`flush` draws what is still waiting.
     """
 
-    def __init__(self, writers: Sequence[Any], csv_path: Path | None, *, axis: str = "epoch") -> None:
+    def __init__(
+        self, writers: Sequence[Any], csv_path: Path | None, *, axis: str = "epoch", heatmap_time_share: float = 1.0
+    ) -> None:
         self.writers = list(writers)
         self.csv_path = csv_path
         self.axis = axis
+        self.heatmap_time_share = heatmap_time_share
         self._figures: dict[str, HeatmapFigure] = {}
         self._last_step = -1
         self._drawn: dict[str, tuple[int, tuple[int, ...], Any]] = {}
+        self._started = time.perf_counter()
+        self._drawing_seconds = 0.0
+        #: Heatmaps put off by the time share: name -> the latest call's arguments.
+        self._waiting: dict[str, tuple[Iterable[Mapping[str, Any]], dict[str, Any]]] = {}
 
     def scalars(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """One ``log_metrics`` call per step (in increasing order) with every row's value at that step."""
@@ -133,23 +144,30 @@ class Reporter:
     ) -> Any:
         """Draw the layers x epochs heatmap of a reference as image ``{metric}/{reference}/heatmap``.
 
-        Returns the image (``None`` when there is nothing to draw). Drawn only when a writer takes images, or
-        ``always`` (the end-of-fit picture other writers get). The same picture is not written twice at one step:
-        it is returned as drawn before.
+        Returns the image (``None`` when there is nothing to draw, or when it waits). Drawn only when a writer
+        takes images, or ``always`` (the end-of-fit picture other writers get). Unless ``always``, a heatmap that
+        would take drawing past ``heatmap_time_share`` waits (:meth:`flush` draws it). The same picture is not
+        written twice at one step: it is returned as drawn before.
         """
         experiments = self._experiments("add_image")
         if not experiments and not always:
             return None
+        name = tag(metric, reference, "heatmap")
+        self._waiting.pop(name, None)
+        if not always and self._over_time_share():
+            self._waiting[name] = (history, {"reference": reference, "metric": metric, "layers": layers, "step": step})
+            return None
         names, epochs, matrix = history_matrix(history, reference, metric, layers, axis=self.axis)
         if not names or not epochs:
             return None
-        name = tag(metric, reference, "heatmap")
         drawn = self._drawn.get(name)
         if drawn is not None and drawn[:2] == (step, tuple(epochs)):
             return drawn[2]
+        started = time.perf_counter()
         if name not in self._figures:
             self._figures[name] = HeatmapFigure(**heatmap_style(metric, reference), xlabel=self.axis)
         image = self._figures[name].render(names, epochs, matrix)
+        self._drawing_seconds += time.perf_counter() - started
         self._drawn[name] = (step, tuple(epochs), image)
         for experiment in experiments:
             experiment.add_image(name, image, step, dataformats="HWC")
@@ -204,9 +222,17 @@ class Reporter:
             write_history_csv(history, self.csv_path)
 
     def flush(self) -> None:
-        """Flush writers that buffer (TensorBoard), so the event files are complete on disk."""
+        """Draw the heatmaps still waiting; flush writers that buffer (TensorBoard), so event files are complete."""
+        waiting, self._waiting = self._waiting, {}
+        for history, arguments in waiting.values():
+            self.heatmap(history, **arguments, always=True)
         for experiment in self._experiments("flush"):
             experiment.flush()
+
+    def _over_time_share(self) -> bool:
+        """Whether heatmaps have taken more than their share of the time so far."""
+        elapsed = time.perf_counter() - self._started
+        return self.heatmap_time_share < 1.0 and self._drawing_seconds > self.heatmap_time_share * elapsed
 
     def _experiments(self, method: str) -> list[Any]:
         found = []

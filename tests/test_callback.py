@@ -140,6 +140,41 @@ def test_tensorboard_images_and_layout(tensorboard_run):
     assert "custom_scalars__config__" in events.Tags()["tensors"]
 
 
+@pytest.mark.parametrize("share", [1.0, 0.01])
+def test_heatmaps_keep_to_their_time_share(tmp_path, digits, digits_loaders, digits_cnn, share):
+    """Every measurement draws at share 1.0; at 1% of a tiny model's fit most wait, but each heatmap's last
+    state is drawn at the end and the scalars stay complete."""
+    x, _ = digits
+    torch.manual_seed(0)
+    callback = SVCCACallback(probe=x[PROBE], layers=LAYERS, reference=("previous",), heatmap_time_share=share, **SMALL)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        max_epochs=6,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        callbacks=[callback],
+    )
+    trainer.fit(digits_cnn(), digits_loaders[0])
+    events = EventAccumulator(trainer.log_dir, size_guidance={"images": 0, "scalars": 0}).Reload()
+    steps = [event.step for event in events.Images("svcca/previous/heatmap")]
+    assert steps[-1] == 12 and len(steps) == len(set(steps))
+    if share == 1.0:
+        assert steps == [2 * epoch for epoch in range(1, 7)]
+    else:
+        assert len(steps) < 6
+    assert [event.step for event in events.Scalars(f"svcca/previous/{LAYERS[0]}")] == [2 * e for e in range(1, 7)]
+
+
+def test_heatmap_time_share_out_of_range_fails_clearly():
+    for share in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"heatmap_time_share must be in \(0, 1\]"):
+            SVCCACallback(heatmap_time_share=share)
+
+
 def test_history_csv_matches_the_history(tensorboard_run):
     trainer, _, callback, _ = tensorboard_run
     path = trainer.log_dir + "/svcca_history.csv"

@@ -428,3 +428,44 @@ def test_reporter_without_log_dir_writes_no_file(tmp_path, monkeypatch, history)
     reporter.write_csv(history)
     assert reporter.csv_path is None
     assert not list(tmp_path.iterdir())
+
+
+def test_heatmaps_past_their_time_share_wait_and_flush_draws_the_latest(history, monkeypatch):
+    """Drawing takes 1 s of a clock that the 'training' advances by 2 s between measurements: at a 10% share,
+    heatmaps wait until the time drawn is back under 10% of the time passed; flush draws the latest waiting one at
+    its own step."""
+    import lightning_svcca.writers as writers
+
+    clock = [0.0]
+    monkeypatch.setattr(writers.time, "perf_counter", lambda: clock[0])
+    render = writers.HeatmapFigure.render
+
+    def slow_render(self, *args):
+        clock[0] += 1.0
+        return render(self, *args)
+
+    monkeypatch.setattr(writers.HeatmapFigure, "render", slow_render)
+    experiment = _FakeExperiment()
+    reporter = Reporter([_FakeLogger(experiment)], None, heatmap_time_share=0.1)
+    returned = []
+    for step in range(5):
+        clock[0] += 2.0
+        rows = [row for row in history if row["epoch"] <= min(step, 2)]
+        returned.append(reporter.heatmap(rows, reference="final", metric="svcca", layers=["conv", "fc"], step=step))
+    # drawn at 2 s (then 1 s drawn), waits at 5, 7 and 9 s (1 s is over 10%), drawn at 11 s (1 s is not)
+    assert [step for _, _, step, _ in experiment.images] == [0, 4]
+    assert [image is None for image in returned] == [False, True, True, True, False]
+    clock[0] += 2.0
+    reporter.heatmap(history, reference="final", metric="svcca", layers=["conv", "fc"], step=5)  # 2 s of 14: waits
+    reporter.flush()
+    assert [step for _, _, step, _ in experiment.images] == [0, 4, 5]
+    reporter.flush()  # nothing waits any more
+    assert len(experiment.images) == 3
+
+
+def test_a_heatmap_time_share_of_one_draws_every_heatmap(history):
+    experiment = _FakeExperiment()
+    reporter = Reporter([_FakeLogger(experiment)], None, heatmap_time_share=1.0)
+    for step in range(4):
+        reporter.heatmap(history, reference="final", metric="svcca", layers=["conv", "fc"], step=step)
+    assert [step for _, _, step, _ in experiment.images] == [0, 1, 2, 3]

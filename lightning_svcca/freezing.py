@@ -63,8 +63,9 @@ class FreezePolicy:
         metric: similarity that decides convergence: ``"svcca"``, ``"pwcca"``, ``"linear_cka"`` or ``"cca"``.
         threshold: similarity at or above which a measurement counts as converged.
         lag: epochs between the two snapshots compared (a multiple of the callback's ``every_n_epochs``).
-            Comparing consecutive epochs declares convergence far too early: weights move slowly at a small
-            learning rate even while far from their final values.
+            Training from scratch, comparing consecutive epochs declares convergence far too early: weights move
+            slowly at a small learning rate even while far from their final values. Fine-tuning a pretrained
+            model for a few epochs, consecutive epochs with ``patience=2`` do (:meth:`for_fine_tuning`).
         patience: consecutive converged measurements needed.
         min_epochs: no freezing before this many completed epochs.
         order: ``"bottom_up"`` (a layer freezes only once every layer below it, in forward order, is frozen)
@@ -121,6 +122,22 @@ class FreezePolicy:
             raise ValueError("FreezePolicy(mode='schedule') needs schedule={layer: epoch, ...}")
         if self.mode != "schedule" and self.schedule:
             raise ValueError(f"FreezePolicy.schedule is only used with mode='schedule', not mode={self.mode!r}")
+
+    @classmethod
+    def for_fine_tuning(cls, **overrides: Any) -> FreezePolicy:
+        """The convergence policy for fine-tuning a pretrained model for a few epochs, with the prefix cache.
+
+        A pretrained layer settles within a few epochs of fine-tuning, so convergence compares consecutive
+        epochs (``lag=1``), and two converged measurements in a row (``patience=2``) guard against a single quiet
+        epoch. The top two monitored layers (``keep_last=2``: typically the last block and the new head) keep
+        training: they carry the new task, and freezing them costs accuracy for little compute. Measured in
+        ``benchmarks/freeze_wallclock.py``, workload (b): see ``docs/freezing.md``.
+
+        Args:
+            **overrides: any other :class:`FreezePolicy` field, or one of these to change.
+        """
+        settings: dict[str, Any] = {"lag": 1, "patience": 2, "keep_last": 2, "cache_outputs": True}
+        return cls(**{**settings, **overrides})
 
     def freeze_epochs(self, layers: Sequence[str], max_epochs: int | None) -> dict[str, int]:
         """Planned freeze epoch of each layer for the ``linear`` and ``schedule`` modes."""

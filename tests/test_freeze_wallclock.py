@@ -26,8 +26,8 @@ def test_quick_mode_runs_every_variant(tmp_path, capsys):
         "no callback",
         "convergence (defaults)",
         "convergence + cache",
-        "convergence 0.98 + cache",
-        "stages 1-2 at epoch 3 + cache",
+        "fine-tuning preset, no cache",
+        "fine-tuning preset",
     }
     # the linear schedule freezes the three stages at epochs 1, 2, 3 of 3
     assert results["a"]["linear schedule"][0].frozen == {"stage1": 1, "stage2": 2, "stage3": 3}

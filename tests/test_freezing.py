@@ -342,3 +342,17 @@ def test_a_layer_without_parameters_of_its_own_is_not_reported_as_a_freeze(tmp_p
         "froze layer 'bn1' at epoch 1 (4 parameter tensors): scheduled for epoch 1",
         "froze layer 'relu2' at epoch 2 (4 parameter tensors): scheduled for epoch 2",
     ]
+
+
+def test_the_fine_tuning_preset_is_the_convergence_policy_with_its_documented_settings():
+    policy = FreezePolicy.for_fine_tuning()
+    assert (policy.mode, policy.lag, policy.patience, policy.keep_last, policy.cache_outputs) == (
+        "convergence",
+        1,
+        2,
+        2,
+        True,
+    )
+    assert FreezePolicy.for_fine_tuning(keep_last=1, threshold=0.98).keep_last == 1
+    with pytest.raises(ValueError, match="lag must be >= 1"):
+        FreezePolicy.for_fine_tuning(lag=0)

@@ -29,7 +29,7 @@ with other jobs, wall time also counts the time other processes held the cores; 
 accuracy (mean, sd) and its change in points, when layers froze, and the share of training batches whose prefix
 the cache served.
 
-Run: ``python benchmarks/freeze_wallclock.py [--seeds 0 1 2] [--threads 1] [--quick]``.
+Run: ``python benchmarks/freeze_wallclock.py [--seeds 0 1 2] [--threads 1] [--quick] [--accelerator gpu]``.
 """
 
 from __future__ import annotations
@@ -143,7 +143,15 @@ class _CacheSpy(pl.Callback):
             self.share = cache.skipped_batches / max(1, trainer.global_step)
 
 
-def fit(model: ConvNet, split: Split, policy: FreezePolicy | None, epochs: int, seed: int, root: Path) -> Run:
+def fit(
+    model: ConvNet,
+    split: Split,
+    policy: FreezePolicy | None,
+    epochs: int,
+    seed: int,
+    root: Path,
+    accelerator: str = "cpu",
+) -> Run:
     """Fit ``model`` (in place) and time it; ``policy=None`` fits without the callback."""
     x, y = split.train
     loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
@@ -155,7 +163,7 @@ def fit(model: ConvNet, split: Split, policy: FreezePolicy | None, epochs: int, 
     trainer = pl.Trainer(
         max_epochs=epochs,
         default_root_dir=root,
-        accelerator="cpu",
+        accelerator=accelerator,
         callbacks=callbacks,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -201,7 +209,7 @@ def finetune_variants() -> dict[str, FreezePolicy | None]:
     }
 
 
-def run_all(seeds: list[int], quick: bool, root: Path) -> dict[str, dict[str, list[Run]]]:
+def run_all(seeds: list[int], quick: bool, root: Path, accelerator: str = "cpu") -> dict[str, dict[str, list[Run]]]:
     """Both workloads, seed by seed, variants interleaved."""
     limit = 128 if quick else None
     scratch_epochs, pretrain_epochs, finetune_epochs = (3, 2, 3) if quick else (12, 4, 12)
@@ -209,20 +217,22 @@ def run_all(seeds: list[int], quick: bool, root: Path) -> dict[str, dict[str, li
     lower = digits32(range(5), limit, shifted_copies=not quick)
     upper = digits32(range(5, 10), limit, shifted_copies=not quick)
     results: dict[str, dict[str, list[Run]]] = {"a": {}, "b": {}}
-    fit(ConvNet(), everything, None, 1, 0, root / "warm-up")  # first-fit costs (allocator, imports) left out
+    fit(
+        ConvNet(), everything, None, 1, 0, root / "warm-up", accelerator
+    )  # first-fit costs (allocator, imports) left out
     for seed in seeds:
         pl.seed_everything(seed, verbose=False)
         initial = ConvNet()
         for name, policy in scratch_variants().items():
-            run = fit(copy.deepcopy(initial), everything, policy, scratch_epochs, seed, root / f"a{seed}")
+            run = fit(copy.deepcopy(initial), everything, policy, scratch_epochs, seed, root / f"a{seed}", accelerator)
             results["a"].setdefault(name, []).append(run)
             _progress("a", name, seed, run)
         pl.seed_everything(seed, verbose=False)
         pretrained = ConvNet()
-        fit(pretrained, lower, None, pretrain_epochs, seed, root / f"pre{seed}")
+        fit(pretrained, lower, None, pretrain_epochs, seed, root / f"pre{seed}", accelerator)
         pretrained.lr, pretrained.backbone_scale = 0.03, 0.1
         for name, policy in finetune_variants().items():
-            run = fit(copy.deepcopy(pretrained), upper, policy, finetune_epochs, seed, root / f"b{seed}")
+            run = fit(copy.deepcopy(pretrained), upper, policy, finetune_epochs, seed, root / f"b{seed}", accelerator)
             results["b"].setdefault(name, []).append(run)
             _progress("b", name, seed, run)
     return results
@@ -291,6 +301,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[Run]]]:
         help="torch CPU threads: one keeps CPU time free of threads spinning while others run on a shared machine",
     )
     parser.add_argument("--root", type=Path, default=None, help="run directory (default: a temporary one)")
+    parser.add_argument(
+        "--accelerator", default="cpu", help="Lightning accelerator (on a GPU, wall time is the figure to read)"
+    )
     parser.add_argument("--quick", action="store_true", help="128 samples, 2-3 epochs, one seed: a smoke test")
     args = parser.parse_args(argv)
     seeds = args.seeds[:1] if args.quick else args.seeds
@@ -302,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[Run]]]:
         with warnings.catch_warnings(), tempfile.TemporaryDirectory() as scratch:
             warnings.filterwarnings("ignore", module="pytorch_lightning")
             warnings.filterwarnings("ignore", ".*LeafSpec.*")
-            results = run_all(seeds, args.quick, args.root or Path(scratch))
+            results = run_all(seeds, args.quick, args.root or Path(scratch), args.accelerator)
     finally:
         torch.set_num_threads(previous)
     print(report(results, args.threads, seeds), flush=True)

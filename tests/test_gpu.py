@@ -10,7 +10,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_svcca import FreezePolicy, SVCCACallback, SVCCAMonitorWarning
@@ -131,84 +130,17 @@ def test_resume_on_the_gpu_under_fp16_autocast(tmp_path):
         assert torch.equal(resumed.state_dict()[name].cpu(), whole.state_dict()[name].cpu()), name
 
 
-class _HFModule(pl.LightningModule):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, attention_mask, input_ids=None, input_values=None):
-        inputs = {"input_ids": input_ids} if input_ids is not None else {"input_values": input_values}
-        return self.model(**inputs, attention_mask=attention_mask).logits
-
-    def training_step(self, batch, batch_idx):
-        labels = batch.pop("labels")
-        return nn.functional.cross_entropy(self(**batch), labels)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
-
-def _bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(
-        vocab_size=100,
-        max_position_embeddings=64,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(config)
-
-
-def _wav2vec2():
-    from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
-
-    config = Wav2Vec2Config(  # the "layer" feature encoder, meant to be called with an attention_mask
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        conv_dim=(16, 16, 16),
-        conv_stride=(5, 2, 2),
-        conv_kernel=(10, 3, 3),
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-        feat_extract_norm="layer",
-        do_stable_layer_norm=True,
-        num_labels=3,
-    )
-    return Wav2Vec2ForSequenceClassification(config)
-
-
-def _batches(kind: str, count: int = 64) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.randint(3, (count,), generator=generator)
-    if kind == "bert":
-        lengths = torch.randint(3, 17, (count,), generator=generator)
-        mask = (torch.arange(16)[None, :] < lengths[:, None]).long()
-        ids = torch.randint(1, 100, (count, 16), generator=generator) * mask
-        columns = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    else:
-        lengths = torch.randint(600, 1601, (count,), generator=generator)
-        mask = (torch.arange(1600)[None, :] < lengths[:, None]).long()
-        columns = {"input_values": torch.randn(count, 1600, generator=generator) * mask, "attention_mask": mask}
-        columns["labels"] = labels
-    return [{key: value[i] for key, value in columns.items()} for i in range(count)]
-
-
 @pytest.mark.filterwarnings("ignore:.*SVCCA keeps")
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 @pytest.mark.parametrize("kind", ["bert", "wav2vec2"])
 def test_hugging_face_models_under_autocast_on_the_gpu(tmp_path, kind, precision):
-    """Defaults plus a pretrained-style reference and the linear freeze schedule; then a second fit."""
+    """Defaults plus the model before fine-tuning as a reference and the linear freeze schedule; then a second fit."""
     pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    make = _bert if kind == "bert" else _wav2vec2
-    model, reference = _HFModule(make().train()), _HFModule(make())  # the same structure, other weights
-    loader = DataLoader(_batches(kind), batch_size=16, shuffle=True)
+    from test_models import _audio_data, _bert, _HFModule, _text_data, _wav2vec2
+
+    make, data = (_bert, _text_data) if kind == "bert" else (_wav2vec2, _audio_data)
+    model, reference = _HFModule(make().train()), _HFModule(make())  # the same seeded weights: "pretrained"
+    loader = DataLoader(data(64, torch.Generator().manual_seed(0)), batch_size=16, shuffle=True)
     callback = SVCCACallback(
         probe_size=32, reference=("previous", "initial", {"pretrained": reference}), freeze=FreezePolicy(mode="linear")
     )

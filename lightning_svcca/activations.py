@@ -453,6 +453,7 @@ class ActivationRecorder:
         mask_frames: int | None = None,
         output_lengths: Callable[[Tensor], Tensor] | None = None,
         keep_means: bool = False,
+        record_only: Iterable[str] | None = None,
     ) -> None:
         """Prepare hooks (registered on ``__enter__``).
 
@@ -467,10 +468,13 @@ class ActivationRecorder:
                 define it. :meth:`frame_lengths` uses it for every layer with that many frames.
             keep_means: also keep each sample's output averaged over all its positions or valid frames
             (:attr:`means`: one datapoint per sample, for cross-layer maps between layers of different sizes).
+            record_only: record these monitored layers only (the others are still hooked, for :attr:`completion`
+            and :attr:`order`); ``None``: all of them.
         """
         self.model = model
         self.output_lengths = output_lengths if output_lengths is not None else find_length_hook(model)
         self.specs = {spec.name: spec for spec in specs}
+        self.recorded = set(self.specs) if record_only is None else set(record_only) & set(self.specs)
         self.per_sample = max(1, per_sample)
         self.mask_frames = mask_frames
         self.activations: dict[str, Tensor] = {}
@@ -561,7 +565,7 @@ class ActivationRecorder:
             spec = self.specs.get(name)
             own = _own_layout(module)
             self._note_stride(module, args, output)
-            if spec is not None:
+            if spec is not None and name in self.recorded:
                 self._record(spec, own, output)
             if own is not None:
                 self._layout = own

@@ -11,8 +11,8 @@ Feature references (a tensor aligned with the probe's samples) are laid out like
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from lightning_svcca.activations import (
     ActivationRecorder,
     LayerSpec,
+    Layout,
     OutputSelectionError,
     layer_seed,
     probe_share,
@@ -89,10 +90,21 @@ class Capture:
         self._warn_once = warn_once
         self._forward_context = forward_context
         self._convert_input = convert_input
+        #: Each layer's layout as the first recording found it: later passes read the layer the same way, also
+        #: when the modules it was guessed from are skipped (a prefix served from the cache).
+        self.layouts: dict[str, Layout] = {}
 
-    def record(self, model: nn.Module, device: torch.device, *, label: str = "the model") -> ActivationRecorder:
+    def record(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        *,
+        label: str = "the model",
+        skip: Collection[str] = (),
+    ) -> ActivationRecorder:
         """Run this process's share of the probe through ``model`` on ``device`` with hooks on the layers.
 
+        ``skip``: layers not to record (their outputs are known; they stay hooked for the forward order).
         A forward pass that fails inside torch (a probe of the wrong shape or dtype for the model, a reference
         model that does not take it) raises a ``ValueError`` naming the probe and ``label``.
         """
@@ -102,12 +114,14 @@ class Capture:
         if probe.mask_key is not None:
             mask = probe.batch[probe.mask_key]
             mask_frames = int(mask.shape[1]) if mask.ndim == 2 else None
+        specs = [replace(spec, layout=spec.layout or self.layouts.get(spec.name)) for spec in self.specs]
         recorder = ActivationRecorder(
             model,
-            self.specs,
+            specs,
             per_sample=probe_share(self.options.max_datapoints, probe.size),
             mask_frames=mask_frames,
             keep_means=self.options.keep_means,
+            record_only=[spec.name for spec in specs if spec.name not in skip],
         )
 
         def before_chunk(first: int, chunk: Any) -> None:
@@ -131,6 +145,8 @@ class Capture:
                 raise
             except (RuntimeError, TypeError) as error:
                 raise self._forward_error(error, model, label) from error
+        for name, layout in recorder.layouts.items():
+            self.layouts.setdefault(name, layout)
         return recorder
 
     def _forward_error(self, error: Exception, model: nn.Module, label: str) -> ValueError:
@@ -145,20 +161,26 @@ class Capture:
 
     def check(self, model: nn.Module, device: torch.device) -> None:
         """Run the first two probe samples through ``model`` (no hooks): a probe it cannot take fails here."""
-        probe = self.probe
         try:
-            run_probe(
-                model,
-                probe,
-                chunk_size=2,
-                device=device,
-                forward_fn=self.options.forward_fn,
-                stop=min(2, probe.size),
-                forward_context=self._forward_context,
-                convert=self._convert_input,
-            )
+            self.outputs(model, device, 2)
         except (RuntimeError, TypeError) as error:
             raise self._forward_error(error, model, "the model") from error
+
+    def outputs(self, model: nn.Module, device: torch.device, count: int) -> Any:
+        """The model's output for the first ``count`` probe samples (one forward pass, no hooks, eval mode)."""
+        outputs: list[Any] = []
+        run_probe(
+            model,
+            self.probe,
+            chunk_size=count,
+            device=device,
+            forward_fn=self.options.forward_fn,
+            stop=min(count, self.probe.size),
+            forward_context=self._forward_context,
+            convert=self._convert_input,
+            on_output=outputs.append,
+        )
+        return outputs[0]
 
     def snapshots(
         self, recorder: ActivationRecorder, layers: Sequence[str], epoch: int, device: torch.device, *, label: str

@@ -363,6 +363,22 @@ class Freezer:
         for parameter in self._frozen_parameters(model):
             parameter.grad = None
 
+    @property
+    def caching(self) -> bool:
+        """Whether the policy asks for the frozen-prefix cache."""
+        return self.policy is not None and self.policy.cache_outputs
+
+    def cached_layers(self) -> list[str]:
+        """The frozen layers of the prefix cache, bottom-up, once it has verified them; ``[]`` before or without.
+
+        Their outputs are a fixed function of the model's input: the cache recomputed them and found its copies.
+        """
+        cache = self.cache
+        if cache is None or not cache.enabled or not cache.verified or cache.boundary not in self.positions:
+            return []
+        top = self.positions[cache.boundary]
+        return sorted((layer for layer, at in self.positions.items() if at <= top), key=self.positions.__getitem__)
+
     def close(self) -> None:
         """Take the prefix cache off the model and delete what it holds (at the end of a fit)."""
         if self.cache is not None:
@@ -394,13 +410,13 @@ class Freezer:
         boundary = by_position[count - 1]
         if self.cache is not None and self.cache.boundary == boundary and self.cache.model is model:
             return
-        if self.cache is not None:
-            self.cache.close()
-            self.cache = None
+        below, self.cache = self.cache, None  # the shorter prefix's cache: the new one fills from it
         modules = [name for position in range(count) for name in self.modules.get(by_position[position], [])]
         reason = "soft freezing computes the prefix anyway" if not self.hard else None
         reason = reason or prefix_refusal(model, modules, boundary)
         if reason is not None:
+            if below is not None:
+                below.close()
             self._cache_refused = True
             warnings.warn(
                 f"FreezePolicy(cache_outputs=True): the frozen prefix up to {boundary!r} is not cached: {reason}",
@@ -408,7 +424,7 @@ class Freezer:
                 stacklevel=3,
             )
             return
-        self.cache = PrefixCache(model, modules, boundary, self.policy.cache_max_bytes, self._spill_dir)
+        self.cache = PrefixCache(model, modules, boundary, self.policy.cache_max_bytes, self._spill_dir, below=below)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain state for checkpoints (the cache itself is not saved: it is rebuilt and verified after a resume)."""

@@ -34,6 +34,7 @@ from lightning_svcca.comparisons import Comparisons, row, values_of
 from lightning_svcca.config import MonitorConfig
 from lightning_svcca.crosslayer import CrossLayerMoments
 from lightning_svcca.freezing import FreezeDecision, Freezer, freeze_blocks
+from lightning_svcca.frozen_prefix import FrozenPrefix
 from lightning_svcca.history import pack_history, unpack_history
 from lightning_svcca.probe import Probe, build_probe, check_not_meta
 from lightning_svcca.references import check_reference_layers, device_of, reference_model
@@ -221,6 +222,7 @@ class SVCCAMonitor:
         self.last_measured_step = -1
         self.store = SnapshotStore(config.max_snapshot_bytes)
         self._capture: Capture | None = None
+        self._frozen_prefix: FrozenPrefix | None = None
         self._comparisons: Comparisons | None = None
         self._reporter: Reporter | None = None
         self._warned: set[str] = set()
@@ -279,6 +281,9 @@ class SVCCAMonitor:
             convert_input=self.runtime.convert_input,
         )
         self._capture.check(self.model, device_of(self.model))
+        self._frozen_prefix = FrozenPrefix(
+            self._capture, self.store, self.freezer, self.runtime.collective, self.warn_once
+        )
 
     def start(self, *, step: int = 0) -> None:
         """Build the probe and measure epoch 0 (the initial snapshot), or, when resuming, the fixed references."""
@@ -503,14 +508,24 @@ class SVCCAMonitor:
         self, epoch: int, step: int, *, decide_freezes: bool = True, live_final: bool = True
     ) -> list[dict[str, Any]]:
         """Snapshot every layer at ``epoch``/``step``, compare with the references, log, and decide freezes."""
-        assert self._capture is not None and self._comparisons is not None
+        assert self._capture is not None and self._comparisons is not None and self._frozen_prefix is not None
         started = time.perf_counter()
         device = device_of(self.model)
-        recorder = self._capture.record(self.model, device)
+        last = self.measured[-1] if self.measured and self.cross_layer is None else None
+        known = self._frozen_prefix.known_layers(self.layers, last, device) if self.freezer.caching else []
+        recorder = self._frozen_prefix.record(self.model, device, known)
         point = step if self.by_step else epoch
         self.probe_timings[point] = time.perf_counter() - started
         layers = self._settle_layer_order(recorder.order)
-        snapshots = self._capture.snapshots(recorder, layers, epoch, device, label=f"epoch {epoch}")
+        recorded = self._capture.snapshots(
+            recorder, [layer for layer in layers if layer not in known], epoch, device, label=f"epoch {epoch}"
+        )
+        reused = self._frozen_prefix.reused(known, last) if known else {}
+        snapshots = {
+            layer: reused[layer] if layer in reused else recorded[layer]
+            for layer in layers
+            if layer in reused or layer in recorded
+        }
         if self.cross_layer is not None:
             total = self.runtime.max_steps if self.by_step else self.runtime.max_epochs
             self.cross_layer.observe(point, epoch, step, self._pooled(recorder, layers), total)
@@ -519,12 +534,15 @@ class SVCCAMonitor:
         self.points[point] = (int(epoch), int(step))
         rows = self._comparisons.rows_for(point, snapshots)
         for layer, snapshot in snapshots.items():
-            self.store.put((layer, str(point)), snapshot)
+            if layer in reused:
+                self.store.alias((layer, str(point)), (layer, str(last)))
+            else:
+                self.store.put((layer, str(point)), snapshot)
         self.measured.append(point)
         self.last_measured_step = int(step)
         policy = self.config.freeze
         if policy is not None and decide_freezes:
-            self._decide_and_freeze(recorder.completion, epoch, step, rows)
+            self._decide_and_freeze(self._frozen_prefix.completion, epoch, step, rows)
         if policy is not None or self.frozen:
             rows += [row(epoch, step, layer, "frozen", "svcca", float(layer in self.frozen)) for layer in self.layers]
         self.history.extend(rows)

@@ -12,16 +12,21 @@ of them (the *boundary*) compute a fixed function of the model's input. :class:`
   of the same forward through the short cut (same random state, buffers restored). A mismatch, an error in the
   replay, or an epoch in which no input repeated turns the cache off with a :class:`PrefixCacheWarning`.
 
+When a later freeze extends the prefix, the new cache is built on the old one (``below``): while it fills, a batch
+whose samples the old cache holds skips the old prefix and computes only the layers between the two boundaries.
+The old cache is dropped after an epoch in which the new one served every sample.
+
 Outputs are kept in host memory up to a budget; beyond it they are written in per-batch files to a directory that
 :meth:`PrefixCache.close` deletes. Nothing is checkpointed: after a resume the cache is rebuilt and verified again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +86,9 @@ class PrefixCache:
         boundary: the last frozen monitored layer; its output is what the rest of the model reads.
         max_bytes: host memory for cached outputs (``None``: unbounded); beyond it, outputs go to files.
         spill_dir: called once, at the first spill, for the directory to write to.
+        below: the cache of a shorter prefix of the same model (the previous boundary); it hands over its outputs
+            while this cache fills, then is closed. One that does not fit (another model, a prefix that is not
+            part of this one, or turned off) is closed at once.
     """
 
     def __init__(
@@ -90,6 +98,7 @@ class PrefixCache:
         boundary: str,
         max_bytes: int | None,
         spill_dir: Callable[[], Path],
+        below: PrefixCache | None = None,
     ) -> None:
         self.model = model
         self.boundary = boundary
@@ -100,6 +109,11 @@ class PrefixCache:
         self.misses = 0
         self.verified = 0
         self.skipped_batches = 0
+        #: Batches that filled this cache from the cache below (only the layers between the boundaries ran).
+        self.extended_batches = 0
+        #: Probe passes served (:meth:`serving_probe`).
+        self.probe_batches = 0
+        self._probe = False
         self._spill_dir_factory = spill_dir
         self._spill_dir: Path | None = None
         self._memory: dict[bytes, Tensor] = {}
@@ -125,9 +139,14 @@ class PrefixCache:
         prefix = set(modules)
         # short-cut only the outermost prefix modules: their children never run
         outermost = [name for name in modules if name != boundary and not _has_ancestor_in(name, prefix)]
+        self._below = self._adopt(below, outermost)
+        skipped_below = set() if self._below is None else set(self._below.outermost)
         for name in outermost:
-            self._patch(named[name], self._prefix_forward(named[name]))
+            role = "below" if self._below is not None and name == self._below.boundary else None
+            role = role or ("skip" if name in skipped_below else None)
+            self._patch(named[name], self._prefix_forward(named[name], role))
         self._patch(named[boundary], self._boundary_forward(named[boundary]))
+        self.outermost = outermost
         self._handles.append(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._after_forward, with_kwargs=True))
 
@@ -143,11 +162,17 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._memory) + len(self._spilled)
 
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._memory or key in self._spilled
+
     def start_epoch(self, epoch: int) -> None:
         """Track epochs: an epoch after the filling one in which inputs did not repeat turns the cache off."""
         if epoch == self._epoch:
             return
         if self._epoch is not None:
+            if self._below is not None and 0 < self._epoch_lookups == self._epoch_hits:
+                self._below.close()  # every sample came from this cache: the one below is no longer needed
+                self._below = None
             self._epochs_seen += 1
             judged = self._epochs_seen >= 2 and self._epoch_lookups > 0
             if judged and self._epoch_hits < MIN_HIT_RATE * self._epoch_lookups:
@@ -171,12 +196,10 @@ class PrefixCache:
     def close(self) -> None:
         """Remove the hooks and short cuts from the model and delete cached outputs and spill files."""
         self.enabled = False
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for module in self._patched:
-            module.__dict__.pop("forward", None)
-        self._patched.clear()
+        self._release_model()
+        if self._below is not None:
+            self._below.close()
+            self._below = None
         self._memory.clear()
         self._spilled.clear()
         self._mapped.clear()
@@ -185,6 +208,60 @@ class PrefixCache:
             shutil.rmtree(self._spill_dir, ignore_errors=True)
             self._spill_dir = None
         self._files.clear()
+
+    @contextlib.contextmanager
+    def serving_probe(self) -> Iterator[None]:
+        """Within it, a forward pass whose samples are all cached skips the prefix, in any mode (a probe pass).
+
+        Nothing is stored or counted towards the training statistics; :attr:`probe_batches` counts the passes
+        served. A cache that is turned off serves nothing.
+        """
+        self._probe = True
+        try:
+            yield
+        finally:
+            self._probe, self._mode, self._served = False, None, None
+
+    def probe_matches(self, forward: Callable[[], Any]) -> bool | None:
+        """Whether ``forward()`` (a probe pass) returns the same served from the cache as computed in full.
+
+        ``None`` when the cache could not serve it (its samples are not all cached). Checks what the training
+        verification cannot: a prefix that computes differently in eval mode, under the probe's precision.
+        """
+        served_before = self.probe_batches
+        with self.serving_probe():
+            short_cut = forward()
+        if self.probe_batches == served_before:
+            return None
+        return _same_outputs(forward(), short_cut)
+
+    def _release_model(self) -> None:
+        """Take the hooks and short cuts off the model (the cached outputs stay)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in self._patched:
+            module.__dict__.pop("forward", None)
+        self._patched.clear()
+
+    def _adopt(self, below: PrefixCache | None, outermost: Sequence[str]) -> PrefixCache | None:
+        """``below`` when its prefix is part of this one and its short cuts can be this one's; else closed."""
+        if below is None:
+            return None
+        fits = (
+            below.enabled
+            and below.model is self.model
+            and below.boundary != self.boundary
+            and {*below.outermost, below.boundary} <= set(outermost)
+        )
+        if not fits:
+            below.close()
+            return None
+        below._release_model()
+        if below._below is not None:  # a cache two freezes down: this one's own filling needs only ``below``
+            below._below.close()
+            below._below = None
+        return below
 
     # ------------------------------------------------------------------------------------------------------------
     # Hooks
@@ -196,19 +273,29 @@ class PrefixCache:
         if self._replaying:
             return  # the replay's mode and outputs were set by the verification
         self._mode = None
+        if self._probe:
+            keys = sample_keys(args, kwargs) if self.enabled else None
+            if keys and all(key in self for key in keys):
+                self._mode, self._served = "hit", self._gather(keys)
+                self.probe_batches += 1
+            return
         if not (self.enabled and module.training and torch.is_grad_enabled()):
             return
         keys = sample_keys(args, kwargs)
         if keys is None:
             return
         self._keys = keys
-        cached = [key in self._memory or key in self._spilled for key in keys]
+        cached = [key in self for key in keys]
         hit_count = sum(cached)
         self._epoch_lookups += len(keys)
         self._epoch_hits += hit_count
         if hit_count < len(keys):
-            self._mode = "fill"
             self.misses += len(keys) - hit_count
+            self._mode = "fill"
+            if self._below is not None and all(key in self._below for key in keys):
+                self._mode = "extend"
+                self.extended_batches += 1
+                self._served = self._below._gather(keys)
             return
         self.hits += len(keys)
         self._hit_batches += 1
@@ -229,18 +316,26 @@ class PrefixCache:
         if not self._boundary_done:
             self.disable(f"the boundary layer {self.boundary!r} did not run in the model's forward")
             return
-        if mode == "fill":
+        if mode in ("fill", "extend"):
             self._store(self._keys, self._computed)
         elif mode == "verify":
             self._verify(module, args, kwargs, output)
         self._served = self._computed = None
 
-    def _prefix_forward(self, module: nn.Module) -> Callable[..., Any]:
+    def _prefix_forward(self, module: nn.Module, role: str | None) -> Callable[..., Any]:
+        """A prefix module's forward: skipped on a hit, and on an "extend" batch below the old boundary.
+
+        On an "extend" batch the modules below the old boundary (``role`` "skip") return their input and the old
+        boundary (``role`` "below") returns the old cache's outputs.
+        """
         original = module.forward
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if self._mode == "hit" and not self._boundary_done:
-                return args[0] if args else next(iter(kwargs.values()), None)
+            if not self._boundary_done and self._mode is not None:
+                if self._mode == "hit" or (self._mode == "extend" and role == "skip"):
+                    return args[0] if args else next(iter(kwargs.values()), None)
+                if self._mode == "extend" and role == "below":
+                    return self._served
             return original(*args, **kwargs)
 
         return forward
@@ -328,7 +423,7 @@ class PrefixCache:
         rows = outputs.to("cpu")
         spill = []
         for index, key in enumerate(keys):
-            if key in self._memory or key in self._spilled:
+            if key in self:
                 continue
             row = rows[index].clone()
             size = row.numel() * row.element_size()

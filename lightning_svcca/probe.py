@@ -234,6 +234,7 @@ def run_probe(
     before_chunk: Callable[[int, Any], None] | None = None,
     forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
     convert: Callable[[Any], Any] | None = None,
+    on_output: Callable[[Any], None] | None = None,
 ) -> None:
     """Run samples ``[start, stop)`` of the probe through ``model``, leaving the model exactly as it was.
 
@@ -256,6 +257,7 @@ def run_probe(
             autocast).
         convert: applied to each chunk on the device before the forward pass (e.g. the trainer's precision
             casting floating inputs to a ``bf16-true`` model's dtype).
+        on_output: called with each chunk's output (what the forward pass returned).
     """
     if chunk_size < 1:
         raise ValueError(f"probe_batch_size must be >= 1, got {chunk_size}")
@@ -273,9 +275,11 @@ def run_probe(
                     before_chunk(first, chunk)
                 with context():
                     if forward_fn is None:
-                        default_forward(model, probe.inputs(chunk))
+                        output = default_forward(model, probe.inputs(chunk))
                     else:
-                        forward_fn(model, chunk)
+                        output = forward_fn(model, chunk)
+                if on_output is not None:
+                    on_output(output)
     finally:
         for module, training in modes.items():
             module.training = training

@@ -471,8 +471,8 @@ class SnapshotStore:
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes held in memory now."""
-        return sum(snapshot.nbytes for snapshot in self._memory.values())
+        """Bytes held in memory now (a snapshot stored under several keys counts once)."""
+        return sum(snapshot.nbytes for snapshot in {id(s): s for s in self._memory.values()}.values())
 
     @property
     def spill_dir(self) -> Path | None:
@@ -493,6 +493,19 @@ class SnapshotStore:
             self._files[key] = self._write(self.directory, key, snapshot)
         self._memory[key] = snapshot
         self._enforce_budget()
+
+    def alias(self, key: tuple[str, str], existing: tuple[str, str]) -> None:
+        """Store under ``key`` the snapshot stored under ``existing``, without a copy.
+
+        The same object in memory, the same file in persistent mode: a frozen layer's snapshot, unchanged since.
+        """
+        if self.directory is not None and existing in self._files:
+            self.discard(key)
+            self._files[key] = self._files[existing]
+            if existing in self._memory:
+                self._memory[key] = self._memory[existing]
+            return
+        self.put(key, self.get(existing))
 
     def get(self, key: tuple[str, str]) -> Snapshot:
         """A stored snapshot; one not in memory is memory-mapped from its file, not brought back into memory."""

@@ -31,8 +31,25 @@ class _Spy(pl.Callback):
         self.spill_dir = None
         self.after_freeze: dict[str, torch.Tensor] | None = None
         self.gradients_seen: set[str] = set()
+        #: Training forward passes that computed conv1 and conv2 (a short cut returns its input), per epoch.
+        self.ran: dict[int, dict[str, int]] = {}
+        self._epoch = 0
+
+    def on_train_start(self, trainer, pl_module):
+        def counter(name):
+            def hook(module, args, output):
+                if pl_module.training and output is not args[0]:
+                    counts = self.ran.setdefault(self._epoch, {"conv1": 0, "conv2": 0})
+                    counts[name] += 1
+
+            return hook
+
+        for name in ("conv1", "conv2"):
+            if hasattr(pl_module, name):
+                getattr(pl_module, name).register_forward_hook(counter(name))
 
     def on_train_epoch_start(self, trainer, pl_module):
+        self._epoch = trainer.current_epoch
         if trainer.current_epoch == self.freeze_epoch:
             self.after_freeze = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
@@ -46,6 +63,8 @@ class _Spy(pl.Callback):
             self.counters = {
                 "enabled": cache.enabled,
                 "skipped": cache.skipped_batches,
+                "extended": cache.extended_batches,
+                "below": cache._below is not None,
                 "verified": cache.verified,
                 "entries": len(cache),
                 "memory": cache.memory_bytes,
@@ -95,6 +114,12 @@ def test_cache_trains_the_same_and_skips_the_prefix(tmp_path, model_class):
     # epoch 3 fills the cache at the relu2 boundary; epochs 4 and 5 hit: 2 verified, the other 8 batches skipped
     assert counters["enabled"] and counters["verified"] == 2 and counters["skipped"] == 8
     assert counters["entries"] == 320
+    # epoch 2 filled the relu1 cache, so epoch 3 fills the relu2 one from it: conv1 does not run, conv2 does
+    # (the spy counts by 0-based current_epoch)
+    assert counters["extended"] == 5 and not counters["below"]  # dropped after an epoch served from the new one
+    ran = spies[1].ran
+    assert ran[1] == {"conv1": 5, "conv2": 5} and ran[2] == {"conv1": 0, "conv2": 5}
+    assert ran[3] == {"conv1": 2, "conv2": 2} and 4 not in ran  # 2 verified in full, then nothing computed
     # frozen weights bit-identical, BatchNorm statistics fixed, no gradient for a frozen parameter
     final = models[1].state_dict()
     for name in FROZEN:

@@ -354,3 +354,19 @@ def test_persistent_store_has_no_leftover_temporary_files(tmp_path, snapshots):
         store.put(key, snapshot)  # rewritten in place
     assert not list(tmp_path.glob("*.partial"))
     assert len(list(tmp_path.glob("*.pt"))) == len(snapshots)
+
+
+def test_an_alias_shares_the_snapshot_and_its_file(tmp_path):
+    rows = torch.randn(200, 6, dtype=torch.float64)
+    snapshot = _snapshot(rows)
+    for directory in (None, tmp_path):
+        store = SnapshotStore(max_bytes=None, directory=directory)
+        store.put(("layer", "3"), snapshot)
+        store.alias(("layer", "4"), ("layer", "3"))
+        assert store.get(("layer", "4")) is snapshot
+        assert store.memory_bytes == snapshot.nbytes  # counted once
+        if directory is not None:
+            assert len(set(tmp_path.iterdir())) == 1
+            assert store.state_dict()["layer@4"] == store.state_dict()["layer@3"]
+        store.discard(("layer", "3"))
+        assert store.get(("layer", "4")) is snapshot

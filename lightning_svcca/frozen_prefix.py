@@ -1,0 +1,118 @@
+"""Measuring past a frozen prefix: reuse the frozen layers' snapshots, and serve the probe from the prefix cache.
+
+Once the lowest monitored layers are frozen and the frozen-prefix cache has verified that they compute a fixed
+function of the model's input (:mod:`lightning_svcca.prefix_cache`), their probe activations cannot change: a
+measurement reuses each such layer's last snapshot instead of recording and decomposing it again (it is still
+compared with every reference, so it reads 1 against the previous epoch). When the probe's samples are cached too
+(a probe drawn from the training data), the probe's forward pass skips the prefix as a cached training batch does.
+
+Serving the probe is checked once per cache: the model's output on the first probe samples must be the same with
+the prefix skipped as computed in full (eval mode, the probe's precision); a mismatch turns serving off for the fit,
+with a warning. It stays off under DDP (each process caches only its own training samples) and for a masked probe
+on a model without Hugging Face's frame arithmetic (frame lengths are learned from the prefix's strided layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lightning_svcca.activations import ActivationRecorder, find_length_hook
+from lightning_svcca.capture import Capture, WarnFn
+from lightning_svcca.freezing import Freezer
+from lightning_svcca.snapshots import Collective, Snapshot, SnapshotStore
+
+__all__ = ["FrozenPrefix"]
+
+#: Probe samples whose output is compared, served against computed, before a cache serves the probe.
+CHECK_SAMPLES = 64
+
+
+class FrozenPrefix:
+    """Per measurement: which layers are known, and the probe pass for the others.
+
+    Args:
+        capture: the run's probe passes and snapshots.
+        store: the snapshots by ``(layer, point)``.
+        freezer: the freezes and their prefix cache.
+        collective: every process of the run (the layers reused must be the same everywhere).
+        warn_once: for a probe the cache cannot serve.
+    """
+
+    def __init__(
+        self, capture: Capture, store: SnapshotStore, freezer: Freezer, collective: Collective, warn_once: WarnFn
+    ) -> None:
+        self.capture = capture
+        self.store = store
+        self.freezer = freezer
+        self.collective = collective
+        self._warn_once = warn_once
+        #: The modules in the order they finished, from the last pass that ran the whole model (a served pass
+        #: skips the prefix's modules, and freezing needs the full order).
+        self.completion: list[str] = []
+        #: Probe passes that skipped the prefix.
+        self.served_passes = 0
+        #: The cache whose served probe matched the full pass, and one that holds none of the probe.
+        self._checked: object | None = None
+        self._not_cached: object | None = None
+        self._serving_refused = False
+
+    def known_layers(self, layers: Sequence[str], last_point: int | None, device: torch.device) -> list[str]:
+        """The layers whose snapshot at ``last_point`` still holds, on every process (``[]`` for none)."""
+        fixed = set(self.freezer.cached_layers()) if last_point is not None else set()
+        local = [float(layer in fixed and (layer, str(last_point)) in self.store) for layer in layers]
+        agreed = self.collective.sum(torch.tensor(local, device=device)).tolist()
+        return [layer for layer, count in zip(layers, agreed, strict=True) if count >= self.collective.world_size]
+
+    def reused(self, layers: Sequence[str], last_point: int) -> dict[str, Snapshot]:
+        """The snapshots of ``layers`` at ``last_point`` (the same objects: nothing is copied)."""
+        return {layer: self.store.get((layer, str(last_point))) for layer in layers}
+
+    def record(self, model: nn.Module, device: torch.device, known: Sequence[str]) -> ActivationRecorder:
+        """Probe activations of the monitored layers but ``known``; through the cache when it may serve."""
+        cache = self.freezer.cache
+        serve = (
+            cache is not None
+            and bool(known)
+            and set(self.freezer.cached_layers()) <= set(known)  # a layer in the skipped prefix must be known
+            and self._may_serve(model, device)
+        )
+        if not serve:
+            recorder = self.capture.record(model, device, skip=known)
+            self.completion = recorder.completion
+            return recorder
+        assert cache is not None
+        with cache.serving_probe():
+            recorder = self.capture.record(model, device, skip=known)
+        self.served_passes += 1
+        return recorder
+
+    def _may_serve(self, model: nn.Module, device: torch.device) -> bool:
+        """Whether the probe may be served from the cache: allowed here, and checked once against the full pass."""
+        cache = self.freezer.cache
+        probe = self.capture.probe
+        if cache is None or self._serving_refused or self.collective.world_size > 1 or not self.completion:
+            return False
+        if probe.mask_key is not None and find_length_hook(model) is None:
+            return False
+        if self._checked is cache:
+            return True
+        if self._not_cached is cache:
+            return False
+        matches = cache.probe_matches(lambda: self.capture.outputs(model, device, CHECK_SAMPLES))
+        if matches is None:
+            self._not_cached = cache  # the probe is not training data: it runs in full (not tried again)
+            return False
+        if not matches:
+            self._serving_refused = True
+            self._warn_once(
+                "probe-not-served",
+                f"the probe's output changes when the frozen prefix up to {cache.boundary!r} is served from the"
+                " cache (it computes differently in eval mode?): the probe runs in full through it for the rest of"
+                " the fit; training still uses the cache",
+            )
+            return False
+        self._checked = cache
+        return True

@@ -454,6 +454,7 @@ class ActivationRecorder:
         output_lengths: Callable[[Tensor], Tensor] | None = None,
         keep_means: bool = False,
         record_only: Iterable[str] | None = None,
+        strides: Mapping[int, tuple[int, nn.Module]] | None = None,
     ) -> None:
         """Prepare hooks (registered on ``__enter__``).
 
@@ -470,6 +471,7 @@ class ActivationRecorder:
             (:attr:`means`: one datapoint per sample, for cross-layer maps between layers of different sizes).
             record_only: record these monitored layers only (the others are still hooked, for :attr:`completion`
             and :attr:`order`); ``None``: all of them.
+            strides: :attr:`strides` known from an earlier pass (for a pass that skips the strided layers).
         """
         self.model = model
         self.output_lengths = output_lengths if output_lengths is not None else find_length_hook(model)
@@ -496,7 +498,8 @@ class ActivationRecorder:
         self._seen_in_chunk: set[str] = set()
         self._layout: Layout = "channels_last"
         self._channels: int | None = None
-        self._strides: dict[int, tuple[int, nn.Module]] = {}  # output frames -> (input frames, strided module)
+        #: Output frames -> (input frames, the strided Conv1d / pooling layer), as seen in the forward pass.
+        self.strides: dict[int, tuple[int, nn.Module]] = dict(strides or {})
         self._hook_frames: int | None = None
         self._warned_layouts: set[str] = set()
 
@@ -517,8 +520,8 @@ class ActivationRecorder:
             if self._hook_frames == frames:
                 return self.output_lengths(lengths).to(lengths.device, torch.long).clamp(0, frames)
         chain, at = [], frames
-        while at in self._strides and at != mask_frames and len(chain) < 64:
-            before, module = self._strides[at]
+        while at in self.strides and at != mask_frames and len(chain) < 64:
+            before, module = self.strides[at]
             chain.append(module)
             at = before
         if at != mask_frames:
@@ -581,8 +584,8 @@ class ActivationRecorder:
         if source is None or source.ndim != output.ndim or output.ndim < 2:
             return
         before, after = int(source.shape[-1]), int(output.shape[-1])
-        if before != after and after not in self._strides:
-            self._strides[after] = (before, module)
+        if before != after and after not in self.strides:
+            self.strides[after] = (before, module)
 
     def _guess_layout(self, name: str, tensor: Tensor) -> Layout:
         """Layout of a module that has none of its own: where the last known module's channel count sits."""

@@ -427,6 +427,7 @@ def _runtime(trainer: Any, logger: logging.Logger, *, autocast: bool) -> Runtime
         after_freeze=lambda: rebuild_ddp_wrapper(strategy),
         max_epochs=trainer.max_epochs,
         logger=logger,
+        probe_as_training=autocast or not mixed,
     )
 
 

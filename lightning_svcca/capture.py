@@ -90,9 +90,12 @@ class Capture:
         self._warn_once = warn_once
         self._forward_context = forward_context
         self._convert_input = convert_input
-        #: Each layer's layout as the first recording found it: later passes read the layer the same way, also
-        #: when the modules it was guessed from are skipped (a prefix served from the cache).
+        #: What recordings learned of the model (each layer's layout as first found, the strided layers that
+        #: shorten a sequence): later passes read the layers the same way, also when the modules this was learned
+        #: from are skipped (a prefix served from the cache).
         self.layouts: dict[str, Layout] = {}
+        self.strides: dict[int, tuple[int, nn.Module]] = {}
+        self._learned_from: nn.Module | None = None
 
     def record(
         self,
@@ -122,6 +125,7 @@ class Capture:
             mask_frames=mask_frames,
             keep_means=self.options.keep_means,
             record_only=[spec.name for spec in specs if spec.name not in skip],
+            strides=self.strides if model is self._learned_from else None,
         )
 
         def before_chunk(first: int, chunk: Any) -> None:
@@ -147,6 +151,9 @@ class Capture:
                 raise self._forward_error(error, model, label) from error
         for name, layout in recorder.layouts.items():
             self.layouts.setdefault(name, layout)
+        if self._learned_from is None or model is self._learned_from:
+            self._learned_from = model
+            self.strides.update(recorder.strides)
         return recorder
 
     def _forward_error(self, error: Exception, model: nn.Module, label: str) -> ValueError:

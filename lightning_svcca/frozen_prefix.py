@@ -8,8 +8,10 @@ compared with every reference, so it reads 1 against the previous epoch). When t
 
 Serving the probe is checked once per cache: the model's output on the first probe samples must be the same with
 the prefix skipped as computed in full (eval mode, the probe's precision); a mismatch turns serving off for the fit,
-with a warning. It stays off under DDP (each process caches only its own training samples) and for a masked probe
-on a model without Hugging Face's frame arithmetic (frame lengths are learned from the prefix's strided layers).
+with a warning. It stays off under DDP (each process caches only its own training samples) and when the probe
+does not compute as training does (mixed precision, probe in full precision). What the recorder
+learns from the prefix's modules (layouts, strided layers that shorten a sequence) comes from the full passes
+(:class:`~lightning_svcca.capture.Capture` keeps it).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lightning_svcca.activations import ActivationRecorder, find_length_hook
+from lightning_svcca.activations import ActivationRecorder
 from lightning_svcca.capture import Capture, WarnFn
 from lightning_svcca.freezing import Freezer
 from lightning_svcca.snapshots import Collective, Snapshot, SnapshotStore
@@ -39,12 +41,22 @@ class FrozenPrefix:
         freezer: the freezes and their prefix cache.
         collective: every process of the run (the layers reused must be the same everywhere).
         warn_once: for a probe the cache cannot serve.
+        serve_probe: whether the probe may be served at all: ``False`` when it does not compute as training does
+            (a full-precision probe of a mixed-precision run: the cached outputs are not what it would compute).
     """
 
     def __init__(
-        self, capture: Capture, store: SnapshotStore, freezer: Freezer, collective: Collective, warn_once: WarnFn
+        self,
+        capture: Capture,
+        store: SnapshotStore,
+        freezer: Freezer,
+        collective: Collective,
+        warn_once: WarnFn,
+        *,
+        serve_probe: bool = True,
     ) -> None:
         self.capture = capture
+        self.serve_probe = serve_probe
         self.store = store
         self.freezer = freezer
         self.collective = collective
@@ -84,18 +96,23 @@ class FrozenPrefix:
             self.completion = recorder.completion
             return recorder
         assert cache is not None
-        with cache.serving_probe():
+        try:
+            with cache.serving_probe():
+                recorder = self.capture.record(model, device, skip=known)
+        except ValueError as error:  # a forward pass that failed when served: measure in full instead
+            self._refuse(f"the probe's forward pass failed with the prefix up to {cache.boundary!r} served ({error})")
             recorder = self.capture.record(model, device, skip=known)
+            self.completion = recorder.completion
+            return recorder
         self.served_passes += 1
         return recorder
 
     def _may_serve(self, model: nn.Module, device: torch.device) -> bool:
         """Whether the probe may be served from the cache: allowed here, and checked once against the full pass."""
         cache = self.freezer.cache
-        probe = self.capture.probe
-        if cache is None or self._serving_refused or self.collective.world_size > 1 or not self.completion:
+        if cache is None or not self.serve_probe or self._serving_refused or self.collective.world_size > 1:
             return False
-        if probe.mask_key is not None and find_length_hook(model) is None:
+        if not self.completion:  # no full pass yet (after a resume): freezing needs its module order first
             return False
         if self._checked is cache:
             return True
@@ -106,13 +123,19 @@ class FrozenPrefix:
             self._not_cached = cache  # the probe is not training data: it runs in full (not tried again)
             return False
         if not matches:
-            self._serving_refused = True
-            self._warn_once(
-                "probe-not-served",
-                f"the probe's output changes when the frozen prefix up to {cache.boundary!r} is served from the"
-                " cache (it computes differently in eval mode?): the probe runs in full through it for the rest of"
-                " the fit; training still uses the cache",
+            self._refuse(
+                f"the probe's output changes (or its forward pass fails) when the frozen prefix up to"
+                f" {cache.boundary!r} is served from the cache: the prefix computes differently in eval mode or in"
+                " the probe's precision"
             )
             return False
         self._checked = cache
         return True
+
+    def _refuse(self, reason: str) -> None:
+        self._serving_refused = True
+        self._warn_once(
+            "probe-not-served",
+            f"{reason}. The probe runs in full through the prefix for the rest of the fit; training still uses the"
+            " cache",
+        )

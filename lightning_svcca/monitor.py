@@ -81,6 +81,8 @@ class Runtime:
         max_epochs: the run's length in epochs, for ``FreezePolicy(mode="linear")`` and cross-layer moments.
         max_steps: the run's length in optimizer steps, for cross-layer moments when measuring by steps.
         logger: where freeze events are logged as text.
+        probe_as_training: whether the probe's forward pass computes as the training step's does (``False`` under
+            mixed precision with a full-precision probe): only then may the frozen-prefix cache serve it.
     """
 
     collective: Collective = field(default_factory=LocalCollective)
@@ -92,6 +94,7 @@ class Runtime:
     max_epochs: int | None = None
     max_steps: int | None = None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("lightning_svcca"))
+    probe_as_training: bool = True
 
 
 class SVCCAMonitor:
@@ -282,7 +285,12 @@ class SVCCAMonitor:
         )
         self._capture.check(self.model, device_of(self.model))
         self._frozen_prefix = FrozenPrefix(
-            self._capture, self.store, self.freezer, self.runtime.collective, self.warn_once
+            self._capture,
+            self.store,
+            self.freezer,
+            self.runtime.collective,
+            self.warn_once,
+            serve_probe=self.runtime.probe_as_training,
         )
 
     def start(self, *, step: int = 0) -> None:

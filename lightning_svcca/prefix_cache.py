@@ -225,12 +225,16 @@ class PrefixCache:
     def probe_matches(self, forward: Callable[[], Any]) -> bool | None:
         """Whether ``forward()`` (a probe pass) returns the same served from the cache as computed in full.
 
-        ``None`` when the cache could not serve it (its samples are not all cached). Checks what the training
-        verification cannot: a prefix that computes differently in eval mode, under the probe's precision.
+        ``None`` when the cache could not serve it (its samples are not all cached); ``False`` also when the served
+        pass fails. Checks what the training verification cannot: a prefix that computes differently in eval mode,
+        or under the probe's precision.
         """
         served_before = self.probe_batches
-        with self.serving_probe():
-            short_cut = forward()
+        try:
+            with self.serving_probe():
+                short_cut = forward()
+        except Exception:  # noqa: BLE001 - a forward that fails when served means "not servable"
+            return False
         if self.probe_batches == served_before:
             return None
         return _same_outputs(forward(), short_cut)

@@ -9,8 +9,8 @@ compared with every reference, so it reads 1 against the previous epoch). When t
 Serving the probe is checked once per cache: the model's output on the first probe samples must be the same with
 the prefix skipped as computed in full (eval mode, the probe's precision); a mismatch turns serving off for the fit,
 with a warning. It stays off under DDP (each process caches only its own training samples) and when the probe
-does not compute as training does (mixed precision, probe in full precision). What the recorder
-learns from the prefix's modules (layouts, strided layers that shorten a sequence) comes from the full passes
+does not compute as training does (mixed precision, probe in full precision). What the recorder learns from the
+prefix's modules (layouts, strided layers that shorten a sequence) comes from the full passes
 (:class:`~lightning_svcca.capture.Capture` keeps it).
 """
 
@@ -24,6 +24,7 @@ from torch import nn
 from lightning_svcca.activations import ActivationRecorder
 from lightning_svcca.capture import Capture, WarnFn
 from lightning_svcca.freezing import Freezer
+from lightning_svcca.prefix_cache import PrefixCache
 from lightning_svcca.snapshots import Collective, Snapshot, SnapshotStore
 
 __all__ = ["FrozenPrefix"]
@@ -67,8 +68,8 @@ class FrozenPrefix:
         #: Probe passes that skipped the prefix.
         self.served_passes = 0
         #: The cache whose served probe matched the full pass, and one that holds none of the probe.
-        self._checked: object | None = None
-        self._not_cached: object | None = None
+        self._checked: PrefixCache | None = None
+        self._not_cached: PrefixCache | None = None
         self._serving_refused = False
 
     def known_layers(self, layers: Sequence[str], last_point: int | None, device: torch.device) -> list[str]:
@@ -133,6 +134,7 @@ class FrozenPrefix:
         return True
 
     def _refuse(self, reason: str) -> None:
+        """Serve the probe no more in this fit, and say why."""
         self._serving_refused = True
         self._warn_once(
             "probe-not-served",

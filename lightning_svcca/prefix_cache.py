@@ -13,8 +13,9 @@ of them (the *boundary*) compute a fixed function of the model's input. :class:`
   replay, or an epoch in which no input repeated turns the cache off with a :class:`PrefixCacheWarning`.
 
 When a later freeze extends the prefix, the new cache is built on the old one (``below``): while it fills, a batch
-whose samples the old cache holds skips the old prefix and computes only the layers between the two boundaries.
-The old cache is dropped after an epoch in which the new one served every sample.
+whose samples the old cache holds skips the old prefix and computes only the layers between the two boundaries
+(their old outputs are then dropped). The old cache is closed after an epoch in which the new one served every
+sample.
 
 Outputs are kept in host memory up to a budget; beyond it they are written in per-batch files to a directory that
 :meth:`PrefixCache.close` deletes. Nothing is checkpointed: after a resume the cache is rebuilt and verified again.
@@ -322,6 +323,8 @@ class PrefixCache:
             return
         if mode in ("fill", "extend"):
             self._store(self._keys, self._computed)
+        if mode == "extend" and self._below is not None:
+            self._below.forget(self._keys)  # moved up: the two caches together hold about one budget
         elif mode == "verify":
             self._verify(module, args, kwargs, output)
         self._served = self._computed = None
@@ -449,6 +452,14 @@ class PrefixCache:
         self._files.append(path)
         for row, key in enumerate(keys):
             self._spilled[key] = (file_index, row)
+
+    def forget(self, keys: Sequence[bytes]) -> None:
+        """Drop the outputs of ``keys`` (rows spilled to a file stay there until :meth:`close`)."""
+        for key in keys:
+            row = self._memory.pop(key, None)
+            if row is not None:
+                self._memory_bytes -= row.numel() * row.element_size()
+            self._spilled.pop(key, None)
 
     def _gather(self, keys: list[bytes]) -> Tensor:
         rows = []

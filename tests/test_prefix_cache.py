@@ -33,6 +33,8 @@ class _Spy(pl.Callback):
         self.gradients_seen: set[str] = set()
         #: Training forward passes that computed conv1 and conv2 (a short cut returns its input), per epoch.
         self.ran: dict[int, dict[str, int]] = {}
+        #: Entries left in the cache below the current one at the end of each epoch.
+        self.below_entries: dict[int, int] = {}
         self._epoch = 0
 
     def on_train_start(self, trainer, pl_module):
@@ -52,6 +54,11 @@ class _Spy(pl.Callback):
         self._epoch = trainer.current_epoch
         if trainer.current_epoch == self.freeze_epoch:
             self.after_freeze = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        cache = self.callback.monitor.freezer.cache
+        if cache is not None and cache._below is not None:
+            self.below_entries[trainer.current_epoch] = len(cache._below)
 
     def on_after_backward(self, trainer, pl_module):
         if trainer.current_epoch >= self.freeze_epoch:
@@ -116,7 +123,9 @@ def test_cache_trains_the_same_and_skips_the_prefix(tmp_path, model_class):
     assert counters["entries"] == 320
     # epoch 2 filled the relu1 cache, so epoch 3 fills the relu2 one from it: conv1 does not run, conv2 does
     # (the spy counts by 0-based current_epoch)
-    assert counters["extended"] == 5 and not counters["below"]  # dropped after an epoch served from the new one
+    # the relu1 cache (320 entries when relu2 froze) handed its outputs up as they were used, and was closed once
+    # an epoch (the fourth) was served from the relu2 cache alone
+    assert counters["extended"] == 5 and spies[1].below_entries == {1: 320, 2: 0, 3: 0} and not counters["below"]
     ran = spies[1].ran
     assert ran[1] == {"conv1": 5, "conv2": 5} and ran[2] == {"conv1": 0, "conv2": 5}
     assert ran[3] == {"conv1": 2, "conv2": 2} and 4 not in ran  # 2 verified in full, then nothing computed

@@ -81,6 +81,8 @@ class FreezePolicy:
             (:mod:`lightning_svcca.prefix_cache`). Samples are keyed by their exact input bytes; the cache checks
             itself on a sample of batches and turns itself off with a warning where it would change training
             (dropout or batch statistics in the prefix, random augmentation, a prefix that is not a prefix).
+            Measurements then reuse the frozen prefix's snapshots, and skip the prefix for a probe drawn from the
+            training data (:mod:`lightning_svcca.frozen_prefix`).
         cache_max_bytes: host memory for cached outputs (``None``: unbounded); beyond it they are written to
             files in the run directory, deleted when the fit ends.
     """

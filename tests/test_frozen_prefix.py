@@ -191,7 +191,7 @@ def test_hugging_face_models_with_the_cache_through_a_resume_and_a_second_fit(tm
     assert resumed.frozen == plain.frozen == schedule
     expected, measured = _values(plain), _values(resumed)
     assert expected.keys() == measured.keys()
-    tolerance = 1e-4 if precision == "32-true" else 2e-2
+    tolerance = 1e-4 if precision == "32-true" else 1e-3  # measured: equal to 1e-16 on this machine
     for key, value in expected.items():
         assert measured[key] == pytest.approx(value, abs=tolerance), key
     # after the resume the cache is rebuilt (epoch 4), verified (epoch 5): measurements 5 and 6 reuse the frozen

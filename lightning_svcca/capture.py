@@ -90,12 +90,11 @@ class Capture:
         self._warn_once = warn_once
         self._forward_context = forward_context
         self._convert_input = convert_input
-        #: What recordings learned of the model (each layer's layout as first found, the strided layers that
-        #: shorten a sequence): later passes read the layers the same way, also when the modules this was learned
-        #: from are skipped (a prefix served from the cache).
+        #: What passes of the monitored model showed of it (each layer's layout as first found, the strided layers
+        #: that shorten a sequence): its later passes read the layers the same way, also when the modules this was
+        #: learned from are skipped (a prefix served from the cache).
         self.layouts: dict[str, Layout] = {}
         self.strides: dict[int, tuple[int, nn.Module]] = {}
-        self._learned_from: nn.Module | None = None
 
     def record(
         self,
@@ -104,10 +103,13 @@ class Capture:
         *,
         label: str = "the model",
         skip: Collection[str] = (),
+        monitored: bool = False,
     ) -> ActivationRecorder:
         """Run this process's share of the probe through ``model`` on ``device`` with hooks on the layers.
 
         ``skip``: layers not to record (their outputs are known; they stay hooked for the forward order).
+        ``monitored``: a pass of the monitored model, which reads its layers as its earlier passes did
+        (:attr:`layouts`, :attr:`strides`) and adds what it shows.
         A forward pass that fails inside torch (a probe of the wrong shape or dtype for the model, a reference
         model that does not take it) raises a ``ValueError`` naming the probe and ``label``.
         """
@@ -117,7 +119,8 @@ class Capture:
         if probe.mask_key is not None:
             mask = probe.batch[probe.mask_key]
             mask_frames = int(mask.shape[1]) if mask.ndim == 2 else None
-        specs = [replace(spec, layout=spec.layout or self.layouts.get(spec.name)) for spec in self.specs]
+        layouts = self.layouts if monitored else {}
+        specs = [replace(spec, layout=spec.layout or layouts.get(spec.name)) for spec in self.specs]
         recorder = ActivationRecorder(
             model,
             specs,
@@ -125,7 +128,7 @@ class Capture:
             mask_frames=mask_frames,
             keep_means=self.options.keep_means,
             record_only=[spec.name for spec in specs if spec.name not in skip],
-            strides=self.strides if model is self._learned_from else None,
+            strides=self.strides if monitored else None,
         )
 
         def before_chunk(first: int, chunk: Any) -> None:
@@ -149,10 +152,9 @@ class Capture:
                 raise
             except (RuntimeError, TypeError) as error:
                 raise self._forward_error(error, model, label) from error
-        for name, layout in recorder.layouts.items():
-            self.layouts.setdefault(name, layout)
-        if self._learned_from is None or model is self._learned_from:
-            self._learned_from = model
+        if monitored:
+            for name, layout in recorder.layouts.items():
+                self.layouts.setdefault(name, layout)
             self.strides.update(recorder.strides)
         return recorder
 

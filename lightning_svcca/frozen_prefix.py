@@ -92,20 +92,19 @@ class FrozenPrefix:
             and set(self.freezer.cached_layers()) <= set(known)  # a layer in the skipped prefix must be known
             and self._may_serve(model, device)
         )
-        if not serve:
-            recorder = self.capture.record(model, device, skip=known)
-            self.completion = recorder.completion
-            return recorder
-        assert cache is not None
-        try:
-            with cache.serving_probe():
-                recorder = self.capture.record(model, device, skip=known)
-        except ValueError as error:  # a forward pass that failed when served: measure in full instead
-            self._refuse(f"the probe's forward pass failed with the prefix up to {cache.boundary!r} served ({error})")
-            recorder = self.capture.record(model, device, skip=known)
-            self.completion = recorder.completion
-            return recorder
-        self.served_passes += 1
+        if serve:
+            assert cache is not None
+            try:
+                with cache.serving_probe():
+                    recorder = self.capture.record(model, device, skip=known, monitored=True)
+                self.served_passes += 1
+                return recorder
+            except ValueError as error:  # a forward pass that failed when served: measure in full instead
+                self._refuse(
+                    f"the probe's forward pass failed with the prefix up to {cache.boundary!r} served ({error})"
+                )
+        recorder = self.capture.record(model, device, skip=known, monitored=True)
+        self.completion = recorder.completion
         return recorder
 
     def _may_serve(self, model: nn.Module, device: torch.device) -> bool:

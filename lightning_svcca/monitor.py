@@ -598,7 +598,7 @@ class SVCCAMonitor:
             snapshots: dict[str, Snapshot]
             if reference.kind == "tensor":
                 if recorder is None:
-                    recorder = self._capture.record(self.model, device)
+                    recorder = self._capture.record(self.model, device, monitored=True)
                 snapshots = self._capture.feature_snapshots(reference.name, reference.source, recorder, self.layers)
             else:
                 with reference_model(reference, self.model) as model:

@@ -1,7 +1,7 @@
 """Peak memory of the snapshot store over a long run, against its budget, for layer widths 256 to 4096.
 
-A run of 50 measured epochs x 8 layers is replayed into a :class:`~lightning_svcca.snapshots.SnapshotStore` with
-a memory budget (the callback's ``max_snapshot_bytes``) that holds only a few epochs. For each width the script
+A run of 50 measured epochs x 8 layers is replayed into a :class:`~lightning_svcca.pipeline.snapshots.SnapshotStore`
+with a memory budget (the callback's ``max_snapshot_bytes``) that holds only a few epochs. For each width the script
 prints the bytes a store without budget would hold, the most the bounded store ever held in memory, what went
 to spill files, and the process's peak resident memory growth; then it reads every snapshot back (as the "final"
 pass does) and checks they are intact. Snapshots are real ones (``build_snapshot`` on synthetic ReLU
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_svcca.snapshots import LocalCollective, Snapshot, SnapshotStore, build_snapshot
+from lightning_svcca.pipeline.snapshots import LocalCollective, Snapshot, SnapshotStore, build_snapshot
 
 MIB = 1 << 20
 

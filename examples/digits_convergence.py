@@ -8,7 +8,7 @@ al. 2017), where lower layers settle first and higher ones keep changing for lon
 
 The script prints the test accuracy and a table with one row per layer, bottom-up: the SVCCA similarity to the
 final model at a few epochs, and the first epoch from which it reaches and stays at >= 0.9 and >= 0.95
-(:func:`lightning_svcca.reporting.convergence_epochs`).
+(:func:`lightning_svcca.output.reporting.convergence_epochs`).
 
 Run::
 
@@ -31,7 +31,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from lightning_svcca import SVCCACallback
-from lightning_svcca.reporting import HISTORY_FILE, convergence_epochs, history_matrix
+from lightning_svcca.output.reporting import HISTORY_FILE, convergence_epochs, history_matrix
 
 from common import HelpFormatter, add_run_arguments, run_example
 from digits import DigitsCNN, accuracy, load_data

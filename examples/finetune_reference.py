@@ -33,7 +33,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_svcca import SVCCACallback, compare_models
-from lightning_svcca.reporting import HISTORY_FILE, history_matrix
+from lightning_svcca.output.reporting import HISTORY_FILE, history_matrix
 
 from common import HelpFormatter, add_run_arguments, format_columns, run_example
 from digits import DigitsCNN, accuracy, load_data

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_svcca import SVCCACallback
-from lightning_svcca.reporting import HISTORY_FILE, history_matrix
+from lightning_svcca.output.reporting import HISTORY_FILE, history_matrix
 
 from common import HelpFormatter, add_run_arguments, run_example
 

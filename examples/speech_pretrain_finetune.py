@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
 
 from lightning_svcca import SVCCACallback
-from lightning_svcca.reporting import HISTORY_FILE
+from lightning_svcca.output.reporting import HISTORY_FILE
 
 from common import HelpFormatter, add_run_arguments, format_columns, run_example
 from finetune_reference import last_values, trainer

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_svcca import SVCCACallback
-from lightning_svcca.reporting import HISTORY_FILE
+from lightning_svcca.output.reporting import HISTORY_FILE
 
 from common import HelpFormatter, add_run_arguments, format_columns, run_example
 from digits import accuracy, load_data

@@ -17,12 +17,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lightning_svcca.callback import SVCCACallback
-    from lightning_svcca.compare import compare_models, cross_layer_similarity
-    from lightning_svcca.freezing import FreezePolicy
-    from lightning_svcca.heldout import cca_heldout, pwcca_heldout, svcca_heldout
-    from lightning_svcca.monitor import Runtime, SVCCAMonitor, SVCCAMonitorWarning
-    from lightning_svcca.similarity import (
+    from lightning_svcca.freezing.freezer import FreezePolicy
+    from lightning_svcca.integrations.callback import SVCCACallback
+    from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
+    from lightning_svcca.measures.similarity import (
         CCAResult,
         Decomposition,
         SimilarityWarning,
@@ -38,25 +36,27 @@ if TYPE_CHECKING:
         svcca,
         svcca_details,
     )
-    from lightning_svcca.writers import TensorBoardWriter
+    from lightning_svcca.offline.compare import compare_models, cross_layer_similarity
+    from lightning_svcca.output.writers import TensorBoardWriter
+    from lightning_svcca.pipeline.monitor import Runtime, SVCCAMonitor, SVCCAMonitorWarning
 
 __version__ = "0.1.0"
 
 #: Public name -> the module that defines it.
 _MODULES = {
-    "SVCCACallback": "callback",
-    "FreezePolicy": "freezing",
-    "Runtime": "monitor",
-    "SVCCAMonitor": "monitor",
-    "SVCCAMonitorWarning": "monitor",
-    "TensorBoardWriter": "writers",
-    "compare_models": "compare",
-    "cross_layer_similarity": "compare",
-    "cca_heldout": "heldout",
-    "svcca_heldout": "heldout",
-    "pwcca_heldout": "heldout",
+    "SVCCACallback": "integrations.callback",
+    "FreezePolicy": "freezing.freezer",
+    "Runtime": "pipeline.monitor",
+    "SVCCAMonitor": "pipeline.monitor",
+    "SVCCAMonitorWarning": "pipeline.monitor",
+    "TensorBoardWriter": "output.writers",
+    "compare_models": "offline.compare",
+    "cross_layer_similarity": "offline.compare",
+    "cca_heldout": "measures.heldout",
+    "svcca_heldout": "measures.heldout",
+    "pwcca_heldout": "measures.heldout",
     **{
-        name: "similarity"
+        name: "measures.similarity"
         for name in (
             "CCAResult",
             "Decomposition",

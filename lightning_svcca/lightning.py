@@ -1,12 +1,5 @@
-"""SVCCACallback for users of the ``lightning`` package (``lightning.pytorch``), over the same core."""
+"""Compatibility path: ``lightning_svcca.lightning`` is :mod:`lightning_svcca.integrations.lightning`."""
 
-try:
-    from lightning.pytorch import Callback
-except ImportError as error:  # pragma: no cover - exercised only without the lightning package
-    raise ImportError("lightning_svcca.lightning needs the `lightning` package: pip install lightning") from error
+from lightning_svcca.integrations.lightning import SVCCACallback
 
-from lightning_svcca.callback import _SVCCACallbackCore
-
-
-class SVCCACallback(_SVCCACallbackCore, Callback):  # noqa: D101 - the docstring is the core's
-    __doc__ = _SVCCACallbackCore.__doc__
+__all__ = ["SVCCACallback"]

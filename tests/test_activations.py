@@ -1,4 +1,4 @@
-"""Tests of lightning_svcca.activations: layer names, forward hooks, output selection and reductions."""
+"""Tests of lightning_svcca.pipeline.activations: layer names, forward hooks, output selection and reductions."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_svcca.activations import (
+from lightning_svcca.pipeline.activations import (
     ActivationRecorder,
     LayerSpec,
     LayoutWarning,

@@ -153,7 +153,7 @@ def _hf_trainer(tmp_path, model, train, callback, epochs, **overrides):
 
 
 def test_hf_trainer_gives_the_callbacks_history(tmp_path, initial_model, data, lightning_history):
-    from lightning_svcca.huggingface import SVCCATrainerCallback
+    from lightning_svcca.integrations.huggingface import SVCCATrainerCallback
 
     train, probe = data
     callback = SVCCATrainerCallback(probe=probe, **OPTIONS)
@@ -164,7 +164,7 @@ def test_hf_trainer_gives_the_callbacks_history(tmp_path, initial_model, data, l
 
 
 def test_hf_trainer_resume_continues_the_history(tmp_path, initial_model, data, lightning_history):
-    from lightning_svcca.huggingface import STATE_FILE, SVCCATrainerCallback
+    from lightning_svcca.integrations.huggingface import STATE_FILE, SVCCATrainerCallback
 
     train, probe = data
     first = SVCCATrainerCallback(probe=probe, **OPTIONS)

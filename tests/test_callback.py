@@ -18,12 +18,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_svcca import SVCCACallback, SVCCAMonitorWarning
-from lightning_svcca.probe import probe_indices
-from lightning_svcca.reporting import HISTORY_COLUMNS, read_history_csv
+from lightning_svcca.output.reporting import HISTORY_COLUMNS, read_history_csv
+from lightning_svcca.pipeline.probe import probe_indices
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore::lightning_svcca.callback.SVCCAMonitorWarning"),
-    pytest.mark.filterwarnings("ignore::lightning_svcca.similarity.TooFewDatapointsWarning"),
+    pytest.mark.filterwarnings("ignore::lightning_svcca.integrations.callback.SVCCAMonitorWarning"),
+    pytest.mark.filterwarnings("ignore::lightning_svcca.measures.similarity.TooFewDatapointsWarning"),
     pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
     pytest.mark.filterwarnings("ignore:.*smaller than the logging interval:UserWarning"),
     pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
@@ -500,7 +500,7 @@ class _WithBrokenBranches(BoringModel):
         return out
 
 
-@pytest.mark.filterwarnings("default::lightning_svcca.callback.SVCCAMonitorWarning")
+@pytest.mark.filterwarnings("default::lightning_svcca.integrations.callback.SVCCAMonitorWarning")
 def test_dead_and_nan_layers_are_skipped_with_a_warning(make_trainer):
     torch.manual_seed(0)
     callback = SVCCACallback(probe=torch.randn(64, 32), layers=["layer", "dead", "nan"], probe_size=64)
@@ -520,7 +520,7 @@ def test_dead_and_nan_layers_are_skipped_with_a_warning(make_trainer):
     }
 
 
-@pytest.mark.filterwarnings("default::lightning_svcca.callback.SVCCAMonitorWarning")
+@pytest.mark.filterwarnings("default::lightning_svcca.integrations.callback.SVCCAMonitorWarning")
 def test_named_layer_that_never_runs_is_dropped_with_a_warning(make_trainer):
     class WithUnused(BoringModel):
         def __init__(self) -> None:
@@ -613,7 +613,7 @@ def test_dict_probe_with_forward_fn_needs_no_probe_input(make_trainer):
 def test_lightning_namespace(tmp_path, digits):
     import lightning.pytorch as lp
 
-    from lightning_svcca.lightning import SVCCACallback as LightningSVCCACallback
+    from lightning_svcca.integrations.lightning import SVCCACallback as LightningSVCCACallback
 
     class Net(lp.LightningModule):
         def __init__(self) -> None:
@@ -661,7 +661,7 @@ def test_lightning_namespace_tensorboard_logger_gets_the_extras(tmp_path):
     import lightning.pytorch as lp
     from lightning.pytorch.demos.boring_classes import BoringModel as LightningBoringModel
 
-    from lightning_svcca.lightning import SVCCACallback as LightningSVCCACallback
+    from lightning_svcca.integrations.lightning import SVCCACallback as LightningSVCCACallback
 
     torch.manual_seed(0)
     logger = lp.loggers.TensorBoardLogger(tmp_path, name="tb")
@@ -698,7 +698,7 @@ def test_two_callbacks_with_different_probes_share_a_trainer(make_trainer, digit
 def test_every_metric_through_the_callback(make_trainer, digits, digits_loaders, digits_cnn):
     """Each measure of snapshots.METRICS is a callback metric, equal to the public function on the same data."""
     from lightning_svcca import cca_heldout, linear_cka, procrustes, r2cca, rbf_cka
-    from lightning_svcca.snapshots import METRICS
+    from lightning_svcca.pipeline.snapshots import METRICS
 
     x, _ = digits
     probe = x[PROBE]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import lightning_svcca
-from lightning_svcca.cli import main
-from lightning_svcca.reporting import heatmap_image, heatmap_style, history_matrix, write_history_csv
+from lightning_svcca.cli.main import main
+from lightning_svcca.output.reporting import heatmap_image, heatmap_style, history_matrix, write_history_csv
 
 
 def _rows(curves, reference="final", metric="svcca"):
@@ -76,7 +76,7 @@ def test_help_is_plain_text_and_version(capsys):
 
 def test_importing_the_cli_loads_neither_torch_nor_lightning_nor_matplotlib():
     code = (
-        "import sys, lightning_svcca.cli; "
+        "import sys, lightning_svcca.cli.main; "
         "print(sorted(m for m in ('torch', 'pytorch_lightning', 'lightning', 'matplotlib') if m in sys.modules))"
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -171,8 +171,8 @@ def test_installed_entry_point_runs(history_dir):
     assert "svcca to final" in completed.stdout
 
 
-@pytest.mark.filterwarnings("ignore::lightning_svcca.callback.SVCCAMonitorWarning")
-@pytest.mark.filterwarnings("ignore::lightning_svcca.similarity.TooFewDatapointsWarning")
+@pytest.mark.filterwarnings("ignore::lightning_svcca.integrations.callback.SVCCAMonitorWarning")
+@pytest.mark.filterwarnings("ignore::lightning_svcca.measures.similarity.TooFewDatapointsWarning")
 @pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning")
 @pytest.mark.filterwarnings("ignore:.*smaller than the logging interval:UserWarning")
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*")

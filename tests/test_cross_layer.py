@@ -12,8 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_svcca import SVCCACallback, svcca
-from lightning_svcca.crosslayer import CrossLayerMoments
-from lightning_svcca.reporting import read_history_csv
+from lightning_svcca.output.reporting import read_history_csv
+from lightning_svcca.pipeline.moments import CrossLayerMoments
 
 from digits_models import DigitsCNN, digits_tensors
 

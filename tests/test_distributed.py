@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_svcca.snapshots import LocalCollective, build_snapshot, cross_products, measure, pair_for
+from lightning_svcca.pipeline.snapshots import LocalCollective, build_snapshot, cross_products, measure, pair_for
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -50,7 +50,7 @@ class _GlooCollective:
         return tensor
 
     def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
-        from lightning_svcca.distributed import StrategyCollective
+        from lightning_svcca.pipeline.distributed import StrategyCollective
 
         return StrategyCollective.gather_rows(self, tensor)  # type: ignore[arg-type]
 

@@ -12,7 +12,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from lightning_svcca.reporting import read_history_csv
+from lightning_svcca.output.reporting import read_history_csv
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

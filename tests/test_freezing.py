@@ -11,7 +11,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_svcca import FreezePolicy, SVCCACallback, SVCCAMonitor, SVCCAMonitorWarning
-from lightning_svcca.freezing import Freezer, freeze_blocks
+from lightning_svcca.freezing.freezer import Freezer, freeze_blocks
 
 from digits_models import DigitsCNN, digits_tensors
 
@@ -238,7 +238,7 @@ def test_convergence_freezing_is_bottom_up_and_reported(tmp_path):
 
 
 def test_soft_freeze_keeps_parameters_fixed_where_requires_grad_cannot_change(tmp_path, monkeypatch):
-    monkeypatch.setattr("lightning_svcca.callback.is_hard_freeze_supported", lambda strategy: False)
+    monkeypatch.setattr("lightning_svcca.integrations.callback.is_hard_freeze_supported", lambda strategy: False)
     pl.seed_everything(0, verbose=False)
     model = DigitsCNN()
     recorder = _Recorder(freeze_epoch=1)

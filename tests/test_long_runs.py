@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_svcca import SVCCACallback, SVCCAMonitor, SVCCAMonitorWarning
-from lightning_svcca.reporting import read_history_csv, tag
+from lightning_svcca.output.reporting import read_history_csv, tag
 
 from digits_models import DigitsCNN, digits_tensors
 
@@ -284,7 +284,7 @@ def test_checkpoint_state_does_not_grow_with_snapshots(tmp_path, data):
 
 
 def test_live_final_heatmap_compares_a_bounded_number_of_epochs():
-    from lightning_svcca.monitor import LIVE_FINAL_COLUMNS, thinned
+    from lightning_svcca.pipeline.monitor import LIVE_FINAL_COLUMNS, thinned
 
     epochs = list(range(500))
     shown = thinned(epochs, LIVE_FINAL_COLUMNS)
@@ -293,7 +293,7 @@ def test_live_final_heatmap_compares_a_bounded_number_of_epochs():
 
 
 def test_history_packs_bit_for_bit_and_small():
-    from lightning_svcca.history import pack_history, unpack_history
+    from lightning_svcca.output.history import pack_history, unpack_history
 
     generator = torch.Generator().manual_seed(0)
     rows = [

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_svcca import FreezePolicy, SVCCACallback
-from lightning_svcca.prefix_cache import PrefixCacheWarning, sample_keys
+from lightning_svcca.freezing.prefix_cache import PrefixCacheWarning, sample_keys
 
 from digits_models import DigitsCNN, TinyDigitsCNN, digits_tensors
 

@@ -1,4 +1,4 @@
-"""Tests of lightning_svcca.probe: building a fixed probe from every accepted source, and running it harmlessly."""
+"""Tests of pipeline.probe: building a fixed probe from every accepted source, and running it harmlessly."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from lightning_svcca.activations import ActivationRecorder, LayerSpec
-from lightning_svcca.probe import Probe, batch_size, build_probe, probe_indices, run_probe
+from lightning_svcca.pipeline.activations import ActivationRecorder, LayerSpec
+from lightning_svcca.pipeline.probe import Probe, batch_size, build_probe, probe_indices, run_probe
 
 CPU = torch.device("cpu")
 

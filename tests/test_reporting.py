@@ -1,4 +1,4 @@
-"""Tests of lightning_svcca.reporting and writers.Reporter: history tables, convergence epochs, CSV, heatmaps."""
+"""Tests of lightning_svcca.output.reporting and writers.Reporter: history tables, convergence epochs, CSV, heatmaps."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib import colormaps
 
-from lightning_svcca.reporting import (
+from lightning_svcca.output.reporting import (
     HISTORY_COLUMNS,
     MAX_COLUMNS,
     HeatmapFigure,
@@ -24,7 +24,7 @@ from lightning_svcca.reporting import (
     thinned_columns,
     write_history_csv,
 )
-from lightning_svcca.writers import Reporter
+from lightning_svcca.output.writers import Reporter
 
 
 def _row(epoch, layer, value, reference="final", metric="svcca"):
@@ -434,7 +434,7 @@ def test_heatmaps_past_their_time_share_wait_and_flush_draws_the_latest(history,
     """Drawing takes 1 s of a clock that the 'training' advances by 2 s between measurements: at a 10% share,
     heatmaps wait until the time drawn is back under 10% of the time passed; flush draws the latest waiting one at
     its own step."""
-    import lightning_svcca.writers as writers
+    import lightning_svcca.output.writers as writers
 
     clock = [0.0]
     monkeypatch.setattr(writers.time, "perf_counter", lambda: clock[0])

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from lightning_svcca import SVCCACallback, SVCCAMonitor
-from lightning_svcca.activations import ActivationRecorder, LayerSpec, probe_share
-from lightning_svcca.probe import build_probe, run_probe
+from lightning_svcca.pipeline.activations import ActivationRecorder, LayerSpec, probe_share
+from lightning_svcca.pipeline.probe import build_probe, run_probe
 
 from digits_models import DigitsCNN, digits_tensors
 

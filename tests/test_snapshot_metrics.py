@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_svcca.heldout import cca_heldout, pwcca_heldout, svcca_heldout
-from lightning_svcca.similarity import linear_cka, procrustes, r2cca, rbf_cka
-from lightning_svcca.snapshots import (
+from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
+from lightning_svcca.measures.similarity import linear_cka, procrustes, r2cca, rbf_cka
+from lightning_svcca.pipeline.snapshots import (
     METRICS,
     LocalCollective,
     build_snapshot,
@@ -18,7 +18,7 @@ from lightning_svcca.snapshots import (
     snapshot_needs,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::lightning_svcca.similarity.TooFewDatapointsWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::lightning_svcca.measures.similarity.TooFewDatapointsWarning")
 
 CPU = torch.device("cpu")
 EPS32 = torch.finfo(torch.float32).eps

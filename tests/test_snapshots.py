@@ -1,4 +1,4 @@
-"""Tests of lightning_svcca.snapshots: compressed snapshots agree with the public measures; the bounded store."""
+"""Tests of pipeline.snapshots: compressed snapshots agree with the public measures; the bounded store."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_svcca import ZeroVarianceError, cca, linear_cka, pwcca, svcca
-from lightning_svcca.snapshots import (
+from lightning_svcca.pipeline.snapshots import (
     LocalCollective,
     Snapshot,
     SnapshotStore,
@@ -16,7 +16,7 @@ from lightning_svcca.snapshots import (
     pair_for,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::lightning_svcca.similarity.TooFewDatapointsWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::lightning_svcca.measures.similarity.TooFewDatapointsWarning")
 
 CPU = torch.device("cpu")
 EPS32 = torch.finfo(torch.float32).eps

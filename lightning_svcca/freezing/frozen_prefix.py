@@ -1,7 +1,7 @@
 """Measuring past a frozen prefix: reuse the frozen layers' snapshots, and serve the probe from the prefix cache.
 
 Once the lowest monitored layers are frozen and the frozen-prefix cache has verified that they compute a fixed
-function of the model's input (:mod:`lightning_svcca.prefix_cache`), their probe activations cannot change: a
+function of the model's input (:mod:`lightning_svcca.freezing.prefix_cache`), their probe activations cannot change: a
 measurement reuses each such layer's last snapshot instead of recording and decomposing it again (it is still
 compared with every reference, so it reads 1 against the previous epoch). When the probe's samples are cached too
 (a probe drawn from the training data), the probe's forward pass skips the prefix as a cached training batch does.
@@ -11,7 +11,7 @@ the prefix skipped as computed in full (eval mode, the probe's precision); a mis
 with a warning. It stays off under DDP (each process caches only its own training samples) and when the probe
 does not compute as training does (mixed precision, probe in full precision). What the recorder learns from the
 prefix's modules (layouts, strided layers that shorten a sequence) comes from the full passes
-(:class:`~lightning_svcca.capture.Capture` keeps it).
+(:class:`~lightning_svcca.pipeline.capture.Capture` keeps it).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lightning_svcca.activations import ActivationRecorder
-from lightning_svcca.capture import Capture, WarnFn
-from lightning_svcca.freezing import Freezer
-from lightning_svcca.prefix_cache import PrefixCache
-from lightning_svcca.snapshots import Collective, Snapshot, SnapshotStore
+from lightning_svcca.freezing.freezer import Freezer
+from lightning_svcca.freezing.prefix_cache import PrefixCache
+from lightning_svcca.pipeline.activations import ActivationRecorder
+from lightning_svcca.pipeline.capture import Capture, WarnFn
+from lightning_svcca.pipeline.snapshots import Collective, Snapshot, SnapshotStore
 
 __all__ = ["FrozenPrefix"]
 

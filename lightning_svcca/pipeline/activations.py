@@ -54,7 +54,7 @@ from torch.nn.modules.pooling import (
     _MaxPoolNd,
 )
 
-from lightning_svcca.similarity import SimilarityWarning
+from lightning_svcca.measures.similarity import SimilarityWarning
 
 __all__ = [
     "ActivationRecorder",
@@ -432,7 +432,7 @@ def reduce_output(
 class ActivationRecorder:
     """Context manager recording reduced outputs of named modules, and the order modules finish in.
 
-    Open it around :func:`lightning_svcca.probe.run_probe` with ``before_chunk=recorder.start_chunk``. Hooks go
+    Open it around :func:`lightning_svcca.pipeline.probe.run_probe` with ``before_chunk=recorder.start_chunk``. Hooks go
     on the monitored modules and on every module with parameters or running statistics (to learn the forward
     order that freezing follows); all are removed on exit.
 

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_svcca.references import Reference
-from lightning_svcca.snapshots import Collective, Pair, Snapshot, SnapshotStore, evaluate, pair_for
+from lightning_svcca.pipeline.references import Reference
+from lightning_svcca.pipeline.snapshots import Collective, Pair, Snapshot, SnapshotStore, evaluate, pair_for
 
 __all__ = ["Comparisons", "row", "values_of"]
 

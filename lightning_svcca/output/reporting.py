@@ -3,7 +3,7 @@
 The history is a list of rows ``{"epoch", "step", "layer", "reference", "metric", "value"}``. A row's tag is
 ``{metric}/{reference}/{layer}``; besides the references ("previous", "initial", "final", fixed references), the
 reference slot also holds ``dims`` (directions kept), ``baseline`` (the noise floor) and ``frozen`` (1 once a
-layer is frozen). Where rows go (writers, loggers) is :mod:`lightning_svcca.writers`' job; nothing here needs a
+layer is frozen). Where rows go (writers, loggers) is :mod:`lightning_svcca.output.writers`' job; nothing here needs a
 logger, and matplotlib is imported only when a heatmap is drawn.
 """
 

@@ -1,10 +1,10 @@
 """SVCCAMonitor: the whole measurement pipeline, with no training framework attached.
 
 probe -> activations -> snapshots -> comparisons -> history -> outputs. The monitor runs a fixed probe batch
-through the model (:mod:`~lightning_svcca.capture`), compares each layer's snapshot with the references
-(:mod:`~lightning_svcca.comparisons`), keeps every value in :attr:`SVCCAMonitor.history`, writes them to its writers
-and the history CSV (:mod:`~lightning_svcca.reporting`), and can freeze converged layers
-(:mod:`~lightning_svcca.freezing`). A training loop calls :meth:`~SVCCAMonitor.start` before its first step,
+through the model (:mod:`~lightning_svcca.pipeline.capture`), compares each layer's snapshot with the references
+(:mod:`~lightning_svcca.pipeline.comparisons`), keeps every value in :attr:`SVCCAMonitor.history`, writes them to its
+writers and the history CSV (:mod:`~lightning_svcca.output.reporting`), and can freeze converged layers
+(:mod:`~lightning_svcca.freezing.freezer`). A training loop calls :meth:`~SVCCAMonitor.start` before its first step,
 :meth:`~SVCCAMonitor.measure` after training steps and :meth:`~SVCCAMonitor.finish` at the end; the Lightning
 callback and the HuggingFace ``TrainerCallback`` are such loops. What the monitor needs from a framework
 (collectives, which process is rank zero, a precision context, what to do after a freeze) comes in a
@@ -28,20 +28,20 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_svcca.activations import LayerSpec, format_layers, resolve_layers
-from lightning_svcca.capture import Capture, CaptureOptions
-from lightning_svcca.comparisons import Comparisons, row, values_of
-from lightning_svcca.config import MonitorConfig
-from lightning_svcca.crosslayer import CrossLayerMoments
-from lightning_svcca.freezing import FreezeDecision, Freezer, freeze_blocks
-from lightning_svcca.frozen_prefix import FrozenPrefix
-from lightning_svcca.history import pack_history, unpack_history
-from lightning_svcca.probe import Probe, build_probe, check_not_meta
-from lightning_svcca.references import check_reference_layers, device_of, reference_model
-from lightning_svcca.reporting import HISTORY_FILE, layer_map_image, write_history_csv
-from lightning_svcca.similarity import SimilarityWarning
-from lightning_svcca.snapshots import Collective, LocalCollective, Snapshot, SnapshotStore, snapshot_needs
-from lightning_svcca.writers import Reporter, as_writers
+from lightning_svcca.freezing.freezer import FreezeDecision, Freezer, freeze_blocks
+from lightning_svcca.freezing.frozen_prefix import FrozenPrefix
+from lightning_svcca.measures.similarity import SimilarityWarning
+from lightning_svcca.output.history import pack_history, unpack_history
+from lightning_svcca.output.reporting import HISTORY_FILE, layer_map_image, write_history_csv
+from lightning_svcca.output.writers import Reporter, as_writers
+from lightning_svcca.pipeline.activations import LayerSpec, format_layers, resolve_layers
+from lightning_svcca.pipeline.capture import Capture, CaptureOptions
+from lightning_svcca.pipeline.comparisons import Comparisons, row, values_of
+from lightning_svcca.pipeline.config import MonitorConfig
+from lightning_svcca.pipeline.moments import CrossLayerMoments
+from lightning_svcca.pipeline.probe import Probe, build_probe, check_not_meta
+from lightning_svcca.pipeline.references import check_reference_layers, device_of, reference_model
+from lightning_svcca.pipeline.snapshots import Collective, LocalCollective, Snapshot, SnapshotStore, snapshot_needs
 
 __all__ = ["Runtime", "SVCCAMonitor", "SVCCAMonitorWarning"]
 

@@ -3,7 +3,7 @@
 Two pieces, both Lightning-free:
 
 * :func:`cross_layer_similarity`: the layers x layers map of one measure between two sets of per-layer
-  representations (raw activations or :class:`~lightning_svcca.snapshots.Snapshot` s). Layers may differ in
+  representations (raw activations or :class:`~lightning_svcca.pipeline.snapshots.Snapshot` s). Layers may differ in
   width (every measure accepts different widths) and in datapoints per sample: a conv layer recorded at its
   positions has ``samples x positions`` rows, and two layers with different spatial sizes cannot be matched row
   by row. As Raghu et al. (2017, Sec. 4) and Kornblith et al. (2019, Sec. 6) do for layers of different
@@ -23,10 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_svcca.activations import ActivationRecorder, Reduction, probe_share, resolve_layers
-from lightning_svcca.heldout import cca_heldout, pwcca_heldout, svcca_heldout
-from lightning_svcca.probe import batch_size, build_probe, run_probe
-from lightning_svcca.similarity import (
+from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
+from lightning_svcca.measures.similarity import (
     Decomposition,
     KeepBy,
     cca,
@@ -38,7 +36,9 @@ from lightning_svcca.similarity import (
     rbf_cka,
     svcca,
 )
-from lightning_svcca.snapshots import (
+from lightning_svcca.pipeline.activations import ActivationRecorder, Reduction, probe_share, resolve_layers
+from lightning_svcca.pipeline.probe import batch_size, build_probe, run_probe
+from lightning_svcca.pipeline.snapshots import (
     METRICS,
     LocalCollective,
     Snapshot,
@@ -138,9 +138,9 @@ def cross_layer_similarity(
     Args:
         a: layer name -> representation: a 2-D ``(datapoints, features)`` tensor, an ``(N, C, *spatial)``
             channels-first tensor (averaged over its spatial positions), or a full-rank
-            :class:`~lightning_svcca.snapshots.Snapshot` (built with ``snapshot_needs([metric])``).
+            :class:`~lightning_svcca.pipeline.snapshots.Snapshot` (built with ``snapshot_needs([metric])``).
         b: the same for the other model or moment. ``a`` and ``b`` may be the same mapping.
-        metric: one of :data:`lightning_svcca.snapshots.METRICS`.
+        metric: one of :data:`lightning_svcca.pipeline.snapshots.METRICS`.
         keep: SVCCA's ``keep`` for tensors (snapshots carry their own kept count).
         keep_by: SVCCA's ``keep_by``.
         sample_ids_a: layer -> ``(rows,)`` sample of each row, for layers with several rows per sample (conv
@@ -216,10 +216,10 @@ def compare_models(
         model_a: the first model (e.g. the earlier checkpoint).
         model_b: the second; it must have modules of the same names.
         probe: a tensor (the model input), a batch (tuple, list or dict of tensors) or a DataLoader with a
-            known length (see :func:`lightning_svcca.probe.build_probe`); all of it is used.
+            known length (see :func:`lightning_svcca.pipeline.probe.build_probe`); all of it is used.
         layers: module names (or the callback's per-layer option mapping); ``None``: the default set of
             ``model_a`` (Linear, Conv, RNN, Transformer layers).
-        metrics: measures for the per-layer table, from :data:`lightning_svcca.snapshots.METRICS`.
+        metrics: measures for the per-layer table, from :data:`lightning_svcca.pipeline.snapshots.METRICS`.
         cross_layer_metric: the measure of the cross-layer map (default: the first of ``metrics``).
         keep: SVCCA's ``keep``.
         keep_by: SVCCA's ``keep_by``.

@@ -1,6 +1,6 @@
 """The monitor's options, checked once where the user passes them (so a bad value fails at construction).
 
-:class:`MonitorConfig` holds the arguments shared by :class:`~lightning_svcca.monitor.SVCCAMonitor`,
+:class:`MonitorConfig` holds the arguments shared by :class:`~lightning_svcca.pipeline.monitor.SVCCAMonitor`,
 ``SVCCACallback`` and the HuggingFace callback, checks each against its allowed values, and derives what follows
 from them: the parsed references (with a freeze policy's lag reference added) and the decomposition dtype.
 """
@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from lightning_svcca.activations import REDUCTIONS
-from lightning_svcca.crosslayer import CROSS_LAYER_MOMENTS
-from lightning_svcca.freezing import FreezePolicy
-from lightning_svcca.references import Reference, parse_references
-from lightning_svcca.similarity import _check_keep
-from lightning_svcca.snapshots import METRICS
+from lightning_svcca.freezing.freezer import FreezePolicy
+from lightning_svcca.measures.similarity import _check_keep
+from lightning_svcca.pipeline.activations import REDUCTIONS
+from lightning_svcca.pipeline.moments import CROSS_LAYER_MOMENTS
+from lightning_svcca.pipeline.references import Reference, parse_references
+from lightning_svcca.pipeline.snapshots import METRICS
 
 __all__ = ["COMPUTE_DTYPES", "MonitorConfig"]
 

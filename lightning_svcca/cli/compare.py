@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_svcca.compare import compare_models
-from lightning_svcca.snapshots import METRICS
+from lightning_svcca.offline.compare import compare_models
+from lightning_svcca.pipeline.snapshots import METRICS
 
 __all__ = ["add_compare_command", "load_model", "load_probe"]
 
@@ -85,7 +85,7 @@ def load_probe(source: str, size: int | None = None) -> Any:
         if isinstance(probe, torch.Tensor):
             probe = probe[:size]
         else:
-            from lightning_svcca.probe import slice_batch
+            from lightning_svcca.pipeline.probe import slice_batch
 
             probe = slice_batch(probe, 0, size)
     return probe

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from lightning_svcca.reporting import (
+from lightning_svcca.output.reporting import (
     HISTORY_COLUMNS,
     HeatmapFigure,
     heatmap_style,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_svcca import __version__
-from lightning_svcca.reporting import (
+from lightning_svcca.output.reporting import (
     HISTORY_FILE,
     LAYER_FACTS,
     convergence_epochs,
@@ -152,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument(
                 "--out", type=Path, required=True, help="PNG file to write (with --all: one per run, named after it)"
             )
-    from lightning_svcca.compare_cli import add_compare_command  # its imports wait until it runs
+    from lightning_svcca.cli.compare import add_compare_command  # its imports wait until it runs
 
     add_compare_command(commands)
     return parser

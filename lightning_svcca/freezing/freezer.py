@@ -11,8 +11,9 @@ Dropout inside a frozen block is left as it is: it keeps regularising what is tr
 block's parameters do not change either way.
 
 With ``FreezePolicy(cache_outputs=True)`` the :class:`Freezer` also keeps a
-:class:`~lightning_svcca.prefix_cache.PrefixCache` on the frozen prefix (the frozen layers from the bottom up to
-the first unfrozen one), so the prefix's forward pass is skipped too; see that module for when it is refused.
+:class:`~lightning_svcca.freezing.prefix_cache.PrefixCache` on the frozen prefix (the frozen layers from the
+bottom up to the first unfrozen one), so the prefix's forward pass is skipped too; see that module for when it is
+refused.
 A freeze never takes the last trainable parameters: the Freezer stops one short (:meth:`Freezer.leaves_trainable`).
 """
 
@@ -32,7 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_svcca.prefix_cache import PrefixCache, PrefixCacheWarning, prefix_refusal
+from lightning_svcca.freezing.prefix_cache import PrefixCache, PrefixCacheWarning, prefix_refusal
 
 __all__ = [
     "Block",
@@ -78,11 +79,11 @@ class FreezePolicy:
             unrelated data when directions are many and datapoints few) cannot pass for convergence.
         cache_outputs: once the frozen layers form a prefix of the forward pass (the lowest monitored layers),
             compute each training sample's prefix output once and skip the prefix's forward pass afterwards
-            (:mod:`lightning_svcca.prefix_cache`). Samples are keyed by their exact input bytes; the cache checks
-            itself on a sample of batches and turns itself off with a warning where it would change training
+            (:mod:`lightning_svcca.freezing.prefix_cache`). Samples are keyed by their exact input bytes; the cache
+            checks itself on a sample of batches and turns itself off with a warning where it would change training
             (dropout or batch statistics in the prefix, random augmentation, a prefix that is not a prefix).
             Measurements then reuse the frozen prefix's snapshots, and skip the prefix for a probe drawn from the
-            training data (:mod:`lightning_svcca.frozen_prefix`).
+            training data (:mod:`lightning_svcca.freezing.frozen_prefix`).
         cache_max_bytes: host memory for cached outputs (``None``: unbounded); beyond it they are written to
             files in the run directory, deleted when the fit ends.
     """

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_svcca.reporting import LAYER_FACTS
+from lightning_svcca.output.reporting import LAYER_FACTS
 
 __all__ = ["TIME_REFERENCES", "Reference", "check_reference_layers", "device_of", "parse_references", "reference_model"]
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_svcca.similarity import (
+from lightning_svcca.measures.similarity import (
     KeepBy,
     _check_dtype,
     _check_keep,
@@ -99,8 +99,8 @@ def svcca_heldout(
     Args:
         x: ``(n, d1)`` representation.
         y: ``(n, d2)`` representation of the same datapoints.
-        keep: see :func:`~lightning_svcca.similarity.svcca`, applied to each training set.
-        keep_by: see :func:`~lightning_svcca.similarity.svcca`.
+        keep: see :func:`~lightning_svcca.measures.similarity.svcca`, applied to each training set.
+        keep_by: see :func:`~lightning_svcca.measures.similarity.svcca`.
         epsilon: see :func:`cca_heldout`.
         folds: see :func:`cca_heldout`.
         seed: see :func:`cca_heldout`.
@@ -131,7 +131,7 @@ def pwcca_heldout(
 
     A canonical direction's weight is ``sum_j |<h_i, x_j>|`` (``h_i`` the unit-norm canonical variate of ``x``
     and ``x_j`` the centred neurons, both on the training set), as in
-    :func:`~lightning_svcca.similarity.pwcca`; weights are averaged over folds.
+    :func:`~lightning_svcca.measures.similarity.pwcca`; weights are averaged over folds.
 
     Args:
         x: ``(n, d1)`` representation (the weights come from it).

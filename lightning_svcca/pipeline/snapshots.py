@@ -29,8 +29,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from lightning_svcca.heldout import cca_heldout, pwcca_heldout, svcca_heldout
-from lightning_svcca.similarity import (
+from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
+from lightning_svcca.measures.similarity import (
     Decomposition,
     ZeroVarianceError,
     _cka_from_cross,
@@ -170,7 +170,7 @@ class Snapshot:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def decomposition(self, dtype: torch.dtype = torch.float64, device: torch.device | None = None) -> Decomposition:
-        """The snapshot as a :class:`~lightning_svcca.similarity.Decomposition`, for the public measures."""
+        """The snapshot as a :class:`~lightning_svcca.measures.similarity.Decomposition`, for the public measures."""
         right = None if self.right is None else self.right.to(device=device, dtype=dtype)
         return Decomposition(
             singular_values=self.singular_values.to(device=device, dtype=dtype),

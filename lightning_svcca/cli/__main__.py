@@ -1,0 +1,5 @@
+"""``python -m lightning_svcca.cli``."""
+
+from lightning_svcca.cli.main import main
+
+raise SystemExit(main())

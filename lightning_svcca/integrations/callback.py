@@ -1,0 +1,478 @@
+"""SVCCACallback: the Lightning glue around :class:`~lightning_svcca.pipeline.monitor.SVCCAMonitor`.
+
+Each hook maps to monitor calls; the strategy becomes the monitor's collective and broadcast, the loggers its
+writers, the checkpoint its state. :class:`_SVCCACallbackCore` uses the trainer only through attributes both
+Lightning namespaces share; :class:`SVCCACallback` combines it with ``pytorch_lightning.Callback`` and
+``lightning_svcca.integrations.lightning.SVCCACallback`` with ``lightning.pytorch.Callback``.
+
+When things happen in a fit:
+
+* ``setup``: the monitor is built for this fit: layer names, references and the freeze policy are checked against
+  the model.
+* ``on_fit_start``: the probe is built (so a bad probe fails before the sanity check); freezes restored from a
+  checkpoint are applied again (before any training step).
+* ``on_train_start``: epoch 0 is measured (the "initial" snapshot) and fixed references are snapshotted.
+* end of each training epoch, on its last batch (so before validation and before ``ModelCheckpoint`` saves):
+  epoch ``current_epoch + 1`` is measured, compared, logged, and freezing is decided.
+* ``on_train_end``: the "final" reference, every measured epoch against the last snapshot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_svcca.freezing.freezer import FreezePolicy, is_hard_freeze_supported, rebuild_ddp_wrapper
+from lightning_svcca.output.reporting import LAYER_FACTS, tag
+from lightning_svcca.pipeline.config import MonitorConfig
+from lightning_svcca.pipeline.distributed import StrategyCollective
+from lightning_svcca.pipeline.monitor import Runtime, SVCCAMonitor, SVCCAMonitorWarning
+from lightning_svcca.pipeline.probe import ForwardFn
+from lightning_svcca.pipeline.snapshots import LocalCollective
+
+__all__ = ["SVCCACallback", "SVCCAMonitorWarning"]
+
+
+class _SVCCACallbackCore:
+    """Measure how each layer's representation changes while the model trains, with SVCCA and friends.
+
+    Every ``every_n_epochs`` epochs a fixed probe batch runs through the model; the activations of the chosen
+    layers are compressed to snapshots and compared with references. Results go to ``history``, to
+    ``svcca_history.csv`` in the log directory, and to the loggers (TensorBoard: per-layer curves
+    ``{metric}/{reference}/{layer}``, heatmaps ``{metric}/{reference}/heatmap``, a custom-scalars layout). With
+    ``freeze``, converged layers stop training, bottom-up.
+
+    Args:
+        probe: the probe: a tensor (the model input), a batch (tuple, list or dict of tensors), or a
+            DataLoader (``probe_size`` samples drawn at random with ``probe_seed``, so class-sorted datasets are
+            covered). ``None``: such a subset of the validation dataloader, else of the training one. Fixed for the
+            whole run, the same on every process and after resuming.
+        layers: module names from ``model.named_modules()``, or ``{name: {"output": ..., "reduction": ...,
+            "layout": ...}}`` for per-layer options (see :class:`~lightning_svcca.pipeline.activations.LayerSpec`).
+            ``None``: the repeated blocks a person would name (``encoder.layer.N``, ``layerK.M``) plus stems and
+            heads; in models without repeated blocks, every Linear, Conv, RNN and Transformer layer. The chosen
+            layers are logged once at the start.
+        reference: what each layer is compared with, one or several of: ``"previous"`` (the last measured
+            epoch), ``"initial"`` (before training), ``"final"`` (at the end of fit, every epoch against the last
+            one: the SVCCA paper's learning-dynamics plot), an ``nn.Module`` or a checkpoint path (a fixed model,
+            e.g. the pretrained one being fine-tuned; layers matched by name), or a tensor of features aligned
+            with the probe's samples (e.g. inputs or one-hot labels). Name fixed references with a dict
+            ``{"pretrained": model}``; an unnamed one is called ``"reference"``.
+        metrics: any of ``"svcca"``, ``"pwcca"``, ``"cca"`` (mean canonical correlation) and ``"linear_cka"``.
+        every_n_epochs: measure every this many epochs (epoch 0 and the end of fit are always measured); ``None``
+            with ``every_n_train_steps`` measures by steps only.
+        every_n_train_steps: also measure every this many optimizer steps (as ``ModelCheckpoint`` names it), for
+            short fine-tunes and step-based runs. Measurements are then identified by their global step: the
+            history's ``step`` column, the heatmaps' columns, and a freeze policy's ``lag`` counts measurements.
+        freeze: a :class:`~lightning_svcca.freezing.freezer.FreezePolicy` to freeze converged layers, or ``None``.
+        probe_size: samples taken from a DataLoader (and the cap for a tensor or batch probe).
+        probe_batch_size: samples per forward pass of the probe.
+        probe_input: the part of a batch that is the model input (index or key; default: element 0 of a tuple).
+        probe_mask: the part of a batch holding a sequence padding mask ``(N, T)`` (1 = real frame) or lengths
+            ``(N,)``; a dict batch's ``attention_mask`` by default (``False``: none).
+        probe_seed: seeds the choice of a DataLoader probe's samples.
+        forward_fn: ``forward_fn(model, batch)`` for models whose ``forward`` does not take the probe input
+            directly; a dict batch is passed as ``model(**batch)`` by default.
+        reduction: default reduction of outputs with positions: ``"positions"`` (each conv position or
+            sequence frame is a datapoint), ``"mean"`` or ``"flatten"``.
+        max_datapoints: cap on datapoints per layer: each probe sample contributes at most
+            ``max_datapoints // probe_size`` positions or frames (at least one).
+        keep: SVCCA's ``keep`` (fraction of the singular value sum, or a number of directions).
+        keep_by: ``"singular_values"`` (the paper's) or ``"variance"``.
+        baseline: also log each metric on the probe with its datapoint pairing shuffled (the noise floor).
+        max_snapshot_bytes: memory budget of the snapshot store; beyond it snapshots spill to files in the log
+            directory (deleted at the end of fit). ``None``: unbounded.
+        shard_probe: under DDP, each process runs its share of the probe and statistics are summed.
+        compute_dtype: precision of the decompositions: ``"float64"``, ``"float32"``, or ``"auto"`` (default):
+            float32 on a GPU when the only metric is linear_cka (accurate there, and much faster on GPUs with slow
+            float64), float64 otherwise. float32 decompositions resolve directions only down to about 1% of the
+            largest, which can shift SVCCA on layers whose spectrum spans several decades.
+        cross_layer: keep every layer at 0, 25, 50, 75 and 100% of training (``True``) or at the given fractions,
+            and at the end of fit map each moment, every layer against every layer of ``cross_layer_reference``
+            (the SVCCA paper's Fig. 4): images ``{metric}/cross_layer/{reference}`` at each moment's step, and
+            ``svcca_cross_layer.csv`` beside the history. Layers are pooled to one datapoint per probe sample.
+        cross_layer_reference: ``"final"`` (default), ``"initial"``, or the name of a fixed model reference.
+        heatmap_time_share: the largest share of the fit's time that drawing heatmap images may take (default
+            5%). A heatmap that would exceed it is drawn at a later measurement instead, and every heatmap's
+            latest state is drawn at the end of the fit; scalars and the history are never thinned. ``1.0``
+            draws every heatmap at every measurement.
+    """
+
+    def __init__(
+        self,
+        probe: Tensor | Sequence[Any] | Mapping[str, Any] | DataLoader | None = None,
+        layers: Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None,
+        reference: str | nn.Module | Tensor | Sequence[Any] | Mapping[str, Any] = ("previous", "final"),
+        metrics: str | Sequence[str] = ("svcca",),
+        every_n_epochs: int | None = 1,
+        freeze: FreezePolicy | None = None,
+        *,
+        every_n_train_steps: int | None = None,
+        probe_autocast: bool = False,
+        probe_size: int = 1024,
+        probe_batch_size: int = 256,
+        probe_input: int | str | None = None,
+        probe_mask: int | str | bool | None = None,
+        probe_seed: int = 0,
+        forward_fn: ForwardFn | None = None,
+        reduction: str = "positions",
+        max_datapoints: int = 4096,
+        keep: float | int = 0.99,
+        keep_by: str = "singular_values",
+        baseline: bool = True,
+        max_snapshot_bytes: int | None = 1 << 30,
+        shard_probe: bool = True,
+        compute_dtype: str = "auto",
+        cross_layer: bool | Sequence[float] = False,
+        cross_layer_reference: str = "final",
+        heatmap_time_share: float = 0.05,
+    ) -> None:
+        super().__init__()
+        self.config = MonitorConfig(
+            probe=probe,
+            layers=layers,
+            reference=reference,
+            metrics=metrics,
+            every_n_epochs=every_n_epochs,
+            freeze=freeze,
+            every_n_train_steps=every_n_train_steps,
+            probe_size=probe_size,
+            probe_batch_size=probe_batch_size,
+            probe_input=probe_input,
+            probe_mask=probe_mask,
+            probe_seed=probe_seed,
+            forward_fn=forward_fn,
+            reduction=reduction,
+            max_datapoints=max_datapoints,
+            keep=keep,
+            keep_by=keep_by,
+            baseline=baseline,
+            max_snapshot_bytes=max_snapshot_bytes,
+            shard_probe=shard_probe,
+            compute_dtype=compute_dtype,
+            cross_layer=cross_layer,
+            cross_layer_reference=cross_layer_reference,
+            heatmap_time_share=heatmap_time_share,
+        )
+        self.probe_autocast = probe_autocast
+        #: The monitor of the current fit (built in ``setup``).
+        self.monitor: SVCCAMonitor | None = None
+        self._pending_state: Mapping[str, Any] | None = None
+        #: Epochs the trainer had completed when this fit started (a second fit numbers its own epochs from 0).
+        self._epoch_offset = 0
+        self._warned_stages: set[str] = set()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Public read-only views (the monitor's, or empty before the first fit)
+    # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Every measured value: dicts with keys epoch, layer, reference, metric, value."""
+        return self.monitor.history if self.monitor is not None else list(self._pending("history", []))
+
+    @property
+    def frozen(self) -> dict[str, int]:
+        """Frozen layers -> the epoch at which they froze."""
+        return self.monitor.frozen if self.monitor is not None else dict(self._pending("frozen", {}))
+
+    @property
+    def skipped(self) -> list[tuple[int, str, str]]:
+        """Layers skipped at some epoch: (epoch, layer, reason)."""
+        return self.monitor.skipped if self.monitor is not None else []
+
+    @property
+    def layers(self) -> list[str]:
+        """Monitored layers in bottom-up (forward) order, known after the first probe."""
+        return self.monitor.layers if self.monitor is not None else list(self._pending("layer_order", []))
+
+    @property
+    def reference_names(self) -> list[str]:
+        """Names of the references, as they appear in the history and the tags."""
+        return self.config.reference_names
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The measured metrics."""
+        return tuple(self.config.metrics)
+
+    @property
+    def freeze_policy(self) -> FreezePolicy | None:
+        """The freeze policy, or ``None``."""
+        return self.config.freeze
+
+    @property
+    def state_key(self) -> str:
+        """Checkpoint key; differs between instances with different layers, references, metrics or probe shapes."""
+        config = self.config
+        return self._generate_state_key(
+            layers=None if config.layers is None else list(config.layers),
+            reference=config.reference_names,
+            metrics=list(config.metrics),
+            probe=_describe_probe(config.probe, config.probe_size),
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Hooks
+    # ------------------------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        """Build this fit's monitor: layers, references and the freeze policy are checked against the model.
+
+        Every ``fit`` is a run of its own (a second fit of the same callback starts a new history), unless it
+        resumes from a checkpoint, whose state ``load_state_dict`` hands to the monitor built here.
+        """
+        stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn (a str enum): "validate", ...
+        if stage != "fit":
+            if stage not in self._warned_stages and trainer.is_global_zero:
+                self._warned_stages.add(stage)
+                warnings.warn(
+                    f"SVCCACallback measures during Trainer.fit only; this {stage} run records nothing",
+                    SVCCAMonitorWarning,
+                    stacklevel=2,
+                )
+            return
+        policy = self.config.freeze
+        if policy is not None and policy.mode == "linear" and (trainer.max_epochs is None or trainer.max_epochs < 1):
+            raise ValueError("FreezePolicy(mode='linear') spreads freezes over max_epochs: set Trainer(max_epochs=...)")
+        self._close_monitor()
+        self._epoch_offset = int(trainer.current_epoch)
+        debugging = bool(getattr(trainer, "fast_dev_run", False))  # Lightning writes no logs then; neither do we
+        self.monitor = SVCCAMonitor.from_config(
+            pl_module,
+            _with_probe(self.config, lambda: _default_probe_loader(trainer)),
+            writers=trainer.loggers if trainer.is_global_zero and not debugging else [],
+            log_dir=None if debugging else Path(trainer.log_dir or trainer.default_root_dir),
+            runtime=_runtime(trainer, self._logger(), autocast=self.probe_autocast),
+        )
+        if self._pending_state is not None:
+            self.monitor.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Build the probe, and re-apply freezes restored from a checkpoint (before any training step)."""
+        monitor = self._require_monitor()
+        monitor.prepare()
+        if self.config.freeze is None and not monitor.freezer.parameters:
+            return
+        hard = is_hard_freeze_supported(trainer.strategy)
+        if not hard:
+            monitor.warn_once(
+                "soft-freeze",
+                f"freezing on {type(trainer.strategy).__name__} keeps frozen parameters fixed by dropping their"
+                " gradients before each optimizer step; the backward pass still computes them, so no compute is"
+                " saved. Hard freezing (requires_grad off) works on single-device and DDP strategies",
+            )
+        monitor.restore_freezes(hard=hard)
+
+    def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Take the epoch-0 snapshot (unless resuming)."""
+        monitor = self._require_monitor()
+        if self.config.cross_layer_moments:
+            monitor.runtime.max_steps = _planned_steps(trainer)
+        monitor.start(step=int(trainer.global_step))
+        _publish(trainer, [row for row in monitor.history if row["epoch"] == monitor.measured[-1]])
+
+    def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
+        """Keep frozen BatchNorm layers in eval mode whatever ``model.train()`` did."""
+        if self.monitor is not None:
+            self.monitor.before_batch(epoch=int(trainer.current_epoch))
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: nn.Module, optimizer: Any) -> None:
+        """Soft freezing only: drop the frozen parameters' gradients."""
+        if self.monitor is not None:
+            self.monitor.before_optimizer_step()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Measure every ``every_n_train_steps`` steps, and on the epoch's last batch (before validation)."""
+        steps = self.config.every_n_train_steps
+        step = int(trainer.global_step)
+        last = _is_last_batch(trainer, batch_idx)
+        if steps is not None and step > 0 and step % steps == 0:
+            # on an epoch's last batch the epoch is complete: the row counts it
+            self._measure(trainer, completed=self._fit_epoch(trainer) + 1 if last else None)
+        elif last:
+            self._end_of_epoch(trainer)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Measure here when the last batch was not recognisable (iterable data, ``max_steps``)."""
+        self._end_of_epoch(trainer)
+
+    def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Measure the final weights if needed, and compare every measured epoch with them."""
+        if self.monitor is not None:
+            self.monitor.finish(epoch=self._fit_epoch(trainer), step=int(trainer.global_step))
+
+    def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Delete spilled snapshot files."""
+        self._close_monitor()
+
+    def on_exception(self, trainer: Any, pl_module: nn.Module, exception: BaseException) -> None:
+        """Delete spilled snapshot files when the fit fails."""
+        self._close_monitor()
+
+    def teardown(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        """Delete spilled snapshot files (also after interrupted fits)."""
+        if stage == "fit":
+            self._close_monitor()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue identically: history, freezes, policy counters, snapshots."""
+        if self.monitor is not None:
+            return {**self.monitor.state_dict(), "epoch_offset": self._epoch_offset}
+        return dict(self._pending_state or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (keys missing from older checkpoints take their defaults)."""
+        self._epoch_offset = int(state_dict.get("epoch_offset", 0))
+        if self.monitor is not None:
+            self.monitor.load_state_dict(state_dict)
+        else:
+            self._pending_state = dict(state_dict)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Plumbing
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _end_of_epoch(self, trainer: Any) -> None:
+        every_n_epochs = self.config.every_n_epochs
+        epoch = self._fit_epoch(trainer) + 1
+        if every_n_epochs is not None and epoch % every_n_epochs == 0:
+            self._measure(trainer, completed=epoch)
+
+    def _measure(self, trainer: Any, completed: int | None = None) -> None:
+        """One measurement at the trainer's global step; its values also go to ``trainer.callback_metrics``."""
+        if self.monitor is not None and self.monitor.started:
+            epoch = self._fit_epoch(trainer) if completed is None else completed
+            rows = self.monitor.measure(epoch=epoch, step=int(trainer.global_step))
+            _publish(trainer, rows)
+
+    def _fit_epoch(self, trainer: Any) -> int:
+        """Completed epochs of this fit (the trainer's, less those done before the fit began)."""
+        return int(trainer.current_epoch) - self._epoch_offset
+
+    def _require_monitor(self) -> SVCCAMonitor:
+        if self.monitor is None:
+            raise RuntimeError("SVCCACallback runs in Trainer.fit: its setup hook builds the monitor")
+        return self.monitor
+
+    def _close_monitor(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+
+    def _pending(self, key: str, default: Any) -> Any:
+        return (self._pending_state or {}).get(key, default)
+
+    def _logger(self) -> logging.Logger:
+        """A logger under the Lightning namespace this callback belongs to, so its console handler shows it."""
+        for base in type(self).__mro__:
+            if base.__name__ == "Callback" and base.__module__ != __name__:
+                return logging.getLogger(base.__module__.rsplit(".", 1)[0] + ".svcca")
+        return logging.getLogger("lightning_svcca")
+
+
+def _publish(trainer: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """A measurement's values in ``trainer.callback_metrics``, for ``EarlyStopping`` and ``ModelCheckpoint``.
+
+    Each row under its tag, and per metric and reference ``{metric}/{reference}/min_over_layers``: the least
+    converged layer (every process computes the same values, so every rank agrees).
+    """
+    lowest: dict[str, float] = {}
+    for row in rows:
+        name = tag(row["metric"], row["reference"], row["layer"])
+        trainer.callback_metrics[name] = torch.tensor(row["value"])
+        if row["reference"] not in LAYER_FACTS:
+            key = tag(row["metric"], row["reference"], "min_over_layers")
+            lowest[key] = min(lowest.get(key, math.inf), row["value"])
+    for name, value in lowest.items():
+        trainer.callback_metrics[name] = torch.tensor(value)
+
+
+def _planned_steps(trainer: Any) -> int | None:
+    """The fit's length in optimizer steps, when Lightning can tell."""
+    try:
+        steps = float(trainer.estimated_stepping_batches)
+    except Exception:  # e.g. an iterable dataset without a length
+        return None
+    return int(steps) if math.isfinite(steps) else None
+
+
+def _runtime(trainer: Any, logger: logging.Logger, *, autocast: bool) -> Runtime:
+    """The monitor's view of the trainer: collectives over the strategy, rank zero, precision, DDP rebuilds.
+
+    Precision: the probe's inputs get what the trainer does to training batches (``convert_input``: a cast to the
+    model's dtype under ``*-true`` precision). The precision's forward context wraps the probe under ``*-true``
+    (it only sets the default dtype); under ``*-mixed`` it is autocast, used only with ``probe_autocast=True``.
+    """
+    strategy = trainer.strategy
+    world_size = int(getattr(strategy, "world_size", 1))
+    plugin = getattr(trainer, "precision_plugin", None)
+    mixed = "mixed" in str(getattr(trainer, "precision", ""))
+    return Runtime(
+        collective=StrategyCollective(strategy) if world_size > 1 else LocalCollective(),
+        is_global_zero=bool(trainer.is_global_zero),
+        broadcast=lambda obj: strategy.broadcast(obj, src=0),
+        forward_context=getattr(plugin, "forward_context", None) if autocast or not mixed else None,
+        convert_input=getattr(plugin, "convert_input", None),
+        after_freeze=lambda: rebuild_ddp_wrapper(strategy),
+        max_epochs=trainer.max_epochs,
+        logger=logger,
+        probe_as_training=autocast or not mixed,
+    )
+
+
+def _with_probe(config: MonitorConfig, probe: Any) -> MonitorConfig:
+    """The config with its probe replaced (``None`` becomes a loader taken from the trainer at probe time)."""
+    return config if config.probe is not None else dataclasses.replace(config, probe=probe)
+
+
+def _default_probe_loader(trainer: Any) -> Any:
+    """The validation dataloader if there is one, else the training one (unwrapped, as the user defined it)."""
+    val_source = trainer.fit_loop.epoch_loop.val_loop._data_source
+    if val_source.instance is not None and val_source.is_defined():
+        loader = val_source.dataloader()
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if loader else None
+        if isinstance(loader, DataLoader):
+            return loader
+    train = trainer.fit_loop._data_source.dataloader()
+    if isinstance(train, (list, tuple)):
+        train = train[0]
+    if isinstance(train, Mapping):
+        train = next(iter(train.values()))
+    if not isinstance(train, DataLoader):
+        raise ValueError("no probe given and no DataLoader to take one from: pass probe=<tensor, batch or DataLoader>")
+    return train
+
+
+def _is_last_batch(trainer: Any, batch_idx: int) -> bool:
+    total = trainer.num_training_batches
+    if isinstance(total, (int, float)) and math.isfinite(total) and batch_idx + 1 >= total:
+        return True
+    progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
+    return bool(getattr(progress, "is_last_batch", False))
+
+
+def _describe_probe(probe: Any, size: int) -> str:
+    """A stable, cheap description of the probe argument (its kind and tensor shapes, not its contents)."""
+    if probe is None or isinstance(probe, DataLoader):
+        return f"{'loader' if probe is not None else 'default'}:{size}"
+    if isinstance(probe, Tensor):
+        return f"tensor:{tuple(probe.shape)}"
+    if isinstance(probe, Mapping):
+        return "dict:" + ",".join(f"{k}{tuple(v.shape) if isinstance(v, Tensor) else ''}" for k, v in probe.items())
+    return f"{type(probe).__name__}:" + ",".join(str(tuple(v.shape)) for v in probe if isinstance(v, Tensor))
+
+
+class SVCCACallback(_SVCCACallbackCore, pl.Callback):  # noqa: D101 - the docstring is the core's
+    __doc__ = _SVCCACallbackCore.__doc__

@@ -1,0 +1,1 @@
+"""Comparisons outside training: two models on one probe, and layer x layer maps of any measure."""

@@ -17,7 +17,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lightning_svcca.freezing.freezer import FreezePolicy
+    from lightning_svcca.freezing.policy import FreezePolicy
     from lightning_svcca.integrations.callback import SVCCACallback
     from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
     from lightning_svcca.measures.similarity import (
@@ -45,7 +45,7 @@ __version__ = "0.1.0"
 #: Public name -> the module that defines it.
 _MODULES = {
     "SVCCACallback": "integrations.callback",
-    "FreezePolicy": "freezing.freezer",
+    "FreezePolicy": "freezing.policy",
     "Runtime": "pipeline.monitor",
     "SVCCAMonitor": "pipeline.monitor",
     "SVCCAMonitorWarning": "pipeline.monitor",

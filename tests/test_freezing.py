@@ -11,7 +11,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_svcca import FreezePolicy, SVCCACallback, SVCCAMonitor, SVCCAMonitorWarning
-from lightning_svcca.freezing.freezer import Freezer, freeze_blocks
+from lightning_svcca.freezing.blocks import freeze_blocks
+from lightning_svcca.freezing.freezer import Freezer
 
 from digits_models import DigitsCNN, digits_tensors
 

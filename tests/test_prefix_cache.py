@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_svcca import FreezePolicy, SVCCACallback
-from lightning_svcca.freezing.prefix_cache import PrefixCacheWarning, sample_keys
+from lightning_svcca.freezing.cache_keys import sample_keys
+from lightning_svcca.freezing.prefix_cache import PrefixCacheWarning
 
 from digits_models import DigitsCNN, TinyDigitsCNN, digits_tensors
 
@@ -57,8 +58,8 @@ class _Spy(pl.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         cache = self.callback.monitor.freezer.cache
-        if cache is not None and cache._below is not None:
-            self.below_entries[trainer.current_epoch] = len(cache._below)
+        if cache is not None and cache.below is not None:
+            self.below_entries[trainer.current_epoch] = len(cache.below)
 
     def on_after_backward(self, trainer, pl_module):
         if trainer.current_epoch >= self.freeze_epoch:
@@ -71,13 +72,13 @@ class _Spy(pl.Callback):
                 "enabled": cache.enabled,
                 "skipped": cache.skipped_batches,
                 "extended": cache.extended_batches,
-                "below": cache._below is not None,
+                "below": cache.below is not None,
                 "verified": cache.verified,
                 "entries": len(cache),
                 "memory": cache.memory_bytes,
-                "files": len(cache._files),
+                "files": len(cache.store.files),
             }
-            self.spill_dir = cache._spill_dir
+            self.spill_dir = cache.store.spill_dir
 
 
 def _fit(tmp_path, model, policy, *, data=None, epochs=5, callbacks=(), layers=LAYERS, ckpt_path=None):

@@ -3,4 +3,64 @@
 A :class:`FreezePolicy` decides from the history which layers have converged; the freezer turns a decision into
 parameters with ``requires_grad=False`` (and keeps it across checkpoints); the prefix cache serves the frozen
 prefix's outputs instead of recomputing them; the frozen prefix lets a measurement reuse what is known of it.
+
+The parts, one module each: :mod:`~lightning_svcca.freezing.policy` (when: :class:`FreezePolicy`),
+:mod:`~lightning_svcca.freezing.blocks` (what a layer's freeze covers: :func:`freeze_blocks`),
+:mod:`~lightning_svcca.freezing.freezer` (applying freezes: :class:`Freezer`),
+:mod:`~lightning_svcca.freezing.strategies` (DDP and sharded strategies),
+:mod:`~lightning_svcca.freezing.prefix_cache` (:class:`PrefixCache`, with its keys, store, passes and checks in the
+``cache_*`` modules) and :mod:`~lightning_svcca.freezing.frozen_prefix` (measuring past the frozen prefix).
+The names below are imported on first use (PEP 562), so the policy loads without torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightning_svcca.freezing.blocks import Block, freeze_blocks
+    from lightning_svcca.freezing.freezer import Freezer
+    from lightning_svcca.freezing.frozen_prefix import FrozenPrefix
+    from lightning_svcca.freezing.policy import FreezeDecision, FreezePolicy
+    from lightning_svcca.freezing.prefix_cache import PrefixCache, PrefixCacheWarning
+    from lightning_svcca.freezing.strategies import is_hard_freeze_supported, rebuild_ddp_wrapper
+
+#: Public name -> the module of this package that defines it.
+_MODULES = {
+    "Block": "blocks",
+    "FreezeDecision": "policy",
+    "FreezePolicy": "policy",
+    "Freezer": "freezer",
+    "FrozenPrefix": "frozen_prefix",
+    "PrefixCache": "prefix_cache",
+    "PrefixCacheWarning": "prefix_cache",
+    "freeze_blocks": "blocks",
+    "is_hard_freeze_supported": "strategies",
+    "rebuild_ddp_wrapper": "strategies",
+}
+
+__all__ = [
+    "Block",
+    "FreezeDecision",
+    "FreezePolicy",
+    "Freezer",
+    "FrozenPrefix",
+    "PrefixCache",
+    "PrefixCacheWarning",
+    "freeze_blocks",
+    "is_hard_freeze_supported",
+    "rebuild_ddp_wrapper",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODULES])

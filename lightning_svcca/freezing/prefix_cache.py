@@ -3,14 +3,17 @@
 Once the lowest monitored layers are frozen (parameters fixed, norms in eval mode), the modules up to the highest
 of them (the *boundary*) compute a fixed function of the model's input. :class:`PrefixCache` hooks the model:
 
-* a forward pre-hook on the model keys each sample by the exact bytes of its inputs (with shape and dtype), so a
-  cached output is never served for a different input;
+* a forward pre-hook on the model keys each sample by the exact bytes of its inputs, with shape and dtype
+  (:func:`~lightning_svcca.freezing.cache_keys.sample_keys`), so a cached output is never served for a different
+  input, and chooses what the forward pass does (a :class:`~lightning_svcca.freezing.cache_pass.Pass`, in
+  :meth:`PrefixCache._begin_pass`);
 * when every sample of a batch is cached, the prefix's modules return their input untouched (no compute) and the
   boundary returns the stacked cached outputs; otherwise the batch runs in full and its new outputs are stored;
 * the first hit batches after the cache is built (and one in :data:`REVERIFY_EVERY` after that) run in full and are
-  checked twice: the recomputed boundary output against the cached one, and the model's output against a replay
-  of the same forward through the short cut (same random state, buffers restored). A mismatch, an error in the
-  replay, or an epoch in which no input repeated turns the cache off with a :class:`PrefixCacheWarning`.
+  checked twice (:mod:`lightning_svcca.freezing.cache_check`): the recomputed boundary output against the cached
+  one, and the model's output against a replay of the same forward through the short cut (same random state,
+  buffers restored). A mismatch, an error in the replay, or an epoch in which no input repeated turns the cache off
+  with a :class:`PrefixCacheWarning`.
 
 When a later freeze extends the prefix, the new cache is built on the old one (``below``): while it fills, a batch
 whose samples the old cache holds skips the old prefix and computes only the layers between the two boundaries
@@ -18,14 +21,14 @@ whose samples the old cache holds skips the old prefix and computes only the lay
 sample.
 
 Outputs are kept in host memory up to a budget; beyond it they are written in per-batch files to a directory that
-:meth:`PrefixCache.close` deletes. Nothing is checkpointed: after a resume the cache is rebuilt and verified again.
+:meth:`PrefixCache.close` deletes (:class:`~lightning_svcca.freezing.cache_store.SampleStore`). Nothing is
+checkpointed: after a resume the cache is rebuilt and verified again.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import shutil
+import enum
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -33,13 +36,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.dropout import _DropoutNd
-from torch.nn.modules.instancenorm import _InstanceNorm
 
+from lightning_svcca.freezing.cache_check import replay, rng_state, same_outputs, verification_failure
+from lightning_svcca.freezing.cache_keys import sample_keys
+from lightning_svcca.freezing.cache_pass import ForwardPass, Pass, Role, boundary_forward, prefix_forward
+from lightning_svcca.freezing.cache_store import SampleStore
 from lightning_svcca.measures.similarity import SimilarityWarning
 
-__all__ = ["PrefixCache", "PrefixCacheWarning", "prefix_refusal"]
+__all__ = ["PrefixCache", "PrefixCacheWarning"]
 
 #: Hit batches checked against a full forward right after the cache is (re)built.
 VERIFY_BATCHES = 2
@@ -53,29 +57,15 @@ class PrefixCacheWarning(SimilarityWarning):
     """The frozen-prefix cache was refused or turned off; training goes on without it."""
 
 
-def prefix_refusal(model: nn.Module, modules: Sequence[str], boundary: str) -> str | None:
-    """Why the modules up to ``boundary`` cannot be cached, or ``None`` when they can (checked before caching).
+class _Context(enum.Enum):
+    """Which forward passes the cache is serving."""
 
-    The prefix must be deterministic and fixed: no trainable parameter (one shared with a layer above would
-    change), no active dropout, no normalisation by batch statistics.
-    """
-    named = dict(model.named_modules())
-    if boundary not in named:
-        return f"the boundary layer {boundary!r} is not a module of the model"
-    for name in (*modules, boundary):
-        module = named.get(name)
-        if module is None:
-            return f"module {name!r} of the frozen prefix is not in the model"
-        for parameter_name, parameter in module.named_parameters():
-            if parameter.requires_grad:
-                return f"parameter '{name}.{parameter_name}' in the frozen prefix still trains (shared above?)"
-        for sub_name, sub in module.named_modules():
-            full = f"{name}.{sub_name}" if sub_name else name
-            if isinstance(sub, _DropoutNd) and sub.p > 0:
-                return f"dropout {full!r} is in the frozen prefix, so its output is random in training"
-            if isinstance(sub, (_BatchNorm, _InstanceNorm)) and not getattr(sub, "track_running_stats", False):
-                return f"{full!r} normalises by batch statistics, so a sample's output depends on its batch"
-    return None
+    #: Training passes: the cache fills, serves and checks itself.
+    TRAINING = "training"
+    #: Probe passes (:meth:`PrefixCache.serving_probe`): a fully cached pass is served, nothing is stored.
+    PROBE = "probe"
+    #: The verification's replay of a training pass: its pass was set up by the verification.
+    REPLAY = "replay"
 
 
 class PrefixCache:
@@ -103,8 +93,8 @@ class PrefixCache:
     ) -> None:
         self.model = model
         self.boundary = boundary
-        self.max_bytes = max_bytes
         self.enabled = True
+        self.store = SampleStore(max_bytes, spill_dir)
         #: Counters since the cache was built: samples served from it, samples computed, verified batches.
         self.hits = 0
         self.misses = 0
@@ -114,42 +104,21 @@ class PrefixCache:
         self.extended_batches = 0
         #: Probe passes served (:meth:`serving_probe`).
         self.probe_batches = 0
-        self._probe = False
-        self._spill_dir_factory = spill_dir
-        self._spill_dir: Path | None = None
-        self._memory: dict[bytes, Tensor] = {}
-        self._memory_bytes = 0
-        self._spilled: dict[bytes, tuple[int, int]] = {}
-        self._files: list[Path] = []
-        self._mapped: dict[int, Tensor] = {}
-        self._mode: str | None = None
-        self._keys: list[bytes] = []
-        self._served: Tensor | None = None
-        self._boundary_done = False
-        self._replaying = False
-        self._rng_before: list[Tensor] | None = None
-        self._computed: Tensor | None = None
         self._hit_batches = 0
+        self._context = _Context.TRAINING
+        self._pass = ForwardPass()
+        #: The epoch in progress, epochs completed, and this epoch's samples looked up and found.
         self._epoch: int | None = None
         self._epochs_seen = 0
         self._epoch_hits = 0
         self._epoch_lookups = 0
         self._handles: list[Any] = []
         self._patched: list[nn.Module] = []
-        named = dict(model.named_modules())
         prefix = set(modules)
         # short-cut only the outermost prefix modules: their children never run
-        outermost = [name for name in modules if name != boundary and not _has_ancestor_in(name, prefix)]
-        self._below = self._adopt(below, outermost)
-        skipped_below = set() if self._below is None else set(self._below.outermost)
-        for name in outermost:
-            role = "below" if self._below is not None and name == self._below.boundary else None
-            role = role or ("skip" if name in skipped_below else None)
-            self._patch(named[name], self._prefix_forward(named[name], role))
-        self._patch(named[boundary], self._boundary_forward(named[boundary]))
-        self.outermost = outermost
-        self._handles.append(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
-        self._handles.append(model.register_forward_hook(self._after_forward, with_kwargs=True))
+        self.outermost = [name for name in modules if name != boundary and not _has_ancestor_in(name, prefix)]
+        self._below = self._adopt(below, self.outermost)
+        self._attach()
 
     # ------------------------------------------------------------------------------------------------------------
     # Life cycle
@@ -158,13 +127,18 @@ class PrefixCache:
     @property
     def memory_bytes(self) -> int:
         """Bytes of cached outputs held in memory."""
-        return self._memory_bytes
+        return self.store.memory_bytes
+
+    @property
+    def below(self) -> PrefixCache | None:
+        """The shorter prefix's cache this one still fills from (``None`` once it is closed)."""
+        return self._below
 
     def __len__(self) -> int:
-        return len(self._memory) + len(self._spilled)
+        return len(self.store)
 
     def __contains__(self, key: bytes) -> bool:
-        return key in self._memory or key in self._spilled
+        return key in self.store
 
     def start_epoch(self, epoch: int) -> None:
         """Track epochs: an epoch after the filling one in which inputs did not repeat turns the cache off."""
@@ -201,14 +175,7 @@ class PrefixCache:
         if self._below is not None:
             self._below.close()
             self._below = None
-        self._memory.clear()
-        self._spilled.clear()
-        self._mapped.clear()
-        self._memory_bytes = 0
-        if self._spill_dir is not None:
-            shutil.rmtree(self._spill_dir, ignore_errors=True)
-            self._spill_dir = None
-        self._files.clear()
+        self.store.close()
 
     @contextlib.contextmanager
     def serving_probe(self) -> Iterator[None]:
@@ -217,11 +184,11 @@ class PrefixCache:
         Nothing is stored or counted towards the training statistics; :attr:`probe_batches` counts the passes
         served. A cache that is turned off serves nothing.
         """
-        self._probe = True
+        self._context = _Context.PROBE
         try:
             yield
         finally:
-            self._probe, self._mode, self._served = False, None, None
+            self._context, self._pass = _Context.TRAINING, ForwardPass()
 
     def probe_matches(self, forward: Callable[[], Any]) -> bool | None:
         """Whether ``forward()`` (a probe pass) returns the same served from the cache as computed in full.
@@ -238,16 +205,7 @@ class PrefixCache:
             return False
         if self.probe_batches == served_before:
             return None
-        return _same_outputs(forward(), short_cut)
-
-    def _release_model(self) -> None:
-        """Take the hooks and short cuts off the model (the cached outputs stay)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for module in self._patched:
-            module.__dict__.pop("forward", None)
-        self._patched.clear()
+        return same_outputs(forward(), short_cut)
 
     def _adopt(self, below: PrefixCache | None, outermost: Sequence[str]) -> PrefixCache | None:
         """``below`` when its prefix is part of this one and its short cuts can be this one's; else closed."""
@@ -269,102 +227,99 @@ class PrefixCache:
         return below
 
     # ------------------------------------------------------------------------------------------------------------
-    # Hooks
+    # The model's hooks and short cuts
     # ------------------------------------------------------------------------------------------------------------
 
+    def _attach(self) -> None:
+        """Hook the model and patch the forward of the outermost prefix modules and of the boundary."""
+        named = dict(self.model.named_modules())
+        skipped_below = set() if self._below is None else set(self._below.outermost)
+        for name in self.outermost:
+            role = Role.OLD_BOUNDARY if self._below is not None and name == self._below.boundary else Role.OWN
+            role = Role.BELOW if role is Role.OWN and name in skipped_below else role
+            self._patch(named[name], prefix_forward(named[name].forward, role, self._current))
+        self._patch(named[self.boundary], boundary_forward(named[self.boundary].forward, self._current, self._refuse))
+        self._handles.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._after_forward, with_kwargs=True))
+
+    def _release_model(self) -> None:
+        """Take the hooks and short cuts off the model (the cached outputs stay)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in self._patched:
+            module.__dict__.pop("forward", None)
+        self._patched.clear()
+
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._boundary_done = False
-        self._computed = None
-        if self._replaying:
-            return  # the replay's mode and outputs were set by the verification
-        self._mode = None
-        if self._probe:
+        if self._context is _Context.REPLAY:  # the replay's pass was set by the verification
+            self._pass.boundary_done, self._pass.computed = False, None
+            return
+        self._pass = self._begin_pass(module, args, kwargs)
+
+    def _begin_pass(self, module: nn.Module, args: tuple, kwargs: dict) -> ForwardPass:
+        """Choose what this forward pass does with the prefix, counting it: every transition of the cache.
+
+        In a probe pass, ``HIT`` when every sample is cached, else ``OFF``. In training (the model in training mode,
+        gradients on, a batch of tensors), by the samples' keys:
+
+        * some sample not cached: ``EXTEND`` when the cache below holds them all, else ``FILL``;
+        * all cached: ``VERIFY`` for the first :data:`VERIFY_BATCHES` hit batches and one in
+          :data:`REVERIFY_EVERY` after them, else ``HIT``.
+
+        Anything else (eval mode, no gradients, no batch, cache off) is ``OFF``.
+        """
+        if self._context is _Context.PROBE:
             keys = sample_keys(args, kwargs) if self.enabled else None
-            if keys and all(key in self for key in keys):
-                self._mode, self._served = "hit", self._gather(keys)
-                self.probe_batches += 1
-            return
+            if not keys or not all(key in self.store for key in keys):
+                return ForwardPass()
+            served = self.store.gather(keys, _model_device(self.model))
+            self.probe_batches += 1
+            return ForwardPass(Pass.HIT, keys, served=served)
         if not (self.enabled and module.training and torch.is_grad_enabled()):
-            return
+            return ForwardPass()
         keys = sample_keys(args, kwargs)
         if keys is None:
-            return
-        self._keys = keys
-        cached = [key in self for key in keys]
-        hit_count = sum(cached)
+            return ForwardPass()
+        hit_count = sum(key in self.store for key in keys)
         self._epoch_lookups += len(keys)
         self._epoch_hits += hit_count
         if hit_count < len(keys):
             self.misses += len(keys) - hit_count
-            self._mode = "fill"
-            if self._below is not None and all(key in self._below for key in keys):
-                self._mode = "extend"
+            if self._below is not None and all(key in self._below.store for key in keys):
                 self.extended_batches += 1
-                self._served = self._below._gather(keys)
-            return
+                return ForwardPass(Pass.EXTEND, keys, served=self._below.store.gather(keys, _model_device(self.model)))
+            return ForwardPass(Pass.FILL, keys)
         self.hits += len(keys)
         self._hit_batches += 1
         if self.verified < VERIFY_BATCHES or self._hit_batches % REVERIFY_EVERY == 0:
-            self._mode = "verify"
-            self._rng_before = _rng_state()
-            return
-        self._mode = "hit"
+            return ForwardPass(Pass.VERIFY, keys, rng_before=rng_state())
         self.skipped_batches += 1
-        self._served = self._gather(keys)
+        return ForwardPass(Pass.HIT, keys, served=self.store.gather(keys, _model_device(self.model)))
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self._replaying:
+        if self._context is _Context.REPLAY:
             return
-        mode, self._mode = self._mode, None
-        if mode is None:
+        done, self._pass = self._pass, ForwardPass()
+        if done.kind is Pass.OFF:
             return
-        if not self._boundary_done:
+        if not done.boundary_done:
             self.disable(f"the boundary layer {self.boundary!r} did not run in the model's forward")
             return
-        if mode in ("fill", "extend"):
-            self._store(self._keys, self._computed)
-        if mode == "extend" and self._below is not None:
-            self._below.forget(self._keys)  # moved up: the two caches together hold about one budget
-        elif mode == "verify":
-            self._verify(module, args, kwargs, output)
-        self._served = self._computed = None
+        if done.kind in (Pass.FILL, Pass.EXTEND) and done.computed is not None:
+            self.store.store(done.keys, done.computed)
+        if done.kind is Pass.EXTEND and self._below is not None:
+            self._below.store.forget(done.keys)  # moved up: the two caches together hold about one budget
+        elif done.kind is Pass.VERIFY:
+            self._verify(module, args, kwargs, output, done)
 
-    def _prefix_forward(self, module: nn.Module, role: str | None) -> Callable[..., Any]:
-        """A prefix module's forward: skipped on a hit, and on an "extend" batch below the old boundary.
+    def _current(self) -> ForwardPass:
+        """The forward pass in progress (what the patched forwards read)."""
+        return self._pass
 
-        On an "extend" batch the modules below the old boundary (``role`` "skip") return their input and the old
-        boundary (``role`` "below") returns the old cache's outputs.
-        """
-        original = module.forward
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            if not self._boundary_done and self._mode is not None:
-                if self._mode == "hit" or (self._mode == "extend" and role == "skip"):
-                    return args[0] if args else next(iter(kwargs.values()), None)
-                if self._mode == "extend" and role == "below":
-                    return self._served
-            return original(*args, **kwargs)
-
-        return forward
-
-    def _boundary_forward(self, module: nn.Module) -> Callable[..., Any]:
-        original = module.forward
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            if self._mode is None or self._boundary_done:
-                return original(*args, **kwargs)
-            self._boundary_done = True
-            if self._mode == "hit":
-                return self._served
-            output = original(*args, **kwargs)
-            if not isinstance(output, Tensor) or output.ndim == 0 or output.shape[0] != len(self._keys):
-                self._mode = None
-                self.disable(f"the boundary layer {self.boundary!r} does not return one tensor row per sample")
-                return output
-            self._computed = output.detach()
-            return output
-
-        return forward
+    def _refuse(self) -> None:
+        """The boundary's output cannot be cached per sample: turn the cache off."""
+        self.disable(f"the boundary layer {self.boundary!r} does not return one tensor row per sample")
 
     def _patch(self, module: nn.Module, forward: Callable[..., Any]) -> None:
         module.forward = forward  # an instance attribute: nn.Module.__call__ finds it before the class's method
@@ -374,142 +329,30 @@ class PrefixCache:
     # Verification
     # ------------------------------------------------------------------------------------------------------------
 
-    def _verify(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _verify(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, done: ForwardPass) -> None:
         """Cached == recomputed at the boundary, and the short-cut forward gives the model's output."""
-        assert self._computed is not None
-        cached = self._gather(self._keys).to(self._computed.device)
-        if cached.shape != self._computed.shape or not _close(cached, self._computed):
-            self.disable(
-                f"a cached output of {self.boundary!r} differs from the recomputed one (the prefix is not"
-                " deterministic: dropout, random augmentation inside the model, or batch-dependent layers)"
-            )
-            return
-        replayed, error = self._replay(module, args, kwargs, cached)
-        if error is not None:
-            self.disable(
-                f"the forward pass fails when the prefix is skipped ({error}); the frozen layers are not a prefix"
-            )
-            return
-        if not _same_outputs(output, replayed):
-            self.disable(
-                "the model's output changes when the prefix is skipped: something below the boundary layer"
-                f" {self.boundary!r} reaches the layers above it (a skip connection?), so it is not a prefix"
-            )
+        assert done.computed is not None
+        cached = self.store.gather(done.keys, _model_device(self.model)).to(done.computed.device)
+        reason = verification_failure(
+            self.boundary,
+            cached,
+            done.computed,
+            output,
+            lambda: replay(module, args, kwargs, done.rng_before, lambda: self._replaying(cached)),
+        )
+        if reason is not None:
+            self.disable(reason)
             return
         self.verified += 1
 
-    def _replay(self, module: nn.Module, args: tuple, kwargs: dict, cached: Tensor) -> tuple[Any, str | None]:
-        """The same forward through the short cut: same random state, buffers (running statistics) restored."""
-        rng_after = _rng_state()
-        # the replay updates copies of the buffers: the originals (saved for backward) must not change version
-        originals = [(owner, dict(owner._buffers)) for owner in module.modules() if owner._buffers]
-        for owner, buffers in originals:
-            for name, buffer in buffers.items():
-                if buffer is not None:
-                    owner._buffers[name] = buffer.detach().clone()
-        self._replaying, self._mode, self._served = True, "hit", cached
+    @contextlib.contextmanager
+    def _replaying(self, cached: Tensor) -> Iterator[None]:
+        """Within it, the model's forward is a ``HIT`` pass serving ``cached`` (the verification's replay)."""
+        self._context, self._pass = _Context.REPLAY, ForwardPass(Pass.HIT, served=cached)
         try:
-            _set_rng_state(self._rng_before)
-            with torch.no_grad():
-                return module(*args, **kwargs), None
-        except Exception as error:  # noqa: BLE001 - any failure of the short cut means "not a prefix"
-            return None, f"{type(error).__name__}: {error}"
+            yield
         finally:
-            self._replaying, self._mode = False, None
-            _set_rng_state(rng_after)
-            for owner, buffers in originals:
-                owner._buffers.update(buffers)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Storage
-    # ------------------------------------------------------------------------------------------------------------
-
-    def _store(self, keys: list[bytes], outputs: Tensor | None) -> None:
-        if outputs is None:
-            return
-        rows = outputs.to("cpu")
-        spill = []
-        for index, key in enumerate(keys):
-            if key in self:
-                continue
-            row = rows[index].clone()
-            size = row.numel() * row.element_size()
-            if self.max_bytes is None or self._memory_bytes + size <= self.max_bytes:
-                self._memory[key] = row
-                self._memory_bytes += size
-            else:
-                spill.append((key, index))
-        if spill:
-            self._spill([key for key, _ in spill], rows[[index for _, index in spill]].clone())
-
-    def _spill(self, keys: list[bytes], rows: Tensor) -> None:
-        if self._spill_dir is None:
-            self._spill_dir = self._spill_dir_factory()
-            self._spill_dir.mkdir(parents=True, exist_ok=True)
-        file_index = len(self._files)
-        path = self._spill_dir / f"prefix_{file_index:06d}.pt"
-        torch.save(rows, path)
-        self._files.append(path)
-        for row, key in enumerate(keys):
-            self._spilled[key] = (file_index, row)
-
-    def forget(self, keys: Sequence[bytes]) -> None:
-        """Drop the outputs of ``keys`` (rows spilled to a file stay there until :meth:`close`)."""
-        for key in keys:
-            row = self._memory.pop(key, None)
-            if row is not None:
-                self._memory_bytes -= row.numel() * row.element_size()
-            self._spilled.pop(key, None)
-
-    def _gather(self, keys: list[bytes]) -> Tensor:
-        rows = []
-        for key in keys:
-            row = self._memory.get(key)
-            if row is None:
-                file_index, index = self._spilled[key]
-                if file_index not in self._mapped:
-                    self._mapped[file_index] = torch.load(self._files[file_index], mmap=True, weights_only=True)
-                row = self._mapped[file_index][index]
-            rows.append(row)
-        stacked = torch.stack(rows)
-        device = _model_device(self.model)
-        return stacked.to(device, non_blocking=True) if stacked.device != device else stacked
-
-
-def sample_keys(args: tuple, kwargs: dict) -> list[bytes] | None:
-    """One exact content key per sample of a forward call, or ``None`` when the call has no batch of tensors.
-
-    A sample's key hashes (BLAKE2b, 128 bits) the bytes, dtype and shape of its row of every tensor argument whose
-    first dimension is the batch size; the other arguments (scalars, options, tensors without a batch dimension)
-    are hashed into every key.
-    """
-    leaves = list(args) + [kwargs[name] for name in sorted(kwargs)]
-    tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor) and leaf.ndim > 0]
-    if not tensors:
-        return None
-    size = int(tensors[0].shape[0])
-    shared = hashlib.blake2b(digest_size=16)
-    rows = []
-    for position, leaf in enumerate(leaves):
-        if isinstance(leaf, Tensor) and leaf.ndim > 0 and leaf.shape[0] == size:
-            data = leaf.detach().to("cpu").contiguous()
-            shared.update(f"{position}:{data.dtype}:{tuple(data.shape[1:])};".encode())
-            rows.append(data.view(torch.uint8).reshape(size, -1).numpy() if data.numel() else None)
-        elif isinstance(leaf, Tensor):
-            data = leaf.detach().to("cpu").contiguous()
-            shared.update(f"{position}:{data.dtype}:{tuple(data.shape)}:".encode())
-            shared.update(data.view(torch.uint8).numpy().tobytes())
-        else:
-            shared.update(f"{position}:{leaf!r};".encode())
-    prefix = shared.digest()
-    keys = []
-    for index in range(size):
-        digest = hashlib.blake2b(prefix, digest_size=16)
-        for row in rows:
-            if row is not None:
-                digest.update(row[index])
-        keys.append(digest.digest())
-    return keys
+            self._context, self._pass = _Context.TRAINING, ForwardPass()
 
 
 def _has_ancestor_in(name: str, names: set[str]) -> bool:
@@ -521,38 +364,3 @@ def _model_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
     return torch.device("cpu")
-
-
-def _close(a: Tensor, b: Tensor) -> bool:
-    if not a.is_floating_point():
-        return torch.equal(a, b)
-    precise = a.dtype in (torch.float32, torch.float64)
-    scale = float(b.abs().max()) if b.numel() else 0.0
-    rtol = 1e-4 if precise else 2e-2
-    return torch.allclose(a, b, rtol=rtol, atol=rtol * max(scale, 1e-6))
-
-
-def _same_outputs(a: Any, b: Any) -> bool:
-    """Every tensor in two nested outputs (tensors, sequences, mappings) is close."""
-    if isinstance(a, Tensor) and isinstance(b, Tensor):
-        return a.shape == b.shape and _close(b.detach(), a.detach())
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same_outputs(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same_outputs(a[key], b[key]) for key in a)
-    return type(a) is type(b)
-
-
-def _rng_state() -> list[Tensor]:
-    states = [torch.get_rng_state()]
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states += torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_state(states: list[Tensor] | None) -> None:
-    if not states:
-        return
-    torch.set_rng_state(states[0])
-    if len(states) > 1:
-        torch.cuda.set_rng_state_all(states[1:])

@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_svcca.freezing.freezer import FreezePolicy, is_hard_freeze_supported, rebuild_ddp_wrapper
+from lightning_svcca.freezing.policy import FreezePolicy
+from lightning_svcca.freezing.strategies import is_hard_freeze_supported, rebuild_ddp_wrapper
 from lightning_svcca.output.reporting import LAYER_FACTS, tag
 from lightning_svcca.pipeline.config import MonitorConfig
 from lightning_svcca.pipeline.distributed import StrategyCollective
@@ -74,7 +75,7 @@ class _SVCCACallbackCore:
         every_n_train_steps: also measure every this many optimizer steps (as ``ModelCheckpoint`` names it), for
             short fine-tunes and step-based runs. Measurements are then identified by their global step: the
             history's ``step`` column, the heatmaps' columns, and a freeze policy's ``lag`` counts measurements.
-        freeze: a :class:`~lightning_svcca.freezing.freezer.FreezePolicy` to freeze converged layers, or ``None``.
+        freeze: a :class:`~lightning_svcca.freezing.policy.FreezePolicy` to freeze converged layers, or ``None``.
         probe_size: samples taken from a DataLoader (and the cap for a tensor or batch probe).
         probe_batch_size: samples per forward pass of the probe.
         probe_input: the part of a batch that is the model input (index or key; default: element 0 of a tuple).

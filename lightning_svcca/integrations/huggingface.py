@@ -29,7 +29,7 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without transformers
     raise ImportError("lightning_svcca.huggingface needs transformers: pip install transformers") from error
 
-from lightning_svcca.freezing.freezer import FreezePolicy
+from lightning_svcca.freezing.policy import FreezePolicy
 from lightning_svcca.output.writers import TensorBoardWriter
 from lightning_svcca.pipeline.config import MonitorConfig
 from lightning_svcca.pipeline.distributed import ProcessGroupCollective, broadcast_object

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lightning_svcca.freezing.freezer import FreezePolicy
+from lightning_svcca.freezing.policy import FreezePolicy
 from lightning_svcca.measures.similarity import _check_keep
 from lightning_svcca.pipeline.activations import REDUCTIONS
 from lightning_svcca.pipeline.moments import CROSS_LAYER_MOMENTS

@@ -28,8 +28,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_svcca.freezing.freezer import FreezeDecision, Freezer, freeze_blocks
+from lightning_svcca.freezing.blocks import freeze_blocks
+from lightning_svcca.freezing.freezer import Freezer
 from lightning_svcca.freezing.frozen_prefix import FrozenPrefix
+from lightning_svcca.freezing.policy import FreezeDecision
 from lightning_svcca.measures.similarity import SimilarityWarning
 from lightning_svcca.output.history import pack_history, unpack_history
 from lightning_svcca.output.reporting import HISTORY_FILE, layer_map_image, write_history_csv

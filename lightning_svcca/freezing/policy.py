@@ -1,0 +1,201 @@
+"""When to freeze a monitored layer: :class:`FreezePolicy`, its decision rule and its presets.
+
+The policy decides from the measured history which layers freeze now (:meth:`FreezePolicy.decide`, testable without
+a Trainer): by convergence of each layer's similarity to its own earlier snapshot, by the SVCCA paper's linear
+schedule, or at explicit epochs; the order (bottom-up) and the bounds (``keep_last``, ``max_frozen``) are applied
+last. What a freeze covers is :func:`~lightning_svcca.freezing.blocks.freeze_blocks`'s business, applying it the
+:class:`~lightning_svcca.freezing.freezer.Freezer`'s.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["FreezeDecision", "FreezeMode", "FreezeOrder", "FreezePolicy"]
+
+FreezeMode = Literal["convergence", "linear", "schedule"]
+FreezeOrder = Literal["bottom_up", "any"]
+_MODES = ("convergence", "linear", "schedule")
+_ORDERS = ("bottom_up", "any")
+_CONVERGENCE_METRICS = ("svcca", "pwcca", "linear_cka", "cca")
+
+
+@dataclass
+class FreezePolicy:
+    """When to freeze a monitored layer.
+
+    Args:
+        mode: ``"convergence"``: when the layer's similarity to its own snapshot ``lag`` epochs earlier has
+            stayed at or above ``threshold`` for ``patience`` consecutive measurements, from ``min_epochs`` on.
+            ``"linear"``: the SVCCA paper's schedule, layer ``i`` of ``L`` (bottom-up) at epoch
+            ``ceil(i / L * max_epochs)``. ``"schedule"``: the epochs given in ``schedule``.
+        metric: similarity that decides convergence: ``"svcca"``, ``"pwcca"``, ``"linear_cka"`` or ``"cca"``.
+        threshold: similarity at or above which a measurement counts as converged.
+        lag: epochs between the two snapshots compared (a multiple of the callback's ``every_n_epochs``).
+            Training from scratch, comparing consecutive epochs declares convergence far too early: weights move
+            slowly at a small learning rate even while far from their final values. Fine-tuning a pretrained
+            model for a few epochs, consecutive epochs with ``patience=2`` do (:meth:`for_fine_tuning`).
+        patience: consecutive converged measurements needed.
+        min_epochs: no freezing before this many completed epochs.
+        order: ``"bottom_up"`` (a layer freezes only once every layer below it, in forward order, is frozen)
+            or ``"any"``.
+        keep_last: never freeze the last ``keep_last`` monitored layers.
+        max_frozen: at most this many layers frozen (``None``: no bound beyond ``keep_last``).
+        schedule: ``{layer: epoch}`` for ``mode="schedule"``: the layer freezes once ``epoch`` epochs are done.
+        noise_aware: judge convergence on ``(value - baseline) / (1 - baseline)``, with ``baseline`` the same
+            measure on the probe with its datapoint pairing shuffled, so CCA's small-probe bias (high values for
+            unrelated data when directions are many and datapoints few) cannot pass for convergence.
+        cache_outputs: once the frozen layers form a prefix of the forward pass (the lowest monitored layers),
+            compute each training sample's prefix output once and skip the prefix's forward pass afterwards
+            (:mod:`lightning_svcca.freezing.prefix_cache`). Samples are keyed by their exact input bytes; the cache
+            checks itself on a sample of batches and turns itself off with a warning where it would change training
+            (dropout or batch statistics in the prefix, random augmentation, a prefix that is not a prefix).
+            Measurements then reuse the frozen prefix's snapshots, and skip the prefix for a probe drawn from the
+            training data (:mod:`lightning_svcca.freezing.frozen_prefix`).
+        cache_max_bytes: host memory for cached outputs (``None``: unbounded); beyond it they are written to
+            files in the run directory, deleted when the fit ends.
+    """
+
+    mode: FreezeMode = "convergence"
+    metric: str = "svcca"
+    threshold: float = 0.99
+    lag: int = 5
+    patience: int = 1
+    min_epochs: int = 0
+    order: FreezeOrder = "bottom_up"
+    keep_last: int = 1
+    max_frozen: int | None = None
+    schedule: dict[str, int] | None = None
+    noise_aware: bool = False
+    cache_outputs: bool = False
+    cache_max_bytes: int | None = 2**30
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise ValueError(f"FreezePolicy.mode must be one of {_MODES}, got {self.mode!r}")
+        if self.metric not in _CONVERGENCE_METRICS:
+            raise ValueError(f"FreezePolicy.metric must be one of {_CONVERGENCE_METRICS}, got {self.metric!r}")
+        if self.order not in _ORDERS:
+            raise ValueError(f"FreezePolicy.order must be one of {_ORDERS}, got {self.order!r}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"FreezePolicy.threshold must be in (0, 1], got {self.threshold}")
+        for name in ("lag", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"FreezePolicy.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("min_epochs", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"FreezePolicy.{name} must be >= 0, got {getattr(self, name)}")
+        if self.cache_max_bytes is not None and self.cache_max_bytes < 0:
+            raise ValueError(f"FreezePolicy.cache_max_bytes must be >= 0 or None, got {self.cache_max_bytes}")
+        if self.max_frozen is not None and self.max_frozen < 0:
+            raise ValueError(f"FreezePolicy.max_frozen must be >= 0 or None, got {self.max_frozen}")
+        if self.mode == "schedule" and not self.schedule:
+            raise ValueError("FreezePolicy(mode='schedule') needs schedule={layer: epoch, ...}")
+        if self.mode != "schedule" and self.schedule:
+            raise ValueError(f"FreezePolicy.schedule is only used with mode='schedule', not mode={self.mode!r}")
+
+    @classmethod
+    def for_fine_tuning(cls, **overrides: Any) -> FreezePolicy:
+        """The convergence policy for fine-tuning a pretrained model for a few epochs, with the prefix cache.
+
+        A pretrained layer settles within a few epochs of fine-tuning, so convergence compares consecutive
+        epochs (``lag=1``), and two converged measurements in a row (``patience=2``) guard against a single quiet
+        epoch. The top two monitored layers (``keep_last=2``: typically the last block and the new head) keep
+        training: they carry the new task, and freezing them costs accuracy for little compute. Measured in
+        ``benchmarks/freeze_wallclock.py``, workload (b): see ``docs/freezing.md``.
+
+        Args:
+            **overrides: any other :class:`FreezePolicy` field, or one of these to change.
+        """
+        settings: dict[str, Any] = {"lag": 1, "patience": 2, "keep_last": 2, "cache_outputs": True}
+        return cls(**{**settings, **overrides})
+
+    def freeze_epochs(self, layers: Sequence[str], max_epochs: int | None) -> dict[str, int]:
+        """Planned freeze epoch of each layer for the ``linear`` and ``schedule`` modes."""
+        if self.mode == "schedule":
+            return dict(self.schedule or {})
+        if self.mode == "linear":
+            if not max_epochs or max_epochs < 0:
+                raise ValueError("FreezePolicy(mode='linear') needs the Trainer's max_epochs to place its schedule")
+            count = len(layers)
+            return {layer: math.ceil((i + 1) / count * max_epochs) for i, layer in enumerate(layers)}
+        return {}
+
+    def decide(
+        self,
+        epoch: int,
+        layers: Sequence[str],
+        frozen: Mapping[str, int],
+        streaks: dict[str, int],
+        similarities: Mapping[str, float],
+        baselines: Mapping[str, float] | None = None,
+        max_epochs: int | None = None,
+        compared_with: str | None = None,
+    ) -> list[FreezeDecision]:
+        """Layers to freeze now, bottom-up, with the reason for each; updates ``streaks`` in place.
+
+        Args:
+            epoch: completed epochs.
+            layers: monitored layers in forward (bottom-up) order.
+            frozen: already frozen layers -> epoch.
+            streaks: consecutive converged measurements per layer (the policy's counters; checkpointed).
+            similarities: this measurement's similarity of each layer to its snapshot ``lag`` epochs earlier.
+            baselines: the shuffled-pairing baseline of each layer (for ``noise_aware``).
+            max_epochs: the Trainer's ``max_epochs`` (for ``linear``).
+            compared_with: how a reason names the snapshot compared with (default ``"epoch <epoch - lag>"``; when
+                measuring every k steps, the lag counts measurements).
+        """
+        ready: dict[str, str] = {}
+        if self.mode == "convergence":
+            for layer in layers:
+                if layer in frozen or layer not in similarities:
+                    continue
+                value = similarities[layer]
+                earlier = compared_with or f"epoch {epoch - self.lag}"
+                judged, note = value, f"{self.metric} to {earlier} = {value:.4f}"
+                if self.noise_aware and baselines and layer in baselines and baselines[layer] < 1.0:
+                    judged = (value - baselines[layer]) / (1.0 - baselines[layer])
+                    note += f", {judged:.4f} above the shuffled baseline {baselines[layer]:.4f}"
+                streaks[layer] = streaks.get(layer, 0) + 1 if judged >= self.threshold else 0
+                if streaks[layer] >= self.patience and epoch >= self.min_epochs:
+                    ready[layer] = f"{note} >= {self.threshold} for {streaks[layer]} measurement(s)"
+        else:
+            planned = self.freeze_epochs(layers, max_epochs)
+            for layer in layers:
+                if layer not in frozen and layer in planned and epoch >= planned[layer] and epoch >= self.min_epochs:
+                    ready[layer] = f"scheduled for epoch {planned[layer]}" + (
+                        " by the linear schedule" if self.mode == "linear" else ""
+                    )
+        return self._admissible(layers, frozen, ready)
+
+    def _admissible(
+        self, layers: Sequence[str], frozen: Mapping[str, int], ready: Mapping[str, str]
+    ) -> list[FreezeDecision]:
+        """Apply the order and the bounds to the layers that are ready."""
+        limit = len(layers) - self.keep_last
+        if self.max_frozen is not None:
+            limit = min(limit, self.max_frozen)
+        count = sum(1 for layer in layers if layer in frozen)
+        decisions = []
+        for index, layer in enumerate(layers):
+            if layer in frozen:
+                continue
+            if index >= len(layers) - self.keep_last or count >= limit:
+                break
+            if layer in ready:
+                decisions.append(FreezeDecision(layer, ready[layer]))
+                count += 1
+            elif self.order == "bottom_up":
+                break
+        return decisions
+
+
+@dataclass(frozen=True)
+class FreezeDecision:
+    """A layer to freeze and why."""
+
+    layer: str
+    reason: str

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 #: Recommended constants of the scale-free rule (chosen in FREEZE_RULE.md from these replays).
-LAG_FRACTION = 0.5
-THRESHOLD = 0.1
-PATIENCE = 2
+LAG_FRACTION = 0.25
+THRESHOLD = 0.5
+PATIENCE = 1
 #: Below this total movement ``1 - s(t, 0)`` a layer has not moved at all (nothing of its own trains).
 UNMOVED = 1e-9
 
@@ -53,6 +53,17 @@ def value_at(rows: Rows, epoch: int, layer: str, reference: str, metric: str = "
         ):
             return float(row["value"])
     return None
+
+
+def normalised_movement(rows: Rows, layer: str, epoch: int, fraction: float = LAG_FRACTION) -> float | None:
+    """``rho = r * (t / lag)**2``: :func:`movement_ratio` against its value for a layer moving at a steady speed.
+
+    ``1 - SVCCA`` grows as the square of a small displacement, so a layer moving at a constant speed has
+    ``r = (lag / t)**2``: ``rho`` is 1 for steady movement, near 0 for a layer that has stopped, and does not
+    jump with the rounding of ``lag`` from one measurement to the next.
+    """
+    ratio = movement_ratio(rows, layer, epoch, fraction)
+    return None if ratio is None else ratio * (epoch / lag_for(epoch, fraction)) ** 2
 
 
 def movement_ratio(rows: Rows, layer: str, epoch: int, fraction: float = LAG_FRACTION) -> float | None:
@@ -84,9 +95,10 @@ def decide_scale_free(
 ) -> list[str]:
     """Layers to freeze after ``epoch`` under the scale-free convergence rule, bottom-up.
 
-    A layer is converged at a measurement ``t`` when ``r(t) = (1 - s(t, t - lag)) / (1 - s(t, 0)) < threshold``
-    with ``lag = max(1, round(fraction * t))`` (:func:`movement_ratio`), and it is ready when that held at its
-    last ``patience`` measurements. Ready layers freeze as a prefix: a layer freezes only when every layer below
+    A layer is converged at a measurement ``t`` when ``rho(t) = (1 - s(t, t - lag)) / (1 - s(t, 0)) * (t / lag)**2``
+    is below ``threshold``, with ``lag = max(1, round(fraction * t))`` (:func:`normalised_movement`: 1 for a
+    layer moving at a steady speed, 0 for one that has stopped), and it is ready when that held at its last
+    ``patience`` measurements. Ready layers freeze as a prefix: a layer freezes only when every layer below
     it is frozen or freezes now; the top ``keep_last`` layers never freeze.
 
     Args:
@@ -96,7 +108,7 @@ def decide_scale_free(
         epoch: the measurement just taken (completed epochs).
         frozen: layers already frozen -> epoch.
         fraction: the lag as a fraction of the elapsed run.
-        threshold: ``r`` below this counts as converged.
+        threshold: ``rho`` below this counts as converged.
         patience: consecutive converged measurements needed.
         keep_last: top layers never frozen.
 
@@ -112,7 +124,7 @@ def decide_scale_free(
             continue
         if index >= len(layers) - keep_last or len(recent) < patience:
             break
-        ratios = [movement_ratio(history_rows, layer, t, fraction) for t in recent]
+        ratios = [normalised_movement(history_rows, layer, t, fraction) for t in recent]
         if not all(r is not None and r < threshold for r in ratios):
             break
         decisions.append(layer)
@@ -151,14 +163,31 @@ def candidates() -> dict[str, Rule]:
         "noise-aware defaults": _threshold_rule(lambda t: "lag5", 0.99, 1, noise=True),
         "preset (lag 1, 0.99, p2)": _threshold_rule(lambda t: "previous", 0.99, 2, noise=False),
     }
+    for threshold in (0.05, 0.1):  # the unnormalised ratio r (lag 1 until t = 5: about a 1/t**2 time trigger)
+        rules[f"raw r f=0.25 th={threshold} p=1"] = lambda rows, layers, epoch, frozen, th=threshold: _raw(
+            rows, layers, epoch, frozen, th
+        )
     for fraction in (0.25, 0.5):
-        for threshold in (0.05, 0.1, 0.2):
+        for threshold in (0.25, 0.5, 0.6):
             for patience in (1, 2):
                 name = f"scale-free f={fraction} th={threshold} p={patience}"
                 rules[name] = lambda rows, layers, epoch, frozen, f=fraction, th=threshold, p=patience: (
                     decide_scale_free(rows, layers, epoch, frozen, fraction=f, threshold=th, patience=p)
                 )
     return rules
+
+
+def _raw(rows: Rows, layers: Sequence[str], epoch: int, frozen: Mapping[str, int], threshold: float) -> list[str]:
+    """Bottom-up prefix of the layers whose unnormalised ``r`` (lag 0.25 t) is below ``threshold``."""
+    decisions = []
+    for layer in layers[:-1]:
+        if layer in frozen:
+            continue
+        ratio = movement_ratio(rows, layer, epoch, 0.25)
+        if ratio is None or ratio >= threshold:
+            break
+        decisions.append(layer)
+    return decisions
 
 
 def replay(history: Mapping[str, Any], rule: Rule) -> dict[str, int]:
@@ -179,10 +208,12 @@ def plateau_epoch(history: Mapping[str, Any], tolerance: float = 0.003) -> int:
 
 
 def ratio_table(history: Mapping[str, Any], fraction: float = LAG_FRACTION) -> str:
-    """Per layer and epoch, ``r`` of the scale-free rule (the data that chose its threshold)."""
-    lines = [f"  r = (1 - s(t, t-lag)) / (1 - s(t, 0)), lag = {fraction} t; epochs 1..{history['epochs']}"]
+    """Per layer and epoch, ``rho`` of the scale-free rule (the data that chose its threshold)."""
+    lines = [
+        f"  rho = (1 - s(t, t-lag)) / (1 - s(t, 0)) * (t/lag)^2, lag = {fraction} t; epochs 1..{history['epochs']}"
+    ]
     for layer in history["layers"]:
-        values = [movement_ratio(history["rows"], layer, t, fraction) for t in range(1, history["epochs"] + 1)]
+        values = [normalised_movement(history["rows"], layer, t, fraction) for t in range(1, history["epochs"] + 1)]
         text = " ".join("  -  " if v is None else f"{v:5.3f}" for v in values)
         total = value_at(history["rows"], history["epochs"], layer, "initial")
         moved = 1 - total if total is not None else math.nan

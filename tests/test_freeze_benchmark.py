@@ -1,0 +1,74 @@
+"""The freeze benchmark's quick mode runs every variant; the scale-free rule's reference implementation decides."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(layer: str, totals: list[float], recents: dict[int, float]) -> list[dict]:
+    """History rows of one layer: ``initial`` per epoch, and the lag rows the rule reads (lag = round(t / 4))."""
+    rows = []
+    for epoch, total in enumerate(totals, start=1):
+        lag = max(1, int(0.25 * epoch + 0.5))
+        rows.append({"epoch": epoch, "step": None, "layer": layer, "reference": "initial", "metric": "svcca",
+                     "value": total})  # fmt: skip
+        reference = "previous" if lag == 1 else f"lag{lag}"
+        rows.append({"epoch": epoch, "step": None, "layer": layer, "reference": reference, "metric": "svcca",
+                     "value": recents.get(epoch, total)})  # fmt: skip
+    return rows
+
+
+def test_scale_free_rule_freezes_a_settled_layer_bottom_up_and_not_a_moving_one():
+    replay = _load("freeze_rule_replay")
+    # "low" moved 0.1 in total and only 0.001 over the last quarter of the run at epochs 3 and 4: r = 0.01
+    low = _rows("low", [0.95, 0.92, 0.9, 0.9], {3: 0.999, 4: 0.999})
+    # "mid" moves as much recently as in total (r = 1), "top" is kept anyway
+    mid = _rows("mid", [0.95, 0.92, 0.9, 0.9], {})
+    rows = low + mid + _rows("top", [0.9] * 4, {3: 0.9999, 4: 0.9999})
+    layers = ["low", "mid", "top"]
+    assert replay.decide_scale_free(rows, layers, 2) == []  # epoch 2: still moving
+    assert replay.decide_scale_free(rows, layers, 4) == ["low"]
+    assert replay.decide_scale_free(rows, layers, 4, {"low": 4}) == []
+
+
+def test_scale_free_rule_is_scale_free_and_passes_layers_that_never_moved():
+    replay = _load("freeze_rule_replay")
+    # adapters: a total movement of 2e-6 of which 2e-8 recently is as converged as 0.2 of which 0.002
+    tiny = _rows("adapter", [1 - 1e-6, 1 - 2e-6, 1 - 2e-6, 1 - 2e-6], {3: 1 - 2e-8, 4: 1 - 2e-8})
+    unmoved = _rows("embeddings", [1.0] * 4, {})
+    rows = unmoved + tiny + _rows("head", [0.5] * 4, {})
+    assert replay.decide_scale_free(rows, ["embeddings", "adapter", "head"], 4) == ["embeddings", "adapter"]
+    moving = _rows("adapter", [1 - 1e-6, 1 - 2e-6, 1 - 3e-6, 1 - 4e-6], {})
+    assert replay.decide_scale_free(unmoved + moving, ["embeddings", "adapter", "head"], 4) == ["embeddings"]
+
+
+@pytest.mark.slow
+def test_quick_mode_runs_every_variant(tmp_path, capsys):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        module = _load("freeze_benchmark")
+        results = module.main(["--quick", "--workloads", "b", "d", "--threads", "1", "--root", str(tmp_path)])
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert set(results) == {"b", "d"}
+    for variants in results.values():
+        assert set(variants) == set(module.variants())
+        assert all(len(runs) == 1 and runs[0].points for runs in variants.values())
+    # the linear schedule freezes every layer but the head by the last epoch
+    assert len(results["b"]["linear schedule"][0].frozen) == 4
+    table = capsys.readouterr().out
+    assert "(b) from scratch, fixed inputs" in table and "(d) LoRA" in table and "time to acc" in table

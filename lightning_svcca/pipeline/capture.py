@@ -19,17 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from lightning_svcca.measures.similarity import DATAPOINTS_PER_DIRECTION
-from lightning_svcca.pipeline.activations import (
-    ActivationRecorder,
-    LayerSpec,
-    Layout,
-    OutputSelectionError,
-    layer_seed,
-    probe_share,
-    reduce_output,
-)
 from lightning_svcca.pipeline.distributed import buffers_from_rank_zero, shard
+from lightning_svcca.pipeline.layers import LayerSpec
 from lightning_svcca.pipeline.probe import ForwardFn, Probe, batch_size, describe_batch, run_probe
+from lightning_svcca.pipeline.recording import ActivationRecorder
+from lightning_svcca.pipeline.reduction import Layout, OutputSelectionError, layer_seed, probe_share, reduce_output
 from lightning_svcca.pipeline.snapshots import Collective, Snapshot, build_snapshot
 
 __all__ = ["Capture", "CaptureOptions"]

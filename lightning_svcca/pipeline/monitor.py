@@ -34,10 +34,10 @@ from lightning_svcca.measures.similarity import SimilarityWarning
 from lightning_svcca.output.history import pack_history, unpack_history
 from lightning_svcca.output.reporting import HISTORY_FILE, layer_map_image, write_history_csv
 from lightning_svcca.output.writers import Reporter, as_writers
-from lightning_svcca.pipeline.activations import LayerSpec, format_layers, resolve_layers
 from lightning_svcca.pipeline.capture import Capture, CaptureOptions
 from lightning_svcca.pipeline.comparisons import Comparisons, row, values_of
 from lightning_svcca.pipeline.config import MonitorConfig
+from lightning_svcca.pipeline.layers import LayerSpec, format_layers, resolve_layers
 from lightning_svcca.pipeline.moments import CrossLayerMoments
 from lightning_svcca.pipeline.probe import Probe, build_probe, check_not_meta
 from lightning_svcca.pipeline.references import check_reference_layers, device_of, reference_model

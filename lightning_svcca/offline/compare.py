@@ -103,7 +103,8 @@ def compare_models(
         A :class:`ModelComparison`; ``print(result)`` shows both tables.
 
     Raises:
-        ValueError: unknown metrics or layers, a layer missing from ``model_b``, or no layer ran.
+        ValueError: unknown metrics or layers, a layer missing from ``model_b``, no layer ran, or a forward pass
+            failed (a probe that does not fit a model).
     """
     metrics = list(metrics)
     if not metrics:
@@ -134,24 +135,45 @@ def compare_models(
     names = [name for name in recorders[0].order if all(name in r.activations for r in recorders)]
     if not names:
         raise ValueError("none of the layers ran in both models' forward pass; check layers and forward_fn")
-    snapshots = [
-        {name: capture.compress(r.activations[name], r.input_eps[name], name) for name in names} for r in recorders
-    ]
-    jobs = [(metric, pair_for(metric, snapshots[0][name], snapshots[1][name])) for name in names for metric in metrics]
-    values = iter(evaluate(jobs, LocalCollective(), device=torch.device("cpu"), dtype=dtype))
-    table = [{"layer": name, **{metric: next(values) for metric in metrics}} for name in names]
-    # one datapoint per sample (the mean over all positions), so that layers of different spatial sizes compare
-    one_row_each = all(r.activations[name].shape[0] == probe.size for r in recorders for name in names)
-    pooled = [
-        {name: capture.compress(_per_sample(r, name, one_row_each), r.input_eps[name], name) for name in names}
-        for r in recorders
-    ]
-    return ModelComparison(table, cross_layer_similarity(pooled[0], pooled[1], cross_layer_metric))
+    table = _layer_table(capture, recorders, names, metrics, dtype)
+    return ModelComparison(table, _cross_layer_map(capture, recorders, names, probe.size, cross_layer_metric))
 
 
 def _loader_size(probe: Any) -> int | None:
     """The number of samples of a DataLoader probe (all of them are used), or ``None`` for other probes."""
     return len(probe.dataset) if isinstance(probe, DataLoader) else None  # type: ignore[arg-type]
+
+
+def _layer_table(
+    capture: Capture,
+    recorders: Sequence[ActivationRecorder],
+    names: Sequence[str],
+    metrics: Sequence[str],
+    dtype: torch.dtype,
+) -> list[dict[str, Any]]:
+    """Each layer of model A against its counterpart in model B, per metric, from their snapshots."""
+    snapshots = [
+        {name: capture.compress(r.activations[name], r.input_eps[name], name) for name in names} for r in recorders
+    ]
+    jobs = [(metric, pair_for(metric, snapshots[0][name], snapshots[1][name])) for name in names for metric in metrics]
+    values = iter(evaluate(jobs, LocalCollective(), device=torch.device("cpu"), dtype=dtype))
+    return [{"layer": name, **{metric: next(values) for metric in metrics}} for name in names]
+
+
+def _cross_layer_map(
+    capture: Capture, recorders: Sequence[ActivationRecorder], names: Sequence[str], samples: int, metric: str
+) -> LayerMap:
+    """Every layer of model A against every layer of model B, on one datapoint per sample.
+
+    Layers of different spatial sizes compare only so: where any layer has other than one row per sample, every
+    layer's rows are its means over each sample's positions or valid frames.
+    """
+    one_row_each = all(r.activations[name].shape[0] == samples for r in recorders for name in names)
+    pooled = [
+        {name: capture.compress(_per_sample(r, name, one_row_each), r.input_eps[name], name) for name in names}
+        for r in recorders
+    ]
+    return cross_layer_similarity(pooled[0], pooled[1], metric)
 
 
 def _per_sample(recorder: ActivationRecorder, name: str, one_row_each: bool) -> Tensor:

@@ -25,13 +25,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from lightning_svcca import SVCCACallback
-from lightning_svcca.output.reporting import HISTORY_FILE, convergence_epochs, history_matrix
+from lightning_svcca.output.reporting import HISTORY_FILE, convergence_epochs, evenly_spaced, history_matrix
 
 from common import HelpFormatter, add_run_arguments, run_example
 from digits import DigitsCNN, accuracy, load_data
@@ -46,9 +45,7 @@ def shown_epochs(epochs: list[int], columns: int = 10) -> list[int]:
     """At most ``columns`` of the measured epochs: every early one (where things change), then evenly spaced."""
     if len(epochs) <= columns:
         return list(epochs)
-    head = epochs[: columns - 3]
-    tail = np.linspace(head[-1], epochs[-1], 4)[1:]
-    return head + [min(epochs, key=lambda e, t=t: abs(e - t)) for t in tail]
+    return epochs[: columns - 3] + evenly_spaced(epochs[columns - 4 :], 4)[1:]
 
 
 def format_table(history: list[dict[str, Any]], layers: list[str], convergence: dict[str, dict]) -> str:

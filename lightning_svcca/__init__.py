@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lightning_svcca.freezing.policy import FreezePolicy
     from lightning_svcca.integrations.callback import SVCCACallback
+    from lightning_svcca.measures.crosslayer import cross_layer_similarity
     from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
     from lightning_svcca.measures.similarity import (
         CCAResult,
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
         svcca,
         svcca_details,
     )
-    from lightning_svcca.offline.compare import compare_models, cross_layer_similarity
+    from lightning_svcca.offline.compare import compare_models
     from lightning_svcca.output.writers import TensorBoardWriter
     from lightning_svcca.pipeline.monitor import Runtime, SVCCAMonitor, SVCCAMonitorWarning
 
@@ -51,7 +52,7 @@ _MODULES = {
     "SVCCAMonitorWarning": "pipeline.monitor",
     "TensorBoardWriter": "output.writers",
     "compare_models": "offline.compare",
-    "cross_layer_similarity": "offline.compare",
+    "cross_layer_similarity": "measures.crosslayer",
     "cca_heldout": "measures.heldout",
     "svcca_heldout": "measures.heldout",
     "pwcca_heldout": "measures.heldout",

@@ -1,4 +1,5 @@
-"""Tests of lightning_svcca.pipeline.activations: layer names, forward hooks, output selection and reductions."""
+"""Tests of the activations stage (pipeline.layers, recording, reduction): layer names, forward hooks, output
+selection and reductions."""
 
 from __future__ import annotations
 
@@ -9,15 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_svcca.pipeline.activations import (
-    ActivationRecorder,
-    LayerSpec,
-    LayoutWarning,
-    default_layers,
-    format_layers,
-    reduce_output,
-    resolve_layers,
-)
+from lightning_svcca.pipeline.layers import LayerSpec, default_layers, format_layers, resolve_layers
+from lightning_svcca.pipeline.recording import ActivationRecorder, LayoutWarning
+from lightning_svcca.pipeline.reduction import reduce_output
 
 CPU = torch.device("cpu")
 

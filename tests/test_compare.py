@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from lightning_svcca.cli.main import main
+from lightning_svcca.measures.crosslayer import LayerMap, cross_layer_similarity, pool_by_sample
 from lightning_svcca.measures.similarity import cca, linear_cka, procrustes, svcca
-from lightning_svcca.offline.compare import LayerMap, compare_models, cross_layer_similarity, pool_by_sample
+from lightning_svcca.offline.compare import compare_models
 from lightning_svcca.pipeline.snapshots import LocalCollective, build_snapshot, snapshot_needs
 
 pytestmark = pytest.mark.filterwarnings("ignore::lightning_svcca.measures.similarity.TooFewDatapointsWarning")

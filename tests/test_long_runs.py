@@ -284,12 +284,13 @@ def test_checkpoint_state_does_not_grow_with_snapshots(tmp_path, data):
 
 
 def test_live_final_heatmap_compares_a_bounded_number_of_epochs():
-    from lightning_svcca.pipeline.monitor import LIVE_FINAL_COLUMNS, thinned
+    from lightning_svcca.output.reporting import evenly_spaced
+    from lightning_svcca.pipeline.monitor import LIVE_FINAL_COLUMNS
 
     epochs = list(range(500))
-    shown = thinned(epochs, LIVE_FINAL_COLUMNS)
+    shown = evenly_spaced(epochs, LIVE_FINAL_COLUMNS)
     assert len(shown) == LIVE_FINAL_COLUMNS and shown[0] == 0 and shown[-1] == 499
-    assert thinned(epochs[:10], LIVE_FINAL_COLUMNS) == epochs[:10]
+    assert evenly_spaced(epochs[:10], LIVE_FINAL_COLUMNS) == epochs[:10]
 
 
 def test_history_packs_bit_for_bit_and_small():

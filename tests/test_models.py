@@ -12,8 +12,9 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_svcca.pipeline.activations import ActivationRecorder, default_layers, format_layers, resolve_layers
+from lightning_svcca.pipeline.layers import default_layers, format_layers, resolve_layers
 from lightning_svcca.pipeline.probe import batch_size, build_probe, probe_indices, run_probe
+from lightning_svcca.pipeline.recording import ActivationRecorder
 
 transformers = pytest.importorskip("transformers")
 

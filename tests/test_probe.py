@@ -9,8 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from lightning_svcca.pipeline.activations import ActivationRecorder, LayerSpec
+from lightning_svcca.pipeline.layers import LayerSpec
 from lightning_svcca.pipeline.probe import Probe, batch_size, build_probe, probe_indices, run_probe
+from lightning_svcca.pipeline.recording import ActivationRecorder
 
 CPU = torch.device("cpu")
 

@@ -15,13 +15,13 @@ from lightning_svcca.output.reporting import (
     MAX_COLUMNS,
     HeatmapFigure,
     convergence_epochs,
+    evenly_spaced,
     heatmap_image,
     heatmap_style,
     history_matrix,
     read_history_csv,
     similarity_position,
     tag,
-    thinned_columns,
     write_history_csv,
 )
 from lightning_svcca.output.writers import Reporter
@@ -259,10 +259,10 @@ def test_heatmap_size_does_not_depend_on_the_epochs():
 
 
 def test_heatmap_thins_long_runs_to_evenly_spaced_epochs():
-    columns = thinned_columns(1000)
+    columns = evenly_spaced(range(1000), MAX_COLUMNS)
     assert len(columns) == MAX_COLUMNS and columns[0] == 0 and columns[-1] == 999
     assert np.all(np.diff(columns) >= 9) and np.all(np.diff(columns) <= 11)
-    np.testing.assert_array_equal(thinned_columns(7), range(7))
+    assert evenly_spaced(range(7), MAX_COLUMNS) == list(range(7))
     figure = HeatmapFigure(title="t", label="svcca")
     epochs = list(range(0, 1000, 4))
     figure.render(["a"], epochs, np.linspace(0, 1, len(epochs))[None, :])

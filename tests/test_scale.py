@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from lightning_svcca import SVCCACallback, SVCCAMonitor
-from lightning_svcca.pipeline.activations import ActivationRecorder, LayerSpec, probe_share
+from lightning_svcca.pipeline.layers import LayerSpec
 from lightning_svcca.pipeline.probe import build_probe, run_probe
+from lightning_svcca.pipeline.recording import ActivationRecorder
+from lightning_svcca.pipeline.reduction import probe_share
 
 from digits_models import DigitsCNN, digits_tensors
 

@@ -33,6 +33,7 @@ from lightning_svcca.output.reporting import (
     history_matrix,
     read_history_csv,
 )
+from lightning_svcca.output.table import format_table
 
 __all__ = ["main"]
 
@@ -262,7 +263,7 @@ def _summary(history: list[dict[str, Any]], args: argparse.Namespace, path: Path
             for layer, last in zip(layers, lasts, strict=True)
         ]
         print(f"{metric} to {reference} (layers bottom-up; '>=t from': first epoch from which it stays >= t)")
-    print(_format(header, rows))
+    print(format_table(header, rows))
     return 0
 
 
@@ -271,7 +272,7 @@ def _table(history: list[dict[str, Any]], args: argparse.Namespace, path: Path, 
     number = _number if reference in LAYER_FACTS else (lambda v: "" if math.isnan(v) else f"{v:.3f}")
     rows = [[layer, *(number(v) for v in row)] for layer, row in zip(layers, matrix, strict=True)]
     print(heatmap_style(metric, reference)["title"])
-    print(_format(["layer \\ epoch", *map(str, epochs)], rows))
+    print(format_table(["layer \\ epoch", *map(str, epochs)], rows))
     return 0
 
 
@@ -306,15 +307,6 @@ def _min(row: Any) -> float:
 def _max(row: Any) -> float:
     finite = [v for v in row if not math.isnan(v)]
     return max(finite) if finite else math.nan
-
-
-def _format(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
-    lines = [
-        "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)) for line in [header, *rows]
-    ]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(line.rstrip() for line in lines)
 
 
 if __name__ == "__main__":

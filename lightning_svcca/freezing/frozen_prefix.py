@@ -23,8 +23,8 @@ from torch import nn
 
 from lightning_svcca.freezing.freezer import Freezer
 from lightning_svcca.freezing.prefix_cache import PrefixCache
-from lightning_svcca.pipeline.activations import ActivationRecorder
 from lightning_svcca.pipeline.capture import Capture, WarnFn
+from lightning_svcca.pipeline.recording import ActivationRecorder
 from lightning_svcca.pipeline.snapshots import Collective, Snapshot, SnapshotStore
 
 __all__ = ["FrozenPrefix"]

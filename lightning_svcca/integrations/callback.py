@@ -59,7 +59,7 @@ class _SVCCACallbackCore:
             covered). ``None``: such a subset of the validation dataloader, else of the training one. Fixed for the
             whole run, the same on every process and after resuming.
         layers: module names from ``model.named_modules()``, or ``{name: {"output": ..., "reduction": ...,
-            "layout": ...}}`` for per-layer options (see :class:`~lightning_svcca.pipeline.activations.LayerSpec`).
+            "layout": ...}}`` for per-layer options (see :class:`~lightning_svcca.pipeline.layers.LayerSpec`).
             ``None``: the repeated blocks a person would name (``encoder.layer.N``, ``layerK.M``) plus stems and
             heads; in models without repeated blocks, every Linear, Conv, RNN and Transformer layer. The chosen
             layers are logged once at the start.

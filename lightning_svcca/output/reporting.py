@@ -15,7 +15,7 @@ import os
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -23,6 +23,7 @@ __all__ = [
     "HISTORY_COLUMNS",
     "HeatmapFigure",
     "convergence_epochs",
+    "evenly_spaced",
     "heatmap_image",
     "heatmap_style",
     "history_matrix",
@@ -36,6 +37,8 @@ HISTORY_COLUMNS = ("epoch", "step", "layer", "reference", "metric", "value")
 HISTORY_FILE = "svcca_history.csv"
 #: Reference slots that are not references: per-layer facts logged beside the similarities.
 LAYER_FACTS = ("dims", "baseline", "frozen")
+
+T = TypeVar("T")
 
 
 def tag(metric: str, reference: str, layer: str) -> str:
@@ -149,11 +152,20 @@ def heatmap_style(metric: str, reference: str) -> dict[str, str]:
     return {"title": f"{metric} to {reference}", "label": metric, "scale": "similarity"}
 
 
-def thinned_columns(count: int, max_columns: int = MAX_COLUMNS) -> np.ndarray:
-    """Indices of at most ``max_columns`` evenly spaced columns of ``count``, the first and the last included."""
-    if count <= max_columns:
-        return np.arange(count)
-    return np.unique(np.round(np.linspace(0, count - 1, max_columns)).astype(int))
+def evenly_spaced(items: Sequence[T], most: int) -> list[T]:
+    """At most ``most`` of ``items``, evenly spaced, the first and the last included.
+
+    Keeps what a long run shows bounded: the heatmap's epoch columns, the epochs of the live learning-dynamics
+    picture. Item ``round(i * (len(items) - 1) / (most - 1))`` for ``i < most``; all of them when there are few.
+
+    Example:
+        >>> evenly_spaced(list(range(10)), 4)
+        [0, 3, 6, 9]
+    """
+    if len(items) <= most:
+        return list(items)
+    picks = {round(i * (len(items) - 1) / max(most - 1, 1)) for i in range(most)}
+    return [items[i] for i in sorted(picks)]
 
 
 class HeatmapFigure:
@@ -217,7 +229,7 @@ class HeatmapFigure:
                 f"matrix must have one row per layer and one column per epoch, {(len(layers), len(epochs))}, got"
                 f" shape {matrix.shape}"
             )
-        columns = thinned_columns(len(epochs))
+        columns = evenly_spaced(range(len(epochs)), MAX_COLUMNS)
         shown = matrix[:, columns]
         shown_epochs = [epochs[j] for j in columns]
         if self.scale == "similarity":

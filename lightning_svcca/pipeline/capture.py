@@ -19,17 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from lightning_svcca.measures.similarity import DATAPOINTS_PER_DIRECTION
-from lightning_svcca.pipeline.activations import (
-    ActivationRecorder,
-    LayerSpec,
-    Layout,
-    OutputSelectionError,
-    layer_seed,
-    probe_share,
-    reduce_output,
-)
 from lightning_svcca.pipeline.distributed import buffers_from_rank_zero, shard
+from lightning_svcca.pipeline.layers import LayerSpec
 from lightning_svcca.pipeline.probe import ForwardFn, Probe, batch_size, describe_batch, run_probe
+from lightning_svcca.pipeline.recording import ActivationRecorder
+from lightning_svcca.pipeline.reduction import Layout, OutputSelectionError, layer_seed, probe_share, reduce_output
 from lightning_svcca.pipeline.snapshots import Collective, Snapshot, build_snapshot
 
 __all__ = ["Capture", "CaptureOptions"]
@@ -64,8 +58,8 @@ class Capture:
         specs: the monitored layers.
         options: probe and snapshot options.
         collective: sums and gathers across processes for a sharded probe (``LocalCollective`` otherwise).
-        skip: called for a layer left out of a measurement.
-        warn_once: called for soft problems (few datapoints).
+        skip: called for a layer left out of a measurement (default: nothing is reported).
+        warn_once: called for soft problems (few datapoints; default: nothing is reported).
         forward_context: a context manager factory wrapped around each probe pass (e.g. a precision context).
         convert_input: applied to each probe chunk before the forward pass (e.g. a cast to the model's dtype).
     """
@@ -77,8 +71,8 @@ class Capture:
         options: CaptureOptions,
         collective: Collective,
         *,
-        skip: SkipFn,
-        warn_once: WarnFn,
+        skip: SkipFn | None = None,
+        warn_once: WarnFn | None = None,
         forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
         convert_input: Callable[[Any], Any] | None = None,
     ) -> None:
@@ -86,8 +80,8 @@ class Capture:
         self.specs = list(specs)
         self.options = options
         self.collective = collective
-        self._skip = skip
-        self._warn_once = warn_once
+        self._skip = skip or _report_nothing
+        self._warn_once = warn_once or _report_nothing
         self._forward_context = forward_context
         self._convert_input = convert_input
         #: What passes of the monitored model showed of it (each layer's layout as first found, the strided layers
@@ -209,19 +203,8 @@ class Capture:
 
     def build(self, rows: Tensor, input_eps: float, layer: str, epoch: int, label: str) -> Snapshot | None:
         """Compress one layer's rows; ``None`` (and a skip) when the rows cannot be decomposed."""
-        options = self.options
         try:
-            snapshot = build_snapshot(
-                rows,
-                self.collective,
-                name=layer,
-                keep=options.keep,
-                keep_by=options.keep_by,
-                full_rank=options.full_rank,
-                with_right=options.with_right,
-                input_eps=input_eps,
-                dtype=options.dtype,
-            )
+            snapshot = self.compress(rows, input_eps, layer)
         except ValueError as error:  # ZeroVarianceError (a dead layer) included: skip the layer, train on
             self._skip(epoch, layer, f"{error} ({label})")
             return None
@@ -235,6 +218,25 @@ class Capture:
                 " layers); the baseline tag shows the bias",
             )
         return snapshot
+
+    def compress(self, rows: Tensor, input_eps: float, layer: str) -> Snapshot:
+        """One layer's rows as a snapshot, with the run's options.
+
+        Raises:
+            ValueError: the rows cannot be decomposed (``ZeroVarianceError`` for a dead layer, NaN).
+        """
+        options = self.options
+        return build_snapshot(
+            rows,
+            self.collective,
+            name=layer,
+            keep=options.keep,
+            keep_by=options.keep_by,
+            full_rank=options.full_rank,
+            with_right=options.with_right,
+            input_eps=input_eps,
+            dtype=options.dtype,
+        )
 
     def feature_snapshots(
         self, name: str, features: Tensor, recorder: ActivationRecorder, layers: Sequence[str]
@@ -282,3 +284,7 @@ class Capture:
             if snapshot is not None:
                 snapshots[layer] = snapshot
         return snapshots
+
+
+def _report_nothing(*details: object) -> None:
+    """The default ``skip`` and ``warn_once`` of a capture whose caller reports nothing (a one-off comparison)."""

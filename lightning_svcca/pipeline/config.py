@@ -15,8 +15,8 @@ import torch
 
 from lightning_svcca.freezing.policy import FreezePolicy
 from lightning_svcca.measures.similarity import _check_keep
-from lightning_svcca.pipeline.activations import REDUCTIONS
 from lightning_svcca.pipeline.moments import CROSS_LAYER_MOMENTS
+from lightning_svcca.pipeline.reduction import REDUCTIONS
 from lightning_svcca.pipeline.references import Reference, parse_references
 from lightning_svcca.pipeline.snapshots import METRICS
 

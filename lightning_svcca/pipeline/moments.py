@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_svcca.offline.compare import LayerMap, cross_layer_similarity
+from lightning_svcca.measures.crosslayer import LayerMap, cross_layer_similarity
 
 __all__ = ["CROSS_LAYER_MOMENTS", "CrossLayerMoments", "Moment"]
 

@@ -34,12 +34,12 @@ from lightning_svcca.freezing.frozen_prefix import FrozenPrefix
 from lightning_svcca.freezing.policy import FreezeDecision
 from lightning_svcca.measures.similarity import SimilarityWarning
 from lightning_svcca.output.history import pack_history, unpack_history
-from lightning_svcca.output.reporting import HISTORY_FILE, layer_map_image, write_history_csv
+from lightning_svcca.output.reporting import HISTORY_FILE, evenly_spaced, layer_map_image, write_history_csv
 from lightning_svcca.output.writers import Reporter, as_writers
-from lightning_svcca.pipeline.activations import LayerSpec, format_layers, resolve_layers
 from lightning_svcca.pipeline.capture import Capture, CaptureOptions
 from lightning_svcca.pipeline.comparisons import Comparisons, row, values_of
 from lightning_svcca.pipeline.config import MonitorConfig
+from lightning_svcca.pipeline.layers import LayerSpec, format_layers, resolve_layers
 from lightning_svcca.pipeline.moments import CrossLayerMoments
 from lightning_svcca.pipeline.probe import Probe, build_probe, check_not_meta
 from lightning_svcca.pipeline.references import check_reference_layers, device_of, reference_model
@@ -564,7 +564,7 @@ class SVCCAMonitor:
         if self._comparisons.wants_final and len(self.measured) > 1 and live_final:
             # the learning-dynamics picture so far, against the latest epoch (not kept in the history): at most
             # LIVE_FINAL_COLUMNS epochs, so a measurement costs the same at epoch 10 and at epoch 1000
-            shown = thinned(self.measured, LIVE_FINAL_COLUMNS)
+            shown = evenly_spaced(self.measured, LIVE_FINAL_COLUMNS)
             heatmaps["final"] = self._comparisons.against_point(point, "final", self.layers, shown)
         self._report(rows, step, heatmaps)
         self.timings[point] = time.perf_counter() - started
@@ -787,11 +787,3 @@ class SVCCAMonitor:
             self.csv_name = name
             return self.log_dir / name
         raise RuntimeError(f"no free history file name in {self.log_dir}")
-
-
-def thinned(epochs: Sequence[int], count: int) -> list[int]:
-    """At most ``count`` of ``epochs``, evenly spaced, the first and the last included."""
-    if len(epochs) <= count:
-        return list(epochs)
-    picks = {round(i * (len(epochs) - 1) / (count - 1)) for i in range(count)}
-    return [epochs[i] for i in sorted(picks)]

@@ -1,0 +1,226 @@
+"""Which layers are monitored: the names a user gives (checked, with close matches for typos), or a default set.
+
+:func:`resolve_layers` turns the ``layers`` argument into :class:`LayerSpec` s (a module name, which of its outputs
+to analyse, how to reduce it, and its layout when the guess from the module type would be wrong);
+:func:`default_layers` picks the repeated blocks of a model and the stems and heads around them;
+:func:`format_layers` writes a choice in one line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from lightning_svcca.pipeline.reduction import LAYOUTS, REDUCTIONS, Layout, Reduction
+
+__all__ = ["LayerSpec", "default_layers", "format_layers", "resolve_layers"]
+
+_DEFAULT_LAYER_TYPES = (nn.Linear, _ConvNd, nn.RNNBase, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+#: never a stem or head on their own: normalisation, lookup tables (a position table has no batch dimension)
+_NOT_STEM_OR_HEAD = (nn.LayerNorm, _BatchNorm, _InstanceNorm, nn.GroupNorm, nn.Embedding, nn.Dropout)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A monitored layer and how to turn its output into a ``(datapoints, features)`` matrix.
+
+    Attributes:
+        name: the module's name in ``model.named_modules()``.
+        output: which part of a tuple, list, dict or dataclass output to use (an index, key or attribute name,
+            or a path of them into nested outputs, e.g. ``(1, 0)`` for an LSTM's ``h_n``); ``None`` takes the
+            tensor itself, the first element of a tuple or list, or a dict's / dataclass's ``last_hidden_state``
+            (else its first tensor).
+        reduction: ``"positions"``, ``"mean"`` or ``"flatten"`` (:mod:`lightning_svcca.pipeline.reduction`).
+        layout: ``"channels_first"``, ``"channels_last"`` or ``"time_first"`` for outputs with positions;
+            ``None`` guesses from the module type.
+    """
+
+    name: str
+    output: int | str | tuple[int | str, ...] | None = None
+    reduction: Reduction = "positions"
+    layout: Layout | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.output, list):  # a path read from YAML
+            object.__setattr__(self, "output", tuple(self.output))
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction of layer {self.name!r} must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise ValueError(f"layout of layer {self.name!r} must be one of {LAYOUTS}, got {self.layout!r}")
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """The layers monitored when none are named: repeated blocks, plus the stems and heads around them.
+
+    The rule, in order:
+
+    1. **Blocks.** The children of every ``nn.ModuleList`` / ``nn.Sequential`` that holds at least two blocks of
+       one type, where a block is a module with submodules of its own, and every child but possibly the first
+       (a stage's downsampling or normalising first block) has that type: BERT's ``encoder.layer.N``, wav2vec2's
+       ``encoder.layers.N`` and ``feature_extractor.conv_layers.N``, a ResNet's ``layerK.M``. A container inside
+       a chosen block is not searched (outermost blocks win).
+    2. **Stems and heads.** Beside those blocks, every module with parameters whose parent contains a block
+       (the model itself, ``bert``, ``encoder``, ...), except lone normalisation (any class named ``...Norm``),
+       embedding-table and dropout layers: BERT's ``embeddings`` and ``pooler``, wav2vec2's
+       ``feature_projection``, a ResNet's ``conv1`` and ``fc``, a classifier, a decoder's ``lm_head``.
+    3. **No repeated blocks** (a plain MLP or CNN such as ``nn.Sequential(Conv2d, ReLU, ..., Linear)``): every
+       Linear, Conv1d/2d/3d, RNN/GRU/LSTM and Transformer encoder/decoder layer, outermost first (a module inside
+       one already chosen, such as the projections inside a Transformer layer, is left out).
+
+    The names come in ``named_modules()`` order; layers that do not run in the probe's forward pass are dropped at
+    the first probe. :func:`format_layers` writes the choice in one line.
+
+    Example:
+        >>> block = lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        >>> model = nn.Sequential(nn.Linear(2, 4), nn.Sequential(block(), block(), block()), nn.Linear(4, 1))
+        >>> default_layers(model)
+        ['0', '1.0', '1.1', '1.2', '2']
+    """
+    blocks = _repeated_blocks(model)
+    if not blocks:
+        return _every_layer(model)
+    holders = {""} | {name for block in blocks for name in _ancestors(block)}
+    chosen = set(blocks)
+    for name, module in model.named_modules():
+        if not name or name in holders or _parent(name) not in holders:
+            continue
+        if _is_lone_norm_or_table(module) or not any(True for _ in module.parameters()):
+            continue
+        chosen.add(name)
+    return [name for name, _ in model.named_modules() if name in chosen]
+
+
+def _is_lone_norm_or_table(module: nn.Module) -> bool:
+    """Normalisation (also custom ones named ``...Norm``, such as RMSNorm), lookup tables and dropout."""
+    return isinstance(module, _NOT_STEM_OR_HEAD) or type(module).__name__.endswith("Norm")
+
+
+def format_layers(names: Sequence[str]) -> str:
+    """The monitored layers in one line, numbered runs folded: ``encoder.layer.{0..11}``.
+
+    Example:
+        >>> format_layers(["embeddings", "encoder.layer.0", "encoder.layer.1", "encoder.layer.2", "pooler"])
+        '5 layers: embeddings, encoder.layer.{0..2}, pooler'
+    """
+    parts: list[str] = []
+    run: list[tuple[str, int]] = []
+
+    def flush() -> None:
+        if len(run) > 1:
+            parts.append(f"{run[0][0]}{{{run[0][1]}..{run[-1][1]}}}")
+        elif run:
+            parts.append(f"{run[0][0]}{run[0][1]}")
+        run.clear()
+
+    for name in names:
+        match = re.fullmatch(r"(.*?)(\d+)", name)
+        if match is None:
+            flush()
+            parts.append(name)
+            continue
+        stem, number = match.group(1), int(match.group(2))
+        if run and (run[-1][0] != stem or run[-1][1] + 1 != number):
+            flush()
+        run.append((stem, number))
+    flush()
+    count = len(names)
+    return f"{count} layer{'s' if count != 1 else ''}: {', '.join(parts)}"
+
+
+def _repeated_blocks(model: nn.Module) -> list[str]:
+    """Names of the blocks of rule 1 of :func:`default_layers`."""
+    blocks: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or not _is_block_container(module):
+            continue
+        if any(name == block or name.startswith(block + ".") for block in blocks):
+            continue
+        prefix = f"{name}." if name else ""
+        blocks.extend(prefix + child for child, _ in module.named_children())
+    return blocks
+
+
+def _is_block_container(container: nn.Module) -> bool:
+    children = list(container.children())
+    if len(children) < 2:
+        return False
+    if not all(any(True for _ in child.children()) and any(True for _ in child.parameters()) for child in children):
+        return False
+    block_type, count = Counter(type(child) for child in children[1:]).most_common(1)[0]
+    return count == len(children) - 1 and count + (type(children[0]) is block_type) >= 2
+
+
+def _every_layer(model: nn.Module) -> list[str]:
+    """Rule 3 of :func:`default_layers`."""
+    chosen: list[str] = []
+    for name, module in model.named_modules():
+        if not name or not isinstance(module, _DEFAULT_LAYER_TYPES):
+            continue
+        if any(name.startswith(parent + ".") for parent in chosen):
+            continue
+        chosen.append(name)
+    return chosen
+
+
+def _parent(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _ancestors(name: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a", "a.b"]`` (the root ``""`` not included)."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def resolve_layers(
+    model: nn.Module, layers: Sequence[str] | Mapping[str, Mapping[str, Any]] | None, reduction: Reduction
+) -> list[LayerSpec]:
+    """Turn the callback's ``layers`` argument into specs, failing early on names the model does not have.
+
+    Args:
+        model: the model whose ``named_modules()`` define the names.
+        layers: names, or ``{name: {"output": ..., "reduction": ..., "layout": ...}}``, or ``None`` for
+            :func:`default_layers`.
+        reduction: the reduction of layers that do not set their own.
+
+    Raises:
+        ValueError: an unknown name (with the closest matches), a duplicate, no layers at all, or an unknown
+            option.
+    """
+    if layers is None:
+        names = default_layers(model)
+        if not names:
+            raise ValueError(
+                "found no Linear, Conv, RNN or Transformer layers to monitor by default; name them with layers=[...]"
+            )
+        return [LayerSpec(name, reduction=reduction) for name in names]
+    if isinstance(layers, str):
+        layers = [layers]
+    options = dict(layers) if isinstance(layers, Mapping) else {name: {} for name in layers}
+    if not isinstance(layers, Mapping) and len(options) != len(layers):
+        raise ValueError(f"layers names a layer twice: {list(layers)}")
+    if not options:
+        raise ValueError("layers is empty: name at least one module, or pass layers=None for the default set")
+    known = dict(model.named_modules())
+    specs = []
+    for name, layer_options in options.items():
+        if name not in known or not name:
+            close = difflib.get_close_matches(str(name), [key for key in known if key], n=5, cutoff=0.5)
+            hint = f"; did you mean {close}?" if close else "; see [name for name, _ in model.named_modules()]"
+            raise ValueError(f"layers names {name!r}, which is not a module of {type(model).__name__}{hint}")
+        layer_options = dict(layer_options or {})
+        unknown = set(layer_options) - {"output", "reduction", "layout"}
+        if unknown:
+            raise ValueError(f"unknown options {sorted(unknown)} for layer {name!r}; use output, reduction, layout")
+        layer_options.setdefault("reduction", reduction)
+        specs.append(LayerSpec(name, **layer_options))
+    return specs

@@ -34,16 +34,17 @@ from torch.utils.data import DataLoader
 
 from lightning_svcca.freezing.policy import FreezePolicy
 from lightning_svcca.freezing.strategies import is_hard_freeze_supported, rebuild_ddp_wrapper
+from lightning_svcca.integrations.options import takes_monitor_options
 from lightning_svcca.output.reporting import LAYER_FACTS, tag
 from lightning_svcca.pipeline.config import MonitorConfig
 from lightning_svcca.pipeline.distributed import StrategyCollective
 from lightning_svcca.pipeline.monitor import Runtime, SVCCAMonitor, SVCCAMonitorWarning
-from lightning_svcca.pipeline.probe import ForwardFn
 from lightning_svcca.pipeline.snapshots import LocalCollective
 
 __all__ = ["SVCCACallback", "SVCCAMonitorWarning"]
 
 
+@takes_monitor_options()
 class _SVCCACallbackCore:
     """Measure how each layer's representation changes while the model trains, with SVCCA and friends.
 
@@ -53,118 +54,19 @@ class _SVCCACallbackCore:
     ``{metric}/{reference}/{layer}``, heatmaps ``{metric}/{reference}/heatmap``, a custom-scalars layout). With
     ``freeze``, converged layers stop training, bottom-up.
 
+    Every option of :class:`~lightning_svcca.pipeline.config.MonitorConfig` is an argument (the first six also by
+    position), plus the callback's own ``probe_autocast``.
+
     Args:
-        probe: the probe: a tensor (the model input), a batch (tuple, list or dict of tensors), or a
-            DataLoader (``probe_size`` samples drawn at random with ``probe_seed``, so class-sorted datasets are
-            covered). ``None``: such a subset of the validation dataloader, else of the training one. Fixed for the
-            whole run, the same on every process and after resuming.
-        layers: module names from ``model.named_modules()``, or ``{name: {"output": ..., "reduction": ...,
-            "layout": ...}}`` for per-layer options (see :class:`~lightning_svcca.pipeline.layers.LayerSpec`).
-            ``None``: the repeated blocks a person would name (``encoder.layer.N``, ``layerK.M``) plus stems and
-            heads; in models without repeated blocks, every Linear, Conv, RNN and Transformer layer. The chosen
-            layers are logged once at the start.
-        reference: what each layer is compared with, one or several of: ``"previous"`` (the last measured
-            epoch), ``"initial"`` (before training), ``"final"`` (at the end of fit, every epoch against the last
-            one: the SVCCA paper's learning-dynamics plot), an ``nn.Module`` or a checkpoint path (a fixed model,
-            e.g. the pretrained one being fine-tuned; layers matched by name), or a tensor of features aligned
-            with the probe's samples (e.g. inputs or one-hot labels). Name fixed references with a dict
-            ``{"pretrained": model}``; an unnamed one is called ``"reference"``.
-        metrics: any of ``"svcca"``, ``"pwcca"``, ``"cca"`` (mean canonical correlation) and ``"linear_cka"``.
-        every_n_epochs: measure every this many epochs (epoch 0 and the end of fit are always measured); ``None``
-            with ``every_n_train_steps`` measures by steps only.
-        every_n_train_steps: also measure every this many optimizer steps (as ``ModelCheckpoint`` names it), for
-            short fine-tunes and step-based runs. Measurements are then identified by their global step: the
-            history's ``step`` column, the heatmaps' columns, and a freeze policy's ``lag`` counts measurements.
-        freeze: a :class:`~lightning_svcca.freezing.policy.FreezePolicy` to freeze converged layers, or ``None``.
-        probe_size: samples taken from a DataLoader (and the cap for a tensor or batch probe).
-        probe_batch_size: samples per forward pass of the probe.
-        probe_input: the part of a batch that is the model input (index or key; default: element 0 of a tuple).
-        probe_mask: the part of a batch holding a sequence padding mask ``(N, T)`` (1 = real frame) or lengths
-            ``(N,)``; a dict batch's ``attention_mask`` by default (``False``: none).
-        probe_seed: seeds the choice of a DataLoader probe's samples.
-        forward_fn: ``forward_fn(model, batch)`` for models whose ``forward`` does not take the probe input
-            directly; a dict batch is passed as ``model(**batch)`` by default.
-        reduction: default reduction of outputs with positions: ``"positions"`` (each conv position or
-            sequence frame is a datapoint), ``"mean"`` or ``"flatten"``.
-        max_datapoints: cap on datapoints per layer: each probe sample contributes at most
-            ``max_datapoints // probe_size`` positions or frames (at least one).
-        keep: SVCCA's ``keep`` (fraction of the singular value sum, or a number of directions).
-        keep_by: ``"singular_values"`` (the paper's) or ``"variance"``.
-        baseline: also log each metric on the probe with its datapoint pairing shuffled (the noise floor).
-        max_snapshot_bytes: memory budget of the snapshot store; beyond it snapshots spill to files in the log
-            directory (deleted at the end of fit). ``None``: unbounded.
-        shard_probe: under DDP, each process runs its share of the probe and statistics are summed.
-        compute_dtype: precision of the decompositions: ``"float64"``, ``"float32"``, or ``"auto"`` (default):
-            float32 on a GPU when the only metric is linear_cka (accurate there, and much faster on GPUs with slow
-            float64), float64 otherwise. float32 decompositions resolve directions only down to about 1% of the
-            largest, which can shift SVCCA on layers whose spectrum spans several decades.
-        cross_layer: keep every layer at 0, 25, 50, 75 and 100% of training (``True``) or at the given fractions,
-            and at the end of fit map each moment, every layer against every layer of ``cross_layer_reference``
-            (the SVCCA paper's Fig. 4): images ``{metric}/cross_layer/{reference}`` at each moment's step, and
-            ``svcca_cross_layer.csv`` beside the history. Layers are pooled to one datapoint per probe sample.
-        cross_layer_reference: ``"final"`` (default), ``"initial"``, or the name of a fixed model reference.
-        heatmap_time_share: the largest share of the fit's time that drawing heatmap images may take (default
-            5%). A heatmap that would exceed it is drawn at a later measurement instead, and every heatmap's
-            latest state is drawn at the end of the fit; scalars and the history are never thinned. ``1.0``
-            draws every heatmap at every measurement.
+        probe_autocast: under ``*-mixed`` precision, run the probe under the trainer's autocast, measuring the
+            activations the mixed-precision forward pass computes. Default ``False``: the probe runs without
+            autocast, so the values are those of a float32 probe on the same weights.
     """
 
-    def __init__(
-        self,
-        probe: Tensor | Sequence[Any] | Mapping[str, Any] | DataLoader | None = None,
-        layers: Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None,
-        reference: str | nn.Module | Tensor | Sequence[Any] | Mapping[str, Any] = ("previous", "final"),
-        metrics: str | Sequence[str] = ("svcca",),
-        every_n_epochs: int | None = 1,
-        freeze: FreezePolicy | None = None,
-        *,
-        every_n_train_steps: int | None = None,
-        probe_autocast: bool = False,
-        probe_size: int = 1024,
-        probe_batch_size: int = 256,
-        probe_input: int | str | None = None,
-        probe_mask: int | str | bool | None = None,
-        probe_seed: int = 0,
-        forward_fn: ForwardFn | None = None,
-        reduction: str = "positions",
-        max_datapoints: int = 4096,
-        keep: float | int = 0.99,
-        keep_by: str = "singular_values",
-        baseline: bool = True,
-        max_snapshot_bytes: int | None = 1 << 30,
-        shard_probe: bool = True,
-        compute_dtype: str = "auto",
-        cross_layer: bool | Sequence[float] = False,
-        cross_layer_reference: str = "final",
-        heatmap_time_share: float = 0.05,
-    ) -> None:
+    def __init__(self, *args: Any, probe_autocast: bool = False, **options: Any) -> None:
         super().__init__()
-        self.config = MonitorConfig(
-            probe=probe,
-            layers=layers,
-            reference=reference,
-            metrics=metrics,
-            every_n_epochs=every_n_epochs,
-            freeze=freeze,
-            every_n_train_steps=every_n_train_steps,
-            probe_size=probe_size,
-            probe_batch_size=probe_batch_size,
-            probe_input=probe_input,
-            probe_mask=probe_mask,
-            probe_seed=probe_seed,
-            forward_fn=forward_fn,
-            reduction=reduction,
-            max_datapoints=max_datapoints,
-            keep=keep,
-            keep_by=keep_by,
-            baseline=baseline,
-            max_snapshot_bytes=max_snapshot_bytes,
-            shard_probe=shard_probe,
-            compute_dtype=compute_dtype,
-            cross_layer=cross_layer,
-            cross_layer_reference=cross_layer_reference,
-            heatmap_time_share=heatmap_time_share,
-        )
+        #: The checked options (:class:`~lightning_svcca.pipeline.config.MonitorConfig`).
+        self.config = MonitorConfig(*args, **options)
         self.probe_autocast = probe_autocast
         #: The monitor of the current fit (built in ``setup``).
         self.monitor: SVCCAMonitor | None = None
@@ -315,15 +217,15 @@ class _SVCCACallbackCore:
             self.monitor.finish(epoch=self._fit_epoch(trainer), step=int(trainer.global_step))
 
     def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
-        """Delete spilled snapshot files."""
+        """Close the monitor: its temporary files go (see :meth:`SVCCAMonitor.close`); the run's files stay."""
         self._close_monitor()
 
     def on_exception(self, trainer: Any, pl_module: nn.Module, exception: BaseException) -> None:
-        """Delete spilled snapshot files when the fit fails."""
+        """Close the monitor when the fit fails (its temporary files go)."""
         self._close_monitor()
 
     def teardown(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
-        """Delete spilled snapshot files (also after interrupted fits)."""
+        """Close the monitor (also after interrupted fits)."""
         if stage == "fit":
             self._close_monitor()
 

@@ -16,20 +16,19 @@ optimizer step (a "soft" freeze: correct, but no compute is saved).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 try:
     from transformers import TrainerCallback
 except ImportError as error:  # pragma: no cover - exercised only without transformers
     raise ImportError("lightning_svcca.huggingface needs transformers: pip install transformers") from error
 
-from lightning_svcca.freezing.policy import FreezePolicy
+from lightning_svcca.integrations.options import takes_monitor_options
 from lightning_svcca.output.writers import TensorBoardWriter
 from lightning_svcca.pipeline.config import MonitorConfig
 from lightning_svcca.pipeline.distributed import ProcessGroupCollective, broadcast_object
@@ -42,41 +41,25 @@ __all__ = ["STATE_FILE", "SVCCATrainerCallback"]
 STATE_FILE = "svcca_state.pt"
 
 
+@takes_monitor_options(required=("probe",))
 class SVCCATrainerCallback(TrainerCallback):
     """Measure SVCCA (and friends) per layer while a HuggingFace ``Trainer`` trains; optionally freeze layers.
+
+    Every option of :class:`~lightning_svcca.pipeline.config.MonitorConfig` is an argument (the first six also by
+    position), plus ``writers``.
 
     Args:
         probe: a tensor, a batch (a dict of tensors is called as ``model(**batch)`` unless ``forward_fn`` says
             otherwise) or a DataLoader. Required: the Trainer's datasets hold no fixed probe.
-        layers, reference, metrics, every_n_epochs, freeze: as for :class:`~lightning_svcca.SVCCACallback`.
         writers: ``"tensorboard"`` (default: a ``SummaryWriter``, see :func:`tensorboard_dir`), ``None``, or writers
             as :class:`~lightning_svcca.SVCCAMonitor` takes them.
-        **options: the remaining keyword arguments of :class:`~lightning_svcca.SVCCACallback`.
     """
 
-    def __init__(
-        self,
-        probe: Tensor | Sequence[Any] | Mapping[str, Any] | Any,
-        layers: Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None,
-        reference: Any = ("previous", "final"),
-        metrics: str | Sequence[str] = ("svcca",),
-        every_n_epochs: int = 1,
-        freeze: FreezePolicy | None = None,
-        *,
-        writers: Any = "tensorboard",
-        **options: Any,
-    ) -> None:
-        if probe is None:
+    def __init__(self, *args: Any, writers: Any = "tensorboard", **options: Any) -> None:
+        #: The checked options (:class:`~lightning_svcca.pipeline.config.MonitorConfig`).
+        self.config = MonitorConfig(*args, **options)
+        if self.config.probe is None:
             raise ValueError("SVCCATrainerCallback needs a probe: a tensor, a batch (dict of tensors) or a DataLoader")
-        self.config = MonitorConfig(
-            probe=probe,
-            layers=layers,
-            reference=reference,
-            metrics=metrics,
-            every_n_epochs=every_n_epochs,
-            freeze=freeze,
-            **options,
-        )
         self.writers = writers
         #: The monitor of the current training run (built in ``on_train_begin``).
         self.monitor: SVCCAMonitor | None = None

@@ -1,21 +1,27 @@
-"""The monitor's options, checked once where the user passes them (so a bad value fails at construction).
+"""The monitor's options, declared, documented and checked once (so a bad value fails at construction).
 
-:class:`MonitorConfig` holds the arguments shared by :class:`~lightning_svcca.pipeline.monitor.SVCCAMonitor`,
-``SVCCACallback`` and the HuggingFace callback, checks each against its allowed values, and derives what follows
-from them: the parsed references (with a freeze policy's lag reference added) and the decomposition dtype.
+:class:`MonitorConfig` is the one place where each option of :class:`~lightning_svcca.pipeline.monitor.SVCCAMonitor`,
+``SVCCACallback`` and the HuggingFace callback has its type, its default and its documentation (the ``Args:`` of
+its docstring); the adapters take them as keyword arguments through
+:func:`~lightning_svcca.integrations.options.takes_monitor_options`. It checks each option against its allowed
+values, and derives what follows from them: the parsed references (with a freeze policy's lag reference added)
+and the decomposition dtype.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from lightning_svcca.freezing.policy import FreezePolicy
 from lightning_svcca.measures.similarity import _check_keep
 from lightning_svcca.pipeline.moments import CROSS_LAYER_MOMENTS
+from lightning_svcca.pipeline.probe import ForwardFn
 from lightning_svcca.pipeline.reduction import REDUCTIONS
 from lightning_svcca.pipeline.references import Reference, parse_references
 from lightning_svcca.pipeline.snapshots import METRICS
@@ -27,21 +33,93 @@ COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32, "auto": No
 
 @dataclass
 class MonitorConfig:
-    """Every option of the monitor (see :class:`~lightning_svcca.SVCCACallback` for their meaning)."""
+    """Every option of the monitor, checked: the one place each is declared and documented.
 
-    probe: Any = None
+    The adapters (``SVCCACallback``, ``SVCCATrainerCallback``) take these options as keyword arguments of their own:
+    their signatures and ``Args:`` docs are generated from this class by
+    :func:`~lightning_svcca.integrations.options.takes_monitor_options`. The first six can also be given by
+    position.
+
+    Args:
+        probe: the probe: a tensor (the model input), a batch (tuple, list or dict of tensors), or a
+            DataLoader (``probe_size`` samples drawn at random with ``probe_seed``, so class-sorted datasets are
+            covered). ``None`` (Lightning callback): such a subset of the validation dataloader, else of the
+            training one. Fixed for the whole run, the same on every process and after resuming. In a
+            LightningCLI config: left out (with ``probe_size``), or a DataLoader class given by ``class_path``.
+        layers: module names from ``model.named_modules()``, or ``{name: {"output": ..., "reduction": ...,
+            "layout": ...}}`` for per-layer options (see :class:`~lightning_svcca.pipeline.layers.LayerSpec`).
+            ``None``: the repeated blocks a person would name (``encoder.layer.N``, ``layerK.M``) plus stems and
+            heads; in models without repeated blocks, every Linear, Conv, RNN and Transformer layer. The chosen
+            layers are logged once at the start.
+        reference: what each layer is compared with, one or several of: ``"previous"`` (the last measured
+            epoch), ``"initial"`` (before training), ``"final"`` (at the end of fit, every epoch against the last
+            one: the SVCCA paper's learning-dynamics plot), an ``nn.Module`` or a checkpoint path (a fixed model,
+            e.g. the pretrained one being fine-tuned; layers matched by name), or a tensor of features aligned
+            with the probe's samples (e.g. inputs or one-hot labels). Name fixed references with a dict
+            ``{"pretrained": model}``; an unnamed one is called ``"reference"``.
+        metrics: one or several of the 11 measures: ``"svcca"``, ``"pwcca"``, ``"cca"`` (mean canonical
+            correlation), ``"r2cca"`` (mean squared canonical correlation), ``"linear_cka"``,
+            ``"linear_cka_debiased"``, ``"procrustes"`` (one minus the normalised Procrustes distance),
+            ``"rbf_cka"``, and the held-out ``"cca_heldout"``, ``"svcca_heldout"``, ``"pwcca_heldout"`` (canonical
+            directions fitted on part of the probe, correlations read on the rest). Every metric but ``"svcca"``
+            stores full-rank snapshots.
+        every_n_epochs: measure every this many epochs (epoch 0 and the end of fit are always measured); ``None``
+            with ``every_n_train_steps`` measures by steps only.
+        freeze: a :class:`~lightning_svcca.freezing.policy.FreezePolicy` to freeze converged layers, or ``None``.
+        every_n_train_steps: also measure every this many optimizer steps (as ``ModelCheckpoint`` names it), for
+            short fine-tunes and step-based runs. Measurements are then identified by their global step: the
+            history's ``step`` column, the heatmaps' columns, and a freeze policy's ``lag`` counts measurements.
+        probe_size: samples taken from a DataLoader (and the cap for a tensor or batch probe).
+        probe_batch_size: samples per forward pass of the probe.
+        probe_input: the part of a batch that is the model input (index or key; default: element 0 of a tuple).
+        probe_mask: the part of a batch holding a sequence padding mask ``(N, T)`` (1 = real frame) or lengths
+            ``(N,)``; a dict batch's ``attention_mask`` by default (``False``: none).
+        probe_seed: seeds the choice of a DataLoader probe's samples.
+        forward_fn: ``forward_fn(model, batch)`` for models whose ``forward`` does not take the probe input
+            directly; a dict batch is passed as ``model(**batch)`` by default.
+        reduction: default reduction of outputs with positions: ``"positions"`` (each conv position or
+            sequence frame is a datapoint), ``"mean"`` or ``"flatten"``.
+        max_datapoints: cap on datapoints per layer: each probe sample contributes at most
+            ``max_datapoints // probe_size`` positions or frames (at least one).
+        keep: SVCCA's ``keep`` (fraction of the singular value sum, or a number of directions).
+        keep_by: ``"singular_values"`` (the paper's) or ``"variance"``.
+        baseline: also log each metric on the probe with its datapoint pairing shuffled (the noise floor).
+        max_snapshot_bytes: memory budget for snapshots held in memory; ``None``: unbounded. With a log
+            directory (the Lightning callback's ``trainer.log_dir``, the HuggingFace one's ``output_dir``) every
+            snapshot is also written to ``<log_dir>/svcca_snapshots/<run_id>/`` when taken, and those files stay
+            after the fit (checkpoints refer to them); snapshots beyond the budget are read back from there.
+            Without one, snapshots beyond the budget spill to a temporary folder that ``close()`` deletes (the
+            callbacks close the monitor when the fit ends or fails).
+        shard_probe: under DDP, each process runs its share of the probe and statistics are summed.
+        compute_dtype: precision of the decompositions: ``"float64"``, ``"float32"``, or ``"auto"`` (default):
+            float32 on a GPU when the only metric is linear_cka (accurate there, and much faster on GPUs with slow
+            float64), float64 otherwise. float32 decompositions resolve directions only down to about 1% of the
+            largest, which can shift SVCCA on layers whose spectrum spans several decades.
+        cross_layer: keep every layer at 0, 25, 50, 75 and 100% of training (``True``) or at the given fractions,
+            and at the end of fit map each moment, every layer against every layer of ``cross_layer_reference``
+            (the SVCCA paper's Fig. 4): images ``{metric}/cross_layer/{reference}`` at each moment's step, and
+            ``svcca_cross_layer.csv`` beside the history. Layers are pooled to one datapoint per probe sample.
+        cross_layer_reference: ``"final"`` (default), ``"initial"``, or the name of a fixed model reference.
+        heatmap_time_share: the largest share of the fit's time that drawing heatmap images may take (default
+            5%). A heatmap that would exceed it is drawn at a later measurement instead, and every heatmap's
+            latest state is drawn at the end of the fit; scalars and the history are never thinned. ``1.0``
+            draws every heatmap at every measurement.
+    """
+
+    probe: DataLoader | Tensor | Sequence[Any] | Mapping[str, Any] | None = None
     layers: Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None
-    reference: Any = ("previous", "final")
+    reference: str | nn.Module | Tensor | Sequence[Any] | Mapping[str, Any] = ("previous", "final")
     metrics: str | Sequence[str] = ("svcca",)
     every_n_epochs: int | None = 1
     freeze: FreezePolicy | None = None
+    _: KW_ONLY
     every_n_train_steps: int | None = None
     probe_size: int = 1024
     probe_batch_size: int = 256
     probe_input: int | str | None = None
     probe_mask: int | str | bool | None = None
     probe_seed: int = 0
-    forward_fn: Any = None
+    forward_fn: ForwardFn | None = None
     reduction: str = "positions"
     max_datapoints: int = 4096
     keep: float | int = 0.99

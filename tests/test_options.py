@@ -1,0 +1,182 @@
+"""The monitor's options are declared once (MonitorConfig) and reach every adapter: signature, docs, LightningCLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import re
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_svcca import FreezePolicy, SVCCACallback
+from lightning_svcca.integrations.options import with_option_docs
+from lightning_svcca.pipeline.config import MonitorConfig
+
+OPTIONS = [f.name for f in dataclasses.fields(MonitorConfig) if f.init]
+NAMESPACES = [
+    ("pytorch_lightning.cli", "pytorch_lightning.demos.boring_classes", "lightning_svcca.SVCCACallback"),
+    ("lightning.pytorch.cli", "lightning.pytorch.demos.boring_classes", "lightning_svcca.lightning.SVCCACallback"),
+]
+
+
+class Pairs(Dataset):
+    """``(features, label)`` pairs shaped for BoringModel (32 features), so ``probe_input`` has a part to pick."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.randn(32, generator=torch.Generator().manual_seed(index)), index % 2
+
+
+class PairsLoader(DataLoader):
+    """A DataLoader over :class:`Pairs` that a LightningCLI config names by class path."""
+
+    def __init__(self, batch_size: int = 8) -> None:
+        super().__init__(Pairs(), batch_size=batch_size)
+
+
+def call_model(model: torch.nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+    """A ``forward_fn`` that LightningCLI can name by its import path: the model on a batch's features."""
+    return model(batch[0])
+
+
+def _adapters() -> list[type]:
+    from lightning_svcca.huggingface import SVCCATrainerCallback
+    from lightning_svcca.lightning import SVCCACallback as LightningSVCCACallback
+
+    return [SVCCACallback, LightningSVCCACallback, SVCCATrainerCallback]
+
+
+def _doc_entries(doc: str) -> dict[str, str]:
+    """An ``Args:`` section's entries by name, each as one line of text."""
+    args = inspect.cleandoc(doc).split("Args:\n", 1)[1]
+    return {name: " ".join(text.split()) for name, text in re.findall(r"(?m)^    (\w+): (.*(?:\n {8}.*)*)", args)}
+
+
+@pytest.mark.parametrize("adapter", _adapters(), ids=lambda cls: f"{cls.__module__}.{cls.__name__}")
+def test_each_adapter_shows_every_option_as_monitorconfig_declares_it(adapter):
+    config = inspect.signature(MonitorConfig).parameters
+    parameters = inspect.signature(adapter).parameters
+    assert list(parameters)[: len(OPTIONS)] == OPTIONS
+    for name in OPTIONS:
+        expected = config[name].default if name != "probe" or adapter.__name__ == "SVCCACallback" else inspect._empty
+        assert parameters[name].default == expected, name
+        assert parameters[name].kind == config[name].kind, name
+        assert not isinstance(parameters[name].annotation, str), name  # evaluated, for jsonargparse
+    own = {"SVCCACallback": ["probe_autocast"], "SVCCATrainerCallback": ["writers"]}[adapter.__name__]
+    assert list(parameters)[len(OPTIONS) :] == own
+    docs = _doc_entries(adapter.__doc__)
+    assert list(docs) == [*OPTIONS, *own]
+    option_docs = _doc_entries(MonitorConfig.__doc__)
+    replaced = {"probe"} if adapter.__name__ == "SVCCATrainerCallback" else set()
+    assert all(docs[name] == option_docs[name] for name in OPTIONS if name not in replaced)
+
+
+def test_positional_and_keyword_construction_as_before():
+    policy = FreezePolicy(lag=2)
+    probe = torch.randn(16, 32)
+    callback = SVCCACallback(probe, ["layer"], "previous", ["svcca", "pwcca"], 2, policy, keep=0.9, probe_autocast=True)
+    assert callback.config.probe is probe and callback.config.layers == ["layer"]
+    assert callback.config.reference == "previous" and callback.config.metrics == ("svcca", "pwcca")
+    assert callback.config.every_n_epochs == 2 and callback.config.freeze is policy and callback.config.keep == 0.9
+    assert callback.probe_autocast is True
+    with pytest.raises(TypeError, match="probe_sise"):
+        SVCCACallback(probe_sise=32)
+    with pytest.raises(TypeError, match="positional"):
+        SVCCACallback(None, None, "previous", "svcca", 1, None, 1024)  # the rest are keyword-only, as before
+
+
+def test_an_adapter_entry_replaces_the_options_own_and_extras_follow():
+    own = "Summary.\n\n    Args:\n        extra: mine.\n        layers: said here.\n\n    Example:\n        x\n"
+    doc = with_option_docs(own)
+    entries = _doc_entries(doc)
+    assert list(entries) == [*OPTIONS, "extra"] and entries["layers"] == "said here."
+    assert doc.startswith("Summary.\n\nArgs:\n") and doc.endswith("\n\nExample:\n    x\n")
+
+
+def _every_option(tmp_path) -> dict:
+    """A value other than the default for every option of the callback, as a LightningCLI config writes it."""
+    return {
+        "probe": {
+            "class_path": f"{__name__}.PairsLoader",
+            "init_args": {"batch_size": 16},
+        },
+        "layers": {"layer": {"reduction": "flatten"}},
+        "reference": ["previous", "initial"],
+        "metrics": ["svcca", "linear_cka"],
+        "every_n_epochs": 2,
+        "freeze": {"mode": "convergence", "threshold": 0.5, "lag": 2, "metric": "linear_cka"},
+        "every_n_train_steps": 3,
+        "probe_size": 48,
+        "probe_batch_size": 16,
+        "probe_input": 0,
+        "probe_mask": False,
+        "probe_seed": 7,
+        "forward_fn": f"{__name__}.call_model",
+        "reduction": "mean",
+        "max_datapoints": 512,
+        "keep": 0.9,
+        "keep_by": "variance",
+        "baseline": False,
+        "max_snapshot_bytes": 1_000_000,
+        "shard_probe": False,
+        "compute_dtype": "float32",
+        "cross_layer": [0.0, 1.0],
+        "cross_layer_reference": "initial",
+        "heatmap_time_share": 0.5,
+        "probe_autocast": True,
+    }
+
+
+@pytest.mark.parametrize(("cli_module", "demos_module", "class_path"), NAMESPACES)
+def test_lightning_cli_sets_every_option(tmp_path, cli_module, demos_module, class_path):
+    pytest.importorskip("jsonargparse")
+    cli_class = importlib.import_module(cli_module).LightningCLI
+    boring = importlib.import_module(demos_module).BoringModel
+    options = _every_option(tmp_path)
+    assert set(options) == set(inspect.signature(SVCCACallback).parameters)  # a new option joins this test
+    trainer_args = {
+        "callbacks": [{"class_path": class_path, "init_args": options}],
+        "default_root_dir": str(tmp_path),
+        "max_epochs": 2,
+        "limit_train_batches": 3,
+        "limit_val_batches": 0,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    cli = cli_class(boring, run=False, args={"trainer": trainer_args}, save_config_callback=None)
+    svcca = next(c for c in cli.trainer.callbacks if type(c).__name__ == "SVCCACallback")
+    assert type(svcca).__module__ == importlib.import_module(class_path.rpartition(".")[0]).SVCCACallback.__module__
+    config = svcca.config
+    assert isinstance(config.probe, PairsLoader) and config.probe.batch_size == 16
+    assert config.freeze == FreezePolicy(mode="convergence", threshold=0.5, lag=2, metric="linear_cka")
+    assert config.forward_fn is call_model
+    assert config.metrics == ("svcca", "linear_cka")  # MonitorConfig makes a tuple of the list
+    assert svcca.probe_autocast is True
+    skip = {"probe", "freeze", "forward_fn", "metrics", "probe_autocast"}
+    for name, value in options.items():
+        if name not in skip:
+            got = getattr(config, name)
+            assert (list(got) if isinstance(got, tuple) else got) == value, name
+    cli.trainer.fit(cli.model)  # and the options work together
+    assert sorted({row["step"] for row in svcca.history if row["reference"] == "previous"}) == [3, 6]
+
+
+@pytest.mark.parametrize(("cli_module", "demos_module", "class_path"), NAMESPACES)
+def test_lightning_cli_help_shows_each_options_doc(capsys, cli_module, demos_module, class_path):
+    pytest.importorskip("jsonargparse")
+    cli_class = importlib.import_module(cli_module).LightningCLI
+    boring = importlib.import_module(demos_module).BoringModel
+    with pytest.raises(SystemExit):
+        cli_class(boring, run=False, args=["--trainer.callbacks.help", class_path])
+    shown = "".join(capsys.readouterr().out.split())  # argparse wraps lines, and breaks long words
+    adapter = importlib.import_module(class_path.rpartition(".")[0]).SVCCACallback
+    for name, doc in _doc_entries(adapter.__doc__).items():
+        assert re.search(rf"--trainer\.callbacks\.{name}({name.upper()}|{{true,false}})", shown), name
+        assert "".join(doc.split()) in shown, name  # the whole entry

@@ -40,8 +40,12 @@ def run_quick(capsys: pytest.CaptureFixture[str], script: str, *extra: str) -> t
 
 
 def table(lines: list[str], header: str) -> list[list[str]]:
-    """The whitespace-split rows after the line starting with ``header``, up to a blank or dashed-only line."""
-    start = next(index for index, line in enumerate(lines) if line.strip().startswith(header))
+    """The whitespace-split rows after the line whose first words are ``header``, up to a blank line.
+
+    Lines of dashes are left out.
+    """
+    words = header.split()
+    start = next(index for index, line in enumerate(lines) if line.split()[: len(words)] == words)
     rows = []
     for line in lines[start + 1 :]:
         if not line.strip():
@@ -67,7 +71,7 @@ def test_final_pass(capsys):
 
 def test_snapshot_memory(capsys):
     _, lines = run_quick(capsys, "snapshot_memory")
-    rows = table(lines, "mode")
+    rows = table(lines, "mode width kept")
     assert [(row[0], row[1]) for row in rows] == [("memory", "64"), ("memory", "128")] + [
         ("persistent", "64"),
         ("persistent", "128"),
@@ -78,7 +82,7 @@ def test_snapshot_memory(capsys):
 
 def test_peers(capsys):
     _, lines = run_quick(capsys, "peers")
-    rows = table(lines, "n")
+    rows = table(lines, "n d peer")
     # scipy is a test dependency; the other peers are skipped with a message when missing
     scipy = [row for row in rows if row[2] == "scipy"]
     assert scipy and scipy[0][3] == "cca" and float(scipy[0][6]) < 1e-10
@@ -87,7 +91,7 @@ def test_peers(capsys):
 
 def test_similarity(capsys):
     _, lines = run_quick(capsys, "similarity")
-    rows = [[value for value in row if value != "(low-rank)"] for row in table(lines, "n")]
+    rows = [[value for value in row if value != "(low-rank)"] for row in table(lines, "n d floor")]
     assert [row[-6] for row in rows] == ["svcca", "cca", "pwcca", "linear_cka"] * 4
     assert max(float(row[-1]) for row in rows) < 1e-6  # ours and the numpy implementations agree
     assert sum(line.startswith("target svcca") for line in lines) == 4
@@ -103,7 +107,7 @@ def test_measure_values(capsys):
 @pytest.mark.slow
 def test_long_run_prints_sizes_and_ratios(capsys):
     _, lines = run_quick(capsys, "long_run")
-    rows = table(lines, "epoch")
+    rows = table(lines, "epoch ckpt")
     assert [row[0] for row in rows[:2]] == ["1", "3"]
     first, last = (list(map(float, row[1:])) for row in rows[:2])
     # ratios to the first row: 1.00 there, and the checkpoint ratio matches the printed sizes
@@ -127,7 +131,7 @@ def test_overhead(capsys):
 @pytest.mark.slow
 def test_freeze_training(capsys):
     _, lines = run_quick(capsys, "freeze_training")
-    rows = table(lines, "setup")
+    rows = table(lines, "setup variant")
     variants = ["no freezing", "linear schedule", "convergence (defaults)", "consecutive epochs"]
     assert [" ".join(row[2:-4]) for row in rows] == variants * 2
     assert [row[-3] for row in rows[::4]] == ["+0.000", "+0.000"]  # each setup's baseline against itself
@@ -146,7 +150,7 @@ def test_precision_values(capsys):
 @pytest.mark.slow
 def test_sharded_probe(capsys):
     _, lines = run_quick(capsys, "sharded_probe")
-    rows = table(lines, "rank")
+    rows = table(lines, "rank probe pass")
     assert [(row[0], row[1]) for row in rows[:4]] == [("unsharded", "0"), ("unsharded", "1")] + [
         ("sharded", "0"),
         ("sharded", "1"),

@@ -44,17 +44,18 @@ def synthetic_activations(
     return runs
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line, build the snapshots, time both passes and print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--datapoints", type=int, default=2048)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--decay", type=float, default=1.6, help="singular values fall off as i ** -decay")
-    parser.add_argument("--quick", action="store_true", help="10 epochs x 4 layers")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="a smoke test: 4 epochs x 2 layers, n=256, width 64")
+    args = parser.parse_args(argv)
     if args.quick:
-        args.epochs, args.layers = 10, 4
+        args.epochs, args.layers, args.datapoints, args.width = 4, 2, 256, 64
     torch.manual_seed(0)
     activations = synthetic_activations(args.epochs, args.layers, args.datapoints, args.width, args.decay)
     collective, device = LocalCollective(), torch.device("cpu")

@@ -14,7 +14,8 @@ in wall time; the script ends with the time of a training step of the larger CNN
 (batch 128 of 3x16x16 images) with its lower conv layers frozen the way the callback freezes them
 (``requires_grad`` off), as a ratio to the unfrozen step.
 
-Run: ``python benchmarks/freeze_training.py [--seeds 0 1 2] [--quick]``.
+Run: ``python benchmarks/freeze_training.py [--seeds 0 1 2] [--quick]`` (``--quick``: one seed, 2 epochs, 2 timed
+steps, a smoke test).
 """
 
 from __future__ import annotations
@@ -92,14 +93,16 @@ def step_seconds(frozen_convs: int, steps: int = 15) -> float:
     return statistics.median(times[3:])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line, train every setup and variant, print the table and the step times."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--quick", action="store_true", help="one seed, 8 epochs")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="one seed, 2 epochs, 2 timed steps")
+    args = parser.parse_args(argv)
+    steps = 15
     if args.quick:
-        args.seeds, args.epochs = [0], 8
+        args.seeds, args.epochs, steps = [0], 2, 2
     warnings.filterwarnings("ignore")
     results: dict[tuple[str, str], list] = {}
     with tempfile.TemporaryDirectory() as root, cpu_threads(1):
@@ -125,11 +128,16 @@ def main() -> None:
                 f"{setup.name:<11} {variant:<23} {accuracy:>8.3f} {accuracy - base_accuracy:>+8.3f}"
                 f" {seconds / base_seconds:>10.2f} {skipped:>12.0%}"
             )
-    torch.set_num_threads(2)
-    base = step_seconds(0)
+    with cpu_threads(2):
+        step_table(steps)
+
+
+def step_table(steps: int) -> None:
+    """The time of a SyntheticCNN training step with 0 to 4 of its conv layers frozen."""
+    base = step_seconds(0, steps)
     print(f"\ntraining step of SyntheticCNN (batch 128, 2 threads): {base * 1e3:.1f} ms with nothing frozen")
     for frozen in (1, 2, 3, 4):
-        seconds = step_seconds(frozen)
+        seconds = step_seconds(frozen, steps)
         print(f"  first {frozen} of 4 conv layers frozen: {seconds * 1e3:6.1f} ms  ({seconds / base:.2f} of the step)")
 
 

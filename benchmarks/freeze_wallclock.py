@@ -49,6 +49,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_svcca import FreezePolicy, SVCCACallback
 
@@ -86,6 +87,18 @@ class ConvNet(pl.LightningModule):
         backbone = [parameter for name, parameter in self.named_parameters() if not name.startswith("head.")]
         groups = [{"params": backbone, "lr": self.lr * self.backbone_scale}, {"params": head}]
         return torch.optim.SGD(groups, lr=self.lr, momentum=0.9, weight_decay=5e-4)
+
+
+def forward_flop_shares(model: ConvNet) -> dict[str, float]:
+    """Each layer's share of the forward FLOPs of one 1x32x32 sample (``FlopCounterMode``: convs and matmuls)."""
+    flops, x = {}, torch.zeros(1, 1, 32, 32)
+    with torch.no_grad():
+        for name in LAYERS:
+            with FlopCounterMode(display=False) as counter:
+                x = getattr(model, name)(x)
+            flops[name] = counter.get_total_flops()
+    total = sum(flops.values())
+    return {name: count / total for name, count in flops.items()}
 
 
 @dataclass
@@ -254,7 +267,9 @@ def report(results: dict[str, dict[str, list[Run]]], threads: int, seeds: list[i
         "a": "(a) from scratch, digits 0-9 at 32x32",
         "b": "(b) fine-tuning: pretrained on digits 0-4, fine-tuned on 5-9",
     }
+    shares = ", ".join(f"{name} {share:.0%}" for name, share in forward_flop_shares(ConvNet()).items())
     lines = [f"freeze training end to end, {threads} CPU thread(s), seeds {seeds}"]
+    lines.append(f"forward FLOPs per sample: {shares}")
     for workload, variants in results.items():
         base = variants["no callback"]
         base_seconds = statistics.mean(run.seconds for run in base)

@@ -10,13 +10,18 @@ the callback's own time (immune to run-to-run drift of a shared machine, which h
 more), and the one-off epoch-0 snapshot at ``on_train_start``.
 ``--digits`` measures the README demo instead (``examples/digits_convergence.py``: its CNN, 1297 training digits,
 a probe of 500, 3 layers, one thread), whose epochs are so short that the measurement is a visible share.
-Run: ``python benchmarks/overhead.py [--quick | --digits]``.
+First it prints the time of ``import lightning_svcca`` in a fresh interpreter (best of 5) and which of torch,
+Lightning, TensorBoard and matplotlib that import loaded (none: they load when first used).
+
+Run: ``python benchmarks/overhead.py [--quick | --digits]`` (``--quick``: 512 samples, a probe of 128, 3 epochs,
+a smoke test of a few seconds).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -132,17 +137,42 @@ def run(workload: Workload, epochs: int, with_callback: bool, root: str):
     return timer.times[1:], svcca
 
 
-def main() -> None:
+#: Run in a fresh interpreter: the seconds ``import lightning_svcca`` takes and the heavy packages it loaded.
+IMPORT_PROBE = """
+import sys, time
+start = time.perf_counter()
+import lightning_svcca
+seconds = time.perf_counter() - start
+heavy = ("torch", "lightning", "pytorch_lightning", "tensorboard", "matplotlib")
+print(seconds, *[name for name in heavy if name in sys.modules])
+"""
+
+
+def import_time(repeats: int = 5) -> tuple[float, list[str]]:
+    """Best seconds of ``import lightning_svcca`` in a fresh interpreter, and the heavy packages it loaded."""
+    best, loaded = float("inf"), []
+    for _ in range(repeats):
+        out = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, check=True).stdout
+        seconds, *loaded = out.split()
+        best = min(best, float(seconds))
+    return best, loaded
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line, time the import, the runs without and with the callback, print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--probe", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="4,000 samples, 3 epochs, 1 repeat")
+    parser.add_argument("--quick", action="store_true", help="512 samples, a probe of 128, 3 epochs, 1 repeat")
     parser.add_argument("--digits", action="store_true", help="the README demo (digits CNN), 10 epochs, 3 repeats")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
-        args.samples, args.epochs, args.repeats = 4000, 3, 1
+        args.samples, args.probe, args.epochs, args.repeats = 512, 128, 3, 1
+    seconds, loaded = import_time()
+    heavy = ", ".join(loaded) or "none"
+    print(f"  import lightning_svcca : {seconds:7.3f} s   (best of 5, fresh interpreter; heavy ones loaded: {heavy})")
     warnings.filterwarnings("ignore")
     if args.digits:
         torch.set_num_threads(1)  # as the example runs

@@ -14,7 +14,7 @@ ours, their difference, and both times (best of ``--repeats`` after a warm-up ca
 precision and with their own rank handling, so differences of ``1e-6`` or so are expected; larger ones are
 definitional (e.g. a peer averaging over ``d`` rather than over the numerical rank).
 
-Run ``python benchmarks/peers.py`` (``--quick`` for a small size).
+Run ``python benchmarks/peers.py`` (``--quick``: one small size, a smoke test of a few seconds).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from lightning_svcca.measures.similarity import cca, linear_cka, pwcca, r2cca, r
 
 KEEP = 0.99
 SIZES = [(2000, 64), (5000, 256)]
-QUICK_SIZES = [(1000, 32)]
+QUICK_SIZES = [(200, 16)]
 
 OURS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "svcca": lambda x, y: svcca(x, y, keep=KEEP),
@@ -215,12 +215,13 @@ def run(sizes: list[tuple[int, int]], repeats: int) -> None:
                 )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and print the comparison with every installed peer."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one small size")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    run(QUICK_SIZES if args.quick else SIZES, args.repeats)
+    parser.add_argument("--quick", action="store_true", help="a smoke test: one small size, one timed call")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (default 3, quick 1)")
+    args = parser.parse_args(argv)
+    run(QUICK_SIZES if args.quick else SIZES, args.repeats or (1 if args.quick else 3))
 
 
 if __name__ == "__main__":

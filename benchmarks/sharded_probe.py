@@ -4,7 +4,10 @@ With ``shard_probe=True`` (the default) each process runs half of the probe and 
 across processes; with ``shard_probe=False`` every process runs the whole probe. The script starts one DDP run of
 each kind (Lightning's launcher starts the second process), times the probe pass and the whole measurement on
 every rank, and prints the per-rank times and the ratio. Expect the probe pass to take about half as long
-sharded. Run: ``python benchmarks/sharded_probe.py [--quick]``.
+sharded.
+
+Run: ``python benchmarks/sharded_probe.py [--quick]`` (``--quick``: a probe of 64 samples, 2 epochs of one batch,
+a smoke test; the four processes' start-up is most of its time).
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ class TimedCallback(SVCCACallback):
         return list(self.monitor.timings.values())
 
 
-def worker(shard: bool, probe_size: int, out: Path) -> None:
+def worker(shard: bool, probe_size: int, out: Path, epochs: int = 3) -> None:
+    """One rank of a DDP fit: trains, then writes its probe-pass and measurement seconds to ``out``."""
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     pl.seed_everything(0, verbose=False)
@@ -53,7 +57,7 @@ def worker(shard: bool, probe_size: int, out: Path) -> None:
     probe = torch.randn(probe_size, 3, 16, 16, generator=generator)
     callback = TimedCallback(probe=probe, layers=LAYERS, reference=("previous",), shard_probe=shard, baseline=False)
     trainer = pl.Trainer(
-        max_epochs=3,
+        max_epochs=epochs,
         accelerator="cpu",
         devices=2,
         strategy="ddp",
@@ -70,7 +74,8 @@ def worker(shard: bool, probe_size: int, out: Path) -> None:
     (out / f"shard{int(shard)}-rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 
-def launch(shard: bool, probe_size: int, out: Path) -> list[dict]:
+def launch(shard: bool, probe_size: int, out: Path, epochs: int) -> list[dict]:
+    """Start a two-process DDP fit (Lightning's launcher starts rank 1) and read both ranks' timings."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -85,26 +90,30 @@ def launch(shard: bool, probe_size: int, out: Path) -> list[dict]:
         str(probe_size),
         "--out",
         str(out),
+        "--epochs",
+        str(epochs),
     ]
     subprocess.run(command, env=env, check=True, capture_output=True, timeout=900)
     return [json.loads((out / f"shard{int(shard)}-rank{rank}.json").read_text()) for rank in range(2)]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line; run both DDP fits (or, with ``--worker``, be one rank) and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--probe", type=int, default=2048)
-    parser.add_argument("--quick", action="store_true", help="a probe of 512 samples")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="a probe of 64 samples, 2 epochs")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shard", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
-        args.probe = 512
+        args.probe, args.epochs = 64, 2
     if args.worker:
-        worker(bool(args.shard), args.probe, args.out)
+        worker(bool(args.shard), args.probe, args.out, args.epochs)
         return
     with tempfile.TemporaryDirectory() as root:
-        results = {shard: launch(shard, args.probe, Path(root)) for shard in (False, True)}
+        results = {shard: launch(shard, args.probe, Path(root), args.epochs) for shard in (False, True)}
     print(f"torch {torch.__version__}; 2 processes x 1 thread (gloo), probe of {args.probe} samples, 6 layers")
     print(f"{'':>10} {'rank':>4} {'probe pass':>11} {'measurement':>12}")
     medians = {}

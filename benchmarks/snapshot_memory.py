@@ -89,7 +89,8 @@ def replay(width: int, epochs: int, layers: int, budget: int, n: int, mode: str)
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line, replay the run for every mode and width, print one row each."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--layers", type=int, default=8)
@@ -97,10 +98,12 @@ def main() -> None:
     parser.add_argument("--budget-mib", type=float, default=64.0)
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
     parser.add_argument("--mode", choices=["memory", "persistent", "both"], default="both")
-    parser.add_argument("--quick", action="store_true", help="10 epochs, widths 256 and 1024")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke test: 4 epochs x 2 layers, 128 datapoints, widths 64 and 128"
+    )
+    args = parser.parse_args(argv)
     if args.quick:
-        args.epochs, args.widths = 10, [256, 1024]
+        args.epochs, args.layers, args.datapoints, args.widths, args.budget_mib = 4, 2, 128, [64, 128], 0.1
     budget = int(args.budget_mib * MIB)
     run = f"{args.epochs} epochs x {args.layers} layers, {args.datapoints} datapoints"
     print(f"snapshot store: {run}, budget {args.budget_mib:g} MiB")

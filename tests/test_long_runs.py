@@ -284,7 +284,7 @@ def test_checkpoint_state_does_not_grow_with_snapshots(tmp_path, data):
 
 
 def test_live_final_heatmap_compares_a_bounded_number_of_epochs():
-    from lightning_svcca.pipeline.monitor import LIVE_FINAL_COLUMNS, thinned
+    from lightning_svcca.pipeline.comparisons import LIVE_FINAL_COLUMNS, thinned
 
     epochs = list(range(500))
     shown = thinned(epochs, LIVE_FINAL_COLUMNS)

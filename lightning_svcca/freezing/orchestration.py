@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_svcca.freezing.freezer import FreezeDecision, FreezePolicy, Freezer, freeze_blocks
+from lightning_svcca.freezing.freezer import FreezeDecision, Freezer, freeze_blocks
 from lightning_svcca.freezing.frozen_prefix import FrozenPrefix
 from lightning_svcca.pipeline.activations import ActivationRecorder
 from lightning_svcca.pipeline.capture import Capture, WarnFn
 from lightning_svcca.pipeline.comparisons import row, values_of
+from lightning_svcca.pipeline.config import MonitorConfig
 from lightning_svcca.pipeline.runtime import Runtime
 from lightning_svcca.pipeline.snapshots import Snapshot, SnapshotStore
 
@@ -35,29 +36,25 @@ class FreezingCoordinator:
 
     Args:
         model: the model being trained.
-        policy: the freeze policy, or ``None`` (freezes restored from a checkpoint are still kept applied).
+        config: the monitor's options: the freeze policy (``None``: freezes restored from a checkpoint are still kept
+            applied), the lag reference it reads, and whether a lag counts measurements (every k steps) or epochs.
         store: the run's snapshots (the frozen prefix reuses them; the prefix cache spills beside them).
         runtime: rank, broadcast, ``max_epochs``, the after-freeze hook and the logger.
         warn_once: the monitor's once-per-key warning.
         announce: writes a freeze event as text at a step (on rank zero).
-        lag_reference: the name of the rows the policy reads (its lag reference).
-        lag_in_measurements: the lag counts measurements (measuring by steps), not epochs.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        policy: FreezePolicy | None,
+        config: MonitorConfig,
         store: SnapshotStore,
         runtime: Runtime,
         warn_once: WarnFn,
         announce: Callable[[str, int], None],
-        *,
-        lag_reference: str | None,
-        lag_in_measurements: bool = False,
     ) -> None:
         self.model = model
-        self.policy = policy
+        self.policy = policy = config.freeze
         self.store = store
         self.runtime = runtime
         self.freezer = Freezer(policy=policy, spill_dir=self._cache_dir)
@@ -67,8 +64,8 @@ class FreezingCoordinator:
         self.streaks: dict[str, int] = {}
         #: The probe pass past the frozen prefix (built by :meth:`attach`, once the probe exists).
         self.prefix: FrozenPrefix | None = None
-        self.lag_reference = lag_reference
-        self.lag_in_measurements = lag_in_measurements
+        self.lag_reference = config.lag_reference
+        self.lag_in_measurements = config.every_n_train_steps is not None
         self._warn_once = warn_once
         self._announce = announce
 

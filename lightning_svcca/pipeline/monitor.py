@@ -23,7 +23,6 @@ after a freeze) comes in a :class:`~lightning_svcca.pipeline.runtime.Runtime`.
 from __future__ import annotations
 
 import time
-import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,9 +35,8 @@ from lightning_svcca.freezing.freezer import Freezer
 from lightning_svcca.freezing.frozen_prefix import FrozenPrefix
 from lightning_svcca.freezing.orchestration import FreezingCoordinator
 from lightning_svcca.measures.similarity import SimilarityWarning
-from lightning_svcca.output.history import pack_history, unpack_history
 from lightning_svcca.output.writers import as_writers
-from lightning_svcca.pipeline import preflight
+from lightning_svcca.pipeline import monitor_state, preflight
 from lightning_svcca.pipeline.activations import LayerSpec, format_layers, resolve_layers
 from lightning_svcca.pipeline.capture import Capture
 from lightning_svcca.pipeline.comparisons import Comparisons
@@ -53,10 +51,6 @@ from lightning_svcca.pipeline.snapshotting import Snapshotter
 from lightning_svcca.pipeline.timeline import Timeline
 
 __all__ = ["Runtime", "SVCCAMonitor", "SVCCAMonitorWarning"]
-
-STATE_VERSION = 1
-#: The folder under ``log_dir`` holding each run's snapshot files (``svcca_snapshots/<run_id>/``).
-SNAPSHOT_FOLDER = "svcca_snapshots"
 
 
 class SVCCAMonitorWarning(SimilarityWarning):
@@ -169,8 +163,6 @@ class SVCCAMonitor:
         self.probe_timings: dict[int, float] = {}
         #: The measured points, in order, with each one's (epoch, step); the comparisons read the same object.
         self.timeline = Timeline(lag_in_measurements=self.by_step)
-        #: This run's id: its snapshot folder under ``log_dir`` (kept across resumes).
-        self.run_id: str | None = None
         #: Layers kept at moments of the run for cross-layer maps (``cross_layer=...``), or ``None``.
         self.cross_layer = (
             CrossLayerMoments(config.cross_layer_moments, config.cross_layer_reference)
@@ -184,31 +176,11 @@ class SVCCAMonitor:
         self.probe_fingerprint: str | None = None
         self.last_measured_step = -1
         self.store = SnapshotStore(config.max_snapshot_bytes)
-        self.snapshots = Snapshotter(
-            model,
-            self.specs,
-            named=config.layers is not None,
-            references=config.references,
-            store=self.store,
-            cross_layer=self.cross_layer,
-            warn_once=self.warn_once,
-        )
+        self.snapshots = Snapshotter(model, self.specs, config, self.store, self.cross_layer, self.warn_once)
         self.outputs = RunOutputs(self.writers, self.log_dir, self.runtime, config.metrics)
-        self.freezing = FreezingCoordinator(
-            model,
-            config.freeze,
-            self.store,
-            self.runtime,
-            self.warn_once,
-            self.outputs.freeze_event,
-            lag_reference=config.lag_reference,
-            lag_in_measurements=self.by_step,
-        )
+        announce = self.outputs.freeze_event
+        self.freezing = FreezingCoordinator(model, config, self.store, self.runtime, self.warn_once, announce)
         self._comparisons: Comparisons | None = None
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Read-only views
-    # ------------------------------------------------------------------------------------------------------------
 
     @property
     def layers(self) -> list[str]:
@@ -246,6 +218,11 @@ class SVCCAMonitor:
         return self.freezing.freezer
 
     @property
+    def run_id(self) -> str | None:
+        """This run's id: its snapshot folder under ``log_dir`` (kept across resumes)."""
+        return self.outputs.run_id
+
+    @property
     def csv_name(self) -> str | None:
         """The history CSV's file name in ``log_dir`` (unique among runs sharing the folder)."""
         return self.outputs.csv_name
@@ -261,10 +238,6 @@ class SVCCAMonitor:
     def compute_dtype(self) -> torch.dtype:
         """The decomposition precision: ``compute_dtype``, with ``"auto"`` resolved for the model's device."""
         return preflight.compute_dtype(self.config, self.model)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # The run
-    # ------------------------------------------------------------------------------------------------------------
 
     def prepare(self) -> None:
         """Build the probe and run two of its samples through the model, so a bad probe fails before training.
@@ -286,12 +259,11 @@ class SVCCAMonitor:
         self.prepare()
         capture = self._capture
         assert capture is not None
-        self.run_id = self.run_id or uuid.uuid4().hex[:12]
-        if self.log_dir is not None:
-            self.store.persist_to(self.log_dir / SNAPSHOT_FOLDER / self.run_id)
-            if self.cross_layer is not None:
-                self.cross_layer.folder = self.store.directory
         config = self.config
+        axis = "step" if self.by_step else "epoch"
+        self.outputs.open(self.store, axis=axis, heatmap_time_share=config.heatmap_time_share)
+        if self.log_dir is not None and self.cross_layer is not None:
+            self.cross_layer.folder = self.store.directory
         self._comparisons = Comparisons(
             self.store,
             config.references,
@@ -302,7 +274,6 @@ class SVCCAMonitor:
             device=device_of(self.model),
             dtype=capture.options.dtype,
         )
-        self.outputs.open(axis="step" if self.by_step else "epoch", heatmap_time_share=config.heatmap_time_share)
         if not self.timeline:
             self._measure(0, step)
         else:
@@ -358,10 +329,6 @@ class SVCCAMonitor:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Freezing, for the training loop
-    # ------------------------------------------------------------------------------------------------------------
-
     def restore_freezes(self, *, hard: bool = True) -> None:
         """Apply freezes restored from a checkpoint (before any training step); ``hard=False``: gradients dropped."""
         self.freezing.restore(hard=hard)
@@ -378,57 +345,13 @@ class SVCCAMonitor:
         """Soft freezing only: drop the frozen parameters' gradients."""
         self.freezing.before_optimizer_step()
 
-    # ------------------------------------------------------------------------------------------------------------
-    # State
-    # ------------------------------------------------------------------------------------------------------------
-
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue identically: history, freezes, policy counters, snapshots."""
-        freezing = self.freezing.state_dict()
-        timeline = self.timeline.state_dict()
-        return {
-            "version": STATE_VERSION,
-            "history": pack_history(self.history),
-            "frozen": freezing["frozen"],
-            "streaks": freezing["streaks"],
-            "freezer": freezing["freezer"],
-            "measured": timeline["measured"],
-            "layer_order": list(self.snapshots.layer_order),
-            "last_measured_step": self.last_measured_step,
-            "probe_fingerprint": self.probe_fingerprint,
-            "snapshots": self.store.state_dict(),
-            "skipped": [list(entry) for entry in self.skipped],
-            "points": timeline["points"],
-            "run_id": self.run_id,
-            "csv_name": self.outputs.csv_name,
-            "cross_layer": {} if self.cross_layer is None else self.cross_layer.state_dict(),
-        }
+        """Everything needed to continue identically: a flat dict (:mod:`~lightning_svcca.pipeline.monitor_state`)."""
+        return monitor_state.state_of(self)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (keys missing from older checkpoints take their defaults)."""
-        self.history = unpack_history(state_dict.get("history", []))
-        self.freezing.load_state_dict(state_dict)
-        self.timeline.load_state_dict(state_dict)
-        self.snapshots.layer_order = list(state_dict.get("layer_order", []))
-        self.last_measured_step = int(state_dict.get("last_measured_step", -1))
-        self.probe_fingerprint = state_dict.get("probe_fingerprint")
-        missing = self.store.load_state_dict(state_dict.get("snapshots", {}))
-        self.skipped = [tuple(entry) for entry in state_dict.get("skipped", [])]
-        self.run_id = state_dict.get("run_id")
-        self.outputs.csv_name = state_dict.get("csv_name")
-        if self.cross_layer is not None:
-            self.cross_layer.load_state_dict(state_dict.get("cross_layer", {}))
-        if missing:
-            self.warn_once(
-                "snapshots-missing",
-                f"the checkpoint's snapshot files of {len(missing)} layer/epoch pairs are gone (e.g. {missing[:3]});"
-                " the run goes on with what it has: comparisons with those epochs are skipped, and a freeze policy"
-                " may need more epochs to decide. Keep the run's svcca_snapshots folder with its checkpoints",
-            )
-
-    # ------------------------------------------------------------------------------------------------------------
-    # One measurement, step by step
-    # ------------------------------------------------------------------------------------------------------------
+        monitor_state.load_state(self, state_dict)
 
     def _measure(
         self, epoch: int, step: int, *, decide_freezes: bool = True, live_final: bool = True
@@ -485,10 +408,6 @@ class SVCCAMonitor:
     def _settle_layer_order(self, order: Sequence[str]) -> list[str]:
         """Bottom-up order from the first probe (see :meth:`Snapshotter.settle_layer_order`)."""
         return self.snapshots.settle_layer_order(order)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Plumbing
-    # ------------------------------------------------------------------------------------------------------------
 
     def _build_probe(self) -> None:
         """The probe from the config; a probe that differs from the checkpoint's drops the snapshots."""

@@ -1,6 +1,7 @@
 """What one monitored run writes: scalars, heatmaps, freeze events, the history CSV and the cross-layer maps.
 
-The report step of a measurement. :class:`RunOutputs` sends each measurement's rows to the writers (through
+The report step of a measurement, and the run's files. :class:`RunOutputs` names the run (its snapshot folder
+``svcca_snapshots/<run_id>/`` under ``log_dir``), sends each measurement's rows to the writers (through
 :class:`~lightning_svcca.output.writers.Reporter`), draws a heatmap per reference, keeps the history CSV up to
 date under a file name claimed for this run, and at the end of fit writes the ``final`` comparisons and the
 cross-layer maps. Only rank zero writes; on the other processes every method does nothing but what the state
@@ -9,6 +10,7 @@ needs (the cross-layer rows).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,12 @@ from lightning_svcca.output.reporting import HISTORY_FILE, layer_map_image, writ
 from lightning_svcca.output.writers import Reporter
 from lightning_svcca.pipeline.moments import CrossLayerMoments
 from lightning_svcca.pipeline.runtime import Runtime
+from lightning_svcca.pipeline.snapshots import SnapshotStore
 
-__all__ = ["CROSS_LAYER_COLUMNS", "RunOutputs"]
+__all__ = ["CROSS_LAYER_COLUMNS", "SNAPSHOT_FOLDER", "RunOutputs"]
+
+#: The folder under ``log_dir`` holding each run's snapshot files (``svcca_snapshots/<run_id>/``).
+SNAPSHOT_FOLDER = "svcca_snapshots"
 
 #: Columns of the cross-layer CSV (``svcca_cross_layer.csv`` beside the history).
 CROSS_LAYER_COLUMNS = ("epoch", "step", "fraction", "metric", "reference", "layer", "reference_layer", "value")
@@ -29,7 +35,7 @@ class RunOutputs:
 
     Args:
         writers: normalised writers (:func:`~lightning_svcca.output.writers.as_writers`).
-        log_dir: where the history CSV goes; ``None``: no file.
+        log_dir: where the history CSV and the run's snapshot folder go; ``None``: no file.
         runtime: which process is rank zero.
         metrics: the metrics measured (a heatmap each).
     """
@@ -39,12 +45,17 @@ class RunOutputs:
         self.log_dir = log_dir
         self.runtime = runtime
         self.metrics = tuple(metrics)
+        #: This run's id: its snapshot folder under ``log_dir`` (kept across resumes).
+        self.run_id: str | None = None
         #: The history CSV's file name in ``log_dir`` (unique among runs sharing the folder; kept across resumes).
         self.csv_name: str | None = None
         self.reporter: Reporter | None = None
 
-    def open(self, *, axis: str, heatmap_time_share: float) -> None:
-        """Start writing (at the run's start): the reporter, with this run's history CSV claimed."""
+    def open(self, store: SnapshotStore, *, axis: str, heatmap_time_share: float) -> None:
+        """At the run's start: ``store`` kept in the run's folder, the history CSV claimed, the reporter made."""
+        self.run_id = self.run_id or uuid.uuid4().hex[:12]
+        if self.log_dir is not None:
+            store.persist_to(self.log_dir / SNAPSHOT_FOLDER / self.run_id)
         zero = self.runtime.is_global_zero
         self.reporter = Reporter(
             self.writers if zero else [], self.claim_csv(), axis=axis, heatmap_time_share=heatmap_time_share

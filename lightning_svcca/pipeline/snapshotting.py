@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lightning_svcca.pipeline.activations import ActivationRecorder, LayerSpec
 from lightning_svcca.pipeline.capture import Capture, WarnFn
+from lightning_svcca.pipeline.config import MonitorConfig
 from lightning_svcca.pipeline.moments import CrossLayerMoments
 from lightning_svcca.pipeline.references import Reference, device_of, reference_model
 from lightning_svcca.pipeline.snapshots import Snapshot, SnapshotStore
@@ -28,8 +29,8 @@ class Snapshotter:
     Args:
         model: the model being trained.
         specs: the monitored layers as resolved from the options.
-        named: whether the user named the layers (then a layer that never runs is warned about).
-        references: the run's references (the fixed ones are snapshotted once).
+        config: the monitor's options: whether the user named the layers (then a layer that never runs is warned
+            about), and the references (the fixed ones are snapshotted once).
         store: where snapshots are kept.
         cross_layer: the moments kept for cross-layer maps, or ``None``.
         warn_once: the monitor's once-per-key warning.
@@ -39,17 +40,15 @@ class Snapshotter:
         self,
         model: nn.Module,
         specs: Sequence[LayerSpec],
-        *,
-        named: bool,
-        references: Sequence[Reference],
+        config: MonitorConfig,
         store: SnapshotStore,
         cross_layer: CrossLayerMoments | None,
         warn_once: WarnFn,
     ) -> None:
         self.model = model
         self.specs = list(specs)
-        self.named = named
-        self.references = list(references)
+        self.named = config.layers is not None
+        self.references: list[Reference] = list(config.references)
         self.store = store
         self.cross_layer = cross_layer
         self._warn_once = warn_once

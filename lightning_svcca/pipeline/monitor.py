@@ -212,6 +212,19 @@ class SVCCAMonitor:
         """Frozen layers -> the epoch at which they froze."""
         return self.freezing.frozen
 
+    @frozen.setter
+    def frozen(self, frozen: dict[str, int]) -> None:
+        self.freezing.frozen = frozen
+
+    @property
+    def streaks(self) -> dict[str, int]:
+        """The freeze policy's per-layer counts of consecutive converged measurements."""
+        return self.freezing.streaks
+
+    @streaks.setter
+    def streaks(self, streaks: dict[str, int]) -> None:
+        self.freezing.streaks = streaks
+
     @property
     def freezer(self) -> Freezer:
         """The freezes applied to the model (and the frozen-prefix cache)."""

@@ -86,20 +86,17 @@ class FreezingCoordinator:
 
     def probe_pass(
         self, layers: Sequence[str], last_point: int | None, device: torch.device
-    ) -> tuple[ActivationRecorder, list[str]]:
-        """The probe's activations of the layers not known since ``last_point``, and the known layers.
+    ) -> tuple[ActivationRecorder, dict[str, Snapshot]]:
+        """The probe's activations of the layers not known since ``last_point``, and the known layers' snapshots.
 
-        ``last_point=None``: no reuse (nothing measured yet, or every layer is needed in full).
+        A layer is known when it belongs to the verified frozen prefix and has a snapshot at ``last_point`` on
+        every process: its snapshot there (the same object) still holds. ``last_point=None``: no reuse (nothing
+        measured yet, or every layer is needed in full).
         """
         assert self.prefix is not None, "attach() the capture first"
         known = self.prefix.known_layers(layers, last_point, device) if self.freezer.caching else []
-        return self.prefix.record(self.model, device, known), known
-
-    def reused(self, known: Sequence[str], last_point: int | None) -> dict[str, Snapshot]:
-        """The known layers' snapshots at ``last_point`` (the same objects)."""
-        if not known or last_point is None or self.prefix is None:
-            return {}
-        return self.prefix.reused(known, last_point)
+        recorder = self.prefix.record(self.model, device, known)
+        return recorder, self.prefix.reused(known, last_point) if known and last_point is not None else {}
 
     def freeze_converged(self, rows: Sequence[Mapping[str, Any]], epoch: int, step: int, layers: Sequence[str]) -> None:
         """Decide on rank zero from this measurement's ``rows``, broadcast, and freeze on every process alike."""

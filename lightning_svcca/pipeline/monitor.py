@@ -376,10 +376,9 @@ class SVCCAMonitor:
         # record: past a verified frozen prefix, whose layers' snapshots at the last point are reused (not with
         # cross-layer maps: they need every layer's pass)
         last = self.timeline.latest if self.cross_layer is None else None
-        recorder, known = self.freezing.probe_pass(self.layers, last, device_of(self.model))
+        recorder, reused = self.freezing.probe_pass(self.layers, last, device_of(self.model))
         self.probe_timings[point] = time.perf_counter() - started
         # snapshot: this point's, the cross-layer moment's, and the fixed references' at the first measurement
-        reused = self.freezing.reused(known, last)
         snapshots = self.snapshots.take(recorder, reused, epoch)
         self.snapshots.keep_moment(recorder, point, epoch, step, self._run_length())
         if not self.timeline:

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     )
     from lightning_svcca.offline.compare import compare_models
     from lightning_svcca.output.writers import TensorBoardWriter
-    from lightning_svcca.pipeline.monitor import Runtime, SVCCAMonitor, SVCCAMonitorWarning
+    from lightning_svcca.pipeline.monitor import SVCCAMonitor, SVCCAMonitorWarning
+    from lightning_svcca.pipeline.runtime import Runtime
 
 __version__ = "0.1.0"
 
@@ -47,7 +48,7 @@ __version__ = "0.1.0"
 _MODULES = {
     "SVCCACallback": "integrations.callback",
     "FreezePolicy": "freezing.policy",
-    "Runtime": "pipeline.monitor",
+    "Runtime": "pipeline.runtime",
     "SVCCAMonitor": "pipeline.monitor",
     "SVCCAMonitorWarning": "pipeline.monitor",
     "TensorBoardWriter": "output.writers",

@@ -285,7 +285,7 @@ def test_checkpoint_state_does_not_grow_with_snapshots(tmp_path, data):
 
 def test_live_final_heatmap_compares_a_bounded_number_of_epochs():
     from lightning_svcca.output.reporting import evenly_spaced
-    from lightning_svcca.pipeline.monitor import LIVE_FINAL_COLUMNS
+    from lightning_svcca.pipeline.comparisons import LIVE_FINAL_COLUMNS
 
     epochs = list(range(500))
     shown = evenly_spaced(epochs, LIVE_FINAL_COLUMNS)

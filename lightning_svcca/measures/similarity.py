@@ -648,7 +648,7 @@ def _check_representation(x: object, name: str) -> Tensor:
     if x.ndim != 2:
         raise ValueError(
             f"{name} must be 2-D (n_datapoints, n_features), got shape {tuple(x.shape)}; reduce conv or sequence"
-            " outputs first, e.g. lightning_svcca.pipeline.activations.reduce_output"
+            " outputs first, e.g. lightning_svcca.pipeline.reduction.reduce_output"
         )
     if x.shape[0] < 2:
         raise ValueError(f"{name} needs at least 2 datapoints (rows) to centre, got {x.shape[0]}")

@@ -1,11 +1,12 @@
-"""Which snapshot each layer is compared with, the comparisons themselves, and forgetting what is no longer needed.
+"""Comparisons: each new snapshot against its references, the ``final`` pass, and forgetting unneeded snapshots.
 
-Measurements are identified by their *point*: the epoch when measuring per epoch, the global step when measuring
-every k steps. A measurement at a point compares every layer's new snapshot with each reference that has one by then
-(:meth:`Comparisons.rows_for`): the last measured epoch (``previous``), epoch 0 (``initial``), a fixed model or
-features, or a freeze policy's lag. The ``final`` reference is different: every measured epoch is compared with
-the latest one (:meth:`Comparisons.against_epoch`), live for the heatmap and once at the end of fit for the
-history. Each row is a plain dict (see :func:`row`); rows whose value is not finite are dropped.
+The comparison stage of a measurement. A measurement at a point (see :mod:`~lightning_svcca.pipeline.timeline`)
+compares every layer's new snapshot with each reference that has one by then (:meth:`Comparisons.rows_for`): the
+last measured point (``previous``), the first (``initial``), a fixed model or features, or a freeze policy's lag.
+The ``final`` reference is different: every measured point is compared with the latest one
+(:meth:`Comparisons.against_point`), live for the heatmap and once at the end of fit for the history. Afterwards
+:meth:`Comparisons.prune` drops the snapshots no reference will need again. Each row is a plain dict (see
+:func:`row`); rows whose value is not finite are dropped.
 """
 
 from __future__ import annotations
@@ -17,10 +18,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_svcca.output.reporting import evenly_spaced
 from lightning_svcca.pipeline.references import Reference
 from lightning_svcca.pipeline.snapshots import Collective, Pair, Snapshot, SnapshotStore, evaluate, pair_for
+from lightning_svcca.pipeline.timeline import Timeline
 
-__all__ = ["Comparisons", "row", "values_of"]
+__all__ = ["LIVE_FINAL_COLUMNS", "Comparisons", "row", "values_of"]
+
+#: Points the live "final" heatmap compares with the latest one at most (the end-of-fit pass compares all).
+LIVE_FINAL_COLUMNS = 10
 
 
 def row(epoch: int, step: int, layer: str, reference: str, metric: str, value: float) -> dict[str, Any]:
@@ -48,9 +54,7 @@ class Comparisons:
         references: the references, in the order of the rows.
         metrics: the metrics computed for each pair.
         baseline: also compare each snapshot with itself under a fixed datapoint shuffle (the noise floor).
-        measured: the measured epochs so far, in order (shared with the monitor, which appends to it).
-        points: ``(epoch, step)`` of each measured point (shared with the monitor).
-        lag_in_measurements: a lag reference counts measurements back (step mode), not epochs.
+        timeline: the run's measured points (the monitor's own object: it adds each point once compared).
         collective: sums across processes for a sharded probe.
         device: where the pairs are evaluated (the model's device).
         dtype: precision of the decompositions.
@@ -63,20 +67,16 @@ class Comparisons:
         metrics: Sequence[str],
         *,
         baseline: bool,
-        measured: list[int],
-        points: dict[int, tuple[int, int]],
+        timeline: Timeline,
         collective: Collective,
         device: torch.device,
         dtype: torch.dtype,
-        lag_in_measurements: bool = False,
     ) -> None:
         self.store = store
         self.references = list(references)
         self.metrics = tuple(metrics)
         self.baseline = baseline
-        self.measured = measured
-        self.points = points
-        self.lag_in_measurements = lag_in_measurements
+        self.timeline = timeline
         self._collective = collective
         self._device = device
         self._dtype = dtype
@@ -87,9 +87,11 @@ class Comparisons:
         """Whether a ``final`` reference keeps every epoch's snapshot until the end of fit."""
         return any(reference.kind == "final" for reference in self.references)
 
-    def rows_for(self, point: int, snapshots: Mapping[str, Snapshot]) -> list[dict[str, Any]]:
-        """Rows of one measurement: kept directions, each layer against each reference, and the baselines."""
-        epoch, step = self.points[point]
+    def rows_for(self, point: int, epoch: int, step: int, snapshots: Mapping[str, Snapshot]) -> list[dict[str, Any]]:
+        """Rows of the measurement at ``point`` (``epoch``, ``step``), before it joins the timeline.
+
+        Kept directions, each layer against each reference, and the baselines.
+        """
         jobs: list[tuple[dict[str, Any], str, Pair]] = []
         rows = []
         for layer, snapshot in snapshots.items():
@@ -124,11 +126,11 @@ class Comparisons:
                 continue
             latest = self.store.get(key)
             jobs = []
-            for point in self.measured if points is None else points:
+            for point in self.timeline.measured if points is None else points:
                 if point > target or (layer, str(point)) not in self.store:
                     continue
                 snapshot = self.store.get((layer, str(point)))
-                epoch, step = self.points[point]
+                epoch, step = self.timeline.at(point)
                 for metric in self.metrics:
                     jobs.append(
                         (
@@ -140,25 +142,39 @@ class Comparisons:
             rows += self._evaluate(jobs)
         return rows
 
+    def heatmap_sources(
+        self, point: int, history: Sequence[dict[str, Any]], layers: Sequence[str], *, live_final: bool
+    ) -> dict[str, Sequence[dict[str, Any]]]:
+        """The rows each reference's heatmap is drawn from after the measurement at ``point``.
+
+        A reference compared at each measurement draws from the ``history`` (a freeze policy's lag reference is only
+        charted). With ``live_final``, ``final`` gets the learning-dynamics picture so far: at most
+        :data:`LIVE_FINAL_COLUMNS` points against the latest (not kept in the history), so a measurement costs the
+        same at epoch 10 and at epoch 1000.
+        """
+        sources: dict[str, Sequence[dict[str, Any]]] = {
+            reference.name: history for reference in self.references if reference.kind not in ("final", "lag")
+        }
+        if self.wants_final and len(self.timeline) > 1 and live_final:
+            shown = evenly_spaced(self.timeline.measured, LIVE_FINAL_COLUMNS)
+            sources["final"] = self.against_point(point, "final", layers, shown)
+        return sources
+
     def reference_snapshot(self, reference: Reference, layer: str, point: int) -> Snapshot | None:
         """The snapshot a layer is compared with at ``point``, or ``None`` when there is none (yet)."""
-        earlier = [p for p in self.measured if p < point]
         if reference.kind == "final":
             return None  # compared at the end of fit (and live, for the heatmap)
         if reference.fixed:
-            key = (layer, reference.name)
-        elif not earlier:
-            return None  # the first measurement has no earlier point
-        elif reference.kind == "initial":
-            key = (layer, str(self.measured[0]))
+            return self._stored((layer, reference.name))
+        if reference.kind == "initial":
+            other = self.timeline.first if self.timeline.before(point) else None
         elif reference.kind == "previous":
-            key = (layer, str(earlier[-1]))
-        elif self.lag_in_measurements:
-            if len(earlier) < reference.lag:
-                return None
-            key = (layer, str(earlier[-reference.lag]))
-        else:  # lag in epochs
-            key = (layer, str(point - reference.lag))
+            other = self.timeline.previous(point)
+        else:
+            other = self.timeline.lagged(point, reference.lag)
+        return None if other is None else self._stored((layer, str(other)))
+
+    def _stored(self, key: tuple[str, str]) -> Snapshot | None:
         return self.store.get(key) if key in self.store else None
 
     def prune(self, point: int) -> None:
@@ -166,12 +182,10 @@ class Comparisons:
         if self.wants_final:
             return  # the final pass needs every point
         horizon = max((reference.lag for reference in self.references if reference.kind == "lag"), default=0)
-        if self.lag_in_measurements:
-            kept = set(self.measured[-(horizon + 1) :])
-        else:
-            kept = {p for p in self.measured if p == point or p > point - horizon}
-        if self.measured and any(reference.kind == "initial" for reference in self.references):
-            kept.add(self.measured[0])
+        kept = self.timeline.recent(point, horizon)
+        first = self.timeline.first
+        if first is not None and any(reference.kind == "initial" for reference in self.references):
+            kept.add(first)
         for layer, tag in self.store.keys():
             if tag.isdigit() and int(tag) not in kept:
                 self.store.discard((layer, tag))

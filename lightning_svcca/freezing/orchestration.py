@@ -1,0 +1,206 @@
+"""Freeze training within a run: the monitor's freezing steps, from a measurement's rows to frozen parameters.
+
+:class:`FreezingCoordinator` is what the monitor asks about freezing. At each measurement it runs the probe past a
+verified frozen prefix (:class:`~lightning_svcca.freezing.frozen_prefix.FrozenPrefix`), then decides which layers
+freeze (the :class:`~lightning_svcca.freezing.freezer.FreezePolicy`, on rank zero), broadcasts the decisions,
+and applies them on every process at the same step (:class:`~lightning_svcca.freezing.freezer.Freezer`). Between
+measurements it keeps the freezes applied (BatchNorm modes, soft freezing's dropped gradients), and it carries the
+freeze state across checkpoints.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_svcca.freezing.blocks import freeze_blocks
+from lightning_svcca.freezing.freezer import Freezer
+from lightning_svcca.freezing.frozen_prefix import FrozenPrefix
+from lightning_svcca.freezing.policy import FreezeDecision
+from lightning_svcca.pipeline.capture import Capture, WarnFn
+from lightning_svcca.pipeline.comparisons import row, values_of
+from lightning_svcca.pipeline.config import MonitorConfig
+from lightning_svcca.pipeline.recording import ActivationRecorder
+from lightning_svcca.pipeline.runtime import Runtime
+from lightning_svcca.pipeline.snapshots import Snapshot, SnapshotStore
+
+__all__ = ["FreezingCoordinator"]
+
+
+class FreezingCoordinator:
+    """The freezes of one run: decided on rank zero, applied everywhere, kept applied, saved with checkpoints.
+
+    Args:
+        model: the model being trained.
+        config: the monitor's options: the freeze policy (``None``: freezes restored from a checkpoint are still kept
+            applied), the lag reference it reads, and whether a lag counts measurements (every k steps) or epochs.
+        store: the run's snapshots (the frozen prefix reuses them; the prefix cache spills beside them).
+        runtime: rank, broadcast, ``max_epochs``, the after-freeze hook and the logger.
+        warn_once: the monitor's once-per-key warning.
+        announce: writes a freeze event as text at a step (on rank zero).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: MonitorConfig,
+        store: SnapshotStore,
+        runtime: Runtime,
+        warn_once: WarnFn,
+        announce: Callable[[str, int], None],
+    ) -> None:
+        self.model = model
+        self.policy = policy = config.freeze
+        self.store = store
+        self.runtime = runtime
+        self.freezer = Freezer(policy=policy, spill_dir=self._cache_dir)
+        #: Frozen layers -> the epoch at which they froze.
+        self.frozen: dict[str, int] = {}
+        #: The policy's per-layer counts of consecutive converged measurements.
+        self.streaks: dict[str, int] = {}
+        #: The probe pass past the frozen prefix (built by :meth:`attach`, once the probe exists).
+        self.prefix: FrozenPrefix | None = None
+        self.lag_reference = config.lag_reference
+        self.lag_in_measurements = config.every_n_train_steps is not None
+        self._warn_once = warn_once
+        self._announce = announce
+
+    def attach(self, capture: Capture) -> None:
+        """Take the run's probe passes: from now on :meth:`probe_pass` may reuse the frozen prefix."""
+        self.prefix = FrozenPrefix(
+            capture,
+            self.store,
+            self.freezer,
+            self.runtime.collective,
+            self._warn_once,
+            serve_probe=self.runtime.probe_as_training,
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # At each measurement
+    # ------------------------------------------------------------------------------------------------------------
+
+    def probe_pass(
+        self, layers: Sequence[str], last_point: int | None, device: torch.device
+    ) -> tuple[ActivationRecorder, dict[str, Snapshot]]:
+        """The probe's activations of the layers not known since ``last_point``, and the known layers' snapshots.
+
+        A layer is known when it belongs to the verified frozen prefix and has a snapshot at ``last_point`` on
+        every process: its snapshot there (the same object) still holds. ``last_point=None``: no reuse (nothing
+        measured yet, or every layer is needed in full).
+        """
+        assert self.prefix is not None, "attach() the capture first"
+        known = self.prefix.known_layers(layers, last_point, device) if self.freezer.caching else []
+        recorder = self.prefix.record(self.model, device, known)
+        return recorder, self.prefix.reused(known, last_point) if known and last_point is not None else {}
+
+    def freeze_converged(self, rows: Sequence[Mapping[str, Any]], epoch: int, step: int, layers: Sequence[str]) -> None:
+        """Decide on rank zero from this measurement's ``rows``, broadcast, and freeze on every process alike."""
+        assert self.policy is not None and self.prefix is not None
+        decisions: list[FreezeDecision] = []
+        if self.runtime.is_global_zero:
+            decisions = self._decide(rows, epoch, layers)
+        decisions, self.streaks = self.runtime.broadcast((decisions, self.streaks))
+        if decisions:
+            self._apply(decisions, epoch, step, layers)
+
+    def frozen_rows(self, epoch: int, step: int, layers: Sequence[str]) -> list[dict[str, Any]]:
+        """A ``frozen`` row (1 or 0) per layer, with a policy or freezes; ``[]`` without either."""
+        if self.policy is None and not self.frozen:
+            return []
+        return [row(epoch, step, layer, "frozen", "svcca", float(layer in self.frozen)) for layer in layers]
+
+    def _decide(self, rows: Sequence[Mapping[str, Any]], epoch: int, layers: Sequence[str]) -> list[FreezeDecision]:
+        """The policy's decisions from the lag reference's and the baseline's values (updates the streaks)."""
+        policy = self.policy
+        assert policy is not None
+        return policy.decide(
+            epoch,
+            layers,
+            self.frozen,
+            self.streaks,
+            values_of(rows, self.lag_reference, policy.metric),
+            values_of(rows, "baseline", policy.metric),
+            self.runtime.max_epochs,
+            compared_with=f"the snapshot {policy.lag} measurement(s) earlier" if self.lag_in_measurements else None,
+        )
+
+    def _apply(self, decisions: Sequence[FreezeDecision], epoch: int, step: int, layers: Sequence[str]) -> None:
+        """Freeze each decided layer's block, never the last trainable parameters; then the after-freeze hook."""
+        assert self.prefix is not None
+        blocks = freeze_blocks(self.prefix.completion, layers, self.model)
+        for decision in decisions:
+            block = blocks[decision.layer]
+            if not self.freezer.leaves_trainable(self.model, block):
+                self._warn_once(
+                    "freeze-all",
+                    f"the freeze policy would freeze every trainable parameter at layer {decision.layer!r}; it stops"
+                    " one short and that layer keeps training. Use FreezePolicy(keep_last=1) or more",
+                )
+                break
+            self.freezer.freeze(self.model, decision.layer, block)
+            self.frozen[decision.layer] = epoch
+            if not block.parameters:  # nothing of its own to freeze: it counts for the order, but is no freeze
+                self.runtime.logger.debug(f"layer {decision.layer!r} has no parameters of its own: {decision.reason}")
+                continue
+            count = len(block.parameters)
+            message = (
+                f"froze layer {decision.layer!r} at epoch {epoch} ({count} parameter tensor{'s' * (count != 1)}):"
+                f" {decision.reason}"
+            )
+            if self.runtime.is_global_zero:
+                self.runtime.logger.info(message)
+                self._announce(message, step)
+        if self.freezer.hard and self.runtime.after_freeze is not None:
+            self.runtime.after_freeze()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Between measurements, for the training loop
+    # ------------------------------------------------------------------------------------------------------------
+
+    def restore(self, *, hard: bool) -> None:
+        """Apply freezes restored from a checkpoint (before any training step); ``hard=False``: gradients dropped."""
+        self.freezer.hard = hard
+        if self.freezer.parameters:
+            self.freezer.apply(self.model, norms=False)
+            if hard and self.runtime.after_freeze is not None:
+                self.runtime.after_freeze()
+
+    def before_batch(self, epoch: int | None) -> None:
+        """Frozen BatchNorm layers back in eval mode; the prefix cache told the loop's epoch."""
+        self.freezer.start_batch(self.model, -1 if epoch is None else int(epoch))
+
+    def before_optimizer_step(self) -> None:
+        """Soft freezing only: drop the frozen parameters' gradients."""
+        if not self.freezer.hard and self.freezer.parameters:
+            self.freezer.drop_gradients(self.model)
+
+    def close(self) -> None:
+        """Take the prefix cache off the model and delete its files."""
+        self.freezer.close()
+
+    def _cache_dir(self) -> Path:
+        """A fresh folder for the frozen-prefix cache's spill files: in the run's folder, else a temporary one."""
+        if self.store.directory is not None:
+            return self.store.directory / f"prefix_cache_{uuid.uuid4().hex[:8]}"
+        return Path(tempfile.mkdtemp(prefix="svcca_prefix_cache_"))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # State
+    # ------------------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint entries ``frozen``, ``streaks`` and ``freezer``."""
+        return {"frozen": dict(self.frozen), "streaks": dict(self.streaks), "freezer": self.freezer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s entries (missing ones: nothing frozen)."""
+        self.frozen = dict(state.get("frozen", {}))
+        self.streaks = dict(state.get("streaks", {}))
+        self.freezer.load_state_dict(state.get("freezer", {}))

@@ -1,0 +1,123 @@
+"""Before the first measurement: the options checked against the model, the probe built, the capture set up.
+
+The monitor runs these once, so that a bad layer name, a missing checkpoint or an unusable probe fails before
+training starts: :func:`check_against_model` when the monitor is built, :func:`probe_from_config` and
+:func:`capture_for` when it prepares its first probe pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_svcca.pipeline.capture import Capture, CaptureOptions, SkipFn, WarnFn
+from lightning_svcca.pipeline.config import MonitorConfig
+from lightning_svcca.pipeline.layers import LayerSpec
+from lightning_svcca.pipeline.probe import Probe, build_probe, check_not_meta
+from lightning_svcca.pipeline.references import check_reference_layers, device_of
+from lightning_svcca.pipeline.runtime import Runtime
+from lightning_svcca.pipeline.snapshots import Collective, LocalCollective, snapshot_needs
+
+__all__ = ["capture_for", "check_against_model", "compute_dtype", "probe_from_config"]
+
+#: Metrics that a float32 decomposition computes accurately. The Gram route squares singular values, so float32
+#: only resolves directions down to about 1% of the largest: CKA weights directions by their variance and barely
+#: notices, but SVCCA's kept set (and so its value) can change by several hundredths on ill-conditioned layers.
+_FLOAT32_SAFE_METRICS = ("linear_cka",)
+
+
+def check_against_model(config: MonitorConfig, specs: Sequence[LayerSpec]) -> None:
+    """Layer names, module references and a freeze schedule must fit the model before anything runs."""
+    names = [spec.name for spec in specs]
+    for reference in config.references:
+        if reference.kind == "module":
+            check_reference_layers(reference, names)
+        elif reference.kind == "checkpoint" and not Path(reference.source).is_file():
+            raise FileNotFoundError(f"reference {reference.name!r}: no checkpoint file at {reference.source}")
+    policy = config.freeze
+    if policy is not None and policy.mode == "schedule":
+        unknown = sorted(set(policy.schedule or {}) - set(names))
+        if unknown:
+            raise ValueError(
+                f"FreezePolicy.schedule names layers that are not monitored: {unknown}; monitored: {names}"
+            )
+
+
+def probe_from_config(config: MonitorConfig, warn_once: WarnFn) -> Probe:
+    """The probe from ``config.probe`` (called first when it is a function), with a warning for a short loader."""
+    source = config.probe() if callable(config.probe) and not isinstance(config.probe, nn.Module) else config.probe
+    if source is None:
+        raise ValueError("no probe: pass probe=<tensor, batch or DataLoader> (a few hundred samples or more)")
+    check_not_meta(source)
+    probe = build_probe(
+        source,
+        config.probe_size,
+        input_key=config.probe_input,
+        mask_key=config.probe_mask,
+        needs_input=config.forward_fn is None,
+        seed=config.probe_seed,
+    )
+    if isinstance(source, DataLoader) and probe.size < config.probe_size:
+        warn_once(
+            "probe-truncated",
+            f"probe_size={config.probe_size} but the probe DataLoader holds only {probe.size} samples: the"
+            f" probe is all {probe.size} of them. Pass probe_size=<n> (or more data) to silence this",
+        )
+    return probe
+
+
+def compute_dtype(config: MonitorConfig, model: nn.Module) -> torch.dtype:
+    """The decomposition precision: ``compute_dtype``, with ``"auto"`` resolved for the model's device."""
+    chosen = config.dtype
+    if chosen is not None:
+        return chosen
+    on_gpu = device_of(model).type == "cuda"
+    return torch.float32 if on_gpu and set(config.metrics) <= set(_FLOAT32_SAFE_METRICS) else torch.float64
+
+
+def capture_for(
+    model: nn.Module,
+    probe: Probe,
+    specs: Sequence[LayerSpec],
+    config: MonitorConfig,
+    runtime: Runtime,
+    *,
+    skip: SkipFn,
+    warn_once: WarnFn,
+) -> Capture:
+    """The run's probe passes and snapshots, checked with two probe samples through ``model``."""
+    full_rank, with_right = snapshot_needs(config.metrics)
+    options = CaptureOptions(
+        probe_batch_size=config.probe_batch_size,
+        forward_fn=config.forward_fn,
+        max_datapoints=config.max_datapoints,
+        keep=config.keep,
+        keep_by=config.keep_by,
+        full_rank=full_rank,
+        with_right=with_right,
+        keep_means=bool(config.cross_layer_moments),
+        dtype=compute_dtype(config, model),
+    )
+    capture = Capture(
+        probe,
+        list(specs),
+        options,
+        _probe_collective(probe, config, runtime.collective),
+        skip=skip,
+        warn_once=warn_once,
+        forward_context=runtime.forward_context,
+        convert_input=runtime.convert_input,
+    )
+    capture.check(model, device_of(model))
+    return capture
+
+
+def _probe_collective(probe: Probe, config: MonitorConfig, collective: Collective) -> Collective:
+    """The full collective for a sharded probe, or this process alone (no sharding, or a tiny probe)."""
+    if collective.world_size < 2 or not config.shard_probe or probe.size < 2 * collective.world_size:
+        return LocalCollective()
+    return collective

@@ -1,0 +1,150 @@
+"""The snapshot and store steps of a measurement: from a recorded probe pass to snapshots kept by point.
+
+:class:`Snapshotter` turns a probe pass (:class:`~lightning_svcca.pipeline.recording.ActivationRecorder`) into one
+:class:`~lightning_svcca.pipeline.snapshots.Snapshot` per layer, reusing those of a verified frozen prefix, and keeps
+them in the run's :class:`~lightning_svcca.pipeline.snapshots.SnapshotStore` under ``(layer, str(point))``. It
+also fixes the monitored layers' bottom-up order at the first pass, snapshots the fixed references once (under
+``(layer, name)``), and offers each pass to the cross-layer moments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from torch import Tensor, nn
+
+from lightning_svcca.pipeline.capture import Capture, WarnFn
+from lightning_svcca.pipeline.config import MonitorConfig
+from lightning_svcca.pipeline.layers import LayerSpec
+from lightning_svcca.pipeline.moments import CrossLayerMoments
+from lightning_svcca.pipeline.recording import ActivationRecorder
+from lightning_svcca.pipeline.references import Reference, device_of, reference_model
+from lightning_svcca.pipeline.snapshots import Snapshot, SnapshotStore
+
+__all__ = ["Snapshotter"]
+
+
+class Snapshotter:
+    """Snapshots of the monitored layers, of the fixed references and for the cross-layer maps, for one run.
+
+    Args:
+        model: the model being trained.
+        specs: the monitored layers as resolved from the options.
+        config: the monitor's options: whether the user named the layers (then a layer that never runs is warned
+            about), and the references (the fixed ones are snapshotted once).
+        store: where snapshots are kept.
+        cross_layer: the moments kept for cross-layer maps, or ``None``.
+        warn_once: the monitor's once-per-key warning.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        specs: Sequence[LayerSpec],
+        config: MonitorConfig,
+        store: SnapshotStore,
+        cross_layer: CrossLayerMoments | None,
+        warn_once: WarnFn,
+    ) -> None:
+        self.model = model
+        self.specs = list(specs)
+        self.named = config.layers is not None
+        self.references: list[Reference] = list(config.references)
+        self.store = store
+        self.cross_layer = cross_layer
+        self._warn_once = warn_once
+        #: The monitored layers that ran, bottom-up, from the first probe pass (``[]`` before it).
+        self.layer_order: list[str] = []
+        #: The run's probe passes (given by :meth:`attach` once the probe exists).
+        self.capture: Capture | None = None
+
+    @property
+    def layers(self) -> list[str]:
+        """Monitored layers in bottom-up (forward) order, known after the first probe."""
+        return list(self.layer_order) or [spec.name for spec in self.specs]
+
+    def attach(self, capture: Capture) -> None:
+        """Take the run's probe passes."""
+        self.capture = capture
+
+    def settle_layer_order(self, order: Sequence[str]) -> list[str]:
+        """Bottom-up order from the first probe; layers that did not run are dropped with a warning."""
+        if not self.layer_order:
+            monitored = {spec.name for spec in self.specs}
+            ran = [name for name in order if name in monitored]
+            missing = [spec.name for spec in self.specs if spec.name not in ran]
+            if missing and self.named:
+                self._warn_once(
+                    "did-not-run",
+                    f"layers {missing} did not run in the probe's forward pass and are not monitored; check the"
+                    " names, probe_input or forward_fn",
+                )
+            if not ran:
+                raise RuntimeError(
+                    "none of the monitored layers ran in the probe's forward pass: check layers, probe_input and"
+                    " forward_fn (the default calls model(probe_input))"
+                )
+            self.layer_order = ran
+        return self.layer_order
+
+    def take(self, recorder: ActivationRecorder, reused: Mapping[str, Snapshot], epoch: int) -> dict[str, Snapshot]:
+        """Each layer's snapshot, in layer order: decomposed from ``recorder``, or the one in ``reused``."""
+        assert self.capture is not None
+        layers = self.settle_layer_order(recorder.order)
+        measured = [layer for layer in layers if layer not in reused]
+        recorded = self.capture.snapshots(recorder, measured, epoch, device_of(self.model), label=f"epoch {epoch}")
+        return {
+            layer: reused[layer] if layer in reused else recorded[layer]
+            for layer in layers
+            if layer in reused or layer in recorded
+        }
+
+    def keep(
+        self, point: int, snapshots: Mapping[str, Snapshot], reused: Mapping[str, Snapshot], last: int | None
+    ) -> None:
+        """Store each snapshot under ``(layer, point)``; a reused one as an alias of its ``last`` point's (no copy)."""
+        for layer, snapshot in snapshots.items():
+            if layer in reused:
+                self.store.alias((layer, str(point)), (layer, str(last)))
+            else:
+                self.store.put((layer, str(point)), snapshot)
+
+    def keep_moment(self, recorder: ActivationRecorder, point: int, epoch: int, step: int, total: int | None) -> None:
+        """Offer a pass to the cross-layer moments (kept when it reaches one of their fractions of ``total``)."""
+        if self.cross_layer is not None:
+            self.cross_layer.observe(point, epoch, step, self._pooled(recorder, self.layers), total)
+
+    def fixed_references(self, recorder: ActivationRecorder | None = None) -> None:
+        """Snapshot each fixed reference once per layer (restored from checkpoints afterwards).
+
+        ``recorder``: the monitored model's pass, when one was just made (feature references are laid out by it).
+        """
+        assert self.capture is not None
+        device = device_of(self.model)
+        layers = self.layers
+        for reference in self.references:
+            if not reference.fixed or all((layer, reference.name) in self.store for layer in layers):
+                continue
+            snapshots: dict[str, Snapshot]
+            if reference.kind == "tensor":
+                if recorder is None:
+                    recorder = self.capture.record(self.model, device, monitored=True)
+                snapshots = self.capture.feature_snapshots(reference.name, reference.source, recorder, layers)
+            else:
+                label = f"reference {reference.name!r}"
+                with reference_model(reference, self.model) as model:
+                    reference_recorder = self.capture.record(model, device, label=label)
+                if self.cross_layer is not None and reference.name == self.cross_layer.reference:
+                    self.cross_layer.set_reference(self._pooled(reference_recorder, layers))
+                snapshots = self.capture.snapshots(reference_recorder, layers, 0, device, label=label)
+            for layer, snapshot in snapshots.items():
+                self.store.put((layer, reference.name), snapshot)
+
+    def _pooled(self, recorder: ActivationRecorder, layers: Sequence[str]) -> dict[str, Tensor]:
+        """Each layer's output averaged over its positions (one datapoint per sample), every process's gathered."""
+        assert self.capture is not None
+        return {
+            layer: self.capture.collective.gather_rows(recorder.means[layer]).float().cpu()
+            for layer in layers
+            if layer in recorder.means
+        }

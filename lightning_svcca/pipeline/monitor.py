@@ -96,6 +96,16 @@ class Runtime:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("lightning_svcca"))
     probe_as_training: bool = True
 
+    @classmethod
+    def distributed(cls, model: nn.Module, **fields: Any) -> Runtime:
+        """A plain ``torch.distributed`` loop's runtime (default process group): see ``docs/distributed.md``.
+
+        Arguments as for :func:`~lightning_svcca.pipeline.process_group.distributed_runtime`.
+        """
+        from lightning_svcca.pipeline.process_group import distributed_runtime
+
+        return distributed_runtime(model, **fields)
+
 
 class SVCCAMonitor:
     """Measure how each layer's representation changes while a model trains, in any training loop.
@@ -297,8 +307,8 @@ class SVCCAMonitor:
         """Build the probe and measure epoch 0 (the initial snapshot), or, when resuming, the fixed references."""
         self.prepare()
         assert self._capture is not None
-        self.run_id = self.run_id or uuid.uuid4().hex[:12]
-        if self.log_dir is not None:
+        self.run_id = self.run_id or self.runtime.broadcast(uuid.uuid4().hex[:12])
+        if self.log_dir is not None and self.runtime.is_global_zero:  # the others keep snapshots in memory
             self.store.persist_to(self.log_dir / SNAPSHOT_FOLDER / self.run_id)
             if self.cross_layer is not None:
                 self.cross_layer.folder = self.store.directory

@@ -60,11 +60,11 @@ def soft_freeze_message(strategy_name: str) -> str:
     """The warning for a strategy that shards parameters into flat buffers: what a soft freeze saves, and not."""
     return (
         f"freezing on {strategy_name} is a soft freeze: the strategy flattens parameters into buffers fixed at wrap"
-        " time, so requires_grad cannot change mid-run. Frozen parameters keep their values (their gradients are"
-        " dropped before each optimizer step, so the optimizer, its momentum and weight decay leave them alone)."
-        " Nothing else is saved: the backward pass still computes their gradients, the strategy still"
-        " reduce-scatters/all-reduces them and the optimizer state keeps their memory. For a hard freeze (no"
-        " gradient computation or communication), shard with FSDP2 (torch.distributed.fsdp.fully_shard, e.g."
-        " Lightning's ModelParallelStrategy or a plain torch.distributed loop with Runtime.distributed), or use a"
-        " single device or DDP"
+        " time, so requires_grad cannot change mid-run. Kept: the frozen parameters' values (their gradients are"
+        " dropped before each optimizer step, so the optimizer, momentum and weight decay leave them alone). Not"
+        " saved: no compute is saved; the backward pass still computes their gradients, the strategy still"
+        " reduce-scatters or all-reduces them, and their optimizer state keeps its memory. For a hard freeze that"
+        " skips all of that, shard with FSDP2 (torch.distributed.fsdp.fully_shard: Lightning's"
+        " ModelParallelStrategy, or a plain torch.distributed loop with Runtime.distributed), or train on one"
+        " device or with DDP"
     )

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_svcca.freezing.policy import FreezePolicy
+from lightning_svcca.freezing.sharded import resharding, soft_freeze_message
 from lightning_svcca.freezing.strategies import is_hard_freeze_supported, rebuild_ddp_wrapper
 from lightning_svcca.integrations.options import takes_monitor_options
 from lightning_svcca.output.reporting import LAYER_FACTS, tag
@@ -170,12 +171,7 @@ class _SVCCACallbackCore:
             return
         hard = is_hard_freeze_supported(trainer.strategy)
         if not hard:
-            monitor.warn_once(
-                "soft-freeze",
-                f"freezing on {type(trainer.strategy).__name__} keeps frozen parameters fixed by dropping their"
-                " gradients before each optimizer step; the backward pass still computes them, so no compute is"
-                " saved. Hard freezing (requires_grad off) works on single-device and DDP strategies",
-            )
+            monitor.warn_once("soft-freeze", soft_freeze_message(type(trainer.strategy).__name__))
         monitor.restore_freezes(hard=hard)
 
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
@@ -325,7 +321,10 @@ def _runtime(trainer: Any, logger: logging.Logger, *, autocast: bool) -> Runtime
         collective=StrategyCollective(strategy) if world_size > 1 else LocalCollective(),
         is_global_zero=bool(trainer.is_global_zero),
         broadcast=lambda obj: strategy.broadcast(obj, src=0),
-        forward_context=getattr(plugin, "forward_context", None) if autocast or not mixed else None,
+        # FSDP2 (ModelParallelStrategy): resharded after each probe pass, so a freeze lands on the shards
+        forward_context=resharding(
+            trainer.lightning_module, getattr(plugin, "forward_context", None) if autocast or not mixed else None
+        ),
         convert_input=getattr(plugin, "convert_input", None),
         after_freeze=lambda: rebuild_ddp_wrapper(strategy),
         max_epochs=trainer.max_epochs,

@@ -53,8 +53,8 @@ class RunOutputs:
 
     def open(self, store: SnapshotStore, *, axis: str, heatmap_time_share: float) -> None:
         """At the run's start: ``store`` kept in the run's folder, the history CSV claimed, the reporter made."""
-        self.run_id = self.run_id or uuid.uuid4().hex[:12]
-        if self.log_dir is not None:
+        self.run_id = self.run_id or self.runtime.broadcast(uuid.uuid4().hex[:12])
+        if self.log_dir is not None and self.runtime.is_global_zero:  # the others keep snapshots in memory
             store.persist_to(self.log_dir / SNAPSHOT_FOLDER / self.run_id)
         zero = self.runtime.is_global_zero
         self.reporter = Reporter(

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import nn
+
 from lightning_svcca.pipeline.snapshots import Collective, LocalCollective
 
 __all__ = ["Runtime"]
@@ -50,3 +52,13 @@ class Runtime:
     max_steps: int | None = None
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("lightning_svcca"))
     probe_as_training: bool = True
+
+    @classmethod
+    def distributed(cls, model: nn.Module, **fields: Any) -> Runtime:
+        """A plain ``torch.distributed`` loop's runtime (default process group): see ``docs/distributed.md``.
+
+        Arguments as for :func:`~lightning_svcca.pipeline.process_group.distributed_runtime`.
+        """
+        from lightning_svcca.pipeline.process_group import distributed_runtime
+
+        return distributed_runtime(model, **fields)

@@ -517,10 +517,13 @@ class SnapshotStore:
         raise KeyError(key)
 
     def discard(self, key: tuple[str, str]) -> None:
-        """Forget a snapshot (a temporary spill file is deleted; a persistent file stays for older checkpoints)."""
+        """Forget a snapshot (a temporary spill file is deleted; a persistent file stays for older checkpoints).
+
+        Files loaded from another store's persistent folder (rank zero's, on the other ranks) are not ours to delete.
+        """
         self._memory.pop(key, None)
         path = self._files.pop(key, None)
-        if path is not None and self.directory is None:
+        if path is not None and self._spill_dir is not None and path.parent == self._spill_dir:
             path.unlink(missing_ok=True)
 
     def state_dict(self) -> dict[str, dict]:

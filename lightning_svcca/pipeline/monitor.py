@@ -203,7 +203,8 @@ class SVCCAMonitor:
         self.timings: dict[int, float] = {}
         #: Seconds of each measurement's probe pass (the forward pass with hooks), by epoch.
         self.probe_timings: dict[int, float] = {}
-        self.freezer = Freezer(policy=config.freeze, spill_dir=self._cache_dir)
+        cache_logger = self.runtime.logger if self.runtime.is_global_zero else None
+        self.freezer = Freezer(policy=config.freeze, spill_dir=self._cache_dir, logger=cache_logger)
         self.streaks: dict[str, int] = {}
         self.measured: list[int] = []
         #: Each measured point (the epoch, or the global step when measuring every k steps) -> (epoch, step).
@@ -446,13 +447,14 @@ class SVCCAMonitor:
             if hard and self.runtime.after_freeze is not None:
                 self.runtime.after_freeze()
 
-    def before_batch(self, epoch: int | None = None) -> None:
+    def before_batch(self, epoch: int | None = None, batch: Any = None) -> None:
         """Call at each batch start: frozen BatchNorm layers back in eval mode whatever ``model.train()`` did.
 
         ``epoch`` (the loop's own count) lets the frozen-prefix cache (``FreezePolicy(cache_outputs=True)``) notice
-        epochs whose inputs never repeat (random augmentation) and turn itself off.
+        epochs whose inputs never repeat (random augmentation) and turn itself off. ``batch``: the training batch,
+        from which an ``IndexedDataset``'s indices are taken (in place) for ``FreezePolicy(cache_key="index")``.
         """
-        self.freezer.start_batch(self.model, -1 if epoch is None else int(epoch))
+        self.freezer.start_batch(self.model, -1 if epoch is None else int(epoch), batch)
 
     def before_optimizer_step(self) -> None:
         """Soft freezing only: drop the frozen parameters' gradients."""
@@ -550,6 +552,7 @@ class SVCCAMonitor:
                 self.store.put((layer, str(point)), snapshot)
         self.measured.append(point)
         self.last_measured_step = int(step)
+        cache_rows = [row(epoch, step, name, "cache", "svcca", v) for name, v in self.freezer.cache_stats().items()]
         policy = self.config.freeze
         if policy is not None and decide_freezes:
             self._decide_and_freeze(self._frozen_prefix.completion, epoch, step, rows)
@@ -566,7 +569,7 @@ class SVCCAMonitor:
             # LIVE_FINAL_COLUMNS epochs, so a measurement costs the same at epoch 10 and at epoch 1000
             shown = thinned(self.measured, LIVE_FINAL_COLUMNS)
             heatmaps["final"] = self._comparisons.against_point(point, "final", self.layers, shown)
-        self._report(rows, step, heatmaps)
+        self._report(rows + cache_rows, step, heatmaps)  # the cache's scalars are not history rows
         self.timings[point] = time.perf_counter() - started
         return rows
 

@@ -4,9 +4,10 @@
 (:meth:`CacheUsage.served_share`) and judges two ways the cache can cost without serving:
 
 * **Inputs that do not repeat** (random augmentation): in the first complete epoch after the one that filled the
-  cache, once :data:`REPEAT_LOOKUPS` samples were looked up, fewer than :data:`REPEAT_SHARE` of the share a
-  sampler would repeat (all of them in one process, ``1 / world_size`` of them under a distributed sampler that
-  reshuffles) were found. A random flip with ``p=0.5`` finds half of its samples and never a whole batch.
+  cache, once :data:`REPEAT_LOOKUPS` samples were looked up, fewer than :data:`REPEAT_SHARE` of them were found
+  (one process sees every sample each epoch). A random flip with ``p=0.5`` finds half of its samples and never a
+  whole batch. Under a distributed sampler, which deals each process another share each epoch, only fewer than
+  :data:`MIN_REPEAT_SHARE` found counts (no input repeats at all).
 * **Serving that is not faster** (a step bound by kernel launches, where hashing the inputs costs more than the
   prefix): once the cache serves, every :data:`BASELINE_EVERY`-th batch runs as if the cache were off (no keys, no
   lookup), and the wall time from each batch's start to the next one's is kept by what the batch did. With
@@ -39,6 +40,8 @@ __all__ = [
 REPEAT_LOOKUPS = 256
 #: Below this fraction of the expected share of repeated samples, inputs are taken not to repeat.
 REPEAT_SHARE = 0.8
+#: Under a distributed sampler (each process gets another share of the data each epoch), the least share found.
+MIN_REPEAT_SHARE = 0.01
 #: While timing, one batch in this many runs in full without the cache (the baseline).
 BASELINE_EVERY = 3
 #: Full (baseline) steps timed before deciding; served steps: twice as many.
@@ -157,13 +160,14 @@ class CacheUsage:
         if self._repeats_judged or self.epochs != 1 or not (self.lookups >= REPEAT_LOOKUPS or epoch_over):
             return None
         self._repeats_judged = True
-        expected = 1.0 / _world_size()
+        # one process sees every sample each epoch; a distributed sampler deals each process another share
+        expected = 1.0 if _world_size() == 1 else MIN_REPEAT_SHARE / REPEAT_SHARE
         if not self.lookups or self.hits >= REPEAT_SHARE * expected * self.lookups:
             return None
         return (
             f"training inputs do not repeat exactly: {self.hits} of the first {self.lookups} samples of the epoch"
-            f" after the fill were seen before (expected about {expected:.0%}), so whole batches are never cached:"
-            " random augmentation upstream (crops, flips, noise), or data that changes every epoch"
+            f" after the fill were seen before (expected at least {REPEAT_SHARE * expected:.0%}), so whole batches"
+            " are never cached: random augmentation upstream (crops, flips, noise), or data that changes every epoch"
         )
 
     def _judge_speed(self) -> Verdict | None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lightning_svcca.freezing.blocks import Block, freeze_blocks
+    from lightning_svcca.freezing.cache_keys import IndexedDataset
     from lightning_svcca.freezing.freezer import Freezer
     from lightning_svcca.freezing.frozen_prefix import FrozenPrefix
     from lightning_svcca.freezing.policy import FreezeDecision, FreezePolicy
@@ -33,6 +34,7 @@ _MODULES = {
     "FreezePolicy": "policy",
     "Freezer": "freezer",
     "FrozenPrefix": "frozen_prefix",
+    "IndexedDataset": "cache_keys",
     "PrefixCache": "prefix_cache",
     "PrefixCacheWarning": "prefix_cache",
     "freeze_blocks": "blocks",
@@ -46,6 +48,7 @@ __all__ = [
     "FreezePolicy",
     "Freezer",
     "FrozenPrefix",
+    "IndexedDataset",
     "PrefixCache",
     "PrefixCacheWarning",
     "freeze_blocks",

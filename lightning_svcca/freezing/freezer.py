@@ -20,20 +20,26 @@ A freeze never takes the last trainable parameters: the Freezer stops one short 
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_svcca.freezing.blocks import Block
 from lightning_svcca.freezing.cache_check import prefix_refusal
+from lightning_svcca.freezing.cache_keys import take_indices
 from lightning_svcca.freezing.policy import FreezePolicy
 from lightning_svcca.freezing.prefix_cache import PrefixCache, PrefixCacheWarning
 
-__all__ = ["Freezer"]
+__all__ = ["DEVICE_SHARE", "Freezer"]
+
+#: ``FreezePolicy(cache_device="auto")``: the share of the device's free memory the cache may fill.
+DEVICE_SHARE = 0.25
 
 
 class Freezer:
@@ -48,10 +54,16 @@ class Freezer:
         hard: hard or soft freezing (the callback decides at fit start).
         policy: the freeze policy; its ``cache_outputs`` and ``cache_max_bytes`` drive the prefix cache.
         spill_dir: called for a fresh directory when cached outputs outgrow ``cache_max_bytes``.
+        logger: where the prefix cache says when it engages, serves and turns off (``None``: silent; the
+            monitor passes its runtime's logger on rank zero).
     """
 
     def __init__(
-        self, hard: bool = True, policy: FreezePolicy | None = None, spill_dir: Callable[[], Path] | None = None
+        self,
+        hard: bool = True,
+        policy: FreezePolicy | None = None,
+        spill_dir: Callable[[], Path] | None = None,
+        logger: logging.Logger | None = None,
     ) -> None:
         self.hard = hard
         self.policy = policy
@@ -63,6 +75,9 @@ class Freezer:
         self.cache: PrefixCache | None = None
         self._spill_dir = spill_dir or (lambda: Path(tempfile.mkdtemp(prefix="svcca_prefix_cache_")))
         self._cache_refused = False
+        self._logger = logger
+        #: The epoch of the latest training batch (a cache built before the next one in it starts mid-epoch).
+        self._epoch: int | None = None
 
     def leaves_trainable(self, model: nn.Module, block: Block) -> bool:
         """Whether some parameter still trains once ``block`` is frozen too (a freeze never takes the last ones)."""
@@ -91,12 +106,29 @@ class Freezer:
             self.keep_norms_in_eval(model)
         self._update_cache(model)
 
-    def start_batch(self, model: nn.Module, epoch: int) -> None:
-        """Before each training batch: frozen norms back in eval mode, and the cache told the epoch."""
+    def start_batch(self, model: nn.Module, epoch: int, batch: Any = None) -> None:
+        """Before each training batch: frozen norms back in eval mode, and the cache told the batch.
+
+        ``batch``: the training batch; the dataset indices of an
+        :class:`~lightning_svcca.freezing.cache_keys.IndexedDataset` are taken out of it in place (the training
+        step sees the batch without them) and handed to the cache.
+        """
+        indices = take_indices(batch) if batch is not None else None
         if self.norm_modules:
             self.keep_norms_in_eval(model)
         if self.cache is not None:
-            self.cache.start_epoch(epoch)
+            self.cache.start_batch(epoch, indices)
+        self._epoch = epoch
+
+    def cache_stats(self) -> dict[str, float]:
+        """The prefix cache's scalars, once one was built or refused (else ``{}``), logged as ``svcca/cache/<name>``.
+
+        ``served_share``: the share of this epoch's training batches whose prefix was served; ``bytes``: what the
+        cache holds in memory and in spill files. Both are 0 once it is off.
+        """
+        if self.cache is not None:
+            return self.cache.stats()
+        return {"served_share": 0.0, "bytes": 0.0} if self._cache_refused else {}
 
     def keep_norms_in_eval(self, model: nn.Module) -> None:
         """Put frozen BatchNorm-style modules back in eval mode (Lightning calls ``model.train()`` each epoch)."""
@@ -166,13 +198,44 @@ class Freezer:
             if below is not None:
                 below.close()
             self._cache_refused = True
-            warnings.warn(
-                f"FreezePolicy(cache_outputs=True): the frozen prefix up to {boundary!r} is not cached: {reason}",
-                PrefixCacheWarning,
-                stacklevel=3,
-            )
+            message = f"FreezePolicy(cache_outputs=True): the frozen prefix up to {boundary!r} is not cached: {reason}"
+            self._say(message)
+            warnings.warn(message, PrefixCacheWarning, stacklevel=3)
             return
-        self.cache = PrefixCache(model, modules, boundary, self.policy.cache_max_bytes, self._spill_dir, below=below)
+        self.cache = self._build_cache(model, modules, boundary, below)
+
+    def _build_cache(
+        self, model: nn.Module, modules: list[str], boundary: str, below: PrefixCache | None
+    ) -> PrefixCache:
+        """A cache on the prefix up to ``boundary``, with the policy's options, announced in the log."""
+        policy = self.policy
+        assert policy is not None
+        device_bytes = _device_budget(model, policy.cache_device, policy.cache_max_bytes)
+        cache = PrefixCache(
+            model,
+            modules,
+            boundary,
+            policy.cache_max_bytes,
+            self._spill_dir,
+            below=below,
+            key=policy.cache_key,
+            device_bytes=device_bytes,
+            logger=self._logger,
+            built_in_epoch=self._epoch,
+        )
+        where = f"on {cache.store.device} up to {device_bytes / 2**20:.0f} MiB, then " if device_bytes else ""
+        budget = "unbounded" if policy.cache_max_bytes is None else f"{policy.cache_max_bytes / 2**20:.0f} MiB"
+        self._say(
+            f"frozen-prefix cache engaged up to {boundary!r} ({len(cache.outermost) + 1} modules skipped when served):"
+            f" samples keyed by {'dataset index' if policy.cache_key == 'index' else 'input bytes'}, outputs kept"
+            f" {where}in host memory ({budget} in all), then in files; it serves once every sample of a batch is"
+            " cached and checked"
+        )
+        return cache
+
+    def _say(self, message: str) -> None:
+        if self._logger is not None:
+            self._logger.info(message)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain state for checkpoints (the cache itself is not saved: it is rebuilt and verified after a resume)."""
@@ -189,3 +252,17 @@ class Freezer:
         self.norm_modules = {layer: list(names) for layer, names in state.get("norm_modules", {}).items()}
         self.modules = {layer: list(names) for layer, names in state.get("modules", {}).items()}
         self.positions = {layer: int(position) for layer, position in state.get("positions", {}).items()}
+
+
+def _device_budget(model: nn.Module, where: str, max_bytes: int | None) -> int:
+    """Bytes of cached outputs to keep on the model's device, for ``FreezePolicy.cache_device``."""
+    device = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
+    if where == "cpu" or device.type == "cpu":
+        return 0
+    budget = max_bytes if max_bytes is not None else 2**62
+    if where == "device":
+        return budget
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return min(budget, int(DEVICE_SHARE * free))

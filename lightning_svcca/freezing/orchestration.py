@@ -59,7 +59,8 @@ class FreezingCoordinator:
         self.policy = policy = config.freeze
         self.store = store
         self.runtime = runtime
-        self.freezer = Freezer(policy=policy, spill_dir=self._cache_dir)
+        cache_logger = runtime.logger if runtime.is_global_zero else None  # the prefix cache's engage/serve/off lines
+        self.freezer = Freezer(policy=policy, spill_dir=self._cache_dir, logger=cache_logger)
         #: Frozen layers -> the epoch at which they froze.
         self.frozen: dict[str, int] = {}
         #: The policy's per-layer counts of consecutive converged measurements.
@@ -172,9 +173,13 @@ class FreezingCoordinator:
             if hard and self.runtime.after_freeze is not None:
                 self.runtime.after_freeze()
 
-    def before_batch(self, epoch: int | None) -> None:
-        """Frozen BatchNorm layers back in eval mode; the prefix cache told the loop's epoch."""
-        self.freezer.start_batch(self.model, -1 if epoch is None else int(epoch))
+    def before_batch(self, epoch: int | None, batch: Any = None) -> None:
+        """Frozen BatchNorm layers back in eval mode; the prefix cache told the loop's epoch (and given the batch)."""
+        self.freezer.start_batch(self.model, -1 if epoch is None else int(epoch), batch)
+
+    def cache_scalars(self, epoch: int, step: int) -> list[dict[str, Any]]:
+        """The prefix cache's ``svcca/cache/*`` scalars (served share, bytes held), logged but not kept in history."""
+        return [row(epoch, step, name, "cache", "svcca", value) for name, value in self.freezer.cache_stats().items()]
 
     def before_optimizer_step(self) -> None:
         """Soft freezing only: drop the frozen parameters' gradients."""

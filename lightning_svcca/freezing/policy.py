@@ -21,6 +21,8 @@ FreezeOrder = Literal["bottom_up", "any"]
 _MODES = ("convergence", "linear", "schedule")
 _ORDERS = ("bottom_up", "any")
 _CONVERGENCE_METRICS = ("svcca", "pwcca", "linear_cka", "cca")
+_CACHE_KEYS = ("bytes", "index")
+_CACHE_DEVICES = ("auto", "cpu", "device")
 
 
 @dataclass
@@ -55,8 +57,15 @@ class FreezePolicy:
             (dropout or batch statistics in the prefix, random augmentation, a prefix that is not a prefix).
             Measurements then reuse the frozen prefix's snapshots, and skip the prefix for a probe drawn from the
             training data (:mod:`lightning_svcca.freezing.frozen_prefix`).
-        cache_max_bytes: host memory for cached outputs (``None``: unbounded); beyond it they are written to
+        cache_max_bytes: memory for cached outputs (``None``: unbounded); beyond it they are written to
             files in the run directory, deleted when the fit ends.
+        cache_key: how the cache recognises a sample: ``"bytes"`` hashes its input (works with any data, costs a
+            host copy and a hash of every batch) or ``"index"``: the dataset index its batch carries (wrap the
+            training dataset in :class:`~lightning_svcca.freezing.cache_keys.IndexedDataset`; nothing is hashed).
+            See ``docs/prefix_cache.md``.
+        cache_device: where cached outputs are kept: ``"cpu"`` (host memory), ``"device"`` (the training device,
+            up to ``cache_max_bytes``) or ``"auto"`` (the training device while they fit in a quarter of its free
+            memory at the time the cache is built, then host memory).
     """
 
     mode: FreezeMode = "convergence"
@@ -72,6 +81,8 @@ class FreezePolicy:
     noise_aware: bool = False
     cache_outputs: bool = False
     cache_max_bytes: int | None = 2**30
+    cache_key: Literal["bytes", "index"] = "bytes"
+    cache_device: Literal["auto", "cpu", "device"] = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -90,6 +101,10 @@ class FreezePolicy:
                 raise ValueError(f"FreezePolicy.{name} must be >= 0, got {getattr(self, name)}")
         if self.cache_max_bytes is not None and self.cache_max_bytes < 0:
             raise ValueError(f"FreezePolicy.cache_max_bytes must be >= 0 or None, got {self.cache_max_bytes}")
+        if self.cache_key not in _CACHE_KEYS:
+            raise ValueError(f"FreezePolicy.cache_key must be one of {_CACHE_KEYS}, got {self.cache_key!r}")
+        if self.cache_device not in _CACHE_DEVICES:
+            raise ValueError(f"FreezePolicy.cache_device must be one of {_CACHE_DEVICES}, got {self.cache_device!r}")
         if self.max_frozen is not None and self.max_frozen < 0:
             raise ValueError(f"FreezePolicy.max_frozen must be >= 0 or None, got {self.max_frozen}")
         if self.mode == "schedule" and not self.schedule:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -38,9 +39,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_svcca.freezing.cache_check import replay, rng_state, same_outputs, verification_failure
-from lightning_svcca.freezing.cache_keys import sample_keys
+from lightning_svcca.freezing.cache_keys import index_keys, sample_keys
 from lightning_svcca.freezing.cache_pass import ForwardPass, Pass, Role, boundary_forward, prefix_forward
 from lightning_svcca.freezing.cache_store import SampleStore
+from lightning_svcca.freezing.cache_usage import CacheUsage
 from lightning_svcca.measures.similarity import SimilarityWarning
 
 __all__ = ["PrefixCache", "PrefixCacheWarning"]
@@ -49,8 +51,6 @@ __all__ = ["PrefixCache", "PrefixCacheWarning"]
 VERIFY_BATCHES = 2
 #: After those, one hit batch in this many is checked again.
 REVERIFY_EVERY = 200
-#: An epoch (after the one that filled the cache) where fewer lookups than this share hit turns the cache off.
-MIN_HIT_RATE = 0.01
 
 
 class PrefixCacheWarning(SimilarityWarning):
@@ -75,11 +75,16 @@ class PrefixCache:
         model: the module whose forward the training step calls (its inputs are the prefix's inputs).
         modules: the modules that finish before ``boundary`` in the forward pass (all frozen).
         boundary: the last frozen monitored layer; its output is what the rest of the model reads.
-        max_bytes: host memory for cached outputs (``None``: unbounded); beyond it, outputs go to files.
+        max_bytes: memory for cached outputs (``None``: unbounded); beyond it, outputs go to files.
         spill_dir: called once, at the first spill, for the directory to write to.
         below: the cache of a shorter prefix of the same model (the previous boundary); it hands over its outputs
             while this cache fills, then is closed. One that does not fit (another model, a prefix that is not
             part of this one, or turned off) is closed at once.
+        key: ``"bytes"`` (samples keyed by their input bytes) or ``"index"`` (by the dataset index each batch
+            carries: :meth:`start_batch`'s ``indices``).
+        device_bytes: how much of ``max_bytes`` may stay on the model's device.
+        logger: where the cache says when it serves and when it turns off (``None``: silent).
+        built_in_epoch: the epoch of the last training batch before the cache was built (``None``: none yet).
     """
 
     def __init__(
@@ -90,34 +95,34 @@ class PrefixCache:
         max_bytes: int | None,
         spill_dir: Callable[[], Path],
         below: PrefixCache | None = None,
+        *,
+        key: str = "bytes",
+        device_bytes: int = 0,
+        logger: logging.Logger | None = None,
+        built_in_epoch: int | None = None,
     ) -> None:
         self.model = model
         self.boundary = boundary
+        self.key = key
         self.enabled = True
-        self.store = SampleStore(max_bytes, spill_dir)
-        #: Counters since the cache was built: samples served from it, samples computed, verified batches.
-        self.hits = 0
-        self.misses = 0
-        self.verified = 0
-        self.skipped_batches = 0
-        #: Batches that filled this cache from the cache below (only the layers between the boundaries ran).
-        self.extended_batches = 0
-        #: Probe passes served (:meth:`serving_probe`).
-        self.probe_batches = 0
-        self._hit_batches = 0
-        self._context = _Context.TRAINING
-        self._pass = ForwardPass()
-        #: The epoch in progress, epochs completed, and this epoch's samples looked up and found.
-        self._epoch: int | None = None
-        self._epochs_seen = 0
-        self._epoch_hits = 0
-        self._epoch_lookups = 0
+        self.store = SampleStore(max_bytes, spill_dir, _model_device(model), device_bytes)
+        #: This epoch's batches and lookups, the repeat judgement and the timing of served against full steps.
+        self.usage = CacheUsage(built_in_epoch)
+        #: Since the cache was built: samples served and computed; verified and skipped (served) batches;
+        #: batches that filled it from the cache below (only the layers between the boundaries ran); probe passes
+        #: served (:meth:`serving_probe`).
+        self.hits = self.misses = self.verified = self.skipped_batches = self.extended_batches = 0
+        self.probe_batches = self._hit_batches = 0
+        self._context, self._pass, self._logger = _Context.TRAINING, ForwardPass(), logger
+        #: The batch's dataset indices (``key="index"``) until its first training forward pass takes them.
+        self._indices: list[str] | None = None
+        self._first_forward = False
         self._handles: list[Any] = []
         self._patched: list[nn.Module] = []
         prefix = set(modules)
         # short-cut only the outermost prefix modules: their children never run
         self.outermost = [name for name in modules if name != boundary and not _has_ancestor_in(name, prefix)]
-        self._below = self._adopt(below, self.outermost)
+        self._below = _adopt(below, self)
         self._attach()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -140,32 +145,39 @@ class PrefixCache:
     def __contains__(self, key: bytes) -> bool:
         return key in self.store
 
-    def start_epoch(self, epoch: int) -> None:
-        """Track epochs: an epoch after the filling one in which inputs did not repeat turns the cache off."""
-        if epoch == self._epoch:
-            return
-        if self._epoch is not None:
-            if self._below is not None and 0 < self._epoch_lookups == self._epoch_hits:
-                self._below.close()  # every sample came from this cache: the one below is no longer needed
-                self._below = None
-            self._epochs_seen += 1
-            judged = self._epochs_seen >= 2 and self._epoch_lookups > 0
-            if judged and self._epoch_hits < MIN_HIT_RATE * self._epoch_lookups:
-                self.disable(
-                    f"training inputs did not repeat between epochs ({self._epoch_hits} of {self._epoch_lookups}"
-                    " samples seen before): random augmentation upstream, or data that changes every epoch"
-                )
-        self._epoch, self._epoch_hits, self._epoch_lookups = epoch, 0, 0
+    def start_batch(self, epoch: int, indices: Sequence[str] | None = None) -> None:
+        """Before each training batch: count it, time the one before, turn the cache off when it does not pay.
 
-    def disable(self, reason: str) -> None:
-        """Turn the cache off for good (warning why) and free what it holds; the model runs in full again."""
+        ``indices``: the batch's dataset indices (``key="index"``). See :class:`~.cache_usage.CacheUsage`.
+        """
+        usage = self.usage
+        if epoch != usage.epoch and self._below is not None and 0 < usage.lookups == usage.hits:
+            self._below.close()  # every sample came from this cache: the one below is no longer needed
+            self._below = None
+        verdict = usage.start_batch(epoch)
+        self._indices, self._first_forward = (None if indices is None else list(indices)), True
+        if verdict is not None and verdict.off:
+            self.disable(verdict.message, warn=verdict.warn)
+        elif verdict is not None:
+            self._say(f"frozen-prefix cache up to {self.boundary!r} pays: {verdict.message}")
+
+    def stats(self) -> dict[str, float]:
+        """This epoch's share of training batches served from the cache, and the bytes it holds (memory + files)."""
+        if not self.enabled:
+            return {"served_share": 0.0, "bytes": 0.0}
+        return {"served_share": self.usage.served_share(), "bytes": float(self.store.total_bytes)}
+
+    def disable(self, reason: str, *, warn: bool = True) -> None:
+        """Turn the cache off for good (logging why; warning too unless ``warn=False``) and free what it holds."""
         if self.enabled:
-            warnings.warn(
-                f"frozen-prefix cache turned off: {reason}. Training goes on without it (the prefix is recomputed"
-                " every step); FreezePolicy(cache_outputs=False) silences this",
-                PrefixCacheWarning,
-                stacklevel=2,
-            )
+            self._say(f"frozen-prefix cache up to {self.boundary!r} turned off: {reason}")
+            if warn:
+                warnings.warn(
+                    f"frozen-prefix cache turned off: {reason}. Training goes on without it (the prefix is"
+                    " recomputed every step); FreezePolicy(cache_outputs=False) silences this",
+                    PrefixCacheWarning,
+                    stacklevel=2,
+                )
         self.close()
 
     def close(self) -> None:
@@ -207,25 +219,6 @@ class PrefixCache:
             return None
         return same_outputs(forward(), short_cut)
 
-    def _adopt(self, below: PrefixCache | None, outermost: Sequence[str]) -> PrefixCache | None:
-        """``below`` when its prefix is part of this one and its short cuts can be this one's; else closed."""
-        if below is None:
-            return None
-        fits = (
-            below.enabled
-            and below.model is self.model
-            and below.boundary != self.boundary
-            and {*below.outermost, below.boundary} <= set(outermost)
-        )
-        if not fits:
-            below.close()
-            return None
-        below._release_model()
-        if below._below is not None:  # a cache two freezes down: this one's own filling needs only ``below``
-            below._below.close()
-            below._below = None
-        return below
-
     # ------------------------------------------------------------------------------------------------------------
     # The model's hooks and short cuts
     # ------------------------------------------------------------------------------------------------------------
@@ -261,29 +254,30 @@ class PrefixCache:
         """Choose what this forward pass does with the prefix, counting it: every transition of the cache.
 
         In a probe pass, ``HIT`` when every sample is cached, else ``OFF``. In training (the model in training mode,
-        gradients on, a batch of tensors), by the samples' keys:
-
-        * some sample not cached: ``EXTEND`` when the cache below holds them all, else ``FILL``;
-        * all cached: ``VERIFY`` for the first :data:`VERIFY_BATCHES` hit batches and one in
-          :data:`REVERIFY_EVERY` after them, else ``HIT``.
-
-        Anything else (eval mode, no gradients, no batch, cache off) is ``OFF``.
+        gradients on, a batch of tensors), by the samples' keys: some sample not cached: ``EXTEND`` when the cache
+        below holds them all, else ``FILL``; all cached: ``VERIFY`` for the first :data:`VERIFY_BATCHES` hit
+        batches and one in :data:`REVERIFY_EVERY` after them, else ``HIT``. Anything else (eval mode, no gradients,
+        no batch, cache off, a batch timed in full as a baseline) is ``OFF``.
         """
         if self._context is _Context.PROBE:
-            keys = sample_keys(args, kwargs) if self.enabled else None
+            keys = sample_keys(args, kwargs) if self.enabled and self.key == "bytes" else None
             if not keys or not all(key in self.store for key in keys):
                 return ForwardPass()
-            served = self.store.gather(keys, _model_device(self.model))
             self.probe_batches += 1
-            return ForwardPass(Pass.HIT, keys, served=served)
+            return ForwardPass(Pass.HIT, keys, served=self.store.gather(keys, _model_device(self.model)))
         if not (self.enabled and module.training and torch.is_grad_enabled()):
             return ForwardPass()
-        keys = sample_keys(args, kwargs)
+        first, self._first_forward = self._first_forward, False
+        if first and self.verified >= VERIFY_BATCHES and self.usage.runs_baseline():
+            return ForwardPass()
+        keys = self._keys(args, kwargs, first)
         if keys is None:
             return ForwardPass()
         hit_count = sum(key in self.store for key in keys)
-        self._epoch_lookups += len(keys)
-        self._epoch_hits += hit_count
+        no_repeats = self.usage.lookup(len(keys), hit_count)
+        if no_repeats is not None:
+            self.disable(no_repeats)
+            return ForwardPass()
         if hit_count < len(keys):
             self.misses += len(keys) - hit_count
             if self._below is not None and all(key in self._below.store for key in keys):
@@ -294,8 +288,27 @@ class PrefixCache:
         self._hit_batches += 1
         if self.verified < VERIFY_BATCHES or self._hit_batches % REVERIFY_EVERY == 0:
             return ForwardPass(Pass.VERIFY, keys, rng_before=rng_state())
+        if self.skipped_batches == 0:
+            self._say(f"frozen-prefix cache up to {self.boundary!r} serves ({len(self)} samples cached and verified)")
         self.skipped_batches += 1
+        self.usage.mark_served(first)
         return ForwardPass(Pass.HIT, keys, served=self.store.gather(keys, _model_device(self.model)))
+
+    def _keys(self, args: tuple, kwargs: dict, first: bool) -> list[bytes] | None:
+        """The samples' keys: their input bytes, or the indices :meth:`start_batch` was given (taken once)."""
+        if self.key == "bytes":
+            return sample_keys(args, kwargs)
+        indices, self._indices = self._indices, None
+        if indices is None and first:
+            self.disable(
+                "FreezePolicy(cache_key='index') but a training batch carries no dataset index: wrap the training"
+                " dataset in lightning_svcca.freezing.IndexedDataset, or use cache_key='bytes'"
+            )
+        return None if indices is None else index_keys(indices, args, kwargs)
+
+    def _say(self, message: str) -> None:
+        if self._logger is not None:
+            self._logger.info(message)
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._context is _Context.REPLAY:
@@ -353,6 +366,26 @@ class PrefixCache:
             yield
         finally:
             self._context, self._pass = _Context.TRAINING, ForwardPass()
+
+
+def _adopt(below: PrefixCache | None, cache: PrefixCache) -> PrefixCache | None:
+    """``below`` when its prefix is part of ``cache``'s and its short cuts can be ``cache``'s; else closed."""
+    if below is None:
+        return None
+    fits = (
+        below.enabled
+        and below.model is cache.model
+        and below.boundary != cache.boundary
+        and {*below.outermost, below.boundary} <= set(cache.outermost)
+    )
+    if not fits:
+        below.close()
+        return None
+    below._release_model()
+    if below._below is not None:  # a cache two freezes down: this one's own filling needs only ``below``
+        below._below.close()
+        below._below = None
+    return below
 
 
 def _has_ancestor_in(name: str, names: set[str]) -> bool:

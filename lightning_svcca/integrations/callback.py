@@ -185,7 +185,7 @@ class _SVCCACallbackCore:
     def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
         """Keep frozen BatchNorm layers in eval mode whatever ``model.train()`` did."""
         if self.monitor is not None:
-            self.monitor.before_batch(epoch=int(trainer.current_epoch))
+            self.monitor.before_batch(epoch=int(trainer.current_epoch), batch=batch)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: nn.Module, optimizer: Any) -> None:
         """Soft freezing only: drop the frozen parameters' gradients."""

@@ -346,13 +346,14 @@ class SVCCAMonitor:
         """Apply freezes restored from a checkpoint (before any training step); ``hard=False``: gradients dropped."""
         self.freezing.restore(hard=hard)
 
-    def before_batch(self, epoch: int | None = None) -> None:
+    def before_batch(self, epoch: int | None = None, batch: Any = None) -> None:
         """Call at each batch start: frozen BatchNorm layers back in eval mode whatever ``model.train()`` did.
 
         ``epoch`` (the loop's own count) lets the frozen-prefix cache (``FreezePolicy(cache_outputs=True)``) notice
-        epochs whose inputs never repeat (random augmentation) and turn itself off.
+        epochs whose inputs never repeat (random augmentation) and turn itself off. ``batch``: the training batch,
+        from which an ``IndexedDataset``'s indices are taken (in place) for ``FreezePolicy(cache_key="index")``.
         """
-        self.freezing.before_batch(epoch)
+        self.freezing.before_batch(epoch, batch)
 
     def before_optimizer_step(self) -> None:
         """Soft freezing only: drop the frozen parameters' gradients."""
@@ -388,12 +389,13 @@ class SVCCAMonitor:
         self.snapshots.keep(point, snapshots, reused, last)
         self.timeline.add(point, epoch, step)
         self.last_measured_step = int(step)
-        # freeze, then report
+        # freeze, then report (the cache's scalars are taken before a freeze replaces the cache)
+        cache_scalars = self.freezing.cache_scalars(epoch, step)
         rows += self._freeze(rows, epoch, step, decide=decide_freezes)
         self.history.extend(rows)
         self._comparisons.prune(point)
         heatmaps = self._comparisons.heatmap_sources(point, self.history, self.layers, live_final=live_final)
-        self.outputs.measurement(rows, step, heatmaps, self.history, self.layers)
+        self.outputs.measurement(rows + cache_scalars, step, heatmaps, self.history, self.layers)
         self.timings[point] = time.perf_counter() - started
         return rows
 

@@ -37,7 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from lightning_svcca.measures.similarity import SimilarityWarning
+from lightning_svcca.measures import SimilarityWarning
 
 __all__ = ["PrefixCache", "PrefixCacheWarning", "prefix_refusal"]
 

@@ -38,7 +38,7 @@ from lightning_svcca.pipeline.config import MonitorConfig
 from lightning_svcca.pipeline.distributed import StrategyCollective
 from lightning_svcca.pipeline.monitor import Runtime, SVCCAMonitor, SVCCAMonitorWarning
 from lightning_svcca.pipeline.probe import ForwardFn
-from lightning_svcca.pipeline.snapshots import LocalCollective
+from lightning_svcca.pipeline.snapshot import LocalCollective
 
 __all__ = ["SVCCACallback", "SVCCAMonitorWarning"]
 

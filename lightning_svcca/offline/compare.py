@@ -23,10 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
-from lightning_svcca.measures.similarity import (
+from lightning_svcca.measures import (
     Decomposition,
-    KeepBy,
     cca,
     decompose,
     linear_cka,
@@ -36,17 +34,12 @@ from lightning_svcca.measures.similarity import (
     rbf_cka,
     svcca,
 )
+from lightning_svcca.measures._checks import KeepBy
+from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
 from lightning_svcca.pipeline.activations import ActivationRecorder, Reduction, probe_share, resolve_layers
+from lightning_svcca.pipeline.metrics import METRICS, evaluate, pair_for, snapshot_needs
 from lightning_svcca.pipeline.probe import batch_size, build_probe, run_probe
-from lightning_svcca.pipeline.snapshots import (
-    METRICS,
-    LocalCollective,
-    Snapshot,
-    build_snapshot,
-    evaluate,
-    pair_for,
-    snapshot_needs,
-)
+from lightning_svcca.pipeline.snapshot import LocalCollective, Snapshot, build_snapshot
 
 __all__ = ["LayerMap", "ModelComparison", "compare_models", "cross_layer_similarity", "pool_by_sample"]
 

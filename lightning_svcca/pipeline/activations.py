@@ -54,7 +54,7 @@ from torch.nn.modules.pooling import (
     _MaxPoolNd,
 )
 
-from lightning_svcca.measures.similarity import SimilarityWarning
+from lightning_svcca.measures import SimilarityWarning
 
 __all__ = [
     "ActivationRecorder",

@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_svcca.pipeline.metrics import Pair, evaluate, pair_for
 from lightning_svcca.pipeline.references import Reference
-from lightning_svcca.pipeline.snapshots import Collective, Pair, Snapshot, SnapshotStore, evaluate, pair_for
+from lightning_svcca.pipeline.snapshot import Collective, Snapshot
+from lightning_svcca.pipeline.store import SnapshotStore
 
 __all__ = ["Comparisons", "row", "values_of"]
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from lightning_svcca.freezing.freezer import FreezeDecision, Freezer, freeze_blocks
 from lightning_svcca.freezing.frozen_prefix import FrozenPrefix
-from lightning_svcca.measures.similarity import SimilarityWarning
+from lightning_svcca.measures import SimilarityWarning
 from lightning_svcca.output.history import pack_history, unpack_history
 from lightning_svcca.output.reporting import HISTORY_FILE, layer_map_image, write_history_csv
 from lightning_svcca.output.writers import Reporter, as_writers
@@ -38,10 +38,12 @@ from lightning_svcca.pipeline.activations import LayerSpec, format_layers, resol
 from lightning_svcca.pipeline.capture import Capture, CaptureOptions
 from lightning_svcca.pipeline.comparisons import Comparisons, row, values_of
 from lightning_svcca.pipeline.config import MonitorConfig
+from lightning_svcca.pipeline.metrics import snapshot_needs
 from lightning_svcca.pipeline.moments import CrossLayerMoments
 from lightning_svcca.pipeline.probe import Probe, build_probe, check_not_meta
 from lightning_svcca.pipeline.references import check_reference_layers, device_of, reference_model
-from lightning_svcca.pipeline.snapshots import Collective, LocalCollective, Snapshot, SnapshotStore, snapshot_needs
+from lightning_svcca.pipeline.snapshot import Collective, LocalCollective, Snapshot
+from lightning_svcca.pipeline.store import SnapshotStore
 
 __all__ = ["Runtime", "SVCCAMonitor", "SVCCAMonitorWarning"]
 

@@ -696,7 +696,7 @@ def test_two_callbacks_with_different_probes_share_a_trainer(make_trainer, digit
 
 
 def test_every_metric_through_the_callback(make_trainer, digits, digits_loaders, digits_cnn):
-    """Each measure of snapshots.METRICS is a callback metric, equal to the public function on the same data."""
+    """Each measure of metrics.METRICS is a callback metric, equal to the public function on the same data."""
     from lightning_svcca import cca_heldout, linear_cka, procrustes, r2cca, rbf_cka
     from lightning_svcca.pipeline.metrics import METRICS
 

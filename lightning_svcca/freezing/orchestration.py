@@ -28,7 +28,8 @@ from lightning_svcca.pipeline.comparisons import row, values_of
 from lightning_svcca.pipeline.config import MonitorConfig
 from lightning_svcca.pipeline.recording import ActivationRecorder
 from lightning_svcca.pipeline.runtime import Runtime
-from lightning_svcca.pipeline.snapshots import Snapshot, SnapshotStore
+from lightning_svcca.pipeline.snapshot import Snapshot
+from lightning_svcca.pipeline.store import SnapshotStore
 
 __all__ = ["FreezingCoordinator"]
 

@@ -40,7 +40,7 @@ from lightning_svcca.output.reporting import LAYER_FACTS, tag
 from lightning_svcca.pipeline.config import MonitorConfig
 from lightning_svcca.pipeline.distributed import StrategyCollective
 from lightning_svcca.pipeline.monitor import Runtime, SVCCAMonitor, SVCCAMonitorWarning
-from lightning_svcca.pipeline.snapshots import LocalCollective
+from lightning_svcca.pipeline.snapshot import LocalCollective
 
 __all__ = ["SVCCACallback", "SVCCAMonitorWarning"]
 

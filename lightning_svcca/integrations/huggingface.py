@@ -33,7 +33,7 @@ from lightning_svcca.output.writers import TensorBoardWriter
 from lightning_svcca.pipeline.config import MonitorConfig
 from lightning_svcca.pipeline.distributed import ProcessGroupCollective, broadcast_object
 from lightning_svcca.pipeline.monitor import Runtime, SVCCAMonitor
-from lightning_svcca.pipeline.snapshots import LocalCollective
+from lightning_svcca.pipeline.snapshot import LocalCollective
 
 __all__ = ["STATE_FILE", "SVCCATrainerCallback"]
 

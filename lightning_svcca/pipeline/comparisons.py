@@ -19,8 +19,10 @@ import torch
 from torch import Tensor
 
 from lightning_svcca.output.reporting import evenly_spaced
+from lightning_svcca.pipeline.metrics import Pair, evaluate, pair_for
 from lightning_svcca.pipeline.references import Reference
-from lightning_svcca.pipeline.snapshots import Collective, Pair, Snapshot, SnapshotStore, evaluate, pair_for
+from lightning_svcca.pipeline.snapshot import Collective, Snapshot
+from lightning_svcca.pipeline.store import SnapshotStore
 from lightning_svcca.pipeline.timeline import Timeline
 
 __all__ = ["LIVE_FINAL_COLUMNS", "Comparisons", "row", "values_of"]

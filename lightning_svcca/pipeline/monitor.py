@@ -10,7 +10,7 @@ after training steps and :meth:`~SVCCAMonitor.finish` at the end; the Lightning 
 2. snapshot: each layer compressed, or a frozen layer's last snapshot reused; the cross-layer moments and, at the
    first measurement, the fixed references;
 3. compare: each snapshot against the references (:class:`~lightning_svcca.pipeline.comparisons.Comparisons`);
-4. store: the snapshots kept by point (:class:`~lightning_svcca.pipeline.snapshots.SnapshotStore`), the point
+4. store: the snapshots kept by point (:class:`~lightning_svcca.pipeline.store.SnapshotStore`), the point
    added to the run's :class:`~lightning_svcca.pipeline.timeline.Timeline`;
 5. freeze: converged layers frozen on every process (the freezing coordinator);
 6. report: rows into :attr:`SVCCAMonitor.history`, the writers and the history CSV
@@ -34,7 +34,7 @@ from torch import nn
 from lightning_svcca.freezing.freezer import Freezer
 from lightning_svcca.freezing.frozen_prefix import FrozenPrefix
 from lightning_svcca.freezing.orchestration import FreezingCoordinator
-from lightning_svcca.measures.similarity import SimilarityWarning
+from lightning_svcca.measures import SimilarityWarning
 from lightning_svcca.output.writers import as_writers
 from lightning_svcca.pipeline import monitor_state, preflight
 from lightning_svcca.pipeline.capture import Capture
@@ -46,8 +46,8 @@ from lightning_svcca.pipeline.probe import Probe
 from lightning_svcca.pipeline.references import device_of
 from lightning_svcca.pipeline.run_outputs import RunOutputs
 from lightning_svcca.pipeline.runtime import Runtime
-from lightning_svcca.pipeline.snapshots import SnapshotStore
 from lightning_svcca.pipeline.snapshotting import Snapshotter
+from lightning_svcca.pipeline.store import SnapshotStore
 from lightning_svcca.pipeline.timeline import Timeline
 
 __all__ = ["Runtime", "SVCCAMonitor", "SVCCAMonitorWarning"]

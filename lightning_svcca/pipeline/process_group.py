@@ -19,7 +19,7 @@ from torch import nn
 from lightning_svcca.freezing.sharded import resharding
 from lightning_svcca.pipeline.distributed import ProcessGroupCollective, broadcast_object
 from lightning_svcca.pipeline.runtime import Runtime
-from lightning_svcca.pipeline.snapshots import LocalCollective
+from lightning_svcca.pipeline.snapshot import LocalCollective
 
 __all__ = ["distributed_runtime"]
 

@@ -19,7 +19,7 @@ from lightning_svcca.output.reporting import HISTORY_FILE, layer_map_image, writ
 from lightning_svcca.output.writers import Reporter
 from lightning_svcca.pipeline.moments import CrossLayerMoments
 from lightning_svcca.pipeline.runtime import Runtime
-from lightning_svcca.pipeline.snapshots import SnapshotStore
+from lightning_svcca.pipeline.store import SnapshotStore
 
 __all__ = ["CROSS_LAYER_COLUMNS", "SNAPSHOT_FOLDER", "RunOutputs"]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_svcca.pipeline.snapshots import Collective, LocalCollective
+from lightning_svcca.pipeline.snapshot import Collective, LocalCollective
 
 __all__ = ["Runtime"]
 

@@ -37,10 +37,10 @@ if TYPE_CHECKING:
     )
     from lightning_svcca.measures.crosslayer import cross_layer_similarity
     from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
+    from lightning_svcca.monitoring.monitor import SVCCAMonitor, SVCCAMonitorWarning
+    from lightning_svcca.monitoring.runtime import Runtime
     from lightning_svcca.offline.compare import compare_models
     from lightning_svcca.output.writers import TensorBoardWriter
-    from lightning_svcca.pipeline.monitor import SVCCAMonitor, SVCCAMonitorWarning
-    from lightning_svcca.pipeline.runtime import Runtime
 
 __version__ = "0.1.0"
 
@@ -48,9 +48,9 @@ __version__ = "0.1.0"
 _MODULES = {
     "SVCCACallback": "integrations.callback",
     "FreezePolicy": "freezing.policy",
-    "Runtime": "pipeline.runtime",
-    "SVCCAMonitor": "pipeline.monitor",
-    "SVCCAMonitorWarning": "pipeline.monitor",
+    "Runtime": "monitoring.runtime",
+    "SVCCAMonitor": "monitoring.monitor",
+    "SVCCAMonitorWarning": "monitoring.monitor",
     "TensorBoardWriter": "output.writers",
     "compare_models": "offline.compare",
     "cross_layer_similarity": "measures.crosslayer",

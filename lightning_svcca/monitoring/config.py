@@ -1,6 +1,6 @@
 """The monitor's options, declared, documented and checked once (so a bad value fails at construction).
 
-:class:`MonitorConfig` is the one place where each option of :class:`~lightning_svcca.pipeline.monitor.SVCCAMonitor`,
+:class:`MonitorConfig` is the one place where each option of :class:`~lightning_svcca.monitoring.monitor.SVCCAMonitor`,
 ``SVCCACallback`` and the HuggingFace callback has its type, its default and its documentation (the ``Args:`` of
 its docstring); the adapters take them as keyword arguments through
 :func:`~lightning_svcca.integrations.options.takes_monitor_options`. It checks each option against its allowed

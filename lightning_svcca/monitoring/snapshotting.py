@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
+from lightning_svcca.monitoring.config import MonitorConfig
 from lightning_svcca.pipeline.capture import Capture, WarnFn
-from lightning_svcca.pipeline.config import MonitorConfig
 from lightning_svcca.pipeline.layers import LayerSpec
 from lightning_svcca.pipeline.moments import CrossLayerMoments
 from lightning_svcca.pipeline.recording import ActivationRecorder

@@ -13,8 +13,9 @@ writer or a heatmap needs them (so the ``lightning-svcca`` command starts withou
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lightning_svcca._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from lightning_svcca.freezing.policy import FreezePolicy
@@ -107,13 +108,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _MODULES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_MODULES])
+__getattr__, __dir__ = lazy_attributes(__name__, _MODULES, globals())

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lightning_svcca.pipeline.safe_files import load_plain, save_atomically
+
 __all__ = ["SampleStore"]
 
 
@@ -73,7 +75,7 @@ class SampleStore:
             if row is None:
                 file_index, index = self._spilled[key]
                 if file_index not in self._mapped:
-                    self._mapped[file_index] = torch.load(self.files[file_index], mmap=True, weights_only=True)
+                    self._mapped[file_index] = load_plain(self.files[file_index], mmap=True)
                 row = self._mapped[file_index][index]
             rows.append(row)
         stacked = torch.stack(rows)
@@ -105,7 +107,7 @@ class SampleStore:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
         file_index = len(self.files)
         path = self.spill_dir / f"prefix_{file_index:06d}.pt"
-        torch.save(rows, path)
+        save_atomically(rows, path)
         self.files.append(path)
         for row, key in enumerate(keys):
             self._spilled[key] = (file_index, row)

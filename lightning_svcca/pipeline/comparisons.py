@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_svcca.pipeline.references import Reference
+from lightning_svcca.pipeline.safe_files import stored_snapshot
 from lightning_svcca.pipeline.snapshots import Collective, Pair, Snapshot, SnapshotStore, evaluate, pair_for
 
 __all__ = ["Comparisons", "row", "values_of"]
@@ -96,7 +97,7 @@ class Comparisons:
             rows.append(row(epoch, step, layer, "dims", "svcca", float(snapshot.kept)))
             for reference in self.references:
                 other = self.reference_snapshot(reference, layer, point)
-                if other is None:
+                if other is None or other.n_datapoints != snapshot.n_datapoints:
                     continue
                 for metric in self.metrics:
                     jobs.append(
@@ -119,15 +120,14 @@ class Comparisons:
         """Each measured point's snapshot (or those of ``points``) against point ``target``'s, as ``name`` rows."""
         rows = []
         for layer in layers:
-            key = (layer, str(target))
-            if key not in self.store:
+            latest = stored_snapshot(self.store, (layer, str(target)))
+            if latest is None:
                 continue
-            latest = self.store.get(key)
             jobs = []
             for point in self.measured if points is None else points:
-                if point > target or (layer, str(point)) not in self.store:
+                snapshot = None if point > target else stored_snapshot(self.store, (layer, str(point)))
+                if snapshot is None:
                     continue
-                snapshot = self.store.get((layer, str(point)))
                 epoch, step = self.points[point]
                 for metric in self.metrics:
                     jobs.append(
@@ -159,7 +159,7 @@ class Comparisons:
             key = (layer, str(earlier[-reference.lag]))
         else:  # lag in epochs
             key = (layer, str(point - reference.lag))
-        return self.store.get(key) if key in self.store else None
+        return stored_snapshot(self.store, key)
 
     def prune(self, point: int) -> None:
         """Forget snapshots of measured points no reference will need again."""

@@ -43,7 +43,9 @@ from lightning_svcca.pipeline.layers import LayerSpec, format_layers, resolve_la
 from lightning_svcca.pipeline.moments import CrossLayerMoments
 from lightning_svcca.pipeline.probe import Probe, build_probe, check_not_meta
 from lightning_svcca.pipeline.references import check_reference_layers, device_of, reference_model
+from lightning_svcca.pipeline.safe_files import try_write
 from lightning_svcca.pipeline.snapshots import Collective, LocalCollective, Snapshot, SnapshotStore, snapshot_needs
+from lightning_svcca.pipeline.state_checks import validate_state
 
 __all__ = ["Runtime", "SVCCAMonitor", "SVCCAMonitorWarning"]
 
@@ -412,7 +414,8 @@ class SVCCAMonitor:
                 self._reporter.image(f"{layer_map.metric}/cross_layer/{self.cross_layer.reference}", image, moment.step)
         if self.runtime.is_global_zero and self.log_dir is not None and self.csv_name is not None:
             name = self.csv_name.replace("history", "cross_layer")
-            write_history_csv(self.cross_layer_maps, self.log_dir / name, columns=CROSS_LAYER_COLUMNS)
+            path, columns = self.log_dir / name, CROSS_LAYER_COLUMNS
+            try_write(write_history_csv, self.cross_layer_maps, path, where=path, warned=set(), columns=columns)
 
     def _pooled(self, recorder: Any, layers: Sequence[str]) -> dict[str, Tensor]:
         """Each layer's output averaged over its positions (one datapoint per sample), every process's gathered."""
@@ -485,6 +488,7 @@ class SVCCAMonitor:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (keys missing from older checkpoints take their defaults)."""
+        state_dict = validate_state(state_dict, model=self.model, layers=[spec.name for spec in self.specs])
         self.history = unpack_history(state_dict.get("history", []))
         self.frozen = dict(state_dict.get("frozen", {}))
         self.streaks = dict(state_dict.get("streaks", {}))

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lightning_svcca.offline.compare import compare_models
+from lightning_svcca.output.safe_files import load_plain
 from lightning_svcca.pipeline.metrics import METRICS
 
 __all__ = ["add_compare_command", "load_model", "load_probe"]
@@ -52,6 +53,8 @@ def load_model(spec: str, checkpoint: Path) -> nn.Module:
     Raises:
         ValueError: ``spec`` does not name a class.
         FileNotFoundError: no checkpoint file.
+        UnreadableFileError: the checkpoint holds objects other than tensors and plain values (refused: loading
+            them could run code), or it is damaged.
     """
     module_name, _, class_name = spec.partition(":") if ":" in spec else spec.rpartition(".")
     if not module_name or not class_name:
@@ -61,9 +64,9 @@ def load_model(spec: str, checkpoint: Path) -> nn.Module:
         raise ValueError(f"--model {spec!r} is not an nn.Module class")
     if not checkpoint.is_file():
         raise FileNotFoundError(f"no checkpoint at {checkpoint}")
+    state = load_plain(checkpoint)  # tensors and plain values only; a refused or damaged file: a one-line error
     if hasattr(model_class, "load_from_checkpoint"):
-        return model_class.load_from_checkpoint(checkpoint, map_location="cpu")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        return model_class.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)
     model = model_class()
     model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
     return model
@@ -80,7 +83,7 @@ def load_probe(source: str, size: int | None = None) -> Any:
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"no probe file at {path} (give a .pt file, digits or digits-flat)")
-        probe = torch.load(path, map_location="cpu", weights_only=True)
+        probe = load_plain(path)
     if size is not None:
         if isinstance(probe, torch.Tensor):
             probe = probe[:size]

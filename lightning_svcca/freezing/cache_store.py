@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lightning_svcca.output.safe_files import load_plain, save_atomically
+
 __all__ = ["SampleStore"]
 
 _HOST = torch.device("cpu")
@@ -109,7 +111,7 @@ class SampleStore:
             if row is None:
                 file_index, index = self._spilled[key]
                 if file_index not in self._mapped:
-                    self._mapped[file_index] = torch.load(self.files[file_index], mmap=True, weights_only=True)
+                    self._mapped[file_index] = load_plain(self.files[file_index], mmap=True)
                 row = self._mapped[file_index][index]
             rows.append(row)
         if len({row.device for row in rows}) > 1:
@@ -149,7 +151,7 @@ class SampleStore:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
         file_index = len(self.files)
         path = self.spill_dir / f"prefix_{file_index:06d}.pt"
-        torch.save(rows.contiguous(), path)
+        save_atomically(rows.contiguous(), path)
         self.files.append(path)
         self._spilled_bytes += rows.numel() * rows.element_size()
         for row, key in enumerate(keys):

@@ -23,6 +23,7 @@ from torch import nn
 
 from lightning_svcca.freezing.freezer import Freezer
 from lightning_svcca.freezing.prefix_cache import PrefixCache
+from lightning_svcca.output.safe_files import stored_snapshot
 from lightning_svcca.pipeline.capture import Capture, WarnFn
 from lightning_svcca.pipeline.recording import ActivationRecorder
 from lightning_svcca.pipeline.snapshot import Collective, Snapshot
@@ -82,7 +83,8 @@ class FrozenPrefix:
 
     def reused(self, layers: Sequence[str], last_point: int) -> dict[str, Snapshot]:
         """The snapshots of ``layers`` at ``last_point`` (the same objects: nothing is copied)."""
-        return {layer: self.store.get((layer, str(last_point))) for layer in layers}
+        found = {layer: stored_snapshot(self.store, (layer, str(last_point))) for layer in layers}
+        return {layer: snapshot for layer, snapshot in found.items() if snapshot is not None}  # unreadable: skipped
 
     def record(self, model: nn.Module, device: torch.device, known: Sequence[str]) -> ActivationRecorder:
         """Probe activations of the monitored layers but ``known``; through the cache when it may serve."""

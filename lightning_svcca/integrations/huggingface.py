@@ -3,9 +3,10 @@
 The Trainer calls ``on_train_begin`` (the monitor is built for the Trainer's model and measures epoch 0),
 ``on_epoch_end`` (a measurement, and freezing), ``on_save`` (the monitor's state goes into the checkpoint folder
 as ``svcca_state.pt``) and ``on_train_end`` (the "final" reference). A run resumed with
-``trainer.train(resume_from_checkpoint=...)`` finds ``svcca_state.pt`` in ``output_dir/checkpoint-<global_step>``
-and continues the history. Scalars, heatmaps and freeze events go to a TensorBoard ``SummaryWriter`` (see
-:func:`tensorboard_dir`); ``svcca_history.csv`` to ``args.output_dir``.
+``trainer.train(resume_from_checkpoint=...)`` finds ``svcca_state.pt`` in the folder it resumes from (see
+:func:`resume_folders`) and continues the history; the file is loaded with ``weights_only=True`` (tensors and
+plain values only), so a crafted file cannot run code. Scalars, heatmaps and freeze events go to a TensorBoard
+``SummaryWriter`` (see :func:`tensorboard_dir`); ``svcca_history.csv`` to ``args.output_dir``.
 
 Freezing: on one process, frozen parameters get ``requires_grad=False`` (their gradients are never computed, and
 the Trainer's optimizer skips them: they have no gradient). Under multi-process DDP the Trainer's DDP wrapper
@@ -15,11 +16,12 @@ optimizer step (a "soft" freeze: correct, but no compute is saved).
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -31,6 +33,7 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
 from lightning_svcca.integrations.options import takes_monitor_options
 from lightning_svcca.monitoring.config import MonitorConfig
 from lightning_svcca.monitoring.monitor import Runtime, SVCCAMonitor
+from lightning_svcca.output.safe_files import UnreadableFileError, load_plain, save_atomically, try_write
 from lightning_svcca.output.writers import TensorBoardWriter
 from lightning_svcca.pipeline.distributed import ProcessGroupCollective, broadcast_object
 from lightning_svcca.pipeline.snapshot import LocalCollective
@@ -39,6 +42,8 @@ __all__ = ["STATE_FILE", "SVCCATrainerCallback"]
 
 #: The monitor's state inside each Trainer checkpoint folder.
 STATE_FILE = "svcca_state.pt"
+#: The ``transformers.Trainer`` method whose ``resume_from_checkpoint`` names the folder a run resumes from.
+_TRAINING_LOOP = "_inner_training_loop"
 
 
 @takes_monitor_options(required=("probe",))
@@ -94,15 +99,33 @@ class SVCCATrainerCallback(TrainerCallback):
                 max_epochs=int(args.num_train_epochs),
             ),
         )
-        saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
-        if state.global_step > 0 and saved.is_file():
-            self.monitor.load_state_dict(torch.load(saved, map_location="cpu", weights_only=False))
+        if state.global_step > 0:
+            self._restore(args, state)
         self.monitor.restore_freezes(hard=not distributed)
         # the Trainer calls model.train() inside each training step: frozen norms go back to eval at each forward
         self._norm_hook = model.register_forward_pre_hook(
             lambda module, inputs: self.monitor.before_batch(epoch=int(state.epoch or 0))
         )
         self.monitor.start(step=int(state.global_step))
+
+    def _restore(self, args: Any, state: Any) -> None:
+        """Continue the history saved in the checkpoint folder the Trainer resumed from (tensors and values only)."""
+        assert self.monitor is not None
+        folders = list(dict.fromkeys(resume_folders(args, int(state.global_step))))
+        saved = next((folder / STATE_FILE for folder in folders if (folder / STATE_FILE).is_file()), None)
+        if saved is None:
+            message = f"no {STATE_FILE} in {[str(folder) for folder in folders]}"
+        else:
+            try:
+                self.monitor.load_state_dict(load_plain(saved))
+                return
+            except UnreadableFileError as error:
+                message = str(error)
+        self.monitor.warn_once(
+            "hf-state",
+            f"resumed at step {state.global_step}, but the SVCCA history cannot be continued: {message}. The"
+            " history starts again from this step",
+        )
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Soft freezing only (multi-process): drop frozen parameters' gradients."""
@@ -120,7 +143,7 @@ class SVCCATrainerCallback(TrainerCallback):
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save(self.monitor.state_dict(), folder / STATE_FILE)
+        try_write(save_atomically, self.monitor.state_dict(), folder / STATE_FILE, where=folder, warned=set())
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """The final measurement and the "final" reference; release spill files, hooks and the writer."""
@@ -134,6 +157,28 @@ class SVCCATrainerCallback(TrainerCallback):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def resume_folders(args: Any, global_step: int) -> Iterator[Path]:
+    """Where a resumed run's ``svcca_state.pt`` may be, most specific first.
+
+    The folder given to ``trainer.train(resume_from_checkpoint=...)``: transformers hands it to no callback hook,
+    so it is read from the Trainer's training-loop frame on the call stack; then ``args.resume_from_checkpoint``
+    (set by scripts that take it from the command line); then ``<output_dir>/checkpoint-<global_step>``.
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            given = frame.f_locals.get("resume_from_checkpoint") if frame.f_code.co_name == _TRAINING_LOOP else None
+            if isinstance(given, (str, os.PathLike)):
+                yield Path(given)
+                break
+            frame = frame.f_back
+    finally:
+        del frame
+    if isinstance(getattr(args, "resume_from_checkpoint", None), (str, os.PathLike)):
+        yield Path(args.resume_from_checkpoint)
+    yield Path(args.output_dir) / f"checkpoint-{global_step}"
 
 
 def tensorboard_dir(args: Any) -> Path:

@@ -17,6 +17,7 @@ from typing import Any
 
 from lightning_svcca.monitoring.runtime import Runtime
 from lightning_svcca.output.reporting import HISTORY_FILE, layer_map_image, write_history_csv
+from lightning_svcca.output.safe_files import try_write
 from lightning_svcca.output.writers import Reporter
 from lightning_svcca.pipeline.moments import CrossLayerMoments
 from lightning_svcca.pipeline.store import SnapshotStore
@@ -134,7 +135,8 @@ class RunOutputs:
                 self.reporter.image(f"{layer_map.metric}/cross_layer/{moments.reference}", image, moment.step)
         if zero and self.log_dir is not None and self.csv_name is not None:
             name = self.csv_name.replace("history", "cross_layer")
-            write_history_csv(rows, self.log_dir / name, columns=CROSS_LAYER_COLUMNS)
+            path = self.log_dir / name
+            try_write(write_history_csv, rows, path, where=path, warned=set(), columns=CROSS_LAYER_COLUMNS)
         return rows
 
     def flush(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from lightning_svcca.monitoring.state_checks import validate_state
 from lightning_svcca.output.history import pack_history, unpack_history
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ def state_of(monitor: SVCCAMonitor) -> dict[str, Any]:
 
 def load_state(monitor: SVCCAMonitor, state: Mapping[str, Any]) -> None:
     """Restore :func:`state_of` into ``monitor``; warn when the checkpoint's snapshot files are gone."""
+    state = validate_state(state, model=monitor.model, layers=[spec.name for spec in monitor.specs])
     monitor.history = unpack_history(state.get("history", []))
     monitor.freezing.load_state_dict(state)
     monitor.timeline.load_state_dict(state)

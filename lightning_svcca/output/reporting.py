@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from lightning_svcca.output.csv_cells import neutralise_cell, restore_cell
+
 __all__ = [
     "HISTORY_COLUMNS",
     "HeatmapFigure",
@@ -426,6 +428,9 @@ def write_history_csv(
 ) -> Path:
     """Write history rows to a CSV file with ``columns`` (default :data:`HISTORY_COLUMNS`), atomically.
 
+    Text cells that a spreadsheet would take for a formula get a leading ``'`` (see
+    :mod:`~lightning_svcca.output.csv_cells`); :func:`read_history_csv` removes it.
+
     The rows go to a temporary file beside ``path`` whose name holds the process id and a random UUID, which then
     replaces ``path`` in one rename: readers see the old file or the new one, never a half-written one, and two
     runs (processes or threads) writing into the same directory never collide on the temporary name.
@@ -440,7 +445,7 @@ def write_history_csv(
         with partial.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(history)
+            writer.writerows({key: neutralise_cell(value) for key, value in row.items()} for row in history)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)  # only left if writing failed
@@ -454,7 +459,10 @@ _INTEGER_COLUMNS = ("epoch", "step")
 def read_history_csv(path: str | Path) -> list[dict[str, Any]]:
     """Read a history CSV back into rows: ``epoch`` (and ``step``, where present) as int, ``value`` as float."""
     with Path(path).open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
+        rows = [
+            {key: restore_cell(text) if isinstance(text, str) else text for key, text in row.items()}
+            for row in csv.DictReader(handle)
+        ]
     for row in rows:
         for column in _INTEGER_COLUMNS:
             if column in row:

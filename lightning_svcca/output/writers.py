@@ -29,6 +29,7 @@ from lightning_svcca.output.reporting import (
     tag,
     write_history_csv,
 )
+from lightning_svcca.output.safe_files import try_write
 
 __all__ = ["Reporter", "TensorBoardWriter", "Writer", "as_writers"]
 
@@ -101,6 +102,7 @@ class Reporter:
     ) -> None:
         self.writers = list(writers)
         self.csv_path = csv_path
+        self._csv_failed: set[Path] = set()  # the CSV while its writes fail (warned once)
         self.axis = axis
         self.heatmap_time_share = heatmap_time_share
         self._figures: dict[str, HeatmapFigure] = {}
@@ -217,9 +219,9 @@ class Reporter:
             experiment.add_text(name, message, step)
 
     def write_csv(self, history: Iterable[Mapping[str, Any]]) -> None:
-        """Rewrite the history CSV with the whole history (atomically)."""
-        if self.csv_path is not None:
-            write_history_csv(history, self.csv_path)
+        """Rewrite the history CSV with the whole history (atomically; a full or read-only disk only warns)."""
+        if self.csv_path is not None:  # a failed write is warned once and tried again at the next call
+            try_write(write_history_csv, history, self.csv_path, where=self.csv_path, warned=self._csv_failed)
 
     def flush(self) -> None:
         """Draw the heatmaps still waiting; flush writers that buffer (TensorBoard), so event files are complete."""

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from lightning_svcca.monitoring.timeline import Timeline
 from lightning_svcca.output.reporting import evenly_spaced
+from lightning_svcca.output.safe_files import stored_snapshot
 from lightning_svcca.pipeline.metrics import Pair, evaluate, pair_for
 from lightning_svcca.pipeline.references import Reference
 from lightning_svcca.pipeline.snapshot import Collective, Snapshot
@@ -100,7 +101,7 @@ class Comparisons:
             rows.append(row(epoch, step, layer, "dims", "svcca", float(snapshot.kept)))
             for reference in self.references:
                 other = self.reference_snapshot(reference, layer, point)
-                if other is None:
+                if other is None or other.n_datapoints != snapshot.n_datapoints:
                     continue
                 for metric in self.metrics:
                     jobs.append(
@@ -123,15 +124,14 @@ class Comparisons:
         """Each measured point's snapshot (or those of ``points``) against point ``target``'s, as ``name`` rows."""
         rows = []
         for layer in layers:
-            key = (layer, str(target))
-            if key not in self.store:
+            latest = stored_snapshot(self.store, (layer, str(target)))
+            if latest is None:
                 continue
-            latest = self.store.get(key)
             jobs = []
             for point in self.timeline.measured if points is None else points:
-                if point > target or (layer, str(point)) not in self.store:
+                snapshot = None if point > target else stored_snapshot(self.store, (layer, str(point)))
+                if snapshot is None:
                     continue
-                snapshot = self.store.get((layer, str(point)))
                 epoch, step = self.timeline.at(point)
                 for metric in self.metrics:
                     jobs.append(
@@ -167,17 +167,14 @@ class Comparisons:
         if reference.kind == "final":
             return None  # compared at the end of fit (and live, for the heatmap)
         if reference.fixed:
-            return self._stored((layer, reference.name))
+            return stored_snapshot(self.store, (layer, reference.name))
         if reference.kind == "initial":
             other = self.timeline.first if self.timeline.before(point) else None
         elif reference.kind == "previous":
             other = self.timeline.previous(point)
         else:
             other = self.timeline.lagged(point, reference.lag)
-        return None if other is None else self._stored((layer, str(other)))
-
-    def _stored(self, key: tuple[str, str]) -> Snapshot | None:
-        return self.store.get(key) if key in self.store else None
+        return None if other is None else stored_snapshot(self.store, (layer, str(other)))
 
     def prune(self, point: int) -> None:
         """Forget snapshots of measured points no reference will need again."""

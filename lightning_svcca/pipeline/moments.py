@@ -15,10 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from lightning_svcca.measures.crosslayer import LayerMap, cross_layer_similarity
+from lightning_svcca.output.safe_files import (
+    UnreadableFileError,
+    load_plain,
+    report_unreadable,
+    save_atomically,
+    try_write,
+)
 
 __all__ = ["CROSS_LAYER_MOMENTS", "CrossLayerMoments", "Moment"]
 
@@ -58,6 +64,7 @@ class CrossLayerMoments:
         self.latest: Moment | None = None
         self.fixed: dict[str, Tensor] | None = None
         self._files: dict[float, Path] = {}
+        self._failed: set[Path] = set()  # folders a write failed in (warned once)
 
     def observe(self, point: int, epoch: int, step: int, layers: Mapping[str, Tensor], total: int | None) -> None:
         """A measurement: keep it for every fraction it is the first to reach (``total``: the run's length)."""
@@ -69,8 +76,10 @@ class CrossLayerMoments:
             if reached or (fraction == 0.0 and not self.moments):
                 moment = Moment(fraction, point, epoch, step, dict(layers))
                 self.moments[fraction] = moment
-                if self.folder is not None:
-                    self._files[fraction] = self._write(moment)
+                folder = self.folder
+                path = None if folder is None else try_write(self._write, moment, where=folder, warned=self._failed)
+                if path is not None:
+                    self._files[fraction] = path
                     moment.layers = {}  # read back at the end of the run
 
     def set_reference(self, layers: Mapping[str, Tensor]) -> None:
@@ -81,7 +90,7 @@ class CrossLayerMoments:
         """Every kept moment (and the last one) against the reference, per metric; ``[]`` when nothing is kept."""
         if self.latest is None:
             return []
-        moments = [self._load(fraction) for fraction in sorted(self.moments)]
+        moments = [moment for moment in map(self._load, sorted(self.moments)) if moment.layers]  # unreadable: none
         if 1.0 in self.fractions:
             moments.append(self.latest)
         if self.reference == "final":
@@ -132,14 +141,22 @@ class CrossLayerMoments:
     def _load(self, fraction: float) -> Moment:
         moment = self.moments[fraction]
         if not moment.layers and fraction in self._files:
-            moment.layers = torch.load(self._files[fraction], weights_only=True)
+            try:
+                moment.layers = _tensors_by_name(load_plain(self._files[fraction]), self._files[fraction])
+            except UnreadableFileError as error:  # reported; the moment's map is left empty
+                report_unreadable(error, f"cross-layer moment {fraction:.2f}")
         return moment
 
     def _write(self, moment: Moment) -> Path:
         assert self.folder is not None
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"cross_layer-{moment.fraction:.2f}.pt"
-        partial = path.with_name(path.name + ".partial")
-        torch.save(moment.layers, partial)
-        partial.replace(path)
-        return path
+        return save_atomically(moment.layers, self.folder / f"cross_layer-{moment.fraction:.2f}.pt")
+
+
+def _tensors_by_name(value: Any, path: Path) -> dict[str, Tensor]:
+    """A moment file's contents, checked to be layer name -> 2-D tensor."""
+    if not isinstance(value, Mapping) or not all(
+        isinstance(name, str) and isinstance(rows, Tensor) and rows.ndim == 2 for name, rows in value.items()
+    ):
+        raise UnreadableFileError(path, "not a mapping of layer names to 2-D tensors")
+    return dict(value)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import tempfile
-import uuid
 import zlib
 from collections import OrderedDict
 from pathlib import Path
 
-import torch
-
+from lightning_svcca.output.safe_files import (
+    UnreadableFileError,
+    load_snapshot_state,
+    report_unreadable,
+    save_atomically,
+    try_write,
+)
 from lightning_svcca.pipeline.snapshot import Snapshot
 
 __all__ = ["SnapshotStore"]
@@ -43,6 +46,7 @@ class SnapshotStore:
         self._spill_dir: Path | None = None
         self._memory: OrderedDict[tuple[str, str], Snapshot] = OrderedDict()
         self._files: dict[tuple[str, str], Path] = {}
+        self._failed: set[Path] = set()  # folders a write failed in (warned once)
 
     @property
     def memory_bytes(self) -> int:
@@ -65,7 +69,7 @@ class SnapshotStore:
         """Store (or replace) a snapshot (written to its file in persistent mode), then hold the budget."""
         self.discard(key)
         if self.directory is not None:
-            self._files[key] = self._write(self.directory, key, snapshot)
+            self._write_persistent(key, snapshot)
         self._memory[key] = snapshot
         self._enforce_budget()
 
@@ -88,7 +92,12 @@ class SnapshotStore:
             self._memory.move_to_end(key)
             return self._memory[key]
         if key in self._files:
-            return Snapshot.from_state(torch.load(self._files[key], mmap=True, weights_only=True))
+            try:
+                return Snapshot.from_state(load_snapshot_state(self._files[key]))
+            except UnreadableFileError as error:  # reported once, then forgotten: comparisons needing it skip
+                self.discard(key)
+                report_unreadable(error, f"snapshot of layer {key[0]!r} at {key[1]}")
+                raise KeyError(key) from error
         raise KeyError(key)
 
     def discard(self, key: tuple[str, str]) -> None:
@@ -106,7 +115,10 @@ class SnapshotStore:
         if self.directory is not None:
             state: dict[str, dict] = {"": {"folder": str(self.directory)}}
             for layer, tag in self.keys():
-                path = self._files[(layer, tag)]
+                path = self._files.get((layer, tag))
+                if path is None:  # its write failed: the tensors themselves (written again after a resume)
+                    state[f"{layer}@{tag}"] = self.get((layer, tag)).to_state()
+                    continue
                 state[f"{layer}@{tag}"] = {"name": path.name} if path.parent == self.directory else {"file": str(path)}
             return state
         return {f"{layer}@{tag}": self.get((layer, tag)).to_state() for layer, tag in self.keys()}
@@ -136,7 +148,7 @@ class SnapshotStore:
         self.directory = Path(directory)
         for key, snapshot in self._memory.items():
             if key not in self._files:
-                self._files[key] = self._write(self.directory, key, snapshot)
+                self._write_persistent(key, snapshot)
 
     def close(self) -> None:
         """Release memory-mapped files and delete the temporary spill folder; persistent files and memory stay."""
@@ -154,7 +166,14 @@ class SnapshotStore:
             if key not in self._files:
                 if self._spill_dir is None:
                     self._spill_dir = Path(tempfile.mkdtemp(prefix="svcca_spill_"))
-                self._files[key] = self._write(self._spill_dir, key, snapshot)
+                path = try_write(
+                    self._write, self._spill_dir, key, snapshot, where=self._spill_dir, warned=self._failed
+                )
+                if path is None:  # no room on disk either: it stays in memory
+                    self._memory[key] = snapshot
+                    self._memory.move_to_end(key, last=False)
+                    return
+                self._files[key] = path
 
     @staticmethod
     def _write(folder: Path, key: tuple[str, str], snapshot: Snapshot) -> Path:
@@ -163,7 +182,11 @@ class SnapshotStore:
         layer, tag = key
         safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{layer}@{tag}")[:80]
         path = folder / f"{safe}-{zlib.crc32(f'{layer}@{tag}'.encode()):08x}.pt"
-        partial = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
-        torch.save(snapshot.to_state(), partial)
-        partial.replace(path)
-        return path
+        return save_atomically(snapshot.to_state(), path)
+
+    def _write_persistent(self, key: tuple[str, str], snapshot: Snapshot) -> None:
+        """Write to the persistent folder; when that fails (warned once) the snapshot is kept in memory only."""
+        assert self.directory is not None
+        path = try_write(self._write, self.directory, key, snapshot, where=self.directory, warned=self._failed)
+        if path is not None:
+            self._files[key] = path

@@ -34,9 +34,16 @@ from lightning_svcca.freezing.frozen_prefix import FrozenPrefix
 from lightning_svcca.freezing.policy import FreezeDecision
 from lightning_svcca.measures.similarity import SimilarityWarning
 from lightning_svcca.output.history import pack_history, unpack_history
-from lightning_svcca.output.reporting import HISTORY_FILE, evenly_spaced, layer_map_image, write_history_csv
+from lightning_svcca.output.reporting import (
+    FREEZE_METRIC,
+    FREEZE_REFERENCE,
+    HISTORY_FILE,
+    evenly_spaced,
+    layer_map_image,
+    write_history_csv,
+)
 from lightning_svcca.output.writers import Reporter, as_writers
-from lightning_svcca.pipeline.capture import Capture, CaptureOptions
+from lightning_svcca.pipeline.capture import LEAVE_OUT_BELOW, Capture, CaptureOptions
 from lightning_svcca.pipeline.comparisons import Comparisons, row, values_of
 from lightning_svcca.pipeline.config import MonitorConfig
 from lightning_svcca.pipeline.layers import LayerSpec, format_layers, resolve_layers
@@ -330,7 +337,7 @@ class SVCCAMonitor:
         if self.runtime.is_global_zero:
             self.runtime.logger.info("SVCCA monitors %s", format_layers(self.layers))
             charts = [(metric, name) for metric in config.metrics for name in self._chart_references()]
-            charts += [("svcca", "dims")] + ([("svcca", "frozen")] if config.freeze is not None else [])
+            charts += [("svcca", "dims")] + ([(FREEZE_METRIC, FREEZE_REFERENCE)] if config.freeze is not None else [])
             self._reporter.layout(charts, self.layers)
 
     @property
@@ -528,8 +535,15 @@ class SVCCAMonitor:
         self.probe_timings[point] = time.perf_counter() - started
         layers = self._settle_layer_order(recorder.order)
         recorded = self._capture.snapshots(
-            recorder, [layer for layer in layers if layer not in known], epoch, device, label=f"epoch {epoch}"
+            recorder,
+            [layer for layer in layers if layer not in known],
+            epoch,
+            device,
+            label=f"epoch {epoch}",
+            leave_out_thin=not self.measured and self.config.layers is None,
         )
+        if not self.measured and self._capture.left_out:
+            layers = self._leave_out_thin()
         reused = self._frozen_prefix.reused(known, last) if known else {}
         snapshots = {
             layer: reused[layer] if layer in reused else recorded[layer]
@@ -554,7 +568,10 @@ class SVCCAMonitor:
         if policy is not None and decide_freezes:
             self._decide_and_freeze(self._frozen_prefix.completion, epoch, step, rows)
         if policy is not None or self.frozen:
-            rows += [row(epoch, step, layer, "frozen", "svcca", float(layer in self.frozen)) for layer in self.layers]
+            rows += [
+                row(epoch, step, layer, FREEZE_REFERENCE, FREEZE_METRIC, float(layer in self.frozen))
+                for layer in self.layers
+            ]
         self.history.extend(rows)
         self._comparisons.prune(point)
         # heatmaps of the references the user asked for (a freeze policy's lag reference is only charted)
@@ -588,6 +605,20 @@ class SVCCAMonitor:
                     " forward_fn (the default calls model(probe_input))"
                 )
             self.layer_order = ran
+        return self.layer_order
+
+    def _leave_out_thin(self) -> list[str]:
+        """Default layers too wide for the probe (:attr:`Capture.left_out`) are no longer monitored: one log line."""
+        assert self._capture is not None
+        left_out = self._capture.left_out
+        self.layer_order = [layer for layer in self.layer_order if layer not in left_out]
+        if self.runtime.is_global_zero:
+            self.runtime.logger.info(
+                "SVCCA leaves %s out of the default layers: fewer than %d probe datapoints per kept direction bias"
+                " similarities towards 1 (raise probe_size or max_datapoints, or name layers to monitor them anyway)",
+                ", ".join(f"{layer!r} ({why})" for layer, why in left_out.items()),
+                LEAVE_OUT_BELOW,
+            )
         return self.layer_order
 
     def _snapshot_fixed_references(self, recorder: Any = None) -> None:

@@ -550,8 +550,13 @@ def _container_model(*blocks: nn.Module) -> nn.Module:
     ids=["identical", "first-differs"],
 )
 def test_default_layers_take_repeated_blocks_stems_and_heads(blocks, expected):
+    """The Linear stem is a linear map of the input (1 against every reference): left out, with no nonlinearity
+    after it to take its place."""
     names = default_layers(_container_model(*blocks))
-    assert names == ["stem", *expected, "body.scale", "head"]
+    assert names == [*expected, "body.scale", "head"]
+    model = _container_model(*blocks)
+    model.stem = nn.Sequential(nn.Linear(2, 4), nn.GELU())  # a stem with its own nonlinearity stays
+    assert default_layers(model) == ["stem", *expected, "body.scale", "head"]
 
 
 @pytest.mark.parametrize(

@@ -220,3 +220,48 @@ def test_importing_the_package_loads_no_lightning_tensorboard_or_matplotlib():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _by_step(history):
+    return {(r["step"], r["layer"], r["reference"], r["metric"]): r for r in history}
+
+
+def test_hf_trainer_measures_every_k_steps_like_the_lightning_callback(tmp_path, initial_model, data):
+    """``every_n_train_steps=4`` over 6-step epochs, stopped at step 9 (epoch 1.5): measurements at steps 0, 4, 8
+    and 9, labelled with the completed epochs (0, 0, 1, 1; the Trainer's 1.5 is not rounded up to 2), value for
+    value the Lightning callback's history of the same run."""
+    from lightning_svcca.integrations.huggingface import SVCCATrainerCallback
+
+    train, probe = data
+    options = {**OPTIONS, "every_n_epochs": None, "every_n_train_steps": 4}
+    hf = SVCCATrainerCallback(probe=probe, **options)
+    _hf_trainer(tmp_path / "hf", copy.deepcopy(initial_model), train, hf, 2, max_steps=9).train()
+    at = sorted({(r["step"], r["epoch"]) for r in hf.history})
+    assert at == [(0, 0), (4, 0), (8, 1), (9, 1)]
+
+    lightning = SVCCACallback(probe=probe, **options)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path / "pl",
+        max_steps=9,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[lightning],
+    )
+    trainer.fit(copy.deepcopy(initial_model), DataLoader(train, batch_size=64))
+    got, want = _by_step(hf.history), _by_step(lightning.history)
+    assert got.keys() == want.keys()
+    for key, row in want.items():
+        assert math.isclose(got[key]["value"], row["value"], rel_tol=0, abs_tol=2e-5), key
+
+
+def test_hf_trainer_measures_by_steps_and_epochs_once_per_step(tmp_path, initial_model, data):
+    """Both cadences: every 4 steps and every epoch (6 steps), one measurement per step, epochs never rounded up."""
+    from lightning_svcca.integrations.huggingface import SVCCATrainerCallback
+
+    train, probe = data
+    callback = SVCCATrainerCallback(probe=probe, **{**OPTIONS, "every_n_train_steps": 4}, writers=None)
+    _hf_trainer(tmp_path, copy.deepcopy(initial_model), train, callback, 2).train()
+    assert sorted({(r["step"], r["epoch"]) for r in callback.history}) == [(0, 0), (4, 0), (6, 1), (8, 1), (12, 2)]

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from lightning_svcca import SVCCACallback, SVCCAMonitorWarning
+from lightning_svcca.output.reporting import upgrade_freeze_rows
 
 FIXTURES = Path(__file__).parent / "data" / "checkpoints"
 EXTRA_EPOCHS = 2
@@ -64,7 +65,8 @@ def _check_continued(run: dict, *, references: dict[int, set[str]]) -> None:
     """Old rows kept to 1e-6, epochs going on without a gap, freezes kept; ``references`` per new epoch."""
     expected, callback, model = run["expected"], run["callback"], run["model"]
     assert callback.state_key == expected["state_key"]
-    old, now = _values(expected["history"]), _values(callback.history)
+    # the old freeze rows (metric "svcca", reference "frozen") are loaded under their own metric, "freeze"
+    old, now = _values(upgrade_freeze_rows(expected["history"])), _values(callback.history)
     last = expected["epochs"]
     assert {key for key in now if key[0] <= last} == set(old), "the old epochs' rows changed"
     for key, value in old.items():
@@ -82,7 +84,7 @@ def _check_continued(run: dict, *, references: dict[int, set[str]]) -> None:
     for epoch, names in references.items():
         for layer in expected["layers"]:
             frozen = float(layer in expected["frozen"])
-            assert now[(epoch, layer, "frozen", "svcca")] == frozen
+            assert now[(epoch, layer, "frozen", "freeze")] == frozen
             found = {key[2] for key in now if key[:2] == (epoch, layer)} - {"frozen", "dims"}
             assert found == names, (epoch, layer)
     assert not [w for w in run["warnings"] if MISSING_STATE in str(w.message)]

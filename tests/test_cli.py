@@ -203,3 +203,57 @@ def test_a_real_cka_only_run_from_the_folder_given_to_tensorboard(
     assert "3 layers x 3 epochs" in capsys.readouterr().out
     assert main(["table", str(tmp_path), "--reference", "previous"]) == 0
     assert "linear_cka to previous" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore::lightning_svcca.measures.similarity.TooFewDatapointsWarning")
+@pytest.mark.filterwarnings("ignore::lightning_svcca.SVCCAMonitorWarning")
+@pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning")
+@pytest.mark.filterwarnings("ignore:.*smaller than the logging interval:UserWarning")
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*")
+def test_a_real_run_by_steps_reports_every_measurement_by_step(
+    tmp_path, capsys, digits, digits_loaders, digits_cnn, make_trainer
+):
+    """Measured every 2 steps of 4-batch epochs up to step 10: six measurements whose epochs collide (0, 0, 1, 1,
+    2, 2). Keyed by epoch the reports showed three columns, each the last measurement of its epoch; by step, six."""
+    import torch
+
+    from lightning_svcca import SVCCACallback
+    from lightning_svcca.output.reporting import read_history_csv
+
+    torch.manual_seed(0)
+    callback = SVCCACallback(
+        probe=digits[0][1000:1128],
+        layers=["relu1", "relu2", "fc1"],
+        every_n_epochs=None,
+        every_n_train_steps=2,
+        max_datapoints=256,
+    )
+    make_trainer([callback], max_epochs=None, max_steps=10, limit_train_batches=4).fit(digits_cnn(), *digits_loaders)
+    capsys.readouterr()
+    (path,) = tmp_path.rglob("svcca_history.csv")
+    final = [row for row in read_history_csv(path) if row["reference"] == "final" and row["layer"] == "relu1"]
+    assert [(row["epoch"], row["step"]) for row in final] == [(0, 0), (0, 2), (1, 4), (1, 6), (2, 8), (2, 10)]
+
+    assert main(["table", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["layer", "\\", "step", "0", "2", "4", "6", "8", "10"]
+    relu1 = lines[3].split()
+    assert relu1[0] == "relu1" and relu1[1:] == [f"{row['value']:.3f}" for row in final]
+    assert main(["summary", str(tmp_path)]) == 0
+    summary = capsys.readouterr().out.splitlines()
+    assert "first step from which" in summary[0] and summary[1].split()[-2:] == ["at", "(step)"]
+    assert main(["heatmap", str(tmp_path), "--out", str(tmp_path / "final.png")]) == 0
+    assert "3 layers x 6 steps" in capsys.readouterr().out
+
+
+def test_old_freeze_rows_read_as_the_freeze_metric(history_dir, capsys):
+    """Files written before freeze state had its own metric (``svcca``/``frozen``) read as ``freeze``/``frozen``."""
+    from lightning_svcca.output.reporting import read_history_csv
+
+    rows = read_history_csv(history_dir / "svcca_history.csv")
+    assert {row["metric"] for row in rows if row["reference"] == "frozen"} == {"freeze"}
+    assert main(["table", str(history_dir), "--reference", "frozen"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("frozen layers") and "svcca to frozen" not in out
+    assert main(["table", str(history_dir), "--metric", "svcca", "--reference", "frozen"]) == 1
+    assert "--metric freeze --reference frozen" in capsys.readouterr().err

@@ -153,8 +153,47 @@ def test_speech_group_norm_feature_encoder_is_still_one_block_list():
     assert [name for name in names if "conv_layers" in name] == [f"feature_extractor.conv_layers.{i}" for i in range(3)]
 
 
-def test_resnet_default_layers_are_stem_blocks_and_head():
-    assert default_layers(_ResNet()) == ["conv1", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "fc"]
+class _TorchvisionLikeResNet(_ResNet):
+    """torchvision's layout: the stem's ReLU and max pooling are modules of their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer1, layer2, fc = self.layer1, self.layer2, self.fc
+        del self.layer1, self.layer2, self.fc  # registered again below, in torchvision's order
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1, self.layer2, self.fc = layer1, layer2, fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer2(self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x))))))
+        return self.fc(out.mean(dim=(2, 3)))
+
+
+def test_resnet_default_stem_is_its_first_nonlinearity_not_conv1():
+    """conv1 (and conv1 + BatchNorm) is a linear map of the image: 1.000 to every reference at every epoch. The
+    stem is the ReLU after it where that is a module; with ``torch.relu`` there is none and the stem is left out."""
+    assert default_layers(_TorchvisionLikeResNet()) == ["relu", "layer1.0", "layer1.1", "layer2.0", "layer2.1", "fc"]
+    assert default_layers(_ResNet()) == ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "fc"]
+
+
+def _vit() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        image_size=16, patch_size=4, num_channels=3, num_labels=3, **TINY, hidden_dropout_prob=0.0
+    )
+    return transformers.ViTForImageClassification(config).eval()
+
+
+def test_vit_default_layers_leave_out_the_patch_embedding():
+    """The patch embedding (a convolution plus constant tokens and positions) reads 1.000 to every reference; the
+    blocks and the head are monitored, and they run on a probe of images."""
+    model = _vit()
+    names = default_layers(model)
+    assert not any("embeddings" in name for name in names)
+    blocks = [name for name in names if name != "classifier"]
+    assert len(blocks) == TINY["num_hidden_layers"] and names[-1] == "classifier"
+    recorder = _record(model, {"pixel_values": torch.randn(4, 3, 16, 16)}, chunk=2)
+    assert set(recorder.activations) == set(names)
 
 
 def test_models_without_repeated_blocks_keep_every_layer():
@@ -348,6 +387,8 @@ def test_the_callback_with_defaults_on_hugging_face_models(make_trainer, make, d
     make_trainer([callback], max_epochs=1, logger=False).fit(model, loader)
 
     expected = [f"model.{name}" for name in default_layers(model.model)]
+    # a probe of 32 sentences gives the pooler (one datapoint per sentence) fewer than 2 per kept direction
+    expected = [name for name in expected if name != "model.bert.pooler"]
     assert sorted(callback.layers) == sorted(expected)
     assert callback.monitor.probe.mask_key == "attention_mask" and callback.monitor.probe.input_key is None
     measured = {row["layer"] for row in callback.history if row["reference"] == "previous"}

@@ -30,6 +30,7 @@ from lightning_svcca.output.reporting import (
     convergence_epochs,
     heatmap_image,
     heatmap_style,
+    history_axis,
     history_matrix,
     read_history_csv,
 )
@@ -47,7 +48,8 @@ _EPILOG = f"""\
 HISTORY is a {HISTORY_FILE} file or a folder: the run's log folder (e.g. lightning_logs/version_0) or any
 folder above it, such as the one given to tensorboard --logdir; its subfolders are searched and the newest
 history is used (--all: each of them). --metric and --reference default to what the history holds: the
-metric svcca (else pwcca, cca, linear_cka) and the reference final (else previous).
+metric svcca (else pwcca, cca, linear_cka) and the reference final (else previous). Columns are epochs, or
+global steps when measurements share an epoch (a run measured every k steps), so every measurement is shown.
 
 examples:
   lightning-svcca summary runs/digits_convergence
@@ -123,9 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND", title="commands")
     for name, function, help_text in (
-        ("summary", _summary, "per layer: first epoch from which it stays at or above each threshold, last value"),
-        ("table", _table, "the layers x epochs values of one metric and reference"),
-        ("heatmap", _heatmap, "draw the layers x epochs heatmap to a PNG file"),
+        ("summary", _summary, "per layer: first epoch (or step) from which it stays at or above each threshold"),
+        ("table", _table, "the layers x epochs (or steps) values of one metric and reference"),
+        ("heatmap", _heatmap, "draw the layers x epochs (or steps) heatmap to a PNG file"),
     ):
         command = commands.add_parser(
             name,
@@ -137,7 +139,9 @@ def _parser() -> argparse.ArgumentParser:
         command.set_defaults(command=function)
         command.add_argument("history", metavar="HISTORY", help=f"a {HISTORY_FILE} file or a folder holding one")
         command.add_argument(
-            "--metric", help="svcca, pwcca, cca or linear_cka (default: the first of these the history holds)"
+            "--metric",
+            help="svcca, pwcca, cca or linear_cka, or freeze with --reference frozen (default: the first of these the"
+            " history holds)",
         )
         command.add_argument(
             "--reference",
@@ -230,29 +234,36 @@ def _first(candidates: Sequence[str], preferred: Sequence[str]) -> str | None:
     return candidates[0] if candidates else None
 
 
-def _matrix(history: list[dict[str, Any]], args: argparse.Namespace) -> tuple[str, str, list[str], list[int], Any]:
+def _matrix(history: list[dict[str, Any]], args: argparse.Namespace) -> tuple[str, str, str, list[str], list[int], Any]:
+    """The metric, reference and column axis reported, and the layers x columns matrix.
+
+    The columns are epochs, or global steps when two measurements share an epoch: keyed by epoch, one of them
+    would hide the other.
+    """
     metric, reference = select(history, args.metric, args.reference)
-    layers, epochs, matrix = history_matrix(history, reference, metric)
-    return metric, reference, layers, epochs, matrix
+    axis = history_axis(history)
+    layers, columns, matrix = history_matrix(history, reference, metric, axis=axis)
+    return metric, reference, axis, layers, columns, matrix
 
 
 def _summary(history: list[dict[str, Any]], args: argparse.Namespace, path: Path, many: bool) -> int:
-    metric, reference, layers, epochs, matrix = _matrix(history, args)
+    metric, reference, axis, layers, columns, matrix = _matrix(history, args)
     frozen: dict[str, int] = {}
     for row in history:
         if row["reference"] == "frozen" and row["value"]:
-            frozen[row["layer"]] = min(frozen.get(row["layer"], row["epoch"]), row["epoch"])
+            frozen[row["layer"]] = min(frozen.get(row["layer"], row[axis]), row[axis])
     lasts = [next((v for v in row[::-1] if not math.isnan(v)), math.nan) for row in matrix]
+    frozen_at = "frozen at" if axis == "epoch" else f"frozen at ({axis})"
     if reference in LAYER_FACTS:  # not similarities: thresholds mean nothing, show the range instead
-        header = ["layer", f"first (epoch {epochs[0]})", "min", "max", f"last (epoch {epochs[-1]})", "frozen at"]
+        header = ["layer", f"first ({axis} {columns[0]})", "min", "max", f"last ({axis} {columns[-1]})", frozen_at]
         rows = [
             [layer, *(_number(v) for v in (_first_value(row), _min(row), _max(row), last)), str(frozen.get(layer, "-"))]
             for layer, row, last in zip(layers, matrix, lasts, strict=True)
         ]
         print(f"{heatmap_style(metric, reference)['title']} (layers bottom-up)")
     else:
-        converged = convergence_epochs(history, args.thresholds, reference=reference, metric=metric)
-        header = ["layer", *(f">={t:g} from" for t in args.thresholds), "last", "frozen at"]
+        converged = convergence_epochs(history, args.thresholds, reference=reference, metric=metric, axis=axis)
+        header = ["layer", *(f">={t:g} from" for t in args.thresholds), "last", frozen_at]
         rows = [
             [
                 layer,
@@ -262,32 +273,32 @@ def _summary(history: list[dict[str, Any]], args: argparse.Namespace, path: Path
             ]
             for layer, last in zip(layers, lasts, strict=True)
         ]
-        print(f"{metric} to {reference} (layers bottom-up; '>=t from': first epoch from which it stays >= t)")
+        print(f"{metric} to {reference} (layers bottom-up; '>=t from': first {axis} from which it stays >= t)")
     print(format_table(header, rows))
     return 0
 
 
 def _table(history: list[dict[str, Any]], args: argparse.Namespace, path: Path, many: bool) -> int:
-    metric, reference, layers, epochs, matrix = _matrix(history, args)
+    metric, reference, axis, layers, columns, matrix = _matrix(history, args)
     number = _number if reference in LAYER_FACTS else (lambda v: "" if math.isnan(v) else f"{v:.3f}")
     rows = [[layer, *(number(v) for v in row)] for layer, row in zip(layers, matrix, strict=True)]
     print(heatmap_style(metric, reference)["title"])
-    print(format_table(["layer \\ epoch", *map(str, epochs)], rows))
+    print(format_table([f"layer \\ {axis}", *map(str, columns)], rows))
     return 0
 
 
 def _heatmap(history: list[dict[str, Any]], args: argparse.Namespace, path: Path, many: bool) -> int:
-    metric, reference, layers, epochs, matrix = _matrix(history, args)
+    metric, reference, axis, layers, columns, matrix = _matrix(history, args)
     out = args.out
     if many:  # one file per run: final.png -> final-seed0-version_0.png
         run = path.parent.resolve().relative_to(Path(args.history).resolve())
         out = out.with_name(f"{out.stem}-{'-'.join(run.parts) or 'run'}{out.suffix}")
     from matplotlib.image import imsave
 
-    image = heatmap_image(layers, epochs, matrix, **heatmap_style(metric, reference))
+    image = heatmap_image(layers, columns, matrix, **heatmap_style(metric, reference), xlabel=axis)
     out.parent.mkdir(parents=True, exist_ok=True)
     imsave(out, image, format="png")
-    print(f"wrote {out} ({metric} to {reference}: {len(layers)} layers x {len(epochs)} epochs)")
+    print(f"wrote {out} ({metric} to {reference}: {len(layers)} layers x {len(columns)} {axis}s)")
     return 0
 
 

@@ -25,6 +25,7 @@ from lightning_svcca.freezing.frozen_prefix import FrozenPrefix
 from lightning_svcca.freezing.policy import FreezeDecision
 from lightning_svcca.monitoring.config import MonitorConfig
 from lightning_svcca.monitoring.runtime import Runtime
+from lightning_svcca.output.reporting import FREEZE_METRIC, FREEZE_REFERENCE
 from lightning_svcca.pipeline.capture import Capture, WarnFn
 from lightning_svcca.pipeline.comparisons import row, values_of
 from lightning_svcca.pipeline.recording import ActivationRecorder
@@ -116,7 +117,9 @@ class FreezingCoordinator:
         """A ``frozen`` row (1 or 0) per layer, with a policy or freezes; ``[]`` without either."""
         if self.policy is None and not self.frozen:
             return []
-        return [row(epoch, step, layer, "frozen", "svcca", float(layer in self.frozen)) for layer in layers]
+        return [
+            row(epoch, step, layer, FREEZE_REFERENCE, FREEZE_METRIC, float(layer in self.frozen)) for layer in layers
+        ]
 
     def _decide(self, rows: Sequence[Mapping[str, Any]], epoch: int, layers: Sequence[str]) -> list[FreezeDecision]:
         """The policy's decisions from the lag reference's and the baseline's values (updates the streaks)."""

@@ -208,9 +208,15 @@ class _SVCCACallbackCore:
         self._end_of_epoch(trainer)
 
     def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
-        """Measure the final weights if needed, and compare every measured epoch with them."""
+        """Measure the final weights if needed, and compare every measured epoch with them.
+
+        The values reach ``trainer.callback_metrics`` too: a last measurement's under their tags, and
+        ``{metric}/final/{layer}`` the run's first measurement against the final weights (how much of each layer's
+        final representation was there at the start; the later ones are in :attr:`history`).
+        """
         if self.monitor is not None:
-            self.monitor.finish(epoch=self._fit_epoch(trainer), step=int(trainer.global_step))
+            rows = self.monitor.finish(epoch=self._fit_epoch(trainer), step=int(trainer.global_step))
+            _publish(trainer, _first_against_final(rows))
 
     def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
         """Close the monitor: its temporary files go (see :meth:`SVCCAMonitor.close`); the run's files stay."""
@@ -295,6 +301,16 @@ def _publish(trainer: Any, rows: Sequence[Mapping[str, Any]]) -> None:
             lowest[key] = min(lowest.get(key, math.inf), row["value"])
     for name, value in lowest.items():
         trainer.callback_metrics[name] = torch.tensor(value)
+
+
+def _first_against_final(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """``rows`` with the ``final`` ones cut to each layer's and metric's earliest measurement."""
+    earliest: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for row in rows:
+        key = (row["metric"], row["layer"])
+        if row["reference"] == "final" and (key not in earliest or row["step"] < earliest[key]["step"]):
+            earliest[key] = row
+    return [row for row in rows if row["reference"] != "final"] + list(earliest.values())
 
 
 def _planned_steps(trainer: Any) -> int | None:

@@ -1,12 +1,15 @@
 """SVCCATrainerCallback: the HuggingFace ``transformers.Trainer`` glue around :class:`SVCCAMonitor`.
 
 The Trainer calls ``on_train_begin`` (the monitor is built for the Trainer's model and measures epoch 0),
-``on_epoch_end`` (a measurement, and freezing), ``on_save`` (the monitor's state goes into the checkpoint folder
-as ``svcca_state.pt``) and ``on_train_end`` (the "final" reference). A run resumed with
-``trainer.train(resume_from_checkpoint=...)`` finds ``svcca_state.pt`` in the folder it resumes from (see
-:func:`resume_folders`) and continues the history; the file is loaded with ``weights_only=True`` (tensors and
-plain values only), so a crafted file cannot run code. Scalars, heatmaps and freeze events go to a TensorBoard
-``SummaryWriter`` (see :func:`tensorboard_dir`); ``svcca_history.csv`` to ``args.output_dir``.
+``on_step_end`` (with ``every_n_train_steps=k``: a measurement every k optimizer steps), ``on_epoch_end`` (a
+measurement every ``every_n_epochs`` epochs, and freezing), ``on_save`` (the monitor's state goes into the
+checkpoint folder as ``svcca_state.pt``) and ``on_train_end`` (the "final" reference). A measurement's epoch is the
+number of completed epochs (the Trainer's fractional ``state.epoch`` rounded down: a run stopped at epoch 1.54 is at
+epoch 1). A run resumed with ``trainer.train(resume_from_checkpoint=...)`` finds ``svcca_state.pt`` in the folder
+it resumes from (see :func:`resume_folders`) and continues the history; the file is loaded with
+``weights_only=True`` (tensors and plain values only), so a crafted file cannot run code. Scalars, heatmaps and
+freeze events go to a TensorBoard ``SummaryWriter`` (see :func:`tensorboard_dir`); ``svcca_history.csv`` to
+``args.output_dir``.
 
 Freezing: on one process, frozen parameters get ``requires_grad=False`` (their gradients are never computed, and
 the Trainer's optimizer skips them: they have no gradient). Under multi-process DDP the Trainer's DDP wrapper
@@ -17,6 +20,7 @@ optimizer step (a "soft" freeze: correct, but no compute is saved).
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +42,7 @@ from lightning_svcca.output.writers import TensorBoardWriter
 from lightning_svcca.pipeline.distributed import ProcessGroupCollective, broadcast_object
 from lightning_svcca.pipeline.snapshot import LocalCollective
 
-__all__ = ["STATE_FILE", "SVCCATrainerCallback"]
+__all__ = ["STATE_FILE", "SVCCATrainerCallback", "completed_epochs", "tensorboard_dir"]
 
 #: The monitor's state inside each Trainer checkpoint folder.
 STATE_FILE = "svcca_state.pt"
@@ -97,6 +101,7 @@ class SVCCATrainerCallback(TrainerCallback):
                 is_global_zero=bool(state.is_world_process_zero),
                 broadcast=broadcast_object,
                 max_epochs=int(args.num_train_epochs),
+                max_steps=int(state.max_steps) if state.max_steps and state.max_steps > 0 else None,
             ),
         )
         if state.global_step > 0:
@@ -132,10 +137,18 @@ class SVCCATrainerCallback(TrainerCallback):
         if self.monitor is not None:
             self.monitor.before_optimizer_step()
 
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Measure every ``every_n_train_steps`` optimizer steps."""
+        steps = self.config.every_n_train_steps
+        if self.monitor is not None and steps is not None and state.global_step % steps == 0:
+            self.monitor.measure(epoch=completed_epochs(state), step=int(state.global_step))
+
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Measure after each epoch (``every_n_epochs``)."""
-        if self.monitor is not None and state.epoch is not None:
-            self.monitor.measure(epoch=round(state.epoch), step=int(state.global_step))
+        """Measure after every ``every_n_epochs`` epochs (unless the step's measurement just did)."""
+        every_n_epochs = self.config.every_n_epochs
+        epoch = completed_epochs(state)
+        if self.monitor is not None and every_n_epochs is not None and epoch % every_n_epochs == 0:
+            self.monitor.measure(epoch=epoch, step=int(state.global_step))
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Put the monitor's state into the checkpoint folder the Trainer just wrote."""
@@ -149,7 +162,7 @@ class SVCCATrainerCallback(TrainerCallback):
         """The final measurement and the "final" reference; release spill files, hooks and the writer."""
         if self.monitor is None:
             return
-        self.monitor.finish(epoch=round(state.epoch or 0), step=int(state.global_step))
+        self.monitor.finish(epoch=completed_epochs(state), step=int(state.global_step))
         self.monitor.close()
         if self._norm_hook is not None:
             self._norm_hook.remove()
@@ -179,6 +192,15 @@ def resume_folders(args: Any, global_step: int) -> Iterator[Path]:
     if isinstance(getattr(args, "resume_from_checkpoint", None), (str, os.PathLike)):
         yield Path(args.resume_from_checkpoint)
     yield Path(args.output_dir) / f"checkpoint-{global_step}"
+
+
+def completed_epochs(state: Any) -> int:
+    """The epochs the Trainer has completed: its fractional ``state.epoch`` rounded down (1.54 -> 1).
+
+    At an epoch's end ``state.epoch`` is the whole number (the Trainer adds ``steps / steps_in_epoch``, which is
+    exactly 1 there); the tolerance only guards against a representation a hair below it.
+    """
+    return math.floor((state.epoch or 0.0) + 1e-9)
 
 
 def tensorboard_dir(args: Any) -> Path:

@@ -177,7 +177,8 @@ class SVCCAMonitor:
         self.probe_fingerprint: str | None = None
         self.last_measured_step = -1
         self.store = SnapshotStore(config.max_snapshot_bytes)
-        self.snapshots = Snapshotter(model, self.specs, config, self.store, self.cross_layer, self.warn_once)
+        log = self.runtime.logger.info if self.runtime.is_global_zero else (lambda *args: None)
+        self.snapshots = Snapshotter(model, self.specs, config, self.store, self.cross_layer, self.warn_once, log)
         self.outputs = RunOutputs(self.writers, self.log_dir, self.runtime, config.metrics)
         announce = self.outputs.freeze_event
         self.freezing = FreezingCoordinator(model, config, self.store, self.runtime, self.warn_once, announce)
@@ -381,7 +382,7 @@ class SVCCAMonitor:
         recorder, reused = self.freezing.probe_pass(self.layers, last, device_of(self.model))
         self.probe_timings[point] = time.perf_counter() - started
         # snapshot: this point's, the cross-layer moment's, and the fixed references' at the first measurement
-        snapshots = self.snapshots.take(recorder, reused, epoch)
+        snapshots = self.snapshots.take(recorder, reused, epoch, first=not self.timeline)
         self.snapshots.keep_moment(recorder, point, epoch, step, self._run_length())
         if not self.timeline:
             self.snapshots.fixed_references(recorder)

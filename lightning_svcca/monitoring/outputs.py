@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from lightning_svcca.monitoring.runtime import Runtime
-from lightning_svcca.output.reporting import HISTORY_FILE, layer_map_image, write_history_csv
+from lightning_svcca.output.reporting import (
+    FREEZE_METRIC,
+    FREEZE_REFERENCE,
+    HISTORY_FILE,
+    layer_map_image,
+    write_history_csv,
+)
 from lightning_svcca.output.safe_files import try_write
 from lightning_svcca.output.writers import Reporter
 from lightning_svcca.pipeline.moments import CrossLayerMoments
@@ -66,7 +72,7 @@ class RunOutputs:
         """The TensorBoard chart layout: each metric against each of ``references``, dims, frozen (if ``frozen``)."""
         if self.runtime.is_global_zero and self.reporter is not None:
             charts = [(metric, name) for metric in self.metrics for name in references]
-            charts += [("svcca", "dims")] + ([("svcca", "frozen")] if frozen else [])
+            charts += [("svcca", "dims")] + ([(FREEZE_METRIC, FREEZE_REFERENCE)] if frozen else [])
             self.reporter.layout(charts, layers)
 
     def measurement(

@@ -9,12 +9,12 @@ also fixes the monitored layers' bottom-up order at the first pass, snapshots th
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import Tensor, nn
 
 from lightning_svcca.monitoring.config import MonitorConfig
-from lightning_svcca.pipeline.capture import Capture, WarnFn
+from lightning_svcca.pipeline.capture import LEAVE_OUT_BELOW, Capture, WarnFn
 from lightning_svcca.pipeline.layers import LayerSpec
 from lightning_svcca.pipeline.moments import CrossLayerMoments
 from lightning_svcca.pipeline.recording import ActivationRecorder
@@ -46,8 +46,10 @@ class Snapshotter:
         store: SnapshotStore,
         cross_layer: CrossLayerMoments | None,
         warn_once: WarnFn,
+        log: Callable[..., None] = lambda *args: None,
     ) -> None:
         self.model = model
+        self._log = log
         self.specs = list(specs)
         self.named = config.layers is not None
         self.references: list[Reference] = list(config.references)
@@ -88,17 +90,44 @@ class Snapshotter:
             self.layer_order = ran
         return self.layer_order
 
-    def take(self, recorder: ActivationRecorder, reused: Mapping[str, Snapshot], epoch: int) -> dict[str, Snapshot]:
-        """Each layer's snapshot, in layer order: decomposed from ``recorder``, or the one in ``reused``."""
+    def take(
+        self, recorder: ActivationRecorder, reused: Mapping[str, Snapshot], epoch: int, *, first: bool = False
+    ) -> dict[str, Snapshot]:
+        """Each layer's snapshot, in layer order: decomposed from ``recorder``, or the one in ``reused``.
+
+        At the ``first`` measurement, default layers too wide for the probe are left out (:meth:`leave_out_thin`).
+        """
         assert self.capture is not None
         layers = self.settle_layer_order(recorder.order)
         measured = [layer for layer in layers if layer not in reused]
-        recorded = self.capture.snapshots(recorder, measured, epoch, device_of(self.model), label=f"epoch {epoch}")
+        recorded = self.capture.snapshots(
+            recorder,
+            measured,
+            epoch,
+            device_of(self.model),
+            label=f"epoch {epoch}",
+            leave_out_thin=first and not self.named,
+        )
+        if first and self.capture.left_out:
+            layers = self.leave_out_thin()
         return {
             layer: reused[layer] if layer in reused else recorded[layer]
             for layer in layers
             if layer in reused or layer in recorded
         }
+
+    def leave_out_thin(self) -> list[str]:
+        """Default layers too wide for the probe (:attr:`Capture.left_out`) are no longer monitored: one log line."""
+        assert self.capture is not None
+        left_out = self.capture.left_out
+        self.layer_order = [layer for layer in self.layer_order if layer not in left_out]
+        self._log(
+            "SVCCA leaves %s out of the default layers: fewer than %d probe datapoints per kept direction bias"
+            " similarities towards 1 (raise probe_size or max_datapoints, or name layers to monitor them anyway)",
+            ", ".join(f"{layer!r} ({why})" for layer, why in left_out.items()),
+            LEAVE_OUT_BELOW,
+        )
+        return self.layer_order
 
     def keep(
         self, point: int, snapshots: Mapping[str, Snapshot], reused: Mapping[str, Snapshot], last: int | None

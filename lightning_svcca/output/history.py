@@ -2,7 +2,8 @@
 
 A history row is ``{"epoch", "step", "layer", "reference", "metric", "value"}``. Kept as a list of dicts, each row
 costs a checkpoint several hundred bytes, which over a long run outgrows everything else the monitor saves; packed,
-about 30 bytes, with the values bit for bit.
+about 30 bytes, with the values bit for bit. Freeze rows of older checkpoints (``metric="svcca",
+reference="frozen"``) are unpacked under their own metric, ``"freeze"``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+
+from lightning_svcca.output.reporting import upgrade_freeze_rows
 
 __all__ = ["pack_history", "unpack_history"]
 
@@ -30,11 +33,14 @@ def pack_history(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def unpack_history(packed: Any) -> list[dict[str, Any]]:
-    """Rows from :func:`pack_history` (or from a list of row dicts, as older checkpoints hold them)."""
+    """Rows from :func:`pack_history` (or from a list of row dicts, as older checkpoints hold them).
+
+    Freeze rows come back under ``metric="freeze"`` (:func:`~lightning_svcca.output.reporting.upgrade_freeze_rows`).
+    """
     if not isinstance(packed, Mapping):
-        return [{"step": row.get("epoch"), **row} for row in packed]
+        return upgrade_freeze_rows([{"step": row.get("epoch"), **row} for row in packed])
     columns = {key: packed[key].tolist() for key in ("epoch", "step", "value", "layer", "reference", "metric")}
-    return [
+    rows = [
         {
             "epoch": epoch,
             "step": step,
@@ -53,3 +59,4 @@ def unpack_history(packed: Any) -> list[dict[str, Any]]:
             strict=True,
         )
     ]
+    return upgrade_freeze_rows(rows)

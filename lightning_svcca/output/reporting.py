@@ -2,9 +2,12 @@
 
 The history is a list of rows ``{"epoch", "step", "layer", "reference", "metric", "value"}``. A row's tag is
 ``{metric}/{reference}/{layer}``; besides the references ("previous", "initial", "final", fixed references), the
-reference slot also holds ``dims`` (directions kept), ``baseline`` (the noise floor) and ``frozen`` (1 once a
-layer is frozen). Where rows go (writers, loggers) is :mod:`lightning_svcca.output.writers`' job; nothing here needs a
-logger, and matplotlib is imported only when a heatmap is drawn.
+reference slot also holds ``dims`` (directions kept) and ``baseline`` (the noise floor) of each metric. Freeze state
+has a metric of its own: rows ``metric="freeze", reference="frozen"`` (1 once a layer is frozen, tag
+``freeze/frozen/{layer}``); histories written before held them as ``metric="svcca"``, which
+:func:`upgrade_freeze_rows` translates when they are read. Where rows go (writers, loggers) is
+:mod:`lightning_svcca.output.writers`' job; nothing here needs a logger, and matplotlib is imported only when a
+heatmap is drawn.
 """
 
 from __future__ import annotations
@@ -22,16 +25,20 @@ import numpy as np
 from lightning_svcca.output.csv_cells import neutralise_cell, restore_cell
 
 __all__ = [
+    "FREEZE_METRIC",
+    "FREEZE_REFERENCE",
     "HISTORY_COLUMNS",
     "HeatmapFigure",
     "convergence_epochs",
     "evenly_spaced",
     "heatmap_image",
     "heatmap_style",
+    "history_axis",
     "history_matrix",
     "read_history_csv",
     "similarity_position",
     "tag",
+    "upgrade_freeze_rows",
     "write_history_csv",
 ]
 
@@ -39,6 +46,9 @@ HISTORY_COLUMNS = ("epoch", "step", "layer", "reference", "metric", "value")
 HISTORY_FILE = "svcca_history.csv"
 #: Reference slots that are not references: per-layer facts logged beside the similarities.
 LAYER_FACTS = ("dims", "baseline", "frozen")
+#: The metric of freeze-state rows (their reference slot is ``"frozen"``; value 1 once the layer is frozen).
+FREEZE_METRIC = "freeze"
+FREEZE_REFERENCE = "frozen"
 
 T = TypeVar("T")
 
@@ -46,6 +56,36 @@ T = TypeVar("T")
 def tag(metric: str, reference: str, layer: str) -> str:
     """The TensorBoard tag of a history row."""
     return f"{metric}/{reference}/{layer}"
+
+
+def upgrade_freeze_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with freeze state under its own metric, changed in place.
+
+    Older histories held freeze rows as ``metric="svcca", reference="frozen"``; they get ``metric="freeze"``.
+    """
+    for row in rows:
+        if row["reference"] == FREEZE_REFERENCE and row["metric"] != FREEZE_METRIC:
+            row["metric"] = FREEZE_METRIC
+    return rows
+
+
+def history_axis(history: Iterable[Mapping[str, Any]]) -> str:
+    """The column key that tells a history's measurements apart: ``"epoch"``, or ``"step"`` if epochs collide.
+
+    Two measurements share an epoch in a run measured every k steps; keyed by epoch, one would hide the other.
+
+    Example:
+        >>> history_axis([{"epoch": 0, "step": 0}, {"epoch": 0, "step": 10}, {"epoch": 1, "step": 20}])
+        'step'
+    """
+    steps: dict[int, int] = {}
+    for row in history:
+        step = row.get("step")
+        if step is None:
+            continue
+        if steps.setdefault(int(row["epoch"]), int(step)) != int(step):
+            return "step"
+    return "epoch"
 
 
 def history_matrix(
@@ -91,13 +131,16 @@ def convergence_epochs(
     reference: str = "final",
     metric: str = "svcca",
     layers: Sequence[str] | None = None,
+    axis: str = "epoch",
 ) -> dict[str, dict[float, int | None]]:
-    """First epoch from which each layer stays at or above each threshold (``None``: never).
+    """First epoch (or step, with ``axis="step"``) from which each layer stays at or above each threshold.
+
+    ``None``: never.
 
     "Stays": the value at that epoch and every later measured epoch reaches the threshold, so a passing spike
     does not count as convergence.
     """
-    names, epochs, matrix = history_matrix(history, reference, metric, layers)
+    names, epochs, matrix = history_matrix(history, reference, metric, layers, axis=axis)
     result: dict[str, dict[float, int | None]] = {}
     for i, layer in enumerate(names):
         result[layer] = {}
@@ -457,7 +500,10 @@ _INTEGER_COLUMNS = ("epoch", "step")
 
 
 def read_history_csv(path: str | Path) -> list[dict[str, Any]]:
-    """Read a history CSV back into rows: ``epoch`` (and ``step``, where present) as int, ``value`` as float."""
+    """Read a history CSV back into rows: ``epoch`` (and ``step``, where present) as int, ``value`` as float.
+
+    Freeze rows of older files (``metric="svcca", reference="frozen"``) come back under ``metric="freeze"``.
+    """
     with Path(path).open(newline="") as handle:
         rows = [
             {key: restore_cell(text) if isinstance(text, str) else text for key, text in row.items()}
@@ -468,4 +514,4 @@ def read_history_csv(path: str | Path) -> list[dict[str, Any]]:
             if column in row:
                 row[column] = int(row[column]) if row[column] not in ("", None) else None
         row["value"] = float(row["value"])
-    return rows
+    return upgrade_freeze_rows(rows)

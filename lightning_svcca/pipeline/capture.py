@@ -32,6 +32,9 @@ __all__ = ["Capture", "CaptureOptions"]
 SkipFn = Callable[[int, str, str], None]
 #: ``warn_once(key, message)``: a soft problem, warned about once per key.
 WarnFn = Callable[[str, str], None]
+#: A layer chosen by default is left out when its probe gives fewer datapoints than this per kept direction: its
+#: similarities would sit near 1 whatever training does (a wide last stage on a small image probe).
+LEAVE_OUT_BELOW = 2
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ class Capture:
         #: learned from are skipped (a prefix served from the cache).
         self.layouts: dict[str, Layout] = {}
         self.strides: dict[int, tuple[int, nn.Module]] = {}
+        #: Layers left out by :meth:`snapshots` with ``leave_out_thin``, and why.
+        self.left_out: dict[str, str] = {}
 
     def record(
         self,
@@ -186,9 +191,21 @@ class Capture:
         return outputs[0]
 
     def snapshots(
-        self, recorder: ActivationRecorder, layers: Sequence[str], epoch: int, device: torch.device, *, label: str
+        self,
+        recorder: ActivationRecorder,
+        layers: Sequence[str],
+        epoch: int,
+        device: torch.device,
+        *,
+        label: str,
+        leave_out_thin: bool = False,
     ) -> dict[str, Snapshot]:
-        """One snapshot per layer that ran on every process; a layer that fails is skipped."""
+        """One snapshot per layer that ran on every process; a layer that fails is skipped.
+
+        ``leave_out_thin`` (the first measurement of default layers): a layer with fewer than
+        :data:`LEAVE_OUT_BELOW` datapoints per kept direction is left out, without the few-datapoints warning, and
+        no longer hooked; :attr:`left_out` says why. When every layer is that thin, all are kept (and warned about).
+        """
         ran = [float(layer in recorder.activations) for layer in layers]
         present = self.collective.sum(torch.tensor(ran, device=device))
         snapshots = {}
@@ -196,18 +213,43 @@ class Capture:
             if count < self.collective.world_size:
                 self._skip(epoch, layer, f"it did not run in the probe ({label})")
                 continue
-            snapshot = self.build(recorder.activations[layer], recorder.input_eps[layer], layer, epoch, label)
+            rows, eps = recorder.activations[layer], recorder.input_eps[layer]
+            snapshot = self.build(rows, eps, layer, epoch, label, warn=not leave_out_thin)
             if snapshot is not None:
                 snapshots[layer] = snapshot
+        if leave_out_thin:
+            thin = {
+                layer: f"{snapshot.n_datapoints} datapoints for {snapshot.kept} kept directions"
+                for layer, snapshot in snapshots.items()
+                if snapshot.n_datapoints < LEAVE_OUT_BELOW * snapshot.kept
+            }
+            if len(thin) == len(snapshots):
+                thin = {}
+            self.left_out.update(thin)
+            self.specs = [spec for spec in self.specs if spec.name not in thin]
+            for layer, snapshot in snapshots.items():
+                if layer not in thin:
+                    self._warn_few_datapoints(layer, snapshot)
+            snapshots = {layer: snapshot for layer, snapshot in snapshots.items() if layer not in thin}
         return snapshots
 
-    def build(self, rows: Tensor, input_eps: float, layer: str, epoch: int, label: str) -> Snapshot | None:
-        """Compress one layer's rows; ``None`` (and a skip) when the rows cannot be decomposed."""
+    def build(
+        self, rows: Tensor, input_eps: float, layer: str, epoch: int, label: str, *, warn: bool = True
+    ) -> Snapshot | None:
+        """Compress one layer's rows; ``None`` (and a skip) when the rows cannot be decomposed.
+
+        ``warn``: warn when the probe gives few datapoints for the directions kept.
+        """
         try:
             snapshot = self.compress(rows, input_eps, layer)
         except ValueError as error:  # ZeroVarianceError (a dead layer) included: skip the layer, train on
             self._skip(epoch, layer, f"{error} ({label})")
             return None
+        if warn:
+            self._warn_few_datapoints(layer, snapshot)
+        return snapshot
+
+    def _warn_few_datapoints(self, layer: str, snapshot: Snapshot) -> None:
         recommended = DATAPOINTS_PER_DIRECTION * snapshot.kept
         if snapshot.n_datapoints < recommended:
             self._warn_once(
@@ -217,7 +259,6 @@ class Capture:
                 " or similarities are biased towards 1. Raise probe_size (or max_datapoints for conv and sequence"
                 " layers); the baseline tag shows the bias",
             )
-        return snapshot
 
     def compress(self, rows: Tensor, input_eps: float, layer: str) -> Snapshot:
         """One layer's rows as a snapshot, with the run's options.

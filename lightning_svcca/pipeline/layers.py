@@ -27,6 +27,11 @@ __all__ = ["LayerSpec", "default_layers", "format_layers", "resolve_layers"]
 _DEFAULT_LAYER_TYPES = (nn.Linear, _ConvNd, nn.RNNBase, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 #: never a stem or head on their own: normalisation, lookup tables (a position table has no batch dimension)
 _NOT_STEM_OR_HEAD = (nn.LayerNorm, _BatchNorm, _InstanceNorm, nn.GroupNorm, nn.Embedding, nn.Dropout)
+#: Modules that compute an affine map of their input when the probe runs (in eval mode): a stem built only of them
+#: is a linear map of the model's input, which every reference matches (SVCCA is invariant to linear maps).
+_AFFINE = (nn.Linear, _ConvNd, _BatchNorm, nn.Dropout, nn.Identity, nn.Flatten, nn.Unflatten)
+#: Where torch keeps its activation functions and pooling layers: the nonlinearities a stem ends with.
+_NONLINEARITY_MODULES = ("torch.nn.modules.activation", "torch.nn.modules.pooling")
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,11 @@ def default_layers(model: nn.Module) -> list[str]:
     2. **Stems and heads.** Beside those blocks, every module with parameters whose parent contains a block
        (the model itself, ``bert``, ``encoder``, ...), except lone normalisation (any class named ``...Norm``),
        embedding-table and dropout layers: BERT's ``embeddings`` and ``pooler``, wav2vec2's
-       ``feature_projection``, a ResNet's ``conv1`` and ``fc``, a classifier, a decoder's ``lm_head``.
+       ``feature_projection``, a ResNet's ``fc``, a classifier, a decoder's ``lm_head``. A stem before the
+       first block that is only an affine map of the input (Linear, Conv, BatchNorm, Dropout: a ResNet's
+       ``conv1``, a ViT's patch embedding) reads 1 against every reference whatever training does; it gives way
+       to the first activation or pooling module after it, beside it (a ResNet's ``relu``: the first
+       nonlinearity's output), or is left out when there is none (a ResNet applying ``torch.relu``, a ViT).
     3. **No repeated blocks** (a plain MLP or CNN such as ``nn.Sequential(Conv2d, ReLU, ..., Linear)``): every
        Linear, Conv1d/2d/3d, RNN/GRU/LSTM and Transformer encoder/decoder layer, outermost first (a module inside
        one already chosen, such as the projections inside a Transformer layer, is left out).
@@ -96,7 +105,26 @@ def default_layers(model: nn.Module) -> list[str]:
         if _is_lone_norm_or_table(module) or not any(True for _ in module.parameters()):
             continue
         chosen.add(name)
-    return [name for name, _ in model.named_modules() if name in chosen]
+    modules = list(model.named_modules())
+    first_block = min(index for index, (name, _) in enumerate(modules) if name in blocks)
+    for index, (name, module) in enumerate(modules[:first_block]):
+        if name in chosen and _is_affine(module):  # a linear stem: its first nonlinearity instead, if any
+            chosen.discard(name)
+            after = modules[index + 1 : first_block]
+            chosen.update(next(([o] for o, sub in after if _parent(o) == _parent(name) and _is_nonlinearity(sub)), []))
+    return [name for name, _ in modules if name in chosen]
+
+
+def _is_affine(module: nn.Module) -> bool:
+    """Whether every leaf of ``module`` is an affine map in eval mode (Linear, Conv, BatchNorm, Dropout, ...)."""
+    leaves = [sub for sub in module.modules() if not any(True for _ in sub.children())]
+    linear = any(isinstance(leaf, (nn.Linear, _ConvNd)) for leaf in leaves)
+    return linear and all(isinstance(leaf, _AFFINE) for leaf in leaves)
+
+
+def _is_nonlinearity(module: nn.Module) -> bool:
+    """An activation function or pooling module (not attention)."""
+    return type(module).__module__ in _NONLINEARITY_MODULES and not isinstance(module, nn.MultiheadAttention)
 
 
 def _is_lone_norm_or_table(module: nn.Module) -> bool:

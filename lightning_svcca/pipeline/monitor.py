@@ -44,6 +44,7 @@ from lightning_svcca.pipeline.moments import CrossLayerMoments
 from lightning_svcca.pipeline.probe import Probe, build_probe, check_not_meta
 from lightning_svcca.pipeline.references import check_reference_layers, device_of, reference_model
 from lightning_svcca.pipeline.snapshots import Collective, LocalCollective, Snapshot, SnapshotStore, snapshot_needs
+from lightning_svcca.pipeline.wrappers import unwrap_model, wrapper_precision
 
 __all__ = ["Runtime", "SVCCAMonitor", "SVCCAMonitorWarning"]
 
@@ -186,12 +187,12 @@ class SVCCAMonitor:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
+        self.model = unwrap_model(model)
         self.config = config
-        self.runtime = runtime or Runtime()
+        self.runtime = runtime or Runtime(**wrapper_precision(model))
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.writers = as_writers(writers)
-        self.specs: list[LayerSpec] = resolve_layers(model, config.layers, config.reduction)
+        self.specs: list[LayerSpec] = resolve_layers(self.model, config.layers, config.reduction)
         self._check_against_model()
         #: Every measured value: dicts with keys epoch, layer, reference, metric, value.
         self.history: list[dict[str, Any]] = []
@@ -705,7 +706,6 @@ class SVCCAMonitor:
             config.probe_size,
             input_key=config.probe_input,
             mask_key=config.probe_mask,
-            needs_input=config.forward_fn is None,
             seed=config.probe_seed,
         )
         if isinstance(source, DataLoader) and self.probe.size < config.probe_size:

@@ -215,8 +215,7 @@ def find_module_name(model: nn.Module, name: str) -> str:
     for candidate in (name, stripped):
         if candidate and candidate in unwrapped:
             return unwrapped[candidate]
-    choices = [short for short in unwrapped if short] + [key for key in known if key and key not in unwrapped]
-    close = difflib.get_close_matches(str(name), choices, n=5, cutoff=0.5)
+    close = difflib.get_close_matches(str(name), [short for short in unwrapped if short], n=5, cutoff=0.5)
     hint = f"; did you mean {close}?" if close else "; see [name for name, _ in model.named_modules()]"
     raise ValueError(f"layers names {name!r}, which is not a module of {type(model).__name__}{hint}")
 

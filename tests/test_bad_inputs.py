@@ -160,7 +160,7 @@ def test_default_probe_from_dict_batches_fails_before_the_sanity_check(tmp_path)
         enable_model_summary=False,
         callbacks=[SVCCACallback(layers=LAYERS)],
     )
-    with pytest.raises(ValueError, match=r"(?s)forward pass through the model \(_DictCNN\) failed.*model\(\*\*batch\)"):
+    with pytest.raises(ValueError, match=r"(?s)forward pass through the model \(_DictCNN\) failed.*model\(\*\*probe\)"):
         trainer.fit(_DictCNN(), loader, loader)
     assert _DictCNN.validation_calls == 0
 

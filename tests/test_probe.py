@@ -62,10 +62,21 @@ def test_dict_batch_with_probe_input_key(xy):
     torch.testing.assert_close(probe.batch["label"], y[:8], rtol=0, atol=0)
 
 
-def test_dict_batch_with_a_single_tensor_needs_no_key(xy):
+def test_dict_batch_with_a_single_tensor_is_passed_as_keywords(xy):
+    """One key or many, a dict probe is called as model(**probe); only probe_input unwraps it."""
     x, _ = xy
+
+    class TakesKeywords(nn.Module):
+        def forward(self, **batch):
+            self.keys = sorted(batch)
+            return batch["image"]
+
     probe = build_probe({"image": x, "name": "digits"}, None)
-    assert probe.input_key == "image"
+    assert probe.input_key is None
+    model = TakesKeywords()
+    run_probe(model, probe, chunk_size=16, device=torch.device("cpu"))
+    assert model.keys == ["image", "name"]
+    assert build_probe({"image": x}, None, input_key="image").inputs({"image": x}) is x
 
 
 def test_dict_batch_without_input_key_is_passed_as_keywords(xy):

@@ -50,6 +50,7 @@ from lightning_svcca.pipeline.moments import CrossLayerMoments
 from lightning_svcca.pipeline.probe import Probe
 from lightning_svcca.pipeline.references import device_of
 from lightning_svcca.pipeline.store import SnapshotStore
+from lightning_svcca.pipeline.wrappers import unwrap_model, wrapper_precision
 
 __all__ = ["Runtime", "SVCCAMonitor", "SVCCAMonitorWarning"]
 
@@ -146,12 +147,12 @@ class SVCCAMonitor:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
+        self.model = unwrap_model(model)  # torch.compile, Fabric, DDP: the probe runs through the module itself
         self.config = config
-        self.runtime = runtime or Runtime()
+        self.runtime = runtime or Runtime(**wrapper_precision(model))
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.writers = as_writers(writers)
-        self.specs: list[LayerSpec] = resolve_layers(model, config.layers, config.reduction)
+        self.specs: list[LayerSpec] = resolve_layers(self.model, config.layers, config.reduction)
         preflight.check_against_model(config, self.specs)
         self._warned: set[str] = set()
         #: Every measured value: dicts with keys epoch, layer, reference, metric, value.
@@ -178,10 +179,10 @@ class SVCCAMonitor:
         self.last_measured_step = -1
         self.store = SnapshotStore(config.max_snapshot_bytes)
         log = self.runtime.logger.info if self.runtime.is_global_zero else (lambda *args: None)
-        self.snapshots = Snapshotter(model, self.specs, config, self.store, self.cross_layer, self.warn_once, log)
+        self.snapshots = Snapshotter(self.model, self.specs, config, self.store, self.cross_layer, self.warn_once, log)
         self.outputs = RunOutputs(self.writers, self.log_dir, self.runtime, config.metrics)
         announce = self.outputs.freeze_event
-        self.freezing = FreezingCoordinator(model, config, self.store, self.runtime, self.warn_once, announce)
+        self.freezing = FreezingCoordinator(self.model, config, self.store, self.runtime, self.warn_once, announce)
         self._comparisons: Comparisons | None = None
 
     @property

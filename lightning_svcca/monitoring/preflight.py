@@ -59,7 +59,6 @@ def probe_from_config(config: MonitorConfig, warn_once: WarnFn) -> Probe:
         config.probe_size,
         input_key=config.probe_input,
         mask_key=config.probe_mask,
-        needs_input=config.forward_fn is None,
         seed=config.probe_seed,
     )
     if isinstance(source, DataLoader) and probe.size < config.probe_size:

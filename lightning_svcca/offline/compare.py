@@ -112,7 +112,7 @@ def compare_models(
         raise ValueError("metrics must name at least one measure")
     cross_layer_metric = cross_layer_metric or metrics[0]
     full_rank, with_right = snapshot_needs([*metrics, cross_layer_metric])
-    probe = build_probe(probe, _loader_size(probe), input_key=input_key, needs_input=forward_fn is None)
+    probe = build_probe(probe, _loader_size(probe), input_key=input_key)
     specs = resolve_layers(model_a, layers, reduction)
     resolve_layers(model_b, [spec.name for spec in specs], reduction)  # the same names must exist in B
     if device is None:

@@ -11,7 +11,7 @@ Feature references (a tensor aligned with the probe's samples) are laid out like
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -160,11 +160,18 @@ class Capture:
     def _forward_error(self, error: Exception, model: nn.Module, label: str) -> ValueError:
         """A forward pass that failed inside torch, told in terms of the probe and the model."""
         probe = self.probe
+        if isinstance(probe.batch, Mapping) and probe.input_key is None and self.options.forward_fn is None:
+            call = (
+                f"a dict probe (keys {list(probe.batch)}) is called as model(**probe), whatever its number of keys;"
+                " probe_input=<key> calls model(probe[key]) instead"
+            )
+        else:
+            call = "a dict probe is called as model(**probe), or model(probe[key]) with probe_input=<key>"
         return ValueError(
             f"the probe's forward pass through {label} ({type(model).__name__}) failed: {error}. The probe"
             f" ({describe_batch(probe.inputs(probe.batch))}) must be what the model's forward takes, in a dtype it"
-            " computes in: check probe, probe_input and forward_fn (a dict batch is passed as model(**batch)); for a"
-            " reference model, that it takes the trained model's inputs"
+            f" computes in: check probe, probe_input and forward_fn ({call}); for a reference model, that it takes"
+            " the trained model's inputs"
         )
 
     def check(self, model: nn.Module, device: torch.device) -> None:

@@ -3,7 +3,8 @@
 :func:`resolve_layers` turns the ``layers`` argument into :class:`LayerSpec` s (a module name, which of its outputs
 to analyse, how to reduce it, and its layout when the guess from the module type would be wrong);
 :func:`default_layers` picks the repeated blocks of a model and the stems and heads around them;
-:func:`format_layers` writes a choice in one line.
+:func:`format_layers` writes a choice in one line. Names may leave out the segments that wrappers (``torch.compile``,
+Lightning Fabric, DDP, PEFT) add (:func:`find_module_name`), (:mod:`~lightning_svcca.pipeline.wrappers`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,15 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from lightning_svcca.pipeline.reduction import LAYOUTS, REDUCTIONS, Layout, Reduction
+from lightning_svcca.pipeline.wrappers import user_names
 
-__all__ = ["LayerSpec", "default_layers", "format_layers", "resolve_layers"]
+__all__ = [
+    "LayerSpec",
+    "default_layers",
+    "find_module_name",
+    "format_layers",
+    "resolve_layers",
+]
 
 _DEFAULT_LAYER_TYPES = (nn.Linear, _ConvNd, nn.RNNBase, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 #: never a stem or head on their own: normalisation, lookup tables (a position table has no batch dimension)
@@ -209,10 +217,44 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
+#: Name prefixes of wrappers, stripped from a name the model does not know (a name copied from a wrapped model).
+_WRAPPER_PREFIXES = ("_orig_mod.", "_forward_module.", "module.", "base_model.model.")
+
+
+def find_module_name(model: nn.Module, name: str) -> str:
+    """The name in ``model.named_modules()`` of the module a user calls ``name``.
+
+    ``name`` as it is, else without wrapper segments (``conv1`` for ``_forward_module.conv1``, ``net.fc`` for
+    ``net._orig_mod.fc``, ``bert.pooler`` for ``base_model.model.bert.pooler``), else with wrapper prefixes
+    stripped from its front (a name copied from a wrapped model, given for the unwrapped one).
+
+    Raises:
+        ValueError: no module has that name; the message lists close matches among the user's names.
+    """
+    known = dict(model.named_modules())
+    if name and name in known:
+        return name
+    unwrapped: dict[str, str] = {}
+    for canonical, short in user_names(model).items():
+        unwrapped.setdefault(short, canonical)
+    stripped = str(name)
+    while stripped.startswith(_WRAPPER_PREFIXES):
+        stripped = next(stripped[len(p) :] for p in _WRAPPER_PREFIXES if stripped.startswith(p))
+    for candidate in (name, stripped):
+        if candidate and candidate in unwrapped:
+            return unwrapped[candidate]
+    close = difflib.get_close_matches(str(name), [short for short in unwrapped if short], n=5, cutoff=0.5)
+    hint = f"; did you mean {close}?" if close else "; see [name for name, _ in model.named_modules()]"
+    raise ValueError(f"layers names {name!r}, which is not a module of {type(model).__name__}{hint}")
+
+
 def resolve_layers(
     model: nn.Module, layers: Sequence[str] | Mapping[str, Mapping[str, Any]] | None, reduction: Reduction
 ) -> list[LayerSpec]:
     """Turn the callback's ``layers`` argument into specs, failing early on names the model does not have.
+
+    Names may leave out wrapper segments (:func:`find_module_name`); specs hold the names of
+    ``model.named_modules()``.
 
     Args:
         model: the model whose ``named_modules()`` define the names.
@@ -238,17 +280,15 @@ def resolve_layers(
         raise ValueError(f"layers names a layer twice: {list(layers)}")
     if not options:
         raise ValueError("layers is empty: name at least one module, or pass layers=None for the default set")
-    known = dict(model.named_modules())
     specs = []
     for name, layer_options in options.items():
-        if name not in known or not name:
-            close = difflib.get_close_matches(str(name), [key for key in known if key], n=5, cutoff=0.5)
-            hint = f"; did you mean {close}?" if close else "; see [name for name, _ in model.named_modules()]"
-            raise ValueError(f"layers names {name!r}, which is not a module of {type(model).__name__}{hint}")
+        module_name = find_module_name(model, name)
         layer_options = dict(layer_options or {})
         unknown = set(layer_options) - {"output", "reduction", "layout"}
         if unknown:
             raise ValueError(f"unknown options {sorted(unknown)} for layer {name!r}; use output, reduction, layout")
         layer_options.setdefault("reduction", reduction)
-        specs.append(LayerSpec(name, **layer_options))
+        specs.append(LayerSpec(module_name, **layer_options))
+    if len({spec.name for spec in specs}) != len(specs):
+        raise ValueError(f"layers names a layer twice (with and without a wrapper's prefix): {list(options)}")
     return specs

@@ -4,9 +4,10 @@ A probe is built once, from a tensor, a batch (tuple, list or dict of tensors) o
 CPU for the whole run. :func:`run_probe` feeds it to the model in chunks under ``torch.no_grad()`` and eval
 mode, and leaves the model as it found it.
 
-Dict batches follow the Hugging Face convention: the model is called as ``model(**batch)`` (keys its ``forward``
-does not take, such as ``labels``, are left out), and a key ``attention_mask`` is the padding mask (1 = real
-token or sample, padding on the right).
+Dict batches follow the Hugging Face convention: the model is called as ``model(**batch)``, whatever the number of
+keys (keys its ``forward`` does not take, such as ``labels``, are left out; ``probe_input=<key>`` calls
+``model(batch[key])`` instead), and a key ``attention_mask`` is the padding mask (1 = real token or sample,
+padding on the right).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "batch_size",
     "build_probe",
     "default_forward",
+    "eager_stance",
     "probe_indices",
     "run_probe",
     "slice_batch",
@@ -91,7 +93,6 @@ def build_probe(
     *,
     input_key: int | str | None = None,
     mask_key: int | str | bool | None = None,
-    needs_input: bool = True,
     seed: int = 0,
 ) -> Probe:
     """Build a :class:`Probe` from a tensor, a batch or a DataLoader.
@@ -106,11 +107,10 @@ def build_probe(
             loader's shuffling or sampler, and is the same on every rank and after a resume. An iterable dataset
             gives its first ``size`` samples.
         input_key: the part of a batch that is the model input: an index for tuples and lists (default 0), a key
-            for dicts (default: the whole dict as keyword arguments, ``model(**batch)``, or its only tensor).
+            for dicts (default: the whole dict as keyword arguments, ``model(**batch)``, whatever its number of
+            keys; a key calls ``model(batch[key])``).
         mask_key: the part of a batch holding a padding mask ``(N, T)`` (1 = real frame, right padding) or
             lengths ``(N,)``; default ``"attention_mask"`` when a dict batch has that key; ``False``: no mask.
-        needs_input: whether the model input is taken from the batch (not when a custom ``forward_fn`` takes the
-            whole batch).
         seed: seeds the choice of a DataLoader probe's samples.
 
     Returns:
@@ -141,9 +141,6 @@ def build_probe(
         batch, n = slice_batch(batch, 0, size), size
     if input_key is None and isinstance(batch, Sequence):
         input_key = 0
-    if isinstance(batch, Mapping) and input_key is None and needs_input:
-        tensor_keys = [key for key, value in batch.items() if isinstance(value, Tensor)]
-        input_key = tensor_keys[0] if len(tensor_keys) == 1 else None  # else model(**batch)
     if mask_key is False:
         mask_key = None
     elif mask_key is None and isinstance(batch, Mapping) and DEFAULT_MASK_KEY in batch:
@@ -240,7 +237,9 @@ def run_probe(
 
     The model runs in eval mode under ``torch.no_grad()``; afterwards every module's training flag is restored,
     and so are the RNG states of the CPU and of the model's device (so a probe never shifts the training run's
-    random stream). Eval mode means BatchNorm uses, and does not update, its running statistics.
+    random stream). Eval mode means BatchNorm uses, and does not update, its running statistics. Compiled modules
+    (``torch.compile``, anywhere in the model) run eagerly (:func:`eager_stance`): the same modules and weights,
+    without compiling the user's model for eval mode, no-grad and the recorder's hooks.
 
     Args:
         model: the module to run (the bare LightningModule, never a DDP wrapper).
@@ -265,7 +264,7 @@ def run_probe(
     devices = [device] if device.type == "cuda" else []
     context = forward_context or contextlib.nullcontext
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance():
             model.eval()
             for first, chunk in probe.chunks(chunk_size, start, stop):
                 chunk = _to_device(chunk, device)
@@ -283,6 +282,19 @@ def run_probe(
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+def eager_stance() -> contextlib.AbstractContextManager:
+    """A context in which every ``torch.compile`` d module or function runs eagerly (``force_eager``).
+
+    Why: a probe pass through a compiled model would otherwise make dynamo trace it in eval mode, under
+    ``no_grad`` and with forward hooks whose names and seeds it guards on: a new graph per hooked layer, graph
+    breaks and recompile warnings for the user's model. Running eagerly uses the same modules and weights. Inside
+    a region dynamo is already compiling, the stance cannot change and nothing is done.
+    """
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")
 
 
 def slice_batch(batch: Any, start: int, stop: int) -> Any:

@@ -1,0 +1,165 @@
+"""Compiled models: the probe, its hooks and reductions never make dynamo compile or recompile the user's model.
+
+Dynamo's own counters count what was compiled: ``frames`` (functions dynamo converted) and ``stats.unique_graphs``.
+A fit with the callback may compile no more than the same fit without it plus one eval pass under ``no_grad``
+(what a validation step would compile), and dynamo prints nothing on the callback's account (graph breaks at
+``zlib.crc32``, recompiles guarded on a layer's name, ``recompile_limit`` reached). The ``eager`` backend keeps
+the tests fast on the CPU: dynamo traces and guards the same, only no code is generated.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch._dynamo
+from torch import nn
+from torch._dynamo.utils import counters
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_svcca import SVCCACallback, SVCCAMonitor
+
+pytestmark = pytest.mark.slow
+
+#: 9 monitored layers: the Linear and ReLU modules of a small MLP
+LAYERS = [f"layers.{index}" for index in range(9)]
+DYNAMO_NOISE = ("torch._dynamo", "recompile", "Graph break", "graph break")
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        blocks = [module for _ in range(4) for module in (nn.Linear(16, 16), nn.ReLU())]
+        self.layers = nn.Sequential(*blocks, nn.Linear(16, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class CompiledInside(pl.LightningModule):
+    """A LightningModule whose network is ``torch.compile`` d: its names are ``net._orig_mod.layers.N``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.compile(MLP(), backend="eager")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.fixture
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(256, 16, generator=generator), torch.randint(0, 4, (256,), generator=generator)
+
+
+@pytest.fixture
+def dynamo_counts(capfd: pytest.CaptureFixture[str]) -> Iterator[Callable[[], dict[str, object]]]:
+    """``counts()``: what dynamo compiled since the test began, and what it printed or warned."""
+    torch._dynamo.reset()
+    counters.clear()
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        def counts() -> dict[str, object]:
+            printed = capfd.readouterr().err + "".join(str(warning.message) for warning in caught)
+            return {
+                "frames": counters["frames"]["total"],
+                "graphs": counters["stats"]["unique_graphs"],
+                "graph_breaks": sum(counters["graph_break"].values()),
+                "noise": [line for line in printed.splitlines() if any(word in line for word in DYNAMO_NOISE)],
+            }
+
+        yield counts
+    torch._dynamo.reset()
+
+
+def _fit(data: tuple[torch.Tensor, torch.Tensor], tmp_path, callbacks: list) -> CompiledInside:
+    x, y = data
+    model = CompiledInside()
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_epochs=2,
+        limit_train_batches=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=32))
+    return model
+
+
+def _eval_pass(model: nn.Module, x: torch.Tensor) -> None:
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    model.train()
+
+
+def test_lightning_module_with_compiled_network_compiles_nothing_for_the_callback(data, tmp_path, dynamo_counts):
+    plain = _fit(data, tmp_path / "plain", [])
+    _eval_pass(plain, data[0][:64])
+    without = dynamo_counts()
+    torch._dynamo.reset()
+    counters.clear()
+    callback = SVCCACallback(probe=data[0][:128], layers=[f"net.{name}" for name in LAYERS], reference="previous")
+    _fit(data, tmp_path / "monitored", [callback])
+    monitored = dynamo_counts()
+    assert monitored["graph_breaks"] == 0 and monitored["noise"] == [], monitored
+    assert monitored["frames"] <= without["frames"] and monitored["graphs"] <= without["graphs"], (monitored, without)
+    # the user's names (net.layers.N) resolve through the compiled module's `_orig_mod.`
+    assert callback.monitor.layers == [f"net._orig_mod.{name}" for name in LAYERS]
+    assert {row["layer"] for row in callback.history} == set(callback.monitor.layers)
+
+
+def _plain_loop(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], monitor: SVCCAMonitor | None) -> None:
+    x, y = data
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    if monitor is not None:
+        monitor.start()
+    step = 0
+    for epoch in range(2):
+        model.train()
+        for start in range(0, 128, 32):
+            loss = nn.functional.cross_entropy(model(x[start : start + 32]), y[start : start + 32])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+        if monitor is not None:
+            monitor.measure(epoch=epoch + 1, step=step)
+    if monitor is not None:
+        monitor.finish(epoch=2, step=step)
+
+
+def test_compiled_plain_loop_model_compiles_nothing_for_the_monitor(data, dynamo_counts):
+    torch.manual_seed(0)
+    plain = torch.compile(MLP(), backend="eager")
+    _plain_loop(plain, data, None)
+    _eval_pass(plain, data[0][:64])
+    without = dynamo_counts()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(MLP(), backend="eager")
+    with SVCCAMonitor(compiled, probe=data[0][:128], layers=LAYERS, reference=("previous", "final")) as monitor:
+        _plain_loop(compiled, data, monitor)
+    monitored = dynamo_counts()
+    assert monitored["graph_breaks"] == 0 and monitored["noise"] == [], monitored
+    assert monitored["frames"] <= without["frames"] and monitored["graphs"] <= without["graphs"], (monitored, without)
+    # the monitor watches the model inside the compiled wrapper: the user's names, the same weights
+    assert monitor.layers == LAYERS and monitor.model is compiled._orig_mod
+    assert {row["layer"] for row in monitor.history} == set(LAYERS)

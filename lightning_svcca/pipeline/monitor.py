@@ -287,7 +287,7 @@ class SVCCAMonitor:
             device=device_of(self.model),
             dtype=capture.options.dtype,
         )
-        if not self.timeline:
+        if not self.timeline.points:  # a new run (a resumed one has points, even when its snapshots were dropped)
             self._measure(0, step)
         else:
             self.snapshots.fixed_references()
@@ -426,17 +426,30 @@ class SVCCAMonitor:
         self.probe = preflight.probe_from_config(self.config, self.warn_once)
         fingerprint = self.probe.fingerprint()
         if self.probe_fingerprint is not None and fingerprint != self.probe_fingerprint and self.store.keys():
-            self.warn_once(
-                "probe-changed",
-                "the probe differs from the one in the checkpoint, so earlier snapshots describe other datapoints;"
-                " they are dropped (history and freezes are kept) and comparisons start again from this epoch",
-            )
-            for key in self.store.keys():
-                self.store.discard(key)
-            self.timeline.restart()
+            self.restart_comparisons("the probe differs from the one in the checkpoint (other datapoints)")
         self.probe_fingerprint = fingerprint
         if self.probe.size < 2:
             raise ValueError(f"the probe has {self.probe.size} sample(s); it needs at least 2")
+
+    def restart_comparisons(self, why: str) -> None:
+        """Drop every snapshot (they cannot be compared with new ones) and say which references lose what.
+
+        The history and freezes stay; ``initial`` has nothing to compare with for the rest of the run, the point
+        references (``previous``, lags) start again from the next measurement, fixed ones are snapshotted again.
+        """
+        lost = [ref.name for ref in self.config.references if ref.kind in ("initial", "previous", "lag")]
+        fixed = [reference.name for reference in self.config.references if reference.fixed]
+        self.warn_once(
+            "comparisons-restarted",
+            f"{why}: earlier snapshots are dropped and cannot be compared with new ones. The history"
+            f" ({len(self.history)} rows) and freezes are kept; references now incomparable with earlier epochs:"
+            f" {lost or 'none'} ('initial' gets no new rows; the others start again from the measurement after the"
+            f" next){'; fixed references ' + str(fixed) + ' are snapshotted again' if fixed else ''}."
+            " To keep comparing with earlier epochs, resume with the checkpoint's probe and metrics",
+        )
+        for key in self.store.keys():
+            self.store.discard(key)
+        self.timeline.restart()
 
     def _require_started(self, what: str) -> None:
         if self.probe is None:

@@ -2,10 +2,13 @@
 
 Checkpoints written by earlier versions must still load, so every key keeps its name and meaning, and a key
 missing from an older checkpoint takes its default. The entries come from the monitor's parts: ``frozen``,
-``streaks`` and ``freezer`` from the freezing coordinator, ``measured`` and ``points`` from the timeline,
-``layer_order`` from the snapshotter, ``snapshots`` from the snapshot store, ``run_id`` and ``csv_name`` from the
-run's outputs,
-``cross_layer`` from the cross-layer moments, and the rest from the monitor itself.
+``streaks`` and ``freezer`` from the freezing coordinator, ``measured``, ``points`` and ``initial_lost`` from the
+timeline, ``layer_order`` from the snapshotter, ``snapshots`` from the snapshot store, ``run_id`` and ``csv_name``
+from the run's outputs, ``cross_layer`` from the cross-layer moments, and the rest from the monitor itself.
+
+A checkpoint resumed with other settings keeps its history (:func:`load_state`): layers are matched by name
+(:meth:`~lightning_svcca.pipeline.snapshotting.Snapshotter.resume_layers`), and snapshots that the new metrics
+cannot use (``metrics``: what they were taken for) are dropped with a warning, as for a changed probe.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from lightning_svcca.output.history import pack_history, unpack_history
+from lightning_svcca.pipeline.snapshots import snapshot_needs
 
 if TYPE_CHECKING:
     from lightning_svcca.pipeline.monitor import SVCCAMonitor
@@ -34,6 +38,8 @@ def state_of(monitor: SVCCAMonitor) -> dict[str, Any]:
         "streaks": freezing["streaks"],
         "freezer": freezing["freezer"],
         "measured": timeline["measured"],
+        "initial_lost": timeline["initial_lost"],
+        "metrics": list(monitor.config.metrics),
         "layer_order": list(monitor.snapshots.layer_order),
         "last_measured_step": monitor.last_measured_step,
         "probe_fingerprint": monitor.probe_fingerprint,
@@ -51,7 +57,7 @@ def load_state(monitor: SVCCAMonitor, state: Mapping[str, Any]) -> None:
     monitor.history = unpack_history(state.get("history", []))
     monitor.freezing.load_state_dict(state)
     monitor.timeline.load_state_dict(state)
-    monitor.snapshots.layer_order = list(state.get("layer_order", []))
+    monitor.snapshots.resume_layers(list(state.get("layer_order", [])))
     monitor.last_measured_step = int(state.get("last_measured_step", -1))
     monitor.probe_fingerprint = state.get("probe_fingerprint")
     missing = monitor.store.load_state_dict(state.get("snapshots", {}))
@@ -60,10 +66,27 @@ def load_state(monitor: SVCCAMonitor, state: Mapping[str, Any]) -> None:
     monitor.outputs.csv_name = state.get("csv_name")
     if monitor.cross_layer is not None:
         monitor.cross_layer.load_state_dict(state.get("cross_layer", {}))
+    _check_metrics(monitor, state.get("metrics"))
     if missing:
         monitor.warn_once(
             "snapshots-missing",
             f"the checkpoint's snapshot files of {len(missing)} layer/epoch pairs are gone (e.g. {missing[:3]});"
             " the run goes on with what it has: comparisons with those epochs are skipped, and a freeze policy"
             " may need more epochs to decide. Keep the run's svcca_snapshots folder with its checkpoints",
+        )
+
+
+def _check_metrics(monitor: SVCCAMonitor, saved: Any) -> None:
+    """Drop the restored snapshots when the metrics now need parts they were taken without.
+
+    Parts: all directions, or the right singular vectors; comparing without them would measure truncated snapshots.
+    """
+    if not saved or not monitor.store.keys():
+        return
+    old_full, old_right = snapshot_needs(list(saved))
+    full, right = snapshot_needs(monitor.config.metrics)
+    if (full and not old_full) or (right and not old_right):
+        monitor.restart_comparisons(
+            f"metrics={list(monitor.config.metrics)} need snapshots with more directions than the checkpoint's"
+            f" (taken for metrics={list(saved)})"
         )

@@ -188,13 +188,19 @@ class Capture:
     def snapshots(
         self, recorder: ActivationRecorder, layers: Sequence[str], epoch: int, device: torch.device, *, label: str
     ) -> dict[str, Snapshot]:
-        """One snapshot per layer that ran on every process; a layer that fails is skipped."""
-        ran = [float(layer in recorder.activations) for layer in layers]
+        """One snapshot per layer that ran on every sample of every process; a layer that fails is skipped.
+
+        A layer that ran on part of the probe only (conditional computation) is skipped: its rows would be compared
+        with rows of other samples as if paired.
+        """
+        unpaired = {layer: unpaired_rows(recorder, layer) for layer in layers if layer in recorder.activations}
+        ran = [float(layer in recorder.activations and unpaired[layer] is None) for layer in layers]
         present = self.collective.sum(torch.tensor(ran, device=device))
         snapshots = {}
         for layer, count in zip(layers, present.tolist(), strict=True):
             if count < self.collective.world_size:
-                self._skip(epoch, layer, f"it did not run in the probe ({label})")
+                why = unpaired.get(layer) or "it did not run in the probe"
+                self._skip(epoch, layer, f"{why} ({label})")
                 continue
             snapshot = self.build(recorder.activations[layer], recorder.input_eps[layer], layer, epoch, label)
             if snapshot is not None:
@@ -284,6 +290,24 @@ class Capture:
             if snapshot is not None:
                 snapshots[layer] = snapshot
         return snapshots
+
+
+def unpaired_rows(recorder: ActivationRecorder, layer: str) -> str | None:
+    """Why ``layer``'s rows cannot be paired sample by sample with another pass's, or ``None`` when they can.
+
+    Each row carries its probe sample (``recorder.sample_ids``); rows can be paired when the layer ran on every
+    chunk of the probe (so on every sample) and its rows are in probe order.
+    """
+    recorded, run = recorder.chunks_recorded.get(layer, 0), recorder.chunks_run
+    if recorded < run:
+        return (
+            f"it ran on {recorded} of the probe's {run} chunks only (conditional computation?), so its rows cover"
+            " part of the probe and cannot be paired sample by sample with another measurement's"
+        )
+    ids = recorder.sample_ids[layer]
+    if ids.numel() > 1 and bool((ids[1:] < ids[:-1]).any()):
+        return "its rows are not in probe order, so they cannot be paired sample by sample"
+    return None
 
 
 def _report_nothing(*details: object) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
-from lightning_svcca.pipeline.capture import Capture, WarnFn
+from lightning_svcca.pipeline.capture import Capture, WarnFn, unpaired_rows
 from lightning_svcca.pipeline.config import MonitorConfig
 from lightning_svcca.pipeline.layers import LayerSpec
 from lightning_svcca.pipeline.moments import CrossLayerMoments
@@ -167,10 +167,13 @@ class Snapshotter:
                 self.store.put((layer, reference.name), snapshot)
 
     def _pooled(self, recorder: ActivationRecorder, layers: Sequence[str]) -> dict[str, Tensor]:
-        """Each layer's output averaged over its positions (one datapoint per sample), every process's gathered."""
+        """Each layer's output averaged over its positions (one datapoint per sample), every process's gathered.
+
+        A layer that ran on part of the probe only is left out (its means are not one per probe sample).
+        """
         assert self.capture is not None
         return {
             layer: self.capture.collective.gather_rows(recorder.means[layer]).float().cpu()
             for layer in layers
-            if layer in recorder.means
+            if layer in recorder.means and unpaired_rows(recorder, layer) is None
         }

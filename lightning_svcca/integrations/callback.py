@@ -179,8 +179,7 @@ class _SVCCACallbackCore:
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
         """Take the epoch-0 snapshot (unless resuming)."""
         monitor = self._require_monitor()
-        if self.config.cross_layer_moments:
-            monitor.runtime.max_steps = _planned_steps(trainer)
+        monitor.runtime.max_steps = _planned_steps(trainer)  # cross-layer moments, the cost estimate
         monitor.start(step=int(trainer.global_step))
         if monitor.measured:  # empty after a resume whose snapshots were dropped (a changed probe or metrics)
             _publish(trainer, [row for row in monitor.history if row["epoch"] == monitor.measured[-1]])

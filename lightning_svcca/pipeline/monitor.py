@@ -37,6 +37,7 @@ from lightning_svcca.freezing.orchestration import FreezingCoordinator
 from lightning_svcca.measures.similarity import SimilarityWarning
 from lightning_svcca.output.writers import as_writers
 from lightning_svcca.pipeline import monitor_state, preflight
+from lightning_svcca.pipeline.budget import CostWatch
 from lightning_svcca.pipeline.capture import Capture
 from lightning_svcca.pipeline.comparisons import Comparisons
 from lightning_svcca.pipeline.config import MonitorConfig
@@ -181,6 +182,8 @@ class SVCCAMonitor:
         announce = self.outputs.freeze_event
         self.freezing = FreezingCoordinator(model, config, self.store, self.runtime, self.warn_once, announce)
         self._comparisons: Comparisons | None = None
+        #: Warns once when measuring takes a large share of the fit.
+        self.cost = CostWatch(self.warn_once)
 
     @property
     def layers(self) -> list[str]:
@@ -395,6 +398,7 @@ class SVCCAMonitor:
         heatmaps = self._comparisons.heatmap_sources(point, self.history, self.layers, live_final=live_final)
         self.outputs.measurement(rows, step, heatmaps, self.history, self.layers)
         self.timings[point] = time.perf_counter() - started
+        self.cost.measured(self.timings[point], self._planned_measurements(), len(self.timeline))
         return rows
 
     def _freeze(self, rows: list[dict[str, Any]], epoch: int, step: int, *, decide: bool) -> list[dict[str, Any]]:
@@ -406,6 +410,12 @@ class SVCCAMonitor:
     def _run_length(self) -> int | None:
         """The run's planned length in points (steps or epochs), if the framework knows it."""
         return self.runtime.max_steps if self.by_step else self.runtime.max_epochs
+
+    def _planned_measurements(self) -> int | None:
+        """Measurements in the whole run, if the framework knows its length."""
+        length = self._run_length()
+        every = self.config.every_n_train_steps if self.by_step else self.config.every_n_epochs
+        return length // every if length and every else None
 
     def _compare_with_final(self) -> list[dict[str, Any]]:
         """At the end of fit: every measured point against the latest, replacing earlier ``final`` rows."""
@@ -426,30 +436,12 @@ class SVCCAMonitor:
         self.probe = preflight.probe_from_config(self.config, self.warn_once)
         fingerprint = self.probe.fingerprint()
         if self.probe_fingerprint is not None and fingerprint != self.probe_fingerprint and self.store.keys():
-            self.restart_comparisons("the probe differs from the one in the checkpoint (other datapoints)")
+            monitor_state.restart_comparisons(
+                self, "the probe differs from the one in the checkpoint (other datapoints)"
+            )
         self.probe_fingerprint = fingerprint
         if self.probe.size < 2:
             raise ValueError(f"the probe has {self.probe.size} sample(s); it needs at least 2")
-
-    def restart_comparisons(self, why: str) -> None:
-        """Drop every snapshot (they cannot be compared with new ones) and say which references lose what.
-
-        The history and freezes stay; ``initial`` has nothing to compare with for the rest of the run, the point
-        references (``previous``, lags) start again from the next measurement, fixed ones are snapshotted again.
-        """
-        lost = [ref.name for ref in self.config.references if ref.kind in ("initial", "previous", "lag")]
-        fixed = [reference.name for reference in self.config.references if reference.fixed]
-        self.warn_once(
-            "comparisons-restarted",
-            f"{why}: earlier snapshots are dropped and cannot be compared with new ones. The history"
-            f" ({len(self.history)} rows) and freezes are kept; references now incomparable with earlier epochs:"
-            f" {lost or 'none'} ('initial' gets no new rows; the others start again from the measurement after the"
-            f" next){'; fixed references ' + str(fixed) + ' are snapshotted again' if fixed else ''}."
-            " To keep comparing with earlier epochs, resume with the checkpoint's probe and metrics",
-        )
-        for key in self.store.keys():
-            self.store.discard(key)
-        self.timeline.restart()
 
     def _require_started(self, what: str) -> None:
         if self.probe is None:

@@ -22,7 +22,7 @@ from lightning_svcca.pipeline.snapshots import snapshot_needs
 if TYPE_CHECKING:
     from lightning_svcca.pipeline.monitor import SVCCAMonitor
 
-__all__ = ["STATE_VERSION", "load_state", "state_of"]
+__all__ = ["STATE_VERSION", "load_state", "restart_comparisons", "state_of"]
 
 STATE_VERSION = 1
 
@@ -86,7 +86,29 @@ def _check_metrics(monitor: SVCCAMonitor, saved: Any) -> None:
     old_full, old_right = snapshot_needs(list(saved))
     full, right = snapshot_needs(monitor.config.metrics)
     if (full and not old_full) or (right and not old_right):
-        monitor.restart_comparisons(
+        restart_comparisons(
+            monitor,
             f"metrics={list(monitor.config.metrics)} need snapshots with more directions than the checkpoint's"
-            f" (taken for metrics={list(saved)})"
+            f" (taken for metrics={list(saved)})",
         )
+
+
+def restart_comparisons(monitor: SVCCAMonitor, why: str) -> None:
+    """Drop every snapshot (they cannot be compared with new ones) and say which references lose what.
+
+    The history and freezes stay; ``initial`` has nothing to compare with for the rest of the run, the point
+    references (``previous``, lags) start again from the next measurement, fixed ones are snapshotted again.
+    """
+    lost = [ref.name for ref in monitor.config.references if ref.kind in ("initial", "previous", "lag")]
+    fixed = [reference.name for reference in monitor.config.references if reference.fixed]
+    monitor.warn_once(
+        "comparisons-restarted",
+        f"{why}: earlier snapshots are dropped and cannot be compared with new ones. The history"
+        f" ({len(monitor.history)} rows) and freezes are kept; references now incomparable with earlier epochs:"
+        f" {lost or 'none'} ('initial' gets no new rows; the others start again from the measurement after the"
+        f" next){'; fixed references ' + str(fixed) + ' are snapshotted again' if fixed else ''}."
+        " To keep comparing with earlier epochs, resume with the checkpoint's probe and metrics",
+    )
+    for key in monitor.store.keys():
+        monitor.store.discard(key)
+    monitor.timeline.restart()

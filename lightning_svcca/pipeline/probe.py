@@ -310,7 +310,8 @@ def probe_indices(length: int, size: int, seed: int = 0) -> list[int]:
 
 
 _EMPTY_PROBE = (
-    "the probe DataLoader holds no samples (an empty dataset): the probe needs at least 2. Pass"
+    "the probe DataLoader holds no samples (an empty dataset, or a stream that yielded no batches): the probe"
+    " needs at least 2. Pass"
     " probe=<tensor, batch or a DataLoader with data>; with probe=None the probe is taken from the validation"
     " DataLoader, else the training one, so check that it holds data"
 )

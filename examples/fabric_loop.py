@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from lightning_svcca import Runtime, SVCCAMonitor
 from lightning_svcca.pipeline.distributed import ProcessGroupCollective
-from lightning_svcca.pipeline.snapshots import LocalCollective
+from lightning_svcca.pipeline.snapshot import LocalCollective
 from lightning_svcca.pipeline.wrappers import wrapper_precision
 
 from common import HelpFormatter, add_run_arguments, run_example

@@ -19,6 +19,7 @@ When things happen in a fit:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -36,6 +37,7 @@ from lightning_svcca.freezing.policy import FreezePolicy
 from lightning_svcca.freezing.sharded import resharding, soft_freeze_message
 from lightning_svcca.freezing.strategies import is_hard_freeze_supported, rebuild_ddp_wrapper
 from lightning_svcca.integrations.options import takes_monitor_options
+from lightning_svcca.integrations.resume import describe_changes, orphaned_state
 from lightning_svcca.monitoring.config import MonitorConfig
 from lightning_svcca.monitoring.monitor import Runtime, SVCCAMonitor, SVCCAMonitorWarning
 from lightning_svcca.output.reporting import LAYER_FACTS, tag
@@ -177,10 +179,10 @@ class _SVCCACallbackCore:
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
         """Take the epoch-0 snapshot (unless resuming)."""
         monitor = self._require_monitor()
-        if self.config.cross_layer_moments:
-            monitor.runtime.max_steps = _planned_steps(trainer)
+        monitor.runtime.max_steps = _planned_steps(trainer)  # cross-layer moments, the cost estimate
         monitor.start(step=int(trainer.global_step))
-        _publish(trainer, [row for row in monitor.history if row["epoch"] == monitor.measured[-1]])
+        if monitor.measured:  # empty after a resume whose snapshots were dropped (a changed probe or metrics)
+            _publish(trainer, [row for row in monitor.history if row["epoch"] == monitor.measured[-1]])
 
     def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
         """Keep frozen BatchNorm layers in eval mode whatever ``model.train()`` did."""
@@ -244,6 +246,30 @@ class _SVCCACallbackCore:
             self.monitor.load_state_dict(state_dict)
         else:
             self._pending_state = dict(state_dict)
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+        """Continue the checkpoint's history when this callback's settings changed since it was saved.
+
+        Lightning finds the state under :attr:`state_key` only; a state saved with other layers, references,
+        metrics or probe is found by the callback's class here (see :mod:`~lightning_svcca.integrations.resume`).
+        """
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states or type(self) in states:
+            return
+        found = orphaned_state(self, trainer.callbacks, states)
+        if found is None:
+            return
+        key, state = found
+        if trainer.is_global_zero:
+            warnings.warn(
+                f"{type(self).__name__} resumes the history saved with other settings"
+                f" ({describe_changes(key, self.state_key)}): its rows, freezes and snapshots continue, and what"
+                " cannot be compared is said below. Lightning's 'callbacks used to create the checkpoint' warning"
+                " is about this state",
+                SVCCAMonitorWarning,
+                stacklevel=2,
+            )
+        self.load_state_dict(copy.deepcopy(dict(state)))
 
     # ------------------------------------------------------------------------------------------------------------
     # Plumbing

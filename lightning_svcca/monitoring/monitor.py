@@ -37,6 +37,7 @@ from lightning_svcca.freezing.orchestration import FreezingCoordinator
 from lightning_svcca.measures import SimilarityWarning
 from lightning_svcca.monitoring import preflight
 from lightning_svcca.monitoring import state as monitor_state
+from lightning_svcca.monitoring.budget import CostWatch
 from lightning_svcca.monitoring.config import MonitorConfig
 from lightning_svcca.monitoring.outputs import RunOutputs
 from lightning_svcca.monitoring.runtime import Runtime
@@ -184,6 +185,8 @@ class SVCCAMonitor:
         announce = self.outputs.freeze_event
         self.freezing = FreezingCoordinator(self.model, config, self.store, self.runtime, self.warn_once, announce)
         self._comparisons: Comparisons | None = None
+        #: Warns once when measuring takes a large share of the fit.
+        self.cost = CostWatch(self.warn_once)
 
     @property
     def layers(self) -> list[str]:
@@ -290,7 +293,7 @@ class SVCCAMonitor:
             device=device_of(self.model),
             dtype=capture.options.dtype,
         )
-        if not self.timeline:
+        if not self.timeline.points:  # a new run (a resumed one has points, even when its snapshots were dropped)
             self._measure(0, step)
         else:
             self.snapshots.fixed_references()
@@ -400,6 +403,7 @@ class SVCCAMonitor:
         heatmaps = self._comparisons.heatmap_sources(point, self.history, self.layers, live_final=live_final)
         self.outputs.measurement(rows + cache_scalars, step, heatmaps, self.history, self.layers)
         self.timings[point] = time.perf_counter() - started
+        self.cost.measured(self.timings[point], self._planned_measurements(), len(self.timeline))
         return rows
 
     def _freeze(self, rows: list[dict[str, Any]], epoch: int, step: int, *, decide: bool) -> list[dict[str, Any]]:
@@ -411,6 +415,12 @@ class SVCCAMonitor:
     def _run_length(self) -> int | None:
         """The run's planned length in points (steps or epochs), if the framework knows it."""
         return self.runtime.max_steps if self.by_step else self.runtime.max_epochs
+
+    def _planned_measurements(self) -> int | None:
+        """Measurements in the whole run, if the framework knows its length."""
+        length = self._run_length()
+        every = self.config.every_n_train_steps if self.by_step else self.config.every_n_epochs
+        return length // every if length and every else None
 
     def _compare_with_final(self) -> list[dict[str, Any]]:
         """At the end of fit: every measured point against the latest, replacing earlier ``final`` rows."""
@@ -431,14 +441,9 @@ class SVCCAMonitor:
         self.probe = preflight.probe_from_config(self.config, self.warn_once)
         fingerprint = self.probe.fingerprint()
         if self.probe_fingerprint is not None and fingerprint != self.probe_fingerprint and self.store.keys():
-            self.warn_once(
-                "probe-changed",
-                "the probe differs from the one in the checkpoint, so earlier snapshots describe other datapoints;"
-                " they are dropped (history and freezes are kept) and comparisons start again from this epoch",
+            monitor_state.restart_comparisons(
+                self, "the probe differs from the one in the checkpoint (other datapoints)"
             )
-            for key in self.store.keys():
-                self.store.discard(key)
-            self.timeline.restart()
         self.probe_fingerprint = fingerprint
         if self.probe.size < 2:
             raise ValueError(f"the probe has {self.probe.size} sample(s); it needs at least 2")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_svcca.monitoring.budget import check_memory
 from lightning_svcca.monitoring.config import MonitorConfig
 from lightning_svcca.monitoring.runtime import Runtime
 from lightning_svcca.pipeline.capture import Capture, CaptureOptions, SkipFn, WarnFn
@@ -89,7 +90,11 @@ def capture_for(
     skip: SkipFn,
     warn_once: WarnFn,
 ) -> Capture:
-    """The run's probe passes and snapshots, checked with two probe samples through ``model``."""
+    """The run's probe passes and snapshots, checked with two probe samples through ``model``.
+
+    The same two samples give each layer's width: a measurement that would need too much memory is warned about
+    here (:func:`~lightning_svcca.monitoring.budget.check_memory`).
+    """
     full_rank, with_right = snapshot_needs(config.metrics)
     options = CaptureOptions(
         probe_batch_size=config.probe_batch_size,
@@ -112,7 +117,9 @@ def capture_for(
         forward_context=runtime.forward_context,
         convert_input=runtime.convert_input,
     )
-    capture.check(model, device_of(model))
+    checked = capture.check(model, device_of(model))
+    samples = min(2, probe.size)
+    check_memory(checked, samples, probe.size, options.dtype, device_of(model), warn_once)
     return capture
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from torch import Tensor, nn
 
 from lightning_svcca.monitoring.config import MonitorConfig
-from lightning_svcca.pipeline.capture import LEAVE_OUT_BELOW, Capture, WarnFn
+from lightning_svcca.pipeline.capture import LEAVE_OUT_BELOW, Capture, WarnFn, unpaired_rows
 from lightning_svcca.pipeline.layers import LayerSpec
 from lightning_svcca.pipeline.moments import CrossLayerMoments
 from lightning_svcca.pipeline.recording import ActivationRecorder
@@ -58,6 +58,8 @@ class Snapshotter:
         self._warn_once = warn_once
         #: The monitored layers that ran, bottom-up, from the first probe pass (``[]`` before it).
         self.layer_order: list[str] = []
+        #: The layer order of the checkpoint this run resumed from (``[]`` for a new run).
+        self.resumed_order: list[str] = []
         #: The run's probe passes (given by :meth:`attach` once the probe exists).
         self.capture: Capture | None = None
 
@@ -69,6 +71,16 @@ class Snapshotter:
     def attach(self, capture: Capture) -> None:
         """Take the run's probe passes."""
         self.capture = capture
+
+    def resume_layers(self, order: Sequence[str]) -> None:
+        """Take a checkpoint's layer order; when the monitored layers changed, the next probe settles it again.
+
+        Layers are matched by name: kept ones keep their rows and snapshots, new ones start at the next
+        measurement, removed ones keep their rows in the history (a note says which, :meth:`settle_layer_order`).
+        """
+        self.resumed_order = list(order)
+        same = set(order) == {spec.name for spec in self.specs}
+        self.layer_order = list(order) if same or not order else []
 
     def settle_layer_order(self, order: Sequence[str]) -> list[str]:
         """Bottom-up order from the first probe; layers that did not run are dropped with a warning."""
@@ -88,7 +100,21 @@ class Snapshotter:
                     " forward_fn (the default calls model(probe_input))"
                 )
             self.layer_order = ran
+            self._note_resumed_layers()
         return self.layer_order
+
+    def _note_resumed_layers(self) -> None:
+        """After a resume with other layers: which are new and which only keep their earlier rows."""
+        before = self.resumed_order
+        added = [layer for layer in self.layer_order if layer not in before]
+        removed = [layer for layer in before if layer not in self.layer_order]
+        if before and (added or removed):
+            self._warn_once(
+                "resumed-layers",
+                f"resumed with other layers than the checkpoint's {before}: new layers {added} start their history"
+                f" at this measurement (no earlier epochs to compare with); layers no longer monitored {removed}"
+                " keep their earlier rows (and freezes) in the history; the other layers continue as before",
+            )
 
     def take(
         self, recorder: ActivationRecorder, reused: Mapping[str, Snapshot], epoch: int, *, first: bool = False
@@ -171,10 +197,13 @@ class Snapshotter:
                 self.store.put((layer, reference.name), snapshot)
 
     def _pooled(self, recorder: ActivationRecorder, layers: Sequence[str]) -> dict[str, Tensor]:
-        """Each layer's output averaged over its positions (one datapoint per sample), every process's gathered."""
+        """Each layer's output averaged over its positions (one datapoint per sample), every process's gathered.
+
+        A layer that ran on part of the probe only is left out (its means are not one per probe sample).
+        """
         assert self.capture is not None
         return {
             layer: self.capture.collective.gather_rows(recorder.means[layer]).float().cpu()
             for layer in layers
-            if layer in recorder.means
+            if layer in recorder.means and unpaired_rows(recorder, layer) is None
         }

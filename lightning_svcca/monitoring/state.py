@@ -2,10 +2,13 @@
 
 Checkpoints written by earlier versions must still load, so every key keeps its name and meaning, and a key
 missing from an older checkpoint takes its default. The entries come from the monitor's parts: ``frozen``,
-``streaks`` and ``freezer`` from the freezing coordinator, ``measured`` and ``points`` from the timeline,
-``layer_order`` from the snapshotter, ``snapshots`` from the snapshot store, ``run_id`` and ``csv_name`` from the
-run's outputs,
-``cross_layer`` from the cross-layer moments, and the rest from the monitor itself.
+``streaks`` and ``freezer`` from the freezing coordinator, ``measured``, ``points`` and ``initial_lost`` from the
+timeline, ``layer_order`` from the snapshotter, ``snapshots`` from the snapshot store, ``run_id`` and ``csv_name``
+from the run's outputs, ``cross_layer`` from the cross-layer moments, and the rest from the monitor itself.
+
+A checkpoint resumed with other settings keeps its history (:func:`load_state`): layers are matched by name
+(:meth:`~lightning_svcca.monitoring.snapshotting.Snapshotter.resume_layers`), and snapshots that the new metrics
+cannot use (``metrics``: what they were taken for) are dropped with a warning, as for a changed probe.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_svcca.monitoring.state_checks import validate_state
 from lightning_svcca.output.history import pack_history, unpack_history
+from lightning_svcca.pipeline.metrics import snapshot_needs
 
 if TYPE_CHECKING:
     from lightning_svcca.monitoring.monitor import SVCCAMonitor
 
-__all__ = ["STATE_VERSION", "load_state", "state_of"]
+__all__ = ["STATE_VERSION", "load_state", "restart_comparisons", "state_of"]
 
 STATE_VERSION = 1
 
@@ -35,6 +39,8 @@ def state_of(monitor: SVCCAMonitor) -> dict[str, Any]:
         "streaks": freezing["streaks"],
         "freezer": freezing["freezer"],
         "measured": timeline["measured"],
+        "initial_lost": timeline["initial_lost"],
+        "metrics": list(monitor.config.metrics),
         "layer_order": list(monitor.snapshots.layer_order),
         "last_measured_step": monitor.last_measured_step,
         "probe_fingerprint": monitor.probe_fingerprint,
@@ -53,7 +59,7 @@ def load_state(monitor: SVCCAMonitor, state: Mapping[str, Any]) -> None:
     monitor.history = unpack_history(state.get("history", []))
     monitor.freezing.load_state_dict(state)
     monitor.timeline.load_state_dict(state)
-    monitor.snapshots.layer_order = list(state.get("layer_order", []))
+    monitor.snapshots.resume_layers(list(state.get("layer_order", [])))
     monitor.last_measured_step = int(state.get("last_measured_step", -1))
     monitor.probe_fingerprint = state.get("probe_fingerprint")
     missing = monitor.store.load_state_dict(state.get("snapshots", {}))
@@ -62,6 +68,7 @@ def load_state(monitor: SVCCAMonitor, state: Mapping[str, Any]) -> None:
     monitor.outputs.csv_name = state.get("csv_name")
     if monitor.cross_layer is not None:
         monitor.cross_layer.load_state_dict(state.get("cross_layer", {}))
+    _check_metrics(monitor, state.get("metrics"))
     if missing:
         monitor.warn_once(
             "snapshots-missing",
@@ -69,3 +76,41 @@ def load_state(monitor: SVCCAMonitor, state: Mapping[str, Any]) -> None:
             " the run goes on with what it has: comparisons with those epochs are skipped, and a freeze policy"
             " may need more epochs to decide. Keep the run's svcca_snapshots folder with its checkpoints",
         )
+
+
+def _check_metrics(monitor: SVCCAMonitor, saved: Any) -> None:
+    """Drop the restored snapshots when the metrics now need parts they were taken without.
+
+    Parts: all directions, or the right singular vectors; comparing without them would measure truncated snapshots.
+    """
+    if not saved or not monitor.store.keys():
+        return
+    old_full, old_right = snapshot_needs(list(saved))
+    full, right = snapshot_needs(monitor.config.metrics)
+    if (full and not old_full) or (right and not old_right):
+        restart_comparisons(
+            monitor,
+            f"metrics={list(monitor.config.metrics)} need snapshots with more directions than the checkpoint's"
+            f" (taken for metrics={list(saved)})",
+        )
+
+
+def restart_comparisons(monitor: SVCCAMonitor, why: str) -> None:
+    """Drop every snapshot (they cannot be compared with new ones) and say which references lose what.
+
+    The history and freezes stay; ``initial`` has nothing to compare with for the rest of the run, the point
+    references (``previous``, lags) start again from the next measurement, fixed ones are snapshotted again.
+    """
+    lost = [ref.name for ref in monitor.config.references if ref.kind in ("initial", "previous", "lag")]
+    fixed = [reference.name for reference in monitor.config.references if reference.fixed]
+    monitor.warn_once(
+        "comparisons-restarted",
+        f"{why}: earlier snapshots are dropped and cannot be compared with new ones. The history"
+        f" ({len(monitor.history)} rows) and freezes are kept; references now incomparable with earlier epochs:"
+        f" {lost or 'none'} ('initial' gets no new rows; the others start again from the measurement after the"
+        f" next){'; fixed references ' + str(fixed) + ' are snapshotted again' if fixed else ''}."
+        " To keep comparing with earlier epochs, resume with the checkpoint's probe and metrics",
+    )
+    for key in monitor.store.keys():
+        monitor.store.discard(key)
+    monitor.timeline.restart()

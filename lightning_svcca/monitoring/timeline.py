@@ -36,6 +36,8 @@ class Timeline:
         self.measured: list[int] = []
         #: Each point ever measured -> ``(epoch, step)`` (kept when the probe changes and ``measured`` restarts).
         self.points: dict[int, tuple[int, int]] = {}
+        #: The snapshots of the run's first point were dropped (a changed probe or metrics): ``initial`` has none.
+        self.initial_lost = False
 
     def __len__(self) -> int:
         return len(self.measured)
@@ -45,8 +47,8 @@ class Timeline:
 
     @property
     def first(self) -> int | None:
-        """The first measured point (what ``initial`` compares with), or ``None`` before any."""
-        return self.measured[0] if self.measured else None
+        """The first measured point (what ``initial`` compares with), or ``None`` before any or once it was lost."""
+        return self.measured[0] if self.measured and not self.initial_lost else None
 
     @property
     def latest(self) -> int | None:
@@ -91,14 +93,19 @@ class Timeline:
         return {p for p in self.measured if p == point or p > point - horizon}
 
     def restart(self) -> None:
-        """Forget the measured points (a new probe: nothing measured before is comparable); ``points`` stay."""
+        """Forget the measured points (a new probe: nothing measured before is comparable); ``points`` stay.
+
+        The run's first point is gone for good: ``initial`` has nothing to compare with from now on.
+        """
         self.measured.clear()
+        self.initial_lost = True
 
     def state_dict(self) -> dict[str, Any]:
-        """The checkpoint entries ``measured`` and ``points`` (point keys as strings)."""
+        """The checkpoint entries ``measured``, ``points`` (point keys as strings) and ``initial_lost``."""
         return {
             "measured": list(self.measured),
             "points": {str(point): list(at) for point, at in self.points.items()},
+            "initial_lost": self.initial_lost,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -106,3 +113,4 @@ class Timeline:
         self.measured = list(state.get("measured", []))
         points = state.get("points") or {point: (point, -1) for point in self.measured}
         self.points = {int(point): (int(at[0]), int(at[1])) for point, at in points.items()}
+        self.initial_lost = bool(state.get("initial_lost", False))

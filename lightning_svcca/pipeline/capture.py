@@ -11,6 +11,7 @@ Feature references (a tensor aligned with the probe's samples) are laid out like
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -22,12 +23,15 @@ from lightning_svcca.measures import DATAPOINTS_PER_DIRECTION
 from lightning_svcca.pipeline.distributed import buffers_from_rank_zero, shard
 from lightning_svcca.pipeline.layers import LayerSpec
 from lightning_svcca.pipeline.probe import ForwardFn, Probe, batch_size, describe_batch, run_probe
-from lightning_svcca.pipeline.recording import ActivationRecorder
+from lightning_svcca.pipeline.recording import ActivationRecorder, LayoutWarning
 from lightning_svcca.pipeline.reduction import Layout, OutputSelectionError, layer_seed, probe_share, reduce_output
 from lightning_svcca.pipeline.snapshot import Collective, Snapshot, build_snapshot
 
 __all__ = ["Capture", "CaptureOptions"]
 
+#: What a user's forward pass raises when the probe is not what it takes (a tuple batch for a model taking a dict:
+#: ``KeyError``, ``IndexError``, ``AttributeError``; a wrong shape or dtype: ``RuntimeError``, ``TypeError``).
+FORWARD_ERRORS = (RuntimeError, TypeError, LookupError, AttributeError)
 #: ``skip(epoch, layer, reason)``: record and warn about a layer left out of one measurement.
 SkipFn = Callable[[int, str, str], None]
 #: ``warn_once(key, message)``: a soft problem, warned about once per key.
@@ -103,17 +107,19 @@ class Capture:
         label: str = "the model",
         skip: Collection[str] = (),
         monitored: bool = False,
+        limit: int | None = None,
     ) -> ActivationRecorder:
         """Run this process's share of the probe through ``model`` on ``device`` with hooks on the layers.
 
         ``skip``: layers not to record (their outputs are known; they stay hooked for the forward order).
         ``monitored``: a pass of the monitored model, which reads its layers as its earlier passes did
-        (:attr:`layouts`, :attr:`strides`) and adds what it shows.
+        (:attr:`layouts`, :attr:`strides`) and adds what it shows. ``limit``: the first ``limit`` probe samples
+        only (on every process), instead of this process's share.
         A forward pass that fails inside torch (a probe of the wrong shape or dtype for the model, a reference
         model that does not take it) raises a ``ValueError`` naming the probe and ``label``.
         """
         probe = self.probe
-        start, stop = shard(probe.size, self.collective)
+        start, stop = shard(probe.size, self.collective) if limit is None else (0, min(limit, probe.size))
         mask_frames = None
         if probe.mask_key is not None:
             mask = probe.batch[probe.mask_key]
@@ -149,7 +155,7 @@ class Capture:
                 )
             except OutputSelectionError:
                 raise
-            except (RuntimeError, TypeError) as error:
+            except FORWARD_ERRORS as error:
                 raise self._forward_error(error, model, label) from error
         if monitored:
             for name, layout in recorder.layouts.items():
@@ -174,12 +180,15 @@ class Capture:
             " the trained model's inputs"
         )
 
-    def check(self, model: nn.Module, device: torch.device) -> None:
-        """Run the first two probe samples through ``model`` (no hooks): a probe it cannot take fails here."""
-        try:
-            self.outputs(model, device, 2)
-        except (RuntimeError, TypeError) as error:
-            raise self._forward_error(error, model, "the model") from error
+    def check(self, model: nn.Module, device: torch.device) -> ActivationRecorder:
+        """Record the first two probe samples through ``model``: a probe it cannot take fails here.
+
+        Returns the recorder, whose rows give each layer's width and rows per sample (the memory estimate).
+        Layout warnings wait for the first measurement.
+        """
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LayoutWarning)
+            return self.record(model, device, label="the model", limit=2)
 
     def outputs(self, model: nn.Module, device: torch.device, count: int) -> Any:
         """The model's output for the first ``count`` probe samples (one forward pass, no hooks, eval mode)."""
@@ -207,18 +216,22 @@ class Capture:
         label: str,
         leave_out_thin: bool = False,
     ) -> dict[str, Snapshot]:
-        """One snapshot per layer that ran on every process; a layer that fails is skipped.
+        """One snapshot per layer that ran on every sample of every process; a layer that fails is skipped.
 
-        ``leave_out_thin`` (the first measurement of default layers): a layer with fewer than
-        :data:`LEAVE_OUT_BELOW` datapoints per kept direction is left out, without the few-datapoints warning, and
-        no longer hooked; :attr:`left_out` says why. When every layer is that thin, all are kept (and warned about).
+        A layer that ran on part of the probe only (conditional computation) is skipped: its rows would be compared
+        with rows of other samples as if paired. ``leave_out_thin`` (the first measurement of default layers): a
+        layer with fewer than :data:`LEAVE_OUT_BELOW` datapoints per kept direction is left out, without the
+        few-datapoints warning, and no longer hooked; :attr:`left_out` says why. When every layer is that thin, all
+        are kept (and warned about).
         """
-        ran = [float(layer in recorder.activations) for layer in layers]
+        unpaired = {layer: unpaired_rows(recorder, layer) for layer in layers if layer in recorder.activations}
+        ran = [float(layer in recorder.activations and unpaired[layer] is None) for layer in layers]
         present = self.collective.sum(torch.tensor(ran, device=device))
         snapshots = {}
         for layer, count in zip(layers, present.tolist(), strict=True):
             if count < self.collective.world_size:
-                self._skip(epoch, layer, f"it did not run in the probe ({label})")
+                why = unpaired.get(layer) or "it did not run in the probe"
+                self._skip(epoch, layer, f"{why} ({label})")
                 continue
             rows, eps = recorder.activations[layer], recorder.input_eps[layer]
             snapshot = self.build(rows, eps, layer, epoch, label, warn=not leave_out_thin)
@@ -332,6 +345,24 @@ class Capture:
             if snapshot is not None:
                 snapshots[layer] = snapshot
         return snapshots
+
+
+def unpaired_rows(recorder: ActivationRecorder, layer: str) -> str | None:
+    """Why ``layer``'s rows cannot be paired sample by sample with another pass's, or ``None`` when they can.
+
+    Each row carries its probe sample (``recorder.sample_ids``); rows can be paired when the layer ran on every
+    chunk of the probe (so on every sample) and its rows are in probe order.
+    """
+    recorded, run = recorder.chunks_recorded.get(layer, 0), recorder.chunks_run
+    if recorded < run:
+        return (
+            f"it ran on {recorded} of the probe's {run} chunks only (conditional computation?), so its rows cover"
+            " part of the probe and cannot be paired sample by sample with another measurement's"
+        )
+    ids = recorder.sample_ids[layer]
+    if ids.numel() > 1 and bool((ids[1:] < ids[:-1]).any()):
+        return "its rows are not in probe order, so they cannot be paired sample by sample"
+    return None
 
 
 def _report_nothing(*details: object) -> None:

@@ -321,10 +321,20 @@ def probe_indices(length: int, size: int, seed: int = 0) -> list[int]:
     return sorted(torch.randperm(length, generator=generator)[:size].tolist())
 
 
+_EMPTY_PROBE = (
+    "the probe DataLoader holds no samples (an empty dataset, or a stream that yielded no batches): the probe"
+    " needs at least 2. Pass"
+    " probe=<tensor, batch or a DataLoader with data>; with probe=None the probe is taken from the validation"
+    " DataLoader, else the training one, so check that it holds data"
+)
+
+
 def _collect(loader: DataLoader, size: int, seed: int = 0) -> Any:
     """A seeded random subset of a loader's dataset (the first samples of a stream), whatever its sampler."""
     dataset = loader.dataset
     if not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+        if len(dataset) == 0:
+            raise ValueError(_EMPTY_PROBE)
         collate = loader.collate_fn or torch.utils.data.default_collate
         return collate([dataset[i] for i in probe_indices(len(dataset), size, seed)])
     batches, seen = [], 0
@@ -334,7 +344,7 @@ def _collect(loader: DataLoader, size: int, seed: int = 0) -> Any:
         if seen >= size:
             break
     if not batches:
-        raise ValueError("the probe DataLoader yielded no batches")
+        raise ValueError(_EMPTY_PROBE)
     return slice_batch(_concatenate(batches), 0, size)
 
 

@@ -74,6 +74,9 @@ class ActivationRecorder:
         activations: layer name -> ``(rows, features)`` reduced outputs of the samples seen, on their device.
         sample_ids: layer name -> ``(rows,)`` probe sample index of each row.
         input_eps: layer name -> machine epsilon of the dtype the layer produced (rounding level of its data).
+        chunks_run: probe chunks (forward passes) started so far.
+        chunks_recorded: layer name -> chunks in which it was recorded (fewer than ``chunks_run``: it ran on
+            part of the probe only, and its rows cannot be paired sample by sample with another pass's).
         order: monitored layers in the order they first finished: bottom-up.
         completion: every hooked module, in the order it finished during the first chunk.
     """
@@ -120,6 +123,8 @@ class ActivationRecorder:
         self.keep_means = keep_means
         self._mean_chunks: dict[str, list[Tensor]] = {name: [] for name in self.specs}
         self.input_eps: dict[str, float] = {}
+        self.chunks_run = 0
+        self.chunks_recorded: dict[str, int] = {}
         self.layouts: dict[str, Layout] = {}
         self.output_ndim: dict[str, int] = {}
         self.order: list[str] = []
@@ -168,6 +173,7 @@ class ActivationRecorder:
         """Tell the hooks which probe samples the next forward pass holds."""
         if self._chunk_ids is not None:
             self._first_chunk = False
+        self.chunks_run += 1
         self._chunk_ids = torch.arange(first, first + size, device=device)
         self._chunk_lengths = None if lengths is None else lengths.to(device)
         self._seen_in_chunk.clear()
@@ -249,6 +255,7 @@ class ActivationRecorder:
         if spec.name in self._seen_in_chunk:
             return  # a module called twice in one pass: its first call is the representation
         self._seen_in_chunk.add(spec.name)
+        self.chunks_recorded[spec.name] = self.chunks_recorded.get(spec.name, 0) + 1
         if spec.name not in self.order:
             self.order.append(spec.name)
         tensor = select_output(output, spec.output, spec.name).detach()

@@ -87,7 +87,7 @@ def wrapper_precision(model: nn.Module) -> dict[str, Any]:
 
     Why: the monitor runs the probe through the unwrapped model, so what ``_FabricModule.forward`` does (casting
     inputs to a ``*-true`` model's dtype, autocast under ``*-mixed``) must be done by the monitor's
-    :class:`~lightning_svcca.pipeline.monitor.Runtime` instead.
+    :class:`~lightning_svcca.monitoring.monitor.Runtime` instead.
     """
     while True:
         if type(model).__name__ == "_FabricModule" and hasattr(model, "_strategy"):

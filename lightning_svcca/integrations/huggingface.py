@@ -108,6 +108,7 @@ class SVCCATrainerCallback(TrainerCallback):
         saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
         if state.global_step > 0 and saved.is_file():
             self.monitor.load_state_dict(torch.load(saved, map_location="cpu", weights_only=False))
+        self._ddp_rebuild_pending = False
         hard = not (distributed and _shards_parameters(args))
         if not hard and (self.config.freeze is not None or self.monitor.freezer.parameters):
             self.monitor.warn_once("soft-freeze", soft_freeze_message("the Trainer's FSDP or DeepSpeed"))
@@ -135,7 +136,7 @@ class SVCCATrainerCallback(TrainerCallback):
                 self._ddp_rebuild_pending = False
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Soft freezing only (multi-process): drop frozen parameters' gradients."""
+        """Soft freezing only (the Trainer's FSDP or DeepSpeed): drop frozen parameters' gradients."""
         if self.monitor is not None:
             self.monitor.before_optimizer_step()
 

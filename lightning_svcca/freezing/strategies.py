@@ -1,8 +1,9 @@
 """Freezing under a Lightning strategy: whether ``requires_grad`` may change mid-run, and the DDP wrapper rebuild.
 
 DDP's reducer fixes at wrap time which parameters it expects gradients for, so a hard freeze under DDP rebuilds the
-wrapper (:func:`rebuild_ddp_wrapper`); sharding strategies flatten parameters at wrap time, so they get soft freezing
-(:func:`is_hard_freeze_supported` says which).
+wrapper (:func:`rebuild_ddp_wrapper`), or, where the training loop holds on to its wrapper (the HuggingFace Trainer),
+the wrapper's reducer in place (:func:`rebuild_ddp_reducer`); sharding strategies flatten parameters at wrap time,
+so they get soft freezing (:func:`is_hard_freeze_supported` says which).
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import gc
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["is_hard_freeze_supported", "rebuild_ddp_wrapper"]
+__all__ = ["is_hard_freeze_supported", "rebuild_ddp_reducer", "rebuild_ddp_wrapper"]
 
 
 def rebuild_ddp_wrapper(strategy: Any) -> bool:
@@ -41,6 +44,33 @@ def rebuild_ddp_wrapper(strategy: Any) -> bool:
     del wrapper, reducer
     gc.collect()
     return True
+
+
+def rebuild_ddp_reducer(wrapper: DistributedDataParallel, *, in_forward: bool = False) -> None:
+    """Give an existing DistributedDataParallel wrapper a new reducer over its trainable parameters, in place.
+
+    For loops that keep their own reference to the wrapper, so a new wrapper would never be used (the HuggingFace
+    Trainer). Does what unpickling a DDP wrapper does (``DistributedDataParallel.__setstate__``): the old reducer's
+    gradient hooks are removed, parameters that require gradients are bucketed again, and Python communication
+    hooks registered on the wrapper are registered on the new reducer. Every process must call it at the same
+    point, between iterations or, with ``in_forward``, inside the wrapper's forward (the new reducer then counts
+    the iteration the wrapper already started).
+    """
+    if not any(parameter.requires_grad for parameter in wrapper.module.parameters()):
+        raise ValueError("every parameter is frozen: DDP needs at least one trainable parameter")
+    wrapper.reducer._remove_autograd_hooks()
+    parameters, expect_sparse_gradient = wrapper._build_params_for_reducer()
+    names = wrapper._build_debug_param_to_name_mapping(parameters)
+    wrapper._ddp_init_helper(parameters, expect_sparse_gradient, names, wrapper.static_graph)
+    if wrapper.static_graph:
+        wrapper.reducer._set_static_graph()
+        wrapper.logger._set_static_graph()
+        wrapper._static_graph_delay_allreduce_enqueued = False
+    for hook, state in wrapper._comm_hooks:
+        dist._register_comm_hook(wrapper.reducer, state, hook)
+    if in_forward and torch.is_grad_enabled() and wrapper.require_backward_grad_sync:
+        wrapper.reducer.prepare_for_forward()
+    gc.collect()
 
 
 def is_hard_freeze_supported(strategy: Any) -> bool:

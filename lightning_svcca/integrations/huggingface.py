@@ -11,10 +11,15 @@ it resumes from (see :func:`resume_folders`) and continues the history; the file
 freeze events go to a TensorBoard ``SummaryWriter`` (see :func:`tensorboard_dir`); ``svcca_history.csv`` to
 ``args.output_dir``.
 
-Freezing: on one process, frozen parameters get ``requires_grad=False`` (their gradients are never computed, and
-the Trainer's optimizer skips them: they have no gradient). Under multi-process DDP the Trainer's DDP wrapper
-cannot be rebuilt from a callback, so frozen parameters are kept fixed by dropping their gradients before each
-optimizer step (a "soft" freeze: correct, but no compute is saved).
+Freezing: frozen parameters get ``requires_grad=False`` (their gradients are never computed, and the Trainer's
+optimizer skips them: they have no gradient). Under multi-process DDP (``torchrun``; every process decides the same
+freezes at the same step) the Trainer keeps its own reference to its ``DistributedDataParallel`` wrapper, whose
+reducer expects a gradient for every parameter that required one when it was built (with
+``ddp_find_unused_parameters=False`` the next step fails; with ``True`` the frozen gradients are still
+all-reduced). So after a freeze, the next training forward pass gives that wrapper a new reducer over the trainable
+parameters (:func:`~lightning_svcca.freezing.strategies.rebuild_ddp_reducer`). Under FSDP or DeepSpeed
+(``args.fsdp``, ``args.deepspeed``, ``args.parallelism_config``) frozen parameters are kept fixed by dropping their
+gradients before each optimizer step (a "soft" freeze: correct, but no compute is saved), with a warning.
 """
 
 from __future__ import annotations
@@ -28,12 +33,15 @@ from typing import Any
 
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 try:
     from transformers import TrainerCallback
 except ImportError as error:  # pragma: no cover - exercised only without transformers
     raise ImportError("lightning_svcca.huggingface needs transformers: pip install transformers") from error
 
+from lightning_svcca.freezing.sharded import soft_freeze_message
+from lightning_svcca.freezing.strategies import rebuild_ddp_reducer
 from lightning_svcca.integrations.options import takes_monitor_options
 from lightning_svcca.monitoring.config import MonitorConfig
 from lightning_svcca.monitoring.monitor import Runtime, SVCCAMonitor
@@ -74,6 +82,8 @@ class SVCCATrainerCallback(TrainerCallback):
         self.monitor: SVCCAMonitor | None = None
         self._writer: TensorBoardWriter | None = None
         self._norm_hook: Any = None
+        #: Set after a freeze under DDP: the next training forward rebuilds the Trainer's DDP reducer.
+        self._ddp_rebuild_pending = False
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -100,17 +110,20 @@ class SVCCATrainerCallback(TrainerCallback):
                 collective=ProcessGroupCollective() if distributed else LocalCollective(),
                 is_global_zero=bool(state.is_world_process_zero),
                 broadcast=broadcast_object,
+                after_freeze=self._request_ddp_rebuild,  # also one process: torchrun with 1 process gets DDP too
                 max_epochs=int(args.num_train_epochs),
                 max_steps=int(state.max_steps) if state.max_steps and state.max_steps > 0 else None,
             ),
         )
         if state.global_step > 0:
             self._restore(args, state)
-        self.monitor.restore_freezes(hard=not distributed)
+        self._ddp_rebuild_pending = False
+        hard = not (distributed and _shards_parameters(args))
+        if not hard and (self.config.freeze is not None or self.monitor.freezer.parameters):
+            self.monitor.warn_once("soft-freeze", soft_freeze_message("the Trainer's FSDP or DeepSpeed"))
+        self.monitor.restore_freezes(hard=hard)
         # the Trainer calls model.train() inside each training step: frozen norms go back to eval at each forward
-        self._norm_hook = model.register_forward_pre_hook(
-            lambda module, inputs: self.monitor.before_batch(epoch=int(state.epoch or 0))
-        )
+        self._norm_hook = model.register_forward_pre_hook(lambda module, inputs: self._before_forward(module, state))
         self.monitor.start(step=int(state.global_step))
 
     def _restore(self, args: Any, state: Any) -> None:
@@ -132,8 +145,26 @@ class SVCCATrainerCallback(TrainerCallback):
             " history starts again from this step",
         )
 
+    def _request_ddp_rebuild(self) -> None:
+        """After a (hard) freeze: rebuild the DDP reducer at the next training forward, if it runs in DDP."""
+        self._ddp_rebuild_pending = True
+
+    def _before_forward(self, model: nn.Module, state: Any) -> None:
+        """Frozen norms back in eval mode; inside the Trainer's DDP forward, a pending reducer rebuild.
+
+        The callback never sees the Trainer's DDP wrapper, except as the active one while it runs the model's
+        forward. Rebuilding there (on every process, at the first training step after the freeze, as the freeze
+        itself was decided on every process at the same step) also covers freezes restored before the first step.
+        """
+        self.monitor.before_batch(epoch=int(state.epoch or 0))
+        if self._ddp_rebuild_pending:
+            wrapper = DistributedDataParallel._get_active_ddp_module()
+            if wrapper is not None and wrapper.module is model:
+                rebuild_ddp_reducer(wrapper, in_forward=True)
+                self._ddp_rebuild_pending = False
+
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Soft freezing only (multi-process): drop frozen parameters' gradients."""
+        """Soft freezing only (the Trainer's FSDP or DeepSpeed): drop frozen parameters' gradients."""
         if self.monitor is not None:
             self.monitor.before_optimizer_step()
 
@@ -201,6 +232,13 @@ def completed_epochs(state: Any) -> int:
     exactly 1 there); the tolerance only guards against a representation a hair below it.
     """
     return math.floor((state.epoch or 0.0) + 1e-9)
+
+
+def _shards_parameters(args: Any) -> bool:
+    """Whether the Trainer shards or flattens parameters (FSDP, DeepSpeed, a parallelism config) instead of DDP."""
+    return bool(getattr(args, "fsdp", None) or getattr(args, "deepspeed", None)) or (
+        getattr(args, "parallelism_config", None) is not None
+    )
 
 
 def tensorboard_dir(args: Any) -> Path:

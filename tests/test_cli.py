@@ -205,7 +205,7 @@ def test_a_real_cka_only_run_from_the_folder_given_to_tensorboard(
     assert "linear_cka to previous" in capsys.readouterr().out
 
 
-@pytest.mark.filterwarnings("ignore::lightning_svcca.measures.similarity.TooFewDatapointsWarning")
+@pytest.mark.filterwarnings("ignore::lightning_svcca.measures.TooFewDatapointsWarning")
 @pytest.mark.filterwarnings("ignore::lightning_svcca.SVCCAMonitorWarning")
 @pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning")
 @pytest.mark.filterwarnings("ignore:.*smaller than the logging interval:UserWarning")

@@ -168,7 +168,7 @@ def candidates() -> dict[str, Rule]:
             rows, layers, epoch, frozen, th
         )
     for fraction in (0.25, 0.5):
-        for threshold in (0.25, 0.5, 0.6):
+        for threshold in (0.25, 0.5, 0.75, 1.0):
             for patience in (1, 2):
                 name = f"scale-free f={fraction} th={threshold} p={patience}"
                 rules[name] = lambda rows, layers, epoch, frozen, f=fraction, th=threshold, p=patience: (

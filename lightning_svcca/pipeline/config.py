@@ -133,7 +133,8 @@ class MonitorConfig:
     heatmap_time_share: float = 0.05
     #: Parsed references, with a convergence policy's lag reference appended when it is not "previous".
     references: list[Reference] = field(init=False)
-    #: The reference a convergence policy judges by: a layer's snapshot ``lag`` epochs earlier.
+    #: The reference a convergence policy judges by: a layer's snapshot ``lag`` epochs earlier (``"movement"``: a
+    #: fraction of the measurements earlier, named ``lag{fraction}t``, with ``"initial"``).
     lag_reference: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -162,7 +163,7 @@ class MonitorConfig:
                 f"FreezePolicy.lag={freeze.lag} must be a multiple of every_n_epochs={self.every_n_epochs}:"
                 " convergence compares a layer with its snapshot lag epochs earlier, so that epoch must be measured"
             )
-        if freeze is not None and freeze.mode == "convergence" and freeze.metric not in metrics:
+        if freeze is not None and freeze.mode in ("movement", "convergence") and freeze.metric not in metrics:
             raise ValueError(
                 f"FreezePolicy(metric={freeze.metric!r}) judges convergence by a metric the monitor does not"
                 f" measure; add it: metrics={(*metrics, freeze.metric)}"
@@ -196,6 +197,12 @@ class MonitorConfig:
             self.lag_reference = "previous" if freeze.lag == cadence else f"lag{freeze.lag}"
             if self.lag_reference not in self.reference_names:
                 self.references.append(Reference(self.lag_reference, "lag", lag=freeze.lag))
+        if freeze is not None and freeze.mode == "movement":
+            # a lag that grows with the run, and the first snapshot: the two sides of the relative movement
+            self.lag_reference = f"lag{freeze.lag_fraction:g}t"
+            self.references.append(Reference(self.lag_reference, "lag", fraction=freeze.lag_fraction))
+            if "initial" not in self.reference_names:
+                self.references.append(Reference("initial", "initial"))
 
     @property
     def cross_layer_moments(self) -> tuple[float, ...]:

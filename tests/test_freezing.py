@@ -83,15 +83,18 @@ def test_the_default_rule_judges_recent_movement_against_movement_since_the_star
     assert decide(8, ["a"], {}, {}, {"a": steady[0]}, initial={"a": steady[1]}, measurement=4) == []
 
 
-def test_a_layer_that_never_moved_counts_as_converged_and_unmeasured_layers_wait():
+def test_a_layer_with_nothing_trainable_counts_as_converged_and_unmeasurable_layers_wait():
     policy = FreezePolicy()
     streaks: dict[str, int] = {}
     similarities = initial = {"emb": 1.0, "a": 0.99, "b": 0.8}  # at t = 1 the lagged snapshot is the first
-    decisions = policy.decide(1, ["emb", "a", "b"], {}, streaks, similarities, initial=initial)
-    # t = 1: every moving layer is at its steady pace by definition (rho = 1); the unmoved one is ready
-    assert [d.layer for d in decisions] == ["emb"] and "has not moved" in decisions[0].reason
+    decisions = policy.decide(1, ["emb", "a", "b"], {}, streaks, similarities, initial=initial, idle=["emb"])
+    # t = 1: every moving layer is at its steady pace by definition (rho = 1); the one with nothing trainable is ready
+    assert [d.layer for d in decisions] == ["emb"] and "nothing of its own trains" in decisions[0].reason
     assert streaks == {"emb": 1, "a": 0, "b": 0}
     assert policy.decide(1, ["a", "b"], {}, {}, {"a": 0.99}, initial={}) == []  # no initial value: no decision
+    # a movement below MIN_MOVEMENT is snapshot rounding (a LoRA adapter's first steps): its ratio is not judged
+    noise = _movement(1e-8, 5e-7)
+    assert policy.decide(8, ["a", "b"], {}, {}, {"a": noise[0]}, initial={"a": noise[1]}) == []
 
 
 def test_movement_patience_and_min_epochs():

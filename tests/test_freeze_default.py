@@ -153,3 +153,19 @@ def test_adapter_parameters_are_found_by_duck_typing_and_by_name():
     assert freeze_message(one, "fc", Block(parameters=["weight", "bias"]), 3, "why") == (
         "froze layer 'fc' at epoch 3 (1 trainable parameter tensor): why"
     )
+
+
+def test_the_growing_lag_keeps_every_snapshot_a_later_measurement_reaches():
+    from lightning_svcca.pipeline.timeline import Timeline, fraction_lag
+
+    full = Timeline()
+    for point in range(41):
+        full.add(point, epoch=point, step=10 * point)
+    assert [fraction_lag(t, 0.25) for t in (1, 2, 3, 4, 6, 10, 40)] == [1, 1, 1, 1, 2, 3, 10]
+    assert full.lagged_by_fraction(40, 0.25) == 30 and full.lagged_by_fraction(0, 0.25) is None
+    timeline = Timeline()
+    for point in range(40):  # as the monitor prunes: right after measuring `point`
+        timeline.add(point, epoch=point, step=10 * point)
+        kept = timeline.reachable_by_fraction(point, 0.25)
+        later = {full.lagged_by_fraction(t, 0.25) for t in range(point + 1, 41)}
+        assert later & set(timeline.measured) <= kept and len(kept) <= fraction_lag(point + 1, 0.25)

@@ -12,7 +12,8 @@ Rules replayed:
 * ``defaults``: ``FreezePolicy()`` today: ``s(t, t-5) >= 0.99``, once.
 * ``noise-aware``: the same on ``(s - b) / (1 - b)`` with ``b`` the shuffled baseline.
 * ``preset``: ``FreezePolicy.for_fine_tuning()``: ``s(t, t-1) >= 0.99`` twice in a row, ``keep_last=2``.
-* ``scale-free f=F th=T p=P``: :func:`decide_scale_free`, the recommended rule (``benchmarks/FREEZE_RULE.md``).
+* ``movement f=F th=T p=P``: :func:`decide_scale_free`, ``FreezePolicy()``'s rule (``mode="movement"``; the
+  constants are chosen in ``docs/freezing.md``, "The default rule").
 
 Run: ``python benchmarks/freeze_rule_replay.py [--histories DIR]``.
 """
@@ -26,9 +27,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-#: Recommended constants of the scale-free rule (chosen in FREEZE_RULE.md from these replays).
+#: ``FreezePolicy()``'s constants (chosen from these replays: docs/freezing.md, "The default rule").
 LAG_FRACTION = 0.25
-THRESHOLD = 0.5
+THRESHOLD = 0.75
 PATIENCE = 1
 #: Below this total movement ``1 - s(t, 0)`` a layer has not moved at all (nothing of its own trains).
 UNMOVED = 1e-9
@@ -168,9 +169,9 @@ def candidates() -> dict[str, Rule]:
             rows, layers, epoch, frozen, th
         )
     for fraction in (0.25, 0.5):
-        for threshold in (0.25, 0.5, 0.6):
+        for threshold in (0.25, 0.5, 0.75, 1.0):
             for patience in (1, 2):
-                name = f"scale-free f={fraction} th={threshold} p={patience}"
+                name = f"movement f={fraction} th={threshold} p={patience}"
                 rules[name] = lambda rows, layers, epoch, frozen, f=fraction, th=threshold, p=patience: (
                     decide_scale_free(rows, layers, epoch, frozen, fraction=f, threshold=th, patience=p)
                 )

@@ -70,7 +70,7 @@ VARIANTS = {
     "no freezing": None,
     "linear schedule": FreezePolicy(mode="linear"),
     "convergence (defaults)": FreezePolicy(),
-    "consecutive epochs": FreezePolicy(lag=1),
+    "consecutive epochs": FreezePolicy(mode="convergence", lag=1),
 }
 
 

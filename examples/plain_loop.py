@@ -45,7 +45,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     loader = DataLoader(train_data, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(args.seed))
     args.root.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(args.root))
-    policy = FreezePolicy(lag=2, threshold=0.98) if args.freeze else None
+    policy = FreezePolicy(mode="convergence", lag=2, threshold=0.98) if args.freeze else None
     with SVCCAMonitor(
         model,
         probe=test_data.tensors[0][: 200 if args.quick else 500],

@@ -28,16 +28,16 @@ LAYERS = ["relu1", "relu2", "relu3", "fc2"]
     ("policy", "similarities", "expected"),
     [
         # bottom-up: relu2 has converged but relu1 below it has not, so nothing freezes
-        (FreezePolicy(threshold=0.9), {"a": 0.5, "b": 0.95, "c": 0.95}, []),
-        (FreezePolicy(threshold=0.9), {"a": 0.95, "b": 0.95, "c": 0.5}, ["a", "b"]),
+        (FreezePolicy(mode="convergence", threshold=0.9), {"a": 0.5, "b": 0.95, "c": 0.95}, []),
+        (FreezePolicy(mode="convergence", threshold=0.9), {"a": 0.95, "b": 0.95, "c": 0.5}, ["a", "b"]),
         # any order: every converged layer below the kept top
-        (FreezePolicy(threshold=0.9, order="any"), {"a": 0.5, "b": 0.95, "c": 0.95}, ["b", "c"]),
+        (FreezePolicy(mode="convergence", threshold=0.9, order="any"), {"a": 0.5, "b": 0.95, "c": 0.95}, ["b", "c"]),
         # keep_last=2 protects the two top layers
-        (FreezePolicy(threshold=0.9, keep_last=2), {"a": 0.95, "b": 0.95, "c": 0.95}, ["a", "b"]),
+        (FreezePolicy(mode="convergence", threshold=0.9, keep_last=2), {"a": 0.95, "b": 0.95, "c": 0.95}, ["a", "b"]),
         # max_frozen bounds the count
-        (FreezePolicy(threshold=0.9, max_frozen=1), {"a": 0.95, "b": 0.95, "c": 0.95}, ["a"]),
+        (FreezePolicy(mode="convergence", threshold=0.9, max_frozen=1), {"a": 0.95, "b": 0.95, "c": 0.95}, ["a"]),
         # min_epochs: too early
-        (FreezePolicy(threshold=0.9, min_epochs=11), {"a": 0.95, "b": 0.95, "c": 0.95}, []),
+        (FreezePolicy(mode="convergence", threshold=0.9, min_epochs=11), {"a": 0.95, "b": 0.95, "c": 0.95}, []),
     ],
 )
 def test_convergence_decisions(policy, similarities, expected):
@@ -47,7 +47,7 @@ def test_convergence_decisions(policy, similarities, expected):
 
 
 def test_patience_counts_consecutive_measurements():
-    policy = FreezePolicy(threshold=0.9, patience=2, keep_last=0)
+    policy = FreezePolicy(mode="convergence", threshold=0.9, patience=2, keep_last=0)
     streaks: dict[str, int] = {}
     assert policy.decide(5, ["a"], {}, streaks, {"a": 0.95}) == []
     assert policy.decide(6, ["a"], {}, streaks, {"a": 0.5}) == []  # streak broken
@@ -56,10 +56,53 @@ def test_patience_counts_consecutive_measurements():
 
 
 def test_noise_aware_judges_the_excess_over_the_shuffled_baseline():
-    policy = FreezePolicy(threshold=0.9, noise_aware=True, keep_last=0)
+    policy = FreezePolicy(mode="convergence", threshold=0.9, noise_aware=True, keep_last=0)
     # 0.95 looks converged, but with a baseline of 0.8 it is only (0.95 - 0.8) / 0.2 = 0.75 of the way
     assert policy.decide(5, ["a"], {}, {}, {"a": 0.95}, {"a": 0.8}) == []
     assert [d.layer for d in policy.decide(5, ["a"], {}, {}, {"a": 0.99}, {"a": 0.8})] == ["a"]
+
+
+def _movement(recent_moved: float, total_moved: float) -> tuple[float, float]:
+    """``(s(t, t - lag), s(t, 0))`` for a layer that moved ``recent_moved`` lately and ``total_moved`` in all."""
+    return 1.0 - recent_moved, 1.0 - total_moved
+
+
+def test_the_default_rule_judges_recent_movement_against_movement_since_the_start():
+    policy = FreezePolicy(keep_last=0)
+    assert policy.mode == "movement" and policy.lag_fraction == 0.25 and policy.movement_threshold == 0.75
+    # t = 8: lag = floor(0.25 * 8 + 0.5) = 2; a steady pace moves (2/8)^2 = 1/16 of the total in the last 2
+    steady, slowed = _movement(0.01 / 16, 0.01), _movement(0.01 / 64, 0.01)
+    decide = policy.decide
+    assert decide(8, ["a"], {}, {}, {"a": steady[0]}, initial={"a": steady[1]}) == []
+    [decision] = decide(8, ["a"], {}, {}, {"a": slowed[0]}, initial={"a": slowed[1]})
+    assert "relative movement 0.250 < 0.75" in decision.reason and "over the last 2 measurement(s)" in decision.reason
+    # scale-free: a LoRA-like layer that moved 1e-4 in all reads the same as one that moved 1e-2
+    tiny = _movement(1e-4 / 64, 1e-4)
+    assert [d.layer for d in decide(8, ["a"], {}, {}, {"a": tiny[0]}, initial={"a": tiny[1]})] == ["a"]
+    # the lag counts measurements when given (every k epochs, or by steps): t = 4 -> lag 1, steady r = 1/16
+    assert decide(8, ["a"], {}, {}, {"a": steady[0]}, initial={"a": steady[1]}, measurement=4) == []
+
+
+def test_a_layer_with_nothing_trainable_counts_as_converged_and_unmeasurable_layers_wait():
+    policy = FreezePolicy()
+    streaks: dict[str, int] = {}
+    similarities = initial = {"emb": 1.0, "a": 0.99, "b": 0.8}  # at t = 1 the lagged snapshot is the first
+    decisions = policy.decide(1, ["emb", "a", "b"], {}, streaks, similarities, initial=initial, idle=["emb"])
+    # t = 1: every moving layer is at its steady pace by definition (rho = 1); the one with nothing trainable is ready
+    assert [d.layer for d in decisions] == ["emb"] and "nothing of its own trains" in decisions[0].reason
+    assert streaks == {"emb": 1, "a": 0, "b": 0}
+    assert policy.decide(1, ["a", "b"], {}, {}, {"a": 0.99}, initial={}) == []  # no initial value: no decision
+    # a movement below MIN_MOVEMENT is snapshot rounding (a LoRA adapter's first steps): its ratio is not judged
+    noise = _movement(1e-8, 5e-7)
+    assert policy.decide(8, ["a", "b"], {}, {}, {"a": noise[0]}, initial={"a": noise[1]}) == []
+
+
+def test_movement_patience_and_min_epochs():
+    policy = FreezePolicy(patience=2, min_epochs=3, keep_last=0)
+    streaks: dict[str, int] = {}
+    quiet = {"similarities": {"a": 1.0 - 1e-6}, "initial": {"a": 0.9}}
+    assert policy.decide(2, ["a"], {}, streaks, quiet["similarities"], initial=quiet["initial"]) == []
+    assert policy.decide(3, ["a"], {}, streaks, quiet["similarities"], initial=quiet["initial"]) != []
 
 
 def test_linear_schedule_places_layer_i_at_i_over_l_of_training():
@@ -84,7 +127,11 @@ def test_scheduled_freezes_give_their_reason_in_plain_words():
         ({"cache_max_bytes": -1}, "cache_max_bytes must be >= 0 or None"),
         ({"metric": "cosine"}, "metric must be one of"),
         ({"threshold": 1.5}, r"threshold must be in \(0, 1\]"),
-        ({"lag": 0}, "lag must be >= 1"),
+        ({"mode": "convergence", "lag": 0}, "lag must be >= 1"),
+        ({"lag": 2}, r"\['lag'\] set for mode='movement'"),
+        ({"threshold": 0.9}, r"\['threshold'\] set for mode='movement'"),
+        ({"lag_fraction": 0.0}, r"lag_fraction must be in \(0, 1\]"),
+        ({"movement_threshold": 0.0}, "movement_threshold must be > 0"),
         ({"order": "top_down"}, "order must be one of"),
         ({"mode": "schedule"}, "needs schedule="),
         ({"schedule": {"a": 1}}, "only used with mode='schedule'"),
@@ -97,7 +144,7 @@ def test_policy_rejects_bad_values(kwargs, match):
 
 def test_callback_checks_the_policy_against_its_cadence():
     with pytest.raises(ValueError, match="multiple of every_n_epochs"):
-        SVCCACallback(probe=torch.zeros(4, 3), freeze=FreezePolicy(lag=3), every_n_epochs=2)
+        SVCCACallback(probe=torch.zeros(4, 3), freeze=FreezePolicy(mode="convergence", lag=3), every_n_epochs=2)
     with pytest.raises(ValueError, match="does not\\s+measure; add it"):
         SVCCACallback(probe=torch.zeros(4, 3), freeze=FreezePolicy(metric="pwcca"), metrics=["svcca"])
     with pytest.raises(ValueError, match="noise_aware=True\\) needs the shuffled baseline"):
@@ -228,7 +275,7 @@ def test_frozen_parameters_never_change_bit_for_bit(tmp_path, optimizer, set_to_
 def test_convergence_freezing_is_bottom_up_and_reported(tmp_path):
     pl.seed_everything(0, verbose=False)
     # threshold 0.5 at lag 1: everything "converges" at once, so the order rule alone decides what freezes
-    policy = FreezePolicy(lag=1, threshold=0.5, keep_last=2)
+    policy = FreezePolicy(mode="convergence", lag=1, threshold=0.5, keep_last=2)
     callback, _ = _fit(tmp_path, DigitsCNN(), policy, epochs=3)
     assert callback.frozen == {"relu1": 1, "relu2": 1}
     frozen_rows = [r for r in callback.history if r["reference"] == "frozen"]
@@ -285,7 +332,9 @@ def test_resume_keeps_frozen_layers_frozen_and_history_complete(tmp_path):
 
 def test_frozen_state_is_plain_and_round_trips(digits_cnn):
     def monitor():
-        return SVCCAMonitor(digits_cnn(), probe=torch.zeros(4, 1, 8, 8), layers=LAYERS, freeze=FreezePolicy(lag=1))
+        return SVCCAMonitor(
+            digits_cnn(), probe=torch.zeros(4, 1, 8, 8), layers=LAYERS, freeze=FreezePolicy(mode="convergence", lag=1)
+        )
 
     first = monitor()
     first.frozen = {"relu1": 3}
@@ -297,7 +346,9 @@ def test_frozen_state_is_plain_and_round_trips(digits_cnn):
     assert other.frozen == {"relu1": 3} and other.streaks == {"relu1": 2}
     assert other.freezer.parameters == {"relu1": ["conv1.weight"]}
     # the callback hands a checkpoint's state to the monitor it builds for the fit
-    callback = SVCCACallback(probe=torch.zeros(4, 1, 8, 8), layers=LAYERS, freeze=FreezePolicy(lag=1))
+    callback = SVCCACallback(
+        probe=torch.zeros(4, 1, 8, 8), layers=LAYERS, freeze=FreezePolicy(mode="convergence", lag=1)
+    )
     callback.load_state_dict(state)
     assert callback.frozen == {"relu1": 3} and callback.state_dict()["streaks"] == {"relu1": 2}
     # older checkpoints without the newer keys still load
@@ -340,8 +391,8 @@ def test_a_layer_without_parameters_of_its_own_is_not_reported_as_a_freeze(tmp_p
         dict.fromkeys(record.getMessage() for record in caplog.records if "froze layer" in record.getMessage())
     )
     assert froze == [
-        "froze layer 'bn1' at epoch 1 (4 parameter tensors): scheduled for epoch 1",
-        "froze layer 'relu2' at epoch 2 (4 parameter tensors): scheduled for epoch 2",
+        "froze layer 'bn1' at epoch 1 (4 trainable parameter tensors): scheduled for epoch 1",
+        "froze layer 'relu2' at epoch 2 (4 trainable parameter tensors): scheduled for epoch 2",
     ]
 
 

@@ -77,7 +77,7 @@ def test_each_adapter_shows_every_option_as_monitorconfig_declares_it(adapter):
 
 
 def test_positional_and_keyword_construction_as_before():
-    policy = FreezePolicy(lag=2)
+    policy = FreezePolicy(mode="convergence", lag=2)
     probe = torch.randn(16, 32)
     callback = SVCCACallback(probe, ["layer"], "previous", ["svcca", "pwcca"], 2, policy, keep=0.9, probe_autocast=True)
     assert callback.config.probe is probe and callback.config.layers == ["layer"]

@@ -3,7 +3,8 @@
 :func:`freeze_blocks` splits the modules that ran in the probe's forward pass into one :class:`Block` per monitored
 layer: the modules that finished after the previous monitored layer and up to this one. Their parameters are what
 freezing the layer turns off, their BatchNorm-style modules what it puts in eval mode, and the modules themselves
-what a prefix cache skips.
+what a prefix cache skips. :func:`freeze_message` says what freezing a block does: how many trainable tensors it
+stops, and whether PEFT adapters are among them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-__all__ = ["Block", "freeze_blocks"]
+__all__ = ["Block", "adapter_parameters", "freeze_blocks", "freeze_message", "trainable_parameters"]
+
+#: Name parts that mark a PEFT adapter's parameters when no module declares its ``adapter_layer_names``.
+_ADAPTER_PREFIXES = ("lora_",)
 
 
 @dataclass
@@ -81,3 +85,44 @@ def freeze_blocks(completion: Sequence[str], layers: Sequence[str], model: nn.Mo
 
 def _has_running_stats(module: nn.Module) -> bool:
     return isinstance(module, (_BatchNorm, _InstanceNorm)) and bool(getattr(module, "track_running_stats", False))
+
+
+def adapter_parameters(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """The parameters among ``names`` that belong to PEFT adapters (LoRA and the other tuners).
+
+    Found by duck typing: a PEFT tuner layer (``BaseTunerLayer``) lists its adapter submodules and parameters in
+    ``adapter_layer_names`` (``("lora_A", "lora_B", ...)``), so a parameter whose dotted name has one of those parts
+    is an adapter's; so is one with a part starting with ``lora_`` (without peft's classes at hand).
+    """
+    parts: set[str] = set()
+    for module in model.modules():
+        declared = getattr(module, "adapter_layer_names", None)
+        if isinstance(declared, (tuple, list)):
+            parts.update(name for name in declared if isinstance(name, str))
+    return [
+        name for name in names if any(part in parts or part.startswith(_ADAPTER_PREFIXES) for part in name.split("."))
+    ]
+
+
+def trainable_parameters(model: nn.Module, block: Block) -> list[str]:
+    """The block's parameters that still train (``requires_grad``): PEFT and earlier freezes fix the others."""
+    named = dict(model.named_parameters())
+    return [name for name in block.parameters if name in named and named[name].requires_grad]
+
+
+def freeze_message(model: nn.Module, layer: str, block: Block, epoch: int, reason: str) -> str | None:
+    """The log line of freezing ``layer``'s block now (before it is frozen), or ``None`` if nothing in it trains.
+
+    Counts only the block's parameters that still train (PEFT and earlier freezes leave many fixed), and says
+    when some of them are PEFT adapter weights: the freeze then stops the adapters of that layer training.
+    """
+    trainable = trainable_parameters(model, block)
+    if not trainable:
+        return None
+    count = len(trainable)
+    what = f"{count} trainable parameter tensor{'s' * (count != 1)}"
+    adapters = adapter_parameters(model, trainable)
+    if adapters:
+        share = "all of them" if len(adapters) == count else f"{len(adapters)} of them"
+        what += f", {share} PEFT adapter weights: its adapters stop training"
+    return f"froze layer {layer!r} at epoch {epoch} ({what}): {reason}"

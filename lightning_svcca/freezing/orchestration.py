@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_svcca.freezing.blocks import freeze_blocks
+from lightning_svcca.freezing.blocks import freeze_blocks, freeze_message, trainable_parameters
 from lightning_svcca.freezing.freezer import Freezer
 from lightning_svcca.freezing.frozen_prefix import FrozenPrefix
 from lightning_svcca.freezing.policy import FreezeDecision
@@ -103,12 +103,23 @@ class FreezingCoordinator:
         recorder = self.prefix.record(self.model, device, known)
         return recorder, self.prefix.reused(known, last_point) if known and last_point is not None else {}
 
-    def freeze_converged(self, rows: Sequence[Mapping[str, Any]], epoch: int, step: int, layers: Sequence[str]) -> None:
-        """Decide on rank zero from this measurement's ``rows``, broadcast, and freeze on every process alike."""
+    def freeze_converged(
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        epoch: int,
+        step: int,
+        layers: Sequence[str],
+        measurement: int | None = None,
+    ) -> None:
+        """Decide on rank zero from this measurement's ``rows``, broadcast, and freeze on every process alike.
+
+        ``measurement``: measurements since the first (what the ``"movement"`` rule's lag grows with; default
+        ``epoch``).
+        """
         assert self.policy is not None and self.prefix is not None
         decisions: list[FreezeDecision] = []
         if self.runtime.is_global_zero:
-            decisions = self._decide(rows, epoch, layers)
+            decisions = self._decide(rows, epoch, layers, measurement)
         decisions, self.streaks = self.runtime.broadcast((decisions, self.streaks))
         if decisions:
             self._apply(decisions, epoch, step, layers)
@@ -121,10 +132,16 @@ class FreezingCoordinator:
             row(epoch, step, layer, FREEZE_REFERENCE, FREEZE_METRIC, float(layer in self.frozen)) for layer in layers
         ]
 
-    def _decide(self, rows: Sequence[Mapping[str, Any]], epoch: int, layers: Sequence[str]) -> list[FreezeDecision]:
-        """The policy's decisions from the lag reference's and the baseline's values (updates the streaks)."""
+    def _decide(
+        self, rows: Sequence[Mapping[str, Any]], epoch: int, layers: Sequence[str], measurement: int | None
+    ) -> list[FreezeDecision]:
+        """The policy's decisions from the lag reference's, the initial and the baseline's values (updates streaks)."""
         policy = self.policy
-        assert policy is not None
+        assert policy is not None and self.prefix is not None
+        idle: list[str] = []
+        if policy.mode == "movement":
+            blocks = freeze_blocks(self.prefix.completion, layers, self.model)
+            idle = [layer for layer, block in blocks.items() if not trainable_parameters(self.model, block)]
         return policy.decide(
             epoch,
             layers,
@@ -134,6 +151,9 @@ class FreezingCoordinator:
             values_of(rows, "baseline", policy.metric),
             self.runtime.max_epochs,
             compared_with=f"the snapshot {policy.lag} measurement(s) earlier" if self.lag_in_measurements else None,
+            initial=values_of(rows, "initial", policy.metric),
+            measurement=measurement,
+            idle=idle,
         )
 
     def _apply(self, decisions: Sequence[FreezeDecision], epoch: int, step: int, layers: Sequence[str]) -> None:
@@ -149,17 +169,12 @@ class FreezingCoordinator:
                     " one short and that layer keeps training. Use FreezePolicy(keep_last=1) or more",
                 )
                 break
+            message = freeze_message(self.model, decision.layer, block, epoch, decision.reason)
             self.freezer.freeze(self.model, decision.layer, block)
             self.frozen[decision.layer] = epoch
-            if not block.parameters:  # nothing of its own to freeze: it counts for the order, but is no freeze
-                self.runtime.logger.debug(f"layer {decision.layer!r} has no parameters of its own: {decision.reason}")
-                continue
-            count = len(block.parameters)
-            message = (
-                f"froze layer {decision.layer!r} at epoch {epoch} ({count} parameter tensor{'s' * (count != 1)}):"
-                f" {decision.reason}"
-            )
-            if self.runtime.is_global_zero:
+            if message is None:  # nothing trainable of its own: it counts for the order, but is no freeze
+                self.runtime.logger.debug(f"layer {decision.layer!r} has nothing trainable: {decision.reason}")
+            elif self.runtime.is_global_zero:
                 self.runtime.logger.info(message)
                 self._announce(message, step)
         if self.freezer.hard and self.runtime.after_freeze is not None:

@@ -133,7 +133,8 @@ class MonitorConfig:
     heatmap_time_share: float = 0.05
     #: Parsed references, with a convergence policy's lag reference appended when it is not "previous".
     references: list[Reference] = field(init=False)
-    #: The reference a convergence policy judges by: a layer's snapshot ``lag`` epochs earlier.
+    #: The reference a convergence policy judges by: a layer's snapshot ``lag`` epochs earlier (``"movement"``: a
+    #: fraction of the measurements earlier, named ``lag{fraction}t``, with ``"initial"``).
     lag_reference: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -154,21 +155,7 @@ class MonitorConfig:
             raise ValueError("every_n_epochs and every_n_train_steps are both None: set one of them to measure")
         by_step = self.every_n_train_steps is not None
         cadence = 1 if by_step else self.every_n_epochs
-        freeze = self.freeze
-        if freeze is not None and not isinstance(freeze, FreezePolicy):
-            raise TypeError(f"freeze must be a FreezePolicy or None, got {type(freeze).__name__}")
-        if freeze is not None and freeze.mode == "convergence" and not by_step and freeze.lag % cadence:
-            raise ValueError(
-                f"FreezePolicy.lag={freeze.lag} must be a multiple of every_n_epochs={self.every_n_epochs}:"
-                " convergence compares a layer with its snapshot lag epochs earlier, so that epoch must be measured"
-            )
-        if freeze is not None and freeze.mode == "convergence" and freeze.metric not in metrics:
-            raise ValueError(
-                f"FreezePolicy(metric={freeze.metric!r}) judges convergence by a metric the monitor does not"
-                f" measure; add it: metrics={(*metrics, freeze.metric)}"
-            )
-        if freeze is not None and freeze.noise_aware and not self.baseline:
-            raise ValueError("FreezePolicy(noise_aware=True) needs the shuffled baseline: keep baseline=True")
+        self._check_freeze(cadence, by_step)
         for name in ("probe_size", "probe_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -191,11 +178,40 @@ class MonitorConfig:
                 f"cross_layer_reference must be 'final', 'initial' or a fixed model reference {fixed}, got"
                 f" {self.cross_layer_reference!r}"
             )
+        self._add_freeze_references(cadence)
+
+    def _check_freeze(self, cadence: int, by_step: bool) -> None:
+        """The freeze policy against the cadence, the metrics and the baseline."""
+        freeze, metrics = self.freeze, self.metrics
+        if freeze is not None and not isinstance(freeze, FreezePolicy):
+            raise TypeError(f"freeze must be a FreezePolicy or None, got {type(freeze).__name__}")
+        if freeze is not None and freeze.mode == "convergence" and not by_step and freeze.lag % cadence:
+            raise ValueError(
+                f"FreezePolicy.lag={freeze.lag} must be a multiple of every_n_epochs={self.every_n_epochs}:"
+                " convergence compares a layer with its snapshot lag epochs earlier, so that epoch must be measured"
+            )
+        if freeze is not None and freeze.mode in ("movement", "convergence") and freeze.metric not in metrics:
+            raise ValueError(
+                f"FreezePolicy(metric={freeze.metric!r}) judges convergence by a metric the monitor does not"
+                f" measure; add it: metrics={(*metrics, freeze.metric)}"
+            )
+        if freeze is not None and freeze.noise_aware and not self.baseline:
+            raise ValueError("FreezePolicy(noise_aware=True) needs the shuffled baseline: keep baseline=True")
+
+    def _add_freeze_references(self, cadence: int) -> None:
+        """The references a freeze policy reads: a fixed lag (convergence), a growing lag and the first (movement)."""
+        freeze = self.freeze
         if freeze is not None and freeze.mode == "convergence":
             # per epoch, lag counts epochs; every k steps, it counts measurements
             self.lag_reference = "previous" if freeze.lag == cadence else f"lag{freeze.lag}"
             if self.lag_reference not in self.reference_names:
                 self.references.append(Reference(self.lag_reference, "lag", lag=freeze.lag))
+        if freeze is not None and freeze.mode == "movement":
+            # a lag that grows with the run, and the first snapshot: the two sides of the relative movement
+            self.lag_reference = f"lag{freeze.lag_fraction:g}t"
+            self.references.append(Reference(self.lag_reference, "lag", fraction=freeze.lag_fraction))
+            if "initial" not in self.reference_names:
+                self.references.append(Reference("initial", "initial"))
 
     @property
     def cross_layer_moments(self) -> tuple[float, ...]:

@@ -409,7 +409,7 @@ class SVCCAMonitor:
     def _freeze(self, rows: list[dict[str, Any]], epoch: int, step: int, *, decide: bool) -> list[dict[str, Any]]:
         """Freeze the layers the policy finds converged (unless ``decide`` is off); the ``frozen`` rows."""
         if decide and self.config.freeze is not None:
-            self.freezing.freeze_converged(rows, epoch, step, self.layers)
+            self.freezing.freeze_converged(rows, epoch, step, self.layers, measurement=len(self.timeline) - 1)
         return self.freezing.frozen_rows(epoch, step, self.layers)
 
     def _run_length(self) -> int | None:

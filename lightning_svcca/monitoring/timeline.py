@@ -3,17 +3,28 @@
 A measurement is identified by its *point*: the epoch when measuring per epoch, the global step when measuring
 every k steps. :class:`Timeline` keeps the measured points in order with each one's ``(epoch, step)``, and answers
 the look-ups that the comparisons and the frozen-prefix reuse need: the first and the latest point, the points
-before a given one, and a lag (in epochs, or in measurements when measuring by steps). The monitor and
+before a given one, and a lag (in epochs, or in measurements when measuring by steps, or a fraction of the
+measurements so far: :func:`fraction_lag`). The monitor and
 :class:`~lightning_svcca.pipeline.comparisons.Comparisons` hold the same :class:`Timeline` object; the monitor is
 the only one that adds to it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["Timeline"]
+__all__ = ["Timeline", "fraction_lag"]
+
+
+def fraction_lag(measurement: int, fraction: float) -> int:
+    """A lag that grows with the run: ``max(1, floor(fraction * measurement + 1/2))`` measurements.
+
+    ``measurement`` counts the measurements since the first. For ``fraction <= 1`` the lagged measurement
+    ``measurement - lag`` never moves back as the run goes on, so snapshots it has passed are never needed again.
+    """
+    return max(1, math.floor(fraction * measurement + 0.5))
 
 
 class Timeline:
@@ -28,6 +39,8 @@ class Timeline:
         >>> timeline.add(2, epoch=2, step=20)
         >>> timeline.previous(3), timeline.lagged(3, 2), timeline.at(2)
         (2, 1, (2, 20))
+        >>> timeline.lagged_by_fraction(3, 0.25)  # 2 measurements before 3: lag max(1, floor(0.5 + 0.5)) = 1
+        2
     """
 
     def __init__(self, *, lag_in_measurements: bool = False) -> None:
@@ -85,6 +98,18 @@ class Timeline:
         if not self.lag_in_measurements:
             return point - lag
         return earlier[-lag] if len(earlier) >= lag else None
+
+    def lagged_by_fraction(self, point: int, fraction: float) -> int | None:
+        """The measured point :func:`fraction_lag` measurements back from ``point``; ``None`` before any."""
+        earlier = self.before(point)
+        if not earlier:
+            return None
+        return earlier[len(earlier) - fraction_lag(len(earlier), fraction)]
+
+    def reachable_by_fraction(self, point: int, fraction: float) -> set[int]:
+        """The measured points a fraction lag can still reach from the measurement after ``point`` on."""
+        upcoming = len(self.before(point)) + 1  # the next measurement's count since the first
+        return set(self.measured[upcoming - fraction_lag(upcoming, fraction) :])
 
     def recent(self, point: int, horizon: int) -> set[int]:
         """The measured points a lag of at most ``horizon`` can still reach from ``point`` on (``point`` included)."""

@@ -172,6 +172,8 @@ class Comparisons:
             other = self.timeline.first if self.timeline.before(point) else None
         elif reference.kind == "previous":
             other = self.timeline.previous(point)
+        elif reference.fraction:
+            other = self.timeline.lagged_by_fraction(point, reference.fraction)
         else:
             other = self.timeline.lagged(point, reference.lag)
         return None if other is None else stored_snapshot(self.store, (layer, str(other)))
@@ -182,6 +184,9 @@ class Comparisons:
             return  # the final pass needs every point
         horizon = max((reference.lag for reference in self.references if reference.kind == "lag"), default=0)
         kept = self.timeline.recent(point, horizon)
+        for reference in self.references:
+            if reference.kind == "lag" and reference.fraction:
+                kept |= self.timeline.reachable_by_fraction(point, reference.fraction)
         first = self.timeline.first
         if first is not None and any(reference.kind == "initial" for reference in self.references):
             kept.add(first)

@@ -34,6 +34,8 @@ class Reference:
     kind: str  # "previous", "initial", "final", "lag", "module", "checkpoint" or "tensor"
     source: Any = None
     lag: int = 0
+    #: A lag that grows with the run (``kind="lag"``): this fraction of the measurements so far.
+    fraction: float = 0.0
 
     @property
     def fixed(self) -> bool:

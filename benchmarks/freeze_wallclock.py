@@ -151,7 +151,7 @@ class _CacheSpy(pl.Callback):
         self.share: float | None = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        cache = self.callback.monitor.freezer.cache
+        cache = self.callback.monitor.freezing.freezer.cache
         if cache is not None and cache.enabled:
             self.share = cache.skipped_batches / max(1, trainer.global_step)
 

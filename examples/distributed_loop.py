@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "requires_grad": {name: p.requires_grad for name, p in trainable.model.named_parameters()},
         "counters": {str(epoch): dict(values) for epoch, values in counters.epochs.items()},
         "hashes": {str(epoch): values for epoch, values in hashes.items()},
-        "csv": monitor.csv_name,
+        "csv": monitor.outputs.csv_name,
     }
     if dist.get_rank() == 0:
         (args.log_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -99,7 +99,7 @@ def train(variant: str, policy: FreezePolicy | None, epochs: int, seed: int, roo
 
 def skipped_share(model: nn.Module, callback: SVCCACallback, epochs: int, batch: torch.Tensor) -> float:
     """1 - (backward FLOPs summed over the run's epochs) / (the same without freezing)."""
-    parameters = callback.monitor.freezer.parameters
+    parameters = callback.monitor.freezing.freezer.parameters
     cache: dict[frozenset[str], float] = {}
     total = 0.0
     for epoch in range(epochs):

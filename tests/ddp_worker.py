@@ -34,7 +34,7 @@ class _CacheCounters(pl.Callback):
         self.callback, self.counters = callback, None
 
     def on_train_end(self, trainer, pl_module):  # noqa: ANN001, ANN201
-        cache = self.callback.monitor.freezer.cache
+        cache = self.callback.monitor.freezing.freezer.cache
         if cache is not None:
             self.counters = {"enabled": cache.enabled, "skipped": cache.skipped_batches, "entries": len(cache)}
 

@@ -128,7 +128,7 @@ def test_random_flips_close_the_cache_with_a_warning_in_the_epoch_after_the_fill
         step: (m["svcca/cache/served_share"], m["svcca/cache/bytes"]) for step, m in metrics if "svcca/cache/bytes" in m
     }
     assert cache[10][1] > 0 and cache[15] == (0.0, 0.0)  # filled after epoch 2, off after epoch 3
-    assert callback.monitor.freezer.cache is None or not callback.monitor.freezer.cache.enabled
+    assert callback.monitor.freezing.freezer.cache is None or not callback.monitor.freezing.freezer.cache.enabled
 
 
 def test_index_keys_train_bit_identically_to_byte_keys(tmp_path):
@@ -188,7 +188,7 @@ def test_a_served_step_made_slower_turns_the_cache_off(tmp_path, monkeypatch):
         _, callback, lines, _ = _fit_logged(tmp_path, policy, epochs=6, batch_size=32)
     off = [line for line in lines if "turned off: a served step is not 2% faster than a full one" in line]
     assert len(off) == 1, lines
-    assert callback.monitor.freezer.cache is None or not callback.monitor.freezer.cache.enabled
+    assert callback.monitor.freezing.freezer.cache is None or not callback.monitor.freezing.freezer.cache.enabled
 
 
 def test_usage_judges_speed_from_whole_step_times():

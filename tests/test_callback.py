@@ -249,12 +249,12 @@ class _Watched(SVCCACallback):
         state = {name: value.clone() for name, value in pl_module.state_dict().items()}
         rng = torch.get_rng_state()
         # two probes of the same weights, dropout and BatchNorm in the model
-        capture = self.monitor._capture
+        capture = self.monitor.snapshots.capture
         device = next(pl_module.parameters()).device
         first = capture.record(pl_module, device)
         second = capture.record(pl_module, device)
         identical = all(torch.equal(first.activations[k], second.activations[k]) for k in first.activations)
-        layers = self.monitor._settle_layer_order(first.order)
+        layers = self.monitor.snapshots.settle_layer_order(first.order)
         snapshots = [capture.snapshots(rec, layers, epoch, device, label="test") for rec in (first, second)]
         identical_snapshots = all(
             torch.equal(snapshots[0][layer].left, snapshots[1][layer].left)

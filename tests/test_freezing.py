@@ -337,8 +337,8 @@ def test_frozen_state_is_plain_and_round_trips(digits_cnn):
         )
 
     first = monitor()
-    first.frozen = {"relu1": 3}
-    first.streaks = {"relu1": 2}
+    first.freezing.frozen = {"relu1": 3}
+    first.freezing.streaks = {"relu1": 2}
     first.freezer.parameters = {"relu1": ["conv1.weight"]}
     state = copy.deepcopy(first.state_dict())
     other = monitor()

@@ -83,7 +83,7 @@ def test_frozen_layers_are_reused_and_the_probe_skips_the_prefix(tmp_path, probe
     for epoch in (4, 5):
         assert all(cached[(epoch, layer, "previous", "svcca")] == pytest.approx(1.0, abs=1e-5) for layer in LAYERS[:2])
     monitor = runs[True][0].monitor
-    served = monitor._frozen_prefix.served_passes
+    served = monitor.freezing.prefix.served_passes
     probe_runs = runs[True][1]
     if probe_from == "training data":
         # measurements 4 and 5 (Lightning's epochs 3 and 4) skip conv1; the first of them checks 64 samples in full
@@ -107,7 +107,7 @@ def test_a_prefix_that_differs_in_eval_mode_is_not_served(tmp_path):
             runs[cache] = _fit(tmp_path / str(cache), _EvalShift(), cache, x_train[:128])
         messages = [str(w.message) for w in caught]
     assert any("when the frozen prefix up to 'relu2' is served" in m for m in messages), messages
-    assert runs[True][0].monitor._frozen_prefix.served_passes == 0
+    assert runs[True][0].monitor.freezing.prefix.served_passes == 0
     plain, cached = (_values(runs[cache][0]) for cache in (False, True))
     for key, value in plain.items():
         assert cached[key] == pytest.approx(value, abs=1e-6), key
@@ -197,7 +197,7 @@ def test_hugging_face_models_with_the_cache_through_a_resume_and_a_second_fit(tm
     # after the resume the cache is rebuilt (epoch 4), verified (epoch 5): measurements 5 and 6 reuse the frozen
     # layers and the probe skips them; under bf16-mixed the probe runs in float32 (probe_autocast=False), which
     # the cache's bf16-computed outputs are not, so it runs in full
-    assert resumed.monitor._frozen_prefix.served_passes == (2 if precision == "32-true" else 0)
+    assert resumed.monitor.freezing.prefix.served_passes == (2 if precision == "32-true" else 0)
     frozen = list(schedule)
     for epoch in (5, 6):
         assert all(measured[(epoch, layer, "previous", "svcca")] == pytest.approx(1.0, abs=1e-4) for layer in frozen)

@@ -50,7 +50,7 @@ class _Spy(pl.Callback):
             self.gradients_seen |= {name for name, p in pl_module.named_parameters() if p.grad is not None}
 
     def on_train_end(self, trainer, pl_module):
-        cache = self.callback.monitor.freezer.cache
+        cache = self.callback.monitor.freezing.freezer.cache
         if cache is not None:
             self.counters = {"enabled": cache.enabled, "skipped": cache.skipped_batches, "verified": cache.verified}
 

@@ -251,11 +251,11 @@ def test_concurrent_monitors_in_one_folder_never_collide(tmp_path, data):
             with torch.no_grad():
                 monitor.model.fc2.weight.mul_(1.1)
             monitor.measure(epoch=epoch, step=epoch)
-    names = sorted(monitor.csv_name for monitor in monitors)
+    names = sorted(monitor.outputs.csv_name for monitor in monitors)
     assert names == ["svcca_history-1.csv", "svcca_history-2.csv", "svcca_history.csv"]
     for monitor in monitors:
-        assert read_history_csv(tmp_path / monitor.csv_name) == monitor.history
-    assert len({monitor.run_id for monitor in monitors}) == 3
+        assert read_history_csv(tmp_path / monitor.outputs.csv_name) == monitor.history
+    assert len({monitor.outputs.run_id for monitor in monitors}) == 3
     assert not list(tmp_path.rglob("*.partial"))
 
 

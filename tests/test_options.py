@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_svcca import FreezePolicy, SVCCACallback
-from lightning_svcca.integrations.options import with_option_docs
 from lightning_svcca.monitoring.config import MonitorConfig
+from lightning_svcca.monitoring.options import with_option_docs
 
 OPTIONS = [f.name for f in dataclasses.fields(MonitorConfig) if f.init]
 NAMESPACES = [

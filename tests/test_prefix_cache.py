@@ -57,7 +57,7 @@ class _Spy(pl.Callback):
             self.after_freeze = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
 
     def on_train_epoch_end(self, trainer, pl_module):
-        cache = self.callback.monitor.freezer.cache
+        cache = self.callback.monitor.freezing.freezer.cache
         if cache is not None and cache.below is not None:
             self.below_entries[trainer.current_epoch] = len(cache.below)
 
@@ -66,7 +66,7 @@ class _Spy(pl.Callback):
             self.gradients_seen |= {name for name, p in pl_module.named_parameters() if p.grad is not None}
 
     def on_train_end(self, trainer, pl_module):
-        cache = self.callback.monitor.freezer.cache
+        cache = self.callback.monitor.freezing.freezer.cache
         if cache is not None:
             self.counters = {
                 "enabled": cache.enabled,

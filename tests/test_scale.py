@@ -73,7 +73,7 @@ def test_a_small_budget_holds_memory_and_loses_nothing(tmp_path):
         assert a["value"] == pytest.approx(b["value"], abs=1e-12)
     assert {r["epoch"] for r in bounded.history if r["reference"] == "final"} == {0, 1, 2, 3, 4}
     # the snapshots are the run's data, beside its history: one file each, still there after fit
-    folder = tmp_path / "bounded" / "svcca_snapshots" / bounded.monitor.run_id
+    folder = tmp_path / "bounded" / "svcca_snapshots" / bounded.monitor.outputs.run_id
     assert len(list(folder.glob("*.pt"))) == len(LAYERS) * 5
 
 

@@ -462,7 +462,7 @@ def test_csv_write_failure_warns_once_and_recovers(tmp_path: Path, monkeypatch: 
     callback, caught = _fit(tmp_path, 3)
     messages = _texts(caught)
     assert len(messages) == 1 and "svcca_history.csv" in messages[0] and "No space" in messages[0], messages
-    written = read_history_csv(callback.monitor.log_dir / callback.monitor.csv_name)
+    written = read_history_csv(callback.monitor.log_dir / callback.monitor.outputs.csv_name)
     assert written == callback.history and {row["epoch"] for row in written} == {0, 1, 2, 3}
 
 

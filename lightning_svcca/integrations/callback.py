@@ -36,10 +36,10 @@ from torch.utils.data import DataLoader
 from lightning_svcca.freezing.policy import FreezePolicy
 from lightning_svcca.freezing.sharded import resharding, soft_freeze_message
 from lightning_svcca.freezing.strategies import is_hard_freeze_supported, rebuild_ddp_wrapper
-from lightning_svcca.integrations.options import takes_monitor_options
 from lightning_svcca.integrations.resume import describe_changes, orphaned_state
 from lightning_svcca.monitoring.config import MonitorConfig
 from lightning_svcca.monitoring.monitor import Runtime, SVCCAMonitor, SVCCAMonitorWarning
+from lightning_svcca.monitoring.options import takes_monitor_options
 from lightning_svcca.output.reporting import LAYER_FACTS, tag
 from lightning_svcca.pipeline.distributed import StrategyCollective
 from lightning_svcca.pipeline.snapshot import LocalCollective
@@ -169,7 +169,7 @@ class _SVCCACallbackCore:
         """Build the probe, and re-apply freezes restored from a checkpoint (before any training step)."""
         monitor = self._require_monitor()
         monitor.prepare()
-        if self.config.freeze is None and not monitor.freezer.parameters:
+        if self.config.freeze is None and not monitor.freezing.freezer.parameters:
             return
         hard = is_hard_freeze_supported(trainer.strategy)
         if not hard:

@@ -42,9 +42,9 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
 
 from lightning_svcca.freezing.sharded import soft_freeze_message
 from lightning_svcca.freezing.strategies import rebuild_ddp_reducer
-from lightning_svcca.integrations.options import takes_monitor_options
 from lightning_svcca.monitoring.config import MonitorConfig
 from lightning_svcca.monitoring.monitor import Runtime, SVCCAMonitor
+from lightning_svcca.monitoring.options import takes_monitor_options
 from lightning_svcca.output.safe_files import UnreadableFileError, load_plain, save_atomically, try_write
 from lightning_svcca.output.writers import TensorBoardWriter
 from lightning_svcca.pipeline.distributed import ProcessGroupCollective, broadcast_object
@@ -119,7 +119,7 @@ class SVCCATrainerCallback(TrainerCallback):
             self._restore(args, state)
         self._ddp_rebuild_pending = False
         hard = not (distributed and _shards_parameters(args))
-        if not hard and (self.config.freeze is not None or self.monitor.freezer.parameters):
+        if not hard and (self.config.freeze is not None or self.monitor.freezing.freezer.parameters):
             self.monitor.warn_once("soft-freeze", soft_freeze_message("the Trainer's FSDP or DeepSpeed"))
         self.monitor.restore_freezes(hard=hard)
         # the Trainer calls model.train() inside each training step: frozen norms go back to eval at each forward

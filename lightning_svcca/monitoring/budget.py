@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from lightning_svcca.monitoring.config import MonitorConfig
+from lightning_svcca.monitoring.runtime import Runtime
 from lightning_svcca.pipeline.recording import ActivationRecorder
 
 __all__ = [
@@ -134,3 +136,15 @@ class CostWatch:
                     " probe_size or max_datapoints, fewer layers)",
                 )
         self._last_end = now
+
+
+def run_length(config: MonitorConfig, runtime: Runtime) -> int | None:
+    """The run's planned length in points (steps when measuring by steps, else epochs), if the framework knows it."""
+    return runtime.max_steps if config.every_n_train_steps is not None else runtime.max_epochs
+
+
+def planned_measurements(config: MonitorConfig, runtime: Runtime) -> int | None:
+    """Measurements in the whole run, if the framework knows its length."""
+    length = run_length(config, runtime)
+    every = config.every_n_train_steps if config.every_n_train_steps is not None else config.every_n_epochs
+    return length // every if length and every else None

@@ -3,7 +3,7 @@
 :class:`MonitorConfig` is the one place where each option of :class:`~lightning_svcca.monitoring.monitor.SVCCAMonitor`,
 ``SVCCACallback`` and the HuggingFace callback has its type, its default and its documentation (the ``Args:`` of
 its docstring); the adapters take them as keyword arguments through
-:func:`~lightning_svcca.integrations.options.takes_monitor_options`. It checks each option against its allowed
+:func:`~lightning_svcca.monitoring.options.takes_monitor_options`. It checks each option against its allowed
 values, and derives what follows from them: the parsed references (with a freeze policy's lag reference added)
 and the decomposition dtype.
 """
@@ -37,7 +37,7 @@ class MonitorConfig:
 
     The adapters (``SVCCACallback``, ``SVCCATrainerCallback``) take these options as keyword arguments of their own:
     their signatures and ``Args:`` docs are generated from this class by
-    :func:`~lightning_svcca.integrations.options.takes_monitor_options`. The first six can also be given by
+    :func:`~lightning_svcca.monitoring.options.takes_monitor_options`. The first six can also be given by
     position.
 
     Args:

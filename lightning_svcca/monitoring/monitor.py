@@ -18,33 +18,44 @@ after training steps and :meth:`~SVCCAMonitor.finish` at the end; the Lightning 
 
 What the monitor needs from a framework (collectives, which process is rank zero, a precision context, what to do
 after a freeze) comes in a :class:`~lightning_svcca.monitoring.runtime.Runtime`.
+
+Example:
+    >>> import torch
+    >>> from torch import Tensor, nn
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> monitor = SVCCAMonitor(model, probe=torch.randn(64, 4), layers=["0", "2"], baseline=False)
+    >>> monitor.start()
+    >>> with torch.no_grad():
+    ...     _ = model[0].weight.mul_(2.0)  # a "training step" that only rescales: SVCCA stays 1
+    >>> rows = monitor.measure(epoch=1, step=1)
+    >>> round(next(r["value"] for r in rows if r["reference"] == "previous" and r["layer"] == "0"), 6)
+    1.0
+    >>> monitor.close()
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_svcca.freezing.freezer import Freezer
-from lightning_svcca.freezing.frozen_prefix import FrozenPrefix
 from lightning_svcca.freezing.orchestration import FreezingCoordinator
 from lightning_svcca.measures import SimilarityWarning
 from lightning_svcca.monitoring import preflight
 from lightning_svcca.monitoring import state as monitor_state
-from lightning_svcca.monitoring.budget import CostWatch
+from lightning_svcca.monitoring.budget import CostWatch, planned_measurements, run_length
 from lightning_svcca.monitoring.config import MonitorConfig
+from lightning_svcca.monitoring.options import takes_monitor_options
 from lightning_svcca.monitoring.outputs import RunOutputs
 from lightning_svcca.monitoring.runtime import Runtime
 from lightning_svcca.monitoring.snapshotting import Snapshotter
 from lightning_svcca.monitoring.timeline import Timeline
 from lightning_svcca.output.writers import as_writers
-from lightning_svcca.pipeline.capture import Capture
 from lightning_svcca.pipeline.comparisons import Comparisons
 from lightning_svcca.pipeline.layers import LayerSpec, format_layers, resolve_layers
 from lightning_svcca.pipeline.moments import CrossLayerMoments
@@ -60,6 +71,7 @@ class SVCCAMonitorWarning(SimilarityWarning):
     """A recoverable problem of the monitor (a skipped layer, a small probe); training goes on."""
 
 
+@takes_monitor_options()
 class SVCCAMonitor:
     """Measure how each layer's representation changes while a model trains, in any training loop.
 
@@ -68,83 +80,42 @@ class SVCCAMonitor:
     manager). Every value lands in :attr:`history`; with ``writers`` (a ``SummaryWriter``, Lightning loggers) and
     ``log_dir`` (``svcca_history.csv``) they are written out too. :meth:`state_dict` is a flat, versioned dict.
 
+    Every option of :class:`~lightning_svcca.monitoring.config.MonitorConfig` is an argument (the first six also by
+    position, after ``model``).
+
     Args:
         model: the model being trained.
         probe: a tensor (the model input), a batch (tuple, list or dict of tensors), a DataLoader (``probe_size``
             samples drawn at random with ``probe_seed``; an iterable dataset's first ones), or a function returning
             one of those (called at :meth:`start`).
-        layers, reference, metrics, every_n_epochs, freeze: as for :class:`~lightning_svcca.SVCCACallback`.
         writers: where scalars, heatmaps and freeze events go: ``None``, a ``SummaryWriter``, a Lightning logger,
             anything with ``log_metrics(metrics, step)``, or a list of them.
         log_dir: where ``svcca_history.csv`` (and spilled snapshots) go; ``None``: no file, spills in the working
             directory.
         runtime: what the framework provides (collectives, rank, precision context, after-freeze hook).
-        **options: the remaining keyword arguments of :class:`~lightning_svcca.SVCCACallback` (``probe_size``,
-            ``keep``, ``baseline``, ``max_snapshot_bytes``, ...).
 
-    Example:
-        >>> import torch
-        >>> from torch import Tensor, nn
-        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> monitor = SVCCAMonitor(model, probe=torch.randn(64, 4), layers=["0", "2"], baseline=False)
-        >>> monitor.start()
-        >>> with torch.no_grad():
-        ...     _ = model[0].weight.mul_(2.0)  # a "training step" that only rescales: SVCCA stays 1
-        >>> rows = monitor.measure(epoch=1, step=1)
-        >>> round(next(r["value"] for r in rows if r["reference"] == "previous" and r["layer"] == "0"), 6)
-        1.0
-        >>> monitor.close()
     """
 
     def __init__(
         self,
         model: nn.Module,
-        probe: Any = None,
-        layers: Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None,
-        reference: Any = ("previous", "final"),
-        metrics: str | Sequence[str] = ("svcca",),
-        every_n_epochs: int | None = 1,
-        freeze: Any = None,
-        *,
+        *args: Any,
         writers: Any = None,
         log_dir: str | Path | None = None,
         runtime: Runtime | None = None,
         **options: Any,
     ) -> None:
-        config = MonitorConfig(
-            probe=probe,
-            layers=layers,
-            reference=reference,
-            metrics=metrics,
-            every_n_epochs=every_n_epochs,
-            freeze=freeze,
-            **options,
-        )
-        self._init(model, config, writers=writers, log_dir=log_dir, runtime=runtime)
+        self._init(model, MonitorConfig(*args, **options), writers=writers, log_dir=log_dir, runtime=runtime)
 
     @classmethod
-    def from_config(
-        cls,
-        model: nn.Module,
-        config: MonitorConfig,
-        *,
-        writers: Any = None,
-        log_dir: str | Path | None = None,
-        runtime: Runtime | None = None,
-    ) -> SVCCAMonitor:
-        """A monitor from an already checked :class:`MonitorConfig` (what the callbacks hold)."""
+    def from_config(cls, model: nn.Module, config: MonitorConfig, **outputs: Any) -> SVCCAMonitor:
+        """A monitor from a checked :class:`MonitorConfig` (the callbacks'); ``writers``, ``log_dir``, ``runtime``."""
         monitor = cls.__new__(cls)
-        monitor._init(model, config, writers=writers, log_dir=log_dir, runtime=runtime)
+        monitor._init(model, config, **outputs)
         return monitor
 
     def _init(
-        self,
-        model: nn.Module,
-        config: MonitorConfig,
-        *,
-        writers: Any,
-        log_dir: str | Path | None,
-        runtime: Runtime | None,
+        self, model: nn.Module, config: MonitorConfig, *, writers: Any = None, log_dir: Any = None, runtime: Any = None
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -167,11 +138,7 @@ class SVCCAMonitor:
         #: The measured points, in order, with each one's (epoch, step); the comparisons read the same object.
         self.timeline = Timeline(lag_in_measurements=self.by_step)
         #: Layers kept at moments of the run for cross-layer maps (``cross_layer=...``), or ``None``.
-        self.cross_layer = (
-            CrossLayerMoments(config.cross_layer_moments, config.cross_layer_reference)
-            if config.cross_layer_moments
-            else None
-        )
+        self.cross_layer = CrossLayerMoments.for_config(config)
         #: The cross-layer maps of the finished run: rows with epoch, step, fraction, metric, reference, layer,
         #: reference_layer and value.
         self.cross_layer_maps: list[dict[str, Any]] = []
@@ -218,42 +185,6 @@ class SVCCAMonitor:
         """Frozen layers -> the epoch at which they froze."""
         return self.freezing.frozen
 
-    @frozen.setter
-    def frozen(self, frozen: dict[str, int]) -> None:
-        self.freezing.frozen = frozen
-
-    @property
-    def streaks(self) -> dict[str, int]:
-        """The freeze policy's per-layer counts of consecutive converged measurements."""
-        return self.freezing.streaks
-
-    @streaks.setter
-    def streaks(self, streaks: dict[str, int]) -> None:
-        self.freezing.streaks = streaks
-
-    @property
-    def freezer(self) -> Freezer:
-        """The freezes applied to the model (and the frozen-prefix cache)."""
-        return self.freezing.freezer
-
-    @property
-    def run_id(self) -> str | None:
-        """This run's id: its snapshot folder under ``log_dir`` (kept across resumes)."""
-        return self.outputs.run_id
-
-    @property
-    def csv_name(self) -> str | None:
-        """The history CSV's file name in ``log_dir`` (unique among runs sharing the folder)."""
-        return self.outputs.csv_name
-
-    @property
-    def _frozen_prefix(self) -> FrozenPrefix | None:
-        return self.freezing.prefix
-
-    @property
-    def _capture(self) -> Capture | None:
-        return self.snapshots.capture
-
     def compute_dtype(self) -> torch.dtype:
         """The decomposition precision: ``compute_dtype``, with ``"auto"`` resolved for the model's device."""
         return preflight.compute_dtype(self.config, self.model)
@@ -265,7 +196,7 @@ class SVCCAMonitor:
         """
         if self.probe is not None:
             return
-        self._build_probe()
+        self.probe = preflight.probe_for(self, self.warn_once)
         assert self.probe is not None
         capture = preflight.capture_for(
             self.model, self.probe, self.specs, self.config, self.runtime, skip=self._skip, warn_once=self.warn_once
@@ -276,7 +207,7 @@ class SVCCAMonitor:
     def start(self, *, step: int = 0) -> None:
         """Build the probe and measure epoch 0 (the initial snapshot), or, when resuming, the fixed references."""
         self.prepare()
-        capture = self._capture
+        capture = self.snapshots.capture
         assert capture is not None
         config = self.config
         axis = "step" if self.by_step else "epoch"
@@ -310,7 +241,8 @@ class SVCCAMonitor:
         (with ``every_n_train_steps`` the loop decides when to call). Freezes converged layers when a
         :class:`~lightning_svcca.FreezePolicy` is set.
         """
-        self._require_started("measure")
+        if self.probe is None:
+            raise RuntimeError("call start() before measure(): it builds the probe and measures the initial model")
         if step <= self.last_measured_step:
             return []
         if not self.by_step and (epoch in self.timeline or epoch % (self.config.every_n_epochs or 1)):
@@ -387,7 +319,7 @@ class SVCCAMonitor:
         self.probe_timings[point] = time.perf_counter() - started
         # snapshot: this point's, the cross-layer moment's, and the fixed references' at the first measurement
         snapshots = self.snapshots.take(recorder, reused, epoch, first=not self.timeline)
-        self.snapshots.keep_moment(recorder, point, epoch, step, self._run_length())
+        self.snapshots.keep_moment(recorder, point, epoch, step, run_length(self.config, self.runtime))
         if not self.timeline:
             self.snapshots.fixed_references(recorder)
         # compare, then store: the point joins the timeline
@@ -403,7 +335,7 @@ class SVCCAMonitor:
         heatmaps = self._comparisons.heatmap_sources(point, self.history, self.layers, live_final=live_final)
         self.outputs.measurement(rows + cache_scalars, step, heatmaps, self.history, self.layers)
         self.timings[point] = time.perf_counter() - started
-        self.cost.measured(self.timings[point], self._planned_measurements(), len(self.timeline))
+        self.cost.measured(self.timings[point], planned_measurements(self.config, self.runtime), len(self.timeline))
         return rows
 
     def _freeze(self, rows: list[dict[str, Any]], epoch: int, step: int, *, decide: bool) -> list[dict[str, Any]]:
@@ -411,16 +343,6 @@ class SVCCAMonitor:
         if decide and self.config.freeze is not None:
             self.freezing.freeze_converged(rows, epoch, step, self.layers, measurement=len(self.timeline) - 1)
         return self.freezing.frozen_rows(epoch, step, self.layers)
-
-    def _run_length(self) -> int | None:
-        """The run's planned length in points (steps or epochs), if the framework knows it."""
-        return self.runtime.max_steps if self.by_step else self.runtime.max_epochs
-
-    def _planned_measurements(self) -> int | None:
-        """Measurements in the whole run, if the framework knows its length."""
-        length = self._run_length()
-        every = self.config.every_n_train_steps if self.by_step else self.config.every_n_epochs
-        return length // every if length and every else None
 
     def _compare_with_final(self) -> list[dict[str, Any]]:
         """At the end of fit: every measured point against the latest, replacing earlier ``final`` rows."""
@@ -431,26 +353,6 @@ class SVCCAMonitor:
         self.history = [r for r in self.history if r["reference"] != "final"] + final
         self.outputs.final(self.history, final, self.timeline.at(latest)[1], self.layers)
         return final
-
-    def _settle_layer_order(self, order: Sequence[str]) -> list[str]:
-        """Bottom-up order from the first probe (see :meth:`Snapshotter.settle_layer_order`)."""
-        return self.snapshots.settle_layer_order(order)
-
-    def _build_probe(self) -> None:
-        """The probe from the config; a probe that differs from the checkpoint's drops the snapshots."""
-        self.probe = preflight.probe_from_config(self.config, self.warn_once)
-        fingerprint = self.probe.fingerprint()
-        if self.probe_fingerprint is not None and fingerprint != self.probe_fingerprint and self.store.keys():
-            monitor_state.restart_comparisons(
-                self, "the probe differs from the one in the checkpoint (other datapoints)"
-            )
-        self.probe_fingerprint = fingerprint
-        if self.probe.size < 2:
-            raise ValueError(f"the probe has {self.probe.size} sample(s); it needs at least 2")
-
-    def _require_started(self, what: str) -> None:
-        if self.probe is None:
-            raise RuntimeError(f"call start() before {what}(): it builds the probe and measures the initial model")
 
     def _skip(self, epoch: int, layer: str, reason: str) -> None:
         self.skipped.append((epoch, layer, reason))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,12 +18,16 @@ from torch.utils.data import DataLoader
 from lightning_svcca.monitoring.budget import check_memory
 from lightning_svcca.monitoring.config import MonitorConfig
 from lightning_svcca.monitoring.runtime import Runtime
+from lightning_svcca.monitoring.state import restart_comparisons
 from lightning_svcca.pipeline.capture import Capture, CaptureOptions, SkipFn, WarnFn
 from lightning_svcca.pipeline.layers import LayerSpec
 from lightning_svcca.pipeline.metrics import snapshot_needs
 from lightning_svcca.pipeline.probe import Probe, build_probe, check_not_meta
 from lightning_svcca.pipeline.references import check_reference_layers, device_of
 from lightning_svcca.pipeline.snapshot import Collective, LocalCollective
+
+if TYPE_CHECKING:
+    from lightning_svcca.monitoring.monitor import SVCCAMonitor
 
 __all__ = ["capture_for", "check_against_model", "compute_dtype", "probe_from_config"]
 
@@ -68,6 +73,18 @@ def probe_from_config(config: MonitorConfig, warn_once: WarnFn) -> Probe:
             f"probe_size={config.probe_size} but the probe DataLoader holds only {probe.size} samples: the"
             f" probe is all {probe.size} of them. Pass probe_size=<n> (or more data) to silence this",
         )
+    return probe
+
+
+def probe_for(monitor: SVCCAMonitor, warn_once: WarnFn) -> Probe:
+    """The monitor's probe; one that differs from the checkpoint's (its fingerprint) drops the snapshots."""
+    probe = probe_from_config(monitor.config, warn_once)
+    fingerprint = probe.fingerprint()
+    if monitor.probe_fingerprint is not None and fingerprint != monitor.probe_fingerprint and monitor.store.keys():
+        restart_comparisons(monitor, "the probe differs from the one in the checkpoint (other datapoints)")
+    monitor.probe_fingerprint = fingerprint
+    if probe.size < 2:
+        raise ValueError(f"the probe has {probe.size} sample(s); it needs at least 2")
     return probe
 
 

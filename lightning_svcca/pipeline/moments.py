@@ -54,6 +54,12 @@ class CrossLayerMoments:
             and in the checkpoint state.
     """
 
+    @classmethod
+    def for_config(cls, config: Any) -> CrossLayerMoments | None:
+        """The moments a monitor's options ask for (``cross_layer=...``), or ``None``."""
+        moments = config.cross_layer_moments
+        return cls(moments, config.cross_layer_reference) if moments else None
+
     def __init__(self, fractions: Sequence[float], reference: str, folder: Path | None = None) -> None:
         if not fractions or any(not 0.0 <= f <= 1.0 for f in fractions):
             raise ValueError(f"cross_layer moments must be fractions of training in [0, 1], got {list(fractions)}")

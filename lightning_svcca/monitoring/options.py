@@ -61,9 +61,9 @@ def with_option_docs(doc: str | None) -> str:
 def takes_monitor_options(*, required: Collection[str] = ()) -> Callable[[_Adapter], _Adapter]:
     """Give an adapter class every monitor option: in its ``__init__`` signature and its ``Args:`` docs.
 
-    The class's ``__init__`` takes ``(self, *args, <keyword-only options of its own>, **options)``; its
-    ``__signature__`` becomes ``self``, every :class:`MonitorConfig` option (the first six positional or
-    keyword, the rest keyword-only), then the adapter's own options.
+    The class's ``__init__`` takes ``(self, [leading arguments,] *args, <keyword-only options of its own>,
+    **options)``; its ``__signature__`` becomes ``self`` and the leading arguments, every :class:`MonitorConfig`
+    option (the first six positional or keyword, the rest keyword-only), then the class's own options.
 
     Args:
         required: options the adapter needs a value for (shown without a default).
@@ -72,9 +72,11 @@ def takes_monitor_options(*, required: Collection[str] = ()) -> Callable[[_Adapt
     def decorate(cls: _Adapter) -> _Adapter:
         init = vars(cls)["__init__"]  # the class's own (a KeyError if it has none: a parent's is not changed)
         signature = inspect.signature(init, eval_str=True)
-        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-        self_parameter, *own = (p for p in signature.parameters.values() if p.kind not in variadic)
-        parameters = [self_parameter, *option_parameters(required=required), *own]
+        given = list(signature.parameters.values())
+        star = next(i for i, p in enumerate(given) if p.kind is inspect.Parameter.VAR_POSITIONAL)
+        leading = given[:star]  # self, and what the class takes before the options (the monitor's model)
+        own = [p for p in given[star + 1 :] if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        parameters = [*leading, *option_parameters(required=required), *own]
         init.__signature__ = signature.replace(parameters=parameters)
         cls.__doc__ = with_option_docs(cls.__doc__)
         return cls

@@ -2,7 +2,7 @@
 
 At the end of fit the callback compares every measured epoch of every layer with the final snapshot. It does so
 from the stored snapshots: each layer was decomposed once, when it was measured, so the pass is one product of
-two stored bases per pair (``lightning_svcca.pipeline.snapshots.evaluate``). The baseline a user would write by hand
+two stored bases per pair (``lightning_svcca.pipeline.metrics.evaluate``). The baseline a user would write by hand
 keeps the raw activations and calls ``lightning_svcca.svcca(x_epoch, x_final)`` for each pair, decomposing both
 sides every time.
 
@@ -22,7 +22,8 @@ import time
 import torch
 
 from lightning_svcca import svcca
-from lightning_svcca.pipeline.snapshots import LocalCollective, build_snapshot, evaluate, pair_for
+from lightning_svcca.pipeline.metrics import evaluate, pair_for
+from lightning_svcca.pipeline.snapshot import LocalCollective, build_snapshot
 
 
 def synthetic_activations(

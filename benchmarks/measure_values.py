@@ -18,8 +18,8 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
+from lightning_svcca.measures import cca, linear_cka, procrustes, pwcca, r2cca, rbf_cka, svcca
 from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
-from lightning_svcca.measures.similarity import cca, linear_cka, procrustes, pwcca, r2cca, rbf_cka, svcca
 
 MEASURES = {
     "svcca": svcca,

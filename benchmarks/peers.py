@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_svcca.measures.similarity import cca, linear_cka, pwcca, r2cca, rbf_cka, svcca
+from lightning_svcca.measures import cca, linear_cka, pwcca, r2cca, rbf_cka, svcca
 
 KEEP = 0.99
 SIZES = [(2000, 64), (5000, 256)]

@@ -1,6 +1,6 @@
 """Peak memory of the snapshot store over a long run, against its budget, for layer widths 256 to 4096.
 
-A run of 50 measured epochs x 8 layers is replayed into a :class:`~lightning_svcca.pipeline.snapshots.SnapshotStore`
+A run of 50 measured epochs x 8 layers is replayed into a :class:`~lightning_svcca.pipeline.store.SnapshotStore`
 with a memory budget (the callback's ``max_snapshot_bytes``) that holds only a few epochs. For each width the script
 prints the bytes a store without budget would hold, the most the bounded store ever held in memory, what went
 to spill files, and the process's peak resident memory growth; then it reads every snapshot back (as the "final"
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from lightning_svcca.pipeline.snapshots import LocalCollective, Snapshot, SnapshotStore, build_snapshot
+from lightning_svcca.pipeline.snapshot import LocalCollective, Snapshot, build_snapshot
+from lightning_svcca.pipeline.store import SnapshotStore
 
 MIB = 1 << 20
 

@@ -19,9 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lightning_svcca.freezing.policy import FreezePolicy
     from lightning_svcca.integrations.callback import SVCCACallback
-    from lightning_svcca.measures.crosslayer import cross_layer_similarity
-    from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
-    from lightning_svcca.measures.similarity import (
+    from lightning_svcca.measures import (
         CCAResult,
         Decomposition,
         SimilarityWarning,
@@ -37,20 +35,22 @@ if TYPE_CHECKING:
         svcca,
         svcca_details,
     )
+    from lightning_svcca.measures.crosslayer import cross_layer_similarity
+    from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
+    from lightning_svcca.monitoring.monitor import SVCCAMonitor, SVCCAMonitorWarning
+    from lightning_svcca.monitoring.runtime import Runtime
     from lightning_svcca.offline.compare import compare_models
     from lightning_svcca.output.writers import TensorBoardWriter
-    from lightning_svcca.pipeline.monitor import SVCCAMonitor, SVCCAMonitorWarning
-    from lightning_svcca.pipeline.runtime import Runtime
 
 __version__ = "0.1.0"
 
-#: Public name -> the module that defines it.
+#: Public name -> the module (or subpackage) it is imported from.
 _MODULES = {
     "SVCCACallback": "integrations.callback",
     "FreezePolicy": "freezing.policy",
-    "Runtime": "pipeline.runtime",
-    "SVCCAMonitor": "pipeline.monitor",
-    "SVCCAMonitorWarning": "pipeline.monitor",
+    "Runtime": "monitoring.runtime",
+    "SVCCAMonitor": "monitoring.monitor",
+    "SVCCAMonitorWarning": "monitoring.monitor",
     "TensorBoardWriter": "output.writers",
     "compare_models": "offline.compare",
     "cross_layer_similarity": "measures.crosslayer",
@@ -58,7 +58,7 @@ _MODULES = {
     "svcca_heldout": "measures.heldout",
     "pwcca_heldout": "measures.heldout",
     **{
-        name: "measures.similarity"
+        name: "measures"
         for name in (
             "CCAResult",
             "Decomposition",

@@ -1,4 +1,4 @@
 """Compatibility path: ``lightning_svcca.similarity`` is the math of :mod:`lightning_svcca.measures`."""
 
-from lightning_svcca.measures.similarity import *  # noqa: F403 - re-exports the public math
-from lightning_svcca.measures.similarity import __all__  # noqa: F401
+from lightning_svcca.measures import *  # noqa: F403 - re-exports the public math
+from lightning_svcca.measures import __all__  # noqa: F401

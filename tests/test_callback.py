@@ -23,7 +23,7 @@ from lightning_svcca.pipeline.probe import probe_indices
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::lightning_svcca.integrations.callback.SVCCAMonitorWarning"),
-    pytest.mark.filterwarnings("ignore::lightning_svcca.measures.similarity.TooFewDatapointsWarning"),
+    pytest.mark.filterwarnings("ignore::lightning_svcca.measures.TooFewDatapointsWarning"),
     pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
     pytest.mark.filterwarnings("ignore:.*smaller than the logging interval:UserWarning"),
     pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
@@ -696,9 +696,9 @@ def test_two_callbacks_with_different_probes_share_a_trainer(make_trainer, digit
 
 
 def test_every_metric_through_the_callback(make_trainer, digits, digits_loaders, digits_cnn):
-    """Each measure of snapshots.METRICS is a callback metric, equal to the public function on the same data."""
+    """Each measure of metrics.METRICS is a callback metric, equal to the public function on the same data."""
     from lightning_svcca import cca_heldout, linear_cka, procrustes, r2cca, rbf_cka
-    from lightning_svcca.pipeline.snapshots import METRICS
+    from lightning_svcca.pipeline.metrics import METRICS
 
     x, _ = digits
     probe = x[PROBE]

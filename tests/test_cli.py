@@ -172,7 +172,7 @@ def test_installed_entry_point_runs(history_dir):
 
 
 @pytest.mark.filterwarnings("ignore::lightning_svcca.integrations.callback.SVCCAMonitorWarning")
-@pytest.mark.filterwarnings("ignore::lightning_svcca.measures.similarity.TooFewDatapointsWarning")
+@pytest.mark.filterwarnings("ignore::lightning_svcca.measures.TooFewDatapointsWarning")
 @pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning")
 @pytest.mark.filterwarnings("ignore:.*smaller than the logging interval:UserWarning")
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*")

@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from lightning_svcca.cli.main import main
+from lightning_svcca.measures import cca, linear_cka, procrustes, svcca
 from lightning_svcca.measures.crosslayer import LayerMap, cross_layer_similarity, pool_by_sample
-from lightning_svcca.measures.similarity import cca, linear_cka, procrustes, svcca
 from lightning_svcca.offline.compare import compare_models
-from lightning_svcca.pipeline.snapshots import LocalCollective, build_snapshot, snapshot_needs
+from lightning_svcca.pipeline.metrics import snapshot_needs
+from lightning_svcca.pipeline.snapshot import LocalCollective, build_snapshot
 
-pytestmark = pytest.mark.filterwarnings("ignore::lightning_svcca.measures.similarity.TooFewDatapointsWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::lightning_svcca.measures.TooFewDatapointsWarning")
 
 LAYERS = ["conv1", "conv2", "fc1", "fc2"]
 # Snapshots store float32 bases: values agree with float64 pair-by-pair ones to a few float32 ulps * sqrt(rows).

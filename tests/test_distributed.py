@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_svcca.pipeline.snapshots import LocalCollective, build_snapshot, cross_products, measure, pair_for
+from lightning_svcca.pipeline.metrics import cross_products, measure, pair_for
+from lightning_svcca.pipeline.snapshot import LocalCollective, build_snapshot
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_svcca.measures import DATAPOINTS_PER_DIRECTION, svcca
 from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
-from lightning_svcca.measures.similarity import DATAPOINTS_PER_DIRECTION, svcca
 
-pytestmark = pytest.mark.filterwarnings("ignore::lightning_svcca.measures.similarity.TooFewDatapointsWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::lightning_svcca.measures.TooFewDatapointsWarning")
 
 HELDOUT = {
     "cca": lambda x, y, **kw: cca_heldout(x, y, **kw).mean(),

@@ -15,7 +15,7 @@ import scipy.linalg
 import torch
 from torch.autograd import gradcheck
 
-from lightning_svcca.measures.similarity import (
+from lightning_svcca.measures import (
     SimilarityWarning,
     ZeroVarianceError,
     cca,
@@ -29,7 +29,7 @@ from lightning_svcca.measures.similarity import (
     svcca_details,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::lightning_svcca.measures.similarity.TooFewDatapointsWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::lightning_svcca.measures.TooFewDatapointsWarning")
 
 EPS64 = np.finfo(np.float64).eps
 # Measures built on eigenvalues of Gram matrices resolve squared quantities to eps: values to about sqrt(eps).

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_svcca import FreezePolicy, SVCCACallback
 from lightning_svcca.integrations.options import with_option_docs
-from lightning_svcca.pipeline.config import MonitorConfig
+from lightning_svcca.monitoring.config import MonitorConfig
 
 OPTIONS = [f.name for f in dataclasses.fields(MonitorConfig) if f.init]
 NAMESPACES = [

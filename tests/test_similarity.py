@@ -1,4 +1,4 @@
-"""Tests of lightning_svcca.measures.similarity against mathematics and independent numpy/scipy implementations.
+"""Tests of lightning_svcca.measures against mathematics and independent numpy/scipy implementations.
 
 Every expected number here comes from a reference written in this file (numpy formulas of the papers,
 ``scipy.linalg.subspace_angles``) or from an analytic property, never from the code under test.
@@ -34,7 +34,7 @@ TIGHT = 1e3 * EPS64
 # Canonical correlations are square roots of eigenvalues of M M^T (and, with n >= d, come through Gram matrices):
 # an O(eps) error in rho^2 is an O(sqrt(eps)) error in a small rho. Compare correlations at that level.
 LOOSE = 10 * math.sqrt(EPS64)
-FEW_DATAPOINTS = "ignore::lightning_svcca.measures.similarity.TooFewDatapointsWarning"
+FEW_DATAPOINTS = "ignore::lightning_svcca.measures.TooFewDatapointsWarning"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -5,20 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lightning_svcca.measures import linear_cka, procrustes, r2cca, rbf_cka
 from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
-from lightning_svcca.measures.similarity import linear_cka, procrustes, r2cca, rbf_cka
-from lightning_svcca.pipeline.snapshots import (
-    METRICS,
-    LocalCollective,
-    build_snapshot,
-    cross_products,
-    evaluate,
-    measure,
-    pair_for,
-    snapshot_needs,
-)
+from lightning_svcca.pipeline.metrics import METRICS, cross_products, evaluate, measure, pair_for, snapshot_needs
+from lightning_svcca.pipeline.snapshot import LocalCollective, build_snapshot
 
-pytestmark = pytest.mark.filterwarnings("ignore::lightning_svcca.measures.similarity.TooFewDatapointsWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::lightning_svcca.measures.TooFewDatapointsWarning")
 
 CPU = torch.device("cpu")
 EPS32 = torch.finfo(torch.float32).eps

@@ -1,4 +1,4 @@
-"""Tests of pipeline.snapshots: compressed snapshots agree with the public measures; the bounded store."""
+"""Tests of pipeline.snapshot and pipeline.store: snapshots agree with the public measures; the bounded store."""
 
 from __future__ import annotations
 
@@ -6,17 +6,11 @@ import pytest
 import torch
 
 from lightning_svcca import ZeroVarianceError, cca, linear_cka, pwcca, svcca
-from lightning_svcca.pipeline.snapshots import (
-    LocalCollective,
-    Snapshot,
-    SnapshotStore,
-    build_snapshot,
-    cross_products,
-    measure,
-    pair_for,
-)
+from lightning_svcca.pipeline.metrics import cross_products, measure, pair_for
+from lightning_svcca.pipeline.snapshot import LocalCollective, Snapshot, build_snapshot
+from lightning_svcca.pipeline.store import SnapshotStore
 
-pytestmark = pytest.mark.filterwarnings("ignore::lightning_svcca.measures.similarity.TooFewDatapointsWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::lightning_svcca.measures.TooFewDatapointsWarning")
 
 CPU = torch.device("cpu")
 EPS32 = torch.finfo(torch.float32).eps

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lightning_svcca.offline.compare import compare_models
-from lightning_svcca.pipeline.snapshots import METRICS
+from lightning_svcca.pipeline.metrics import METRICS
 
 __all__ = ["add_compare_command", "load_model", "load_probe"]
 

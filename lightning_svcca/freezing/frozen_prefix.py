@@ -25,7 +25,8 @@ from lightning_svcca.freezing.freezer import Freezer
 from lightning_svcca.freezing.prefix_cache import PrefixCache
 from lightning_svcca.pipeline.capture import Capture, WarnFn
 from lightning_svcca.pipeline.recording import ActivationRecorder
-from lightning_svcca.pipeline.snapshots import Collective, Snapshot, SnapshotStore
+from lightning_svcca.pipeline.snapshot import Collective, Snapshot
+from lightning_svcca.pipeline.store import SnapshotStore
 
 __all__ = ["FrozenPrefix"]
 

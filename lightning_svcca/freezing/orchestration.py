@@ -23,12 +23,13 @@ from lightning_svcca.freezing.blocks import freeze_blocks
 from lightning_svcca.freezing.freezer import Freezer
 from lightning_svcca.freezing.frozen_prefix import FrozenPrefix
 from lightning_svcca.freezing.policy import FreezeDecision
+from lightning_svcca.monitoring.config import MonitorConfig
+from lightning_svcca.monitoring.runtime import Runtime
 from lightning_svcca.pipeline.capture import Capture, WarnFn
 from lightning_svcca.pipeline.comparisons import row, values_of
-from lightning_svcca.pipeline.config import MonitorConfig
 from lightning_svcca.pipeline.recording import ActivationRecorder
-from lightning_svcca.pipeline.runtime import Runtime
-from lightning_svcca.pipeline.snapshots import Snapshot, SnapshotStore
+from lightning_svcca.pipeline.snapshot import Snapshot
+from lightning_svcca.pipeline.store import SnapshotStore
 
 __all__ = ["FreezingCoordinator"]
 

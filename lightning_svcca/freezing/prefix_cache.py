@@ -43,7 +43,7 @@ from lightning_svcca.freezing.cache_keys import index_keys, sample_keys
 from lightning_svcca.freezing.cache_pass import ForwardPass, Pass, Role, boundary_forward, prefix_forward
 from lightning_svcca.freezing.cache_store import SampleStore
 from lightning_svcca.freezing.cache_usage import CacheUsage
-from lightning_svcca.measures.similarity import SimilarityWarning
+from lightning_svcca.measures import SimilarityWarning
 
 __all__ = ["PrefixCache", "PrefixCacheWarning"]
 

@@ -1,4 +1,4 @@
-"""SVCCACallback: the Lightning glue around :class:`~lightning_svcca.pipeline.monitor.SVCCAMonitor`.
+"""SVCCACallback: the Lightning glue around :class:`~lightning_svcca.monitoring.monitor.SVCCAMonitor`.
 
 Each hook maps to monitor calls; the strategy becomes the monitor's collective and broadcast, the loggers its
 writers, the checkpoint its state. :class:`_SVCCACallbackCore` uses the trainer only through attributes both
@@ -36,11 +36,11 @@ from lightning_svcca.freezing.policy import FreezePolicy
 from lightning_svcca.freezing.sharded import resharding, soft_freeze_message
 from lightning_svcca.freezing.strategies import is_hard_freeze_supported, rebuild_ddp_wrapper
 from lightning_svcca.integrations.options import takes_monitor_options
+from lightning_svcca.monitoring.config import MonitorConfig
+from lightning_svcca.monitoring.monitor import Runtime, SVCCAMonitor, SVCCAMonitorWarning
 from lightning_svcca.output.reporting import LAYER_FACTS, tag
-from lightning_svcca.pipeline.config import MonitorConfig
 from lightning_svcca.pipeline.distributed import StrategyCollective
-from lightning_svcca.pipeline.monitor import Runtime, SVCCAMonitor, SVCCAMonitorWarning
-from lightning_svcca.pipeline.snapshots import LocalCollective
+from lightning_svcca.pipeline.snapshot import LocalCollective
 
 __all__ = ["SVCCACallback", "SVCCAMonitorWarning"]
 
@@ -55,7 +55,7 @@ class _SVCCACallbackCore:
     ``{metric}/{reference}/{layer}``, heatmaps ``{metric}/{reference}/heatmap``, a custom-scalars layout). With
     ``freeze``, converged layers stop training, bottom-up.
 
-    Every option of :class:`~lightning_svcca.pipeline.config.MonitorConfig` is an argument (the first six also by
+    Every option of :class:`~lightning_svcca.monitoring.config.MonitorConfig` is an argument (the first six also by
     position), plus the callback's own ``probe_autocast``.
 
     Args:
@@ -66,7 +66,7 @@ class _SVCCACallbackCore:
 
     def __init__(self, *args: Any, probe_autocast: bool = False, **options: Any) -> None:
         super().__init__()
-        #: The checked options (:class:`~lightning_svcca.pipeline.config.MonitorConfig`).
+        #: The checked options (:class:`~lightning_svcca.monitoring.config.MonitorConfig`).
         self.config = MonitorConfig(*args, **options)
         self.probe_autocast = probe_autocast
         #: The monitor of the current fit (built in ``setup``).

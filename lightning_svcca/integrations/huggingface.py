@@ -29,11 +29,11 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
     raise ImportError("lightning_svcca.huggingface needs transformers: pip install transformers") from error
 
 from lightning_svcca.integrations.options import takes_monitor_options
+from lightning_svcca.monitoring.config import MonitorConfig
+from lightning_svcca.monitoring.monitor import Runtime, SVCCAMonitor
 from lightning_svcca.output.writers import TensorBoardWriter
-from lightning_svcca.pipeline.config import MonitorConfig
 from lightning_svcca.pipeline.distributed import ProcessGroupCollective, broadcast_object
-from lightning_svcca.pipeline.monitor import Runtime, SVCCAMonitor
-from lightning_svcca.pipeline.snapshots import LocalCollective
+from lightning_svcca.pipeline.snapshot import LocalCollective
 
 __all__ = ["STATE_FILE", "SVCCATrainerCallback"]
 
@@ -45,7 +45,7 @@ STATE_FILE = "svcca_state.pt"
 class SVCCATrainerCallback(TrainerCallback):
     """Measure SVCCA (and friends) per layer while a HuggingFace ``Trainer`` trains; optionally freeze layers.
 
-    Every option of :class:`~lightning_svcca.pipeline.config.MonitorConfig` is an argument (the first six also by
+    Every option of :class:`~lightning_svcca.monitoring.config.MonitorConfig` is an argument (the first six also by
     position), plus ``writers``.
 
     Args:
@@ -56,7 +56,7 @@ class SVCCATrainerCallback(TrainerCallback):
     """
 
     def __init__(self, *args: Any, writers: Any = "tensorboard", **options: Any) -> None:
-        #: The checked options (:class:`~lightning_svcca.pipeline.config.MonitorConfig`).
+        #: The checked options (:class:`~lightning_svcca.monitoring.config.MonitorConfig`).
         self.config = MonitorConfig(*args, **options)
         if self.config.probe is None:
             raise ValueError("SVCCATrainerCallback needs a probe: a tensor, a batch (dict of tensors) or a DataLoader")

@@ -1,7 +1,7 @@
 """The monitor's options as an adapter's own keyword arguments, declared and documented once in MonitorConfig.
 
 An adapter writes ``__init__(self, *args, <its own keyword-only options>, **options)`` and hands ``args`` and
-``options`` to :class:`~lightning_svcca.pipeline.config.MonitorConfig`. :func:`takes_monitor_options` then gives
+``options`` to :class:`~lightning_svcca.monitoring.config.MonitorConfig`. :func:`takes_monitor_options` then gives
 that ``__init__`` the full signature (``__signature__``: every option with its kind, type and default, then the
 adapter's own) and the class docstring every option's ``Args:`` entry. Both are what ``inspect.signature``,
 ``help()``, IDEs and LightningCLI (jsonargparse reads the ``__init__`` signature and the ``Args:`` docs) see, so
@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable, Collection
 from typing import TypeVar
 
-from lightning_svcca.pipeline.config import MonitorConfig
+from lightning_svcca.monitoring.config import MonitorConfig
 
 __all__ = ["option_parameters", "takes_monitor_options", "with_option_docs"]
 

@@ -5,3 +5,31 @@ CKA, Procrustes, R2-CCA, and the held-out CCA family) compares two of them; :fun
 decomposition (the SVD basis of a centred matrix, with a rank cut at the data's own rounding level) that every
 measure and the training-time snapshots are built on. Nothing here knows about models, probes or training.
 """
+
+from lightning_svcca.measures._checks import (
+    DATAPOINTS_PER_DIRECTION,
+    SimilarityWarning,
+    TooFewDatapointsWarning,
+    ZeroVarianceError,
+)
+from lightning_svcca.measures.cca import CCAResult, cca, pwcca, r2cca, svcca, svcca_details
+from lightning_svcca.measures.cka import linear_cka, procrustes, rbf_cka
+from lightning_svcca.measures.decomposition import Decomposition, decompose
+
+__all__ = [
+    "DATAPOINTS_PER_DIRECTION",
+    "CCAResult",
+    "Decomposition",
+    "SimilarityWarning",
+    "TooFewDatapointsWarning",
+    "ZeroVarianceError",
+    "cca",
+    "decompose",
+    "linear_cka",
+    "procrustes",
+    "pwcca",
+    "r2cca",
+    "rbf_cka",
+    "svcca",
+    "svcca_details",
+]

@@ -1,8 +1,8 @@
 """Every layer against every layer: the layers x layers map of one similarity measure.
 
 :func:`cross_layer_similarity` compares two sets of per-layer representations (raw activations or
-:class:`~lightning_svcca.pipeline.snapshots.Snapshot` s) under any measure of
-:data:`~lightning_svcca.pipeline.snapshots.METRICS`. Layers may differ in width (every measure accepts different
+:class:`~lightning_svcca.pipeline.snapshot.Snapshot` s) under any measure of
+:data:`~lightning_svcca.pipeline.metrics.METRICS`. Layers may differ in width (every measure accepts different
 widths) and in datapoints per sample: a conv layer recorded at its positions has ``samples x positions`` rows, and
 two layers with different spatial sizes cannot be matched row by row. As Raghu et al. (2017, Sec. 4) and Kornblith
 et al. (2019, Sec. 6) do for layers of different resolutions, such layers are pooled to one datapoint per sample
@@ -18,21 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_svcca.measures import Decomposition, cca, decompose, linear_cka, procrustes, pwcca, r2cca, rbf_cka, svcca
+from lightning_svcca.measures._checks import KeepBy
 from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
-from lightning_svcca.measures.similarity import (
-    Decomposition,
-    KeepBy,
-    cca,
-    decompose,
-    linear_cka,
-    procrustes,
-    pwcca,
-    r2cca,
-    rbf_cka,
-    svcca,
-)
 from lightning_svcca.output.table import format_table
-from lightning_svcca.pipeline.snapshots import METRICS, LocalCollective, Snapshot, evaluate, pair_for
+from lightning_svcca.pipeline.metrics import METRICS, evaluate, pair_for
+from lightning_svcca.pipeline.snapshot import LocalCollective, Snapshot
 
 __all__ = ["LayerMap", "cross_layer_similarity", "pool_by_sample"]
 
@@ -98,9 +89,9 @@ def cross_layer_similarity(
     Args:
         a: layer name -> representation: a 2-D ``(datapoints, features)`` tensor, an ``(N, C, *spatial)``
             channels-first tensor (averaged over its spatial positions), or a full-rank
-            :class:`~lightning_svcca.pipeline.snapshots.Snapshot` (built with ``snapshot_needs([metric])``).
+            :class:`~lightning_svcca.pipeline.snapshot.Snapshot` (built with ``snapshot_needs([metric])``).
         b: the same for the other model or moment. ``a`` and ``b`` may be the same mapping.
-        metric: one of :data:`lightning_svcca.pipeline.snapshots.METRICS`.
+        metric: one of :data:`lightning_svcca.pipeline.metrics.METRICS`.
         keep: SVCCA's ``keep`` for tensors (snapshots carry their own kept count).
         keep_by: SVCCA's ``keep_by``.
         sample_ids_a: layer -> ``(rows,)`` sample of each row, for layers with several rows per sample (conv

@@ -27,15 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_svcca.measures.similarity import (
-    KeepBy,
-    _check_dtype,
-    _check_keep,
-    _check_pair,
-    _check_representation,
-    _decompose_checked,
-    _kept_count,
-)
+from lightning_svcca.measures._checks import KeepBy, check_dtype, check_keep, check_pair, check_representation
+from lightning_svcca.measures._linalg import kept_count
+from lightning_svcca.measures.decomposition import decompose_checked
 
 __all__ = ["EPSILONS", "cca_heldout", "pwcca_heldout", "svcca_heldout"]
 
@@ -99,8 +93,8 @@ def svcca_heldout(
     Args:
         x: ``(n, d1)`` representation.
         y: ``(n, d2)`` representation of the same datapoints.
-        keep: see :func:`~lightning_svcca.measures.similarity.svcca`, applied to each training set.
-        keep_by: see :func:`~lightning_svcca.measures.similarity.svcca`.
+        keep: see :func:`~lightning_svcca.measures.cca.svcca`, applied to each training set.
+        keep_by: see :func:`~lightning_svcca.measures.cca.svcca`.
         epsilon: see :func:`cca_heldout`.
         folds: see :func:`cca_heldout`.
         seed: see :func:`cca_heldout`.
@@ -111,7 +105,7 @@ def svcca_heldout(
     Returns:
         0-dim tensor: the mean held-out correlation, near 0 for unrelated representations, 1 for identical ones.
     """
-    keep = _check_keep(keep, keep_by)
+    keep = check_keep(keep, keep_by)
     correlations = _heldout(x, y, keep, keep_by, epsilon, folds, seed, dev_fraction, epsilons, dtype, False)[0]
     return correlations.mean()
 
@@ -131,7 +125,7 @@ def pwcca_heldout(
 
     A canonical direction's weight is ``sum_j |<h_i, x_j>|`` (``h_i`` the unit-norm canonical variate of ``x``
     and ``x_j`` the centred neurons, both on the training set), as in
-    :func:`~lightning_svcca.measures.similarity.pwcca`; weights are averaged over folds.
+    :func:`~lightning_svcca.measures.cca.pwcca`; weights are averaged over folds.
 
     Args:
         x: ``(n, d1)`` representation (the weights come from it).
@@ -192,9 +186,9 @@ def _heldout(
     weighted: bool,
 ) -> tuple[Tensor, Tensor]:
     """Per-direction held-out correlations and PWCCA weights, averaged over folds."""
-    _check_dtype(dtype)
-    x, y = _check_representation(x, "x"), _check_representation(y, "y")
-    _check_pair(x, y)
+    check_dtype(dtype)
+    x, y = check_representation(x, "x"), check_representation(y, "y")
+    check_pair(x, y)
     grid = _check_split(x.shape[0], epsilon, folds, dev_fraction, epsilons)
     x, y = x.detach().to(dtype), y.detach().to(dtype)
     generator = torch.Generator().manual_seed(seed)
@@ -244,8 +238,8 @@ def _check_split(
 
 def _side(data: Tensor, keep: float | int | None, keep_by: str, name: str) -> _Side:
     """Centre a training set's side with its own means and decompose it (cut to ``keep`` when given)."""
-    decomposition = _decompose_checked(data, name, data.dtype)
-    count = decomposition.rank if keep is None else _kept_count(decomposition.singular_values, keep, keep_by)
+    decomposition = decompose_checked(data, name, data.dtype)
+    count = decomposition.rank if keep is None else kept_count(decomposition.singular_values, keep, keep_by)
     mean = data.mean(dim=0, keepdim=True)
     right = decomposition.right[:, :count]
     if decomposition.column_scale is not None:

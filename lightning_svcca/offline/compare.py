@@ -17,15 +17,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lightning_svcca.measures._checks import KeepBy
 from lightning_svcca.measures.crosslayer import LayerMap, cross_layer_similarity, pool_by_sample
-from lightning_svcca.measures.similarity import KeepBy
 from lightning_svcca.output.table import format_table
 from lightning_svcca.pipeline.capture import Capture, CaptureOptions
 from lightning_svcca.pipeline.layers import resolve_layers
+from lightning_svcca.pipeline.metrics import evaluate, pair_for, snapshot_needs
 from lightning_svcca.pipeline.probe import build_probe
 from lightning_svcca.pipeline.recording import ActivationRecorder
 from lightning_svcca.pipeline.reduction import Reduction
-from lightning_svcca.pipeline.snapshots import LocalCollective, evaluate, pair_for, snapshot_needs
+from lightning_svcca.pipeline.snapshot import LocalCollective
 
 __all__ = ["ModelComparison", "compare_models"]
 
@@ -87,7 +88,7 @@ def compare_models(
             known length (see :func:`lightning_svcca.pipeline.probe.build_probe`); all of it is used.
         layers: module names (or the callback's per-layer option mapping); ``None``: the default set of
             ``model_a`` (Linear, Conv, RNN, Transformer layers).
-        metrics: measures for the per-layer table, from :data:`lightning_svcca.pipeline.snapshots.METRICS`.
+        metrics: measures for the per-layer table, from :data:`lightning_svcca.pipeline.metrics.METRICS`.
         cross_layer_metric: the measure of the cross-layer map (default: the first of ``metrics``).
         keep: SVCCA's ``keep``.
         keep_by: SVCCA's ``keep_by``.

@@ -2,7 +2,7 @@
 
 One :class:`Capture` serves a whole run. :meth:`Capture.record` runs this process's share of the probe through a
 model (the trained one, or a fixed reference model) and returns the :class:`ActivationRecorder` holding the
-reduced outputs; :meth:`Capture.snapshots` turns those rows into :class:`~lightning_svcca.pipeline.snapshots.Snapshot`
+reduced outputs; :meth:`Capture.snapshots` turns those rows into :class:`~lightning_svcca.pipeline.snapshot.Snapshot`
 objects, skipping (with a warning, through ``skip``) any layer that did not run everywhere, is dead, or holds NaN.
 Feature references (a tensor aligned with the probe's samples) are laid out like each layer's rows by
 :meth:`Capture.feature_snapshots`.
@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_svcca.measures.similarity import DATAPOINTS_PER_DIRECTION
+from lightning_svcca.measures import DATAPOINTS_PER_DIRECTION
 from lightning_svcca.pipeline.distributed import buffers_from_rank_zero, shard
 from lightning_svcca.pipeline.layers import LayerSpec
 from lightning_svcca.pipeline.probe import ForwardFn, Probe, batch_size, describe_batch, run_probe
 from lightning_svcca.pipeline.recording import ActivationRecorder
 from lightning_svcca.pipeline.reduction import Layout, OutputSelectionError, layer_seed, probe_share, reduce_output
-from lightning_svcca.pipeline.snapshots import Collective, Snapshot, build_snapshot
+from lightning_svcca.pipeline.snapshot import Collective, Snapshot, build_snapshot
 
 __all__ = ["Capture", "CaptureOptions"]
 

@@ -1,6 +1,6 @@
 """Comparisons: each new snapshot against its references, the ``final`` pass, and forgetting unneeded snapshots.
 
-The comparison stage of a measurement. A measurement at a point (see :mod:`~lightning_svcca.pipeline.timeline`)
+The comparison stage of a measurement. A measurement at a point (see :mod:`~lightning_svcca.monitoring.timeline`)
 compares every layer's new snapshot with each reference that has one by then (:meth:`Comparisons.rows_for`): the
 last measured point (``previous``), the first (``initial``), a fixed model or features, or a freeze policy's lag.
 The ``final`` reference is different: every measured point is compared with the latest one
@@ -18,10 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_svcca.monitoring.timeline import Timeline
 from lightning_svcca.output.reporting import evenly_spaced
+from lightning_svcca.pipeline.metrics import Pair, evaluate, pair_for
 from lightning_svcca.pipeline.references import Reference
-from lightning_svcca.pipeline.snapshots import Collective, Pair, Snapshot, SnapshotStore, evaluate, pair_for
-from lightning_svcca.pipeline.timeline import Timeline
+from lightning_svcca.pipeline.snapshot import Collective, Snapshot
+from lightning_svcca.pipeline.store import SnapshotStore
 
 __all__ = ["LIVE_FINAL_COLUMNS", "Comparisons", "row", "values_of"]
 

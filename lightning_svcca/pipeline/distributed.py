@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_svcca.pipeline.snapshots import Collective
+from lightning_svcca.pipeline.snapshot import Collective
 
 __all__ = ["ProcessGroupCollective", "StrategyCollective", "broadcast_object", "buffers_from_rank_zero", "shard"]
 

@@ -39,7 +39,7 @@ from torch.nn.modules.pooling import (
     _MaxPoolNd,
 )
 
-from lightning_svcca.measures.similarity import SimilarityWarning
+from lightning_svcca.measures import SimilarityWarning
 from lightning_svcca.pipeline.layers import LayerSpec
 from lightning_svcca.pipeline.reduction import Layout, layer_seed, reduce_output, rescaled_lengths, select_output
 

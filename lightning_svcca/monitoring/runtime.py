@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_svcca.pipeline.snapshots import Collective, LocalCollective
+from lightning_svcca.pipeline.snapshot import Collective, LocalCollective
 
 __all__ = ["Runtime"]
 
@@ -57,8 +57,8 @@ class Runtime:
     def distributed(cls, model: nn.Module, **fields: Any) -> Runtime:
         """A plain ``torch.distributed`` loop's runtime (default process group): see ``docs/distributed.md``.
 
-        Arguments as for :func:`~lightning_svcca.pipeline.process_group.distributed_runtime`.
+        Arguments as for :func:`~lightning_svcca.monitoring.process_group.distributed_runtime`.
         """
-        from lightning_svcca.pipeline.process_group import distributed_runtime
+        from lightning_svcca.monitoring.process_group import distributed_runtime
 
         return distributed_runtime(model, **fields)

@@ -1,6 +1,6 @@
 """The monitor's options, declared, documented and checked once (so a bad value fails at construction).
 
-:class:`MonitorConfig` is the one place where each option of :class:`~lightning_svcca.pipeline.monitor.SVCCAMonitor`,
+:class:`MonitorConfig` is the one place where each option of :class:`~lightning_svcca.monitoring.monitor.SVCCAMonitor`,
 ``SVCCACallback`` and the HuggingFace callback has its type, its default and its documentation (the ``Args:`` of
 its docstring); the adapters take them as keyword arguments through
 :func:`~lightning_svcca.integrations.options.takes_monitor_options`. It checks each option against its allowed
@@ -19,12 +19,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_svcca.freezing.policy import FreezePolicy
-from lightning_svcca.measures.similarity import _check_keep
+from lightning_svcca.measures._checks import check_keep
+from lightning_svcca.pipeline.metrics import METRICS
 from lightning_svcca.pipeline.moments import CROSS_LAYER_MOMENTS
 from lightning_svcca.pipeline.probe import ForwardFn
 from lightning_svcca.pipeline.reduction import REDUCTIONS
 from lightning_svcca.pipeline.references import Reference, parse_references
-from lightning_svcca.pipeline.snapshots import METRICS
 
 __all__ = ["COMPUTE_DTYPES", "MonitorConfig"]
 
@@ -180,7 +180,7 @@ class MonitorConfig:
             raise ValueError(f"compute_dtype must be one of {tuple(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
         if self.forward_fn is not None and not callable(self.forward_fn):
             raise TypeError(f"forward_fn must be callable as forward_fn(model, batch), got {self.forward_fn!r}")
-        _check_keep(self.keep, self.keep_by)
+        check_keep(self.keep, self.keep_by)
         self.references = parse_references(self.reference)
         moments = self.cross_layer_moments
         if any(not isinstance(f, float) or not 0.0 <= f <= 1.0 for f in moments):

@@ -1,8 +1,8 @@
 """The snapshot and store steps of a measurement: from a recorded probe pass to snapshots kept by point.
 
 :class:`Snapshotter` turns a probe pass (:class:`~lightning_svcca.pipeline.recording.ActivationRecorder`) into one
-:class:`~lightning_svcca.pipeline.snapshots.Snapshot` per layer, reusing those of a verified frozen prefix, and keeps
-them in the run's :class:`~lightning_svcca.pipeline.snapshots.SnapshotStore` under ``(layer, str(point))``. It
+:class:`~lightning_svcca.pipeline.snapshot.Snapshot` per layer, reusing those of a verified frozen prefix, and keeps
+them in the run's :class:`~lightning_svcca.pipeline.store.SnapshotStore` under ``(layer, str(point))``. It
 also fixes the monitored layers' bottom-up order at the first pass, snapshots the fixed references once (under
 ``(layer, name)``), and offers each pass to the cross-layer moments.
 """
@@ -13,13 +13,14 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
+from lightning_svcca.monitoring.config import MonitorConfig
 from lightning_svcca.pipeline.capture import Capture, WarnFn
-from lightning_svcca.pipeline.config import MonitorConfig
 from lightning_svcca.pipeline.layers import LayerSpec
 from lightning_svcca.pipeline.moments import CrossLayerMoments
 from lightning_svcca.pipeline.recording import ActivationRecorder
 from lightning_svcca.pipeline.references import Reference, device_of, reference_model
-from lightning_svcca.pipeline.snapshots import Snapshot, SnapshotStore
+from lightning_svcca.pipeline.snapshot import Snapshot
+from lightning_svcca.pipeline.store import SnapshotStore
 
 __all__ = ["Snapshotter"]
 

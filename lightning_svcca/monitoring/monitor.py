@@ -10,14 +10,14 @@ after training steps and :meth:`~SVCCAMonitor.finish` at the end; the Lightning 
 2. snapshot: each layer compressed, or a frozen layer's last snapshot reused; the cross-layer moments and, at the
    first measurement, the fixed references;
 3. compare: each snapshot against the references (:class:`~lightning_svcca.pipeline.comparisons.Comparisons`);
-4. store: the snapshots kept by point (:class:`~lightning_svcca.pipeline.snapshots.SnapshotStore`), the point
-   added to the run's :class:`~lightning_svcca.pipeline.timeline.Timeline`;
+4. store: the snapshots kept by point (:class:`~lightning_svcca.pipeline.store.SnapshotStore`), the point
+   added to the run's :class:`~lightning_svcca.monitoring.timeline.Timeline`;
 5. freeze: converged layers frozen on every process (the freezing coordinator);
 6. report: rows into :attr:`SVCCAMonitor.history`, the writers and the history CSV
-   (:class:`~lightning_svcca.pipeline.run_outputs.RunOutputs`).
+   (:class:`~lightning_svcca.monitoring.outputs.RunOutputs`).
 
 What the monitor needs from a framework (collectives, which process is rank zero, a precision context, what to do
-after a freeze) comes in a :class:`~lightning_svcca.pipeline.runtime.Runtime`.
+after a freeze) comes in a :class:`~lightning_svcca.monitoring.runtime.Runtime`.
 """
 
 from __future__ import annotations
@@ -34,21 +34,22 @@ from torch import nn
 from lightning_svcca.freezing.freezer import Freezer
 from lightning_svcca.freezing.frozen_prefix import FrozenPrefix
 from lightning_svcca.freezing.orchestration import FreezingCoordinator
-from lightning_svcca.measures.similarity import SimilarityWarning
+from lightning_svcca.measures import SimilarityWarning
+from lightning_svcca.monitoring import preflight
+from lightning_svcca.monitoring import state as monitor_state
+from lightning_svcca.monitoring.config import MonitorConfig
+from lightning_svcca.monitoring.outputs import RunOutputs
+from lightning_svcca.monitoring.runtime import Runtime
+from lightning_svcca.monitoring.snapshotting import Snapshotter
+from lightning_svcca.monitoring.timeline import Timeline
 from lightning_svcca.output.writers import as_writers
-from lightning_svcca.pipeline import monitor_state, preflight
 from lightning_svcca.pipeline.capture import Capture
 from lightning_svcca.pipeline.comparisons import Comparisons
-from lightning_svcca.pipeline.config import MonitorConfig
 from lightning_svcca.pipeline.layers import LayerSpec, format_layers, resolve_layers
 from lightning_svcca.pipeline.moments import CrossLayerMoments
 from lightning_svcca.pipeline.probe import Probe
 from lightning_svcca.pipeline.references import device_of
-from lightning_svcca.pipeline.run_outputs import RunOutputs
-from lightning_svcca.pipeline.runtime import Runtime
-from lightning_svcca.pipeline.snapshots import SnapshotStore
-from lightning_svcca.pipeline.snapshotting import Snapshotter
-from lightning_svcca.pipeline.timeline import Timeline
+from lightning_svcca.pipeline.store import SnapshotStore
 
 __all__ = ["Runtime", "SVCCAMonitor", "SVCCAMonitorWarning"]
 
@@ -360,7 +361,7 @@ class SVCCAMonitor:
         self.freezing.before_optimizer_step()
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue identically: a flat dict (:mod:`~lightning_svcca.pipeline.monitor_state`)."""
+        """Everything needed to continue identically: a flat dict (:mod:`~lightning_svcca.monitoring.state`)."""
         return monitor_state.state_of(self)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

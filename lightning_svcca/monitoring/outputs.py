@@ -15,11 +15,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_svcca.monitoring.runtime import Runtime
 from lightning_svcca.output.reporting import HISTORY_FILE, layer_map_image, write_history_csv
 from lightning_svcca.output.writers import Reporter
 from lightning_svcca.pipeline.moments import CrossLayerMoments
-from lightning_svcca.pipeline.runtime import Runtime
-from lightning_svcca.pipeline.snapshots import SnapshotStore
+from lightning_svcca.pipeline.store import SnapshotStore
 
 __all__ = ["CROSS_LAYER_COLUMNS", "SNAPSHOT_FOLDER", "RunOutputs"]
 

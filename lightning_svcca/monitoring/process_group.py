@@ -1,4 +1,4 @@
-"""The monitor's :class:`~lightning_svcca.pipeline.monitor.Runtime` for a plain ``torch.distributed`` loop.
+"""The monitor's :class:`~lightning_svcca.monitoring.monitor.Runtime` for a plain ``torch.distributed`` loop.
 
 Under ``torchrun`` every process builds the same :class:`~lightning_svcca.SVCCAMonitor` with
 ``runtime=Runtime.distributed(model)``: each process runs its share of the probe and the statistics are summed
@@ -17,9 +17,9 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_svcca.freezing.sharded import resharding
+from lightning_svcca.monitoring.runtime import Runtime
 from lightning_svcca.pipeline.distributed import ProcessGroupCollective, broadcast_object
-from lightning_svcca.pipeline.runtime import Runtime
-from lightning_svcca.pipeline.snapshots import LocalCollective
+from lightning_svcca.pipeline.snapshot import LocalCollective
 
 __all__ = ["distributed_runtime"]
 

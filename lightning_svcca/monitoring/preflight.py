@@ -14,13 +14,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_svcca.monitoring.config import MonitorConfig
+from lightning_svcca.monitoring.runtime import Runtime
 from lightning_svcca.pipeline.capture import Capture, CaptureOptions, SkipFn, WarnFn
-from lightning_svcca.pipeline.config import MonitorConfig
 from lightning_svcca.pipeline.layers import LayerSpec
+from lightning_svcca.pipeline.metrics import snapshot_needs
 from lightning_svcca.pipeline.probe import Probe, build_probe, check_not_meta
 from lightning_svcca.pipeline.references import check_reference_layers, device_of
-from lightning_svcca.pipeline.runtime import Runtime
-from lightning_svcca.pipeline.snapshots import Collective, LocalCollective, snapshot_needs
+from lightning_svcca.pipeline.snapshot import Collective, LocalCollective
 
 __all__ = ["capture_for", "check_against_model", "compute_dtype", "probe_from_config"]
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_svcca.output.history import pack_history, unpack_history
 
 if TYPE_CHECKING:
-    from lightning_svcca.pipeline.monitor import SVCCAMonitor
+    from lightning_svcca.monitoring.monitor import SVCCAMonitor
 
 __all__ = ["STATE_VERSION", "load_state", "state_of"]
 

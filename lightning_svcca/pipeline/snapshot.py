@@ -1,0 +1,191 @@
+"""Per-layer, per-epoch snapshots: what later comparisons need of a representation, not the representation.
+
+A :class:`Snapshot` is the orthonormal basis ``U`` of a layer's centred activations on the probe (float32,
+``(datapoints, kept directions)``), its singular values, and, only when PWCCA is measured, the right singular
+vectors. Memory grows with the kept directions, not with the layer width. Every comparison is then a product
+``Ua^T Ub`` of two stored bases (:mod:`~lightning_svcca.pipeline.metrics`).
+
+Snapshots are built from the rows one process holds (:func:`build_snapshot`): statistics are summed through a
+:class:`Collective`, so a probe sharded over DDP ranks gives the same snapshot on every rank as one process
+would. The decomposition itself is the measures' own (:func:`~lightning_svcca.measures.decompose`'s Gram route,
+applied to the summed Gram matrix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from lightning_svcca.measures._checks import raise_if_not_finite
+from lightning_svcca.measures._linalg import ROW_BLOCK, basis_from_gram, centred_gram, kept_count
+from lightning_svcca.measures.decomposition import Decomposition, decompose_checked
+
+__all__ = ["Collective", "LocalCollective", "Snapshot", "build_snapshot"]
+
+
+class Collective(Protocol):
+    """The two collectives a sharded probe needs; every process calls them in the same order."""
+
+    rank: int
+    world_size: int
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """Element-wise sum over processes (all of them get the result)."""
+
+    def gather_rows(self, tensor: Tensor) -> Tensor:
+        """Concatenate every process's rows, in rank order (row counts may differ)."""
+
+
+class LocalCollective:
+    """The single-process collective: sums and gathers are the identity."""
+
+    rank = 0
+    world_size = 1
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """Return ``tensor``."""
+        return tensor
+
+    def gather_rows(self, tensor: Tensor) -> Tensor:
+        """Return ``tensor``."""
+        return tensor
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The compressed representation of one layer on the probe.
+
+    Attributes:
+        left: ``(n_datapoints, r)`` float32 orthonormal basis ``U`` of the centred activations, leading
+            directions first.
+        singular_values: ``(r,)`` float64 singular values, descending.
+        right: ``(n_features, r)`` float32 right singular vectors, kept only for PWCCA (weights from neurons).
+        kept: directions SVCCA keeps at the run's ``keep``, the layer's intrinsic dimensionality.
+        rank: numerical rank of the activations (``r`` when all directions are stored).
+        n_features: width of the layer.
+    """
+
+    left: Tensor
+    singular_values: Tensor
+    right: Tensor | None
+    kept: int
+    rank: int
+    n_features: int
+
+    @property
+    def n_datapoints(self) -> int:
+        """Number of datapoints (rows) of the probe representation."""
+        return int(self.left.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor storage."""
+        tensors = (self.left, self.singular_values, self.right)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def decomposition(self, dtype: torch.dtype = torch.float64, device: torch.device | None = None) -> Decomposition:
+        """The snapshot as a :class:`~lightning_svcca.measures.Decomposition`, for the public measures."""
+        right = None if self.right is None else self.right.to(device=device, dtype=dtype)
+        return Decomposition(
+            singular_values=self.singular_values.to(device=device, dtype=dtype),
+            right=right,
+            left=self.left.to(device=device, dtype=dtype),
+            data=None,
+            mean=None,
+            n_datapoints=self.n_datapoints,
+            n_features=self.n_features,
+        )
+
+    def to_state(self) -> dict[str, Tensor | int | None]:
+        """Plain dict for checkpoints and spill files."""
+        return {
+            "left": self.left,
+            "singular_values": self.singular_values,
+            "right": self.right,
+            "kept": self.kept,
+            "rank": self.rank,
+            "n_features": self.n_features,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> Snapshot:
+        """Inverse of :meth:`to_state`."""
+        return cls(
+            state["left"],
+            state["singular_values"],
+            state.get("right"),
+            int(state["kept"]),
+            int(state["rank"]),
+            int(state["n_features"]),
+        )
+
+
+def build_snapshot(
+    rows: Tensor,
+    collective: Collective,
+    *,
+    name: str,
+    keep: float | int,
+    keep_by: str,
+    full_rank: bool,
+    with_right: bool,
+    input_eps: float,
+    dtype: torch.dtype = torch.float64,
+) -> Snapshot:
+    """Decompose a layer's activations, held as row shards across processes, into a :class:`Snapshot`.
+
+    With at least as many datapoints as features: 1. centre with the global mean, 2. sum the centred Gram
+    matrices of all shards, 3. eigendecompose it (identically on every process), 4. ``U = Xc V / s`` shard by
+    shard, gathered. With fewer datapoints than features the rows are gathered and one thin SVD is taken.
+
+    Args:
+        rows: this process's ``(rows, features)`` activations.
+        collective: sums and gathers across processes (:class:`LocalCollective` for one process).
+        name: the layer, for messages.
+        keep: SVCCA's ``keep`` (fraction or number of directions).
+        keep_by: ``"singular_values"`` or ``"variance"``.
+        full_rank: store every direction (CCA, PWCCA and CKA need them); otherwise only the ``kept`` ones.
+        with_right: store the right singular vectors (PWCCA).
+        input_eps: rounding level of the activations' original dtype (for the rank cut).
+        dtype: precision of the accumulation and decomposition.
+
+    Raises:
+        ValueError: NaN or Inf activations on any process.
+        ZeroVarianceError: the layer's activations do not vary (a dead layer).
+    """
+    n_features = rows.shape[1]
+    # 1. global count and mean (one collective); a NaN or Inf anywhere makes the sum non-finite everywhere.
+    totals = collective.sum(torch.cat([rows.new_tensor([rows.shape[0]], dtype=dtype), rows.sum(0, dtype=dtype)]))
+    n, mean = int(totals[0]), totals[1:] / totals[0]
+    if not bool(torch.isfinite(mean).all()):
+        if not bool(torch.isfinite(rows).all()):
+            raise_if_not_finite(rows, f"layer {name!r}")
+        raise ValueError(f"layer {name!r} produced NaN or Inf activations on another process")
+    if n < 2:
+        raise ValueError(f"layer {name!r} gave {n} datapoint(s); a probe needs at least 2")
+    if n < n_features:
+        decomposition = decompose_checked(collective.gather_rows(rows), f"layer {name!r}", dtype, input_eps)
+        singular_values, right, left = decomposition.singular_values, decomposition.right, decomposition.left
+    else:
+        # 2. centred Gram matrix of this shard (in dtype, a block of rows at a time), summed over processes.
+        gram = collective.sum(centred_gram(rows, mean))
+        # 3. Xc^T Xc = V diag(s^2) V^T, cut to numerical rank: decompose()'s Gram route on the summed matrix.
+        singular_values, right = basis_from_gram(gram, mean, n, input_eps, f"layer {name!r}")
+        # 4. U = Xc V diag(1/s), this shard's rows, then every shard's.
+        whiten = right / singular_values
+        local = torch.cat([(block.to(dtype) - mean) @ whiten for block in rows.split(ROW_BLOCK)] or [whiten[:0]])
+        left = collective.gather_rows(local.to(torch.float32))
+    rank = int(singular_values.shape[0])
+    kept = kept_count(singular_values, keep, keep_by)
+    stored = rank if full_rank else kept
+    return Snapshot(
+        left=left[:, :stored].to(torch.float32).contiguous().cpu(),
+        singular_values=singular_values[:stored].to(torch.float64).cpu(),
+        right=right[:, :stored].to(torch.float32).contiguous().cpu() if with_right else None,
+        kept=kept,
+        rank=rank,
+        n_features=n_features,
+    )

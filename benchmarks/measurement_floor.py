@@ -15,14 +15,17 @@ the callback over the time without it, runs alternating (A B A B). Target: at mo
 Everything runs on one thread (``torch.set_num_threads(1)``). The machine may be shared: wall time moves with the
 other processes, so CPU time (``time.process_time``) is printed beside it, and ratios are taken within one run.
 
-Run: ``python benchmarks/measurement_floor.py [--quick]`` (``--quick``: widths 64 and 256, 1 and 4 layers, a probe
-of 256; the fit on 512 samples, a probe of 128, 2 epochs; a smoke test of some seconds).
+Cells of more than ``4096**2`` weights per layer times layers (1024 x 32, 4096 x 8, 4096 x 32) run with ``--full``.
+
+Run: ``python benchmarks/measurement_floor.py [--quick | --full]`` (``--quick``: widths 64 and 256, 1 and 4 layers,
+a probe of 256; the fit on 512 samples, a probe of 128, 2 epochs; a smoke test of some seconds).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import statistics
 import sys
 import tempfile
@@ -37,10 +40,10 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from lightning_svcca import SVCCAMonitor  # noqa: E402
+
 from overhead import run as fit_run  # noqa: E402
 from overhead import synthetic_workload  # noqa: E402
-
-from lightning_svcca import SVCCAMonitor  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -116,15 +119,21 @@ def measurement_cell(width: int, depth: int, probe_size: int, repeats: int) -> t
     return median(measured), median(floors)
 
 
-def measurement_table(widths: list[int], depths: list[int], probe_size: int, big_probe: int, repeats: int) -> None:
-    """Print measurement and floor seconds (wall, CPU) and their ratios for each width and depth."""
+def measurement_table(
+    widths: list[int], depths: list[int], probe_size: int, big_probe: int, repeats: int, max_cost: float
+) -> None:
+    """Print measurement and floor seconds (wall, CPU) and their ratios for each width and depth.
+
+    Cells whose ``width**2 * layers`` passes ``max_cost`` are left out (the forward passes and ``eigh`` of a single
+    thread would take minutes).
+    """
     print(f"measurement vs floor (MLP, ReLU layers, probe {probe_size}; {big_probe} at width 4096; medians)")
     header = f"{'width':>6} {'layers':>6} {'probe':>6}  {'measure s':>9} {'floor s':>8} {'ratio':>6}"
     print(f"{header}  {'cpu meas':>8} {'cpu floor':>9} {'cpu ratio':>9}")
     for width in widths:
         for depth in depths:
-            if width >= 4096 and depth > 8:
-                continue  # 32 layers of 4096: minutes of forward passes on one thread, the ratio as at 8
+            if width * width * depth > max_cost:
+                continue  # e.g. 32 layers of 1024: minutes of forward passes and eigh on one thread
             size = big_probe if width >= 4096 else probe_size
             measured, floored = measurement_cell(width, depth, size, repeats)
             print(
@@ -164,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small grid and a small fit (a smoke test)")
     parser.add_argument("--repeats", type=int, default=3, help="measurements (and fits) per setting")
+    parser.add_argument("--full", action="store_true", help="also 1024 x 32, 4096 x 8 and 4096 x 32 (slow)")
     parser.add_argument("--skip-fit", action="store_true", help="only the measurement/floor table")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -172,11 +182,12 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)  # the Trainer's banners, between the lines of the table
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread")
     if args.quick:
-        measurement_table([64, 256], [1, 4], 256, 256, 2)
+        measurement_table([64, 256], [1, 4], 256, 256, 2, math.inf)
         if not args.skip_fit:
             overhead_ratio(512, 128, 2, 1)
         return
-    measurement_table([64, 256, 1024, 4096], [1, 8, 32], 1024, 256, args.repeats)
+    max_cost = math.inf if args.full else 4096**2
+    measurement_table([64, 256, 1024, 4096], [1, 8, 32], 1024, 256, args.repeats, max_cost)
     if not args.skip_fit:
         overhead_ratio(20000, 1024, 3, args.repeats)
 

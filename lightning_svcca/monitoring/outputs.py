@@ -25,6 +25,7 @@ from lightning_svcca.output.reporting import (
 )
 from lightning_svcca.output.safe_files import try_write
 from lightning_svcca.output.writers import Reporter
+from lightning_svcca.pipeline.comparisons import HeatmapSource
 from lightning_svcca.pipeline.moments import CrossLayerMoments
 from lightning_svcca.pipeline.store import SnapshotStore
 
@@ -65,7 +66,11 @@ class RunOutputs:
             store.persist_to(self.log_dir / SNAPSHOT_FOLDER / self.run_id)
         zero = self.runtime.is_global_zero
         self.reporter = Reporter(
-            self.writers if zero else [], self.claim_csv(), axis=axis, heatmap_time_share=heatmap_time_share
+            self.writers if zero else [],
+            self.claim_csv(),
+            axis=axis,
+            heatmap_time_share=heatmap_time_share,
+            background=True,
         )
 
     def layout(self, references: Sequence[str], layers: Sequence[str], *, frozen: bool) -> None:
@@ -79,7 +84,7 @@ class RunOutputs:
         self,
         rows: Sequence[Mapping[str, Any]],
         step: int,
-        heatmaps: Mapping[str, Sequence[Mapping[str, Any]]],
+        heatmaps: Mapping[str, HeatmapSource],
         history: Sequence[Mapping[str, Any]],
         layers: Sequence[str],
     ) -> None:

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from lightning_svcca.output.drawing import Drawer
 from lightning_svcca.output.reporting import (
     HISTORY_COLUMNS,
     HeatmapFigure,
@@ -95,26 +96,38 @@ class Reporter:
         heatmap_time_share: the largest share of the time since this reporter was made that drawing heatmaps
             may take. Drawing one costs about 0.1 s (matplotlib), as much as an epoch of a small model: past the
             share, a heatmap waits for a later measurement, and :meth:`flush` draws what is still waiting.
+        background: draw heatmaps on a background thread (:class:`~lightning_svcca.output.drawing.Drawer`); each
+            image goes to the writers at the reporter's next call once drawn (from the caller's thread), and
+            :meth:`flush` waits for them all. ``False``: drawn and written when asked.
     """
 
     def __init__(
-        self, writers: Sequence[Any], csv_path: Path | None, *, axis: str = "epoch", heatmap_time_share: float = 1.0
+        self,
+        writers: Sequence[Any],
+        csv_path: Path | None,
+        *,
+        axis: str = "epoch",
+        heatmap_time_share: float = 1.0,
+        background: bool = False,
     ) -> None:
         self.writers = list(writers)
         self.csv_path = csv_path
         self._csv_failed: set[Path] = set()  # the CSV while its writes fail (warned once)
         self.axis = axis
         self.heatmap_time_share = heatmap_time_share
-        self._figures: dict[str, HeatmapFigure] = {}
+        self._drawer = Drawer(background=background)
         self._last_step = -1
         self._drawn: dict[str, tuple[int, tuple[int, ...], Any]] = {}
         self._started = time.perf_counter()
-        self._drawing_seconds = 0.0
         #: Heatmaps put off by the time share: name -> the latest call's arguments.
         self._waiting: dict[str, tuple[Iterable[Mapping[str, Any]], dict[str, Any]]] = {}
 
     def scalars(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        """One ``log_metrics`` call per step (in increasing order) with every row's value at that step."""
+        """One ``log_metrics`` call per step (in increasing order) with every row's value at that step.
+
+        Heatmaps drawn in the background since the last call go to the writers first.
+        """
+        self._write_drawn()
         by_step: dict[int, dict[str, float]] = {}
         for row in rows:
             by_step.setdefault(int(row["step"]), {})[tag(row["metric"], row["reference"], row["layer"])] = float(
@@ -136,7 +149,7 @@ class Reporter:
 
     def heatmap(
         self,
-        history: Iterable[Mapping[str, Any]],
+        history: Iterable[Mapping[str, Any]] | Callable[[], Iterable[Mapping[str, Any]]],
         *,
         reference: str,
         metric: str,
@@ -146,34 +159,41 @@ class Reporter:
     ) -> Any:
         """Draw the layers x epochs heatmap of a reference as image ``{metric}/{reference}/heatmap``.
 
-        Returns the image (``None`` when there is nothing to draw, or when it waits). Drawn only when a writer
-        takes images, or ``always`` (the end-of-fit picture other writers get). Unless ``always``, a heatmap that
-        would take drawing past ``heatmap_time_share`` waits (:meth:`flush` draws it). The same picture is not
-        written twice at one step: it is returned as drawn before.
+        ``history``: the rows, or a function returning them (called only when the picture is drawn; its seconds
+        count as drawing time). Drawn only when a writer takes images, or ``always`` (the end-of-fit picture other
+        writers get). Unless ``always``, a heatmap that would take drawing past ``heatmap_time_share``, or whose
+        previous picture is still being drawn (below a share of 1.0), waits (:meth:`flush` draws it). In the
+        background, the image goes to the writers when drawn and ``None`` is returned; otherwise (and with
+        ``always``) the image is returned (``None`` when there is nothing to draw, or when it waits). The same
+        picture is not written twice at one step: it is returned as drawn before.
         """
+        self._write_drawn()
         experiments = self._experiments("add_image")
         if not experiments and not always:
             return None
         name = tag(metric, reference, "heatmap")
         self._waiting.pop(name, None)
-        if not always and self._over_time_share():
+        if not always and self._must_wait(name):
             self._waiting[name] = (history, {"reference": reference, "metric": metric, "layers": layers, "step": step})
             return None
-        names, epochs, matrix = history_matrix(history, reference, metric, layers, axis=self.axis)
+        started = time.perf_counter()
+        rows = history() if callable(history) else history
+        names, epochs, matrix = history_matrix(rows, reference, metric, layers, axis=self.axis)
+        self._drawer.add_seconds(time.perf_counter() - started)
         if not names or not epochs:
             return None
         drawn = self._drawn.get(name)
         if drawn is not None and drawn[:2] == (step, tuple(epochs)):
             return drawn[2]
-        started = time.perf_counter()
-        if name not in self._figures:
-            self._figures[name] = HeatmapFigure(**heatmap_style(metric, reference), xlabel=self.axis)
-        image = self._figures[name].render(names, epochs, matrix)
-        self._drawing_seconds += time.perf_counter() - started
-        self._drawn[name] = (step, tuple(epochs), image)
-        for experiment in experiments:
-            experiment.add_image(name, image, step, dataformats="HWC")
-        return image
+
+        def style() -> HeatmapFigure:
+            return HeatmapFigure(**heatmap_style(metric, reference), xlabel=self.axis)
+
+        self._drawer.draw(name, step, style, names, epochs, matrix)
+        if self._drawer.background and not always:
+            return None
+        self._write_drawn(wait=True)
+        return self._drawn[name][2]
 
     def final_summary(self, image: Any, rows: Sequence[Mapping[str, Any]], step: int, name: str) -> None:
         """The ``final`` curve for writers that cannot take earlier steps: an image, a table, the CSV artifact."""
@@ -228,13 +248,28 @@ class Reporter:
         waiting, self._waiting = self._waiting, {}
         for history, arguments in waiting.values():
             self.heatmap(history, **arguments, always=True)
+        self._write_drawn(wait=True)
+        self._drawer.close()
         for experiment in self._experiments("flush"):
             experiment.flush()
 
-    def _over_time_share(self) -> bool:
-        """Whether heatmaps have taken more than their share of the time so far."""
+    def _must_wait(self, name: str) -> bool:
+        """Whether a heatmap waits: drawing is over its share of the time, or its last picture is still drawing.
+
+        A share of 1.0 draws every one.
+        """
+        if self.heatmap_time_share >= 1.0:
+            return False
         elapsed = time.perf_counter() - self._started
-        return self.heatmap_time_share < 1.0 and self._drawing_seconds > self.heatmap_time_share * elapsed
+        return self._drawer.seconds > self.heatmap_time_share * elapsed or self._drawer.busy(name)
+
+    def _write_drawn(self, *, wait: bool = False) -> None:
+        """Send the heatmaps drawn since the last call to the writers that take images (``wait``: all asked for)."""
+        experiments = self._experiments("add_image")
+        for drawing, image in self._drawer.finished(wait=wait):
+            self._drawn[drawing.name] = (drawing.step, drawing.epochs, image)
+            for experiment in experiments:
+                experiment.add_image(drawing.name, image, drawing.step, dataformats="HWC")
 
     def _experiments(self, method: str) -> list[Any]:
         found = []

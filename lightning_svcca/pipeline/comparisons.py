@@ -11,8 +11,9 @@ The ``final`` reference is different: every measured point is compared with the 
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +27,10 @@ from lightning_svcca.pipeline.references import Reference
 from lightning_svcca.pipeline.snapshot import Collective, Snapshot
 from lightning_svcca.pipeline.store import SnapshotStore
 
-__all__ = ["LIVE_FINAL_COLUMNS", "Comparisons", "row", "values_of"]
+__all__ = ["LIVE_FINAL_COLUMNS", "Comparisons", "HeatmapSource", "row", "values_of"]
+
+#: The rows a heatmap is drawn from, or a function computing them when the picture is drawn.
+HeatmapSource = Sequence[dict[str, Any]] | Callable[[], Sequence[dict[str, Any]]]
 
 #: Points the live "final" heatmap compares with the latest one at most (the end-of-fit pass compares all).
 LIVE_FINAL_COLUMNS = 10
@@ -146,20 +150,22 @@ class Comparisons:
 
     def heatmap_sources(
         self, point: int, history: Sequence[dict[str, Any]], layers: Sequence[str], *, live_final: bool
-    ) -> dict[str, Sequence[dict[str, Any]]]:
+    ) -> dict[str, HeatmapSource]:
         """The rows each reference's heatmap is drawn from after the measurement at ``point``.
 
         A reference compared at each measurement draws from the ``history`` (a freeze policy's lag reference is only
         charted). With ``live_final``, ``final`` gets the learning-dynamics picture so far: at most
         :data:`LIVE_FINAL_COLUMNS` points against the latest (not kept in the history), so a measurement costs the
-        same at epoch 10 and at epoch 1000.
+        same at epoch 10 and at epoch 1000. Those comparisons are a function, computed (once) only when the
+        picture is drawn: a run without image writers, or one whose heatmaps wait for their time share, never
+        pays for them.
         """
-        sources: dict[str, Sequence[dict[str, Any]]] = {
+        sources: dict[str, HeatmapSource] = {
             reference.name: history for reference in self.references if reference.kind not in ("final", "lag")
         }
         if self.wants_final and len(self.timeline) > 1 and live_final:
             shown = evenly_spaced(self.timeline.measured, LIVE_FINAL_COLUMNS)
-            sources["final"] = self.against_point(point, "final", layers, shown)
+            sources["final"] = functools.cache(lambda: self.against_point(point, "final", layers, shown))
         return sources
 
     def reference_snapshot(self, reference: Reference, layer: str, point: int) -> Snapshot | None:

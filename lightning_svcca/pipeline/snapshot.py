@@ -176,7 +176,8 @@ def build_snapshot(
         singular_values, right = basis_from_gram(gram, mean, n, input_eps, f"layer {name!r}")
         # 4. U = Xc V diag(1/s), this shard's rows, then every shard's.
         whiten = right / singular_values
-        local = torch.cat([(block.to(dtype) - mean) @ whiten for block in rows.split(ROW_BLOCK)] or [whiten[:0]])
+        parts = [_centred(block, mean) @ whiten for block in rows.split(ROW_BLOCK)] or [whiten[:0]]
+        local = parts[0] if len(parts) == 1 else torch.cat(parts)
         left = collective.gather_rows(local.to(torch.float32))
     rank = int(singular_values.shape[0])
     kept = kept_count(singular_values, keep, keep_by)
@@ -189,3 +190,10 @@ def build_snapshot(
         rank=rank,
         n_features=n_features,
     )
+
+
+def _centred(block: Tensor, mean: Tensor) -> Tensor:
+    """``block - mean`` in ``mean``'s dtype, converting and subtracting in one pass when promotion allows."""
+    if torch.result_type(block, mean) == mean.dtype:
+        return torch.sub(block, mean)
+    return block.to(mean.dtype) - mean

@@ -1,0 +1,196 @@
+"""A measurement against its floor, and the callback's overhead on a fit, in one run.
+
+The floor of a measurement is what it cannot avoid: the probe's forward pass, then for each monitored layer its
+centred Gram product (over the smaller side of its ``(datapoints, features)`` rows) and the eigendecomposition of
+it, in the monitor's compute dtype (float64 on a CPU). This script computes the floor directly with torch and
+times :meth:`SVCCAMonitor.measure <lightning_svcca.SVCCAMonitor.measure>` (references ``("previous", "final")``,
+the defaults) on the same model and probe, on MLPs of widths 64-4096 and 1-32 monitored layers (the ReLU after
+each ``Linear``), and prints measurement / floor. Each cell alternates floor and measurement a few times after the
+weights moved (so ``previous`` and the live ``final`` heatmap have something to compare) and takes the medians.
+
+Then the first release's overhead setting (``benchmarks/overhead.py``'s workload: 20,000 synthetic samples,
+6 layers, a probe of 1024, ``reference=("previous", "final")``, TensorBoard on): the fit time of 3 epochs with
+the callback over the time without it, runs alternating (A B A B). Target: at most 1.05.
+
+Everything runs on one thread (``torch.set_num_threads(1)``). The machine may be shared: wall time moves with the
+other processes, so CPU time (``time.process_time``) is printed beside it, and ratios are taken within one run.
+
+Cells of more than ``4096**2`` weights per layer times layers (1024 x 32, 4096 x 8, 4096 x 32) run with ``--full``.
+
+Run: ``python benchmarks/measurement_floor.py [--quick | --full]`` (``--quick``: widths 64 and 256, 1 and 4 layers,
+a probe of 256; the fit on 512 samples, a probe of 128, 2 epochs; a smoke test of some seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lightning_svcca import SVCCAMonitor  # noqa: E402
+
+from overhead import run as fit_run  # noqa: E402
+from overhead import synthetic_workload  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Seconds:
+    """Wall and CPU seconds of one timed call."""
+
+    wall: float
+    cpu: float
+
+
+def timed(function: Callable[[], object]) -> Seconds:
+    """Wall and CPU seconds of ``function()``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    function()
+    return Seconds(time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def median(samples: list[Seconds]) -> Seconds:
+    """The median wall and the median CPU seconds."""
+    return Seconds(statistics.median(s.wall for s in samples), statistics.median(s.cpu for s in samples))
+
+
+def mlp(width: int, depth: int) -> tuple[nn.Sequential, list[str]]:
+    """``depth`` blocks ``Linear(width, width) -> ReLU``; the monitored layers are the ReLUs."""
+    torch.manual_seed(0)
+    blocks: list[nn.Module] = []
+    for _ in range(depth):
+        blocks += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*blocks), [str(2 * index + 1) for index in range(depth)]
+
+
+def floor(model: nn.Module, probe: Tensor, layers: list[str], dtype: torch.dtype = torch.float64) -> None:
+    """The floor: the probe's forward pass, each layer's centred Gram matrix and its ``eigh``."""
+    outputs: list[Tensor] = []
+    modules = dict(model.named_modules())
+    hooks = [modules[name].register_forward_hook(lambda _m, _i, out: outputs.append(out)) for name in layers]
+    try:
+        with torch.no_grad():
+            model(probe)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for rows in outputs:
+        centred = rows.reshape(rows.shape[0], -1).to(dtype)
+        centred = centred - centred.mean(0)
+        gram = centred.T @ centred if centred.shape[0] >= centred.shape[1] else centred @ centred.T
+        torch.linalg.eigh(gram)
+
+
+def nudge(model: nn.Module, generator: torch.Generator) -> None:
+    """A small random step on every weight (a stand-in for training between two measurements)."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn(parameter.shape, generator=generator))
+
+
+def measurement_cell(width: int, depth: int, probe_size: int, repeats: int) -> tuple[Seconds, Seconds]:
+    """Median seconds of a measurement and of its floor, alternated ``repeats`` times, on one MLP."""
+    model, layers = mlp(width, depth)
+    model.eval()
+    generator = torch.Generator().manual_seed(1)
+    probe = torch.randn(probe_size, width, generator=generator)
+    monitor = SVCCAMonitor(model, probe=probe, layers=layers, reference=("previous", "final"))
+    monitor.start()
+    nudge(model, generator)
+    monitor.measure(epoch=1, step=1)  # the first comparison: warm-up
+    measured, floors = [], []
+    for epoch in range(2, 2 + repeats):
+        nudge(model, generator)
+        floors.append(timed(lambda: floor(model, probe, layers)))
+        measured.append(timed(lambda epoch=epoch: monitor.measure(epoch=epoch, step=epoch)))
+    monitor.close()
+    return median(measured), median(floors)
+
+
+def measurement_table(
+    widths: list[int], depths: list[int], probe_size: int, big_probe: int, repeats: int, max_cost: float
+) -> None:
+    """Print measurement and floor seconds (wall, CPU) and their ratios for each width and depth.
+
+    Cells whose ``width**2 * layers`` passes ``max_cost`` are left out (the forward passes and ``eigh`` of a single
+    thread would take minutes).
+    """
+    print(f"measurement vs floor (MLP, ReLU layers, probe {probe_size}; {big_probe} at width 4096; medians)")
+    header = f"{'width':>6} {'layers':>6} {'probe':>6}  {'measure s':>9} {'floor s':>8} {'ratio':>6}"
+    print(f"{header}  {'cpu meas':>8} {'cpu floor':>9} {'cpu ratio':>9}")
+    for width in widths:
+        for depth in depths:
+            if width * width * depth > max_cost:
+                continue  # e.g. 32 layers of 1024: minutes of forward passes and eigh on one thread
+            size = big_probe if width >= 4096 else probe_size
+            measured, floored = measurement_cell(width, depth, size, repeats)
+            print(
+                f"{width:>6} {depth:>6} {size:>6}  {measured.wall:>9.4f} {floored.wall:>8.4f}"
+                f" {measured.wall / floored.wall:>6.2f}  {measured.cpu:>8.4f} {floored.cpu:>9.4f}"
+                f" {measured.cpu / max(floored.cpu, 1e-9):>9.2f}"
+            )
+    print()
+
+
+def fit_seconds(workload, epochs: int, with_callback: bool, root: str) -> Seconds:
+    """Seconds of a whole fit (Trainer built, ``epochs`` epochs), with or without the callback."""
+    return timed(lambda: fit_run(workload, epochs, with_callback, root))
+
+
+def overhead_ratio(samples: int, probe_size: int, epochs: int, repeats: int) -> None:
+    """Print the fit time with the callback over the time without it (runs alternating), wall and CPU."""
+    workload = synthetic_workload(samples, probe_size)
+    without, with_ = [], []
+    with tempfile.TemporaryDirectory() as root:
+        fit_seconds(workload, 1, False, root)  # warm-up: imports, first allocations
+        for _ in range(repeats):
+            without.append(fit_seconds(workload, epochs, False, root))
+            with_.append(fit_seconds(workload, epochs, True, root))
+    base, monitored = median(without), median(with_)
+    print(f"fit overhead: {samples} samples, 6 layers, probe {probe_size}, {epochs} epochs, previous + final")
+    print(f"  fit without callback : {base.wall:7.2f} s wall  {base.cpu:7.2f} s cpu  (median of {repeats})")
+    print(f"  fit with callback    : {monitored.wall:7.2f} s wall  {monitored.cpu:7.2f} s cpu")
+    print(
+        f"  overhead ratio       : {monitored.wall / base.wall:7.3f} wall  {monitored.cpu / base.cpu:7.3f} cpu"
+        "  (target <= 1.05)"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line, print the measurement/floor table and the fit overhead."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small grid and a small fit (a smoke test)")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements (and fits) per setting")
+    parser.add_argument("--full", action="store_true", help="also 1024 x 32, 4096 x 8 and 4096 x 32 (slow)")
+    parser.add_argument("--skip-fit", action="store_true", help="only the measurement/floor table")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    for name in ("lightning.pytorch", "pytorch_lightning", "lightning.fabric", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # the Trainer's banners, between the lines of the table
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread")
+    if args.quick:
+        measurement_table([64, 256], [1, 4], 256, 256, 2, math.inf)
+        if not args.skip_fit:
+            overhead_ratio(512, 128, 2, 1)
+        return
+    max_cost = math.inf if args.full else 4096**2
+    measurement_table([64, 256, 1024, 4096], [1, 8, 32], 1024, 256, args.repeats, max_cost)
+    if not args.skip_fit:
+        overhead_ratio(20000, 1024, 3, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Heatmap pictures drawn off the training thread: one worker thread, finished images handed back in order.
+
+Drawing a heatmap costs about 0.1 s of matplotlib, as much as an epoch of a small model. :class:`Drawer` runs each
+drawing on a single background thread (matplotlib's object API with the Agg canvas: every picture has its own
+``Figure``, no pyplot state, so a thread is safe), and the training thread picks the finished images up at its next
+call (:meth:`Drawer.finished`) and hands them to the writers itself: writers are only ever called from the
+training thread. With ``background=False`` each picture is drawn at once, in the caller's thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lightning_svcca.output.reporting import HeatmapFigure
+
+__all__ = ["Drawer", "Drawing"]
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """One picture asked for: its name, step and columns, and the image once drawn."""
+
+    name: str
+    step: int
+    epochs: tuple[int, ...]
+    image: Future
+
+
+class Drawer:
+    """Draws heatmap figures (one per name, reused) on a background thread, or at once.
+
+    Args:
+        background: draw on a worker thread (the training thread only queues); ``False``: draw when asked.
+    """
+
+    def __init__(self, *, background: bool) -> None:
+        self.background = background
+        self._figures: dict[str, HeatmapFigure] = {}
+        self._pending: list[Drawing] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._seconds = 0.0
+
+    @property
+    def seconds(self) -> float:
+        """Seconds spent drawing so far (finished drawings, and what :meth:`add_seconds` counted)."""
+        with self._lock:
+            return self._seconds
+
+    def add_seconds(self, seconds: float) -> None:
+        """Count work done for a picture outside the drawing itself (its rows, computed by the caller)."""
+        with self._lock:
+            self._seconds += seconds
+
+    def busy(self, name: str) -> bool:
+        """Whether a picture of ``name`` is still being drawn."""
+        return any(drawing.name == name and not drawing.image.done() for drawing in self._pending)
+
+    def draw(
+        self,
+        name: str,
+        step: int,
+        style: Callable[[], HeatmapFigure],
+        layers: Sequence[str],
+        epochs: Sequence[int],
+        matrix: np.ndarray,
+    ) -> None:
+        """Draw ``matrix`` on the figure of ``name`` (``style()`` makes it the first time); see :meth:`finished`."""
+        arguments = (name, style, list(layers), list(epochs), np.array(matrix, dtype=float))
+        if self.background:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="svcca-heatmaps")
+            image = self._executor.submit(self._render, *arguments)
+        else:
+            image = Future()
+            image.set_result(self._render(*arguments))
+        self._pending.append(Drawing(name, step, tuple(epochs), image))
+
+    def finished(self, *, wait: bool = False) -> list[tuple[Drawing, Any]]:
+        """The drawings done since the last call, with their images, in the order asked (``wait``: all of them)."""
+        done = []
+        while self._pending and (wait or self._pending[0].image.done()):
+            drawing = self._pending.pop(0)
+            done.append((drawing, drawing.image.result()))
+        return done
+
+    def close(self) -> None:
+        """Stop the worker thread once its drawings are done (a later :meth:`draw` starts a new one)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _render(
+        self,
+        name: str,
+        style: Callable[[], HeatmapFigure],
+        layers: list[str],
+        epochs: list[int],
+        matrix: np.ndarray,
+    ) -> np.ndarray:
+        """Draw one picture (in the worker thread when in the background), counting its seconds."""
+        started = time.perf_counter()
+        if name not in self._figures:
+            self._figures[name] = style()
+        image = self._figures[name].render(layers, epochs, matrix)
+        self.add_seconds(time.perf_counter() - started)
+        return image

@@ -377,7 +377,7 @@ def _number(text: str) -> bool:
 
 def test_validate_state_checks_layers_and_numbers() -> None:
     model = TinyMLP()
-    with pytest.raises(ValueError, match="not monitored.*'net.9'"):
+    with pytest.raises(ValueError, match="does not have.*'net.9'"):
         validate_state({"layer_order": ["net.0", "net.9"]}, model=model, layers=LAYERS)
     with pytest.raises(ValueError, match="last_measured_step"):
         validate_state({"last_measured_step": -5}, model=model, layers=LAYERS)

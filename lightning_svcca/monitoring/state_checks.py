@@ -50,7 +50,7 @@ def validate_state(state: Any, *, model: nn.Module, layers: Collection[str]) -> 
     Args:
         state: the state read from the checkpoint.
         model: the model the run continues with.
-        layers: the monitored layer names.
+        layers: the monitored layer names (with the model's other modules, the names the state may hold).
 
     Raises:
         ValueError: a field that could write outside the log folder, name something the model does not have,
@@ -59,7 +59,8 @@ def validate_state(state: Any, *, model: nn.Module, layers: Collection[str]) -> 
     if not isinstance(state, Mapping):
         raise ValueError(f"the checkpoint's SVCCA state is a {type(state).__name__}, not a dict")
     try:
-        _check_fields(state, model, set(layers))
+        # layers of the model that this run does not monitor are fine: a resume with other layers keeps their rows
+        _check_fields(state, model, set(layers) | {name for name, _ in model.named_modules()})
     except (KeyError, TypeError, AttributeError, IndexError) as error:
         raise ValueError(f"the checkpoint's SVCCA state is malformed: {type(error).__name__} {error}") from error
     return dict(state)
@@ -117,15 +118,14 @@ def _text(value: Any, what: str) -> str:
 
 
 def _layer_names(names: Any, known: set[str], what: str) -> None:
-    """Every name in ``names`` (a list or a dict's keys) is a monitored layer."""
+    """Every name in ``names`` (a list or a dict's keys) is a layer of the model."""
     names = list(names)
     for name in names:
         _text(name, what)
     unknown = sorted(set(names) - known)
     if unknown:
         raise ValueError(
-            f"the checkpoint's {what} names layers that are not monitored: {unknown[:8]}; monitored:"
-            f" {sorted(known)[:20]}"
+            f"the checkpoint's {what} names layers the model does not have: {unknown[:8]}; is it the same model?"
         )
 
 

@@ -99,8 +99,11 @@ def default_layers(model: nn.Module) -> list[str]:
     Example:
         >>> block = lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU())
         >>> model = nn.Sequential(nn.Linear(2, 4), nn.Sequential(block(), block(), block()), nn.Linear(4, 1))
-        >>> default_layers(model)
-        ['0', '1.0', '1.1', '1.2', '2']
+        >>> default_layers(model)  # the Linear stem is an affine map of the input, with no activation beside it
+        ['1.0', '1.1', '1.2', '2']
+        >>> model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Sequential(block(), block()), nn.Linear(4, 1))
+        >>> default_layers(model)  # its activation stands in for it
+        ['1', '2.0', '2.1', '3']
     """
     blocks = _repeated_blocks(model)
     if not blocks:

@@ -72,3 +72,17 @@ def test_quick_mode_runs_every_variant(tmp_path, capsys):
     assert len(results["b"]["linear schedule"][0].frozen) == 4
     table = capsys.readouterr().out
     assert "(b) from scratch, fixed inputs" in table and "(d) LoRA" in table and "time to acc" in table
+
+
+def test_replay_prints_its_table_from_the_committed_histories():
+    replay = _load("freeze_rule_replay")
+    table = replay.main([])
+    assert all(f"({workload}) seed 0" in table for workload in "abcd")
+    assert "movement f=0.25 th=0.75 p=1" in table
+
+
+@pytest.mark.slow
+def test_recording_quick_mode_writes_histories(tmp_path):
+    recording = _load("freeze_recording")
+    recording.main(["--quick", "--workloads", "d", "--out", str(tmp_path)])
+    assert list(tmp_path.glob("*.json"))

@@ -67,6 +67,8 @@ def _fit_logged(tmp_path, policy, *, data=None, epochs=5, batch_size=64):
     lines, metrics = _Lines(), _Metrics()
     logger = callback._logger()
     logger.addHandler(lines)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # whatever level an earlier test left on Lightning's loggers
     trainer = pl.Trainer(
         max_epochs=epochs,
         default_root_dir=tmp_path,
@@ -83,6 +85,7 @@ def _fit_logged(tmp_path, policy, *, data=None, epochs=5, batch_size=64):
         trainer.fit(model, loader)
     finally:
         logger.removeHandler(lines)
+        logger.setLevel(level)
     return model, callback, lines.lines, metrics.metrics
 
 

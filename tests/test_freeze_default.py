@@ -74,8 +74,10 @@ def _counting_task(count: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
 def _fit(tmp_path, model, policy, loader, probe, layers, epochs, caplog=None, **trainer_kwargs):
     callback = SVCCACallback(probe=probe, layers=layers, reference=["previous"], freeze=policy)
     logger = callback._logger()  # Lightning's logger does not propagate to caplog's root handler
+    level = logger.level
     if caplog is not None:
         logger.addHandler(caplog.handler)
+        logger.setLevel(logging.INFO)  # whatever level an earlier test left on Lightning's loggers
     trainer = pl.Trainer(
         max_epochs=epochs, default_root_dir=tmp_path, accelerator="cpu", callbacks=[callback], logger=False,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, **trainer_kwargs,
@@ -87,6 +89,7 @@ def _fit(tmp_path, model, policy, loader, probe, layers, epochs, caplog=None, **
     finally:
         if caplog is not None:
             logger.removeHandler(caplog.handler)
+            logger.setLevel(level)
     return callback
 
 

@@ -339,12 +339,12 @@ def test_frozen_state_is_plain_and_round_trips(digits_cnn):
     first = monitor()
     first.freezing.frozen = {"relu1": 3}
     first.freezing.streaks = {"relu1": 2}
-    first.freezer.parameters = {"relu1": ["conv1.weight"]}
+    first.freezing.freezer.parameters = {"relu1": ["conv1.weight"]}
     state = copy.deepcopy(first.state_dict())
     other = monitor()
     other.load_state_dict(state)
-    assert other.frozen == {"relu1": 3} and other.streaks == {"relu1": 2}
-    assert other.freezer.parameters == {"relu1": ["conv1.weight"]}
+    assert other.frozen == {"relu1": 3} and other.freezing.streaks == {"relu1": 2}
+    assert other.freezing.freezer.parameters == {"relu1": ["conv1.weight"]}
     # the callback hands a checkpoint's state to the monitor it builds for the fit
     callback = SVCCACallback(
         probe=torch.zeros(4, 1, 8, 8), layers=LAYERS, freeze=FreezePolicy(mode="convergence", lag=1)

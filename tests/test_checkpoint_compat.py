@@ -47,7 +47,7 @@ def _resume(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, with_
     """Copy fixture ``name`` to ``tmp_path`` (its snapshot folder too, when it has one and asked), resume it for
     :data:`EXTRA_EPOCHS` epochs there, and return what the checks need."""
     expected = json.loads((FIXTURES / f"{name}.json").read_text())
-    shutil.copyfile(FIXTURES / f"{name}.ckpt", tmp_path / "fixture.ckpt")
+    shutil.copyfile(FIXTURES / f"{name}.last.pt", tmp_path / "fixture.ckpt")
     if with_snapshots and expected["snapshot_folder"]:
         shutil.copytree(FIXTURES / f"{name}.snapshots", tmp_path / expected["snapshot_folder"])
     monkeypatch.chdir(tmp_path)  # the snapshot folder's path in the checkpoint is relative

@@ -3,8 +3,9 @@
 Each fixture is a ``last.ckpt`` of a 4-epoch fit of :class:`TinyMLP` on fixed-seed synthetic data, with an
 :class:`~lightning_svcca.SVCCACallback` monitoring three layers against ``"previous"`` and ``"initial"`` and a
 schedule :class:`~lightning_svcca.FreezePolicy` that freezes ``net.0`` after epoch 2 and ``net.2`` after epoch 3. So
-the checkpoint holds a history, measured epochs, freeze state and snapshots. Beside ``NAME.ckpt`` goes ``NAME.json``:
-the history and freezes as the old code produced them (what a resume must keep).
+the checkpoint holds a history, measured epochs, freeze state and snapshots, saved as ``NAME.last.pt`` (the fit's
+``last.ckpt``, renamed so that it does not read as a generated file). Beside it goes ``NAME.json``: the history
+and freezes as the old code produced them (what a resume must keep).
 
 Versions that keep snapshots as files under the log directory (``svcca_snapshots/<run id>/``, from the callback's
 persistent snapshot store on) write their path into the checkpoint. The fit runs in a temporary working directory
@@ -136,8 +137,8 @@ def make_fixture(name: str, commit: str, out: Path) -> dict[str, Any]:
             torch.manual_seed(0)
             callback = SVCCACallback(**callback_kwargs())
             make_trainer([callback], EPOCHS, ROOT_DIR).fit(TinyMLP(), train_dataloaders=train_loader())
-            shutil.copyfile(Path(ROOT_DIR) / "checkpoints" / "last.ckpt", out / f"{name}.ckpt")
-            folder = _copy_snapshots(out / f"{name}.ckpt", callback.state_key, out / f"{name}.snapshots")
+            shutil.copyfile(Path(ROOT_DIR) / "checkpoints" / "last.ckpt", out / f"{name}.last.pt")
+            folder = _copy_snapshots(out / f"{name}.last.pt", callback.state_key, out / f"{name}.snapshots")
         finally:
             os.chdir(previous_cwd)
     expected = {
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     """Make one fixture with the lightning_svcca on ``PYTHONPATH``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", help="fixture name, e.g. v0.1-8c69339 (the commit is the part after the last '-')")
-    parser.add_argument("--out", type=Path, default=HERE, help="folder for NAME.ckpt and NAME.json")
+    parser.add_argument("--out", type=Path, default=HERE, help="folder for NAME.last.pt and NAME.json")
     args = parser.parse_args(argv)
     print(f"lightning_svcca from {Path(lightning_svcca.__file__).parent}", file=sys.stderr)
     expected = make_fixture(args.name, args.name.rpartition("-")[2], args.out.resolve())

@@ -86,3 +86,17 @@ def test_recording_quick_mode_writes_histories(tmp_path):
     recording = _load("freeze_recording")
     recording.main(["--quick", "--workloads", "d", "--out", str(tmp_path)])
     assert list(tmp_path.glob("*.json"))
+
+
+def test_summary_of_a_partial_run_counts_only_seeds_whose_baseline_finished():
+    summary = _load("freeze_summary")
+    log = "\n".join([
+        "# (c) seed 0 no callback: 20.0 s (18.0 s CPU), accuracy 70.00%, cached -, frozen -",
+        "# (c) seed 0 FreezePolicy(): 12.0 s (12.0 s CPU), accuracy 69.80%, cached -, frozen bert.embeddings@5",
+        "# (c) seed 1 FreezePolicy(): 11.0 s (11.0 s CPU), accuracy 60.00%, cached -, frozen -",
+        "a line of something else",
+    ])  # fmt: skip
+    table = summary.summarise(log)
+    assert "(c) seeds [0]" in table
+    row = next(line for line in table.splitlines() if line.startswith("FreezePolicy()"))
+    assert "1.50x" in row and "-0.20" in row and "embeddings@5" in row

@@ -34,8 +34,11 @@ def summarise(text: str) -> str:
     for workload in sorted(runs):
         variants = runs[workload]
         base = variants.get("no callback", {})
-        lines += ["", f"({workload}) seeds {sorted(base)}", f"{'variant':<22} {'seeds':>5} {'wall s':>7} {'CPU s':>7}"
-                  f" {'CPU speedup':>11} {'test acc':>8} {'change':>7} {'cached':>6}  frozen at epoch (first seed)"]  # fmt: skip
+        header = (
+            f"{'variant':<22} {'seeds':>5} {'wall s':>7} {'CPU s':>7} {'CPU speedup':>11} {'test acc':>8}"
+            f" {'change':>7} {'cached':>6}  frozen at epoch (first seed)"
+        )
+        lines += ["", f"({workload}) seeds {sorted(base)}", header]
         for variant, by_seed in variants.items():
             seeds = sorted(set(by_seed) & set(base))
             if not seeds:

@@ -8,15 +8,13 @@ epoch), through ``python -m torch.distributed.run --standalone`` (a free port of
 from __future__ import annotations
 
 import csv
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+
+from torchrun_example import run_example
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "distributed_loop.py"
@@ -34,15 +32,7 @@ pytestmark = [
 
 def _torchrun(out: Path, processes: int, *args: str) -> dict:
     """Run the example; rank zero's summary, with the history CSV's rows."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    for variable in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(variable, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    command += [str(EXAMPLE), "--log-dir", str(out), "--quick", *args]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
-    assert completed.returncode == 0, (completed.stdout + completed.stderr)[-4000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = run_example(EXAMPLE, out, processes, *args)
     with (out / summary["csv"]).open() as handle:
         summary["history"] = list(csv.DictReader(handle))
     return summary

@@ -123,3 +123,16 @@ def time_to_accuracy(points: list[tuple[int, float, float, float]], target: floa
 def spread(values: list[float]) -> float:
     """Sample standard deviation (0 for one value)."""
     return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+class CacheSpy(pl.Callback):
+    """Reads the prefix cache's counters (the share of batches it served) before the fit's teardown deletes it."""
+
+    def __init__(self, callback: pl.Callback) -> None:
+        self.callback = callback
+        self.share: float | None = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        cache = self.callback.monitor.freezing.freezer.cache
+        if cache is not None and cache.enabled:
+            self.share = cache.skipped_batches / max(1, trainer.global_step)

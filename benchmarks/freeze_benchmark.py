@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from freeze_baselines import AutoFreeze, EpochClock, accuracy, spread, time_to_accuracy  # noqa: E402
+from freeze_baselines import AutoFreeze, CacheSpy, EpochClock, accuracy, spread, time_to_accuracy  # noqa: E402
 from freeze_workloads import (  # noqa: E402
     TITLES,
     BertClassifier,
@@ -104,19 +104,6 @@ class Run:
     cached_share: float | None = None
 
 
-class _CacheSpy(pl.Callback):
-    """Reads the prefix cache's counters before the fit's teardown deletes the cache."""
-
-    def __init__(self, callback: SVCCACallback) -> None:
-        self.callback = callback
-        self.share: float | None = None
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        cache = self.callback.monitor.freezing.freezer.cache
-        if cache is not None and cache.enabled:
-            self.share = cache.skipped_batches / max(1, trainer.global_step)
-
-
 def fit(
     model: Classifier,
     work: Workload,
@@ -134,7 +121,7 @@ def fit(
     monitor = spy = autofreeze = None
     if isinstance(variant, FreezePolicy):
         monitor = SVCCACallback(probe=work.probe, layers=model.layers, freeze=variant)
-        spy = _CacheSpy(monitor)
+        spy = CacheSpy(monitor)
         callbacks = [monitor, spy]
     elif variant == AUTOFREEZE:
         autofreeze = AutoFreeze(model.layers)

@@ -38,6 +38,7 @@ import argparse
 import copy
 import logging
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -51,7 +52,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_svcca import FreezePolicy, SVCCACallback
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from freeze_baselines import CacheSpy  # noqa: E402
+
+from lightning_svcca import FreezePolicy, SVCCACallback  # noqa: E402
 
 LAYERS = ["stage1", "stage2", "stage3", "head"]
 
@@ -143,19 +148,6 @@ class Run:
     cached_share: float | None = None
 
 
-class _CacheSpy(pl.Callback):
-    """Reads the prefix cache's counters before the fit's teardown deletes the cache."""
-
-    def __init__(self, callback: SVCCACallback) -> None:
-        self.callback = callback
-        self.share: float | None = None
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        cache = self.callback.monitor.freezing.freezer.cache
-        if cache is not None and cache.enabled:
-            self.share = cache.skipped_batches / max(1, trainer.global_step)
-
-
 def fit(
     model: ConvNet,
     split: Split,
@@ -172,7 +164,7 @@ def fit(
     callback = None
     if policy is not None:
         callback = SVCCACallback(probe=x[:256], layers=LAYERS, freeze=policy)
-        callbacks = [callback, _CacheSpy(callback)]
+        callbacks = [callback, CacheSpy(callback)]
     trainer = pl.Trainer(
         max_epochs=epochs,
         default_root_dir=root,

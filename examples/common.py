@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import logging
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +70,13 @@ def run_example(run: Callable[[argparse.Namespace], Any], args: argparse.Namespa
         pl.seed_everything(args.seed, workers=True, verbose=False)
         logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
         return run(args)
+
+
+def history_value(history: Sequence[Mapping[str, Any]], layer: str, reference: str, epoch: int) -> str:
+    """A layer's SVCCA to ``reference`` at ``epoch`` in a monitor's history, to 3 decimals (``-`` when absent)."""
+    found = [
+        row["value"]
+        for row in history
+        if (row["layer"], row["reference"], row["epoch"], row["metric"]) == (layer, reference, epoch, "svcca")
+    ]
+    return f"{found[0]:.3f}" if found else "-"

@@ -33,7 +33,7 @@ from lightning_svcca.pipeline.distributed import ProcessGroupCollective
 from lightning_svcca.pipeline.snapshot import LocalCollective
 from lightning_svcca.pipeline.wrappers import wrapper_precision
 
-from common import HelpFormatter, add_run_arguments, run_example
+from common import HelpFormatter, add_run_arguments, history_value, run_example
 from digits import DigitsNet, accuracy, load_data
 
 LAYERS = ("relu1", "relu2", "relu3", "fc2")
@@ -91,12 +91,7 @@ def format_summary(result: dict[str, Any], epochs: int) -> str:
     """Per layer: SVCCA to the previous epoch at the end and to the final model after the first epoch."""
 
     def value(layer: str, reference: str, epoch: int) -> str:
-        found = [
-            row["value"]
-            for row in result["history"]
-            if (row["layer"], row["reference"], row["epoch"], row["metric"]) == (layer, reference, epoch, "svcca")
-        ]
-        return f"{found[0]:.3f}" if found else "-"
+        return history_value(result["history"], layer, reference, epoch)
 
     lines = [f"test accuracy {result['accuracy']:.3f}", f"{'layer':<8}{'previous@end':>14}{'final@1':>10}"]
     for layer in result["layers"]:

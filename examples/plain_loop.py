@@ -30,7 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from lightning_svcca import FreezePolicy, SVCCAMonitor
 
-from common import HelpFormatter, add_run_arguments, run_example
+from common import HelpFormatter, add_run_arguments, history_value, run_example
 from digits import DigitsNet, accuracy, load_data
 
 LAYERS = ("relu1", "relu2", "relu3")
@@ -79,8 +79,7 @@ def format_summary(result: dict[str, Any], epochs: int) -> str:
     history = result["history"]
 
     def value(layer: str, reference: str, epoch: int) -> str:
-        found = [r["value"] for r in history if (r["layer"], r["reference"], r["epoch"]) == (layer, reference, epoch)]
-        return f"{found[0]:.3f}" if found else "-"
+        return history_value(history, layer, reference, epoch)
 
     lines = [
         f"test accuracy {result['accuracy']:.3f}",

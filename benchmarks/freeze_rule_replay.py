@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 #: ``FreezePolicy()``'s constants (chosen from these replays: docs/freezing.md, "The default rule").
-LAG_FRACTION = 0.25
+LAG_FRACTION = 0.5
 THRESHOLD = 0.75
 PATIENCE = 1
 #: Below this total movement ``1 - s(t, 0)`` a layer has not moved at all (nothing of its own trains).

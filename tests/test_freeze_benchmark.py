@@ -20,10 +20,11 @@ def _load(name: str):
 
 
 def _rows(layer: str, totals: list[float], recents: dict[int, float]) -> list[dict]:
-    """History rows of one layer: ``initial`` per epoch, and the lag rows the rule reads (lag = round(t / 4))."""
+    """History rows of one layer: ``initial`` per epoch, and the lag rows the rule reads (the default lag)."""
+    fraction = _load("freeze_rule_replay").LAG_FRACTION
     rows = []
     for epoch, total in enumerate(totals, start=1):
-        lag = max(1, int(0.25 * epoch + 0.5))
+        lag = max(1, int(fraction * epoch + 0.5))
         rows.append({"epoch": epoch, "step": None, "layer": layer, "reference": "initial", "metric": "svcca",
                      "value": total})  # fmt: skip
         reference = "previous" if lag == 1 else f"lag{lag}"

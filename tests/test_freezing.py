@@ -69,17 +69,17 @@ def _movement(recent_moved: float, total_moved: float) -> tuple[float, float]:
 
 def test_the_default_rule_judges_recent_movement_against_movement_since_the_start():
     policy = FreezePolicy(keep_last=0)
-    assert policy.mode == "movement" and policy.lag_fraction == 0.25 and policy.movement_threshold == 0.75
-    # t = 8: lag = floor(0.25 * 8 + 0.5) = 2; a steady pace moves (2/8)^2 = 1/16 of the total in the last 2
-    steady, slowed = _movement(0.01 / 16, 0.01), _movement(0.01 / 64, 0.01)
+    assert policy.mode == "movement" and policy.lag_fraction == 0.5 and policy.movement_threshold == 0.75
+    # t = 8: lag = floor(0.5 * 8 + 0.5) = 4; a steady pace moves (4/8)^2 = 1/4 of the total in the last 4
+    steady, slowed = _movement(0.01 / 4, 0.01), _movement(0.01 / 16, 0.01)
     decide = policy.decide
     assert decide(8, ["a"], {}, {}, {"a": steady[0]}, initial={"a": steady[1]}) == []
     [decision] = decide(8, ["a"], {}, {}, {"a": slowed[0]}, initial={"a": slowed[1]})
-    assert "relative movement 0.250 < 0.75" in decision.reason and "over the last 2 measurement(s)" in decision.reason
+    assert "relative movement 0.250 < 0.75" in decision.reason and "over the last 4 measurement(s)" in decision.reason
     # scale-free: a LoRA-like layer that moved 1e-4 in all reads the same as one that moved 1e-2
-    tiny = _movement(1e-4 / 64, 1e-4)
+    tiny = _movement(1e-4 / 16, 1e-4)
     assert [d.layer for d in decide(8, ["a"], {}, {}, {"a": tiny[0]}, initial={"a": tiny[1]})] == ["a"]
-    # the lag counts measurements when given (every k epochs, or by steps): t = 4 -> lag 1, steady r = 1/16
+    # the lag counts measurements when given (every k epochs, or by steps): t = 4 -> lag 2, r = 1/4 is steady
     assert decide(8, ["a"], {}, {}, {"a": steady[0]}, initial={"a": steady[1]}, measurement=4) == []
 
 

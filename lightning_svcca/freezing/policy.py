@@ -127,7 +127,7 @@ class FreezePolicy:
     cache_max_bytes: int | None = 2**30
     cache_key: Literal["bytes", "index"] = "bytes"
     cache_device: Literal["auto", "cpu", "device"] = "auto"
-    lag_fraction: float = 0.25
+    lag_fraction: float = 0.5
     movement_threshold: float = 0.75
 
     def __post_init__(self) -> None:

@@ -101,3 +101,19 @@ def test_summary_of_a_partial_run_counts_only_seeds_whose_baseline_finished():
     assert "(c) seeds [0]" in table
     row = next(line for line in table.splitlines() if line.startswith("FreezePolicy()"))
     assert "1.50x" in row and "-0.20" in row and "embeddings@5" in row
+
+
+@pytest.mark.slow
+def test_oracle_quick_mode_fits_each_fixed_freeze(tmp_path, capsys):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        oracle = _load("freeze_oracle")
+        results = oracle.main(["--quick", "--workloads", "c", "--threads", "1"])
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    runs = results["c"]
+    # 3 quick epochs: the fractions round to epochs 1 and 2; "all" keeps only the head, "lower" also the top block
+    assert set(runs) == {"no callback", "all@1 + cache", "lower@1 + cache", "all@2 + cache", "lower@2 + cache"}
+    assert set(runs["all@2 + cache"][0].frozen.values()) == {2} and len(runs["all@2 + cache"][0].frozen) == 5
+    assert len(runs["lower@1 + cache"][0].frozen) == 4 and not runs["no callback"][0].frozen
+    assert "(c) fine-tuning a small BERT" in capsys.readouterr().out

@@ -145,6 +145,16 @@ def centred_gram(x: Tensor, mean: Tensor, scale: Tensor | None = None) -> Tensor
     return _mirror_upper(gram)
 
 
+def upper_gram(centred: Tensor) -> Tensor:
+    """``Xc^T Xc`` of rows centred already (in the compute dtype), from its upper blocks as :func:`centred_gram`.
+
+    For a caller that needs the centred rows again (the snapshot builder projects them on the basis next).
+    """
+    gram = centred.new_zeros(centred.shape[1], centred.shape[1])
+    _add_upper_gram(gram, centred)
+    return _mirror_upper(gram)
+
+
 def scale_columns(product: Tensor, scale_a: Tensor | None, scale_b: Tensor | None) -> Tensor:
     """``diag(scale_a) P diag(scale_b)`` for ``(1, d)`` scales (``None``: 1)."""
     if scale_a is not None:
@@ -224,12 +234,13 @@ def truncated_spectrum(
     mean_sq = n * float(mean.detach().square().sum())
     floor = noise_floor(float(gram.detach().diagonal().sum()), mean_sq, n, input_eps, gram.dtype)
     eigenvalues, vectors = torch.linalg.eigh(gram)
-    # eigh sorts ascending: flip to descending singular values s = sqrt(lambda).
-    singular_values, vectors = eigenvalues.flip(0).clamp_min(0.0).sqrt(), vectors.flip(1)
-    keep = _rank_mask(singular_values, floor, n, d, gram=True)
-    if not bool(keep.any()):
+    # eigh sorts ascending: descending singular values s = sqrt(lambda), and their columns of vectors (taken in
+    # one gather, last column first, rather than flipping every column and then dropping the cut ones).
+    singular_values = eigenvalues.flip(0).clamp_min(0.0).sqrt()
+    kept = torch.nonzero(_rank_mask(singular_values, floor, n, d, gram=True)).reshape(-1)
+    if kept.numel() == 0:
         raise ZeroVarianceError(zero_variance_message(name))
-    return singular_values[keep], vectors[:, keep]
+    return singular_values[kept], vectors[:, vectors.shape[1] - 1 - kept]
 
 
 def basis_from_gram(gram: Tensor, mean: Tensor, n: int, input_eps: float, name: str) -> tuple[Tensor, Tensor]:

@@ -20,7 +20,13 @@ import torch
 from torch import Tensor
 
 from lightning_svcca.measures._checks import raise_if_not_finite
-from lightning_svcca.measures._linalg import ROW_BLOCK, basis_from_gram, centred_gram, kept_count
+from lightning_svcca.measures._linalg import (
+    ROW_BLOCK,
+    basis_from_gram,
+    centred_gram,
+    kept_count,
+    upper_gram,
+)
 from lightning_svcca.measures.decomposition import Decomposition, decompose_checked
 
 __all__ = ["Collective", "LocalCollective", "Snapshot", "build_snapshot"]
@@ -166,22 +172,19 @@ def build_snapshot(
         raise ValueError(f"layer {name!r} produced NaN or Inf activations on another process")
     if n < 2:
         raise ValueError(f"layer {name!r} gave {n} datapoint(s); a probe needs at least 2")
+    centred: Tensor | None = None
     if n < n_features:
         decomposition = decompose_checked(collective.gather_rows(rows), f"layer {name!r}", dtype, input_eps)
         singular_values, right, left = decomposition.singular_values, decomposition.right, decomposition.left
     else:
-        # 2. centred Gram matrix of this shard (in dtype, a block of rows at a time), summed over processes.
-        gram = collective.sum(centred_gram(rows, mean))
-        # 3. Xc^T Xc = V diag(s^2) V^T, cut to numerical rank: decompose()'s Gram route on the summed matrix.
-        singular_values, right = basis_from_gram(gram, mean, n, input_eps, f"layer {name!r}")
-        # 4. U = Xc V diag(1/s), this shard's rows, then every shard's.
-        whiten = right / singular_values
-        parts = [_centred(block, mean) @ whiten for block in rows.split(ROW_BLOCK)] or [whiten[:0]]
-        local = parts[0] if len(parts) == 1 else torch.cat(parts)
-        left = collective.gather_rows(local.to(torch.float32))
+        centred, singular_values, right = _gram_basis(rows, mean, n, collective, f"layer {name!r}", input_eps)
+        left = None
     rank = int(singular_values.shape[0])
     kept = kept_count(singular_values, keep, keep_by)
     stored = rank if full_rank else kept
+    if left is None:
+        # 4. U = Xc V diag(1/s), of the stored directions only.
+        left = _project(rows, mean, centred, right[:, :stored] / singular_values[:stored], collective)
     return Snapshot(
         left=left[:, :stored].to(torch.float32).contiguous().cpu(),
         singular_values=singular_values[:stored].to(torch.float64).cpu(),
@@ -190,6 +193,30 @@ def build_snapshot(
         rank=rank,
         n_features=n_features,
     )
+
+
+def _gram_basis(
+    rows: Tensor, mean: Tensor, n: int, collective: Collective, name: str, input_eps: float
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Steps 2-3 of :func:`build_snapshot`: ``(Xc, s, V)`` from the centred Gram matrix summed over processes.
+
+    Rows that fit one projection block (:data:`ROW_BLOCK`) are centred once, here, and returned for the projection
+    (which materialises that block anyway); longer shards are centred a few MiB at a time (``Xc`` is ``None``).
+    """
+    centred = _centred(rows, mean) if rows.shape[0] <= ROW_BLOCK else None
+    # 2. centred Gram matrix of this shard (in the compute dtype), summed over processes.
+    gram = collective.sum(centred_gram(rows, mean) if centred is None else upper_gram(centred))
+    # 3. Xc^T Xc = V diag(s^2) V^T, cut to numerical rank: decompose()'s Gram route on the summed matrix.
+    singular_values, right = basis_from_gram(gram, mean, n, input_eps, name)
+    return centred, singular_values, right
+
+
+def _project(rows: Tensor, mean: Tensor, centred: Tensor | None, whiten: Tensor, collective: Collective) -> Tensor:
+    """``Xc W`` of this shard's rows (``centred``: those rows centred already), then every shard's, float32."""
+    blocks = [centred] if centred is not None else (_centred(block, mean) for block in rows.split(ROW_BLOCK))
+    parts = [block @ whiten for block in blocks] or [whiten[:0]]
+    local = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return collective.gather_rows(local.to(torch.float32))
 
 
 def _centred(block: Tensor, mean: Tensor) -> Tensor:

@@ -45,13 +45,16 @@ class SnapshotStore:
         self.directory = None if directory is None else Path(directory)
         self._spill_dir: Path | None = None
         self._memory: OrderedDict[tuple[str, str], Snapshot] = OrderedDict()
+        # id(snapshot) -> [keys holding it in memory, its bytes]: memory_bytes without a pass over every snapshot
+        self._held: dict[int, list[int]] = {}
+        self._held_bytes = 0
         self._files: dict[tuple[str, str], Path] = {}
         self._failed: set[Path] = set()  # folders a write failed in (warned once)
 
     @property
     def memory_bytes(self) -> int:
         """Bytes held in memory now (a snapshot stored under several keys counts once)."""
-        return sum(snapshot.nbytes for snapshot in {id(s): s for s in self._memory.values()}.values())
+        return self._held_bytes
 
     @property
     def spill_dir(self) -> Path | None:
@@ -70,7 +73,7 @@ class SnapshotStore:
         self.discard(key)
         if self.directory is not None:
             self._write_persistent(key, snapshot)
-        self._memory[key] = snapshot
+        self._hold(key, snapshot)
         self._enforce_budget()
 
     def alias(self, key: tuple[str, str], existing: tuple[str, str]) -> None:
@@ -82,7 +85,7 @@ class SnapshotStore:
             self.discard(key)
             self._files[key] = self._files[existing]
             if existing in self._memory:
-                self._memory[key] = self._memory[existing]
+                self._hold(key, self._memory[existing])
             return
         self.put(key, self.get(existing))
 
@@ -105,7 +108,7 @@ class SnapshotStore:
 
         Files loaded from another store's persistent folder (rank zero's, on the other ranks) are not ours to delete.
         """
-        self._memory.pop(key, None)
+        self._release(key)
         path = self._files.pop(key, None)
         if path is not None and self._spill_dir is not None and path.parent == self._spill_dir:
             path.unlink(missing_ok=True)
@@ -162,7 +165,9 @@ class SnapshotStore:
         if self.max_bytes is None:
             return
         while self._memory and self.memory_bytes > self.max_bytes:
-            key, snapshot = self._memory.popitem(last=False)
+            key = next(iter(self._memory))
+            snapshot = self._release(key)
+            assert snapshot is not None
             if key not in self._files:
                 if self._spill_dir is None:
                     self._spill_dir = Path(tempfile.mkdtemp(prefix="svcca_spill_"))
@@ -170,10 +175,29 @@ class SnapshotStore:
                     self._write, self._spill_dir, key, snapshot, where=self._spill_dir, warned=self._failed
                 )
                 if path is None:  # no room on disk either: it stays in memory
-                    self._memory[key] = snapshot
+                    self._hold(key, snapshot)
                     self._memory.move_to_end(key, last=False)
                     return
                 self._files[key] = path
+
+    def _hold(self, key: tuple[str, str], snapshot: Snapshot) -> None:
+        """Hold ``snapshot`` in memory under ``key`` (not held already); its bytes count once however many keys."""
+        self._memory[key] = snapshot
+        entry = self._held.setdefault(id(snapshot), [0, snapshot.nbytes])
+        if entry[0] == 0:
+            self._held_bytes += entry[1]
+        entry[0] += 1
+
+    def _release(self, key: tuple[str, str]) -> Snapshot | None:
+        """Drop ``key`` from memory; the snapshot it held, or ``None``."""
+        snapshot = self._memory.pop(key, None)
+        if snapshot is not None:
+            entry = self._held[id(snapshot)]
+            entry[0] -= 1
+            if entry[0] == 0:
+                del self._held[id(snapshot)]
+                self._held_bytes -= entry[1]
+        return snapshot
 
     @staticmethod
     def _write(folder: Path, key: tuple[str, str], snapshot: Snapshot) -> Path:

@@ -255,6 +255,7 @@ def test_hf_trainer_measures_every_k_steps_like_the_lightning_callback(tmp_path,
     assert got.keys() == want.keys()
     for key, row in want.items():
         assert math.isclose(got[key]["value"], row["value"], rel_tol=0, abs_tol=2e-5), key
+        assert got[key]["epoch"] == row["epoch"], key  # both count completed epochs
 
 
 def test_hf_trainer_measures_by_steps_and_epochs_once_per_step(tmp_path, initial_model, data):

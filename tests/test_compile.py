@@ -9,6 +9,7 @@ the tests fast on the CPU: dynamo traces and guards the same, only no code is ge
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -16,11 +17,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch._dynamo
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_svcca import SVCCACallback, SVCCAMonitor
+from lightning_svcca import FreezePolicy, SVCCACallback, SVCCAMonitor
 
 pytestmark = pytest.mark.slow
 
@@ -85,21 +87,22 @@ def dynamo_counts(capfd: pytest.CaptureFixture[str]) -> Iterator[Callable[[], di
     torch._dynamo.reset()
 
 
-def _fit(data: tuple[torch.Tensor, torch.Tensor], tmp_path, callbacks: list) -> CompiledInside:
+def _fit(
+    data: tuple[torch.Tensor, torch.Tensor], tmp_path, callbacks: list, ckpt_path=None, **overrides
+) -> CompiledInside:
     x, y = data
     model = CompiledInside()
+    settings = {"max_epochs": 2, "logger": False, "enable_checkpointing": False, **overrides}
     trainer = pl.Trainer(
         default_root_dir=tmp_path,
         accelerator="cpu",
-        max_epochs=2,
         limit_train_batches=4,
-        logger=False,
-        enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=callbacks,
+        **settings,
     )
-    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=32))
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=32), ckpt_path=ckpt_path)
     return model
 
 
@@ -121,9 +124,54 @@ def test_lightning_module_with_compiled_network_compiles_nothing_for_the_callbac
     monitored = dynamo_counts()
     assert monitored["graph_breaks"] == 0 and monitored["noise"] == [], monitored
     assert monitored["frames"] <= without["frames"] and monitored["graphs"] <= without["graphs"], (monitored, without)
-    # the user's names (net.layers.N) resolve through the compiled module's `_orig_mod.`
-    assert callback.monitor.layers == [f"net._orig_mod.{name}" for name in LAYERS]
+    # the user's names (net.layers.N) resolve through the compiled module's `_orig_mod.`, and are the ones shown
+    assert callback.monitor.layers == [f"net.{name}" for name in LAYERS]
     assert {row["layer"] for row in callback.history} == set(callback.monitor.layers)
+
+
+def _named_callbacks(probe: torch.Tensor) -> tuple[SVCCACallback, SVCCACallback]:
+    """Default layers freezing ``layers.0`` (scheduled under its ``_orig_mod.`` name), and two explicit layers."""
+    schedule = FreezePolicy(mode="schedule", schedule={"net._orig_mod.layers.0": 1})
+    defaults = SVCCACallback(probe=probe, reference="previous", freeze=schedule)
+    explicit = SVCCACallback(probe=probe, layers=["net._orig_mod.layers.2", "net.layers.4"], reference="previous")
+    return defaults, explicit
+
+
+def test_a_compiled_submodule_is_named_without_orig_mod_from_fit_to_resume(data, tmp_path, caplog):
+    """Layers, history rows, metric tags, the CSV and the freeze log line name ``net.layers.N``: names written
+    either way resolve to the compiled network's modules; the freeze holds its weights, also after a resume."""
+    defaults, explicit = _named_callbacks(data[0][:128])
+    logger = defaults._logger()  # Lightning's logger does not propagate to caplog's root handler
+    level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    try:
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        model = _fit(data, tmp_path / "fit", [defaults, explicit, saver], enable_checkpointing=True)
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.setLevel(level)
+
+    shown = [f"net.layers.{index}" for index in (0, 2, 4, 6, 8)]
+    assert defaults.layers == shown and explicit.layers == ["net.layers.2", "net.layers.4"]
+    assert {row["layer"] for row in defaults.history} == set(shown)
+    assert {row["layer"] for row in explicit.history} == {"net.layers.2", "net.layers.4"}
+    assert defaults.frozen == {"net.layers.0": 1}
+    assert not model.net._orig_mod.layers[0].weight.requires_grad and model.net._orig_mod.layers[2].weight.requires_grad
+    assert "svcca/previous/net.layers.2" in model.trainer.callback_metrics
+    logged = [record.getMessage() for record in caplog.records]
+    assert any("froze layer 'net.layers.0'" in line for line in logged), logged
+    seen = [*logged, *model.trainer.callback_metrics, *(p.read_text() for p in (tmp_path / "fit").rglob("*.csv"))]
+    assert not [text for text in seen if "_orig_mod" in text]
+
+    # resumed for a third epoch: the same names continue, and the frozen layer's weights stay where they were
+    frozen_weight = model.net._orig_mod.layers[0].weight.detach().clone()
+    resumed, _ = _named_callbacks(data[0][:128])
+    model = _fit(data, tmp_path / "resumed", [resumed], ckpt_path=tmp_path / "ckpt" / "last.ckpt", max_epochs=3)
+    assert {row["layer"] for row in resumed.history} == set(shown)
+    assert sorted({row["epoch"] for row in resumed.history}) == [0, 1, 2, 3]
+    assert resumed.frozen == {"net.layers.0": 1}
+    assert torch.equal(model.net._orig_mod.layers[0].weight, frozen_weight)
 
 
 def _plain_loop(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], monitor: SVCCAMonitor | None) -> None:

@@ -221,6 +221,24 @@ def test_every_n_train_steps_measures_every_k_steps(tmp_path, digits, loaders, e
     assert [int(r["epoch"]) for r in table] == [row["epoch"] for row in history]
 
 
+@pytest.mark.parametrize("every_n_epochs", [None, 1], ids=["steps-only", "steps-and-epochs"])
+def test_a_fit_stopped_mid_epoch_labels_its_last_measurement_with_the_completed_epochs(
+    tmp_path, digits, loaders, every_n_epochs
+):
+    """``max_steps=6`` over 4-step epochs stops halfway through epoch 2, where Lightning's ``current_epoch`` already
+    reads 2: the last measurement (step 6) counts 1 completed epoch, as the HuggingFace adapter labels it."""
+    x, _ = digits
+    callback = SVCCACallback(probe=x[:256], every_n_train_steps=4, every_n_epochs=every_n_epochs, baseline=False)
+    trainer = _trainer(tmp_path, [callback], max_epochs=3, max_steps=6)
+    trainer.fit(_model(), loaders[0])
+
+    assert trainer.current_epoch == 2  # what the label must not be
+    assert {row["step"]: row["epoch"] for row in callback.history} == {0: 0, 4: 1, 6: 1}
+    assert len(_keys(callback.history)) == len(set(_keys(callback.history)))  # nothing measured twice
+    table = _read_csv(Path(trainer.log_dir) / "svcca_history.csv")
+    assert {int(r["step"]): int(r["epoch"]) for r in table} == {0: 0, 4: 1, 6: 1}
+
+
 def test_a_convergence_policy_counts_its_lag_in_measurements(tmp_path, digits, loaders):
     """Step mode: lag=2 compares each layer with its snapshot two measurements (not two epochs) earlier."""
     x, _ = digits

@@ -16,6 +16,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from lightning_svcca.pipeline.wrappers import modules_by_name, parameters_by_name
+
 __all__ = ["Block", "adapter_parameters", "freeze_blocks", "freeze_message", "trainable_parameters"]
 
 #: Name parts that mark a PEFT adapter's parameters when no module declares its ``adapter_layer_names``.
@@ -47,7 +49,7 @@ def freeze_blocks(completion: Sequence[str], layers: Sequence[str], model: nn.Mo
         layers: monitored layers in forward order.
         model: the model the names refer to.
     """
-    modules = dict(model.named_modules())
+    modules = modules_by_name(model)
     owner: dict[str, int] = {}
     index = 0
     for name in completion:
@@ -106,7 +108,7 @@ def adapter_parameters(model: nn.Module, names: Sequence[str]) -> list[str]:
 
 def trainable_parameters(model: nn.Module, block: Block) -> list[str]:
     """The block's parameters that still train (``requires_grad``): PEFT and earlier freezes fix the others."""
-    named = dict(model.named_parameters())
+    named = parameters_by_name(model)
     return [name for name in block.parameters if name in named and named[name].requires_grad]
 
 

@@ -18,6 +18,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from lightning_svcca.pipeline.wrappers import modules_by_name
+
 __all__ = ["prefix_refusal", "replay", "rng_state", "same_outputs", "verification_failure"]
 
 
@@ -27,7 +29,7 @@ def prefix_refusal(model: nn.Module, modules: Sequence[str], boundary: str) -> s
     The prefix must be deterministic and fixed: no trainable parameter (one shared with a layer above would
     change), no active dropout, no normalisation by batch statistics.
     """
-    named = dict(model.named_modules())
+    named = modules_by_name(model)
     if boundary not in named:
         return f"the boundary layer {boundary!r} is not a module of the model"
     for name in (*modules, boundary):

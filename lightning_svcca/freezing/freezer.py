@@ -35,6 +35,7 @@ from lightning_svcca.freezing.cache_check import prefix_refusal
 from lightning_svcca.freezing.cache_keys import take_indices
 from lightning_svcca.freezing.policy import FreezePolicy
 from lightning_svcca.freezing.prefix_cache import PrefixCache, PrefixCacheWarning
+from lightning_svcca.pipeline.wrappers import modules_by_name, named_parameters, parameters_by_name
 
 __all__ = ["DEVICE_SHARE", "Freezer"]
 
@@ -82,7 +83,7 @@ class Freezer:
     def leaves_trainable(self, model: nn.Module, block: Block) -> bool:
         """Whether some parameter still trains once ``block`` is frozen too (a freeze never takes the last ones)."""
         taken = set(block.parameters).union(*self.parameters.values()) if self.parameters else set(block.parameters)
-        return any(parameter.requires_grad and name not in taken for name, parameter in model.named_parameters())
+        return any(parameter.requires_grad and name not in taken for name, parameter in named_parameters(model))
 
     def freeze(self, model: nn.Module, layer: str, block: Block) -> None:
         """Freeze one layer's block."""
@@ -132,7 +133,7 @@ class Freezer:
 
     def keep_norms_in_eval(self, model: nn.Module) -> None:
         """Put frozen BatchNorm-style modules back in eval mode (Lightning calls ``model.train()`` each epoch)."""
-        modules = dict(model.named_modules())
+        modules = modules_by_name(model)
         for names in self.norm_modules.values():
             for name in names:
                 if name in modules:
@@ -167,7 +168,7 @@ class Freezer:
         self._cache_refused = False
 
     def _frozen_parameters(self, model: nn.Module) -> Iterator[nn.Parameter]:
-        named = dict(model.named_parameters())
+        named = parameters_by_name(model)
         for names in self.parameters.values():
             for name in names:
                 if name in named:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lightning_svcca.monitoring.timeline import fraction_lag
+from lightning_svcca.pipeline.wrappers import shown_name
 
 __all__ = ["MIN_MOVEMENT", "FreezeDecision", "FreezeMode", "FreezeOrder", "FreezePolicy", "relative_movement"]
 
@@ -187,9 +188,12 @@ class FreezePolicy:
         return cls(**{**settings, **overrides})
 
     def freeze_epochs(self, layers: Sequence[str], max_epochs: int | None) -> dict[str, int]:
-        """Planned freeze epoch of each layer for the ``linear`` and ``schedule`` modes."""
+        """Planned freeze epoch of each layer for the ``linear`` and ``schedule`` modes.
+
+        Scheduled names may hold ``torch.compile``'s ``_orig_mod`` segments, which the monitored names leave out.
+        """
         if self.mode == "schedule":
-            return dict(self.schedule or {})
+            return {shown_name(layer): epoch for layer, epoch in (self.schedule or {}).items()}
         if self.mode == "linear":
             if not max_epochs or max_epochs < 0:
                 raise ValueError("FreezePolicy(mode='linear') needs the Trainer's max_epochs to place its schedule")

@@ -44,6 +44,7 @@ from lightning_svcca.freezing.cache_pass import ForwardPass, Pass, Role, boundar
 from lightning_svcca.freezing.cache_store import SampleStore
 from lightning_svcca.freezing.cache_usage import CacheUsage
 from lightning_svcca.measures import SimilarityWarning
+from lightning_svcca.pipeline.wrappers import modules_by_name
 
 __all__ = ["PrefixCache", "PrefixCacheWarning"]
 
@@ -225,7 +226,7 @@ class PrefixCache:
 
     def _attach(self) -> None:
         """Hook the model and patch the forward of the outermost prefix modules and of the boundary."""
-        named = dict(self.model.named_modules())
+        named = modules_by_name(self.model)
         skipped_below = set() if self._below is None else set(self._below.outermost)
         for name in self.outermost:
             role = Role.OLD_BOUNDARY if self._below is not None and name == self._below.boundary else Role.OWN

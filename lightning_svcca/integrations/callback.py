@@ -15,6 +15,10 @@ When things happen in a fit:
 * end of each training epoch, on its last batch (so before validation and before ``ModelCheckpoint`` saves):
   epoch ``current_epoch + 1`` is measured, compared, logged, and freezing is decided.
 * ``on_train_end``: the "final" reference, every measured epoch against the last snapshot.
+
+A measurement's epoch is the number of epochs this fit has COMPLETED, as the HuggingFace adapter's: a fit stopped
+in the middle of an epoch (``max_steps``, ``should_stop``) labels its last measurement with the epochs before it,
+although Lightning's ``current_epoch`` then already counts the cut-short one.
 """
 
 from __future__ import annotations
@@ -203,11 +207,16 @@ class _SVCCACallbackCore:
             # on an epoch's last batch the epoch is complete: the row counts it
             self._measure(trainer, completed=self._fit_epoch(trainer) + 1 if last else None)
         elif last:
-            self._end_of_epoch(trainer)
+            self._end_of_epoch(trainer, completed=self._fit_epoch(trainer) + 1)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
-        """Measure here when the last batch was not recognisable (iterable data, ``max_steps``)."""
-        self._end_of_epoch(trainer)
+        """Measure here when the last batch was not recognisable (iterable data, ``max_steps``).
+
+        An epoch cut short (``max_steps``, ``should_stop``) ends here too: it counts the epochs completed before it
+        (as the HuggingFace adapter's ``on_epoch_end`` does), so the measurement after the last completed epoch is
+        not repeated under the next epoch's number.
+        """
+        self._end_of_epoch(trainer, completed=self._fit_epoch(trainer) + _epoch_finished(trainer))
 
     def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
         """Measure the final weights if needed, and compare every measured epoch with them.
@@ -217,7 +226,9 @@ class _SVCCACallbackCore:
         final representation was there at the start; the later ones are in :attr:`history`).
         """
         if self.monitor is not None:
-            rows = self.monitor.finish(epoch=self._fit_epoch(trainer), step=int(trainer.global_step))
+            # the fit loop has counted the last epoch, finished or cut short: only a finished one is completed
+            completed = self._fit_epoch(trainer) - (not _epoch_finished(trainer))
+            rows = self.monitor.finish(epoch=completed, step=int(trainer.global_step))
             _publish(trainer, _first_against_final(rows))
 
     def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
@@ -275,11 +286,11 @@ class _SVCCACallbackCore:
     # Plumbing
     # ------------------------------------------------------------------------------------------------------------
 
-    def _end_of_epoch(self, trainer: Any) -> None:
+    def _end_of_epoch(self, trainer: Any, completed: int) -> None:
+        """Measure after ``completed`` epochs of this fit, every ``every_n_epochs``."""
         every_n_epochs = self.config.every_n_epochs
-        epoch = self._fit_epoch(trainer) + 1
-        if every_n_epochs is not None and epoch % every_n_epochs == 0:
-            self._measure(trainer, completed=epoch)
+        if every_n_epochs is not None and completed % every_n_epochs == 0:
+            self._measure(trainer, completed=completed)
 
     def _measure(self, trainer: Any, completed: int | None = None) -> None:
         """One measurement at the trainer's global step; its values also go to ``trainer.callback_metrics``."""
@@ -405,6 +416,16 @@ def _is_last_batch(trainer: Any, batch_idx: int) -> bool:
         return True
     progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
     return bool(getattr(progress, "is_last_batch", False))
+
+
+def _epoch_finished(trainer: Any) -> bool:
+    """Whether the running (or last) epoch ran all its batches, as Lightning's epoch loop decides it.
+
+    False for an epoch cut short by ``max_steps`` or ``should_stop``; read in ``on_train_epoch_end`` and
+    ``on_train_end``, before the next epoch resets the batch progress.
+    """
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return _is_last_batch(trainer, progress.current.ready - 1)
 
 
 def _describe_probe(probe: Any, size: int) -> str:

@@ -47,7 +47,7 @@ def check_against_model(config: MonitorConfig, specs: Sequence[LayerSpec]) -> No
             raise FileNotFoundError(f"reference {reference.name!r}: no checkpoint file at {reference.source}")
     policy = config.freeze
     if policy is not None and policy.mode == "schedule":
-        unknown = sorted(set(policy.schedule or {}) - set(names))
+        unknown = sorted(set(policy.freeze_epochs(names, None)) - set(names))
         if unknown:
             raise ValueError(
                 f"FreezePolicy.schedule names layers that are not monitored: {unknown}; monitored: {names}"

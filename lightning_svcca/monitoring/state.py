@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_svcca.monitoring.state_checks import validate_state
 from lightning_svcca.output.history import pack_history, unpack_history
 from lightning_svcca.pipeline.metrics import snapshot_needs
+from lightning_svcca.pipeline.wrappers import shown_name
 
 if TYPE_CHECKING:
     from lightning_svcca.monitoring.monitor import SVCCAMonitor
@@ -55,7 +56,7 @@ def state_of(monitor: SVCCAMonitor) -> dict[str, Any]:
 
 def load_state(monitor: SVCCAMonitor, state: Mapping[str, Any]) -> None:
     """Restore :func:`state_of` into ``monitor``; warn when the checkpoint's snapshot files are gone."""
-    state = validate_state(state, model=monitor.model, layers=[spec.name for spec in monitor.specs])
+    state = validate_state(_shown_names(state), model=monitor.model, layers=[spec.name for spec in monitor.specs])
     monitor.history = unpack_history(state.get("history", []))
     monitor.freezing.load_state_dict(state)
     monitor.timeline.load_state_dict(state)
@@ -76,6 +77,26 @@ def load_state(monitor: SVCCAMonitor, state: Mapping[str, Any]) -> None:
             " the run goes on with what it has: comparisons with those epochs are skipped, and a freeze policy"
             " may need more epochs to decide. Keep the run's svcca_snapshots folder with its checkpoints",
         )
+
+
+#: Entries that hold file names or paths, never module names.
+_FILE_KEYS = frozenset({"name", "file", "folder"})
+
+
+def _shown_names(value: Any, key: Any = None) -> Any:
+    """``value`` with module names as the monitor now shows them (:func:`shown_name`: no ``_orig_mod`` segment).
+
+    Why: checkpoints written before names dropped ``torch.compile``'s segment name a compiled submodule's layers
+    ``net._orig_mod.fc``; renamed, their history, freezes and snapshots continue under ``net.fc``. Tensors, file
+    names and paths are left as they are.
+    """
+    if isinstance(value, Mapping):
+        return {_shown_names(k): _shown_names(v, k) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_shown_names(item, key) for item in value)
+    if isinstance(value, str) and key not in _FILE_KEYS and "/" not in value and "\\" not in value:
+        return shown_name(value)
+    return value
 
 
 def _check_metrics(monitor: SVCCAMonitor, saved: Any) -> None:

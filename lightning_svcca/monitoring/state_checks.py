@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lightning_svcca.output.reporting import HISTORY_FILE
 from lightning_svcca.output.safe_files import snapshot_problem
+from lightning_svcca.pipeline.wrappers import modules_by_name, parameters_by_name
 
 __all__ = ["plain_name", "validate_state"]
 
@@ -60,7 +61,7 @@ def validate_state(state: Any, *, model: nn.Module, layers: Collection[str]) -> 
         raise ValueError(f"the checkpoint's SVCCA state is a {type(state).__name__}, not a dict")
     try:
         # layers of the model that this run does not monitor are fine: a resume with other layers keeps their rows
-        _check_fields(state, model, set(layers) | {name for name, _ in model.named_modules()})
+        _check_fields(state, model, set(layers) | set(modules_by_name(model)))
     except (KeyError, TypeError, AttributeError, IndexError) as error:
         raise ValueError(f"the checkpoint's SVCCA state is malformed: {type(error).__name__} {error}") from error
     return dict(state)
@@ -133,8 +134,7 @@ def _check_freezer(state: Any, model: nn.Module, known: set[str]) -> None:
     """Frozen blocks name monitored layers and parameters and modules of the model."""
     if not isinstance(state, Mapping):
         raise ValueError(f"freezer must be a dict, got {type(state).__name__}")
-    parameters = {name for name, _ in model.named_parameters()}
-    modules = {name for name, _ in model.named_modules()}
+    parameters, modules = set(parameters_by_name(model)), set(modules_by_name(model))
     for key, names in (("parameters", parameters), ("norm_modules", modules), ("modules", modules)):
         entries = dict(state.get(key, {}))
         _layer_names(entries, known, f"freezer {key}")

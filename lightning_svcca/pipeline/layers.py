@@ -22,7 +22,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from lightning_svcca.pipeline.reduction import LAYOUTS, REDUCTIONS, Layout, Reduction
-from lightning_svcca.pipeline.wrappers import user_names
+from lightning_svcca.pipeline.wrappers import named_modules, shown_name, user_names
 
 __all__ = [
     "LayerSpec",
@@ -47,7 +47,8 @@ class LayerSpec:
     """A monitored layer and how to turn its output into a ``(datapoints, features)`` matrix.
 
     Attributes:
-        name: the module's name in ``model.named_modules()``.
+        name: the module's name in ``model.named_modules()``, without ``torch.compile``'s ``_orig_mod`` segments
+            (:func:`~lightning_svcca.pipeline.wrappers.shown_name`).
         output: which part of a tuple, list, dict or dataclass output to use (an index, key or attribute name,
             or a path of them into nested outputs, e.g. ``(1, 0)`` for an LSTM's ``h_n``); ``None`` takes the
             tensor itself, the first element of a tuple or list, or a dict's / dataclass's ``last_hidden_state``
@@ -110,13 +111,13 @@ def default_layers(model: nn.Module) -> list[str]:
         return _every_layer(model)
     holders = {""} | {name for block in blocks for name in _ancestors(block)}
     chosen = set(blocks)
-    for name, module in model.named_modules():
+    for name, module in named_modules(model):
         if not name or name in holders or _parent(name) not in holders:
             continue
         if _is_lone_norm_or_table(module) or not any(True for _ in module.parameters()):
             continue
         chosen.add(name)
-    modules = list(model.named_modules())
+    modules = list(named_modules(model))
     first_block = min(index for index, (name, _) in enumerate(modules) if name in blocks)
     for index, (name, module) in enumerate(modules[:first_block]):
         if name in chosen and _is_affine(module):  # a linear stem: its first nonlinearity instead, if any
@@ -178,7 +179,7 @@ def format_layers(names: Sequence[str]) -> str:
 def _repeated_blocks(model: nn.Module) -> list[str]:
     """Names of the blocks of rule 1 of :func:`default_layers`."""
     blocks: list[str] = []
-    for name, module in model.named_modules():
+    for name, module in named_modules(model):
         if not isinstance(module, (nn.ModuleList, nn.Sequential)) or not _is_block_container(module):
             continue
         if any(name == block or name.startswith(block + ".") for block in blocks):
@@ -201,7 +202,7 @@ def _is_block_container(container: nn.Module) -> bool:
 def _every_layer(model: nn.Module) -> list[str]:
     """Rule 3 of :func:`default_layers`."""
     chosen: list[str] = []
-    for name, module in model.named_modules():
+    for name, module in named_modules(model):
         if not name or not isinstance(module, _DEFAULT_LAYER_TYPES):
             continue
         if any(name.startswith(parent + ".") for parent in chosen):
@@ -225,21 +226,22 @@ _WRAPPER_PREFIXES = ("_orig_mod.", "_forward_module.", "module.", "base_model.mo
 
 
 def find_module_name(model: nn.Module, name: str) -> str:
-    """The name in ``model.named_modules()`` of the module a user calls ``name``.
+    """The name in ``model.named_modules()``, without ``_orig_mod`` segments, of the module a user calls ``name``.
 
-    ``name`` as it is, else without wrapper segments (``conv1`` for ``_forward_module.conv1``, ``net.fc`` for
-    ``net._orig_mod.fc``, ``bert.pooler`` for ``base_model.model.bert.pooler``), else with wrapper prefixes
-    stripped from its front (a name copied from a wrapped model, given for the unwrapped one).
+    ``name`` as it is (with or without ``torch.compile``'s ``_orig_mod`` segments: ``net.fc`` for
+    ``net._orig_mod.fc``), else without wrapper segments (``conv1`` for ``_forward_module.conv1``, ``bert.pooler``
+    for ``base_model.model.bert.pooler``), else with wrapper prefixes stripped from its front (a name copied from a
+    wrapped model, given for the unwrapped one).
 
     Raises:
         ValueError: no module has that name; the message lists close matches among the user's names.
     """
-    known = dict(model.named_modules())
-    if name and name in known:
-        return name
+    known = dict(named_modules(model))
+    if name and shown_name(name) in known:
+        return shown_name(name)
     unwrapped: dict[str, str] = {}
     for canonical, short in user_names(model).items():
-        unwrapped.setdefault(short, canonical)
+        unwrapped.setdefault(short, shown_name(canonical))
     stripped = str(name)
     while stripped.startswith(_WRAPPER_PREFIXES):
         stripped = next(stripped[len(p) :] for p in _WRAPPER_PREFIXES if stripped.startswith(p))
@@ -257,7 +259,7 @@ def resolve_layers(
     """Turn the callback's ``layers`` argument into specs, failing early on names the model does not have.
 
     Names may leave out wrapper segments (:func:`find_module_name`); specs hold the names of
-    ``model.named_modules()``.
+    ``model.named_modules()`` without ``_orig_mod`` segments.
 
     Args:
         model: the model whose ``named_modules()`` define the names.

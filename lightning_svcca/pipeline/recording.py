@@ -42,6 +42,7 @@ from torch.nn.modules.pooling import (
 from lightning_svcca.measures import SimilarityWarning
 from lightning_svcca.pipeline.layers import LayerSpec
 from lightning_svcca.pipeline.reduction import Layout, layer_seed, reduce_output, rescaled_lengths, select_output
+from lightning_svcca.pipeline.wrappers import named_modules
 
 __all__ = ["HF_LENGTH_HOOK", "ActivationRecorder", "LayoutWarning", "find_length_hook"]
 
@@ -181,7 +182,7 @@ class ActivationRecorder:
         self._channels = None
 
     def __enter__(self) -> ActivationRecorder:
-        for name, module in self.model.named_modules():
+        for name, module in named_modules(self.model):
             watched = name in self.specs
             if watched or _has_state(module) or isinstance(module, _CHANNELS_FIRST_TYPES):
                 self._handles.append(module.register_forward_hook(self._hook(name)))

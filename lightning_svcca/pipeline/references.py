@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_svcca.output.reporting import LAYER_FACTS
+from lightning_svcca.pipeline.wrappers import modules_by_name
 
 __all__ = ["TIME_REFERENCES", "Reference", "check_reference_layers", "device_of", "parse_references", "reference_model"]
 
@@ -108,7 +109,7 @@ def _check_not_a_misspelt_name(value: str | Path) -> None:
 
 def check_reference_layers(reference: Reference, layers: Sequence[str]) -> None:
     """Raise unless a module reference has every monitored layer (matched by name)."""
-    known = {name for name, _ in reference.source.named_modules()}
+    known = set(modules_by_name(reference.source))
     missing = [layer for layer in layers if layer not in known]
     if missing:
         raise ValueError(

@@ -5,15 +5,34 @@ A wrapper adds a segment to every module name (``_orig_mod.``, ``_forward_module
 wrappers that only call it (so the monitor's names are the user's), :func:`user_names` gives every module's name
 without wrapper segments (what :func:`~lightning_svcca.pipeline.layers.find_module_name` accepts), and
 :func:`wrapper_precision` keeps what a Fabric wrapper does around forward passes (precision) for the probe.
+
+A ``torch.compile`` d submodule (``self.net = torch.compile(Net())``) stays inside the model, so its
+``_orig_mod.`` segment is in the middle of names. The monitor names modules and parameters without it
+(:func:`shown_name`): :func:`named_modules` and :func:`named_parameters` are the model's under those names, and
+:func:`modules_by_name` and :func:`parameters_by_name` find them under either name (a checkpoint written before
+names dropped the segment still resolves).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
 
-__all__ = ["unwrap_model", "user_names", "wrapper_precision"]
+__all__ = [
+    "modules_by_name",
+    "named_modules",
+    "named_parameters",
+    "parameters_by_name",
+    "shown_name",
+    "unwrap_model",
+    "user_names",
+    "wrapper_precision",
+]
+
+#: The segment ``torch.compile`` adds to the names of the modules inside a compiled module.
+_COMPILED = "_orig_mod"
 
 #: The wrapped attributes of wrappers whose ``forward`` only calls the wrapped model (with precision or syncing).
 _TRANSPARENT = ("_orig_mod", "_forward_module", "module")
@@ -57,6 +76,50 @@ def user_names(model: nn.Module) -> dict[str, str]:
     return names
 
 
+def shown_name(name: str) -> str:
+    """``name`` without ``torch.compile``'s ``_orig_mod`` segments: the name the monitor shows and stores.
+
+    Example:
+        >>> shown_name("net._orig_mod.layers.0._orig_mod.fc")
+        'net.layers.0.fc'
+    """
+    return ".".join(part for part in name.split(".") if part != _COMPILED)
+
+
+def named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()`` under :func:`shown_name` s: a compiled module is the module it wraps.
+
+    Why: the compiled wrapper and its ``_orig_mod`` would share one name; the wrapped module holds the parameters
+    and runs (with its hooks) whenever the wrapper is called, so it stands for both.
+    """
+    for name, module in model.named_modules():
+        if not _is_compiled(module):
+            yield shown_name(name), module
+
+
+def named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``model.named_parameters()`` under :func:`shown_name` s."""
+    for name, parameter in model.named_parameters():
+        yield shown_name(name), parameter
+
+
+def modules_by_name(model: nn.Module) -> dict[str, nn.Module]:
+    """Each module under its :func:`shown_name` and under its name in ``named_modules()``.
+
+    A compiled module's shown name finds the module it wraps (as in :func:`named_modules`).
+    """
+    return {**dict(model.named_modules()), **dict(named_modules(model))}
+
+
+def parameters_by_name(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Each parameter under its :func:`shown_name` and its name in ``named_parameters()``."""
+    return {**dict(model.named_parameters()), **dict(named_parameters(model))}
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    return _wrapped_attributes(module) == (_COMPILED,)
+
+
 def _wrapped_attributes(module: nn.Module) -> tuple[str, ...]:
     """The attributes through which a wrapper holds the module it wraps (none for other modules).
 
@@ -76,10 +139,6 @@ def _wrapped_attributes(module: nn.Module) -> tuple[str, ...]:
     if home.startswith("peft.tuners.") and isinstance(getattr(module, "model", None), nn.Module):
         return ("model",)
     return ()
-
-
-#: The wrapped attributes of wrappers whose ``forward`` only calls the wrapped model (with precision or syncing).
-_TRANSPARENT = ("_orig_mod", "_forward_module", "module")
 
 
 def wrapper_precision(model: nn.Module) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from lightning_svcca.freezing import IndexedDataset
 from lightning_svcca.freezing.cache_keys import index_keys, take_indices
 from lightning_svcca.freezing.cache_store import SampleStore
 from lightning_svcca.freezing.cache_usage import BASELINE_EVERY, TIMED_STEPS, CacheUsage, Step
+from lightning_svcca.freezing.freezer import Freezer
 from lightning_svcca.freezing.prefix_cache import PrefixCacheWarning
 
 from digits_models import DigitsCNN, digits_tensors
@@ -192,6 +193,32 @@ def test_a_served_step_made_slower_turns_the_cache_off(tmp_path, monkeypatch):
     off = [line for line in lines if "turned off: a served step is not 2% faster than a full one" in line]
     assert len(off) == 1, lines
     assert callback.monitor.freezing.freezer.cache is None or not callback.monitor.freezing.freezer.cache.enabled
+
+
+def test_a_longer_prefix_gets_a_new_cache_after_a_short_one_was_not_faster(tmp_path, monkeypatch):
+    """Not faster is a verdict on one prefix: when the next layer freezes, the longer prefix is cached and timed."""
+    gather, slow = SampleStore.gather, {"on": True}
+
+    def gather_slowly_at_first(self, keys, device):
+        if slow["on"]:
+            time.sleep(0.05)
+        return gather(self, keys, device)
+
+    monkeypatch.setattr(SampleStore, "gather", gather_slowly_at_first)
+    build = Freezer._build_cache
+
+    def build_then_serve_fast(self, model, modules, boundary, below):
+        slow["on"] = boundary == "relu1"  # serving the one-stage prefix is slow, the two-stage one is not
+        return build(self, model, modules, boundary, below)
+
+    monkeypatch.setattr(Freezer, "_build_cache", build_then_serve_fast)
+    policy = FreezePolicy(mode="schedule", schedule={"relu1": 1, "relu2": 4}, cache_outputs=True)
+    _, _, lines, _ = _fit_logged(tmp_path, policy, epochs=7, batch_size=32)
+    engaged = [line for line in lines if "frozen-prefix cache engaged up to" in line]
+    off = [line for line in lines if "turned off: a served step is not 2% faster" in line]
+    assert [("'relu1'" in line, "'relu2'" in line) for line in engaged] == [(True, False), (False, True)], lines
+    assert len(off) == 1 and "'relu1'" in off[0] and "a longer frozen prefix gets a new cache" in off[0]
+    assert any("cache up to 'relu2' serves" in line for line in lines), lines
 
 
 def test_usage_judges_speed_from_whole_step_times():

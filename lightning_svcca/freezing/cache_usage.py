@@ -12,7 +12,8 @@
   prefix): once the cache serves, every :data:`BASELINE_EVERY`-th batch runs as if the cache were off (no keys, no
   lookup), and the wall time from each batch's start to the next one's is kept by what the batch did. With
   :data:`TIMED_STEPS` full steps and twice as many served ones, the cache turns off unless the median served step
-  is at least :data:`MIN_GAIN` faster than the median full step. Whole steps are timed, so the hashing, the copies
+  is at least :data:`MIN_GAIN` faster than the median full step (a verdict on this prefix: the freezer gives a
+  longer one a new cache). Whole steps are timed, so the hashing, the copies
   and the synchronisations they cause count, on a GPU as on the CPU.
 """
 
@@ -181,7 +182,7 @@ class CacheUsage:
         return Verdict(
             True,
             f"a served step is not {MIN_GAIN:.0%} faster than a full one ({self.timing_summary()}): the prefix costs"
-            " less than looking its outputs up",
+            " less than looking its outputs up (a longer frozen prefix gets a new cache)",
             warn=False,
         )
 

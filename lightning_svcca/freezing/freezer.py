@@ -76,6 +76,9 @@ class Freezer:
         self.cache: PrefixCache | None = None
         self._spill_dir = spill_dir or (lambda: Path(tempfile.mkdtemp(prefix="svcca_prefix_cache_")))
         self._cache_refused = False
+        #: The boundary of a cache that turned off because serving was not faster: that prefix stays uncached, a
+        #: longer one (more compute to skip) gets a new cache.
+        self._slow_boundary: str | None = None
         self._logger = logger
         #: The epoch of the latest training batch (a cache built before the next one in it starts mid-epoch).
         self._epoch: int | None = None
@@ -166,6 +169,7 @@ class Freezer:
             self.cache.close()
             self.cache = None
         self._cache_refused = False
+        self._slow_boundary = None
 
     def _frozen_parameters(self, model: nn.Module) -> Iterator[nn.Parameter]:
         named = parameters_by_name(model)
@@ -179,9 +183,13 @@ class Freezer:
         if self.policy is None or not self.policy.cache_outputs or self._cache_refused:
             return
         if self.cache is not None and not self.cache.enabled:
-            self._cache_refused = True  # it turned itself off (and said why): it stays off for this fit
+            if self.cache.usage.faster is False:  # not faster on this prefix: a longer one may pay
+                self._slow_boundary = self.cache.boundary
+            else:  # it turned itself off (and said why): it stays off for this fit
+                self._cache_refused = True
             self.cache = None
-            return
+            if self._cache_refused:
+                return
         by_position = {position: layer for layer, position in self.positions.items()}
         count = 0
         while count in by_position:
@@ -190,6 +198,8 @@ class Freezer:
             return
         boundary = by_position[count - 1]
         if self.cache is not None and self.cache.boundary == boundary and self.cache.model is model:
+            return
+        if self.cache is None and boundary == self._slow_boundary:
             return
         below, self.cache = self.cache, None  # the shorter prefix's cache: the new one fills from it
         modules = [name for position in range(count) for name in self.modules.get(by_position[position], [])]

@@ -126,13 +126,21 @@ def spread(values: list[float]) -> float:
 
 
 class CacheSpy(pl.Callback):
-    """Reads the prefix cache's counters (the share of batches it served) before the fit's teardown deletes it."""
+    """Counts the batches the prefix caches served over the fit (caches turned off or replaced by a longer one too).
+
+    ``share`` is served batches over training steps, or ``None`` when no cache was ever built.
+    """
 
     def __init__(self, callback: pl.Callback) -> None:
         self.callback = callback
+        self.served: dict[object, int] = {}  # each cache built in the fit (kept, so not recycled) -> batches served
         self.share: float | None = None
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
         cache = self.callback.monitor.freezing.freezer.cache
-        if cache is not None and cache.enabled:
-            self.share = cache.skipped_batches / max(1, trainer.global_step)
+        if cache is not None:
+            self.served[cache] = cache.skipped_batches
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.served:
+            self.share = sum(self.served.values()) / max(1, trainer.global_step)

@@ -42,6 +42,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytorch_lightning as pl
 import torch
@@ -68,6 +69,7 @@ from lightning_svcca import FreezePolicy, SVCCACallback  # noqa: E402
 #: Accuracy (in points) a variant may be below the baseline's final accuracy and still count as reaching it.
 TOLERANCE = 0.3
 AUTOFREEZE = "AutoFreeze"
+T = TypeVar("T")
 
 
 def variants() -> dict[str, FreezePolicy | str | None]:
@@ -176,8 +178,17 @@ def bert_workloads(seed: int, sizes: Sizes, root: Path) -> dict[str, Workload]:
     }  # fmt: skip
 
 
-def run_all(workloads: list[str], seeds: list[int], sizes: Sizes, root: Path) -> dict[str, dict[str, list[Run]]]:
-    """Every workload and variant, seed by seed, variants interleaved."""
+def run_all(
+    workloads: list[str],
+    seeds: list[int],
+    sizes: Sizes,
+    root: Path,
+    variants_for: Callable[[list[str], int], dict[str, FreezePolicy | str | None]] | None = None,
+) -> dict[str, dict[str, list[Run]]]:
+    """Every workload and variant, seed by seed, variants interleaved.
+
+    ``variants_for(layers, epochs)``: the variants of a workload (default: :func:`variants`, whatever the workload).
+    """
     results: dict[str, dict[str, list[Run]]] = {key: {} for key in workloads}
     warm = conv_workload("b", Sizes.quick())
     fit(ResNetLike(), Workload(ResNetLike, warm.train, warm.test, 1, warm.probe), None, 0, root / "warm-up")
@@ -188,11 +199,27 @@ def run_all(workloads: list[str], seeds: list[int], sizes: Sizes, root: Path) ->
             work = conv.get(key) or bert[key]
             pl.seed_everything(seed, verbose=False)
             initial = work.make_model()
-            for name, variant in variants().items():
+            chosen = variants_for(initial.layers, work.epochs) if variants_for else variants()
+            for name, variant in chosen.items():
                 run = fit(copy.deepcopy(initial), work, copy.deepcopy(variant), seed, root / f"{key}{seed}")
                 results[key].setdefault(name, []).append(run)
                 _progress(key, name, seed, run)
     return results
+
+
+def run_quietly(threads: int, root: Path | None, body: Callable[[Path], T]) -> T:
+    """``body(run directory)`` on ``threads`` torch threads, without Lightning's logs and known warnings."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    for name in ("pytorch_lightning", "lightning_svcca", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as scratch:
+            warnings.filterwarnings("ignore", module="pytorch_lightning")
+            warnings.filterwarnings("ignore", ".*LeafSpec.*")
+            return body(root or Path(scratch))
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _progress(workload: str, name: str, seed: int, run: Run) -> None:
@@ -256,17 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[Run]]]:
     args = parser.parse_args(argv)
     seeds = args.seeds[:1] if args.quick else args.seeds
     sizes = Sizes.quick() if args.quick else Sizes()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    for name in ("pytorch_lightning", "lightning_svcca", "lightning.pytorch"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as scratch:
-            warnings.filterwarnings("ignore", module="pytorch_lightning")
-            warnings.filterwarnings("ignore", ".*LeafSpec.*")
-            results = run_all(args.workloads, seeds, sizes, args.root or Path(scratch))
-    finally:
-        torch.set_num_threads(previous)
+    results = run_quietly(args.threads, args.root, lambda root: run_all(args.workloads, seeds, sizes, root))
     print(report(results, args.threads, seeds), flush=True)
     return results
 

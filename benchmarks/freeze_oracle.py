@@ -22,20 +22,13 @@ Run: ``python benchmarks/freeze_oracle.py [--workloads b c] [--seeds 0 1 2] [--f
 from __future__ import annotations
 
 import argparse
-import copy
-import logging
 import sys
-import tempfile
-import warnings
 from pathlib import Path
-
-import pytorch_lightning as pl
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from freeze_benchmark import Run, Workload, bert_workloads, conv_workload, fit, report  # noqa: E402
-from freeze_workloads import TITLES, ResNetLike, Sizes  # noqa: E402
+from freeze_benchmark import Run, report, run_all, run_quietly  # noqa: E402
+from freeze_workloads import TITLES, Sizes  # noqa: E402
 
 from lightning_svcca import FreezePolicy  # noqa: E402
 
@@ -53,32 +46,6 @@ def fixed_freezes(layers: list[str], epochs: int, fractions: tuple[float, ...]) 
     return variants
 
 
-def run_all(
-    workloads: list[str], seeds: list[int], sizes: Sizes, fractions: tuple[float, ...], root: Path
-) -> dict[str, dict[str, list[Run]]]:
-    """Every workload and fixed freeze, seed by seed, variants interleaved."""
-    results: dict[str, dict[str, list[Run]]] = {key: {} for key in workloads}
-    warm = conv_workload("b", Sizes.quick())
-    fit(ResNetLike(), Workload(ResNetLike, warm.train, warm.test, 1, warm.probe), None, 0, root / "warm-up")
-    conv = {key: conv_workload(key, sizes) for key in workloads if key in "ab"}
-    for seed in seeds:
-        bert = bert_workloads(seed, sizes, root) if {"c", "d"} & set(workloads) else {}
-        for key in workloads:
-            work = conv.get(key) or bert[key]
-            pl.seed_everything(seed, verbose=False)
-            initial = work.make_model()
-            for name, variant in fixed_freezes(initial.layers, work.epochs, fractions).items():
-                run = fit(copy.deepcopy(initial), work, copy.deepcopy(variant), seed, root / f"{key}{seed}")
-                results[key].setdefault(name, []).append(run)
-                frozen = ", ".join(f"{layer.split('.')[-1]}@{epoch}" for layer, epoch in run.frozen.items()) or "-"
-                print(
-                    f"# ({key}) seed {seed} {name}: {run.seconds:.1f} s ({run.cpu_seconds:.1f} s CPU),"
-                    f" accuracy {100 * run.accuracy:.2f}%, cached {run.cached_share or 0:.0%}, frozen {frozen}",
-                    flush=True,
-                )
-    return results
-
-
 def main(argv: list[str] | None = None) -> dict[str, dict[str, list[Run]]]:
     """Parse the command line, run the fixed freezes, print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -90,17 +57,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[Run]]]:
     args = parser.parse_args(argv)
     seeds = args.seeds[:1] if args.quick else args.seeds
     sizes = Sizes.quick() if args.quick else Sizes()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    for name in ("pytorch_lightning", "lightning_svcca", "lightning.pytorch"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as scratch:
-            warnings.filterwarnings("ignore", module="pytorch_lightning")
-            warnings.filterwarnings("ignore", ".*LeafSpec.*")
-            results = run_all(args.workloads, seeds, sizes, tuple(args.fractions), Path(scratch))
-    finally:
-        torch.set_num_threads(previous)
+    fractions = tuple(args.fractions)
+    results = run_quietly(
+        args.threads,
+        None,
+        lambda root: run_all(
+            args.workloads, seeds, sizes, root, lambda layers, epochs: fixed_freezes(layers, epochs, fractions)
+        ),
+    )
     print(report(results, args.threads, seeds), flush=True)
     return results
 

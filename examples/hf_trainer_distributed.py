@@ -163,6 +163,11 @@ def main(argv: list[str] | None = None) -> None:
         (args.log_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         frozen = ", ".join(f"{layer} after epoch {epoch}" for layer, epoch in summary["frozen"].items())
         print(f"{summary['world_size']} process(es): froze {frozen or 'nothing'}")
+    if dist.is_initialized():
+        # the Trainer leaves its process group up: take it down on every rank together, or a rank whose peer
+        # already exited can abort in gloo's teardown ("terminate called without an active exception")
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -69,6 +69,9 @@ from lightning_svcca import FreezePolicy, SVCCACallback  # noqa: E402
 #: Accuracy (in points) a variant may be below the baseline's final accuracy and still count as reaching it.
 TOLERANCE = 0.3
 AUTOFREEZE = "AutoFreeze"
+#: (c), (d): the pretraining task's chains, and the perturbation tables (topics) of the language they share with
+#: the fine-tuning task (``freeze_workloads.markov_task``).
+PRETRAIN_CLASSES, TOPICS = 16, 16
 T = TypeVar("T")
 
 
@@ -158,13 +161,13 @@ def conv_workload(key: str, sizes: Sizes) -> Workload:
 
 
 def bert_workloads(seed: int, sizes: Sizes, root: Path) -> dict[str, Workload]:
-    """(c) and (d) for one seed: pretrain a BERT (untimed) on 8 chains, fine-tune on 4 others."""
+    """(c) and (d) for one seed: pretrain a BERT (untimed) on 16 chains of a language, fine-tune on 4 others."""
     pl.seed_everything(seed, verbose=False)
-    pretrained = BertClassifier(classes=8, lr=2e-3)
-    source = markov_task(8, 2 * sizes.sequences, seed=100 + seed)
+    pretrained = BertClassifier(classes=PRETRAIN_CLASSES, lr=2e-3)
+    source = markov_task(PRETRAIN_CLASSES, 2 * sizes.sequences, seed=100 + seed, language=seed, topics=TOPICS)
     pretrain = Workload(lambda: pretrained, TensorDataset(*source), source, sizes.pretrain_epochs, source[0][:256])
     fit(pretrained, pretrain, None, seed, root / f"pretrain{seed}")
-    x, y = markov_task(4, sizes.sequences + sizes.test_sequences, seed=200 + seed)
+    x, y = markov_task(4, sizes.sequences + sizes.test_sequences, seed=200 + seed, language=seed, topics=TOPICS)
     train, test = (x[: sizes.sequences], y[: sizes.sequences]), (x[sizes.sequences :], y[sizes.sequences :])
     return {
         "c": Workload(

@@ -211,6 +211,27 @@ def test_freezer_turns_gradients_off_and_keeps_batchnorm_in_eval():
     assert not model.bn1.training and model.bn2.training
 
 
+def test_frozen_norms_are_resolved_once_per_model_not_per_batch(monkeypatch):
+    from lightning_svcca.freezing import freezer as freezer_module
+
+    model, other = DigitsCNN(), DigitsCNN()
+    blocks = freeze_blocks(["conv1", "bn1", "relu1"], ["relu1"], model)
+    freezer = Freezer()
+    freezer.freeze(model, "relu1", blocks["relu1"])
+    calls = []
+    resolve = freezer_module.modules_by_name
+    monkeypatch.setattr(freezer_module, "modules_by_name", lambda m: calls.append(m) or resolve(m))
+    for _ in range(50):
+        model.train()
+        freezer.start_batch(model, epoch=1)
+        assert not model.bn1.training
+    assert calls == []  # resolved when the layer froze, not walked again at every batch
+    other.train()
+    freezer.start_batch(other, epoch=1)  # another model (a new fit): its own modules, not the first one's
+    assert not other.bn1.training and other.bn2.training
+    assert calls == [other]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Real training runs
 # ---------------------------------------------------------------------------------------------------------------

@@ -82,6 +82,9 @@ class Freezer:
         self._logger = logger
         #: The epoch of the latest training batch (a cache built before the next one in it starts mid-epoch).
         self._epoch: int | None = None
+        #: The frozen norm modules, resolved once per model and freeze set (resolving walks every module: 4 ms per
+        #: batch on a PEFT-wrapped BERT, a quarter of a small model's step).
+        self._norms: tuple[tuple[int, tuple[str, ...]], list[nn.Module]] | None = None
 
     def leaves_trainable(self, model: nn.Module, block: Block) -> bool:
         """Whether some parameter still trains once ``block`` is frozen too (a freeze never takes the last ones)."""
@@ -102,6 +105,7 @@ class Freezer:
         ``norms=False`` leaves BatchNorm modes alone (the callback restores eval mode at each batch start, and
         switching before the fit loop starts makes Lightning warn about modules in eval mode).
         """
+        self._norms = None
         for parameter in self._frozen_parameters(model):
             if self.hard:
                 parameter.requires_grad_(False)
@@ -118,8 +122,7 @@ class Freezer:
         step sees the batch without them) and handed to the cache.
         """
         indices = take_indices(batch) if batch is not None else None
-        if self.norm_modules:
-            self.keep_norms_in_eval(model)
+        self.keep_norms_in_eval(model)
         if self.cache is not None:
             self.cache.start_batch(epoch, indices)
         self._epoch = epoch
@@ -136,11 +139,18 @@ class Freezer:
 
     def keep_norms_in_eval(self, model: nn.Module) -> None:
         """Put frozen BatchNorm-style modules back in eval mode (Lightning calls ``model.train()`` each epoch)."""
-        modules = modules_by_name(model)
-        for names in self.norm_modules.values():
-            for name in names:
-                if name in modules:
-                    modules[name].training = False
+        for module in self._frozen_norms(model):
+            module.training = False
+
+    def _frozen_norms(self, model: nn.Module) -> list[nn.Module]:
+        names = tuple(name for block in self.norm_modules.values() for name in block)
+        if not names:
+            return []
+        key = (id(model), names)
+        if self._norms is None or self._norms[0] != key:
+            modules = modules_by_name(model)
+            self._norms = (key, [modules[name] for name in names if name in modules])
+        return self._norms[1]
 
     def drop_gradients(self, model: nn.Module) -> None:
         """Soft freezing: clear the frozen parameters' gradients (call before each optimizer step)."""
@@ -170,6 +180,7 @@ class Freezer:
             self.cache = None
         self._cache_refused = False
         self._slow_boundary = None
+        self._norms = None
 
     def _frozen_parameters(self, model: nn.Module) -> Iterator[nn.Parameter]:
         named = parameters_by_name(model)

@@ -26,7 +26,7 @@ baseline's final accuracy minus 0.3 points (mean over seeds; ``never`` when a se
 the cache's served share and the freeze epochs of the first seed.
 
 Run: ``python benchmarks/freeze_benchmark.py [--workloads a b c d] [--seeds 0 1 2] [--threads 1] [--quick]``.
-A full run at one thread on an idle 2-core machine takes about 20-25 minutes.
+A full run at one thread on an idle 2-core machine takes about 45 minutes (the BERT pretraining included).
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ class Freezer:
         #: The epoch of the latest training batch (a cache built before the next one in it starts mid-epoch).
         self._epoch: int | None = None
         #: The frozen norm modules, resolved once per model and freeze set (resolving walks every module: 4 ms per
-        #: batch on a PEFT-wrapped BERT, a quarter of a small model's step).
+        #: batch on a PEFT-wrapped BERT, 8% of its 56 ms CPU step).
         self._norms: tuple[tuple[int, tuple[str, ...]], list[nn.Module]] | None = None
 
     def leaves_trainable(self, model: nn.Module, block: Block) -> bool:

@@ -25,7 +25,7 @@ Printed per workload and variant: fit time and CPU time (mean ± sd over seeds) 
 baseline's final accuracy minus 0.3 points (mean over seeds; ``never`` when a seed never does) and its speedup,
 the cache's served share and the freeze epochs of the first seed.
 
-Run: ``python benchmarks/freeze_benchmark.py [--workloads a b c d] [--seeds 0 1 2] [--threads 1] [--quick]``.
+Run: ``python benchmarks/freeze_benchmark.py [--workloads a b c d] [--seeds 0 1 2] [--threads 1] [--variants ...] [--quick]``.
 A full run at one thread on an idle 2-core machine takes about 45 minutes (the BERT pretraining included).
 """
 
@@ -230,9 +230,10 @@ def run_quietly(threads: int, root: Path | None, body: Callable[[Path], T]) -> T
 def _progress(workload: str, name: str, seed: int, run: Run) -> None:
     frozen = ", ".join(f"{layer}@{epoch}" for layer, epoch in run.frozen.items()) or "-"
     share = "-" if run.cached_share is None else f"{run.cached_share:.0%}"
+    curve = " ".join(f"{100 * accuracy:.1f}@{wall:.1f}s" for _, wall, _, accuracy in run.points)
     print(
         f"# ({workload}) seed {seed} {name}: {run.seconds:.1f} s ({run.cpu_seconds:.1f} s CPU),"
-        f" accuracy {100 * run.accuracy:.2f}%, cached {share}, frozen {frozen}",
+        f" accuracy {100 * run.accuracy:.2f}%, cached {share}, frozen {frozen}; by epoch {curve}",
         flush=True,
     )
 
@@ -285,10 +286,20 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[Run]]]:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (one: CPU time means something)")
     parser.add_argument("--root", type=Path, default=None, help="run directory (default: a temporary one)")
     parser.add_argument("--quick", action="store_true", help="tiny data, 3 epochs, one seed: a smoke test")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(variants()),
+        default=list(variants()),
+        help="a subset (the baseline always)",
+    )
     args = parser.parse_args(argv)
     seeds = args.seeds[:1] if args.quick else args.seeds
     sizes = Sizes.quick() if args.quick else Sizes()
-    results = run_quietly(args.threads, args.root, lambda root: run_all(args.workloads, seeds, sizes, root))
+    chosen = {name: policy for name, policy in variants().items() if name == "no callback" or name in args.variants}
+    results = run_quietly(
+        args.threads, args.root, lambda root: run_all(args.workloads, seeds, sizes, root, lambda *_: chosen)
+    )
     print(report(results, args.threads, seeds), flush=True)
     return results
 

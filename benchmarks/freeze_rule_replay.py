@@ -71,7 +71,8 @@ def movement_ratio(rows: Rows, layer: str, epoch: int, fraction: float = LAG_FRA
     """``r = (1 - s(t, t - lag)) / (1 - s(t, 0))``: the layer's recent movement over its movement since the start.
 
     ``lag = max(1, round(fraction * t))``. Returns 0 for a layer that has not moved at all since the start
-    (``1 - s(t, 0) < UNMOVED``: nothing of its own trains), ``None`` when a needed row is missing.
+    (``1 - s(t, 0) < UNMOVED``: nothing of its own trains), ``None`` when a needed row is missing or the lag reaches
+    back to the first snapshot (``t <= lag``: ``r = 1`` by definition).
     """
     lag = lag_for(epoch, fraction)
     recent = value_at(rows, epoch, layer, "previous" if lag == 1 else f"lag{lag}")
@@ -80,6 +81,8 @@ def movement_ratio(rows: Rows, layer: str, epoch: int, fraction: float = LAG_FRA
         return None
     if 1.0 - total < UNMOVED:
         return 0.0
+    if lag >= epoch:  # the lagged snapshot is the first: r = 1 by definition, not judged (as in FreezePolicy)
+        return None
     return max(0.0, 1.0 - recent) / (1.0 - total)
 
 
@@ -175,6 +178,10 @@ def candidates() -> dict[str, Rule]:
                 rules[name] = lambda rows, layers, epoch, frozen, f=fraction, th=threshold, p=patience: (
                     decide_scale_free(rows, layers, epoch, frozen, fraction=f, threshold=th, patience=p)
                 )
+    for threshold in (1.5, 2.0, 2.5):  # above a steady pace: how early must (c) freeze, and what else freezes then
+        rules[f"movement f=0.5 th={threshold} p=1"] = lambda rows, layers, epoch, frozen, th=threshold: (
+            decide_scale_free(rows, layers, epoch, frozen, fraction=0.5, threshold=th, patience=1)
+        )
     return rules
 
 

@@ -97,6 +97,19 @@ def test_a_layer_with_nothing_trainable_counts_as_converged_and_unmeasurable_lay
     assert policy.decide(8, ["a", "b"], {}, {}, {"a": noise[0]}, initial={"a": noise[1]}) == []
 
 
+def test_the_first_measurement_is_not_judged_even_under_a_threshold_above_one():
+    # at t = 1 the lagged snapshot is the first one: rho = 1 by definition, whatever the layer did
+    policy = FreezePolicy(movement_threshold=1.5, keep_last=0)
+    streaks: dict[str, int] = {}
+    moved = _movement(0.3, 0.3)
+    assert policy.decide(1, ["a"], {}, streaks, {"a": moved[0]}, initial={"a": moved[1]}) == []
+    assert streaks == {"a": 0}
+    # t = 2, lag 1: the second epoch moved a quarter of the total, rho = 0.25 * 2**2 = 1 < 1.5
+    second = _movement(0.3 / 4, 0.3)
+    [decision] = policy.decide(2, ["a"], {}, streaks, {"a": second[0]}, initial={"a": second[1]})
+    assert decision.layer == "a" and "relative movement 1.000 < 1.5" in decision.reason
+
+
 def test_movement_patience_and_min_epochs():
     policy = FreezePolicy(patience=2, min_epochs=3, keep_last=0)
     streaks: dict[str, int] = {}

@@ -272,7 +272,7 @@ class FreezePolicy:
             if layer in idle:
                 streaks[layer] = streaks.get(layer, 0) + 1
                 reason = "nothing of its own trains"
-            elif layer in recent and layer in initial and 1.0 - initial[layer] >= MIN_MOVEMENT:
+            elif t > lag and layer in recent and layer in initial and 1.0 - initial[layer] >= MIN_MOVEMENT:
                 rho = relative_movement(recent[layer], initial[layer], t, self.lag_fraction)
                 streaks[layer] = streaks.get(layer, 0) + 1 if rho < self.movement_threshold else 0
                 reason = (
@@ -280,7 +280,9 @@ class FreezePolicy:
                     f" (1 - {self.metric}: {1.0 - recent[layer]:.2e} over the last {lag} measurement(s),"
                     f" {1.0 - initial[layer]:.2e} since the start)"
                 )
-            else:  # not measured, or too little movement yet to tell a pace from noise
+            else:  # not measured, too little movement yet to tell a pace from noise, or t <= lag: the lagged
+                # snapshot is the first, so rho = 1 by definition and says nothing (a threshold above 1 would
+                # otherwise freeze every layer at the first measurement)
                 streaks[layer] = 0
                 continue
             if streaks[layer] >= self.patience and epoch >= self.min_epochs:

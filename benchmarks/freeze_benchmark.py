@@ -23,7 +23,8 @@ end), when layers froze, the share of batches the prefix cache served.
 Printed per workload and variant: fit time and CPU time (mean ± sd over seeds) and speedups against the baseline
 (with the range of per-seed ratios), test accuracy (mean ± sd) and its change in points, the time to reach the
 baseline's final accuracy minus 0.3 points (mean over seeds; ``never`` when a seed never does) and its speedup,
-the cache's served share and the freeze epochs of the first seed.
+the cache's served share and the freeze epochs of the first seed. Each fit's line, printed as it ends, also gives
+its test accuracy and training time at every epoch end (the per-seed time-to-accuracy curve).
 
 Run: ``python benchmarks/freeze_benchmark.py [--workloads a b c d] [--seeds 0 1 2] [--threads 1] [--variants ...] [--quick]``.
 A full run at one thread on an idle 2-core machine takes about 45 minutes (the BERT pretraining included).

@@ -68,7 +68,8 @@ class FreezePolicy:
             so that a steady pace reads 1) has stayed below ``movement_threshold`` for ``patience`` consecutive
             measurements, from ``min_epochs`` on. A layer with nothing trainable of its own (the embeddings under
             LoRA) counts as converged; one that has moved less than ``MIN_MOVEMENT`` since the start is not judged
-            yet (its ratio would be measurement noise). ``"convergence"``: when the layer's similarity to its own
+            yet (its ratio would be measurement noise), nor is a measurement whose lagged snapshot is the first (its
+            relative movement is 1 by definition). ``"convergence"``: when the layer's similarity to its own
             snapshot ``lag`` epochs earlier has stayed at or above ``threshold`` for ``patience`` consecutive
             measurements. ``"linear"``: the SVCCA paper's schedule, layer ``i`` of ``L`` (bottom-up) at epoch
             ``ceil(i / L * max_epochs)``. ``"schedule"``: the epochs given in ``schedule``.

@@ -110,6 +110,18 @@ def test_the_default_freezes_the_lowest_layer_from_scratch_within_twelve_epochs(
     assert {"lag0.5t", "initial"} <= references
 
 
+def test_a_threshold_above_a_steady_pace_still_waits_for_a_second_measurement(tmp_path):
+    # rho = 1 at the first epoch by definition: 1.5 would freeze every layer there if that epoch were judged
+    pl.seed_everything(0, verbose=False)
+    (x, y), (probe, _), _ = digits_tensors()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64, shuffle=True)
+    layers = ["relu1", "relu2", "relu3", "fc2"]
+    policy = FreezePolicy(movement_threshold=1.5)
+    callback = _fit(tmp_path, CosineDigitsCNN(), policy, loader, probe, layers, 3, limit_train_batches=4)
+    assert callback.frozen and min(callback.frozen.values()) >= 2
+    assert {row["epoch"] for row in callback.history if row["reference"] == "initial"} >= {1, 2}
+
+
 def test_the_default_leaves_lora_layers_alone_while_they_move(tmp_path, caplog):
     pl.seed_everything(0, verbose=False)
     x, y = _counting_task()

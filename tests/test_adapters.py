@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -224,6 +226,18 @@ def test_importing_the_package_loads_no_lightning_tensorboard_or_matplotlib():
 
 def _by_step(history):
     return {(r["step"], r["layer"], r["reference"], r["metric"]): r for r in history}
+
+
+def test_hf_trainer_tells_the_monitor_the_epochs_it_will_run(tmp_path, initial_model, data):
+    from lightning_svcca.integrations.huggingface import SVCCATrainerCallback, _epochs_of
+
+    train, probe = data
+    callback = SVCCATrainerCallback(probe=probe, **OPTIONS)
+    _hf_trainer(tmp_path, copy.deepcopy(initial_model), train, callback, 5, max_steps=9).train()
+    assert callback.monitor.runtime.max_epochs == 2  # max_steps=9 over 6-step epochs overrides num_train_epochs=5
+    assert _epochs_of(SimpleNamespace(num_train_epochs=2.5), SimpleNamespace()) == 3  # the Trainer rounds up
+    unbounded = SimpleNamespace(num_train_epochs=sys.maxsize)  # an iterable dataset run by max_steps
+    assert _epochs_of(SimpleNamespace(num_train_epochs=3), unbounded) is None
 
 
 def test_hf_trainer_measures_every_k_steps_like_the_lightning_callback(tmp_path, initial_model, data):

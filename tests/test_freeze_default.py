@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lightning_svcca import FreezePolicy, SVCCACallback
+from lightning_svcca import FreezePolicy, SVCCACallback, SVCCAMonitorWarning
 from lightning_svcca.freezing.blocks import Block, adapter_parameters, freeze_message
 
 from digits_models import DigitsCNN, digits_tensors
@@ -120,6 +120,23 @@ def test_a_threshold_above_a_steady_pace_still_waits_for_a_second_measurement(tm
     callback = _fit(tmp_path, CosineDigitsCNN(), policy, loader, probe, layers, 3, limit_train_batches=4)
     assert callback.frozen and min(callback.frozen.values()) >= 2
     assert {row["epoch"] for row in callback.history if row["reference"] == "initial"} >= {1, 2}
+
+
+@pytest.mark.parametrize(("epochs", "says"), [(2, "nothing before the end"), (3, "for the last 1 of its 3 epochs")])
+def test_a_fit_too_short_for_the_movement_rule_says_so(tmp_path, epochs, says):
+    (x, y), (probe, _), _ = digits_tensors()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+    layers = ["relu1", "relu2", "fc2"]
+    fit = {"max_epochs": epochs, "limit_train_batches": 2, "accelerator": "cpu", "logger": False}
+    quiet = {"enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
+    callback = SVCCACallback(probe=probe, layers=layers, freeze=FreezePolicy())
+    with pytest.warns(SVCCAMonitorWarning, match=f"measures {epochs} time.*can freeze {says}.*every_n_train_steps"):
+        pl.Trainer(default_root_dir=tmp_path, callbacks=[callback], **fit, **quiet).fit(DigitsCNN(), loader)
+    by_steps = SVCCACallback(probe=probe, layers=layers, freeze=FreezePolicy(), every_n_train_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pl.Trainer(default_root_dir=tmp_path, callbacks=[by_steps], **fit, **quiet).fit(DigitsCNN(), loader)
+    assert not [w for w in caught if "judges a layer from its second measurement" in str(w.message)]
 
 
 def test_the_default_leaves_lora_layers_alone_while_they_move(tmp_path, caplog):

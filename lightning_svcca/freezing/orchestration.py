@@ -71,6 +71,7 @@ class FreezingCoordinator:
         self.prefix: FrozenPrefix | None = None
         self.lag_reference = config.lag_reference
         self.lag_in_measurements = config.every_n_train_steps is not None
+        self.every_n_epochs = config.every_n_epochs
         self._warn_once = warn_once
         self._announce = announce
 
@@ -83,6 +84,28 @@ class FreezingCoordinator:
             self.runtime.collective,
             self._warn_once,
             serve_probe=self.runtime.probe_as_training,
+        )
+        self._warn_if_too_short()
+
+    def _warn_if_too_short(self) -> None:
+        """Say so when the movement rule measures too few times in this fit for a freeze to pay.
+
+        It judges a layer from the second measurement after the first snapshot on (at the first, the lagged snapshot
+        is the first one), so the earliest freeze comes ``2 * every_n_epochs`` epochs into the fit.
+        """
+        max_epochs, every = self.runtime.max_epochs, self.every_n_epochs
+        if self.policy is None or self.policy.mode != "movement" or self.lag_in_measurements or not every:
+            return
+        if not max_epochs or max_epochs < 0 or max_epochs // every > 3:
+            return
+        left = max_epochs - 2 * every
+        can = "nothing before the end" if left <= 0 else f"for the last {left} of its {max_epochs} epochs at most"
+        self._warn_once(
+            "freeze-short-run",
+            f"FreezePolicy(mode='movement') measures {max_epochs // every} time(s) in this fit (max_epochs="
+            f"{max_epochs}, every_n_epochs={every}) and judges a layer from its second measurement on, so it can"
+            f" freeze {can}. Measure by steps (every_n_train_steps=...) to give it more points, or freeze at epochs"
+            " you choose (FreezePolicy(mode='schedule', schedule=...))",
         )
 
     # ------------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,7 @@ class SVCCATrainerCallback(TrainerCallback):
                 is_global_zero=bool(state.is_world_process_zero),
                 broadcast=broadcast_object,
                 after_freeze=self._request_ddp_rebuild,  # also one process: torchrun with 1 process gets DDP too
-                max_epochs=int(args.num_train_epochs),
+                max_epochs=_epochs_of(args, state),
                 max_steps=int(state.max_steps) if state.max_steps and state.max_steps > 0 else None,
             ),
         )
@@ -249,3 +250,12 @@ def tensorboard_dir(args: Any) -> Path:
     """
     folder = getattr(args, "logging_dir", None) or os.environ.get("TENSORBOARD_LOGGING_DIR")
     return Path(folder) if folder else Path(args.output_dir) / "runs" / "svcca"
+
+
+def _epochs_of(args: Any, state: Any) -> int | None:
+    """The run's length in epochs: the Trainer's own count (from ``max_steps`` when that is given), else the args'.
+
+    ``None`` when unknown (an iterable dataset run by ``max_steps``: the Trainer counts ``sys.maxsize`` epochs).
+    """
+    epochs = getattr(state, "num_train_epochs", None) or math.ceil(args.num_train_epochs)
+    return int(epochs) if 0 < epochs < sys.maxsize else None

@@ -10,6 +10,7 @@ freeze state across checkpoints.
 
 from __future__ import annotations
 
+import math
 import tempfile
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -96,13 +97,16 @@ class FreezingCoordinator:
         max_epochs, every = self.runtime.max_epochs, self.every_n_epochs
         if self.policy is None or self.policy.mode != "movement" or self.lag_in_measurements or not every:
             return
-        if not max_epochs or max_epochs < 0 or max_epochs // every > 3:
+        if not max_epochs or max_epochs < 0:
+            return
+        measurements = math.ceil(max_epochs / every)  # the end of the fit is measured too
+        if measurements > 3:
             return
         left = max_epochs - 2 * every
         can = "nothing before the end" if left <= 0 else f"for the last {left} of its {max_epochs} epochs at most"
         self._warn_once(
             "freeze-short-run",
-            f"FreezePolicy(mode='movement') measures {max_epochs // every} time(s) in this fit (max_epochs="
+            f"FreezePolicy(mode='movement') measures {measurements} time(s) in this fit (max_epochs="
             f"{max_epochs}, every_n_epochs={every}) and judges a layer from its second measurement on, so it can"
             f" freeze {can}. Measure by steps (every_n_train_steps=...) to give it more points, or freeze at epochs"
             " you choose (FreezePolicy(mode='schedule', schedule=...))",

@@ -72,9 +72,9 @@ class FreezingCoordinator:
         self.prefix: FrozenPrefix | None = None
         self.lag_reference = config.lag_reference
         self.lag_in_measurements = config.every_n_train_steps is not None
-        self.every_n_epochs = config.every_n_epochs
         self._warn_once = warn_once
         self._announce = announce
+        self._warn_if_too_short(config.every_n_epochs)
 
     def attach(self, capture: Capture) -> None:
         """Take the run's probe passes: from now on :meth:`probe_pass` may reuse the frozen prefix."""
@@ -86,15 +86,15 @@ class FreezingCoordinator:
             self._warn_once,
             serve_probe=self.runtime.probe_as_training,
         )
-        self._warn_if_too_short()
 
-    def _warn_if_too_short(self) -> None:
+    def _warn_if_too_short(self, every: int | None) -> None:
         """Say so when the movement rule measures too few times in this fit for a freeze to pay.
 
         It judges a layer from the second measurement after the first snapshot on (at the first, the lagged snapshot
-        is the first one), so the earliest freeze comes ``2 * every_n_epochs`` epochs into the fit.
+        is the first one), so the earliest freeze comes ``2 * every`` epochs into the fit (``every``: the config's
+        ``every_n_epochs``).
         """
-        max_epochs, every = self.runtime.max_epochs, self.every_n_epochs
+        max_epochs = self.runtime.max_epochs
         if self.policy is None or self.policy.mode != "movement" or self.lag_in_measurements or not every:
             return
         if not max_epochs or max_epochs < 0:

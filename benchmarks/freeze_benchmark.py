@@ -26,7 +26,8 @@ baseline's final accuracy minus 0.3 points (mean over seeds; ``never`` when a se
 the cache's served share and the freeze epochs of the first seed. Each fit's line, printed as it ends, also gives
 its test accuracy and training time at every epoch end (the per-seed time-to-accuracy curve).
 
-Run: ``python benchmarks/freeze_benchmark.py [--workloads a b c d] [--seeds 0 1 2] [--threads 1] [--variants ...] [--quick]``.
+Run: ``python benchmarks/freeze_benchmark.py [--workloads a b c d] [--seeds 0 1 2] [--threads 1] [--quick]
+[--variants NAME ...]``.
 A full run at one thread on an idle 2-core machine takes about 45 minutes (the BERT pretraining included).
 """
 
@@ -187,11 +188,12 @@ def run_all(
     seeds: list[int],
     sizes: Sizes,
     root: Path,
-    variants_for: Callable[[list[str], int], dict[str, FreezePolicy | str | None]] | None = None,
+    variants_for: Callable[[list[str], int], dict[str, FreezePolicy | str | None]],
 ) -> dict[str, dict[str, list[Run]]]:
     """Every workload and variant, seed by seed, variants interleaved.
 
-    ``variants_for(layers, epochs)``: the variants of a workload (default: :func:`variants`, whatever the workload).
+    ``variants_for(layers, epochs)``: the variants of a workload (this script: a subset of :func:`variants`, whatever
+    the workload; ``freeze_oracle.py``: fixed freezes placed by the workload's layers and epochs).
     """
     results: dict[str, dict[str, list[Run]]] = {key: {} for key in workloads}
     warm = conv_workload("b", Sizes.quick())
@@ -205,8 +207,7 @@ def run_all(
             work = conv.get(key) or bert[key]
             pl.seed_everything(seed, verbose=False)
             initial = work.make_model()
-            chosen = variants_for(initial.layers, work.epochs) if variants_for else variants()
-            for name, variant in chosen.items():
+            for name, variant in variants_for(initial.layers, work.epochs).items():
                 run = fit(copy.deepcopy(initial), work, copy.deepcopy(variant), seed, root / f"{key}{seed}")
                 results[key].setdefault(name, []).append(run)
                 _progress(key, name, seed, run)

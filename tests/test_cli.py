@@ -159,7 +159,9 @@ def test_dims_reports(history_dir, capsys, tmp_path):
         for layer, series in {"low": [12.0, 16.0, 16.0, 16.0], "high": [28.0, 30.0, 32.0, 31.0]}.items()
         for e, v in enumerate(series)
     ]
-    expected = heatmap_image(*history_matrix(rows, "dims", "svcca"), **heatmap_style("svcca", "dims"))
+    frozen = np.array([[False, False, True, True], [False] * 4])  # "low" froze at epoch 2: its cells hatched
+    style = heatmap_style("svcca", "dims")
+    expected = heatmap_image(*history_matrix(rows, "dims", "svcca"), **style, frozen=frozen)
     np.testing.assert_array_equal(drawn, expected)  # the linear scale of directions kept, not the similarity one
 
 

@@ -25,9 +25,11 @@ from typing import Any
 
 from lightning_svcca import __version__
 from lightning_svcca.output.reporting import (
+    FREEZE_REFERENCE,
     HISTORY_FILE,
     LAYER_FACTS,
     convergence_epochs,
+    frozen_mask,
     heatmap_image,
     heatmap_style,
     history_axis,
@@ -281,8 +283,13 @@ def _summary(history: list[dict[str, Any]], args: argparse.Namespace, path: Path
 def _table(history: list[dict[str, Any]], args: argparse.Namespace, path: Path, many: bool) -> int:
     metric, reference, axis, layers, columns, matrix = _matrix(history, args)
     number = _number if reference in LAYER_FACTS else (lambda v: "" if math.isnan(v) else f"{v:.3f}")
-    rows = [[layer, *(number(v) for v in row)] for layer, row in zip(layers, matrix, strict=True)]
-    print(heatmap_style(metric, reference)["title"])
+    frozen = frozen_mask(history, layers, columns, axis=axis) if reference != FREEZE_REFERENCE else None
+    rows = [
+        [layer, *(number(v) + ("*" if frozen is not None and frozen[i, j] else "") for j, v in enumerate(row))]
+        for i, (layer, row) in enumerate(zip(layers, matrix, strict=True))
+    ]
+    marked = frozen is not None and bool(frozen.any())
+    print(heatmap_style(metric, reference)["title"] + (" (* frozen: 1 to its own past by construction)" * marked))
     print(format_table([f"layer \\ {axis}", *map(str, columns)], rows))
     return 0
 
@@ -295,7 +302,8 @@ def _heatmap(history: list[dict[str, Any]], args: argparse.Namespace, path: Path
         out = out.with_name(f"{out.stem}-{'-'.join(run.parts) or 'run'}{out.suffix}")
     from matplotlib.image import imsave
 
-    image = heatmap_image(layers, columns, matrix, **heatmap_style(metric, reference), xlabel=axis)
+    frozen = frozen_mask(history, layers, columns, axis=axis) if reference != FREEZE_REFERENCE else None
+    image = heatmap_image(layers, columns, matrix, **heatmap_style(metric, reference), xlabel=axis, frozen=frozen)
     out.parent.mkdir(parents=True, exist_ok=True)
     imsave(out, image, format="png")
     print(f"wrote {out} ({metric} to {reference}: {len(layers)} layers x {len(columns)} {axis}s)")

@@ -24,6 +24,7 @@ from lightning_svcca.freezing.blocks import freeze_blocks, freeze_message, train
 from lightning_svcca.freezing.freezer import Freezer
 from lightning_svcca.freezing.frozen_prefix import FrozenPrefix
 from lightning_svcca.freezing.policy import FreezeDecision
+from lightning_svcca.freezing.task_signal import TaskSignal, TaskVerdict
 from lightning_svcca.monitoring.config import MonitorConfig
 from lightning_svcca.monitoring.runtime import Runtime
 from lightning_svcca.output.reporting import FREEZE_METRIC, FREEZE_REFERENCE
@@ -68,6 +69,10 @@ class FreezingCoordinator:
         self.frozen: dict[str, int] = {}
         #: The policy's per-layer counts of consecutive converged measurements.
         self.streaks: dict[str, int] = {}
+        #: The training loss the loop reports (:meth:`observe_loss`), which the policy's task gate reads.
+        self.task = TaskSignal()
+        #: The last waiting line's kind, so a line is written when the reason for waiting changes.
+        self._waiting: str | None = None
         #: The probe pass past the frozen prefix (built by :meth:`attach`, once the probe exists).
         self.prefix: FrozenPrefix | None = None
         self.lag_reference = config.lag_reference
@@ -130,6 +135,11 @@ class FreezingCoordinator:
         recorder = self.prefix.record(self.model, device, known)
         return recorder, self.prefix.reused(known, last_point) if known and last_point is not None else {}
 
+    def observe_loss(self, loss: Any) -> None:
+        """One training batch's loss, for the policy's task gate (a tensor is read only at the next measurement)."""
+        if self.policy is not None and self.policy.task is not None:
+            self.task.observe(loss)
+
     def freeze_converged(
         self,
         rows: Sequence[Mapping[str, Any]],
@@ -144,6 +154,7 @@ class FreezingCoordinator:
         ``epoch``).
         """
         assert self.policy is not None and self.prefix is not None
+        self.task.close_interval()
         decisions: list[FreezeDecision] = []
         if self.runtime.is_global_zero:
             decisions = self._decide(rows, epoch, layers, measurement)
@@ -169,7 +180,9 @@ class FreezingCoordinator:
         if policy.mode == "movement":
             blocks = freeze_blocks(self.prefix.completion, layers, self.model)
             idle = [layer for layer, block in blocks.items() if not trainable_parameters(self.model, block)]
-        return policy.decide(
+        task = self._task_verdict()
+        notes: dict[str, str] = {}
+        decisions = policy.decide(
             epoch,
             layers,
             self.frozen,
@@ -181,7 +194,48 @@ class FreezingCoordinator:
             initial=values_of(rows, "initial", policy.metric),
             measurement=measurement,
             idle=idle,
+            task=task,
+            notes=notes,
         )
+        self._say_why_waiting(decisions, layers, task, notes)
+        return decisions
+
+    def _task_verdict(self) -> TaskVerdict | None:
+        """The policy's task gate on the loss seen so far (``None`` without a gate or for a fixed schedule)."""
+        policy = self.policy
+        if policy is None or policy.task is None or policy.mode not in ("movement", "convergence"):
+            return None
+        if not self.task.seen:
+            self._warn_once(
+                "freeze-no-loss",
+                "FreezePolicy's task gate has seen no training loss, so the representations decide alone and a"
+                " network stuck on a loss plateau can read as converged. The Lightning and HuggingFace callbacks"
+                " pass the loss themselves; a plain loop passes it with monitor.observe_loss(loss) after each"
+                " step (or measure(..., loss=...)). FreezePolicy(task=None) silences this",
+            )
+        return policy.task.verdict(self.task, policy.lag_fraction)
+
+    def _say_why_waiting(
+        self,
+        decisions: Sequence[FreezeDecision],
+        layers: Sequence[str],
+        task: TaskVerdict | None,
+        notes: Mapping[str, str],
+    ) -> None:
+        """A line when freezing waits, each time the reason changes: no task progress yet, or still moving."""
+        waiting = [layer for layer in layers[: len(layers) - self.policy.keep_last] if layer not in self.frozen]
+        if decisions or not waiting:
+            self._waiting = None
+            return
+        if task is not None and not task.allows:
+            kind, why = "task", task.reason
+        else:
+            lowest = waiting[0]
+            kind = "moving"
+            why = f"{lowest!r} is still moving: {notes[lowest]}" if lowest in notes else f"{lowest!r} not judged yet"
+        if kind != self._waiting:
+            self._waiting = kind
+            self.runtime.logger.info(f"freezing waits: {why}")
 
     def _apply(self, decisions: Sequence[FreezeDecision], epoch: int, step: int, layers: Sequence[str]) -> None:
         """Freeze each decided layer's block, never the last trainable parameters; then the after-freeze hook."""
@@ -247,11 +301,17 @@ class FreezingCoordinator:
     # ------------------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The checkpoint entries ``frozen``, ``streaks`` and ``freezer``."""
-        return {"frozen": dict(self.frozen), "streaks": dict(self.streaks), "freezer": self.freezer.state_dict()}
+        """The checkpoint entries ``frozen``, ``streaks``, ``freezer`` and ``task``."""
+        return {
+            "frozen": dict(self.frozen),
+            "streaks": dict(self.streaks),
+            "freezer": self.freezer.state_dict(),
+            "task": self.task.state_dict(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s entries (missing ones: nothing frozen)."""
         self.frozen = dict(state.get("frozen", {}))
         self.streaks = dict(state.get("streaks", {}))
         self.freezer.load_state_dict(state.get("freezer", {}))
+        self.task.load_state_dict(state.get("task", {}))

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lightning_svcca.freezing.task_signal import TaskGate, TaskVerdict
 from lightning_svcca.monitoring.timeline import fraction_lag
 from lightning_svcca.pipeline.wrappers import shown_name
 
@@ -112,6 +113,10 @@ class FreezePolicy:
             back (and with its first). The monitor keeps the snapshots this reaches.
         movement_threshold: ``mode="movement"``: relative movement below which a measurement counts as converged
             (1 is a steady pace; 0.75: the layer moves at about 87% of its average speed so far, or less).
+        task: ``mode="movement"`` and ``"convergence"``: the training loss's say
+            (:class:`~lightning_svcca.freezing.task_signal.TaskGate`): no layer freezes before the loss has fallen
+            by a real fraction of its start, and once its fall has flattened the task has plateaued and layers may
+            freeze while their representations still move. ``None``: the representations decide alone.
     """
 
     mode: FreezeMode = "movement"
@@ -131,6 +136,7 @@ class FreezePolicy:
     cache_device: Literal["auto", "cpu", "device"] = "auto"
     lag_fraction: float = 0.5
     movement_threshold: float = 0.75
+    task: TaskGate | None = field(default_factory=TaskGate)
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -215,6 +221,8 @@ class FreezePolicy:
         initial: Mapping[str, float] | None = None,
         measurement: int | None = None,
         idle: Collection[str] = (),
+        task: TaskVerdict | None = None,
+        notes: dict[str, str] | None = None,
     ) -> list[FreezeDecision]:
         """Layers to freeze now, bottom-up, with the reason for each; updates ``streaks`` in place.
 
@@ -233,14 +241,22 @@ class FreezePolicy:
             initial: ``"movement"``: each layer's similarity to its first snapshot.
             measurement: ``"movement"``: measurements since the first (``epoch`` when not given).
             idle: ``"movement"``: layers with nothing trainable of their own; they count as converged.
+            task: what the training loss says (:meth:`TaskGate.verdict`), for ``movement`` and ``convergence``:
+                nothing freezes while it does not allow it; every unfrozen layer is ready once it has flattened.
+            notes: filled with each judged but unready layer's numbers (``"movement"``), for the waiting line.
         """
-        if self.mode == "movement":
-            t = epoch if measurement is None else measurement
-            sides = (similarities, initial or {})
-            ready = self._ready_by_movement(epoch, t, layers, frozen, streaks, sides, set(idle))
-        elif self.mode == "convergence":
-            earlier = compared_with or f"epoch {epoch - self.lag}"
-            ready = self._ready_by_similarity(epoch, earlier, layers, frozen, streaks, similarities, baselines)
+        if self.mode in ("movement", "convergence"):
+            if self.mode == "movement":
+                t = epoch if measurement is None else measurement
+                sides = (similarities, initial or {})
+                ready = self._ready_by_movement(epoch, t, layers, frozen, streaks, sides, set(idle), notes)
+            else:
+                earlier = compared_with or f"epoch {epoch - self.lag}"
+                ready = self._ready_by_similarity(epoch, earlier, layers, frozen, streaks, similarities, baselines)
+            if task is not None and not task.allows:
+                return []
+            if task is not None and task.flat and epoch >= self.min_epochs:
+                ready = {layer: ready.get(layer) or task.reason for layer in layers if layer not in frozen}
         else:
             planned = self.freeze_epochs(layers, max_epochs)
             ready = {
@@ -259,6 +275,7 @@ class FreezePolicy:
         streaks: dict[str, int],
         sides: tuple[Mapping[str, float], Mapping[str, float]],
         idle: set[str],
+        notes: dict[str, str] | None = None,
     ) -> dict[str, str]:
         """Layers whose relative movement stayed below ``movement_threshold`` long enough, with the reason.
 
@@ -275,9 +292,11 @@ class FreezePolicy:
                 reason = "nothing of its own trains"
             elif t > lag and layer in recent and layer in initial and 1.0 - initial[layer] >= MIN_MOVEMENT:
                 rho = relative_movement(recent[layer], initial[layer], t, self.lag_fraction)
-                streaks[layer] = streaks.get(layer, 0) + 1 if rho < self.movement_threshold else 0
+                converged = rho < self.movement_threshold
+                streaks[layer] = streaks.get(layer, 0) + 1 if converged else 0
+                streak = f" for {streaks[layer]} measurement(s)" if converged else ""
                 reason = (
-                    f"relative movement {rho:.3f} < {self.movement_threshold} for {streaks[layer]} measurement(s)"
+                    f"relative movement {rho:.3f} {'<' if converged else '>='} {self.movement_threshold}{streak}"
                     f" (1 - {self.metric}: {1.0 - recent[layer]:.2e} over the last {lag} measurement(s),"
                     f" {1.0 - initial[layer]:.2e} since the start)"
                 )
@@ -288,6 +307,8 @@ class FreezePolicy:
                 continue
             if streaks[layer] >= self.patience and epoch >= self.min_epochs:
                 ready[layer] = reason
+            elif notes is not None:
+                notes[layer] = reason
         return ready
 
     def _ready_by_similarity(

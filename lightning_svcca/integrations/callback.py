@@ -199,7 +199,9 @@ class _SVCCACallbackCore:
             self.monitor.before_optimizer_step()
 
     def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Measure every ``every_n_train_steps`` steps, and on the epoch's last batch (before validation)."""
+        """Report the step's loss to the freeze rule; measure every k steps and on the epoch's last batch."""
+        if self.monitor is not None:
+            self.monitor.observe_loss(_loss_of(outputs))
         steps = self.config.every_n_train_steps
         step = int(trainer.global_step)
         last = _is_last_batch(trainer, batch_idx)
@@ -348,6 +350,13 @@ def _first_against_final(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str,
         if row["reference"] == "final" and (key not in earliest or row["step"] < earliest[key]["step"]):
             earliest[key] = row
     return [row for row in rows if row["reference"] != "final"] + list(earliest.values())
+
+
+def _loss_of(outputs: Any) -> Any:
+    """The loss a ``training_step`` returned: a tensor, or a dict's ``"loss"`` (``None`` when there is none)."""
+    if isinstance(outputs, Mapping):
+        return outputs.get("loss")
+    return outputs if isinstance(outputs, torch.Tensor) else None
 
 
 def _planned_steps(trainer: Any) -> int | None:

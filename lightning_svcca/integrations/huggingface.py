@@ -28,10 +28,11 @@ import inspect
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -83,6 +84,8 @@ class SVCCATrainerCallback(TrainerCallback):
         self.monitor: SVCCAMonitor | None = None
         self._writer: TensorBoardWriter | None = None
         self._norm_hook: Any = None
+        self._loss_hook: Any = None
+        self._losses_seen = False
         #: Set after a freeze under DDP: the next training forward rebuilds the Trainer's DDP reducer.
         self._ddp_rebuild_pending = False
 
@@ -90,6 +93,11 @@ class SVCCATrainerCallback(TrainerCallback):
     def history(self) -> list[dict[str, Any]]:
         """Every measured value (see :attr:`SVCCAMonitor.history`)."""
         return self.monitor.history if self.monitor is not None else []
+
+    @property
+    def frozen(self) -> dict[str, int]:
+        """Frozen layers -> the epoch at which they froze (see :attr:`SVCCAMonitor.frozen`)."""
+        return self.monitor.frozen if self.monitor is not None else {}
 
     def on_train_begin(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
@@ -125,6 +133,9 @@ class SVCCATrainerCallback(TrainerCallback):
         self.monitor.restore_freezes(hard=hard)
         # the Trainer calls model.train() inside each training step: frozen norms go back to eval at each forward
         self._norm_hook = model.register_forward_pre_hook(lambda module, inputs: self._before_forward(module, state))
+        # the training forward's own loss (a model given labels returns it), for the freeze rule's task gate
+        self._loss_hook = model.register_forward_hook(self._after_forward)
+        self._losses_seen = False
         self.monitor.start(step=int(state.global_step))
 
     def _restore(self, args: Any, state: Any) -> None:
@@ -164,6 +175,22 @@ class SVCCATrainerCallback(TrainerCallback):
                 rebuild_ddp_reducer(wrapper, in_forward=True)
                 self._ddp_rebuild_pending = False
 
+    def _after_forward(self, model: nn.Module, inputs: Any, output: Any) -> None:
+        """Report a training forward's loss (``output.loss`` or ``output["loss"]``) to the monitor."""
+        if self.monitor is None or not model.training or not torch.is_grad_enabled():
+            return
+        loss = getattr(output, "loss", None)
+        if loss is None and isinstance(output, Mapping):
+            loss = output.get("loss")
+        if isinstance(loss, torch.Tensor):
+            self._losses_seen = True
+            self.monitor.observe_loss(loss)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        """The Trainer's logged training loss, when the model's forward returns none (a custom ``compute_loss``)."""
+        if self.monitor is not None and not self._losses_seen and logs and "loss" in logs:
+            self.monitor.observe_loss(logs["loss"])
+
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Soft freezing only (the Trainer's FSDP or DeepSpeed): drop frozen parameters' gradients."""
         if self.monitor is not None:
@@ -196,9 +223,10 @@ class SVCCATrainerCallback(TrainerCallback):
             return
         self.monitor.finish(epoch=completed_epochs(state), step=int(state.global_step))
         self.monitor.close()
-        if self._norm_hook is not None:
-            self._norm_hook.remove()
-            self._norm_hook = None
+        for hook in (self._norm_hook, self._loss_hook):
+            if hook is not None:
+                hook.remove()
+        self._norm_hook = self._loss_hook = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None

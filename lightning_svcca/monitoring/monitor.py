@@ -233,14 +233,26 @@ class SVCCAMonitor:
             charted = self.reference_names + (["baseline"] if config.baseline else [])
             self.outputs.layout(charted, self.layers, frozen=config.freeze is not None)
 
-    def measure(self, *, epoch: int, step: int) -> list[dict[str, Any]]:
+    def observe_loss(self, loss: Any) -> None:
+        """Report a training batch's loss (a tensor or a number): the freeze policy's task gate reads it.
+
+        Call it after each training step; a tensor stays on its device until the next measurement, so this costs
+        no synchronisation. Without it, :class:`~lightning_svcca.FreezePolicy` decides from the representations
+        alone and says so once.
+        """
+        self.freezing.observe_loss(loss)
+
+    def measure(self, *, epoch: int, step: int, loss: Any = None) -> list[dict[str, Any]]:
         """Measure after ``epoch`` completed epochs (1 after the first) and ``step`` optimizer steps; new rows.
 
         Does nothing (and returns ``[]``) when no training step happened since the last measurement, or, when
         measuring per epoch, when ``epoch`` was measured already or is not a multiple of ``every_n_epochs``
         (with ``every_n_train_steps`` the loop decides when to call). Freezes converged layers when a
-        :class:`~lightning_svcca.FreezePolicy` is set.
+        :class:`~lightning_svcca.FreezePolicy` is set. ``loss``: the training loss since the last call, when the
+        loop does not report each step's with :meth:`observe_loss`.
         """
+        if loss is not None:
+            self.observe_loss(loss)
         if self.probe is None:
             raise RuntimeError("call start() before measure(): it builds the probe and measures the initial model")
         if step <= self.last_measured_step:

@@ -23,6 +23,23 @@ def _identity(value: Any) -> Any:
     return value
 
 
+def console_logger() -> logging.Logger:
+    """The package's logger, shown on the console at INFO when nothing else handles logging.
+
+    Freeze lines and the reasons freezing waits are INFO: without a handler Python shows only warnings, so under
+    a plain loop or the HuggingFace ``Trainer`` they were hidden. As Lightning does for its own logger, a console
+    handler is added only when the root logger has none (an application that configures logging keeps control).
+    """
+    logger = logging.getLogger("lightning_svcca")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
 @dataclass
 class Runtime:
     """What the monitor needs from the training framework; the defaults describe a single process.
@@ -50,7 +67,7 @@ class Runtime:
     after_freeze: Callable[[], None] | None = None
     max_epochs: int | None = None
     max_steps: int | None = None
-    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("lightning_svcca"))
+    logger: logging.Logger = field(default_factory=console_logger)
     probe_as_training: bool = True
 
     @classmethod

@@ -39,6 +39,7 @@ def state_of(monitor: SVCCAMonitor) -> dict[str, Any]:
         "frozen": freezing["frozen"],
         "streaks": freezing["streaks"],
         "freezer": freezing["freezer"],
+        "task": freezing["task"],
         "measured": timeline["measured"],
         "initial_lost": timeline["initial_lost"],
         "metrics": list(monitor.config.metrics),

@@ -71,9 +71,13 @@ class Drawer:
         layers: Sequence[str],
         epochs: Sequence[int],
         matrix: np.ndarray,
+        frozen: np.ndarray | None = None,
     ) -> None:
-        """Draw ``matrix`` on the figure of ``name`` (``style()`` makes it the first time); see :meth:`finished`."""
-        arguments = (name, style, list(layers), list(epochs), np.array(matrix, dtype=float))
+        """Draw ``matrix`` on the figure of ``name`` (``style()`` makes it the first time); see :meth:`finished`.
+
+        ``frozen``: cells to hatch (see :meth:`HeatmapFigure.render`).
+        """
+        arguments = (name, style, list(layers), list(epochs), np.array(matrix, dtype=float), frozen)
         if self.background:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="svcca-heatmaps")
@@ -104,11 +108,12 @@ class Drawer:
         layers: list[str],
         epochs: list[int],
         matrix: np.ndarray,
+        frozen: np.ndarray | None,
     ) -> np.ndarray:
         """Draw one picture (in the worker thread when in the background), counting its seconds."""
         started = time.perf_counter()
         if name not in self._figures:
             self._figures[name] = style()
-        image = self._figures[name].render(layers, epochs, matrix)
+        image = self._figures[name].render(layers, epochs, matrix, frozen)
         self.add_seconds(time.perf_counter() - started)
         return image

@@ -31,6 +31,7 @@ __all__ = [
     "HeatmapFigure",
     "convergence_epochs",
     "evenly_spaced",
+    "frozen_mask",
     "heatmap_image",
     "heatmap_style",
     "history_axis",
@@ -122,6 +123,24 @@ def history_matrix(
         for j, epoch in enumerate(epochs):
             matrix[i, j] = cells.get((layer, epoch), np.nan)
     return layers, epochs, matrix
+
+
+def frozen_mask(
+    history: Iterable[Mapping[str, Any]], layers: Sequence[str], columns: Sequence[int], *, axis: str = "epoch"
+) -> np.ndarray:
+    """Whether ``layers[i]`` was frozen at ``columns[j]``, from the history's ``frozen`` rows (False without one).
+
+    Heatmaps and tables mark these cells: a frozen layer's similarity to its previous snapshot is 1 by
+    construction, which would otherwise read as a converged layer.
+    """
+    names, points, values = history_matrix(history, FREEZE_REFERENCE, FREEZE_METRIC, layers, axis=axis)
+    mask = np.zeros((len(layers), len(columns)), dtype=bool)
+    row_of, column_of = {name: i for i, name in enumerate(names)}, {point: j for j, point in enumerate(points)}
+    for i, layer in enumerate(layers):
+        for j, column in enumerate(columns):
+            if layer in row_of and column in column_of:
+                mask[i, j] = values[row_of[layer], column_of[column]] == 1.0
+    return mask
 
 
 def convergence_epochs(
@@ -263,11 +282,18 @@ class HeatmapFigure:
         else:
             self._bar.set_label(label, fontsize=_FONT + 1)
         self._annotations: list[Any] = []
+        self._hatches: list[Any] = []
         self._widths: dict[tuple[str, float], float] = {}
         self._size = (0.0, 0.0)
 
-    def render(self, layers: Sequence[str], epochs: Sequence[int], matrix: np.ndarray) -> np.ndarray:
-        """The heatmap of ``matrix[i, j]`` (layer ``i``, epoch ``j``) as an RGB image ``(H, W, 3)``, ``uint8``."""
+    def render(
+        self, layers: Sequence[str], epochs: Sequence[int], matrix: np.ndarray, frozen: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The heatmap of ``matrix[i, j]`` (layer ``i``, epoch ``j``) as an RGB image ``(H, W, 3)``, ``uint8``.
+
+        ``frozen``: a boolean matrix of the same shape; its cells are hatched (a frozen layer reads 1 to its
+        previous snapshot by construction, not by convergence).
+        """
         matrix = np.asarray(matrix, dtype=float)
         if matrix.shape != (len(layers), len(epochs)):
             raise ValueError(
@@ -291,9 +317,12 @@ class HeatmapFigure:
         self._axes.set_xticks(*_epoch_ticks(shown_epochs))
         notes = [f"{len(columns)} of {len(epochs)} measured shown"] if len(columns) < len(epochs) else []
         notes += ["grey: not measured"] if np.isnan(shown).any() else []
+        hatched = np.zeros(shown.shape, dtype=bool) if frozen is None else np.asarray(frozen, dtype=bool)[:, columns]
+        notes += ["hatched: frozen"] if hatched.any() else []
         self._axes.set_xlabel(self.xlabel + (f" ({'; '.join(notes)})" if notes else ""), fontsize=_FONT + 1)
         self._layout(layers)
         self._annotate(shown)
+        self._hatch(hatched)
         self._canvas.draw()
         return np.asarray(self._canvas.buffer_rgba())[..., :3].copy()
 
@@ -350,6 +379,21 @@ class HeatmapFigure:
                 colour = "white" if 0.299 * red + 0.587 * green + 0.114 * blue < 0.5 else "black"
                 text = self._axes.text(j, i, formatted[i][j], ha="center", va="center", fontsize=size, color=colour)
                 self._annotations.append(text)
+
+    def _hatch(self, frozen: np.ndarray) -> None:
+        """Hatch the frozen cells, each layer's run of them as one rectangle."""
+        from matplotlib.patches import Rectangle
+
+        for patch in self._hatches:
+            patch.remove()
+        self._hatches = []
+        for i, row in enumerate(frozen):
+            columns = np.flatnonzero(row)
+            if columns.size:
+                first, last = int(columns[0]), int(columns[-1])
+                box = Rectangle((first - 0.5, i - 0.5), last - first + 1, 1.0, fill=False, hatch="///", linewidth=0)
+                box.set_edgecolor("white")
+                self._hatches.append(self._axes.add_patch(box))
 
     def _text_width(self, text: str, size: float) -> float:
         """Width of ``text`` at ``size`` points, in points (remembered: the same labels come back every epoch)."""
@@ -420,13 +464,15 @@ def heatmap_image(
     label: str,
     scale: str = "similarity",
     xlabel: str = "epoch",
+    frozen: np.ndarray | None = None,
 ) -> np.ndarray:
     """Render a layers x epochs matrix as an RGB image ``(H, W, 3)``, first layer at the bottom.
 
-    One-off drawing with :class:`HeatmapFigure` (same arguments); to redraw as values come in, keep a
-    :class:`HeatmapFigure`.
+    One-off drawing with :class:`HeatmapFigure` (same arguments; ``frozen`` cells hatched); to redraw as values
+    come in, keep a :class:`HeatmapFigure`.
     """
-    return HeatmapFigure(title=title, label=label, scale=scale, xlabel=xlabel).render(layers, epochs, matrix)
+    figure = HeatmapFigure(title=title, label=label, scale=scale, xlabel=xlabel)
+    return figure.render(layers, epochs, matrix, frozen)
 
 
 def layer_map_image(rows: Sequence[str], columns: Sequence[str], matrix: np.ndarray, *, title: str) -> np.ndarray:

@@ -23,8 +23,10 @@ from typing import Any, Protocol, runtime_checkable
 
 from lightning_svcca.output.drawing import Drawer
 from lightning_svcca.output.reporting import (
+    FREEZE_REFERENCE,
     HISTORY_COLUMNS,
     HeatmapFigure,
+    frozen_mask,
     heatmap_style,
     history_matrix,
     tag,
@@ -177,8 +179,9 @@ class Reporter:
             self._waiting[name] = (history, {"reference": reference, "metric": metric, "layers": layers, "step": step})
             return None
         started = time.perf_counter()
-        rows = history() if callable(history) else history
+        rows = list(history() if callable(history) else history)
         names, epochs, matrix = history_matrix(rows, reference, metric, layers, axis=self.axis)
+        frozen = None if reference == FREEZE_REFERENCE else frozen_mask(rows, names, epochs, axis=self.axis)
         self._drawer.add_seconds(time.perf_counter() - started)
         if not names or not epochs:
             return None
@@ -189,7 +192,7 @@ class Reporter:
         def style() -> HeatmapFigure:
             return HeatmapFigure(**heatmap_style(metric, reference), xlabel=self.axis)
 
-        self._drawer.draw(name, step, style, names, epochs, matrix)
+        self._drawer.draw(name, step, style, names, epochs, matrix, frozen)
         if self._drawer.background and not always:
             return None
         self._write_drawn(wait=True)

@@ -1,0 +1,73 @@
+"""Training-loss curves of the freeze benchmark's baselines: what the freeze rule's task gate is derived from.
+
+Fits each workload of ``freeze_benchmark.py`` once without the callback (seed 0 by default) and records every
+training batch's loss and the test accuracy at every epoch end, into ``freeze_histories/<key>_seed<seed>_loss.json``.
+``freeze_rule_replay.py`` replays the task gate of ``FreezePolicy`` on these curves.
+
+Run: ``python benchmarks/freeze_loss_curves.py [--workloads a b c d e] [--seeds 0] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from freeze_benchmark import bert_workloads, conv_workload, fit, run_quietly  # noqa: E402
+from freeze_workloads import Sizes  # noqa: E402
+
+HISTORIES = Path(__file__).resolve().parent / "freeze_histories"
+
+
+class LossRecorder(pl.Callback):
+    """Every training batch's loss, in order."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.batches_per_epoch = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))
+        self.batches_per_epoch = max(self.batches_per_epoch, batch_idx + 1)
+
+
+def record(workloads: list[str], seeds: list[int], sizes: Sizes, root: Path) -> None:
+    for seed in seeds:
+        bert = bert_workloads(seed, sizes, root) if {"c", "d"} & set(workloads) else {}
+        for key in workloads:
+            work = bert[key] if key in bert else conv_workload(key, sizes)
+            pl.seed_everything(seed, verbose=False)
+            recorder = LossRecorder()
+            run = fit(work.make_model(), work, None, seed, root / f"{key}{seed}", extra_callbacks=[recorder])
+            out = {
+                "workload": key, "seed": seed, "batches_per_epoch": recorder.batches_per_epoch,
+                "losses": recorder.losses, "test_accuracy": [point[3] for point in run.points],
+            }  # fmt: skip
+            HISTORIES.mkdir(exist_ok=True)
+            (HISTORIES / f"{key}_seed{seed}_loss.json").write_text(json.dumps(out))
+            per_epoch = [
+                sum(recorder.losses[i : i + recorder.batches_per_epoch]) / recorder.batches_per_epoch
+                for i in range(0, len(recorder.losses), recorder.batches_per_epoch)
+            ]
+            print(f"({key}) seed {seed}: epoch-mean loss " + " ".join(f"{v:.3f}" for v in per_epoch), flush=True)
+            print(f"({key}) seed {seed}: test accuracy " + " ".join(f"{100 * a:.1f}" for a in out["test_accuracy"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="+", default=["a", "b", "c", "d"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    sizes = Sizes.quick() if args.quick else Sizes()
+    run_quietly(1, None, lambda root: record(args.workloads, args.seeds, sizes, root))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,9 @@
-"""Training-loss curves of the freeze benchmark's baselines: what the freeze rule's task gate is derived from.
+"""Loss curves of the freeze benchmark's baselines: what the freeze rule's task gate is derived from.
 
 Fits each workload of ``freeze_benchmark.py`` once without the callback (seed 0 by default) and records every
-training batch's loss and the test accuracy at every epoch end, into ``freeze_histories/<key>_seed<seed>_loss.json``.
+training batch's loss, and at the start and every epoch end the test accuracy and the loss of a held-out probe
+(the first 256 test samples: what a probe drawn from validation data sees), into
+``freeze_histories/<key>_seed<seed>_loss.json``.
 ``freeze_rule_replay.py`` replays the task gate of ``FreezePolicy`` on these curves.
 
 Run: ``python benchmarks/freeze_loss_curves.py [--workloads a b c d e] [--seeds 0] [--quick]``.
@@ -15,6 +17,8 @@ import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -37,17 +41,45 @@ class LossRecorder(pl.Callback):
         self.batches_per_epoch = max(self.batches_per_epoch, batch_idx + 1)
 
 
+class HeldOutLoss(pl.Callback):
+    """Cross-entropy and predictions of held-out samples at the fit's start and every epoch end."""
+
+    def __init__(self, held_out: tuple[Tensor, Tensor]) -> None:
+        self.held_out = held_out
+        self.losses: list[float] = []
+        self.predictions: list[list[int]] = []
+
+    @torch.no_grad()
+    def _measure(self, model: nn.Module) -> None:
+        flags = {module: module.training for module in model.modules()}
+        model.eval()
+        x, y = self.held_out
+        logits = model(x)
+        self.losses.append(float(nn.functional.cross_entropy(logits, y)))
+        self.predictions.append(logits.argmax(1).tolist())
+        for module, flag in flags.items():
+            module.training = flag
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._measure(pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._measure(pl_module)
+
+
 def record(workloads: list[str], seeds: list[int], sizes: Sizes, root: Path) -> None:
     for seed in seeds:
         bert = bert_workloads(seed, sizes, root) if {"c", "d"} & set(workloads) else {}
         for key in workloads:
             work = bert[key] if key in bert else conv_workload(key, sizes)
             pl.seed_everything(seed, verbose=False)
-            recorder = LossRecorder()
-            run = fit(work.make_model(), work, None, seed, root / f"{key}{seed}", extra_callbacks=[recorder])
+            recorder, held_out = LossRecorder(), HeldOutLoss((work.test[0][:256], work.test[1][:256]))
+            model = work.make_model()
+            run = fit(model, work, None, seed, root / f"{key}{seed}", extra_callbacks=[recorder, held_out])
             out = {
                 "workload": key, "seed": seed, "batches_per_epoch": recorder.batches_per_epoch,
                 "losses": recorder.losses, "test_accuracy": [point[3] for point in run.points],
+                "held_out_losses": held_out.losses, "held_out_predictions": held_out.predictions,
             }  # fmt: skip
             HISTORIES.mkdir(exist_ok=True)
             (HISTORIES / f"{key}_seed{seed}_loss.json").write_text(json.dumps(out))
@@ -57,6 +89,7 @@ def record(workloads: list[str], seeds: list[int], sizes: Sizes, root: Path) -> 
             ]
             print(f"({key}) seed {seed}: epoch-mean loss " + " ".join(f"{v:.3f}" for v in per_epoch), flush=True)
             print(f"({key}) seed {seed}: test accuracy " + " ".join(f"{100 * a:.1f}" for a in out["test_accuracy"]))
+            print(f"({key}) seed {seed}: held-out loss " + " ".join(f"{v:.3f}" for v in held_out.losses), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

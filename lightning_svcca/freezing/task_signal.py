@@ -39,24 +39,24 @@ class TaskSignal:
         self.levels: list[float] = []
         self._first: list[float] = []
         self._sum: torch.Tensor | float = 0.0
-        self._count = 0
+        self._count: torch.Tensor | float = 0.0
 
     def observe(self, loss: Any) -> None:
-        """Add one training batch's loss (a tensor or a number; ``None`` and non-finite values are ignored)."""
-        if loss is None:
-            return
+        """Add one training batch's loss (a tensor or a number); ``None`` and non-finite values are left out."""
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 return
-            loss = loss.detach().reshape(())
+            loss = loss.detach().reshape(()).float()
             if self.start is None:  # the first few batches only: reading them once is cheap
                 self._first_batch(float(loss))
-        else:
-            loss = float(loss)
+            finite = torch.isfinite(loss)  # stays on the loss's device: no synchronisation
+            self._sum = self._sum + torch.where(finite, loss, torch.zeros_like(loss))
+            self._count = self._count + finite.to(loss.dtype)
+        elif isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss):
             if self.start is None:
-                self._first_batch(loss)
-        self._sum = self._sum + loss
-        self._count += 1
+                self._first_batch(float(loss))
+            self._sum = self._sum + float(loss)
+            self._count = self._count + 1
 
     def _first_batch(self, value: float) -> None:
         if math.isfinite(value):
@@ -66,33 +66,46 @@ class TaskSignal:
 
     def close_interval(self) -> float | None:
         """At a measurement: the mean loss since the last one (``None`` when the loop reported none)."""
-        if self._count == 0:
-            return None
-        mean = float(self._sum) / self._count
-        self._sum, self._count = 0.0, 0
+        total, count = float(self._sum), float(self._count)
+        self._sum, self._count = 0.0, 0.0
         if self.start is None and self._first:  # a first interval shorter than START_BATCHES
             self.start = sum(self._first) / len(self._first)
-        if not math.isfinite(mean):
+        if count == 0:
             return None
-        self.levels.append(mean)
-        return mean
+        self.levels.append(total / count)
+        return self.levels[-1]
 
     @property
     def seen(self) -> bool:
         """Whether the loop reports a loss at all."""
-        return bool(self.levels) or self._count > 0
+        return bool(self.levels) or bool(self._first)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values: the starting level, the interval means, the first batches' losses."""
         return {"start": self.start, "levels": list(self.levels), "first": list(self._first)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (missing entries: nothing seen yet)."""
+        """Restore :meth:`state_dict` (missing entries: nothing seen yet); a malformed entry raises ``ValueError``."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"the checkpoint's task entry must be a dict, got {type(state).__name__}")
         start = state.get("start")
-        self.start = None if start is None else float(start)
-        self.levels = [float(value) for value in state.get("levels", [])]
-        self._first = [float(value) for value in state.get("first", [])]
-        self._sum, self._count = 0.0, 0
+        self.start = None if start is None else _finite(start, "task.start")
+        self.levels = [_finite(value, "task.levels") for value in _listed(state.get("levels", []), "task.levels")]
+        self._first = [_finite(value, "task.first") for value in _listed(state.get("first", []), "task.first")]
+        self._sum, self._count = 0.0, 0.0
+
+
+def _listed(value: Any, field: str) -> list[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"the checkpoint's {field} must be a list of numbers, got {type(value).__name__}")
+    return list(value)
+
+
+def _finite(value: Any, field: str) -> float:
+    """``value`` as a finite float, or a ``ValueError`` naming the checkpoint field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"the checkpoint's {field} must hold finite numbers, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)

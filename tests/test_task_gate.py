@@ -1,0 +1,202 @@
+"""The freeze rule's task gate: the training loss must have progressed before anything freezes.
+
+The reproduction of the issue: a BERT from its config on a keyword task sits at chance (loss 0.69) for its first
+~45 steps, then learns it (measured every 8 steps). Its layers barely move on that plateau, so the representation rule alone freezes them
+there, and the run never learns the task; with the gate nothing freezes before the loss leaves the plateau.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_svcca import FreezePolicy, SVCCAMonitor
+from lightning_svcca.freezing.task_signal import TaskGate, TaskSignal
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, LENGTH, KEYWORD = 64, 32, 4
+
+
+def _signal(start: float, levels: list[float]) -> TaskSignal:
+    signal = TaskSignal()
+    for _ in range(4):
+        signal.observe(start)
+    signal.close_interval()
+    signal.levels = list(levels)
+    return signal
+
+
+def test_no_freeze_allowed_before_the_loss_falls_by_min_progress():
+    gate = TaskGate(min_progress=0.1)
+    assert not gate.verdict(_signal(0.693, [0.69, 0.694, 0.64]), 0.5).allows  # 7.6% below the start
+    verdict = gate.verdict(_signal(0.693, [0.69, 0.694, 0.62]), 0.5)  # 10.5%
+    assert verdict.allows and "below its start" in verdict.reason
+
+
+def test_pace_is_one_for_a_steady_fall_in_log_space_and_negative_when_the_loss_rises():
+    # L(t) = L0 * q**t falls by the same factor every interval: a steady pace in log space reads exactly 1
+    start, q = 2.0, 0.8
+    levels = [start * q**t for t in range(1, 9)]
+    reason = TaskGate(flat_below=0.3).verdict(_signal(start, levels), 0.5).reason
+    assert float(reason.split("recent pace ")[1].split()[0]) == pytest.approx(1.0, abs=0.01)
+    # a loss that stops falling and rises again: flat, the task has plateaued
+    risen = TaskGate(flat_below=0.3).verdict(_signal(start, [1.0, 0.5, 0.4, 0.42, 0.45, 0.5]), 0.5)
+    assert risen.allows and risen.flat
+
+
+def test_pace_matches_its_formula_on_a_recorded_curve():
+    levels = [1.058, 0.650, 0.502, 0.399, 0.312]  # benchmark (c), seed 0, epoch means
+    start, t, lag = 1.386, 5, 3  # lag = floor(0.5 * 5 + 1/2)
+    expected = (math.log(levels[t - 1 - lag]) - math.log(levels[-1])) / (math.log(start) - math.log(levels[-1]))
+    reason = TaskGate().verdict(_signal(start, levels), 0.5).reason
+    assert float(reason.split("recent pace ")[1].split()[0]) == pytest.approx(expected * t / lag, abs=0.01)
+
+
+def test_a_loss_that_can_be_negative_is_read_on_its_own_scale():
+    verdict = TaskGate(min_progress=0.1).verdict(_signal(-1.0, [-1.5, -2.0, -2.1, -2.12]), 0.5)
+    assert verdict.allows and verdict.flat
+
+
+def test_the_signal_survives_a_checkpoint_and_rejects_malformed_state():
+    signal = _signal(1.0, [0.9, 0.8])
+    restored = TaskSignal()
+    restored.load_state_dict(signal.state_dict())
+    assert (restored.start, restored.levels) == (1.0, [0.9, 0.8])
+    with pytest.raises(ValueError, match="task.levels"):
+        TaskSignal().load_state_dict({"levels": ["a"]})
+    with pytest.raises(ValueError, match="task.start"):
+        TaskSignal().load_state_dict({"start": float("inf")})
+
+
+def test_tensors_are_read_once_per_measurement_and_non_finite_losses_are_left_out():
+    signal = TaskSignal()
+    for value in (2.0, 2.0, 2.0, 2.0, 1.0, float("nan"), 1.0):
+        signal.observe(torch.tensor(value))
+    assert signal.close_interval() == pytest.approx(10.0 / 6)
+    assert signal.start == 2.0
+    assert signal.close_interval() is None  # nothing since
+
+
+def test_bad_gate_settings_name_the_setting():
+    with pytest.raises(ValueError, match="min_progress"):
+        TaskGate(min_progress=1.5)
+    with pytest.raises(ValueError, match="flat_below"):
+        TaskGate(flat_below=-1.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The issue's case: a loss plateau before learning, under the HuggingFace Trainer
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _keyword_task(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token sequences; label 1 iff the keyword token appears (at a random position)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randint(KEYWORD + 1, VOCAB, (count, LENGTH), generator=generator)
+    y = torch.randint(0, 2, (count,), generator=generator)
+    position = torch.randint(1, LENGTH, (count,), generator=generator)
+    x[y == 1, position[y == 1]] = KEYWORD
+    x[:, 0] = 2  # [CLS]
+    return x, y
+
+
+class _Sequences(torch.utils.data.Dataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.x[index], "labels": self.y[index]}
+
+
+def _bert() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        max_position_embeddings=LENGTH, num_labels=2,
+    )  # fmt: skip
+    return transformers.BertForSequenceClassification(config)
+
+
+def _fit_keyword_bert(tmp_path, policy: FreezePolicy | None) -> tuple[float, dict[str, int], list[tuple[int, float]]]:
+    """Fit 3 epochs (192 steps) with the callback (``policy=None``: without it); accuracy, freeze steps, losses."""
+    from lightning_svcca.huggingface import SVCCATrainerCallback
+
+    x, y = _keyword_task(2048 + 512, seed=0)
+    model = _bert()
+    losses: list[tuple[int, float]] = []
+
+    class Losses(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append((state.global_step, float(logs["loss"])))
+
+    callbacks: list = [Losses()]
+    monitor = None
+    if policy is not None:
+        probe = {"input_ids": x[2048:2304]}
+        monitor = SVCCATrainerCallback(probe=probe, every_n_train_steps=8, freeze=policy, writers=None)
+        callbacks.append(monitor)
+    args = transformers.TrainingArguments(
+        str(tmp_path), num_train_epochs=3, per_device_train_batch_size=32, learning_rate=1e-3,
+        lr_scheduler_type="cosine", logging_steps=5, report_to=[], save_strategy="no", use_cpu=True,
+        disable_tqdm=True, seed=0, data_seed=0,
+    )  # fmt: skip
+    transformers.Trainer(
+        model=model, args=args, train_dataset=_Sequences(x[:2048], y[:2048]), callbacks=callbacks
+    ).train()
+    model.eval()
+    with torch.no_grad():
+        accuracy = float((model(input_ids=x[2048:]).logits.argmax(1) == y[2048:]).float().mean())
+    frozen_at = {}  # layer -> the global step of its freeze
+    for row in monitor.history if monitor else []:
+        if row["reference"] == "frozen" and row["value"] == 1.0:
+            frozen_at.setdefault(row["layer"], row["step"])
+    return accuracy, frozen_at, losses
+
+
+@pytest.mark.slow
+def test_a_loss_plateau_before_learning_freezes_nothing_until_the_loss_leaves_it(tmp_path, caplog):
+    baseline, _, curve = _fit_keyword_bert(tmp_path / "baseline", None)
+    left_plateau = next(step for step, loss in curve if loss < 0.9 * 0.693)  # first log 10% below chance
+    assert left_plateau >= 30, "the task must sit on its plateau for a while for this test to mean anything"
+
+    # the representations alone freeze the layers on the plateau, and the run never learns the task
+    ungated, frozen_ungated, _ = _fit_keyword_bert(tmp_path / "ungated", FreezePolicy(task=None))
+    assert frozen_ungated and min(frozen_ungated.values()) < left_plateau  # frozen on the plateau
+    assert ungated < baseline - 0.2
+
+    with caplog.at_level(logging.INFO, logger="lightning_svcca"):
+        gated, frozen, _ = _fit_keyword_bert(tmp_path / "gated", FreezePolicy())
+    assert min(frozen.values(), default=math.inf) >= left_plateau
+    assert abs(gated - baseline) <= 0.003, (gated, baseline, frozen)
+    waits = [record.getMessage() for record in caplog.records if "freezing waits" in record.getMessage()]
+    assert any("no task progress yet" in line for line in waits), waits
+
+
+def test_a_plain_loop_reports_its_loss_and_the_gate_says_why_it_waits(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    x, y = torch.randn(256, 8), torch.randint(0, 2, (256,))  # random labels: the loss cannot fall 10%
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    policy = FreezePolicy(movement_threshold=10.0)  # the representations alone would freeze at once
+    monitor = SVCCAMonitor(model, probe=x[:128], layers=["1", "3"], freeze=policy, writers=None)
+    with caplog.at_level(logging.INFO, logger="lightning_svcca"), monitor:
+        monitor.start()
+        for epoch in range(1, 6):
+            for chunk in range(0, 256, 32):
+                loss = nn.functional.cross_entropy(model(x[chunk : chunk + 32]), y[chunk : chunk + 32])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                monitor.observe_loss(loss)
+            monitor.measure(epoch=epoch, step=epoch * 8)
+    assert monitor.frozen == {}
+    assert any("freezing waits: no task progress yet" in record.getMessage() for record in caplog.records)

@@ -91,14 +91,24 @@ def variants() -> dict[str, FreezePolicy | str | None]:
 
 @dataclass
 class Workload:
-    """What a seed of one workload fits: a model factory, its training data, test set, epochs and probe."""
+    """What a seed of one workload fits: a model factory, its training data, test set, epochs and probe.
+
+    The probe is a held-out validation batch with its labels, ``(inputs, labels)``, disjoint from the training
+    and test data: what ``SVCCACallback(probe=None)`` draws from a validation loader, so the freeze rule reads a
+    held-out loss (``TaskGate``).
+    """
 
     make_model: Callable[[], Classifier]
     train: Dataset
     test: tuple[Tensor, Tensor]
     epochs: int
-    probe: Tensor
+    probe: tuple[Tensor, Tensor]
     batch_size: int = 64
+
+    @property
+    def probe_inputs(self) -> Tensor:
+        """The probe's inputs without their labels."""
+        return self.probe[0]
 
 
 @dataclass
@@ -156,10 +166,15 @@ def fit(
 
 
 def conv_workload(key: str, sizes: Sizes) -> Workload:
-    """(a) with random shifts or (b) with fixed shifted copies."""
+    """(a) with random shifts or (b) with fixed shifted copies; the last 256 training images are the probe.
+
+    Held out from training (a quarter of them in ``--quick``): a validation probe.
+    """
     (x, y), test = digits32(sizes.limit)
+    held = min(256, len(x) // 4)
+    (x, y), probe = (x[:-held], y[:-held]), (x[-held:], y[-held:])
     train = RandomShifts(x, y, sizes.copies) if key == "a" else fixed_shifts(x, y, sizes.copies)
-    return Workload(ResNetLike, train, test, sizes.conv_epochs, x[:256])
+    return Workload(ResNetLike, train, test, sizes.conv_epochs, probe)
 
 
 def bert_workloads(seed: int, sizes: Sizes, root: Path) -> dict[str, Workload]:
@@ -167,18 +182,21 @@ def bert_workloads(seed: int, sizes: Sizes, root: Path) -> dict[str, Workload]:
     pl.seed_everything(seed, verbose=False)
     pretrained = BertClassifier(classes=PRETRAIN_CLASSES, lr=2e-3)
     source = markov_task(PRETRAIN_CLASSES, 2 * sizes.sequences, seed=100 + seed, language=seed, topics=TOPICS)
-    pretrain = Workload(lambda: pretrained, TensorDataset(*source), source, sizes.pretrain_epochs, source[0][:256])
+    pretrain = Workload(lambda: pretrained, TensorDataset(*source), source, sizes.pretrain_epochs, source)
     fit(pretrained, pretrain, None, seed, root / f"pretrain{seed}")
-    x, y = markov_task(4, sizes.sequences + sizes.test_sequences, seed=200 + seed, language=seed, topics=TOPICS)
-    train, test = (x[: sizes.sequences], y[: sizes.sequences]), (x[sizes.sequences :], y[sizes.sequences :])
+    held = min(256, sizes.sequences // 4)  # the validation probe
+    count = sizes.sequences + sizes.test_sequences + held
+    x, y = markov_task(4, count, seed=200 + seed, language=seed, topics=TOPICS)
+    train, test = (x[: sizes.sequences], y[: sizes.sequences]), (x[sizes.sequences : -held], y[sizes.sequences : -held])
+    probe = (x[-held:], y[-held:])
     return {
         "c": Workload(
             lambda: pretrained.fine_tuning(4, 1e-3, lora=False), TensorDataset(*train), test,
-            sizes.finetune_epochs, x[:256],
+            sizes.finetune_epochs, probe,
         ),
         "d": Workload(
             lambda: pretrained.fine_tuning(4, 3e-3, lora=True), TensorDataset(*train), test,
-            sizes.lora_epochs, x[:256],
+            sizes.lora_epochs, probe,
         ),
     }  # fmt: skip
 

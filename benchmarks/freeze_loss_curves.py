@@ -6,13 +6,17 @@ training batch's loss, and at the start and every epoch end the test accuracy an
 ``freeze_histories/<key>_seed<seed>_loss.json``.
 ``freeze_rule_replay.py`` replays the task gate of ``FreezePolicy`` on these curves.
 
-Run: ``python benchmarks/freeze_loss_curves.py [--workloads a b c d e] [--seeds 0] [--quick]``.
+Run: ``python benchmarks/freeze_loss_curves.py [--workloads a b c d e] [--seeds 0] [--quick]`` to record;
+``--replay`` reads the recorded curves instead and prints, at every epoch, the test accuracy, both losses, the
+gate's pace of each and its verdict with the default ``TaskGate()`` (``x``: waits for progress, ``.``: allows,
+``F``: the task has plateaued, so every layer below the top may freeze).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -24,6 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from freeze_benchmark import bert_workloads, conv_workload, fit, run_quietly  # noqa: E402
 from freeze_workloads import Sizes  # noqa: E402
+
+from lightning_svcca import FreezePolicy  # noqa: E402
+from lightning_svcca.freezing.task_signal import (  # noqa: E402
+    START_BATCHES,
+    CurveReading,
+    TaskGate,
+    TaskSignal,
+    read_curve,
+)
 
 HISTORIES = Path(__file__).resolve().parent / "freeze_histories"
 
@@ -92,12 +105,54 @@ def record(workloads: list[str], seeds: list[int], sizes: Sizes, root: Path) -> 
             print(f"({key}) seed {seed}: held-out loss " + " ".join(f"{v:.3f}" for v in held_out.losses), flush=True)
 
 
+def replay(workloads: list[str], seeds: list[int]) -> None:
+    """Print the default gate's reading of each recorded curve, epoch by epoch."""
+    gate = TaskGate()
+    for seed in seeds:
+        for key in workloads:
+            path = HISTORIES / f"{key}_seed{seed}_loss.json"
+            if not path.exists():
+                print(f"({key}) seed {seed}: no recording ({path.name}); run without --replay first")
+                continue
+            recorded = json.loads(path.read_text())
+            per_epoch, losses = recorded["batches_per_epoch"], recorded["losses"]
+            signal = TaskSignal()
+            for loss in losses[:START_BATCHES]:
+                signal.observe(loss)  # the starting level: the first batches
+            signal.close_interval(recorded["held_out_losses"][0])  # measurement 0: the probe's loss before training
+            signal.levels = []
+            print(f"({key}) seed {seed}: epoch, test accuracy, training loss (pace), probe loss (pace), verdict")
+            for epoch, accuracy in enumerate(recorded["test_accuracy"], start=1):
+                signal.levels.append(statistics.mean(losses[(epoch - 1) * per_epoch : epoch * per_epoch]))
+                signal.probe.append(recorded["held_out_losses"][epoch])
+                verdict = gate.verdict(signal, FreezePolicy().lag_fraction)
+                training = _pace(_reading("training loss", signal.start, signal.levels))
+                probe = _pace(_reading("probe loss", signal.probe[0], signal.probe[1:]))
+                mark = "F" if verdict.flat else "." if verdict.allows else "x"
+                print(
+                    f"  {epoch:>3} {100 * accuracy:6.1f}  {signal.levels[-1]:.3f} ({training})"
+                    f"  {signal.probe[-1]:.3f} ({probe})  {mark}"
+                )
+
+
+def _reading(name: str, start: float | None, values: list) -> CurveReading | None:
+    return read_curve(name, start, values, FreezePolicy().lag_fraction)
+
+
+def _pace(reading: CurveReading | None) -> str:
+    return "  -  " if reading is None or reading.pace is None else f"{reading.pace:+.2f}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", default=["a", "b", "c", "d"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--replay", action="store_true", help="print the gate's verdicts on the recorded curves")
     args = parser.parse_args(argv)
+    if args.replay:
+        replay(args.workloads, args.seeds)
+        return
     sizes = Sizes.quick() if args.quick else Sizes()
     run_quietly(1, None, lambda root: record(args.workloads, args.seeds, sizes, root))
 

@@ -123,7 +123,7 @@ def record(work: Workload, seed: int, root: Path) -> dict:
     """Fit the workload's baseline once and return its layers, accuracy curve and history rows."""
     pl.seed_everything(seed, verbose=False)
     model = work.make_model()
-    recorder = ActivationRecorder(work.probe, model.layers)
+    recorder = ActivationRecorder(work.probe_inputs, model.layers)
     run = fit(model, work, None, seed, root, extra_callbacks=[recorder])
     return {
         "layers": model.layers,

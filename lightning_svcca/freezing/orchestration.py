@@ -147,14 +147,16 @@ class FreezingCoordinator:
         step: int,
         layers: Sequence[str],
         measurement: int | None = None,
+        *,
+        probe_loss: float | None = None,
     ) -> None:
         """Decide on rank zero from this measurement's ``rows``, broadcast, and freeze on every process alike.
 
         ``measurement``: measurements since the first (what the ``"movement"`` rule's lag grows with; default
-        ``epoch``).
+        ``epoch``). ``probe_loss``: the probe's own loss at this measurement, for the task gate.
         """
         assert self.policy is not None and self.prefix is not None
-        self.task.close_interval()
+        self.task.close_interval(probe_loss)
         decisions: list[FreezeDecision] = []
         if self.runtime.is_global_zero:
             decisions = self._decide(rows, epoch, layers, measurement)

@@ -11,7 +11,7 @@ once that fall has flattened the task itself says the layers below the top may s
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,24 +19,26 @@ import torch
 
 from lightning_svcca.monitoring.timeline import fraction_lag
 
-__all__ = ["TaskGate", "TaskSignal", "TaskVerdict"]
+__all__ = ["CurveReading", "TaskGate", "TaskSignal", "TaskVerdict", "read_curve"]
 
 #: Batches whose mean loss is the starting level (fewer when the first interval is shorter).
 START_BATCHES = 4
 
 
 class TaskSignal:
-    """The training loss reported by the loop: the starting level and one mean per measured interval.
+    """The task as the loop and the probe report it: the training loss per interval, the probe's loss per point.
 
-    Losses are summed on their own device and read once per measurement, so reporting one per step costs no
-    device synchronisation.
+    Training losses are summed on their own device and read once per measurement, so reporting one per step costs
+    no device synchronisation.
     """
 
     def __init__(self) -> None:
-        #: Mean loss of the first :data:`START_BATCHES` batches (``None`` before any).
+        #: Mean training loss of the first :data:`START_BATCHES` batches (``None`` before any).
         self.start: float | None = None
-        #: Mean loss of each interval between measurements that saw a loss, in order.
+        #: Mean training loss of each interval between measurements that saw one, in order.
         self.levels: list[float] = []
+        #: The probe's own loss at each measurement from the first (``None`` where the output gave none).
+        self.probe: list[float | None] = []
         self._first: list[float] = []
         self._sum: torch.Tensor | float = 0.0
         self._count: torch.Tensor | float = 0.0
@@ -64,8 +66,9 @@ class TaskSignal:
         if len(self._first) >= START_BATCHES:
             self.start = sum(self._first) / len(self._first)
 
-    def close_interval(self) -> float | None:
-        """At a measurement: the mean loss since the last one (``None`` when the loop reported none)."""
+    def close_interval(self, probe_loss: float | None = None) -> float | None:
+        """At a measurement: keep the probe's loss; the mean training loss since the last one (``None``: none)."""
+        self.probe.append(probe_loss if probe_loss is not None and math.isfinite(probe_loss) else None)
         total, count = float(self._sum), float(self._count)
         self._sum, self._count = 0.0, 0.0
         if self.start is None and self._first:  # a first interval shorter than START_BATCHES
@@ -82,7 +85,7 @@ class TaskSignal:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values: the starting level, the interval means, the first batches' losses."""
-        return {"start": self.start, "levels": list(self.levels), "first": list(self._first)}
+        return {"start": self.start, "levels": list(self.levels), "first": list(self._first), "probe": list(self.probe)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (missing entries: nothing seen yet); a malformed entry raises ``ValueError``."""
@@ -92,6 +95,10 @@ class TaskSignal:
         self.start = None if start is None else _finite(start, "task.start")
         self.levels = [_finite(value, "task.levels") for value in _listed(state.get("levels", []), "task.levels")]
         self._first = [_finite(value, "task.first") for value in _listed(state.get("first", []), "task.first")]
+        self.probe = [
+            None if value is None else _finite(value, "task.probe")
+            for value in _listed(state.get("probe", []), "task.probe")
+        ]
         self._sum, self._count = 0.0, 0.0
 
 
@@ -110,12 +117,12 @@ def _finite(value: Any, field: str) -> float:
 
 @dataclass(frozen=True)
 class TaskVerdict:
-    """What the training loss says at a measurement.
+    """What the task's losses say at a measurement.
 
     Attributes:
-        allows: freezing may go ahead (the loss has fallen by ``min_progress`` of its start).
-        flat: the fall has flattened (the task's own relative pace is below ``flat_below``): the task has
-            plateaued, whatever the representations still do.
+        allows: freezing may go ahead (every loss read has fallen by ``min_progress`` of its start).
+        flat: the fall has flattened (the relative pace of the probe's loss, else the training loss's, is below
+            ``flat_below``): the task has plateaued, whatever the representations still do.
         reason: the numbers behind both, for the freeze and waiting lines.
     """
 
@@ -125,65 +132,108 @@ class TaskVerdict:
 
 
 @dataclass(frozen=True)
-class TaskGate:
-    """When the training loss lets a layer freeze.
+class CurveReading:
+    """One loss curve as the gate reads it: its fall so far, its recent pace (``None`` before a lag can be read)."""
 
-    At measurement ``t`` with the loss's starting level ``L0`` and interval means ``L(1) .. L(t)``:
+    name: str
+    start: float
+    now: float
+    best: float
+    progress: float
+    pace: float | None
+
+    def above_best(self) -> float:
+        """How far the current value is above the best so far, as a fraction of the best's size."""
+        return (self.now - self.best) / abs(self.best) if self.best else 0.0
+
+    def describe(self) -> str:
+        """The reading in words, for the freeze and waiting lines."""
+        pace = "" if self.pace is None else f", recent pace {self.pace:.2f}"
+        above = f", {100 * self.above_best():.0f}% above its best" if self.now > self.best else ""
+        return f"{self.name} {self.now:.4g} ({100 * self.progress:.0f}% below its start {self.start:.4g}{pace}{above})"
+
+
+@dataclass(frozen=True)
+class TaskGate:
+    """When the task's losses let a layer freeze.
+
+    Two curves are read, each from its own start ``L0`` through its values ``L(1) .. L(t)`` at the measurements:
+    the training loss the loop reports (interval means), and the probe's own loss (at each measurement; a probe
+    from validation data makes it a held-out loss, see :mod:`~lightning_svcca.pipeline.probe_loss`):
 
         progress = 1 - L(t) / L0
         pace     = (g(L(t - lag)) - g(L(t))) / (g(L0) - g(L(t))) * (t / lag)      lag = max(1, round(lag_fraction * t))
 
     with ``g = log`` for a positive loss (cross-entropy falls by factors: 0.05 to 0.01 late in a run is as much
-    progress as 2.3 to 0.5 early on) and ``g`` the identity otherwise. ``pace`` is the loss's recent fall against
-    its fall so far, normalised so that a steady fall reads 1; it is near 0 once the loss has stopped falling, and
-    negative when it rises again.
+    progress as 2.3 to 0.5 early on) and ``g`` the identity otherwise. ``pace`` is the recent fall against the fall
+    so far, normalised so that a steady fall reads 1; it is near 0 once the loss has stopped falling, and negative
+    when it rises again (a held-out loss past its best).
 
     Args:
-        min_progress: no layer freezes until ``progress`` reaches this: the task has to have been learnt in part
-            (on a plateau before learning, the loss sits at its start while the layers barely move).
-        flat_below: once ``pace`` is below this (after ``min_progress``), the task has plateaued: every layer the
-            order and bounds allow may freeze, even while its representation still moves (fine-tuning: the
-            encoder keeps drifting after the task has plateaued). ``0`` leaves the decision to the representations.
-        wait_without_loss: with no loss reported (a loop that does not pass one), ``True`` waits forever and says
-            so; ``False`` lets the representation rule decide alone, as before the gate.
+        min_progress: no layer freezes until every curve's ``progress`` reaches this: the task has to have been
+            learnt in part (on a plateau before learning, the loss sits at its start while the layers barely move).
+        flat_below: once the probe's loss (else the training loss) has a ``pace`` below this, and sits within
+            ``near_best`` of its best value so far, the task has plateaued: every layer the order and bounds allow
+            may freeze, even while its representation still moves (fine-tuning: the encoder keeps drifting after
+            the held-out loss has stopped falling). ``0`` leaves the decision to the representations.
+        near_best: how far above its best value so far a flat loss may sit (a fraction of the best). A loss that
+            has jumped well above its best is in an unstable phase (a high learning rate early from scratch: the
+            held-out loss of the benchmark's (a) went 0.82, 1.03, 0.14 at epochs 2-4), not on a plateau; a loss
+            past its best by overfitting creeps up by a few percent.
+        wait_without_loss: with no loss read at all (a loop that reports none, a probe without labels), ``True``
+            waits forever and says so; ``False`` lets the representation rule decide alone.
     """
 
     min_progress: float = 0.1
     flat_below: float = 0.3
+    near_best: float = 0.1
     wait_without_loss: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_progress < 1.0:
             raise ValueError(f"TaskGate.min_progress must be in [0, 1), got {self.min_progress}")
-        if self.flat_below < 0.0:
-            raise ValueError(f"TaskGate.flat_below must be >= 0, got {self.flat_below}")
+        for name in ("flat_below", "near_best"):
+            if getattr(self, name) < 0.0:
+                raise ValueError(f"TaskGate.{name} must be >= 0, got {getattr(self, name)}")
 
     def verdict(self, signal: TaskSignal, lag_fraction: float) -> TaskVerdict:
-        """Whether ``signal``'s loss allows freezing now, and whether it has flattened."""
-        levels, start = signal.levels, signal.start
-        if not levels or start is None:
-            if self.wait_without_loss:
-                return TaskVerdict(False, False, "no training loss reported yet")
-            return TaskVerdict(True, False, "no training loss reported: the representations decide alone")
-        now = levels[-1]
-        progress = (start - now) / abs(start) if start else 0.0
-        if progress < self.min_progress:
-            return TaskVerdict(
-                False,
-                False,
-                f"no task progress yet: training loss {now:.4g} against {start:.4g} at the start"
-                f" ({100 * progress:.1f}% lower, {100 * self.min_progress:.0f}% needed)",
+        """Whether ``signal``'s losses allow freezing now, and whether the task has plateaued."""
+        readings = [
+            reading
+            for reading in (
+                read_curve("probe loss", signal.probe[0] if signal.probe else None, signal.probe[1:], lag_fraction),
+                read_curve("training loss", signal.start, signal.levels, lag_fraction),
             )
-        t = len(levels)
-        lag = fraction_lag(t, lag_fraction)
-        if t <= lag:
-            return TaskVerdict(True, False, f"training loss {now:.4g}, {100 * progress:.0f}% below its start")
-        scale = math.log if start > 0 and min(levels) > 0 else float
-        pace = (scale(levels[-1 - lag]) - scale(now)) / (scale(start) - scale(now)) * (t / lag)
-        flat = pace < self.flat_below
-        return TaskVerdict(
-            True,
-            flat,
-            f"training loss {now:.4g}, {100 * progress:.0f}% below its start, recent pace {pace:.2f}"
-            + (f" < {self.flat_below}: the task has plateaued" if flat else ""),
-        )
+            if reading is not None
+        ]
+        if not readings:
+            if self.wait_without_loss:
+                return TaskVerdict(False, False, "no loss read yet (training or probe)")
+            return TaskVerdict(True, False, "no loss read: the representations decide alone")
+        described = "; ".join(reading.describe() for reading in readings)
+        short = [reading for reading in readings if reading.progress < self.min_progress]
+        if short:
+            needed = f"{100 * self.min_progress:.0f}% needed"
+            return TaskVerdict(False, False, f"no task progress yet: {described}; {needed}")
+        judged = readings[0]  # the probe's loss when there is one: what generalises
+        flat = judged.pace is not None and judged.pace < self.flat_below and judged.above_best() <= self.near_best
+        plateaued = f": the {judged.name} has plateaued (pace < {self.flat_below}, near its best)" if flat else ""
+        return TaskVerdict(True, flat, described + plateaued)
+
+
+def read_curve(
+    name: str, start: float | None, values: Sequence[float | None], lag_fraction: float
+) -> CurveReading | None:
+    """A loss curve's progress, pace and best value, as :class:`TaskGate` reads it (``None`` without a value)."""
+    if start is None or not values or values[-1] is None:
+        return None
+    now, t = values[-1], len(values)
+    best = min(value for value in values if value is not None)
+    progress = (start - now) / abs(start) if start else 0.0
+    lag = fraction_lag(t, lag_fraction)
+    before = values[-1 - lag] if t > lag else None
+    if before is None or start == now:
+        return CurveReading(name, start, now, best, progress, None)
+    scale = math.log if start > 0 and now > 0 and before > 0 else float
+    pace = (scale(before) - scale(now)) / (scale(start) - scale(now)) * (t / lag)
+    return CurveReading(name, start, now, best, progress, pace)

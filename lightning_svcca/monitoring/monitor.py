@@ -341,7 +341,7 @@ class SVCCAMonitor:
         self.last_measured_step = int(step)
         # freeze, then report (the cache's scalars are taken before a freeze replaces the cache)
         cache_scalars = self.freezing.cache_scalars(epoch, step)
-        rows += self._freeze(rows, epoch, step, decide=decide_freezes)
+        rows += self._freeze(rows, epoch, step, decide=decide_freezes, probe_loss=recorder.probe_loss)
         self.history.extend(rows)
         self._comparisons.prune(point)
         heatmaps = self._comparisons.heatmap_sources(point, self.history, self.layers, live_final=live_final)
@@ -350,10 +350,13 @@ class SVCCAMonitor:
         self.cost.measured(self.timings[point], planned_measurements(self.config, self.runtime), len(self.timeline))
         return rows
 
-    def _freeze(self, rows: list[dict[str, Any]], epoch: int, step: int, *, decide: bool) -> list[dict[str, Any]]:
+    def _freeze(
+        self, rows: list[dict[str, Any]], epoch: int, step: int, *, decide: bool, probe_loss: float | None = None
+    ) -> list[dict[str, Any]]:
         """Freeze the layers the policy finds converged (unless ``decide`` is off); the ``frozen`` rows."""
         if decide and self.config.freeze is not None:
-            self.freezing.freeze_converged(rows, epoch, step, self.layers, measurement=len(self.timeline) - 1)
+            measurement = len(self.timeline) - 1
+            self.freezing.freeze_converged(rows, epoch, step, self.layers, measurement, probe_loss=probe_loss)
         return self.freezing.frozen_rows(epoch, step, self.layers)
 
     def _compare_with_final(self) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ from lightning_svcca.measures import DATAPOINTS_PER_DIRECTION
 from lightning_svcca.pipeline.distributed import buffers_from_rank_zero, shard
 from lightning_svcca.pipeline.layers import LayerSpec
 from lightning_svcca.pipeline.probe import ForwardFn, Probe, batch_size, describe_batch, run_probe
+from lightning_svcca.pipeline.probe_loss import ProbeLoss
 from lightning_svcca.pipeline.recording import ActivationRecorder, LayoutWarning
 from lightning_svcca.pipeline.reduction import Layout, OutputSelectionError, layer_seed, probe_share, reduce_output
 from lightning_svcca.pipeline.snapshot import Collective, Snapshot, build_snapshot
@@ -113,8 +114,9 @@ class Capture:
 
         ``skip``: layers not to record (their outputs are known; they stay hooked for the forward order).
         ``monitored``: a pass of the monitored model, which reads its layers as its earlier passes did
-        (:attr:`layouts`, :attr:`strides`) and adds what it shows. ``limit``: the first ``limit`` probe samples
-        only (on every process), instead of this process's share.
+        (:attr:`layouts`, :attr:`strides`) and adds what it shows, and keeps the probe's own loss
+        (:attr:`ActivationRecorder.probe_loss`). ``limit``: the first ``limit`` probe samples only (on every
+        process), instead of this process's share.
         A forward pass that fails inside torch (a probe of the wrong shape or dtype for the model, a reference
         model that does not take it) raises a ``ValueError`` naming the probe and ``label``.
         """
@@ -136,8 +138,12 @@ class Capture:
             strides=self.strides if monitored else None,
         )
 
+        loss = ProbeLoss(probe) if monitored else None  # the freeze rule's task signal
+
         def before_chunk(first: int, chunk: Any) -> None:
             recorder.start_chunk(first, probe.lengths(chunk), batch_size(chunk), device)
+            if loss is not None:
+                loss.before_chunk(chunk)
 
         with buffers_from_rank_zero(model, self.collective), recorder:
             try:
@@ -152,11 +158,14 @@ class Capture:
                     before_chunk=before_chunk,
                     forward_context=self._forward_context,
                     convert=self._convert_input,
+                    on_output=None if loss is None else loss.add_output,
                 )
             except OutputSelectionError:
                 raise
             except FORWARD_ERRORS as error:
                 raise self._forward_error(error, model, label) from error
+        if loss is not None:
+            recorder.probe_loss = loss.mean
         if monitored:
             for name, layout in recorder.layouts.items():
                 self.layouts.setdefault(name, layout)

@@ -142,6 +142,8 @@ class ActivationRecorder:
         self.strides: dict[int, tuple[int, nn.Module]] = dict(strides or {})
         self._hook_frames: int | None = None
         self._warned_layouts: set[str] = set()
+        #: The probe's mean loss in a pass of the monitored model (``None``: none could be read from its output).
+        self.probe_loss: float | None = None
 
     def frame_lengths(self, lengths: Tensor, frames: int) -> Tensor:
         """Valid frames per sample of an output with ``frames`` time steps, from the probe's lengths.

@@ -49,9 +49,12 @@ def test_pace_is_one_for_a_steady_fall_in_log_space_and_negative_when_the_loss_r
     levels = [start * q**t for t in range(1, 9)]
     reason = TaskGate(flat_below=0.3).verdict(_signal(start, levels), 0.5).reason
     assert _pace(reason) == pytest.approx(1.0, abs=0.01)
-    # a loss that stops falling and rises again: flat, the task has plateaued
-    risen = TaskGate(flat_below=0.3).verdict(_signal(start, [1.0, 0.5, 0.4, 0.42, 0.45, 0.5]), 0.5)
-    assert risen.allows and risen.flat
+    # a loss that stops falling and creeps up again (overfitting): flat, the task has plateaued
+    risen = TaskGate(flat_below=0.3).verdict(_signal(start, [1.0, 0.5, 0.4, 0.41, 0.42, 0.43]), 0.5)
+    assert risen.allows and risen.flat and _pace(risen.reason) < 0
+    # one that jumps well above its best (an unstable phase at a high learning rate): not a plateau
+    jumped = TaskGate(flat_below=0.3).verdict(_signal(start, [1.0, 0.5, 0.4, 0.42, 0.45, 0.5]), 0.5)
+    assert jumped.allows and not jumped.flat and "25% above its best" in jumped.reason
 
 
 def test_pace_matches_its_formula_on_a_recorded_curve():

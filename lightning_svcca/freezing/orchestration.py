@@ -207,7 +207,7 @@ class FreezingCoordinator:
         policy = self.policy
         if policy is None or policy.task is None or policy.mode not in ("movement", "convergence"):
             return None
-        if not self.task.seen:
+        if not self.task.seen and len(self.task.probe) > 1:  # measured after training steps, and no loss came
             self._warn_once(
                 "freeze-no-loss",
                 "FreezePolicy's task gate has seen no training loss, so the representations decide alone and a"

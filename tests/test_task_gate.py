@@ -208,3 +208,26 @@ def test_a_plain_loop_reports_its_loss_and_the_gate_says_why_it_waits(caplog):
             monitor.measure(epoch=epoch, step=epoch * 8)
     assert monitor.frozen == {}
     assert any("freezing waits: no task progress yet" in record.getMessage() for record in caplog.records)
+
+
+def test_lightning_reports_the_training_loss_and_a_labelled_probe_gives_its_own(digits, digits_cnn, make_trainer):
+    from lightning_svcca import SVCCACallback
+
+    x, y = digits
+    labelled = SVCCACallback(probe=(x[1500:1628], y[1500:1628]), layers=["relu1", "relu2"], freeze=FreezePolicy())
+    make_trainer([labelled], max_epochs=3).fit(
+        digits_cnn(), torch.utils.data.DataLoader(list(zip(x[:256], y[:256])), batch_size=64)
+    )
+    task = labelled.monitor.freezing.task
+    assert len(task.levels) == 3 and task.start is not None  # one mean per epoch, from training_step's loss
+    assert len(task.probe) == 4 and all(value is not None for value in task.probe)  # before training, each epoch
+    expected = float(nn.functional.cross_entropy(labelled.monitor.model.eval()(x[1500:1628]), y[1500:1628]))
+    assert task.probe[-1] == pytest.approx(expected, rel=1e-4)  # cross-entropy of the logits against the labels
+    state = labelled.state_dict()["task"]
+    assert state["levels"] == task.levels and state["probe"] == task.probe
+
+    unlabelled = SVCCACallback(probe=x[1500:1628], layers=["relu1", "relu2"], freeze=FreezePolicy())
+    make_trainer([unlabelled], max_epochs=2).fit(
+        digits_cnn(), torch.utils.data.DataLoader(list(zip(x[:256], y[:256])), batch_size=64)
+    )
+    assert unlabelled.monitor.freezing.task.probe == [None, None, None]

@@ -1,8 +1,9 @@
 """The freeze rule's task gate: the training loss must have progressed before anything freezes.
 
 The reproduction of the issue: a BERT from its config on a keyword task sits at chance (loss 0.69) for its first
-~45 steps, then learns it (measured every 8 steps). Its layers barely move on that plateau, so the representation rule alone freezes them
-there, and the run never learns the task; with the gate nothing freezes before the loss leaves the plateau.
+~45 steps, then learns it (measured every 8 steps). Its layers barely move on that plateau, so the representation
+rule alone freezes them there, and the run never learns the task; with the gate nothing freezes before the loss
+leaves the plateau.
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ def test_lightning_reports_the_training_loss_and_a_labelled_probe_gives_its_own(
     x, y = digits
     labelled = SVCCACallback(probe=(x[1500:1628], y[1500:1628]), layers=["relu1", "relu2"], freeze=FreezePolicy())
     make_trainer([labelled], max_epochs=3).fit(
-        digits_cnn(), torch.utils.data.DataLoader(list(zip(x[:256], y[:256])), batch_size=64)
+        digits_cnn(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:256], y[:256]), batch_size=64)
     )
     task = labelled.monitor.freezing.task
     assert len(task.levels) == 3 and task.start is not None  # one mean per epoch, from training_step's loss
@@ -228,6 +229,6 @@ def test_lightning_reports_the_training_loss_and_a_labelled_probe_gives_its_own(
 
     unlabelled = SVCCACallback(probe=x[1500:1628], layers=["relu1", "relu2"], freeze=FreezePolicy())
     make_trainer([unlabelled], max_epochs=2).fit(
-        digits_cnn(), torch.utils.data.DataLoader(list(zip(x[:256], y[:256])), batch_size=64)
+        digits_cnn(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:256], y[:256]), batch_size=64)
     )
     assert unlabelled.monitor.freezing.task.probe == [None, None, None]

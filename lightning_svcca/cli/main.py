@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from lightning_svcca import __version__
+from lightning_svcca.core.rows import LAYER_FACTS
+from lightning_svcca.core.table import format_table
 from lightning_svcca.output.reporting import (
     HISTORY_FILE,
-    LAYER_FACTS,
     convergence_epochs,
     heatmap_image,
     heatmap_style,
@@ -34,7 +35,6 @@ from lightning_svcca.output.reporting import (
     history_matrix,
     read_history_csv,
 )
-from lightning_svcca.output.table import format_table
 
 __all__ = ["main"]
 

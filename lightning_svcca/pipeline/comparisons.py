@@ -1,12 +1,12 @@
 """Comparisons: each new snapshot against its references, the ``final`` pass, and forgetting unneeded snapshots.
 
-The comparison stage of a measurement. A measurement at a point (see :mod:`~lightning_svcca.monitoring.timeline`)
+The comparison stage of a measurement. A measurement at a point (see :mod:`~lightning_svcca.core.timeline`)
 compares every layer's new snapshot with each reference that has one by then (:meth:`Comparisons.rows_for`): the
 last measured point (``previous``), the first (``initial``), a fixed model or features, or a freeze policy's lag.
 The ``final`` reference is different: every measured point is compared with the latest one
 (:meth:`Comparisons.against_point`), live for the heatmap and once at the end of fit for the history. Afterwards
 :meth:`Comparisons.prune` drops the snapshots no reference will need again. Each row is a plain dict (see
-:func:`row`); rows whose value is not finite are dropped.
+:func:`~lightning_svcca.core.rows.row`); rows whose value is not finite are dropped.
 """
 
 from __future__ import annotations
@@ -19,38 +19,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_svcca.monitoring.timeline import Timeline
-from lightning_svcca.output.reporting import evenly_spaced
-from lightning_svcca.output.safe_files import stored_snapshot
+from lightning_svcca.core.rows import row
+from lightning_svcca.core.safe_files import stored_snapshot
+from lightning_svcca.core.timeline import Timeline, evenly_spaced
 from lightning_svcca.pipeline.metrics import Pair, evaluate, pair_for
 from lightning_svcca.pipeline.references import Reference
 from lightning_svcca.pipeline.snapshot import Collective, Snapshot
 from lightning_svcca.pipeline.store import SnapshotStore
 
-__all__ = ["LIVE_FINAL_COLUMNS", "Comparisons", "HeatmapSource", "row", "values_of"]
+__all__ = ["LIVE_FINAL_COLUMNS", "Comparisons", "HeatmapSource"]
 
 #: The rows a heatmap is drawn from, or a function computing them when the picture is drawn.
 HeatmapSource = Sequence[dict[str, Any]] | Callable[[], Sequence[dict[str, Any]]]
 
 #: Points the live "final" heatmap compares with the latest one at most (the end-of-fit pass compares all).
 LIVE_FINAL_COLUMNS = 10
-
-
-def row(epoch: int, step: int, layer: str, reference: str, metric: str, value: float) -> dict[str, Any]:
-    """One history row: what was measured at ``epoch`` (completed epochs) and global ``step``."""
-    return {
-        "epoch": int(epoch),
-        "step": int(step),
-        "layer": layer,
-        "reference": reference,
-        "metric": metric,
-        "value": float(value),
-    }
-
-
-def values_of(rows: Sequence[Mapping[str, Any]], reference: str | None, metric: str) -> dict[str, float]:
-    """Layer -> value of the rows of one reference and metric."""
-    return {r["layer"]: r["value"] for r in rows if r["reference"] == reference and r["metric"] == metric}
 
 
 class Comparisons:

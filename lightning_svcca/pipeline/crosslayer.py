@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_svcca.core.table import format_table
 from lightning_svcca.measures import Decomposition, cca, decompose, linear_cka, procrustes, pwcca, r2cca, rbf_cka, svcca
 from lightning_svcca.measures._checks import KeepBy
 from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
-from lightning_svcca.output.table import format_table
 from lightning_svcca.pipeline.metrics import METRICS, evaluate, pair_for
 from lightning_svcca.pipeline.snapshot import LocalCollective, Snapshot
 

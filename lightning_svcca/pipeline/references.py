@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_svcca.output.reporting import LAYER_FACTS
+from lightning_svcca.core.rows import LAYER_FACTS
 from lightning_svcca.pipeline.wrappers import modules_by_name
 
 __all__ = ["TIME_REFERENCES", "Reference", "check_reference_layers", "device_of", "parse_references", "reference_model"]

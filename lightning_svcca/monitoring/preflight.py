@@ -23,7 +23,7 @@ from lightning_svcca.pipeline.capture import Capture, CaptureOptions, SkipFn, Wa
 from lightning_svcca.pipeline.layers import LayerSpec
 from lightning_svcca.pipeline.metrics import snapshot_needs
 from lightning_svcca.pipeline.probe import Probe, build_probe, check_not_meta
-from lightning_svcca.pipeline.references import check_reference_layers, device_of
+from lightning_svcca.pipeline.references import ReferenceKind, check_reference_layers, device_of
 from lightning_svcca.pipeline.snapshot import Collective, LocalCollective
 
 if TYPE_CHECKING:
@@ -41,9 +41,9 @@ def check_against_model(config: MonitorConfig, specs: Sequence[LayerSpec]) -> No
     """Layer names, module references and a freeze schedule must fit the model before anything runs."""
     names = [spec.name for spec in specs]
     for reference in config.references:
-        if reference.kind == "module":
+        if reference.kind is ReferenceKind.MODULE:
             check_reference_layers(reference, names)
-        elif reference.kind == "checkpoint" and not Path(reference.source).is_file():
+        elif reference.kind is ReferenceKind.CHECKPOINT and not Path(reference.source).is_file():
             raise FileNotFoundError(f"reference {reference.name!r}: no checkpoint file at {reference.source}")
     policy = config.freeze
     if policy is not None and policy.mode == "schedule":

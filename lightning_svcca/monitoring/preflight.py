@@ -21,7 +21,7 @@ from lightning_svcca.monitoring.runtime import Runtime
 from lightning_svcca.monitoring.state import restart_comparisons
 from lightning_svcca.pipeline.capture import Capture, CaptureOptions, SkipFn, WarnFn
 from lightning_svcca.pipeline.layers import LayerSpec
-from lightning_svcca.pipeline.metrics import snapshot_needs
+from lightning_svcca.pipeline.metrics import metrics_where, snapshot_needs
 from lightning_svcca.pipeline.probe import Probe, build_probe, check_not_meta
 from lightning_svcca.pipeline.references import ReferenceKind, check_reference_layers, device_of
 from lightning_svcca.pipeline.snapshot import Collective, LocalCollective
@@ -30,11 +30,6 @@ if TYPE_CHECKING:
     from lightning_svcca.monitoring.monitor import SVCCAMonitor
 
 __all__ = ["capture_for", "check_against_model", "compute_dtype", "probe_from_config"]
-
-#: Metrics that a float32 decomposition computes accurately. The Gram route squares singular values, so float32
-#: only resolves directions down to about 1% of the largest: CKA weights directions by their variance and barely
-#: notices, but SVCCA's kept set (and so its value) can change by several hundredths on ill-conditioned layers.
-_FLOAT32_SAFE_METRICS = ("linear_cka",)
 
 
 def check_against_model(config: MonitorConfig, specs: Sequence[LayerSpec]) -> None:
@@ -94,7 +89,7 @@ def compute_dtype(config: MonitorConfig, model: nn.Module) -> torch.dtype:
     if chosen is not None:
         return chosen
     on_gpu = device_of(model).type == "cuda"
-    return torch.float32 if on_gpu and set(config.metrics) <= set(_FLOAT32_SAFE_METRICS) else torch.float64
+    return torch.float32 if on_gpu and set(config.metrics) <= set(metrics_where("float32_safe")) else torch.float64
 
 
 def capture_for(

@@ -167,10 +167,9 @@ def rule_broken(item: Import, layers: Sequence[tuple[str, ...]] = LAYERS) -> str
     if target < source:
         return None
     below = [unit for layer in layers[: max(source, 0)] for unit in layer]
+    allowed = f"{', '.join(below)} and itself" if below else "itself"
     where = "the package's root modules" if item.target == "" else f"{item.target!r} (layer {target})"
-    return (
-        f"{item.source or 'the root'!r} (layer {source}) may import only {', '.join([*below, 'itself'])}, not {where}"
-    )
+    return f"{item.source or 'the root'!r} (layer {source}) may import only {allowed}, not {where}"
 
 
 def violations(root: Path = ROOT, layers: Sequence[tuple[str, ...]] = LAYERS) -> list[str]:
@@ -245,7 +244,7 @@ def test_the_check_sees_function_level_type_checking_and_root_imports(tmp_path: 
         "lightning_svcca/pipeline/stage.py:8",
     ]
     assert "(under TYPE_CHECKING)" in found[0]
-    assert "'pipeline' (layer 2) may import only measures, core, itself, not 'monitoring' (layer 4)" in found[1]
+    assert "'pipeline' (layer 2) may import only measures, core and itself, not 'monitoring' (layer 4)" in found[1]
     assert "not the package's root modules" in found[3]
 
 

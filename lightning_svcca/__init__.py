@@ -36,12 +36,12 @@ if TYPE_CHECKING:
         svcca,
         svcca_details,
     )
-    from lightning_svcca.measures.crosslayer import cross_layer_similarity
     from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
     from lightning_svcca.monitoring.monitor import SVCCAMonitor, SVCCAMonitorWarning
     from lightning_svcca.monitoring.runtime import Runtime
     from lightning_svcca.offline.compare import compare_models
     from lightning_svcca.output.writers import TensorBoardWriter
+    from lightning_svcca.pipeline.crosslayer import cross_layer_similarity
 
 __version__ = "0.1.0"
 
@@ -54,7 +54,7 @@ _MODULES = {
     "SVCCAMonitorWarning": "monitoring.monitor",
     "TensorBoardWriter": "output.writers",
     "compare_models": "offline.compare",
-    "cross_layer_similarity": "measures.crosslayer",
+    "cross_layer_similarity": "pipeline.crosslayer",
     "cca_heldout": "measures.heldout",
     "svcca_heldout": "measures.heldout",
     "pwcca_heldout": "measures.heldout",

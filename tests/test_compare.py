@@ -11,8 +11,8 @@ from torch import nn
 
 from lightning_svcca.cli.main import main
 from lightning_svcca.measures import cca, linear_cka, procrustes, svcca
-from lightning_svcca.measures.crosslayer import LayerMap, cross_layer_similarity, pool_by_sample
 from lightning_svcca.offline.compare import compare_models
+from lightning_svcca.pipeline.crosslayer import LayerMap, cross_layer_similarity, pool_by_sample
 from lightning_svcca.pipeline.metrics import snapshot_needs
 from lightning_svcca.pipeline.snapshot import LocalCollective, build_snapshot
 

@@ -188,7 +188,7 @@ def test_adapter_parameters_are_found_by_duck_typing_and_by_name():
 
 
 def test_the_growing_lag_keeps_every_snapshot_a_later_measurement_reaches():
-    from lightning_svcca.monitoring.timeline import Timeline, fraction_lag
+    from lightning_svcca.core.timeline import Timeline, fraction_lag
 
     full = Timeline()
     for point in range(41):

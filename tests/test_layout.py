@@ -12,7 +12,7 @@ import pytest
 import lightning_svcca
 
 PACKAGE = Path(lightning_svcca.__file__).parent
-SUBPACKAGES = ("measures", "pipeline", "monitoring", "freezing", "output", "integrations", "offline", "cli")
+SUBPACKAGES = ("measures", "core", "pipeline", "monitoring", "freezing", "output", "integrations", "offline", "cli")
 #: Import paths that earlier releases documented; each must keep working.
 COMPATIBILITY_MODULES = {
     "lightning_svcca.callback": ["SVCCACallback", "SVCCAMonitorWarning"],

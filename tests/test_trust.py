@@ -24,11 +24,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_svcca import SVCCACallback, SVCCAMonitor
 from lightning_svcca.cli.main import main as cli_main
+from lightning_svcca.core import safe_files
+from lightning_svcca.core.safe_files import FileTrustWarning, UnreadableFileError
 from lightning_svcca.freezing.cache_store import SampleStore
 from lightning_svcca.monitoring.state_checks import plain_name, validate_state
-from lightning_svcca.output import safe_files
 from lightning_svcca.output.reporting import read_history_csv, write_history_csv
-from lightning_svcca.output.safe_files import FileTrustWarning, UnreadableFileError
 from lightning_svcca.pipeline.moments import CrossLayerMoments
 from lightning_svcca.pipeline.snapshot import LocalCollective, build_snapshot
 from lightning_svcca.pipeline.store import SnapshotStore

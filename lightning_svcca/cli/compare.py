@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_svcca.core.safe_files import load_plain
 from lightning_svcca.offline.compare import compare_models
-from lightning_svcca.output.safe_files import load_plain
 from lightning_svcca.pipeline.metrics import METRICS
 
 __all__ = ["add_compare_command", "load_model", "load_probe"]

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from lightning_svcca import __version__
+from lightning_svcca.core.rows import LAYER_FACTS
+from lightning_svcca.core.table import format_table
 from lightning_svcca.output.reporting import (
     FREEZE_REFERENCE,
     HISTORY_FILE,
-    LAYER_FACTS,
     convergence_epochs,
     frozen_mask,
     heatmap_image,
@@ -36,7 +37,6 @@ from lightning_svcca.output.reporting import (
     history_matrix,
     read_history_csv,
 )
-from lightning_svcca.output.table import format_table
 
 __all__ = ["main"]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lightning_svcca.output.safe_files import load_plain, save_atomically
+from lightning_svcca.core.safe_files import load_plain, save_atomically
 
 __all__ = ["SampleStore"]
 

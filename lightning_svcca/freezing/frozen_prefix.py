@@ -21,9 +21,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lightning_svcca.core.safe_files import stored_snapshot
 from lightning_svcca.freezing.freezer import Freezer
 from lightning_svcca.freezing.prefix_cache import PrefixCache
-from lightning_svcca.output.safe_files import stored_snapshot
 from lightning_svcca.pipeline.capture import Capture, WarnFn
 from lightning_svcca.pipeline.recording import ActivationRecorder
 from lightning_svcca.pipeline.snapshot import Collective, Snapshot

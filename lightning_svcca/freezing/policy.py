@@ -17,8 +17,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lightning_svcca.core.timeline import fraction_lag
 from lightning_svcca.freezing.task_signal import TaskGate, TaskVerdict
-from lightning_svcca.monitoring.timeline import fraction_lag
 from lightning_svcca.pipeline.wrappers import shown_name
 
 __all__ = ["MIN_MOVEMENT", "FreezeDecision", "FreezeMode", "FreezeOrder", "FreezePolicy", "relative_movement"]

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lightning_svcca.monitoring.timeline import fraction_lag
+from lightning_svcca.core.timeline import fraction_lag
 
 __all__ = ["CurveReading", "TaskGate", "TaskSignal", "TaskVerdict", "read_curve"]
 

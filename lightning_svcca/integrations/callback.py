@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lightning_svcca.core.rows import LAYER_FACTS
 from lightning_svcca.freezing.policy import FreezePolicy
 from lightning_svcca.freezing.sharded import resharding, soft_freeze_message
 from lightning_svcca.freezing.strategies import is_hard_freeze_supported, rebuild_ddp_wrapper
@@ -44,7 +45,7 @@ from lightning_svcca.integrations.resume import describe_changes, orphaned_state
 from lightning_svcca.monitoring.config import MonitorConfig
 from lightning_svcca.monitoring.monitor import Runtime, SVCCAMonitor, SVCCAMonitorWarning
 from lightning_svcca.monitoring.options import takes_monitor_options
-from lightning_svcca.output.reporting import LAYER_FACTS, tag
+from lightning_svcca.output.reporting import tag
 from lightning_svcca.pipeline.distributed import StrategyCollective
 from lightning_svcca.pipeline.snapshot import LocalCollective
 

@@ -42,12 +42,12 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without transformers
     raise ImportError("lightning_svcca.huggingface needs transformers: pip install transformers") from error
 
+from lightning_svcca.core.safe_files import UnreadableFileError, load_plain, save_atomically, try_write
 from lightning_svcca.freezing.sharded import soft_freeze_message
 from lightning_svcca.freezing.strategies import rebuild_ddp_reducer
 from lightning_svcca.monitoring.config import MonitorConfig
 from lightning_svcca.monitoring.monitor import Runtime, SVCCAMonitor
 from lightning_svcca.monitoring.options import takes_monitor_options
-from lightning_svcca.output.safe_files import UnreadableFileError, load_plain, save_atomically, try_write
 from lightning_svcca.output.writers import TensorBoardWriter
 from lightning_svcca.pipeline.distributed import ProcessGroupCollective, broadcast_object
 from lightning_svcca.pipeline.snapshot import LocalCollective

@@ -24,7 +24,7 @@ from lightning_svcca.pipeline.metrics import METRICS
 from lightning_svcca.pipeline.moments import CROSS_LAYER_MOMENTS
 from lightning_svcca.pipeline.probe import ForwardFn
 from lightning_svcca.pipeline.reduction import REDUCTIONS
-from lightning_svcca.pipeline.references import Reference, parse_references
+from lightning_svcca.pipeline.references import Reference, ReferenceKind, parse_references
 
 __all__ = ["COMPUTE_DTYPES", "MonitorConfig"]
 
@@ -172,7 +172,7 @@ class MonitorConfig:
         moments = self.cross_layer_moments
         if any(not isinstance(f, float) or not 0.0 <= f <= 1.0 for f in moments):
             raise ValueError(f"cross_layer must be True or fractions of training in [0, 1], got {self.cross_layer!r}")
-        fixed = [ref.name for ref in self.references if ref.kind in ("module", "checkpoint")]
+        fixed = [ref.name for ref in self.references if ref.kind.needs_model_pass]
         if moments and self.cross_layer_reference not in ("final", "initial", *fixed):
             raise ValueError(
                 f"cross_layer_reference must be 'final', 'initial' or a fixed model reference {fixed}, got"
@@ -205,13 +205,13 @@ class MonitorConfig:
             # per epoch, lag counts epochs; every k steps, it counts measurements
             self.lag_reference = "previous" if freeze.lag == cadence else f"lag{freeze.lag}"
             if self.lag_reference not in self.reference_names:
-                self.references.append(Reference(self.lag_reference, "lag", lag=freeze.lag))
+                self.references.append(Reference(self.lag_reference, ReferenceKind.LAG, lag=freeze.lag))
         if freeze is not None and freeze.mode == "movement":
             # a lag that grows with the run, and the first snapshot: the two sides of the relative movement
             self.lag_reference = f"lag{freeze.lag_fraction:g}t"
-            self.references.append(Reference(self.lag_reference, "lag", fraction=freeze.lag_fraction))
+            self.references.append(Reference(self.lag_reference, ReferenceKind.LAG, fraction=freeze.lag_fraction))
             if "initial" not in self.reference_names:
-                self.references.append(Reference("initial", "initial"))
+                self.references.append(Reference("initial", ReferenceKind.INITIAL))
 
     @property
     def cross_layer_moments(self) -> tuple[float, ...]:

@@ -6,12 +6,13 @@ after training steps and :meth:`~SVCCAMonitor.finish` at the end; the Lightning 
 ``TrainerCallback`` are such loops. One measurement, in order (:meth:`SVCCAMonitor._measure`):
 
 1. record: the probe batch through the model, past a verified frozen prefix
-   (:class:`~lightning_svcca.freezing.orchestration.FreezingCoordinator`, :mod:`~lightning_svcca.pipeline.capture`);
+   (:class:`~lightning_svcca.monitoring.freeze_coordinator.FreezingCoordinator`,
+   :mod:`~lightning_svcca.pipeline.capture`);
 2. snapshot: each layer compressed, or a frozen layer's last snapshot reused; the cross-layer moments and, at the
    first measurement, the fixed references;
 3. compare: each snapshot against the references (:class:`~lightning_svcca.pipeline.comparisons.Comparisons`);
 4. store: the snapshots kept by point (:class:`~lightning_svcca.pipeline.store.SnapshotStore`), the point
-   added to the run's :class:`~lightning_svcca.monitoring.timeline.Timeline`;
+   added to the run's :class:`~lightning_svcca.core.timeline.Timeline`;
 5. freeze: converged layers frozen on every process (the freezing coordinator);
 6. report: rows into :attr:`SVCCAMonitor.history`, the writers and the history CSV
    (:class:`~lightning_svcca.monitoring.outputs.RunOutputs`).
@@ -44,17 +45,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_svcca.freezing.orchestration import FreezingCoordinator
+from lightning_svcca.core.timeline import Timeline
 from lightning_svcca.measures import SimilarityWarning
 from lightning_svcca.monitoring import preflight
 from lightning_svcca.monitoring import state as monitor_state
 from lightning_svcca.monitoring.budget import CostWatch, planned_measurements, run_length
 from lightning_svcca.monitoring.config import MonitorConfig
+from lightning_svcca.monitoring.freeze_coordinator import FreezingCoordinator
 from lightning_svcca.monitoring.options import takes_monitor_options
 from lightning_svcca.monitoring.outputs import RunOutputs
 from lightning_svcca.monitoring.runtime import Runtime
 from lightning_svcca.monitoring.snapshotting import Snapshotter
-from lightning_svcca.monitoring.timeline import Timeline
 from lightning_svcca.output.writers import as_writers
 from lightning_svcca.pipeline.comparisons import Comparisons
 from lightning_svcca.pipeline.layers import LayerSpec, format_layers, resolve_layers

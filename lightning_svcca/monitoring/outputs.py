@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_svcca.core.safe_files import try_write
 from lightning_svcca.monitoring.runtime import Runtime
 from lightning_svcca.output.reporting import (
     FREEZE_METRIC,
@@ -23,7 +24,6 @@ from lightning_svcca.output.reporting import (
     layer_map_image,
     write_history_csv,
 )
-from lightning_svcca.output.safe_files import try_write
 from lightning_svcca.output.writers import Reporter
 from lightning_svcca.pipeline.comparisons import HeatmapSource
 from lightning_svcca.pipeline.moments import CrossLayerMoments

@@ -21,9 +21,9 @@ from lightning_svcca.monitoring.runtime import Runtime
 from lightning_svcca.monitoring.state import restart_comparisons
 from lightning_svcca.pipeline.capture import Capture, CaptureOptions, SkipFn, WarnFn
 from lightning_svcca.pipeline.layers import LayerSpec
-from lightning_svcca.pipeline.metrics import snapshot_needs
+from lightning_svcca.pipeline.metrics import metrics_where, snapshot_needs
 from lightning_svcca.pipeline.probe import Probe, build_probe, check_not_meta
-from lightning_svcca.pipeline.references import check_reference_layers, device_of
+from lightning_svcca.pipeline.references import ReferenceKind, check_reference_layers, device_of
 from lightning_svcca.pipeline.snapshot import Collective, LocalCollective
 
 if TYPE_CHECKING:
@@ -31,19 +31,14 @@ if TYPE_CHECKING:
 
 __all__ = ["capture_for", "check_against_model", "compute_dtype", "probe_from_config"]
 
-#: Metrics that a float32 decomposition computes accurately. The Gram route squares singular values, so float32
-#: only resolves directions down to about 1% of the largest: CKA weights directions by their variance and barely
-#: notices, but SVCCA's kept set (and so its value) can change by several hundredths on ill-conditioned layers.
-_FLOAT32_SAFE_METRICS = ("linear_cka",)
-
 
 def check_against_model(config: MonitorConfig, specs: Sequence[LayerSpec]) -> None:
     """Layer names, module references and a freeze schedule must fit the model before anything runs."""
     names = [spec.name for spec in specs]
     for reference in config.references:
-        if reference.kind == "module":
+        if reference.kind is ReferenceKind.MODULE:
             check_reference_layers(reference, names)
-        elif reference.kind == "checkpoint" and not Path(reference.source).is_file():
+        elif reference.kind is ReferenceKind.CHECKPOINT and not Path(reference.source).is_file():
             raise FileNotFoundError(f"reference {reference.name!r}: no checkpoint file at {reference.source}")
     policy = config.freeze
     if policy is not None and policy.mode == "schedule":
@@ -94,7 +89,7 @@ def compute_dtype(config: MonitorConfig, model: nn.Module) -> torch.dtype:
     if chosen is not None:
         return chosen
     on_gpu = device_of(model).type == "cuda"
-    return torch.float32 if on_gpu and set(config.metrics) <= set(_FLOAT32_SAFE_METRICS) else torch.float64
+    return torch.float32 if on_gpu and set(config.metrics) <= set(metrics_where("float32_safe")) else torch.float64
 
 
 def capture_for(

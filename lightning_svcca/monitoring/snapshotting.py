@@ -182,7 +182,7 @@ class Snapshotter:
             if not reference.fixed or all((layer, reference.name) in self.store for layer in layers):
                 continue
             snapshots: dict[str, Snapshot]
-            if reference.kind == "tensor":
+            if not reference.kind.needs_model_pass:  # features
                 if recorder is None:
                     recorder = self.capture.record(self.model, device, monitored=True)
                 snapshots = self.capture.feature_snapshots(reference.name, reference.source, recorder, layers)

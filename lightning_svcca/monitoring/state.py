@@ -123,7 +123,7 @@ def restart_comparisons(monitor: SVCCAMonitor, why: str) -> None:
     The history and freezes stay; ``initial`` has nothing to compare with for the rest of the run, the point
     references (``previous``, lags) start again from the next measurement, fixed ones are snapshotted again.
     """
-    lost = [ref.name for ref in monitor.config.references if ref.kind in ("initial", "previous", "lag")]
+    lost = [ref.name for ref in monitor.config.references if ref.kind.from_point]
     fixed = [reference.name for reference in monitor.config.references if reference.fixed]
     monitor.warn_once(
         "comparisons-restarted",

@@ -6,7 +6,7 @@ accepts it only when every name is a plain name that stays inside the log folder
 ``..``), the history file is one this package would name, every layer is monitored and every parameter or module
 belongs to the model, and every number is an integer in range; otherwise it raises ``ValueError`` saying which
 field is wrong. Files named by the state are read with ``weights_only=True`` only (see
-:mod:`~lightning_svcca.output.safe_files`).
+:mod:`~lightning_svcca.core.safe_files`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_svcca.core.safe_files import snapshot_problem
 from lightning_svcca.output.reporting import HISTORY_FILE
-from lightning_svcca.output.safe_files import snapshot_problem
 from lightning_svcca.pipeline.wrappers import modules_by_name, parameters_by_name
 
 __all__ = ["plain_name", "validate_state"]

@@ -2,7 +2,7 @@
 
 :func:`compare_models` runs one probe through two models, records the same layers of both (the callback's
 :class:`~lightning_svcca.pipeline.capture.Capture`), and returns the layers x metrics table of each layer against
-its counterpart, plus the cross-layer map (:func:`~lightning_svcca.measures.crosslayer.cross_layer_similarity`,
+its counterpart, plus the cross-layer map (:func:`~lightning_svcca.pipeline.crosslayer.cross_layer_similarity`,
 with conv positions pooled to one datapoint per sample). The CLI's ``compare`` command prints it for two
 checkpoints. Lightning-free.
 """
@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lightning_svcca.core.table import format_table
 from lightning_svcca.measures._checks import KeepBy
-from lightning_svcca.measures.crosslayer import LayerMap, cross_layer_similarity, pool_by_sample
-from lightning_svcca.output.table import format_table
 from lightning_svcca.pipeline.capture import Capture, CaptureOptions
+from lightning_svcca.pipeline.crosslayer import LayerMap, cross_layer_similarity, pool_by_sample
 from lightning_svcca.pipeline.layers import resolve_layers
 from lightning_svcca.pipeline.metrics import evaluate, pair_for, snapshot_needs
 from lightning_svcca.pipeline.probe import build_probe

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from lightning_svcca.core.rows import FREEZE_METRIC, FREEZE_REFERENCE, HISTORY_COLUMNS
+from lightning_svcca.core.timeline import evenly_spaced
 from lightning_svcca.output.csv_cells import neutralise_cell, restore_cell
 
 __all__ = [
@@ -43,13 +45,7 @@ __all__ = [
     "write_history_csv",
 ]
 
-HISTORY_COLUMNS = ("epoch", "step", "layer", "reference", "metric", "value")
 HISTORY_FILE = "svcca_history.csv"
-#: Reference slots that are not references: per-layer facts logged beside the similarities.
-LAYER_FACTS = ("dims", "baseline", "frozen")
-#: The metric of freeze-state rows (their reference slot is ``"frozen"``; value 1 once the layer is frozen).
-FREEZE_METRIC = "freeze"
-FREEZE_REFERENCE = "frozen"
 
 T = TypeVar("T")
 
@@ -214,22 +210,6 @@ def heatmap_style(metric: str, reference: str) -> dict[str, str]:
     if reference == "frozen":
         return {"title": "frozen layers", "label": "frozen (1) or trained (0)", "scale": "linear"}
     return {"title": f"{metric} to {reference}", "label": metric, "scale": "similarity"}
-
-
-def evenly_spaced(items: Sequence[T], most: int) -> list[T]:
-    """At most ``most`` of ``items``, evenly spaced, the first and the last included.
-
-    Keeps what a long run shows bounded: the heatmap's epoch columns, the epochs of the live learning-dynamics
-    picture. Item ``round(i * (len(items) - 1) / (most - 1))`` for ``i < most``; all of them when there are few.
-
-    Example:
-        >>> evenly_spaced(list(range(10)), 4)
-        [0, 3, 6, 9]
-    """
-    if len(items) <= most:
-        return list(items)
-    picks = {round(i * (len(items) - 1) / max(most - 1, 1)) for i in range(most)}
-    return [items[i] for i in sorted(picks)]
 
 
 class HeatmapFigure:

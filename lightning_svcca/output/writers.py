@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from lightning_svcca.core.safe_files import try_write
 from lightning_svcca.output.drawing import Drawer
 from lightning_svcca.output.reporting import (
     FREEZE_REFERENCE,
@@ -32,7 +33,6 @@ from lightning_svcca.output.reporting import (
     tag,
     write_history_csv,
 )
-from lightning_svcca.output.safe_files import try_write
 
 __all__ = ["Reporter", "TensorBoardWriter", "Writer", "as_writers"]
 

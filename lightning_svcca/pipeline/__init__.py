@@ -4,6 +4,7 @@ In run order: the probe batch (``probe``), which layers (``layers``), the forwar
 (``recording``) and how their outputs become ``(datapoints, features)`` rows (``reduction``), one recorded probe
 pass (``capture``, sharded across processes by ``distributed``), each layer compressed to a snapshot
 (``snapshot``) and kept within a memory budget (``store``), what each snapshot is compared with (``references``,
-``comparisons``) and the values of a comparison (``metrics``), and the cross-layer maps at fractions of the run
-(``moments``). :mod:`lightning_svcca.monitoring` runs these stages during training.
+``comparisons``) and the values of a comparison (``metrics``), layers x layers maps (``crosslayer``) and the
+cross-layer maps at fractions of the run (``moments``). :mod:`lightning_svcca.monitoring` runs these stages during
+training.
 """

@@ -1,12 +1,12 @@
 """Comparisons: each new snapshot against its references, the ``final`` pass, and forgetting unneeded snapshots.
 
-The comparison stage of a measurement. A measurement at a point (see :mod:`~lightning_svcca.monitoring.timeline`)
+The comparison stage of a measurement. A measurement at a point (see :mod:`~lightning_svcca.core.timeline`)
 compares every layer's new snapshot with each reference that has one by then (:meth:`Comparisons.rows_for`): the
 last measured point (``previous``), the first (``initial``), a fixed model or features, or a freeze policy's lag.
 The ``final`` reference is different: every measured point is compared with the latest one
 (:meth:`Comparisons.against_point`), live for the heatmap and once at the end of fit for the history. Afterwards
 :meth:`Comparisons.prune` drops the snapshots no reference will need again. Each row is a plain dict (see
-:func:`row`); rows whose value is not finite are dropped.
+:func:`~lightning_svcca.core.rows.row`); rows whose value is not finite are dropped.
 """
 
 from __future__ import annotations
@@ -19,38 +19,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_svcca.monitoring.timeline import Timeline
-from lightning_svcca.output.reporting import evenly_spaced
-from lightning_svcca.output.safe_files import stored_snapshot
+from lightning_svcca.core.rows import row
+from lightning_svcca.core.safe_files import stored_snapshot
+from lightning_svcca.core.timeline import Timeline, evenly_spaced
 from lightning_svcca.pipeline.metrics import Pair, evaluate, pair_for
-from lightning_svcca.pipeline.references import Reference
+from lightning_svcca.pipeline.references import Reference, ReferenceKind
 from lightning_svcca.pipeline.snapshot import Collective, Snapshot
 from lightning_svcca.pipeline.store import SnapshotStore
 
-__all__ = ["LIVE_FINAL_COLUMNS", "Comparisons", "HeatmapSource", "row", "values_of"]
+__all__ = ["LIVE_FINAL_COLUMNS", "Comparisons", "HeatmapSource"]
 
 #: The rows a heatmap is drawn from, or a function computing them when the picture is drawn.
 HeatmapSource = Sequence[dict[str, Any]] | Callable[[], Sequence[dict[str, Any]]]
 
 #: Points the live "final" heatmap compares with the latest one at most (the end-of-fit pass compares all).
 LIVE_FINAL_COLUMNS = 10
-
-
-def row(epoch: int, step: int, layer: str, reference: str, metric: str, value: float) -> dict[str, Any]:
-    """One history row: what was measured at ``epoch`` (completed epochs) and global ``step``."""
-    return {
-        "epoch": int(epoch),
-        "step": int(step),
-        "layer": layer,
-        "reference": reference,
-        "metric": metric,
-        "value": float(value),
-    }
-
-
-def values_of(rows: Sequence[Mapping[str, Any]], reference: str | None, metric: str) -> dict[str, float]:
-    """Layer -> value of the rows of one reference and metric."""
-    return {r["layer"]: r["value"] for r in rows if r["reference"] == reference and r["metric"] == metric}
 
 
 class Comparisons:
@@ -92,7 +75,7 @@ class Comparisons:
     @property
     def wants_final(self) -> bool:
         """Whether a ``final`` reference keeps every epoch's snapshot until the end of fit."""
-        return any(reference.kind == "final" for reference in self.references)
+        return any(reference.kind is ReferenceKind.FINAL for reference in self.references)
 
     def rows_for(self, point: int, epoch: int, step: int, snapshots: Mapping[str, Snapshot]) -> list[dict[str, Any]]:
         """Rows of the measurement at ``point`` (``epoch``, ``step``), before it joins the timeline.
@@ -161,7 +144,7 @@ class Comparisons:
         pays for them.
         """
         sources: dict[str, HeatmapSource] = {
-            reference.name: history for reference in self.references if reference.kind not in ("final", "lag")
+            reference.name: history for reference in self.references if reference.kind.charted
         }
         if self.wants_final and len(self.timeline) > 1 and live_final:
             shown = evenly_spaced(self.timeline.measured, LIVE_FINAL_COLUMNS)
@@ -170,13 +153,13 @@ class Comparisons:
 
     def reference_snapshot(self, reference: Reference, layer: str, point: int) -> Snapshot | None:
         """The snapshot a layer is compared with at ``point``, or ``None`` when there is none (yet)."""
-        if reference.kind == "final":
+        if reference.kind is ReferenceKind.FINAL:
             return None  # compared at the end of fit (and live, for the heatmap)
         if reference.fixed:
             return stored_snapshot(self.store, (layer, reference.name))
-        if reference.kind == "initial":
+        if reference.kind is ReferenceKind.INITIAL:
             other = self.timeline.first if self.timeline.before(point) else None
-        elif reference.kind == "previous":
+        elif reference.kind is ReferenceKind.PREVIOUS:
             other = self.timeline.previous(point)
         elif reference.fraction:
             other = self.timeline.lagged_by_fraction(point, reference.fraction)
@@ -188,13 +171,15 @@ class Comparisons:
         """Forget snapshots of measured points no reference will need again."""
         if self.wants_final:
             return  # the final pass needs every point
-        horizon = max((reference.lag for reference in self.references if reference.kind == "lag"), default=0)
+        horizon = max(
+            (reference.lag for reference in self.references if reference.kind is ReferenceKind.LAG), default=0
+        )
         kept = self.timeline.recent(point, horizon)
         for reference in self.references:
-            if reference.kind == "lag" and reference.fraction:
+            if reference.kind is ReferenceKind.LAG and reference.fraction:
                 kept |= self.timeline.reachable_by_fraction(point, reference.fraction)
         first = self.timeline.first
-        if first is not None and any(reference.kind == "initial" for reference in self.references):
+        if first is not None and any(reference.kind is ReferenceKind.INITIAL for reference in self.references):
             kept.add(first)
         for layer, tag in self.store.keys():
             if tag.isdigit() and int(tag) not in kept:

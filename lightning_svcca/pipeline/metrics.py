@@ -1,5 +1,7 @@
 """The metrics of snapshot comparisons: each from the cross product ``Ua^T Ub`` of two stored bases.
 
+:data:`METRIC_TABLE` holds what each metric is and takes (one :class:`Metric` each); every module that needs a
+property of a metric asks it (:func:`metrics_where`, :func:`metric_info`) instead of keeping its own list.
 :func:`pair_for` says which directions of two snapshots a metric compares, :func:`cross_products` forms the
 products (each process summing over its share of the probe rows, in one collective), :func:`measure` turns one
 into a value, and :func:`evaluate` does all three for many ``(metric, pair)`` jobs, each distinct product once.
@@ -26,30 +28,91 @@ from lightning_svcca.measures.decomposition import Decomposition
 from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
 from lightning_svcca.pipeline.snapshot import Collective, Snapshot
 
-__all__ = ["METRICS", "Pair", "cross_products", "evaluate", "measure", "pair_for", "snapshot_needs"]
+__all__ = [
+    "METRICS",
+    "METRIC_TABLE",
+    "Metric",
+    "Pair",
+    "cross_products",
+    "evaluate",
+    "measure",
+    "metric_info",
+    "metrics_where",
+    "pair_for",
+    "snapshot_needs",
+]
 
 
-#: Every metric a snapshot comparison can compute. The in-sample CCA family (svcca, pwcca, cca, r2cca) and the
-#: variance-weighted measures (linear_cka, linear_cka_debiased, procrustes) follow from the cross product of two
-#: stored bases; rbf_cka and the held-out measures need the datapoints themselves, which a full-rank snapshot
+@dataclass(frozen=True)
+class Metric:
+    """What one metric is, and what computing it takes.
+
+    Attributes:
+        name: the metric's name (in ``metrics=``, history rows and tags).
+        kept_only: compares the SVCCA-kept directions only; every other metric needs all of them (full-rank
+            snapshots).
+        from_rows: computed from the snapshots' rows ``U diag(s)`` rather than from ``Ua^T Ub``.
+        needs_right: weights by neurons, so it needs the right singular vectors.
+        scale_free: does not see a column's scale: on raw tensors, decomposed on unit-norm columns.
+        held_out: directions fitted on folds, correlations scored on held-out datapoints: computed from the data
+            itself (no decomposition reuse).
+        float32_safe: a float32 decomposition computes it accurately. The Gram route squares singular values, so
+            float32 only resolves directions down to about 1% of the largest: CKA weights directions by their
+            variance and barely notices, but SVCCA's kept set (and so its value) can change by several hundredths
+            on ill-conditioned layers.
+        convergence: a similarity a freeze rule may read (``FreezePolicy(metric=...)``).
+    """
+
+    name: str
+    kept_only: bool = False
+    from_rows: bool = False
+    needs_right: bool = False
+    scale_free: bool = False
+    held_out: bool = False
+    float32_safe: bool = False
+    convergence: bool = False
+
+
+#: Every metric a snapshot comparison can compute, in order. The in-sample CCA family (svcca, pwcca, cca, r2cca)
+#: and the variance-weighted measures (linear_cka, linear_cka_debiased, procrustes) follow from the cross product
+#: of two stored bases; rbf_cka and the held-out measures need the datapoints themselves, which a full-rank snapshot
 #: gives up to a rotation (``U diag(s) = Xc V``: distances, and CCA fits, do not see the rotation).
-METRICS = (
-    "svcca",
-    "pwcca",
-    "cca",
-    "linear_cka",
-    "r2cca",
-    "procrustes",
-    "linear_cka_debiased",
-    "rbf_cka",
-    "cca_heldout",
-    "svcca_heldout",
-    "pwcca_heldout",
+METRIC_TABLE = (
+    Metric("svcca", kept_only=True, convergence=True),
+    Metric("pwcca", needs_right=True, scale_free=True, convergence=True),
+    Metric("cca", scale_free=True, convergence=True),
+    Metric("linear_cka", float32_safe=True, convergence=True),
+    Metric("r2cca", scale_free=True),
+    Metric("procrustes"),
+    Metric("linear_cka_debiased"),
+    Metric("rbf_cka", from_rows=True),
+    Metric("cca_heldout", from_rows=True, held_out=True),
+    Metric("svcca_heldout", from_rows=True, held_out=True),
+    Metric("pwcca_heldout", from_rows=True, needs_right=True, held_out=True),
 )
-#: Metrics computed from the snapshots' rows rather than from ``Ua^T Ub``.
-_ROW_METRICS = ("rbf_cka", "cca_heldout", "svcca_heldout", "pwcca_heldout")
-#: Metrics that need the right singular vectors (weights from neurons).
-_RIGHT_METRICS = ("pwcca", "pwcca_heldout")
+METRICS = tuple(entry.name for entry in METRIC_TABLE)
+_BY_NAME = {entry.name: entry for entry in METRIC_TABLE}
+
+
+def metric_info(name: str) -> Metric:
+    """The table entry of a metric.
+
+    Raises:
+        ValueError: an unknown metric.
+    """
+    if name not in _BY_NAME:
+        raise ValueError(f"unknown metric {name!r}; choose from {METRICS}")
+    return _BY_NAME[name]
+
+
+def metrics_where(prop: str) -> tuple[str, ...]:
+    """The metrics with a property, in table order.
+
+    Example:
+        >>> metrics_where("needs_right")
+        ('pwcca', 'pwcca_heldout')
+    """
+    return tuple(entry.name for entry in METRIC_TABLE if getattr(entry, prop))
 
 
 def snapshot_needs(metrics: Sequence[str]) -> tuple[bool, bool]:
@@ -66,10 +129,11 @@ def snapshot_needs(metrics: Sequence[str]) -> tuple[bool, bool]:
         >>> snapshot_needs(["svcca"]), snapshot_needs(["svcca", "linear_cka"]), snapshot_needs(["pwcca"])
         ((False, False), (True, False), (True, True))
     """
-    unknown = [metric for metric in metrics if metric not in METRICS]
+    unknown = [name for name in metrics if name not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; choose from {METRICS}")
-    return any(metric != "svcca" for metric in metrics), any(metric in _RIGHT_METRICS for metric in metrics)
+    entries = [_BY_NAME[name] for name in metrics]
+    return any(not entry.kept_only for entry in entries), any(entry.needs_right for entry in entries)
 
 
 @dataclass(frozen=True)
@@ -133,7 +197,7 @@ def cross_products(
 
 def pair_for(metric: str, a: Snapshot, b: Snapshot, shuffle: Tensor | None = None) -> Pair:
     """The pair of bases ``metric`` needs: the SVCCA-kept directions, or all stored ones."""
-    if metric == "svcca":
+    if metric in _BY_NAME and _BY_NAME[metric].kept_only:
         return Pair(a, b, min(a.kept, a.left.shape[1]), min(b.kept, b.left.shape[1]), shuffle)
     return Pair(a, b, a.left.shape[1], b.left.shape[1], shuffle)
 
@@ -148,7 +212,7 @@ def measure(metric: str, pair: Pair, cross: Tensor) -> float:
         return float(canonical_correlations(cross).mean())
     if metric == "r2cca":
         return float(cross.square().sum() / min(cross.shape))
-    if metric in _ROW_METRICS:
+    if metric in _BY_NAME and _BY_NAME[metric].from_rows:
         return _measure_rows(metric, pair, cross)
     a, b = _spectrum(pair.a, cross), _spectrum(pair.b, cross)
     if metric == "pwcca":

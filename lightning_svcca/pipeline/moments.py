@@ -17,14 +17,14 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_svcca.measures.crosslayer import LayerMap, cross_layer_similarity
-from lightning_svcca.output.safe_files import (
+from lightning_svcca.core.safe_files import (
     UnreadableFileError,
     load_plain,
     report_unreadable,
     save_atomically,
     try_write,
 )
+from lightning_svcca.pipeline.crosslayer import LayerMap, cross_layer_similarity
 
 __all__ = ["CROSS_LAYER_MOMENTS", "CrossLayerMoments", "Moment"]
 

@@ -2,7 +2,8 @@
 
 A reference is a point in time of the same model (``"previous"``, ``"initial"``, ``"final"``, or a lag used by a
 freeze policy) or something fixed: a model (``nn.Module``), a checkpoint path (the model itself with the
-checkpoint's weights), or a tensor of features aligned with the probe's samples.
+checkpoint's weights), or a tensor of features aligned with the probe's samples. :class:`ReferenceKind` says which,
+and what comparing with each kind takes; every stage asks it instead of testing kind names.
 """
 
 from __future__ import annotations
@@ -12,36 +13,110 @@ import copy
 import difflib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_svcca.output.reporting import LAYER_FACTS
+from lightning_svcca.core.rows import LAYER_FACTS
 from lightning_svcca.pipeline.wrappers import modules_by_name
 
-__all__ = ["TIME_REFERENCES", "Reference", "check_reference_layers", "device_of", "parse_references", "reference_model"]
+__all__ = [
+    "TIME_REFERENCES",
+    "Reference",
+    "ReferenceKind",
+    "check_reference_layers",
+    "device_of",
+    "parse_references",
+    "reference_model",
+]
 
-TIME_REFERENCES = ("previous", "initial", "final")
+
+class ReferenceKind(str, Enum):
+    """What a reference is, and what comparing with it takes: the one place that knows the kinds.
+
+    ========== ====================================================== ===== ========== ===========
+    kind       compared with                                          fixed model pass from a point
+    ========== ====================================================== ===== ========== ===========
+    previous   the last measured point                                                 yes
+    initial    the first measured point                                                yes
+    lag        a point a lag back (a freeze policy's ``lag..``)                        yes
+    final      the last point, at the end of fit (and live, charted)
+    module     an ``nn.Module``'s activations, snapshotted once       yes   yes
+    checkpoint the model with a checkpoint's weights, once            yes   yes
+    tensor     features aligned with the probe's samples, once        yes
+    ========== ====================================================== ===== ========== ===========
+
+    A ``str`` enum: a kind equals its name (``ReferenceKind.LAG == "lag"``).
+    """
+
+    PREVIOUS = "previous"
+    INITIAL = "initial"
+    FINAL = "final"
+    LAG = "lag"
+    MODULE = "module"
+    CHECKPOINT = "checkpoint"
+    TENSOR = "tensor"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def named(self) -> bool:
+        """A reference the user gives by its name (``"previous"``, ``"initial"``, ``"final"``)."""
+        return self in (ReferenceKind.PREVIOUS, ReferenceKind.INITIAL, ReferenceKind.FINAL)
+
+    @property
+    def fixed(self) -> bool:
+        """Something outside the run's own time (a model, a checkpoint, features): snapshotted once, by name."""
+        return self in (ReferenceKind.MODULE, ReferenceKind.CHECKPOINT, ReferenceKind.TENSOR)
+
+    @property
+    def needs_model_pass(self) -> bool:
+        """Its snapshots take a probe pass through another model (or the model with other weights)."""
+        return self in (ReferenceKind.MODULE, ReferenceKind.CHECKPOINT)
+
+    @property
+    def from_point(self) -> bool:
+        """Compared at each measurement with an earlier measured point of this run (gone when the probe changes)."""
+        return self in (ReferenceKind.PREVIOUS, ReferenceKind.INITIAL, ReferenceKind.LAG)
+
+    @property
+    def charted(self) -> bool:
+        """Its history rows are drawn as a heatmap at each measurement.
+
+        ``final`` is drawn from its own pass; a freeze policy's lag is only logged.
+        """
+        return self not in (ReferenceKind.FINAL, ReferenceKind.LAG)
+
+
+TIME_REFERENCES = tuple(kind.value for kind in ReferenceKind if kind.named)
 RESERVED_NAMES = (*TIME_REFERENCES, *LAYER_FACTS, "heatmap")
 
 
 @dataclass(frozen=True)
 class Reference:
-    """One reference: a point in time of the same model, or something fixed (a model, a checkpoint, features)."""
+    """One reference: a point in time of the same model, or something fixed (a model, a checkpoint, features).
+
+    ``kind`` may be given as its name (``Reference("lag5", "lag", lag=5)``); it is kept as a :class:`ReferenceKind`.
+    """
 
     name: str
-    kind: str  # "previous", "initial", "final", "lag", "module", "checkpoint" or "tensor"
+    kind: ReferenceKind
     source: Any = None
     lag: int = 0
     #: A lag that grows with the run (``kind="lag"``): this fraction of the measurements so far.
     fraction: float = 0.0
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", ReferenceKind(self.kind))
+
     @property
     def fixed(self) -> bool:
         """A model, checkpoint or tensor rather than a point in the run's own time."""
-        return self.kind in ("module", "checkpoint", "tensor")
+        return self.kind.fixed
 
 
 def parse_references(reference: Any) -> list[Reference]:
@@ -64,20 +139,25 @@ def parse_references(reference: Any) -> list[Reference]:
     parsed: list[Reference] = []
     for name, value in items:
         if isinstance(value, str) and value in TIME_REFERENCES and name is None:
-            parsed.append(Reference(value, value))
+            parsed.append(Reference(value, ReferenceKind(value)))
             continue
-        kind = "module" if isinstance(value, nn.Module) else "tensor" if isinstance(value, Tensor) else None
-        if kind is None and isinstance(value, (str, Path)):
+        kind: ReferenceKind | None = None
+        if isinstance(value, nn.Module):
+            kind = ReferenceKind.MODULE
+        elif isinstance(value, Tensor):
+            kind = ReferenceKind.TENSOR
+        elif isinstance(value, (str, Path)):
             _check_not_a_misspelt_name(value)
-            kind = "checkpoint"
+            kind = ReferenceKind.CHECKPOINT
         if kind is None:
             raise TypeError(
                 f"reference {value!r}: expected 'previous', 'initial', 'final', an nn.Module, a checkpoint path or a"
                 " tensor"
             )
-        if kind == "tensor" and value.ndim < 1:
+        if kind is ReferenceKind.TENSOR and value.ndim < 1:
             raise ValueError("a tensor reference needs one row per probe sample")
-        parsed.append(Reference(name or "reference", kind, value.detach().cpu() if kind == "tensor" else value))
+        source = value.detach().cpu() if kind is ReferenceKind.TENSOR else value
+        parsed.append(Reference(name or "reference", kind, source))
     names = [ref.name for ref in parsed]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -129,7 +209,7 @@ def reference_model(reference: Reference, pl_module: nn.Module) -> Iterator[nn.M
     loaded for the duration, restored bit for bit afterwards.
     """
     device = device_of(pl_module)
-    if reference.kind == "module":
+    if reference.kind is ReferenceKind.MODULE:
         module: nn.Module = reference.source
         dtype = _floating_dtype(pl_module)
         if dtype is not None and _floating_dtype(module) not in (None, dtype):

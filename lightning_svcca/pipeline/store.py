@@ -9,7 +9,7 @@ import zlib
 from collections import OrderedDict
 from pathlib import Path
 
-from lightning_svcca.output.safe_files import (
+from lightning_svcca.core.safe_files import (
     UnreadableFileError,
     load_snapshot_state,
     report_unreadable,

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_svcca.core.rows import FREEZE_METRIC, FREEZE_REFERENCE, row, values_of
 from lightning_svcca.freezing.blocks import freeze_blocks, freeze_message, trainable_parameters
 from lightning_svcca.freezing.freezer import Freezer
 from lightning_svcca.freezing.frozen_prefix import FrozenPrefix
@@ -27,9 +28,7 @@ from lightning_svcca.freezing.policy import FreezeDecision
 from lightning_svcca.freezing.task_signal import TaskSignal, TaskVerdict
 from lightning_svcca.monitoring.config import MonitorConfig
 from lightning_svcca.monitoring.runtime import Runtime
-from lightning_svcca.output.reporting import FREEZE_METRIC, FREEZE_REFERENCE
 from lightning_svcca.pipeline.capture import Capture, WarnFn
-from lightning_svcca.pipeline.comparisons import row, values_of
 from lightning_svcca.pipeline.recording import ActivationRecorder
 from lightning_svcca.pipeline.snapshot import Snapshot
 from lightning_svcca.pipeline.store import SnapshotStore

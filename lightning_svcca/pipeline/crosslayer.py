@@ -18,19 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_svcca.core.table import format_table
 from lightning_svcca.measures import Decomposition, cca, decompose, linear_cka, procrustes, pwcca, r2cca, rbf_cka, svcca
 from lightning_svcca.measures._checks import KeepBy
 from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
-from lightning_svcca.output.table import format_table
-from lightning_svcca.pipeline.metrics import METRICS, evaluate, pair_for
+from lightning_svcca.pipeline.metrics import METRICS, evaluate, metric_info, pair_for
 from lightning_svcca.pipeline.snapshot import LocalCollective, Snapshot
 
 __all__ = ["LayerMap", "cross_layer_similarity", "pool_by_sample"]
-
-#: Measures that do not depend on a column's scale: their decompositions are taken on unit-norm columns.
-_SCALE_FREE = ("cca", "pwcca", "r2cca")
-#: Measures computed from the data themselves (no decomposition reuse).
-_FROM_DATA = ("cca_heldout", "svcca_heldout", "pwcca_heldout")
 
 
 @dataclass(frozen=True)
@@ -177,9 +172,10 @@ def _pooled(rows: dict[str, tuple[Tensor, Tensor | None]]) -> dict[str, tuple[Te
 
 def _prepare(rows: Tensor, metric: str) -> Tensor | Decomposition:
     """Decompose once per layer where the measure can reuse it."""
-    if metric in _FROM_DATA:
+    entry = metric_info(metric)
+    if entry.held_out:  # computed from the data themselves: no decomposition to reuse
         return rows
-    return decompose(rows, standardize=metric in _SCALE_FREE)
+    return decompose(rows, standardize=entry.scale_free)  # scale-free measures: unit-norm columns
 
 
 def _measure_function(metric: str, keep: float | int, keep_by: str) -> Callable[[Any, Any], Tensor]:

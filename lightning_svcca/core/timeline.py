@@ -12,10 +12,12 @@ the only one that adds to it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
-__all__ = ["Timeline", "fraction_lag"]
+__all__ = ["Timeline", "evenly_spaced", "fraction_lag"]
+
+T = TypeVar("T")
 
 
 def fraction_lag(measurement: int, fraction: float) -> int:
@@ -25,6 +27,22 @@ def fraction_lag(measurement: int, fraction: float) -> int:
     ``measurement - lag`` never moves back as the run goes on, so snapshots it has passed are never needed again.
     """
     return max(1, math.floor(fraction * measurement + 0.5))
+
+
+def evenly_spaced(items: Sequence[T], most: int) -> list[T]:
+    """At most ``most`` of ``items``, evenly spaced, the first and the last included.
+
+    Keeps what a long run shows bounded: the heatmap's epoch columns, the epochs of the live learning-dynamics
+    picture. Item ``round(i * (len(items) - 1) / (most - 1))`` for ``i < most``; all of them when there are few.
+
+    Example:
+        >>> evenly_spaced(list(range(10)), 4)
+        [0, 3, 6, 9]
+    """
+    if len(items) <= most:
+        return list(items)
+    picks = {round(i * (len(items) - 1) / max(most - 1, 1)) for i in range(most)}
+    return [items[i] for i in sorted(picks)]
 
 
 class Timeline:

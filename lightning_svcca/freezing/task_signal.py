@@ -141,6 +141,7 @@ class CurveReading:
     best: float
     progress: float
     pace: float | None
+    lag: int
 
     def above_best(self) -> float:
         """How far the current value is above the best so far, as a fraction of the best's size."""
@@ -176,6 +177,10 @@ class TaskGate:
             ``near_best`` of its best value so far, the task has plateaued: every layer the order and bounds allow
             may freeze, even while its representation still moves (fine-tuning: the encoder keeps drifting after
             the held-out loss has stopped falling). ``0`` leaves the decision to the representations.
+        min_window: the fewest measurements the recent window (``lag``) may span for a pace to count: with one
+            (``t = 2`` at the default lag fraction), one measurement of a few hundred held-out samples decides,
+            and its noise can read as a plateau (the benchmark's (c): flat at epoch 2, 0.4 points lost).
+        patience: consecutive measurements the loss must read flat.
         near_best: how far above its best value so far a flat loss may sit (a fraction of the best). A loss that
             has jumped well above its best is in an unstable phase (a high learning rate early from scratch: the
             held-out loss of the benchmark's (a) went 0.82, 1.03, 0.14 at epochs 2-4), not on a plateau; a loss
@@ -186,26 +191,24 @@ class TaskGate:
 
     min_progress: float = 0.1
     flat_below: float = 0.3
+    min_window: int = 2
+    patience: int = 1
     near_best: float = 0.1
     wait_without_loss: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_progress < 1.0:
             raise ValueError(f"TaskGate.min_progress must be in [0, 1), got {self.min_progress}")
+        for name in ("min_window", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TaskGate.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("flat_below", "near_best"):
             if getattr(self, name) < 0.0:
                 raise ValueError(f"TaskGate.{name} must be >= 0, got {getattr(self, name)}")
 
     def verdict(self, signal: TaskSignal, lag_fraction: float) -> TaskVerdict:
         """Whether ``signal``'s losses allow freezing now, and whether the task has plateaued."""
-        readings = [
-            reading
-            for reading in (
-                read_curve("probe loss", signal.probe[0] if signal.probe else None, signal.probe[1:], lag_fraction),
-                read_curve("training loss", signal.start, signal.levels, lag_fraction),
-            )
-            if reading is not None
-        ]
+        readings = self._readings(signal.start, signal.levels, signal.probe, lag_fraction)
         if not readings:
             if self.wait_without_loss:
                 return TaskVerdict(False, False, "no loss read yet (training or probe)")
@@ -215,10 +218,38 @@ class TaskGate:
         if short:
             needed = f"{100 * self.min_progress:.0f}% needed"
             return TaskVerdict(False, False, f"no task progress yet: {described}; {needed}")
-        judged = readings[0]  # the probe's loss when there is one: what generalises
-        flat = judged.pace is not None and judged.pace < self.flat_below and judged.above_best() <= self.near_best
-        plateaued = f": the {judged.name} has plateaued (pace < {self.flat_below}, near its best)" if flat else ""
+        # the probe's loss when there is one (what generalises), flat at this and the last patience - 1 measurements
+        flats = 0
+        while flats < self.patience and self._flat_at(signal, flats, readings[0].name, lag_fraction):
+            flats += 1
+        flat = flats >= self.patience
+        plateaued = (
+            f": the {readings[0].name} has plateaued (pace < {self.flat_below} over {self.min_window}+"
+            f" measurements, near its best, {self.patience} time(s) in a row)"
+            if flat
+            else ""
+        )
         return TaskVerdict(True, flat, described + plateaued)
+
+    def _flat_at(self, signal: TaskSignal, back: int, name: str, lag_fraction: float) -> bool:
+        """Whether the curve ``name`` read flat ``back`` measurements ago (recent pace low, near its best)."""
+        levels = signal.levels[: len(signal.levels) - back]
+        probe = signal.probe[: len(signal.probe) - back]
+        readings = self._readings(signal.start, levels, probe, lag_fraction)
+        if not readings or readings[0].name != name or readings[0].pace is None or readings[0].lag < self.min_window:
+            return False
+        return readings[0].pace < self.flat_below and readings[0].above_best() <= self.near_best
+
+    @staticmethod
+    def _readings(
+        start: float | None, levels: Sequence[float], probe: Sequence[float | None], lag_fraction: float
+    ) -> list[CurveReading]:
+        """The probe's loss curve (first, when there is one) and the training loss's, as read now."""
+        found = (
+            read_curve("probe loss", probe[0] if probe else None, probe[1:], lag_fraction),
+            read_curve("training loss", start, levels, lag_fraction),
+        )
+        return [reading for reading in found if reading is not None]
 
 
 def read_curve(
@@ -233,7 +264,7 @@ def read_curve(
     lag = fraction_lag(t, lag_fraction)
     before = values[-1 - lag] if t > lag else None
     if before is None or start == now:
-        return CurveReading(name, start, now, best, progress, None)
+        return CurveReading(name, start, now, best, progress, None, lag)
     scale = math.log if start > 0 and now > 0 and before > 0 else float
     pace = (scale(before) - scale(now)) / (scale(start) - scale(now)) * (t / lag)
-    return CurveReading(name, start, now, best, progress, pace)
+    return CurveReading(name, start, now, best, progress, pace, lag)

@@ -8,6 +8,7 @@ Variants, all run side by side for each seed (same initial weights, same data or
 a shared machine hits them alike):
 
 * ``no callback``: the baseline;
+* ``monitor only``: the callback with its defaults and no freeze policy (what measuring costs);
 * ``FreezePolicy()`` and ``FreezePolicy(cache_outputs=True)``: the package's defaults, no preset;
 * ``linear schedule`` and ``linear + cache``: the SVCCA paper's schedule (``FreezePolicy(mode="linear")``);
 * ``AutoFreeze``: Liu et al. 2021's gradient-norm rule (``freeze_baselines.AutoFreeze``), without callback.
@@ -71,6 +72,8 @@ from lightning_svcca import FreezePolicy, SVCCACallback  # noqa: E402
 #: Accuracy (in points) a variant may be below the baseline's final accuracy and still count as reaching it.
 TOLERANCE = 0.3
 AUTOFREEZE = "AutoFreeze"
+#: The callback with its defaults and no freeze policy: what measuring costs while nothing freezes.
+MONITOR_ONLY = "monitor only"
 #: (c), (d): the pretraining task's chains, and the perturbation tables (topics) of the language they share with
 #: the fine-tuning task (``freeze_workloads.markov_task``).
 PRETRAIN_CLASSES, TOPICS = 16, 16
@@ -78,9 +81,10 @@ T = TypeVar("T")
 
 
 def variants() -> dict[str, FreezePolicy | str | None]:
-    """Variant name -> a policy for the SVCCA callback, ``AUTOFREEZE``, or ``None`` (no callback)."""
+    """Variant name -> a policy for the SVCCA callback, ``AUTOFREEZE``, ``MONITOR_ONLY`` or ``None`` (no callback)."""
     return {
         "no callback": None,
+        MONITOR_ONLY: MONITOR_ONLY,
         "FreezePolicy()": FreezePolicy(),
         "FreezePolicy(cache)": FreezePolicy(cache_outputs=True),
         "linear schedule": FreezePolicy(mode="linear"),
@@ -138,8 +142,9 @@ def fit(
     clock = EpochClock(work.test)
     callbacks: list[pl.Callback] = []
     monitor = spy = autofreeze = None
-    if isinstance(variant, FreezePolicy):
-        monitor = SVCCACallback(probe=work.probe, layers=model.layers, freeze=variant)
+    if isinstance(variant, FreezePolicy) or variant == MONITOR_ONLY:
+        policy = variant if isinstance(variant, FreezePolicy) else None
+        monitor = SVCCACallback(probe=work.probe, layers=model.layers, freeze=policy)
         spy = CacheSpy(monitor)
         callbacks = [monitor, spy]
     elif variant == AUTOFREEZE:

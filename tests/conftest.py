@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
+import os
+from pathlib import Path
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -12,6 +16,23 @@ from digits_models import TinyDigitsCNN, digit_images
 # The models here are tiny and the test machines have few, shared cores: intra-op threads only contend (one
 # thread runs the callback tests about four times faster on 2 busy cores). Results do not depend on it.
 torch.set_num_threads(1)
+
+#: The repository root, and the names a run writes there when a test forgets ``tmp_path`` (``.gitignore`` lists them).
+ROOT = Path(__file__).resolve().parent.parent
+RUN_OUTPUTS = ("svcca_history*.csv", "svcca_cross_layer*.csv", "svcca_snapshots", "svcca_state.pt", "lightning_logs")
+
+
+def _run_outputs_in_root() -> set[str]:
+    return {name for name in os.listdir(ROOT) if any(fnmatch.fnmatch(name, pattern) for pattern in RUN_OUTPUTS)}
+
+
+@pytest.fixture(autouse=True)
+def _writes_no_run_output_into_the_repository():
+    """Fail the test that writes a history, snapshots or logs into the repository root (use ``tmp_path``)."""
+    before = _run_outputs_in_root()
+    yield
+    written = _run_outputs_in_root() - before
+    assert not written, f"this test wrote {sorted(written)} into {ROOT}: give it tmp_path as its log folder"
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Any
+from typing import Any, TypeAlias, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +26,24 @@ from lightning_svcca.pipeline.probe import ForwardFn
 from lightning_svcca.pipeline.reduction import REDUCTIONS
 from lightning_svcca.pipeline.references import Reference, parse_references
 
-__all__ = ["COMPUTE_DTYPES", "MonitorConfig"]
+__all__ = [
+    "COMPUTE_DTYPES",
+    "LayersArg",
+    "MetricsArg",
+    "MonitorConfig",
+    "MonitorOptions",
+    "ProbeArg",
+    "ReferenceArg",
+]
 
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32, "auto": None}
+
+# The types of the options that can also be given by position (the public classes write them out in their own
+# signatures; the rest come through ``**options: Unpack[MonitorOptions]``).
+ProbeArg: TypeAlias = DataLoader | Tensor | Sequence[Any] | Mapping[str, Any] | None
+LayersArg: TypeAlias = Sequence[str] | Mapping[str, Mapping[str, Any]] | None
+ReferenceArg: TypeAlias = str | nn.Module | Tensor | Sequence[Any] | Mapping[str, Any]
+MetricsArg: TypeAlias = str | Sequence[str]
 
 
 @dataclass
@@ -106,10 +121,10 @@ class MonitorConfig:
             draws every heatmap at every measurement.
     """
 
-    probe: DataLoader | Tensor | Sequence[Any] | Mapping[str, Any] | None = None
-    layers: Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None
-    reference: str | nn.Module | Tensor | Sequence[Any] | Mapping[str, Any] = ("previous", "final")
-    metrics: str | Sequence[str] = ("svcca",)
+    probe: ProbeArg = None
+    layers: LayersArg = None
+    reference: ReferenceArg = ("previous", "final")
+    metrics: MetricsArg = ("svcca",)
     every_n_epochs: int | None = 1
     freeze: FreezePolicy | None = None
     _: KW_ONLY
@@ -154,7 +169,7 @@ class MonitorConfig:
         if self.every_n_epochs is None and self.every_n_train_steps is None:
             raise ValueError("every_n_epochs and every_n_train_steps are both None: set one of them to measure")
         by_step = self.every_n_train_steps is not None
-        cadence = 1 if by_step else self.every_n_epochs
+        cadence = 1 if by_step or self.every_n_epochs is None else self.every_n_epochs
         self._check_freeze(cadence, by_step)
         for name in ("probe_size", "probe_batch_size"):
             if getattr(self, name) < 1:
@@ -231,3 +246,31 @@ class MonitorConfig:
     def dtype(self) -> torch.dtype | None:
         """The chosen decomposition dtype, ``None`` for ``"auto"``."""
         return COMPUTE_DTYPES[self.compute_dtype]
+
+
+class MonitorOptions(TypedDict, total=False):
+    """The keyword-only options of :class:`MonitorConfig`, for ``**options: Unpack[MonitorOptions]``.
+
+    What a type checker reads in the signatures of ``SVCCAMonitor``, ``SVCCACallback`` and ``SVCCATrainerCallback``
+    (a misspelled or mistyped option is an error there); each option's meaning and default are MonitorConfig's.
+    ``tests/test_options.py`` keeps these keys and types equal to MonitorConfig's keyword-only fields.
+    """
+
+    every_n_train_steps: int | None
+    probe_size: int
+    probe_batch_size: int
+    probe_input: int | str | None
+    probe_mask: int | str | bool | None
+    probe_seed: int
+    forward_fn: ForwardFn | None
+    reduction: str
+    max_datapoints: int
+    keep: float | int
+    keep_by: str
+    baseline: bool
+    max_snapshot_bytes: int | None
+    shard_probe: bool
+    compute_dtype: str
+    cross_layer: bool | Sequence[float]
+    cross_layer_reference: str
+    heatmap_time_share: float

@@ -154,6 +154,17 @@ class MonitorConfig:
 
     def __post_init__(self) -> None:
         self.metrics = (self.metrics,) if isinstance(self.metrics, str) else tuple(self.metrics)
+        self._check_metrics_and_cadence()
+        by_step = self.every_n_train_steps is not None
+        cadence = 1 if by_step or self.every_n_epochs is None else self.every_n_epochs
+        self._check_freeze(cadence, by_step)
+        self._check_values()
+        self.references = parse_references(self.reference)
+        self._check_cross_layer()
+        self._add_freeze_references(cadence)
+
+    def _check_metrics_and_cadence(self) -> None:
+        """The metrics, the heatmap time share, and measuring every so many epochs or steps (one of them at least)."""
         metrics = self.metrics
         unknown = [metric for metric in metrics if metric not in METRICS]
         if unknown or not metrics:
@@ -168,9 +179,9 @@ class MonitorConfig:
                 raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
         if self.every_n_epochs is None and self.every_n_train_steps is None:
             raise ValueError("every_n_epochs and every_n_train_steps are both None: set one of them to measure")
-        by_step = self.every_n_train_steps is not None
-        cadence = 1 if by_step or self.every_n_epochs is None else self.every_n_epochs
-        self._check_freeze(cadence, by_step)
+
+    def _check_values(self) -> None:
+        """The probe's sizes, the datapoint cap, the reduction, the dtype, ``forward_fn`` and SVCCA's ``keep``."""
         for name in ("probe_size", "probe_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -183,7 +194,9 @@ class MonitorConfig:
         if self.forward_fn is not None and not callable(self.forward_fn):
             raise TypeError(f"forward_fn must be callable as forward_fn(model, batch), got {self.forward_fn!r}")
         check_keep(self.keep, self.keep_by)
-        self.references = parse_references(self.reference)
+
+    def _check_cross_layer(self) -> None:
+        """The cross-layer moments (fractions of training) and the reference their maps compare with."""
         moments = self.cross_layer_moments
         if any(not isinstance(f, float) or not 0.0 <= f <= 1.0 for f in moments):
             raise ValueError(f"cross_layer must be True or fractions of training in [0, 1], got {self.cross_layer!r}")
@@ -193,7 +206,6 @@ class MonitorConfig:
                 f"cross_layer_reference must be 'final', 'initial' or a fixed model reference {fixed}, got"
                 f" {self.cross_layer_reference!r}"
             )
-        self._add_freeze_references(cadence)
 
     def _check_freeze(self, cadence: int, by_step: bool) -> None:
         """The freeze policy against the cadence, the metrics and the baseline."""

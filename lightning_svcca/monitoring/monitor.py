@@ -105,7 +105,7 @@ class SVCCAMonitor:
 
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - the model, then the six options callers have always given by position
         self,
         model: nn.Module,
         probe: ProbeArg = None,
@@ -163,7 +163,9 @@ class SVCCAMonitor:
         self.last_measured_step = -1
         self.store = SnapshotStore(config.max_snapshot_bytes)
         log = self.runtime.logger.info if self.runtime.is_global_zero else (lambda *args: None)
-        self.snapshots = Snapshotter(self.model, self.specs, config, self.store, self.cross_layer, self.warn_once, log)
+        self.snapshots = Snapshotter(
+            self.model, self.specs, config, self.store, self.cross_layer, warn_once=self.warn_once, log=log
+        )
         self.outputs = RunOutputs(self.writers, self.log_dir, self.runtime, config.metrics)
         announce = self.outputs.freeze_event
         self.freezing = FreezingCoordinator(self.model, config, self.store, self.runtime, self.warn_once, announce)

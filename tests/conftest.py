@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from digits_models import TinyDigitsCNN, digit_images
+from helpers import quiet_trainer
 
 # The models here are tiny and the test machines have few, shared cores: intra-op threads only contend (one
 # thread runs the callback tests about four times faster on 2 busy cores). Results do not depend on it.
@@ -58,23 +59,11 @@ def digits_loaders(digits) -> tuple[DataLoader, DataLoader]:
 
 @pytest.fixture
 def make_trainer(tmp_path):
-    """``make_trainer(callbacks, **overrides)``: a quiet CPU Trainer in ``tmp_path``, 2 epochs of 2 batches."""
+    """``make_trainer(callbacks, **overrides)``: :func:`helpers.quiet_trainer` in ``tmp_path``, 2 epochs of 2 batches,
+    with Lightning's default logger."""
 
     def make(callbacks=(), **overrides) -> pl.Trainer:
-        kwargs = dict(
-            default_root_dir=tmp_path,
-            accelerator="cpu",
-            devices=1,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            max_epochs=2,
-            limit_train_batches=2,
-            limit_val_batches=1,
-            num_sanity_val_steps=0,
-            callbacks=list(callbacks),
-        )
-        kwargs.update(overrides)
-        return pl.Trainer(**kwargs)
+        short = {"max_epochs": 2, "limit_train_batches": 2, "limit_val_batches": 1, "logger": True}
+        return quiet_trainer(tmp_path, callbacks, **{**short, **overrides})
 
     return make

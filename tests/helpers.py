@@ -32,7 +32,7 @@ QUIET = {
 def quiet_trainer(root: str | Path, callbacks: Iterable[pl.Callback] = (), **overrides: Any) -> pl.Trainer:
     """A Trainer that writes into ``root`` only; ``overrides`` are Trainer arguments (``max_epochs=3``,
     ``logger=CSVLogger(...)``, ``enable_checkpointing=True`` with a ``ModelCheckpoint`` among ``callbacks``)."""
-    return pl.Trainer(default_root_dir=root, callbacks=list(callbacks), **{**QUIET, **overrides})
+    return pl.Trainer(**{**QUIET, "default_root_dir": root, "callbacks": list(callbacks), **overrides})
 
 
 @contextmanager

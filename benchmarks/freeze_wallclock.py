@@ -148,7 +148,7 @@ class Run:
     cached_share: float | None = None
 
 
-def fit(
+def fit(  # noqa: PLR0917 - every setting of one timed fit, as run_all's three calls give them
     model: ConvNet,
     split: Split,
     policy: FreezePolicy | None,

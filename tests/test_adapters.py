@@ -30,7 +30,7 @@ OPTIONS = dict(layers=LAYERS, reference=("previous", "initial", "final"), probe_
 
 
 @pytest.fixture(scope="module")
-def data():
+def digits_train_and_probe():
     (x_train, y_train), (x_probe, _), _ = digits_tensors(n_train=384)
     return TensorDataset(x_train, y_train), x_probe
 
@@ -56,8 +56,8 @@ def _assert_same_history(history, expected):
         assert math.isclose(got[key], value, rel_tol=0, abs_tol=2e-5), key
 
 
-def _lightning_history(tmp_path, model, data):
-    train, probe = data
+def _lightning_history(tmp_path, model, digits_train_and_probe):
+    train, probe = digits_train_and_probe
     callback = SVCCACallback(probe=probe, **OPTIONS)
     trainer = pl.Trainer(
         default_root_dir=tmp_path,
@@ -74,8 +74,10 @@ def _lightning_history(tmp_path, model, data):
 
 
 @pytest.fixture(scope="module")
-def lightning_history(tmp_path_factory, initial_model, data):
-    return _lightning_history(tmp_path_factory.mktemp("lightning"), copy.deepcopy(initial_model), data)
+def lightning_history(tmp_path_factory, initial_model, digits_train_and_probe):
+    return _lightning_history(
+        tmp_path_factory.mktemp("lightning"), copy.deepcopy(initial_model), digits_train_and_probe
+    )
 
 
 def _train_plain(model, optimizer, monitor, train, after_epoch=None):
@@ -97,8 +99,8 @@ def _train_plain(model, optimizer, monitor, train, after_epoch=None):
     monitor.finish(epoch=EPOCHS, step=step)
 
 
-def test_plain_loop_gives_the_callbacks_history(tmp_path, initial_model, data, lightning_history):
-    train, probe = data
+def test_plain_loop_gives_the_callbacks_history(tmp_path, initial_model, digits_train_and_probe, lightning_history):
+    train, probe = digits_train_and_probe
     model = copy.deepcopy(initial_model)
     optimizer = _sgd(model)
     with SVCCAMonitor(model, probe=probe, writers=TensorBoardWriter(tmp_path), log_dir=tmp_path, **OPTIONS) as monitor:
@@ -154,10 +156,10 @@ def _hf_trainer(tmp_path, model, train, callback, epochs, **overrides):
     )
 
 
-def test_hf_trainer_gives_the_callbacks_history(tmp_path, initial_model, data, lightning_history):
+def test_hf_trainer_gives_the_callbacks_history(tmp_path, initial_model, digits_train_and_probe, lightning_history):
     from lightning_svcca.integrations.huggingface import SVCCATrainerCallback
 
-    train, probe = data
+    train, probe = digits_train_and_probe
     callback = SVCCATrainerCallback(probe=probe, **OPTIONS)
     _hf_trainer(tmp_path, copy.deepcopy(initial_model), train, callback, EPOCHS).train()
     _assert_same_history(callback.history, lightning_history)
@@ -165,10 +167,10 @@ def test_hf_trainer_gives_the_callbacks_history(tmp_path, initial_model, data, l
     assert "svcca/previous/relu2" in events.Tags()["scalars"]
 
 
-def test_hf_trainer_resume_continues_the_history(tmp_path, initial_model, data, lightning_history):
+def test_hf_trainer_resume_continues_the_history(tmp_path, initial_model, digits_train_and_probe, lightning_history):
     from lightning_svcca.integrations.huggingface import STATE_FILE, SVCCATrainerCallback
 
-    train, probe = data
+    train, probe = digits_train_and_probe
     first = SVCCATrainerCallback(probe=probe, **OPTIONS)
     _hf_trainer(tmp_path, copy.deepcopy(initial_model), train, first, EPOCHS, save_strategy="epoch").train()
     checkpoints = sorted(tmp_path.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
@@ -181,8 +183,8 @@ def test_hf_trainer_resume_continues_the_history(tmp_path, initial_model, data, 
     _assert_same_history(resumed.history, lightning_history)
 
 
-def test_plain_loop_freezing_keeps_frozen_weights_and_norms(initial_model, data):
-    train, probe = data
+def test_plain_loop_freezing_keeps_frozen_weights_and_norms(initial_model, digits_train_and_probe):
+    train, probe = digits_train_and_probe
     model = copy.deepcopy(initial_model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
     policy = FreezePolicy(mode="schedule", schedule={"relu1": 1})
@@ -204,8 +206,8 @@ def test_plain_loop_freezing_keeps_frozen_weights_and_norms(initial_model, data)
     assert not torch.equal(model.fc2.weight, trained)
 
 
-def test_monitor_needs_start_before_measure(initial_model, data):
-    monitor = SVCCAMonitor(copy.deepcopy(initial_model), probe=data[1], layers=LAYERS)
+def test_monitor_needs_start_before_measure(initial_model, digits_train_and_probe):
+    monitor = SVCCAMonitor(copy.deepcopy(initial_model), probe=digits_train_and_probe[1], layers=LAYERS)
     with pytest.raises(RuntimeError, match=r"call start\(\) before measure\(\)"):
         monitor.measure(epoch=1, step=1)
 
@@ -228,10 +230,10 @@ def _by_step(history):
     return {(r["step"], r["layer"], r["reference"], r["metric"]): r for r in history}
 
 
-def test_hf_trainer_tells_the_monitor_the_epochs_it_will_run(tmp_path, initial_model, data):
+def test_hf_trainer_tells_the_monitor_the_epochs_it_will_run(tmp_path, initial_model, digits_train_and_probe):
     from lightning_svcca.integrations.huggingface import SVCCATrainerCallback, _epochs_of
 
-    train, probe = data
+    train, probe = digits_train_and_probe
     callback = SVCCATrainerCallback(probe=probe, **OPTIONS)
     _hf_trainer(tmp_path, copy.deepcopy(initial_model), train, callback, 5, max_steps=9).train()
     assert callback.monitor.runtime.max_epochs == 2  # max_steps=9 over 6-step epochs overrides num_train_epochs=5
@@ -240,13 +242,13 @@ def test_hf_trainer_tells_the_monitor_the_epochs_it_will_run(tmp_path, initial_m
     assert _epochs_of(SimpleNamespace(num_train_epochs=3), unbounded) is None
 
 
-def test_hf_trainer_measures_every_k_steps_like_the_lightning_callback(tmp_path, initial_model, data):
+def test_hf_trainer_measures_every_k_steps_like_the_lightning_callback(tmp_path, initial_model, digits_train_and_probe):
     """``every_n_train_steps=4`` over 6-step epochs, stopped at step 9 (epoch 1.5): measurements at steps 0, 4, 8
     and 9, labelled with the completed epochs (0, 0, 1, 1; the Trainer's 1.5 is not rounded up to 2), value for
     value the Lightning callback's history of the same run."""
     from lightning_svcca.integrations.huggingface import SVCCATrainerCallback
 
-    train, probe = data
+    train, probe = digits_train_and_probe
     options = {**OPTIONS, "every_n_epochs": None, "every_n_train_steps": 4}
     hf = SVCCATrainerCallback(probe=probe, **options)
     _hf_trainer(tmp_path / "hf", copy.deepcopy(initial_model), train, hf, 2, max_steps=9).train()
@@ -272,11 +274,11 @@ def test_hf_trainer_measures_every_k_steps_like_the_lightning_callback(tmp_path,
         assert got[key]["epoch"] == row["epoch"], key  # both count completed epochs
 
 
-def test_hf_trainer_measures_by_steps_and_epochs_once_per_step(tmp_path, initial_model, data):
+def test_hf_trainer_measures_by_steps_and_epochs_once_per_step(tmp_path, initial_model, digits_train_and_probe):
     """Both cadences: every 4 steps and every epoch (6 steps), one measurement per step, epochs never rounded up."""
     from lightning_svcca.integrations.huggingface import SVCCATrainerCallback
 
-    train, probe = data
+    train, probe = digits_train_and_probe
     callback = SVCCATrainerCallback(probe=probe, **{**OPTIONS, "every_n_train_steps": 4}, writers=None)
     _hf_trainer(tmp_path, copy.deepcopy(initial_model), train, callback, 2).train()
     assert sorted({(r["step"], r["epoch"]) for r in callback.history}) == [(0, 0), (4, 0), (6, 1), (8, 1), (12, 2)]

@@ -24,6 +24,7 @@ from lightning_svcca.freezing.freezer import Freezer
 from lightning_svcca.freezing.prefix_cache import PrefixCacheWarning
 
 from digits_models import DigitsCNN, digits_tensors
+from helpers import console_lines, quiet_trainer
 
 LAYERS = ["relu1", "relu2", "relu3", "fc2"]
 
@@ -66,27 +67,11 @@ def _fit_logged(tmp_path, policy, *, data=None, epochs=5, batch_size=64):
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
     callback = SVCCACallback(probe=x_probe[:128], layers=LAYERS, reference=["previous"], freeze=policy)
     lines, metrics = _Lines(), _Metrics()
-    logger = callback._logger()
-    logger.addHandler(lines)
-    level = logger.level
-    logger.setLevel(logging.INFO)  # whatever level an earlier test left on Lightning's loggers
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        callbacks=[callback],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=metrics,
-        enable_checkpointing=False,
-    )
-    try:
+    trainer = quiet_trainer(tmp_path, [callback], max_epochs=epochs, logger=metrics)
+    with console_lines(callback, lines):
         pl.seed_everything(0, verbose=False)
         model = DigitsCNN()
         trainer.fit(model, loader)
-    finally:
-        logger.removeHandler(lines)
-        logger.setLevel(level)
     return model, callback, lines.lines, metrics.metrics
 
 

@@ -24,6 +24,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_svcca import FreezePolicy, SVCCACallback, SVCCAMonitor
 
+from helpers import quiet_trainer
+
 pytestmark = pytest.mark.slow
 
 #: 9 monitored layers: the Linear and ReLU modules of a small MLP
@@ -60,7 +62,7 @@ class CompiledInside(pl.LightningModule):
 
 
 @pytest.fixture
-def data() -> tuple[torch.Tensor, torch.Tensor]:
+def random_xy() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     return torch.randn(256, 16, generator=generator), torch.randint(0, 4, (256,), generator=generator)
 
@@ -92,16 +94,7 @@ def _fit(
 ) -> CompiledInside:
     x, y = data
     model = CompiledInside()
-    settings = {"max_epochs": 2, "logger": False, "enable_checkpointing": False, **overrides}
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        limit_train_batches=4,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        **settings,
-    )
+    trainer = quiet_trainer(tmp_path, callbacks, **{"max_epochs": 2, "limit_train_batches": 4, **overrides})
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=32), ckpt_path=ckpt_path)
     return model
 
@@ -113,14 +106,14 @@ def _eval_pass(model: nn.Module, x: torch.Tensor) -> None:
     model.train()
 
 
-def test_lightning_module_with_compiled_network_compiles_nothing_for_the_callback(data, tmp_path, dynamo_counts):
-    plain = _fit(data, tmp_path / "plain", [])
-    _eval_pass(plain, data[0][:64])
+def test_lightning_module_with_compiled_network_compiles_nothing_for_the_callback(random_xy, tmp_path, dynamo_counts):
+    plain = _fit(random_xy, tmp_path / "plain", [])
+    _eval_pass(plain, random_xy[0][:64])
     without = dynamo_counts()
     torch._dynamo.reset()
     counters.clear()
-    callback = SVCCACallback(probe=data[0][:128], layers=[f"net.{name}" for name in LAYERS], reference="previous")
-    _fit(data, tmp_path / "monitored", [callback])
+    callback = SVCCACallback(probe=random_xy[0][:128], layers=[f"net.{name}" for name in LAYERS], reference="previous")
+    _fit(random_xy, tmp_path / "monitored", [callback])
     monitored = dynamo_counts()
     assert monitored["graph_breaks"] == 0 and monitored["noise"] == [], monitored
     assert monitored["frames"] <= without["frames"] and monitored["graphs"] <= without["graphs"], (monitored, without)
@@ -137,17 +130,17 @@ def _named_callbacks(probe: torch.Tensor) -> tuple[SVCCACallback, SVCCACallback]
     return defaults, explicit
 
 
-def test_a_compiled_submodule_is_named_without_orig_mod_from_fit_to_resume(data, tmp_path, caplog):
+def test_a_compiled_submodule_is_named_without_orig_mod_from_fit_to_resume(random_xy, tmp_path, caplog):
     """Layers, history rows, metric tags, the CSV and the freeze log line name ``net.layers.N``: names written
     either way resolve to the compiled network's modules; the freeze holds its weights, also after a resume."""
-    defaults, explicit = _named_callbacks(data[0][:128])
+    defaults, explicit = _named_callbacks(random_xy[0][:128])
     logger = defaults._logger()  # Lightning's logger does not propagate to caplog's root handler
     level = logger.level
     logger.addHandler(caplog.handler)
     logger.setLevel(logging.INFO)
     try:
         saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-        model = _fit(data, tmp_path / "fit", [defaults, explicit, saver], enable_checkpointing=True)
+        model = _fit(random_xy, tmp_path / "fit", [defaults, explicit, saver], enable_checkpointing=True)
     finally:
         logger.removeHandler(caplog.handler)
         logger.setLevel(level)
@@ -166,8 +159,8 @@ def test_a_compiled_submodule_is_named_without_orig_mod_from_fit_to_resume(data,
 
     # resumed for a third epoch: the same names continue, and the frozen layer's weights stay where they were
     frozen_weight = model.net._orig_mod.layers[0].weight.detach().clone()
-    resumed, _ = _named_callbacks(data[0][:128])
-    model = _fit(data, tmp_path / "resumed", [resumed], ckpt_path=tmp_path / "ckpt" / "last.ckpt", max_epochs=3)
+    resumed, _ = _named_callbacks(random_xy[0][:128])
+    model = _fit(random_xy, tmp_path / "resumed", [resumed], ckpt_path=tmp_path / "ckpt" / "last.ckpt", max_epochs=3)
     assert {row["layer"] for row in resumed.history} == set(shown)
     assert sorted({row["epoch"] for row in resumed.history}) == [0, 1, 2, 3]
     assert resumed.frozen == {"net.layers.0": 1}
@@ -194,17 +187,17 @@ def _plain_loop(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], monit
         monitor.finish(epoch=2, step=step)
 
 
-def test_compiled_plain_loop_model_compiles_nothing_for_the_monitor(data, dynamo_counts):
+def test_compiled_plain_loop_model_compiles_nothing_for_the_monitor(random_xy, dynamo_counts):
     torch.manual_seed(0)
     plain = torch.compile(MLP(), backend="eager")
-    _plain_loop(plain, data, None)
-    _eval_pass(plain, data[0][:64])
+    _plain_loop(plain, random_xy, None)
+    _eval_pass(plain, random_xy[0][:64])
     without = dynamo_counts()
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(MLP(), backend="eager")
-    with SVCCAMonitor(compiled, probe=data[0][:128], layers=LAYERS, reference=("previous", "final")) as monitor:
-        _plain_loop(compiled, data, monitor)
+    with SVCCAMonitor(compiled, probe=random_xy[0][:128], layers=LAYERS, reference=("previous", "final")) as monitor:
+        _plain_loop(compiled, random_xy, monitor)
     monitored = dynamo_counts()
     assert monitored["graph_breaks"] == 0 and monitored["noise"] == [], monitored
     assert monitored["frames"] <= without["frames"] and monitored["graphs"] <= without["graphs"], (monitored, without)

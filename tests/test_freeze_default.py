@@ -8,6 +8,7 @@ embeddings) freezes without being reported as a freeze.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 
@@ -20,6 +21,7 @@ from lightning_svcca import FreezePolicy, SVCCACallback, SVCCAMonitorWarning
 from lightning_svcca.freezing.blocks import Block, adapter_parameters, freeze_message
 
 from digits_models import DigitsCNN, digits_tensors
+from helpers import console_lines, quiet_trainer
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -73,23 +75,11 @@ def _counting_task(count: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _fit(tmp_path, model, policy, loader, probe, layers, epochs, caplog=None, **trainer_kwargs):
     callback = SVCCACallback(probe=probe, layers=layers, reference=["previous"], freeze=policy)
-    logger = callback._logger()  # Lightning's logger does not propagate to caplog's root handler
-    level = logger.level
-    if caplog is not None:
-        logger.addHandler(caplog.handler)
-        logger.setLevel(logging.INFO)  # whatever level an earlier test left on Lightning's loggers
-    trainer = pl.Trainer(
-        max_epochs=epochs, default_root_dir=tmp_path, accelerator="cpu", callbacks=[callback], logger=False,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, **trainer_kwargs,
-    )  # fmt: skip
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainer.fit(model, loader)
-    finally:
-        if caplog is not None:
-            logger.removeHandler(caplog.handler)
-            logger.setLevel(level)
+    trainer = quiet_trainer(tmp_path, [callback], max_epochs=epochs, **trainer_kwargs)
+    lines = console_lines(callback, caplog.handler) if caplog is not None else contextlib.nullcontext()
+    with lines, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader)
     return callback
 
 

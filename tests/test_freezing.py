@@ -15,6 +15,7 @@ from lightning_svcca.freezing.blocks import freeze_blocks
 from lightning_svcca.freezing.freezer import Freezer
 
 from digits_models import DigitsCNN, digits_tensors
+from helpers import quiet_trainer
 
 LAYERS = ["relu1", "relu2", "relu3", "fc2"]
 
@@ -271,17 +272,8 @@ def _fit(tmp_path, model, policy, *, epochs=4, callbacks=(), ckpt_path=None, lay
     (x_train, y_train), (x_probe, _), _ = digits_tensors()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_train, y_train), batch_size=64, shuffle=True)
     callback = SVCCACallback(probe=x_probe, layers=layers, reference=["previous"], freeze=policy)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        callbacks=[callback, *callbacks],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        limit_train_batches=8,
-        **trainer_kwargs,
-    )
+    settings = {"max_epochs": epochs, "limit_train_batches": 8, "enable_checkpointing": True, **trainer_kwargs}
+    trainer = quiet_trainer(tmp_path, [callback, *callbacks], **settings)
     trainer.fit(model, loader, ckpt_path=ckpt_path)
     return callback, trainer
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_svcca import FreezePolicy, SVCCACallback
 
 from digits_models import DigitsCNN, digits_tensors
+from helpers import quiet_trainer
 
 LAYERS = ["relu1", "relu2", "relu3", "fc2"]
 
@@ -48,16 +49,7 @@ def _fit(tmp_path, model, cache: bool, probe: torch.Tensor) -> tuple[SVCCACallba
             probe_runs[epoch] = probe_runs.get(epoch, 0) + 1
 
     model.conv1.register_forward_hook(count)
-    trainer = pl.Trainer(
-        max_epochs=5,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        callbacks=[callback],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-    )
+    trainer = quiet_trainer(tmp_path, [callback], max_epochs=5)
     trainer.fit(model, loader)
     return callback, probe_runs
 

@@ -22,30 +22,20 @@ from lightning_svcca import SVCCACallback, SVCCAMonitor, SVCCAMonitorWarning
 from lightning_svcca.output.reporting import read_history_csv, tag
 
 from digits_models import DigitsCNN, digits_tensors
+from helpers import quiet_trainer
 
 LAYERS = ["relu1", "relu2", "fc2"]
 STEPS_PER_EPOCH = 3
 
 
 @pytest.fixture(scope="module")
-def data():
+def digits_loader_and_probe():
     (x_train, y_train), (x_probe, _), _ = digits_tensors(n_train=3 * 64)
     return DataLoader(TensorDataset(x_train, y_train), batch_size=64), x_probe[:200]
 
 
 def _trainer(root, callbacks, **overrides):
-    options = dict(
-        default_root_dir=root,
-        max_epochs=3,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-    )
-    options.update(overrides)
-    return pl.Trainer(**options)
+    return quiet_trainer(root, callbacks, **{"max_epochs": 3, "logger": True, **overrides})
 
 
 def _keys(history):
@@ -83,7 +73,7 @@ def _wandb_records(path: Path):
 
 
 @pytest.mark.slow
-def test_every_logger_holds_every_value(tmp_path, data, monkeypatch):
+def test_every_logger_holds_every_value(tmp_path, digits_loader_and_probe, monkeypatch):
     pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
     from pytorch_lightning.loggers import MLFlowLogger, WandbLogger
@@ -91,7 +81,7 @@ def test_every_logger_holds_every_value(tmp_path, data, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    loader, probe = data
+    loader, probe = digits_loader_and_probe
     loggers = [
         TensorBoardLogger(tmp_path, name="tb"),
         CSVLogger(tmp_path, name="csv"),
@@ -164,8 +154,8 @@ def test_every_logger_holds_every_value(tmp_path, data, monkeypatch):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_early_stopping_once_every_layer_has_converged(tmp_path, data):
-    loader, probe = data
+def test_early_stopping_once_every_layer_has_converged(tmp_path, digits_loader_and_probe):
+    loader, probe = digits_loader_and_probe
     torch.manual_seed(0)
     callback = SVCCACallback(probe=probe, layers=LAYERS, reference="previous", probe_size=200)
     stop = EarlyStopping(monitor="svcca/previous/min_over_layers", mode="max", stopping_threshold=0.95, patience=100)
@@ -188,8 +178,8 @@ def test_early_stopping_once_every_layer_has_converged(tmp_path, data):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_checkpoint_saved_after_fit_resumes_without_duplicates(tmp_path, data):
-    loader, probe = data
+def test_checkpoint_saved_after_fit_resumes_without_duplicates(tmp_path, digits_loader_and_probe):
+    loader, probe = digits_loader_and_probe
     torch.manual_seed(0)
     options = dict(probe=probe, layers=LAYERS, reference=("previous", "final"), probe_size=200)
     first = SVCCACallback(**options)
@@ -209,8 +199,8 @@ def test_checkpoint_saved_after_fit_resumes_without_duplicates(tmp_path, data):
     assert all(after[key] == value for key, value in before.items())  # the first run's rows, kept as they were
 
 
-def test_resume_without_snapshot_files_warns_and_goes_on(tmp_path, data):
-    loader, probe = data
+def test_resume_without_snapshot_files_warns_and_goes_on(tmp_path, digits_loader_and_probe):
+    loader, probe = digits_loader_and_probe
     options = dict(probe=probe, layers=LAYERS, reference=("previous", "final"), probe_size=200)
     first = SVCCACallback(**options)
     trainer = _trainer(tmp_path / "a", [first], logger=False)
@@ -227,8 +217,8 @@ def test_resume_without_snapshot_files_warns_and_goes_on(tmp_path, data):
     assert [r["epoch"] for r in resumed.history if r["reference"] == "previous" and r["layer"] == "fc2"] == [1, 2, 3]
 
 
-def test_sequential_runs_in_one_folder_keep_their_own_files(tmp_path, data):
-    loader, probe = data
+def test_sequential_runs_in_one_folder_keep_their_own_files(tmp_path, digits_loader_and_probe):
+    loader, probe = digits_loader_and_probe
     histories = []
     for epochs in (2, 1):
         callback = SVCCACallback(probe=probe, layers=LAYERS, reference="previous", probe_size=200)
@@ -239,8 +229,8 @@ def test_sequential_runs_in_one_folder_keep_their_own_files(tmp_path, data):
     assert len(list((tmp_path / "svcca_snapshots").iterdir())) == 2
 
 
-def test_concurrent_monitors_in_one_folder_never_collide(tmp_path, data):
-    _, probe = data
+def test_concurrent_monitors_in_one_folder_never_collide(tmp_path, digits_loader_and_probe):
+    _, probe = digits_loader_and_probe
     monitors = [
         SVCCAMonitor(DigitsCNN(), probe=probe, layers=LAYERS, reference="previous", log_dir=tmp_path) for _ in range(3)
     ]
@@ -264,8 +254,8 @@ def test_concurrent_monitors_in_one_folder_never_collide(tmp_path, data):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_checkpoint_state_does_not_grow_with_snapshots(tmp_path, data):
-    loader, probe = data
+def test_checkpoint_state_does_not_grow_with_snapshots(tmp_path, digits_loader_and_probe):
+    loader, probe = digits_loader_and_probe
     callback = SVCCACallback(probe=probe, layers=LAYERS, reference=("previous", "initial", "final"), probe_size=200)
     sizes = []
 

@@ -6,14 +6,15 @@ import dataclasses
 import importlib
 import inspect
 import re
+import typing
 
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_svcca import FreezePolicy, SVCCACallback
-from lightning_svcca.monitoring.config import MonitorConfig
-from lightning_svcca.monitoring.options import with_option_docs
+from lightning_svcca import FreezePolicy, SVCCACallback, SVCCAMonitor
+from lightning_svcca.monitoring.config import LayersArg, MonitorConfig, MonitorOptions, ProbeArg, ReferenceArg
+from lightning_svcca.monitoring.options import takes_monitor_options, with_option_docs
 
 OPTIONS = [f.name for f in dataclasses.fields(MonitorConfig) if f.init]
 NAMESPACES = [
@@ -88,6 +89,55 @@ def test_positional_and_keyword_construction_as_before():
         SVCCACallback(probe_sise=32)
     with pytest.raises(TypeError, match="positional"):
         SVCCACallback(None, None, "previous", "svcca", 1, None, 1024)  # the rest are keyword-only, as before
+
+
+def test_monitor_options_typeddict_has_monitorconfigs_keyword_only_fields_and_types():
+    """What a type checker reads (``**options: Unpack[MonitorOptions]``) is what MonitorConfig takes."""
+    config = inspect.signature(MonitorConfig).parameters
+    keyword_only = [name for name in OPTIONS if config[name].kind is inspect.Parameter.KEYWORD_ONLY]
+    assert list(MonitorOptions.__annotations__) == keyword_only and not MonitorOptions.__total__
+    hints = typing.get_type_hints(MonitorConfig)
+    assert typing.get_type_hints(MonitorOptions) == {name: hints[name] for name in keyword_only}
+    for adapter in [SVCCAMonitor, *_adapters()]:
+        written = typing.get_type_hints(adapter.__init__)
+        assert all(written[name] == hints[name] for name in OPTIONS[:6]), adapter
+
+
+@pytest.mark.parametrize("cls", [SVCCAMonitor, *_adapters()], ids=lambda cls: f"{cls.__module__}.{cls.__name__}")
+def test_a_misspelled_keyword_names_the_class_and_the_closest_argument(cls):
+    first = (torch.nn.Linear(2, 2),) if cls is SVCCAMonitor else (torch.randn(8, 2),)
+    with pytest.raises(
+        TypeError,
+        match=rf"^{cls.__name__}\(\) got an unexpected keyword argument 'every_n_epoch'; did"
+        r" you mean 'every_n_epochs'\?$",
+    ):
+        cls(*first, every_n_epoch=2)
+    own = {"SVCCAMonitor": "writers", "SVCCACallback": "probe_autocast", "SVCCATrainerCallback": "writers"}
+    misspelled = own[cls.__name__][:-1]
+    with pytest.raises(TypeError, match=f"did you mean '{own[cls.__name__]}'"):
+        cls(*first, **{misspelled: None})
+
+
+def test_an_option_written_out_otherwise_than_monitorconfig_has_it_is_refused():
+    class Wrong:
+        def __init__(
+            self, probe: ProbeArg = None, layers: LayersArg = None, reference: ReferenceArg = "previous", **options
+        ) -> None: ...
+
+    with pytest.raises(
+        TypeError,
+        match="writes out reference: .* = 'previous' where MonitorConfig has reference: .* = \\('previous', 'final'\\)",
+    ):
+        takes_monitor_options()(Wrong)
+
+
+@pytest.mark.parametrize("cls", _adapters(), ids=lambda cls: f"{cls.__module__}.{cls.__name__}")
+def test_every_hook_is_marked_override(cls):
+    own = next(c for c in cls.__mro__ if "__init__" in vars(c))  # where the hooks are (the core, for Lightning's)
+    base = next(c for c in cls.__mro__ if c.__name__ in ("Callback", "TrainerCallback"))
+    members = vars(own).items()
+    hooks = {name: getattr(m, "fget", m) for name, m in members if hasattr(base, name) and not name.startswith("__")}
+    assert len(hooks) >= 6 and all(getattr(hook, "__override__", False) for hook in hooks.values()), hooks
 
 
 def test_an_adapter_entry_replaces_the_options_own_and_extras_follow():

@@ -17,6 +17,7 @@ from lightning_svcca.freezing.cache_keys import sample_keys
 from lightning_svcca.freezing.prefix_cache import PrefixCacheWarning
 
 from digits_models import DigitsCNN, TinyDigitsCNN, digits_tensors
+from helpers import quiet_trainer
 
 LAYERS = ["relu1", "relu2", "relu3", "fc2"]
 FROZEN = ("conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var")
@@ -87,15 +88,8 @@ def _fit(tmp_path, model, policy, *, data=None, epochs=5, callbacks=(), layers=L
     loader = DataLoader(data, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
     callback = SVCCACallback(probe=x_probe[:128], layers=layers, reference=["previous"], freeze=policy)
     spy = _Spy(callback)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        callbacks=[callback, spy, *callbacks],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=bool(callbacks),
+    trainer = quiet_trainer(
+        tmp_path, [callback, spy, *callbacks], max_epochs=epochs, enable_checkpointing=bool(callbacks)
     )
     trainer.fit(model, loader, ckpt_path=ckpt_path)
     return callback, spy

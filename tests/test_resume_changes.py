@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_svcca import SVCCACallback, SVCCAMonitorWarning
 from lightning_svcca.integrations.resume import describe_changes, orphaned_state
 
+from helpers import quiet_trainer
+
 INPUTS = torch.Generator().manual_seed(0)
 X = torch.randn(320, 16, generator=INPUTS)
 Y = torch.randint(0, 4, (320,), generator=INPUTS)
@@ -47,17 +49,8 @@ class _MLP(pl.LightningModule):
 def _fit(root: Path, callback: SVCCACallback, epochs: int, ckpt_path: str | None = None) -> list[str]:
     """Fit (or resume) and return the monitor's warnings."""
     saver = ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
-    trainer = pl.Trainer(
-        default_root_dir=root,
-        accelerator="cpu",
-        devices=1,
-        max_epochs=epochs,
-        limit_train_batches=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[callback, saver],
+    trainer = quiet_trainer(
+        root, [callback, saver], max_epochs=epochs, limit_train_batches=2, enable_checkpointing=True
     )
     loader = DataLoader(TensorDataset(X, Y), batch_size=64)
     with warnings.catch_warnings(record=True) as caught:

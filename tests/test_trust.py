@@ -33,6 +33,8 @@ from lightning_svcca.pipeline.moments import CrossLayerMoments
 from lightning_svcca.pipeline.snapshot import LocalCollective, build_snapshot
 from lightning_svcca.pipeline.store import SnapshotStore
 
+from helpers import quiet_trainer
+
 LAYERS = ["net.0", "net.2", "net.4"]
 
 
@@ -87,15 +89,8 @@ def _fit(root: Path, epochs: int, ckpt_path: str | None = None, **options: Any) 
     probe, loader = _data()
     callback = SVCCACallback(probe=probe, layers=LAYERS, reference=("previous", "final"), **options)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_last=True)
-    trainer = pl.Trainer(
-        default_root_dir=root,
-        accelerator="cpu",
-        max_epochs=epochs,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=pl.loggers.CSVLogger(root, name="logs", version=0),
-        callbacks=[callback, checkpoint],
-    )
+    logger = pl.loggers.CSVLogger(root, name="logs", version=0)
+    trainer = quiet_trainer(root, [callback, checkpoint], max_epochs=epochs, logger=logger, enable_checkpointing=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(TinyMLP(), train_dataloaders=loader, ckpt_path=ckpt_path)

@@ -30,30 +30,45 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from typing_extensions import Unpack, override
 
 from lightning_svcca.core.rows import LAYER_FACTS
 from lightning_svcca.freezing.policy import FreezePolicy
 from lightning_svcca.freezing.sharded import resharding, soft_freeze_message
 from lightning_svcca.freezing.strategies import is_hard_freeze_supported, rebuild_ddp_wrapper
 from lightning_svcca.integrations.resume import describe_changes, orphaned_state
-from lightning_svcca.monitoring.config import MonitorConfig
+from lightning_svcca.monitoring.config import (
+    LayersArg,
+    MetricsArg,
+    MonitorConfig,
+    MonitorOptions,
+    ProbeArg,
+    ReferenceArg,
+)
 from lightning_svcca.monitoring.monitor import Runtime, SVCCAMonitor, SVCCAMonitorWarning
-from lightning_svcca.monitoring.options import takes_monitor_options
+from lightning_svcca.monitoring.options import monitor_config, takes_monitor_options
 from lightning_svcca.output.reporting import tag
 from lightning_svcca.pipeline.distributed import StrategyCollective
 from lightning_svcca.pipeline.snapshot import LocalCollective
 
 __all__ = ["SVCCACallback", "SVCCAMonitorWarning"]
 
+if TYPE_CHECKING:
+    # what a type checker checks the hooks' ``@override`` against: Lightning's Callback (both namespaces' hooks
+    # have the same names and arguments); at runtime the core has no base, each namespace's class adds its own
+    _CallbackBase = pl.Callback
+else:
+    _CallbackBase = object
+
 
 @takes_monitor_options()
-class _SVCCACallbackCore:
+class _SVCCACallbackCore(_CallbackBase):
     """Measure how each layer's representation changes while the model trains, with SVCCA and friends.
 
     Every ``every_n_epochs`` epochs a fixed probe batch runs through the model; the activations of the chosen
@@ -71,10 +86,21 @@ class _SVCCACallbackCore:
             autocast, so the values are those of a float32 probe on the same weights.
     """
 
-    def __init__(self, *args: Any, probe_autocast: bool = False, **options: Any) -> None:
+    def __init__(
+        self,
+        probe: ProbeArg = None,
+        layers: LayersArg = None,
+        reference: ReferenceArg = ("previous", "final"),
+        metrics: MetricsArg = ("svcca",),
+        every_n_epochs: int | None = 1,
+        freeze: FreezePolicy | None = None,
+        *,
+        probe_autocast: bool = False,
+        **options: Unpack[MonitorOptions],
+    ) -> None:
         super().__init__()
         #: The checked options (:class:`~lightning_svcca.monitoring.config.MonitorConfig`).
-        self.config = MonitorConfig(*args, **options)
+        self.config = monitor_config(type(self), probe, layers, reference, metrics, every_n_epochs, freeze, **options)
         self.probe_autocast = probe_autocast
         #: The monitor of the current fit (built in ``setup``).
         self.monitor: SVCCAMonitor | None = None
@@ -123,6 +149,7 @@ class _SVCCACallbackCore:
         return self.config.freeze
 
     @property
+    @override
     def state_key(self) -> str:
         """Checkpoint key; differs between instances with different layers, references, metrics or probe shapes.
 
@@ -145,6 +172,7 @@ class _SVCCACallbackCore:
     # Hooks
     # ------------------------------------------------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
         """Build this fit's monitor: layers, references and the freeze policy are checked against the model.
 
@@ -178,6 +206,7 @@ class _SVCCACallbackCore:
             self.monitor.load_state_dict(self._pending_state)
             self._pending_state = None
 
+    @override
     def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
         """Build the probe, and re-apply freezes restored from a checkpoint (before any training step)."""
         monitor = self._require_monitor()
@@ -189,6 +218,7 @@ class _SVCCACallbackCore:
             monitor.warn_once("soft-freeze", soft_freeze_message(type(trainer.strategy).__name__))
         monitor.restore_freezes(hard=hard)
 
+    @override
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
         """Take the epoch-0 snapshot (unless resuming)."""
         monitor = self._require_monitor()
@@ -197,16 +227,19 @@ class _SVCCACallbackCore:
         if monitor.measured:  # empty after a resume whose snapshots were dropped (a changed probe or metrics)
             _publish(trainer, [row for row in monitor.history if row["epoch"] == monitor.measured[-1]])
 
+    @override
     def on_train_batch_start(self, trainer: Any, pl_module: nn.Module, batch: Any, batch_idx: int) -> None:
         """Keep frozen BatchNorm layers in eval mode whatever ``model.train()`` did."""
         if self.monitor is not None:
             self.monitor.before_batch(epoch=int(trainer.current_epoch), batch=batch)
 
+    @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: nn.Module, optimizer: Any) -> None:
         """Soft freezing only: drop the frozen parameters' gradients."""
         if self.monitor is not None:
             self.monitor.before_optimizer_step()
 
+    @override
     def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Report the step's loss to the freeze rule; measure every k steps and on the epoch's last batch."""
         if self.monitor is not None:
@@ -220,6 +253,7 @@ class _SVCCACallbackCore:
         elif last:
             self._end_of_epoch(trainer, completed=self._fit_epoch(trainer) + 1)
 
+    @override
     def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
         """Measure here when the last batch was not recognisable (iterable data, ``max_steps``).
 
@@ -229,6 +263,7 @@ class _SVCCACallbackCore:
         """
         self._end_of_epoch(trainer, completed=self._fit_epoch(trainer) + _epoch_finished(trainer))
 
+    @override
     def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
         """Measure the final weights if needed, and compare every measured epoch with them.
 
@@ -242,25 +277,30 @@ class _SVCCACallbackCore:
             rows = self.monitor.finish(epoch=completed, step=int(trainer.global_step))
             _publish(trainer, _first_against_final(rows))
 
+    @override
     def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
         """Close the monitor: its temporary files go (see :meth:`SVCCAMonitor.close`); the run's files stay."""
         self._close_monitor()
 
+    @override
     def on_exception(self, trainer: Any, pl_module: nn.Module, exception: BaseException) -> None:
         """Close the monitor when the fit fails (its temporary files go)."""
         self._close_monitor()
 
+    @override
     def teardown(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
         """Close the monitor (also after interrupted fits)."""
         if stage == "fit":
             self._close_monitor()
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue identically: history, freezes, policy counters, snapshots."""
         if self.monitor is not None:
             return {**self.monitor.state_dict(), "epoch_offset": self._epoch_offset}
         return dict(self._pending_state or {})
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (keys missing from older checkpoints take their defaults)."""
         self._epoch_offset = int(state_dict.get("epoch_offset", 0))
@@ -269,6 +309,7 @@ class _SVCCACallbackCore:
         else:
             self._pending_state = dict(state_dict)
 
+    @override
     def on_load_checkpoint(self, trainer: Any, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
         """Continue the checkpoint's history when this callback's settings changed since it was saved.
 
@@ -397,7 +438,7 @@ def _runtime(trainer: Any, logger: logging.Logger, *, autocast: bool) -> Runtime
             trainer.lightning_module, getattr(plugin, "forward_context", None) if autocast or not mixed else None
         ),
         convert_input=getattr(plugin, "convert_input", None),
-        after_freeze=lambda: rebuild_ddp_wrapper(strategy),
+        after_freeze=lambda: None if rebuild_ddp_wrapper(strategy) else None,  # rebuilt or not, nothing to do
         max_epochs=trainer.max_epochs,
         logger=logger,
         probe_as_training=autocast or not mixed,

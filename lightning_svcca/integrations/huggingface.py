@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import Unpack, override
 
 try:
     from transformers import TrainerCallback
@@ -43,11 +44,12 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
     raise ImportError("lightning_svcca.huggingface needs transformers: pip install transformers") from error
 
 from lightning_svcca.core.safe_files import UnreadableFileError, load_plain, save_atomically, try_write
+from lightning_svcca.freezing.policy import FreezePolicy
 from lightning_svcca.freezing.sharded import soft_freeze_message
 from lightning_svcca.freezing.strategies import rebuild_ddp_reducer
-from lightning_svcca.monitoring.config import MonitorConfig
+from lightning_svcca.monitoring.config import LayersArg, MetricsArg, MonitorOptions, ProbeArg, ReferenceArg
 from lightning_svcca.monitoring.monitor import Runtime, SVCCAMonitor
-from lightning_svcca.monitoring.options import takes_monitor_options
+from lightning_svcca.monitoring.options import monitor_config, takes_monitor_options
 from lightning_svcca.output.writers import TensorBoardWriter
 from lightning_svcca.pipeline.distributed import ProcessGroupCollective, broadcast_object
 from lightning_svcca.pipeline.snapshot import LocalCollective
@@ -74,9 +76,20 @@ class SVCCATrainerCallback(TrainerCallback):
             as :class:`~lightning_svcca.SVCCAMonitor` takes them.
     """
 
-    def __init__(self, *args: Any, writers: Any = "tensorboard", **options: Any) -> None:
+    def __init__(
+        self,
+        probe: ProbeArg,
+        layers: LayersArg = None,
+        reference: ReferenceArg = ("previous", "final"),
+        metrics: MetricsArg = ("svcca",),
+        every_n_epochs: int | None = 1,
+        freeze: FreezePolicy | None = None,
+        *,
+        writers: Any = "tensorboard",
+        **options: Unpack[MonitorOptions],
+    ) -> None:
         #: The checked options (:class:`~lightning_svcca.monitoring.config.MonitorConfig`).
-        self.config = MonitorConfig(*args, **options)
+        self.config = monitor_config(type(self), probe, layers, reference, metrics, every_n_epochs, freeze, **options)
         if self.config.probe is None:
             raise ValueError("SVCCATrainerCallback needs a probe: a tensor, a batch (dict of tensors) or a DataLoader")
         self.writers = writers
@@ -99,6 +112,7 @@ class SVCCATrainerCallback(TrainerCallback):
         """Frozen layers -> the epoch at which they froze (see :attr:`SVCCAMonitor.frozen`)."""
         return self.monitor.frozen if self.monitor is not None else {}
 
+    @override
     def on_train_begin(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
     ) -> None:
@@ -168,7 +182,8 @@ class SVCCATrainerCallback(TrainerCallback):
         forward. Rebuilding there (on every process, at the first training step after the freeze, as the freeze
         itself was decided on every process at the same step) also covers freezes restored before the first step.
         """
-        self.monitor.before_batch(epoch=int(state.epoch or 0))
+        if self.monitor is not None:
+            self.monitor.before_batch(epoch=int(state.epoch or 0))
         if self._ddp_rebuild_pending:
             wrapper = DistributedDataParallel._get_active_ddp_module()
             if wrapper is not None and wrapper.module is model:
@@ -186,22 +201,26 @@ class SVCCATrainerCallback(TrainerCallback):
             self._losses_seen = True
             self.monitor.observe_loss(loss)
 
+    @override
     def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         """The Trainer's logged training loss, when the model's forward returns none (a custom ``compute_loss``)."""
         if self.monitor is not None and not self._losses_seen and logs and "loss" in logs:
             self.monitor.observe_loss(logs["loss"])
 
+    @override
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Soft freezing only (the Trainer's FSDP or DeepSpeed): drop frozen parameters' gradients."""
         if self.monitor is not None:
             self.monitor.before_optimizer_step()
 
+    @override
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Measure every ``every_n_train_steps`` optimizer steps."""
         steps = self.config.every_n_train_steps
         if self.monitor is not None and steps is not None and state.global_step % steps == 0:
             self.monitor.measure(epoch=completed_epochs(state), step=int(state.global_step))
 
+    @override
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Measure after every ``every_n_epochs`` epochs (unless the step's measurement just did)."""
         every_n_epochs = self.config.every_n_epochs
@@ -209,6 +228,7 @@ class SVCCATrainerCallback(TrainerCallback):
         if self.monitor is not None and every_n_epochs is not None and epoch % every_n_epochs == 0:
             self.monitor.measure(epoch=epoch, step=int(state.global_step))
 
+    @override
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Put the monitor's state into the checkpoint folder the Trainer just wrote."""
         if self.monitor is None or not state.is_world_process_zero:
@@ -217,6 +237,7 @@ class SVCCATrainerCallback(TrainerCallback):
         folder.mkdir(parents=True, exist_ok=True)
         try_write(save_atomically, self.monitor.state_dict(), folder / STATE_FILE, where=folder, warned=set())
 
+    @override
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """The final measurement and the "final" reference; release spill files, hooks and the writer."""
         if self.monitor is None:

@@ -172,7 +172,7 @@ class _Fit:
     alpha: Tensor  # (k,) PWCCA weights of the canonical directions, from the training set
 
 
-def _heldout(
+def _heldout(  # noqa: PLR0913, PLR0917 - the three public measures' arguments, forwarded as they are
     x: Tensor,
     y: Tensor,
     keep: float | int | None,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Any
+from typing import Any, TypeAlias, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +26,24 @@ from lightning_svcca.pipeline.probe import ForwardFn
 from lightning_svcca.pipeline.reduction import REDUCTIONS
 from lightning_svcca.pipeline.references import Reference, ReferenceKind, parse_references
 
-__all__ = ["COMPUTE_DTYPES", "MonitorConfig"]
+__all__ = [
+    "COMPUTE_DTYPES",
+    "LayersArg",
+    "MetricsArg",
+    "MonitorConfig",
+    "MonitorOptions",
+    "ProbeArg",
+    "ReferenceArg",
+]
 
 COMPUTE_DTYPES = {"float64": torch.float64, "float32": torch.float32, "auto": None}
+
+# The types of the options that can also be given by position (the public classes write them out in their own
+# signatures; the rest come through ``**options: Unpack[MonitorOptions]``).
+ProbeArg: TypeAlias = DataLoader | Tensor | Sequence[Any] | Mapping[str, Any] | None
+LayersArg: TypeAlias = Sequence[str] | Mapping[str, Mapping[str, Any]] | None
+ReferenceArg: TypeAlias = str | nn.Module | Tensor | Sequence[Any] | Mapping[str, Any]
+MetricsArg: TypeAlias = str | Sequence[str]
 
 
 @dataclass
@@ -106,10 +121,10 @@ class MonitorConfig:
             draws every heatmap at every measurement.
     """
 
-    probe: DataLoader | Tensor | Sequence[Any] | Mapping[str, Any] | None = None
-    layers: Sequence[str] | Mapping[str, Mapping[str, Any]] | None = None
-    reference: str | nn.Module | Tensor | Sequence[Any] | Mapping[str, Any] = ("previous", "final")
-    metrics: str | Sequence[str] = ("svcca",)
+    probe: ProbeArg = None
+    layers: LayersArg = None
+    reference: ReferenceArg = ("previous", "final")
+    metrics: MetricsArg = ("svcca",)
     every_n_epochs: int | None = 1
     freeze: FreezePolicy | None = None
     _: KW_ONLY
@@ -139,6 +154,17 @@ class MonitorConfig:
 
     def __post_init__(self) -> None:
         self.metrics = (self.metrics,) if isinstance(self.metrics, str) else tuple(self.metrics)
+        self._check_metrics_and_cadence()
+        by_step = self.every_n_train_steps is not None
+        cadence = 1 if by_step or self.every_n_epochs is None else self.every_n_epochs
+        self._check_freeze(cadence, by_step)
+        self._check_values()
+        self.references = parse_references(self.reference)
+        self._check_cross_layer()
+        self._add_freeze_references(cadence)
+
+    def _check_metrics_and_cadence(self) -> None:
+        """The metrics, the heatmap time share, and measuring every so many epochs or steps (one of them at least)."""
         metrics = self.metrics
         unknown = [metric for metric in metrics if metric not in METRICS]
         if unknown or not metrics:
@@ -153,9 +179,9 @@ class MonitorConfig:
                 raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
         if self.every_n_epochs is None and self.every_n_train_steps is None:
             raise ValueError("every_n_epochs and every_n_train_steps are both None: set one of them to measure")
-        by_step = self.every_n_train_steps is not None
-        cadence = 1 if by_step else self.every_n_epochs
-        self._check_freeze(cadence, by_step)
+
+    def _check_values(self) -> None:
+        """The probe's sizes, the datapoint cap, the reduction, the dtype, ``forward_fn`` and SVCCA's ``keep``."""
         for name in ("probe_size", "probe_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -168,7 +194,9 @@ class MonitorConfig:
         if self.forward_fn is not None and not callable(self.forward_fn):
             raise TypeError(f"forward_fn must be callable as forward_fn(model, batch), got {self.forward_fn!r}")
         check_keep(self.keep, self.keep_by)
-        self.references = parse_references(self.reference)
+
+    def _check_cross_layer(self) -> None:
+        """The cross-layer moments (fractions of training) and the reference their maps compare with."""
         moments = self.cross_layer_moments
         if any(not isinstance(f, float) or not 0.0 <= f <= 1.0 for f in moments):
             raise ValueError(f"cross_layer must be True or fractions of training in [0, 1], got {self.cross_layer!r}")
@@ -178,7 +206,6 @@ class MonitorConfig:
                 f"cross_layer_reference must be 'final', 'initial' or a fixed model reference {fixed}, got"
                 f" {self.cross_layer_reference!r}"
             )
-        self._add_freeze_references(cadence)
 
     def _check_freeze(self, cadence: int, by_step: bool) -> None:
         """The freeze policy against the cadence, the metrics and the baseline."""
@@ -231,3 +258,31 @@ class MonitorConfig:
     def dtype(self) -> torch.dtype | None:
         """The chosen decomposition dtype, ``None`` for ``"auto"``."""
         return COMPUTE_DTYPES[self.compute_dtype]
+
+
+class MonitorOptions(TypedDict, total=False):
+    """The keyword-only options of :class:`MonitorConfig`, for ``**options: Unpack[MonitorOptions]``.
+
+    What a type checker reads in the signatures of ``SVCCAMonitor``, ``SVCCACallback`` and ``SVCCATrainerCallback``
+    (a misspelled or mistyped option is an error there); each option's meaning and default are MonitorConfig's.
+    ``tests/test_options.py`` keeps these keys and types equal to MonitorConfig's keyword-only fields.
+    """
+
+    every_n_train_steps: int | None
+    probe_size: int
+    probe_batch_size: int
+    probe_input: int | str | None
+    probe_mask: int | str | bool | None
+    probe_seed: int
+    forward_fn: ForwardFn | None
+    reduction: str
+    max_datapoints: int
+    keep: float | int
+    keep_by: str
+    baseline: bool
+    max_snapshot_bytes: int | None
+    shard_probe: bool
+    compute_dtype: str
+    cross_layer: bool | Sequence[float]
+    cross_layer_reference: str
+    heatmap_time_share: float

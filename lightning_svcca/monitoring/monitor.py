@@ -44,15 +44,24 @@ from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
 from lightning_svcca.core.timeline import Timeline
+from lightning_svcca.freezing.policy import FreezePolicy
 from lightning_svcca.measures import SimilarityWarning
 from lightning_svcca.monitoring import preflight
 from lightning_svcca.monitoring import state as monitor_state
 from lightning_svcca.monitoring.budget import CostWatch, planned_measurements, run_length
-from lightning_svcca.monitoring.config import MonitorConfig
+from lightning_svcca.monitoring.config import (
+    LayersArg,
+    MetricsArg,
+    MonitorConfig,
+    MonitorOptions,
+    ProbeArg,
+    ReferenceArg,
+)
 from lightning_svcca.monitoring.freeze_coordinator import FreezingCoordinator
-from lightning_svcca.monitoring.options import takes_monitor_options
+from lightning_svcca.monitoring.options import monitor_config, takes_monitor_options
 from lightning_svcca.monitoring.outputs import RunOutputs
 from lightning_svcca.monitoring.runtime import Runtime
 from lightning_svcca.monitoring.snapshotting import Snapshotter
@@ -97,16 +106,23 @@ class SVCCAMonitor:
 
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - the model, then the six options callers have always given by position
         self,
         model: nn.Module,
-        *args: Any,
+        probe: ProbeArg = None,
+        layers: LayersArg = None,
+        reference: ReferenceArg = ("previous", "final"),
+        metrics: MetricsArg = ("svcca",),
+        every_n_epochs: int | None = 1,
+        freeze: FreezePolicy | None = None,
+        *,
         writers: Any = None,
         log_dir: str | Path | None = None,
         runtime: Runtime | None = None,
-        **options: Any,
+        **options: Unpack[MonitorOptions],
     ) -> None:
-        self._init(model, MonitorConfig(*args, **options), writers=writers, log_dir=log_dir, runtime=runtime)
+        config = monitor_config(type(self), probe, layers, reference, metrics, every_n_epochs, freeze, **options)
+        self._init(model, config, writers=writers, log_dir=log_dir, runtime=runtime)
 
     @classmethod
     def from_config(cls, model: nn.Module, config: MonitorConfig, **outputs: Any) -> SVCCAMonitor:
@@ -148,7 +164,9 @@ class SVCCAMonitor:
         self.last_measured_step = -1
         self.store = SnapshotStore(config.max_snapshot_bytes)
         log = self.runtime.logger.info if self.runtime.is_global_zero else (lambda *args: None)
-        self.snapshots = Snapshotter(self.model, self.specs, config, self.store, self.cross_layer, self.warn_once, log)
+        self.snapshots = Snapshotter(
+            self.model, self.specs, config, self.store, self.cross_layer, warn_once=self.warn_once, log=log
+        )
         self.outputs = RunOutputs(self.writers, self.log_dir, self.runtime, config.metrics)
         announce = self.outputs.freeze_event
         self.freezing = FreezingCoordinator(self.model, config, self.store, self.runtime, self.warn_once, announce)

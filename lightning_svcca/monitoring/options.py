@@ -1,24 +1,36 @@
-"""The monitor's options as an adapter's own keyword arguments, declared and documented once in MonitorConfig.
+"""The monitor's options as a public class's own keyword arguments, declared and documented once in MonitorConfig.
 
-An adapter writes ``__init__(self, *args, <its own keyword-only options>, **options)`` and hands ``args`` and
-``options`` to :class:`~lightning_svcca.monitoring.config.MonitorConfig`. :func:`takes_monitor_options` then gives
-that ``__init__`` the full signature (``__signature__``: every option with its kind, type and default, then the
-adapter's own) and the class docstring every option's ``Args:`` entry. Both are what ``inspect.signature``,
-``help()``, IDEs and LightningCLI (jsonargparse reads the ``__init__`` signature and the ``Args:`` docs) see, so
-every option can be written in a LightningCLI YAML file and shows its documentation in ``--help``.
+A public class (``SVCCAMonitor``, ``SVCCACallback``, ``SVCCATrainerCallback``) writes ``__init__(self, [model,]
+probe, layers, reference, metrics, every_n_epochs, freeze, *, <its own keyword-only options>, **options:
+Unpack[MonitorOptions])`` and builds its :class:`~lightning_svcca.monitoring.config.MonitorConfig` with
+:func:`monitor_config`, which names the class and suggests the closest option for a misspelled keyword. That is
+what a type checker reads: the six options that can be given by position written out, the rest from the
+:class:`~lightning_svcca.monitoring.config.MonitorOptions` ``TypedDict``.
+
+:func:`takes_monitor_options` then gives that ``__init__`` the full runtime signature (``__signature__``: every
+option with its kind, type and default, then the class's own) and the class docstring every option's ``Args:``
+entry. Both are what ``inspect.signature``, ``help()`` and LightningCLI (jsonargparse reads the ``__init__``
+signature and the ``Args:`` docs) see, so every option can be written in a LightningCLI YAML file and shows its
+documentation in ``--help``. It also checks that the options a class writes out have MonitorConfig's types and
+defaults.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import inspect
 import re
 import typing
 from collections.abc import Callable, Collection
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from lightning_svcca.monitoring.config import MonitorConfig
 
-__all__ = ["option_parameters", "takes_monitor_options", "with_option_docs"]
+__all__ = ["OPTION_NAMES", "monitor_config", "option_parameters", "takes_monitor_options", "with_option_docs"]
+
+#: Every option of :class:`MonitorConfig`, in its order.
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(MonitorConfig) if f.init)
 
 _Adapter = TypeVar("_Adapter", bound=type)
 
@@ -58,30 +70,57 @@ def with_option_docs(doc: str | None) -> str:
     return "\n".join([*head, *args, *tail]).rstrip() + "\n"
 
 
-def takes_monitor_options(*, required: Collection[str] = ()) -> Callable[[_Adapter], _Adapter]:
-    """Give an adapter class every monitor option: in its ``__init__`` signature and its ``Args:`` docs.
+def monitor_config(owner: type, *args: Any, **options: Any) -> MonitorConfig:
+    """The checked :class:`MonitorConfig` of ``owner``'s constructor arguments.
 
-    The class's ``__init__`` takes ``(self, [leading arguments,] *args, <keyword-only options of its own>,
-    **options)``; its ``__signature__`` becomes ``self`` and the leading arguments, every :class:`MonitorConfig`
-    option (the first six positional or keyword, the rest keyword-only), then the class's own options.
+    A keyword that is no option is a ``TypeError`` naming ``owner`` (not MonitorConfig) with the closest
+    argument ``owner`` takes, as Python's own message would if the options were written out.
+    """
+    unknown = [name for name in options if name not in OPTION_NAMES]
+    if unknown:
+        known = list(inspect.signature(owner).parameters)
+        name = unknown[0]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; it takes {', '.join(known)}"
+        raise TypeError(f"{owner.__name__}() got an unexpected keyword argument {name!r}{hint}")
+    return MonitorConfig(*args, **options)
+
+
+def takes_monitor_options(*, required: Collection[str] = ()) -> Callable[[_Adapter], _Adapter]:
+    """Give a public class every monitor option: in its ``__init__``'s runtime signature and its ``Args:`` docs.
+
+    The class's ``__init__`` takes ``(self, [leading arguments,] <the options that can be given by position>, *,
+    <keyword-only options of its own>, **options)``; its ``__signature__`` becomes ``self`` and the leading
+    arguments, every :class:`MonitorConfig` option (the first six positional or keyword, the rest keyword-only),
+    then the class's own options. An option the class writes out must have MonitorConfig's type and default
+    (``required`` ones: no default).
 
     Args:
-        required: options the adapter needs a value for (shown without a default).
+        required: options the class needs a value for (shown without a default).
     """
 
     def decorate(cls: _Adapter) -> _Adapter:
         init = vars(cls)["__init__"]  # the class's own (a KeyError if it has none: a parent's is not changed)
         signature = inspect.signature(init, eval_str=True)
         given = list(signature.parameters.values())
-        star = next(i for i, p in enumerate(given) if p.kind is inspect.Parameter.VAR_POSITIONAL)
-        leading = given[:star]  # self, and what the class takes before the options (the monitor's model)
-        own = [p for p in given[star + 1 :] if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        parameters = [*leading, *option_parameters(required=required), *own]
-        init.__signature__ = signature.replace(parameters=parameters)
+        options = option_parameters(required=required)
+        first = next(i for i, p in enumerate(given) if p.name in OPTION_NAMES)
+        leading = given[:first]  # self, and what the class takes before the options (the monitor's model)
+        _check_written_out([p for p in given if p.name in OPTION_NAMES], options, cls)
+        own = [p for p in given[first:] if p.name not in OPTION_NAMES and p.kind is not p.VAR_KEYWORD]
+        init.__signature__ = signature.replace(parameters=[*leading, *options, *own])
         cls.__doc__ = with_option_docs(cls.__doc__)
         return cls
 
     return decorate
+
+
+def _check_written_out(written: list[inspect.Parameter], options: list[inspect.Parameter], cls: type) -> None:
+    """The options ``cls`` writes out in its ``__init__`` are MonitorConfig's first ones, as MonitorConfig has them."""
+    for parameter, option in zip(written, options, strict=False):
+        same = (parameter.name, parameter.kind, parameter.annotation, parameter.default)
+        if same != (option.name, option.kind, option.annotation, option.default):
+            raise TypeError(f"{cls.__name__}.__init__ writes out {parameter} where MonitorConfig has {option}")
 
 
 def _split_args(doc: str) -> tuple[list[str], dict[str, list[str]], list[str]]:

@@ -45,6 +45,7 @@ class Snapshotter:
         config: MonitorConfig,
         store: SnapshotStore,
         cross_layer: CrossLayerMoments | None,
+        *,
         warn_once: WarnFn,
         log: Callable[..., None] = lambda *args: None,
     ) -> None:

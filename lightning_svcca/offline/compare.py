@@ -57,7 +57,7 @@ class ModelComparison:
         return self.to_text()
 
 
-def compare_models(
+def compare_models(  # noqa: PLR0913 - keyword-only: the monitor's measuring options, one keyword each
     model_a: nn.Module,
     model_b: nn.Module,
     probe: Any,

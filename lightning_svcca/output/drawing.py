@@ -71,6 +71,7 @@ class Drawer:
         layers: Sequence[str],
         epochs: Sequence[int],
         matrix: np.ndarray,
+        *,
         frozen: np.ndarray | None = None,
     ) -> None:
         """Draw ``matrix`` on the figure of ``name`` (``style()`` makes it the first time); see :meth:`finished`.

@@ -192,7 +192,7 @@ class Reporter:
         def style() -> HeatmapFigure:
             return HeatmapFigure(**heatmap_style(metric, reference), xlabel=self.axis)
 
-        self._drawer.draw(name, step, style, names, epochs, matrix, frozen)
+        self._drawer.draw(name, step, style, names, epochs, matrix, frozen=frozen)
         if self._drawer.background and not always:
             return None
         self._write_drawn(wait=True)

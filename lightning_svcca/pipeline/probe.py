@@ -139,6 +139,13 @@ def build_probe(
         raise ValueError("the probe is empty: it needs at least 2 samples")
     if size is not None and size < n:
         batch, n = slice_batch(batch, 0, size), size
+    return Probe(batch, n, *_batch_keys(batch, input_key, mask_key))
+
+
+def _batch_keys(
+    batch: Any, input_key: int | str | None, mask_key: int | str | bool | None
+) -> tuple[int | str | None, int | str | None]:
+    """The input's and the mask's places in ``batch``, defaults filled in and checked against the batch."""
     if input_key is None and isinstance(batch, Sequence):
         input_key = 0
     if mask_key is False:
@@ -150,7 +157,7 @@ def build_probe(
             _check_key(batch, key, role)
     if mask_key is not None:
         _check_mask(batch[mask_key])
-    return Probe(batch, n, input_key, mask_key)
+    return input_key, mask_key
 
 
 def _check_mask(mask: Tensor) -> None:
@@ -219,7 +226,7 @@ def _signature(model: nn.Module) -> inspect.Signature | None:
         return None
 
 
-def run_probe(
+def run_probe(  # noqa: PLR0913 - keyword-only: the pass's range and optional hooks, each named at its call
     model: nn.Module,
     probe: Probe,
     *,

@@ -1,0 +1,136 @@
+"""Representational similarity analysis (Kriegeskorte, Mur and Bandettini 2008): correlation of dissimilarities.
+
+Each representation gives a representational dissimilarity matrix (RDM): how far apart every two datapoints
+are. :func:`rsa` correlates the upper triangles of the two RDMs (Spearman by default, the neuroscience
+convention, or Pearson). Every RDM here follows from a Gram matrix of the rows (:func:`sample_gram`), so the
+training-time snapshots, which hold the rows up to a rotation of the features, give the same value.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lightning_svcca.measures._checks import ZeroVarianceError
+from lightning_svcca.measures._samples import checked_pair, cosine_from_gram
+
+__all__ = ["DISTANCES", "RSA_METHODS", "average_ranks", "rdm_from_gram", "rsa", "rsa_from_grams", "sample_gram"]
+
+Distance = Literal["correlation", "cosine", "euclidean"]
+Method = Literal["spearman", "pearson"]
+DISTANCES = ("correlation", "cosine", "euclidean")
+RSA_METHODS = ("spearman", "pearson")
+
+
+def check_rsa_options(method: str, distance: str) -> None:
+    """Raise unless ``method`` and ``distance`` are supported."""
+    if method not in RSA_METHODS:
+        raise ValueError(f"method must be one of {RSA_METHODS}, got {method!r}")
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+
+
+def sample_gram(x: Tensor, distance: str) -> Tensor:
+    """The Gram matrix of rows a distance is read from.
+
+    Rows centred over features (``"correlation"``), the rows themselves (``"cosine"``), or rows moved by the
+    first row (``"euclidean"``: distances do not see a translation; moving by a datapoint rather than the mean
+    removes a large offset while keeping integer data integer, so tied distances stay tied, as in scipy).
+    """
+    if distance == "correlation":
+        rows = x - x.mean(dim=1, keepdim=True)
+    elif distance == "euclidean":
+        rows = x - x[:1]
+    else:
+        rows = x
+    return rows @ rows.T
+
+
+def rdm_from_gram(gram: Tensor, distance: str) -> Tensor:
+    """The ``n x n`` dissimilarities from :func:`sample_gram`: ``1 - cosine`` or the Euclidean distance."""
+    if distance == "euclidean":
+        norms = gram.diagonal()
+        return (norms[:, None] + norms[None, :] - 2.0 * gram).clamp_min(0.0).sqrt()
+    return 1.0 - cosine_from_gram(gram)
+
+
+def average_ranks(values: Tensor) -> Tensor:
+    """Ranks from 1, tied values sharing the mean of their ranks (``scipy.stats.rankdata(method="average")``)."""
+    order = values.argsort()
+    _, group, counts = torch.unique_consecutive(values[order], return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).to(values.dtype)
+    ranks = torch.empty_like(values)
+    ranks[order] = (last - (counts.to(values.dtype) - 1.0) / 2.0)[group]
+    return ranks
+
+
+def rsa_from_grams(gram_x: Tensor, gram_y: Tensor, distance: str, method: str) -> Tensor:
+    """RSA from the two sides' :func:`sample_gram` matrices."""
+    n = gram_x.shape[0]
+    upper = torch.triu_indices(n, n, offset=1, device=gram_x.device)
+    # 1. the upper triangles of both RDMs; 2. their ranks (Spearman); 3. the Pearson correlation.
+    sides = []
+    for name, gram in (("x", gram_x), ("y", gram_y)):
+        rdm = rdm_from_gram(gram, distance)[upper[0], upper[1]]
+        if method == "spearman":
+            rdm = average_ranks(rdm)
+        centred = rdm - rdm.mean()
+        norm = centred.norm()
+        if not float(norm) > 1e3 * torch.finfo(rdm.dtype).eps * float(rdm.abs().max()) * rdm.numel() ** 0.5:
+            raise ZeroVarianceError(
+                f"every two datapoints of {name} are equally dissimilar ({distance} distance), so its RDM does not"
+                " vary and has no correlation; a constant layer, or a distance that cannot tell its datapoints apart"
+                " (correlation distance of a single feature)"
+            )
+        sides.append(centred / norm)
+    return (sides[0] * sides[1]).sum().clamp(-1.0, 1.0)
+
+
+def rsa(
+    x: Tensor,
+    y: Tensor,
+    method: Method = "spearman",
+    distance: Distance = "correlation",
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    r"""Representational similarity analysis: the correlation of the two representational dissimilarity matrices.
+
+    .. math::
+        \mathrm{RSA}(x, y) = \rho\big(\{D^x_{ij}\}_{i<j}, \{D^y_{ij}\}_{i<j}\big), \qquad
+        D^x_{ij} = 1 - \mathrm{corr}(x_i, x_j)
+
+    with :math:`\mathrm{corr}(x_i, x_j)` the Pearson correlation of two datapoints across features (``distance=
+    "correlation"``, ``scipy.spatial.distance.pdist``'s ``"correlation"``), ``1 - cosine`` (``"cosine"``) or
+    the Euclidean distance (``"euclidean"``); :math:`\rho` is Spearman's rank correlation (ties get their mean
+    rank, as ``scipy.stats.spearmanr``) or Pearson's. Invariant to rotations and isotropic scaling of either
+    side with ``"cosine"`` and ``"euclidean"`` (and translation with ``"euclidean"``); ``"correlation"``
+    depends on the feature basis (it centres each datapoint over its features) and is invariant to permuting
+    features, scaling, and adding a constant to every feature of a datapoint. A datapoint whose features are all
+    equal (correlation) or zero (cosine) has no direction: its similarity to every other is taken as 0
+    (dissimilarity 1) rather than undefined. Costs ``O(n^2 d)`` time, ``O(n^2)`` memory.
+
+    Args:
+        x: ``(n, d1)`` representation, ``n >= 3``.
+        y: ``(n, d2)`` representation of the same datapoints.
+        method: ``"spearman"`` or ``"pearson"``.
+        distance: ``"correlation"``, ``"cosine"`` or ``"euclidean"``.
+        dtype: precision of the dissimilarities.
+
+    Returns:
+        0-dim tensor in ``[-1, 1]``.
+
+    Raises:
+        ValueError: bad shapes, NaN or Inf, fewer than 3 datapoints, an unknown method or distance.
+        ZeroVarianceError: a side has no variance, or its RDM does not vary.
+
+    Example:
+        >>> x = torch.randn(50, 6, dtype=torch.float64)
+        >>> round(float(rsa(x, 2.0 * x + 1.0)), 6)
+        1.0
+    """
+    check_rsa_options(method, distance)
+    x, y = checked_pair(x, y, dtype, 3)
+    return rsa_from_grams(sample_gram(x, distance), sample_gram(y, distance), distance, method)

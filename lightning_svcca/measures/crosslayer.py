@@ -21,8 +21,12 @@ from torch import Tensor
 from lightning_svcca.measures import Decomposition, cca, decompose, linear_cka, procrustes, pwcca, r2cca, rbf_cka, svcca
 from lightning_svcca.measures._checks import KeepBy
 from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
+from lightning_svcca.measures.minibatch import minibatch_cka
+from lightning_svcca.measures.neighbors import cknna, mutual_knn
+from lightning_svcca.measures.rsa import rsa
 from lightning_svcca.output.table import format_table
 from lightning_svcca.pipeline.metrics import METRICS, evaluate, pair_for
+from lightning_svcca.pipeline.sample_metrics import MINIBATCH_ROWS, NEIGHBOURS
 from lightning_svcca.pipeline.snapshot import LocalCollective, Snapshot
 
 __all__ = ["LayerMap", "cross_layer_similarity", "pool_by_sample"]
@@ -30,7 +34,7 @@ __all__ = ["LayerMap", "cross_layer_similarity", "pool_by_sample"]
 #: Measures that do not depend on a column's scale: their decompositions are taken on unit-norm columns.
 _SCALE_FREE = ("cca", "pwcca", "r2cca")
 #: Measures computed from the data themselves (no decomposition reuse).
-_FROM_DATA = ("cca_heldout", "svcca_heldout", "pwcca_heldout")
+_FROM_DATA = ("cca_heldout", "svcca_heldout", "pwcca_heldout", "mutual_knn", "cknna", "minibatch_cka", "rsa")
 
 
 @dataclass(frozen=True)
@@ -195,5 +199,10 @@ def _measure_function(metric: str, keep: float | int, keep_by: str) -> Callable[
         "cca_heldout": lambda x, y: cca_heldout(x, y).mean(),
         "svcca_heldout": lambda x, y: svcca_heldout(x, y, keep, keep_by),
         "pwcca_heldout": pwcca_heldout,
+        # the settings of the snapshot metrics (pipeline/sample_metrics.py), so both routes give one value
+        "mutual_knn": lambda x, y: mutual_knn(x, y, k=min(NEIGHBOURS, x.shape[0] - 1)),
+        "cknna": lambda x, y: cknna(x, y, k=min(NEIGHBOURS, x.shape[0] - 1)),
+        "minibatch_cka": lambda x, y: minibatch_cka(x, y, batch_size=MINIBATCH_ROWS),
+        "rsa": rsa,
     }
     return functions[metric]

@@ -24,6 +24,7 @@ from lightning_svcca.measures._compute import (
 )
 from lightning_svcca.measures.decomposition import Decomposition
 from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
+from lightning_svcca.pipeline.sample_metrics import SAMPLE_METRICS, sample_metric
 from lightning_svcca.pipeline.snapshot import Collective, Snapshot
 
 __all__ = ["METRICS", "Pair", "cross_products", "evaluate", "measure", "pair_for", "snapshot_needs"]
@@ -31,7 +32,8 @@ __all__ = ["METRICS", "Pair", "cross_products", "evaluate", "measure", "pair_for
 
 #: Every metric a snapshot comparison can compute. The in-sample CCA family (svcca, pwcca, cca, r2cca) and the
 #: variance-weighted measures (linear_cka, linear_cka_debiased, procrustes) follow from the cross product of two
-#: stored bases; rbf_cka and the held-out measures need the datapoints themselves, which a full-rank snapshot
+#: stored bases; rbf_cka, the held-out measures and the sample-level ones (mutual_knn, cknna, minibatch_cka, rsa:
+#: :mod:`~lightning_svcca.pipeline.sample_metrics`) need the datapoints themselves, which a full-rank snapshot
 #: gives up to a rotation (``U diag(s) = Xc V``: distances, and CCA fits, do not see the rotation).
 METRICS = (
     "svcca",
@@ -45,9 +47,10 @@ METRICS = (
     "cca_heldout",
     "svcca_heldout",
     "pwcca_heldout",
+    *SAMPLE_METRICS,
 )
 #: Metrics computed from the snapshots' rows rather than from ``Ua^T Ub``.
-_ROW_METRICS = ("rbf_cka", "cca_heldout", "svcca_heldout", "pwcca_heldout")
+_ROW_METRICS = ("rbf_cka", "cca_heldout", "svcca_heldout", "pwcca_heldout", *SAMPLE_METRICS)
 #: Metrics that need the right singular vectors (weights from neurons).
 _RIGHT_METRICS = ("pwcca", "pwcca_heldout")
 
@@ -186,6 +189,8 @@ def _measure_rows(metric: str, pair: Pair, cross: Tensor) -> float:
     rows_b = _with_rows(pair.b, pair.shuffle, cross)
     x = rows_a.left * rows_a.singular_values
     y = rows_b.left * rows_b.singular_values
+    if metric in SAMPLE_METRICS:
+        return sample_metric(metric, pair.a, pair.b, x, y)
     if metric == "rbf_cka":
         return float(rbf_cka_from_rows(x, y, 1.0))
     if metric == "cca_heldout":

@@ -159,3 +159,24 @@ def test_cli_compare_with_the_new_metrics(tmp_path, capsys):
     out = capsys.readouterr().out
     for text in (*SAMPLE_METRICS, "cross-layer mutual_knn"):
         assert text in out
+
+
+def test_resuming_snapshots_without_the_affine_part_restarts_comparisons():
+    """Checkpoints from before Snapshot.affine: cosine and correlation metrics cannot use their snapshots."""
+    from lightning_svcca import SVCCAMonitor, SVCCAMonitorWarning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    probe = torch.randn(40, 4)
+    first = SVCCAMonitor(model, probe=probe, layers=["0", "2"], metrics=["svcca", "linear_cka"])
+    first.start()
+    first.measure(epoch=1, step=1)
+    state = first.state_dict()
+    state["snapshots"] = {key: {**value, "affine": None} for key, value in state["snapshots"].items()}
+    again = SVCCAMonitor(model, probe=probe, layers=["0", "2"], metrics=["linear_cka", "cknna"])
+    again.start()
+    with pytest.warns(SVCCAMonitorWarning, match="keep the layer's mean.*earlier snapshots are dropped"):
+        again.load_state_dict(state)
+    again.measure(epoch=2, step=2)
+    again.measure(epoch=3, step=3)
+    assert any(r["metric"] == "cknna" and r["reference"] == "previous" and r["epoch"] == 3 for r in again.history)

@@ -27,10 +27,12 @@ from lightning_svcca.measures.neighbors import cknna_from_grams, mutual_knn_from
 from lightning_svcca.measures.rsa import rsa_from_grams
 from lightning_svcca.pipeline.snapshot import Snapshot
 
-__all__ = ["MINIBATCH_ROWS", "NEIGHBOURS", "SAMPLE_METRICS", "sample_metric"]
+__all__ = ["AFFINE_METRICS", "MINIBATCH_ROWS", "NEIGHBOURS", "SAMPLE_METRICS", "sample_metric"]
 
 #: The sample-level metrics, all computed from the snapshots' rows.
 SAMPLE_METRICS = ("mutual_knn", "cknna", "minibatch_cka", "rsa")
+#: Those that also need the snapshot's affine part (not translation-invariant).
+AFFINE_METRICS = ("mutual_knn", "cknna", "rsa")
 #: Neighbours per datapoint of mutual_knn and cknna (fewer when the probe has at most this many rows).
 NEIGHBOURS = 10
 #: Probe rows per chunk of minibatch_cka (the probe's default batch size).

@@ -2,9 +2,9 @@
 
 A representation is a ``(datapoints, features)`` matrix. Each measure (CCA, SVCCA, PWCCA, linear / debiased / RBF
 CKA, Procrustes, R2-CCA, the held-out CCA family, and the sample-level mutual k-NN, CKNNA, minibatch CKA and RSA)
-compares two of them; :func:`decompose` is the one
-decomposition (the SVD basis of a centred matrix, with a rank cut at the data's own rounding level) that every
-measure and the training-time snapshots are built on. Nothing here knows about models, probes or training.
+compares two of them; :func:`decompose` is the one decomposition (the SVD basis of a centred matrix, with a rank
+cut at the data's own rounding level) that every measure and the training-time snapshots are built on. Nothing
+here knows about models, probes or training.
 """
 
 from lightning_svcca.measures._checks import (

@@ -161,15 +161,17 @@ def test_cknna_constant_column_and_zero_row():
 
 
 def test_cknna_without_self_alignment_is_zero_with_a_warning():
-    """Four datapoints on a half-line (every cosine 1 up to rounding), k=1.
+    """Four datapoints in the plane, k=2 (no ties): the masked kernel's unbiased HSIC with itself is -0.0115.
 
-    The masked kernel's unbiased HSIC with itself is -1/3: not a norm, so no ratio.
+    Not a norm (the k-NN masks are not symmetric), so there is no ratio: 0, with a warning, rather than the -1 of
+    the reference formula (or NaN when only one side is negative).
     """
-    x = torch.tensor(
-        [[0.3703935333738153], [1.4565026067903366], [0.9398099079535257], [0.7748488177844168]], dtype=torch.float64
-    )
-    with pytest.warns(SimilarityWarning, match="no positive alignment with itself at k=1.*-0.333"):
-        assert float(cknna(x, x, k=1)) == 0.0
+    x = torch.tensor([[0.4852, -0.2521], [-0.3512, -0.6123], [-0.2173, 1.2601], [0.8759, 0.4444]], dtype=torch.float64)
+    # the reference estimator divides two negative self-terms: -1 for a representation against itself
+    assert _np_cknna(x.numpy(), x.numpy(), 2) == pytest.approx(-1.0)
+    with pytest.warns(SimilarityWarning, match=r"no positive alignment with itself at k=2.*-0.01"):
+        assert float(cknna(x, x, k=2)) == 0.0
+    assert float(cknna(x, x, k=3)) == pytest.approx(1.0)
 
 
 # --- minibatch CKA ---------------------------------------------------------------------------------------------------

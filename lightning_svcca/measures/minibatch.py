@@ -19,7 +19,7 @@ from lightning_svcca.measures._checks import (
     zero_variance_message,
 )
 from lightning_svcca.measures._linalg import column_mean, noise_floor
-from lightning_svcca.measures._samples import unbiased_hsic
+from lightning_svcca.measures._samples import hsic_from_parts, hsic_parts
 
 __all__ = ["MIN_CHUNK", "MinibatchCKA", "minibatch_cka"]
 
@@ -78,14 +78,15 @@ class MinibatchCKA:
                 f"a chunk needs at least {MIN_CHUNK} datapoints for the unbiased HSIC estimator, got {x.shape[0]};"
                 " merge it with the previous chunk"
             )
-        kernels = []
-        for side, (name, data) in enumerate((("x", x), ("y", y))):
-            centred, varies = self._centred(data, name)
-            self._varies[side] |= varies
-            kernels.append(centred @ centred.T if varies else centred.new_zeros(data.shape[0], data.shape[0]))
+        kernels = [self._kernel(data, name, side) for side, (name, data) in enumerate((("x", x), ("y", y)))]
         kernel_x, kernel_y = kernels
+        parts_x, parts_y = hsic_parts(kernel_x), hsic_parts(kernel_y)
         chunk = torch.stack(
-            [unbiased_hsic(kernel_x, kernel_y), unbiased_hsic(kernel_x, kernel_x), unbiased_hsic(kernel_y, kernel_y)]
+            [
+                hsic_from_parts(kernel_x, kernel_y, parts_x, parts_y),
+                hsic_from_parts(kernel_x, kernel_x, parts_x, parts_x),
+                hsic_from_parts(kernel_y, kernel_y, parts_y, parts_y),
+            ]
         )
         self._sums = self._sums.to(chunk.device) + chunk
         self.chunks += 1
@@ -108,14 +109,18 @@ class MinibatchCKA:
             return cross.new_zeros(())  # U-centred kernels all zero (e.g. chunks of 4 on a line): no dependence seen
         return (cross / denominator).clamp(-1.0, 1.0)
 
-    def _centred(self, data: Tensor, name: str) -> tuple[Tensor, bool]:
-        """The chunk centred in the compute dtype, and whether it varies above its rounding level."""
+    def _kernel(self, data: Tensor, name: str, side: int) -> Tensor:
+        """The chunk's linear kernel of its centred rows; zero when they do not vary above their rounding level."""
         mean = column_mean(data, self.dtype, name)
         centred = data.to(self.dtype) - mean
-        centred_sq = float(centred.square().sum())
+        kernel = centred @ centred.T
+        centred_sq = float(kernel.diagonal().sum())  # ||Xc||_F^2
         n = data.shape[0]
         floor = noise_floor(centred_sq, n * float(mean.square().sum()), n, torch.finfo(data.dtype).eps, self.dtype)
-        return centred, centred_sq**0.5 > floor
+        if centred_sq**0.5 > floor:
+            self._varies[side] = True
+            return kernel
+        return kernel.zero_()
 
 
 def minibatch_cka(x: Tensor, y: Tensor, batch_size: int = 256, *, dtype: torch.dtype = torch.float64) -> Tensor:

@@ -3,8 +3,9 @@
 Both ask whether two representations put the same datapoints next to each other: each datapoint's ``k`` nearest
 other datapoints by cosine similarity, in ``x`` and in ``y``. :func:`mutual_knn` counts the shared neighbours;
 :func:`cknna` is CKA restricted to the pairs that are neighbours in both. Both cost ``O(n^2 d)`` time and
-``O(n^2)`` memory (two ``n x n`` similarity matrices and their neighbour masks), and are defined for every ``k``
-from 1 to ``n - 1``.
+``O(n^2)`` memory (the two ``n x n`` similarity matrices; the neighbours are kept as ``n k`` sorted pair keys, so
+everything after the similarities and their top-k costs ``O(n k log(n k))``), and are defined for every ``k`` from
+1 to ``n - 1``.
 """
 
 from __future__ import annotations
@@ -16,9 +17,17 @@ import torch
 from torch import Tensor
 
 from lightning_svcca.measures._checks import SimilarityWarning
-from lightning_svcca.measures._samples import checked_pair, cosine_from_gram, unbiased_hsic
+from lightning_svcca.measures._samples import checked_pair, cosine_from_gram, sparse_unbiased_hsic, unit_rows
 
-__all__ = ["cknna", "cknna_from_grams", "check_k", "mutual_knn", "mutual_knn_from_grams"]
+__all__ = [
+    "check_k",
+    "cknna",
+    "cknna_from_cosines",
+    "cknna_from_grams",
+    "mutual_knn",
+    "mutual_knn_from_cosines",
+    "mutual_knn_from_grams",
+]
 
 
 def check_k(k: object, n: int) -> int:
@@ -33,30 +42,36 @@ def check_k(k: object, n: int) -> int:
     return int(k)
 
 
-def _knn_mask(similarity: Tensor, k: int) -> Tensor:
-    """``(n, n)`` boolean mask: ``mask[i, j]`` when ``j`` is one of the ``k`` most similar others of ``i``."""
-    others = similarity.clone()
-    others.fill_diagonal_(-torch.inf)
-    nearest = others.topk(k, dim=1).indices
-    return torch.zeros_like(similarity, dtype=torch.bool).scatter_(1, nearest, True)
+def _neighbour_keys(cosines: Tensor, k: int) -> Tensor:
+    """Sorted flat keys ``i * n + j`` of each datapoint's ``k`` most similar others.
+
+    ``cosines``' diagonal is overwritten with ``-inf`` (a datapoint is not its own neighbour).
+    """
+    n = cosines.shape[0]
+    cosines.diagonal().fill_(-torch.inf)
+    nearest = cosines.topk(k, dim=1, sorted=False).indices
+    rows = torch.arange(n, device=cosines.device)[:, None]
+    return (rows * n + nearest).reshape(-1).sort().values
 
 
-def mutual_knn_from_grams(gram_x: Tensor, gram_y: Tensor, k: int) -> Tensor:
-    """Mutual k-NN alignment from the Gram matrices ``X X^T`` and ``Y Y^T`` of the (uncentred) rows."""
-    shared = _knn_mask(cosine_from_gram(gram_x), k) & _knn_mask(cosine_from_gram(gram_y), k)
-    return shared.sum(dim=1).to(gram_x.dtype).mean() / k
+def mutual_knn_from_cosines(cos_x: Tensor, cos_y: Tensor, k: int) -> Tensor:
+    """Mutual k-NN alignment from the two cosine matrices (their diagonals are overwritten)."""
+    keys_x, keys_y = _neighbour_keys(cos_x, k), _neighbour_keys(cos_y, k)
+    shared = torch.isin(keys_x, keys_y, assume_unique=True).sum()
+    return shared.to(cos_x.dtype) / (cos_x.shape[0] * k)
 
 
-def cknna_from_grams(gram_x: Tensor, gram_y: Tensor, k: int) -> Tensor:
-    """CKNNA from the Gram matrices ``X X^T`` and ``Y Y^T`` of the (uncentred) rows (``n >= 4``)."""
-    # 1. cosine kernels and each side's k-NN mask; 2. the pairs that are neighbours on both sides.
-    kernel_x, kernel_y = cosine_from_gram(gram_x), cosine_from_gram(gram_y)
-    mask_x, mask_y = _knn_mask(kernel_x, k), _knn_mask(kernel_y, k)
-    mutual = mask_x & mask_y
-    # 3. unbiased HSIC of the masked kernels, normalised by each side's own neighbourhood alignment.
-    cross = unbiased_hsic(kernel_x * mutual, kernel_y * mutual)
-    own_x = unbiased_hsic(kernel_x * mask_x, kernel_x * mask_x)
-    own_y = unbiased_hsic(kernel_y * mask_y, kernel_y * mask_y)
+def cknna_from_cosines(cos_x: Tensor, cos_y: Tensor, k: int) -> Tensor:
+    """CKNNA from the two cosine matrices, ``n >= 4`` (their diagonals are overwritten)."""
+    n = cos_x.shape[0]
+    # 1. each side's k-NN pairs and the pairs that are neighbours on both sides (sorted flat keys).
+    keys_x, keys_y = _neighbour_keys(cos_x, k), _neighbour_keys(cos_y, k)
+    mutual = keys_x[torch.isin(keys_x, keys_y, assume_unique=True)]
+    flat_x, flat_y = cos_x.reshape(-1), cos_y.reshape(-1)
+    # 2. unbiased HSIC of the masked kernels (their entries on those pairs), each side's against itself.
+    cross = sparse_unbiased_hsic(mutual, flat_x[mutual], mutual, flat_y[mutual], n)
+    own_x = sparse_unbiased_hsic(keys_x, flat_x[keys_x], keys_x, flat_x[keys_x], n)
+    own_y = sparse_unbiased_hsic(keys_y, flat_y[keys_y], keys_y, flat_y[keys_y], n)
     if not (float(own_x) > 0 and float(own_y) > 0):
         warnings.warn(
             f"cknna: a side's k-NN kernel has no positive alignment with itself at k={k} (its unbiased HSIC is"
@@ -67,6 +82,16 @@ def cknna_from_grams(gram_x: Tensor, gram_y: Tensor, k: int) -> Tensor:
         )
         return cross.new_zeros(())
     return cross / (own_x * own_y).sqrt()
+
+
+def mutual_knn_from_grams(gram_x: Tensor, gram_y: Tensor, k: int) -> Tensor:
+    """Mutual k-NN alignment from the Gram matrices ``X X^T`` and ``Y Y^T`` of the (uncentred) rows (overwritten)."""
+    return mutual_knn_from_cosines(cosine_from_gram(gram_x), cosine_from_gram(gram_y), k)
+
+
+def cknna_from_grams(gram_x: Tensor, gram_y: Tensor, k: int) -> Tensor:
+    """CKNNA from the Gram matrices ``X X^T`` and ``Y Y^T`` of the (uncentred) rows (overwritten), ``n >= 4``."""
+    return cknna_from_cosines(cosine_from_gram(gram_x), cosine_from_gram(gram_y), k)
 
 
 def mutual_knn(x: Tensor, y: Tensor, k: int = 10, *, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -104,7 +129,8 @@ def mutual_knn(x: Tensor, y: Tensor, k: int = 10, *, dtype: torch.dtype = torch.
     """
     x, y = checked_pair(x, y, dtype, 2)
     k = check_k(k, x.shape[0])
-    return mutual_knn_from_grams(x @ x.T, y @ y.T, k)
+    x, y = unit_rows(x), unit_rows(y)
+    return mutual_knn_from_cosines(x @ x.T, y @ y.T, k)
 
 
 def cknna(x: Tensor, y: Tensor, k: int = 10, *, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -118,8 +144,9 @@ def cknna(x: Tensor, y: Tensor, k: int = 10, *, dtype: torch.dtype = torch.float
             {\sqrt{\mathrm{HSIC}_1(K \circ A^x, K \circ A^x)\, \mathrm{HSIC}_1(L \circ A^y, L \circ A^y)}}
 
     with :math:`\mathrm{HSIC}_1` the unbiased estimator of Song et al. (2012): the estimator of the authors'
-    reference code (``minyoungg/platonic-rep``, ``metrics.py``, ``unbiased=True``), computed in ``O(n^2)`` after
-    the kernels instead of through an ``n x n x n`` product. At ``k = n - 1`` every pair counts and CKNNA is
+    reference code (``minyoungg/platonic-rep``, ``metrics.py``, ``unbiased=True``), computed in ``O(n k log(n k))``
+    after the kernels and their top-k (the masked kernels have ``n k`` entries) instead of through an ``n x n x n``
+    product. At ``k = n - 1`` every pair counts and CKNNA is
     debiased linear CKA of the cosine kernels; small ``k`` looks at local structure only. The reference code
     refuses ``k < 2`` and adds ``1e-6`` to the denominator; here every ``k`` in ``[1, n - 1]`` is allowed, the
     denominator is exact, and when a side's masked kernel has no positive alignment with itself (possible for
@@ -148,4 +175,5 @@ def cknna(x: Tensor, y: Tensor, k: int = 10, *, dtype: torch.dtype = torch.float
     """
     x, y = checked_pair(x, y, dtype, 4)
     k = check_k(k, x.shape[0])
-    return cknna_from_grams(x @ x.T, y @ y.T, k)
+    x, y = unit_rows(x), unit_rows(y)
+    return cknna_from_cosines(x @ x.T, y @ y.T, k)

@@ -2,8 +2,9 @@
 
 Each representation gives a representational dissimilarity matrix (RDM): how far apart every two datapoints
 are. :func:`rsa` correlates the upper triangles of the two RDMs (Spearman by default, the neuroscience
-convention, or Pearson). Every RDM here follows from a Gram matrix of the rows (:func:`sample_gram`), so the
-training-time snapshots, which hold the rows up to a rotation of the features, give the same value.
+convention, or Pearson). Every RDM here follows from an ``n x n`` matrix of similarities or inner products of the
+rows (:func:`sample_gram`), so the training-time snapshots, which hold the rows up to a rotation of the features,
+give the same value.
 """
 
 from __future__ import annotations
@@ -14,9 +15,18 @@ import torch
 from torch import Tensor
 
 from lightning_svcca.measures._checks import ZeroVarianceError
-from lightning_svcca.measures._samples import checked_pair, cosine_from_gram
+from lightning_svcca.measures._samples import checked_pair, unit_rows
 
-__all__ = ["DISTANCES", "RSA_METHODS", "average_ranks", "rdm_from_gram", "rsa", "rsa_from_grams", "sample_gram"]
+__all__ = [
+    "DISTANCES",
+    "RSA_METHODS",
+    "average_ranks",
+    "rdm_from_gram",
+    "rsa",
+    "rsa_from_grams",
+    "sample_gram",
+    "upper_dissimilarities",
+]
 
 Distance = Literal["correlation", "cosine", "euclidean"]
 Method = Literal["spearman", "pearson"]
@@ -33,47 +43,57 @@ def check_rsa_options(method: str, distance: str) -> None:
 
 
 def sample_gram(x: Tensor, distance: str) -> Tensor:
-    """The Gram matrix of rows a distance is read from.
+    """The matrix a distance is read from: similarities for ``"correlation"`` and ``"cosine"``, a Gram for the other.
 
-    Rows centred over features (``"correlation"``), the rows themselves (``"cosine"``), or rows moved by the
-    first row (``"euclidean"``: distances do not see a translation; moving by a datapoint rather than the mean
-    removes a large offset while keeping integer data integer, so tied distances stay tied, as in scipy).
+    Rows centred over their features (``"correlation"``) or as they are (``"cosine"``), scaled to unit length
+    (a row without direction stays zero), so that ``X X^T`` holds the correlations or cosines; for
+    ``"euclidean"`` the Gram matrix of the rows moved by the first row (distances do not see a translation;
+    moving by a datapoint rather than the mean removes a large offset while keeping integer data integer, so tied
+    distances stay tied, as in scipy).
     """
-    if distance == "correlation":
-        rows = x - x.mean(dim=1, keepdim=True)
-    elif distance == "euclidean":
+    if distance == "euclidean":
         rows = x - x[:1]
     else:
-        rows = x
+        rows = unit_rows(x - x.mean(dim=1, keepdim=True) if distance == "correlation" else x)
     return rows @ rows.T
 
 
-def rdm_from_gram(gram: Tensor, distance: str) -> Tensor:
-    """The ``n x n`` dissimilarities from :func:`sample_gram`: ``1 - cosine`` or the Euclidean distance."""
+def rdm_from_gram(matrix: Tensor, distance: str) -> Tensor:
+    """The ``n x n`` dissimilarities from :func:`sample_gram`'s matrix: ``1 - similarity``, or Euclidean."""
     if distance == "euclidean":
-        norms = gram.diagonal()
-        return (norms[:, None] + norms[None, :] - 2.0 * gram).clamp_min(0.0).sqrt()
-    return 1.0 - cosine_from_gram(gram)
+        norms = matrix.diagonal()
+        return (norms[:, None] + norms[None, :] - 2.0 * matrix).clamp_min(0.0).sqrt()
+    return 1.0 - matrix
 
 
 def average_ranks(values: Tensor) -> Tensor:
     """Ranks from 1, tied values sharing the mean of their ranks (``scipy.stats.rankdata(method="average")``)."""
-    order = values.argsort()
-    _, group, counts = torch.unique_consecutive(values[order], return_inverse=True, return_counts=True)
+    ordered, order = values.sort()
+    _, group, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
     last = counts.cumsum(0).to(values.dtype)
-    ranks = torch.empty_like(values)
-    ranks[order] = (last - (counts.to(values.dtype) - 1.0) / 2.0)[group]
-    return ranks
+    return torch.empty_like(values).index_copy_(0, order, (last - (counts.to(values.dtype) - 1.0) / 2.0)[group])
+
+
+def upper_dissimilarities(matrix: Tensor, distance: str, upper: Tensor) -> Tensor:
+    """The RDM's entries above the diagonal (``upper``: their indices), from :func:`sample_gram`'s matrix.
+
+    Only the ``n (n - 1) / 2`` entries are formed (the Euclidean ones from the Gram's diagonal and those entries).
+    """
+    if distance == "euclidean":
+        norms = matrix.diagonal()
+        squared = norms[upper[0]] + norms[upper[1]] - 2.0 * matrix[upper[0], upper[1]]
+        return squared.clamp_min(0.0).sqrt()
+    return 1.0 - matrix[upper[0], upper[1]]
 
 
 def rsa_from_grams(gram_x: Tensor, gram_y: Tensor, distance: str, method: str) -> Tensor:
-    """RSA from the two sides' :func:`sample_gram` matrices."""
+    """RSA from the two sides' :func:`sample_gram` matrices (similarities, or Gram matrices for ``"euclidean"``)."""
     n = gram_x.shape[0]
     upper = torch.triu_indices(n, n, offset=1, device=gram_x.device)
     # 1. the upper triangles of both RDMs; 2. their ranks (Spearman); 3. the Pearson correlation.
     sides = []
     for name, gram in (("x", gram_x), ("y", gram_y)):
-        rdm = rdm_from_gram(gram, distance)[upper[0], upper[1]]
+        rdm = upper_dissimilarities(gram, distance, upper)
         if method == "spearman":
             rdm = average_ranks(rdm)
         centred = rdm - rdm.mean()
@@ -85,7 +105,7 @@ def rsa_from_grams(gram_x: Tensor, gram_y: Tensor, distance: str, method: str) -
                 " (correlation distance of a single feature)"
             )
         sides.append(centred / norm)
-    return (sides[0] * sides[1]).sum().clamp(-1.0, 1.0)
+    return torch.dot(sides[0], sides[1]).clamp(-1.0, 1.0)
 
 
 def rsa(

@@ -22,6 +22,7 @@ import math
 from torch import Tensor
 
 from lightning_svcca.measures._checks import ZeroVarianceError
+from lightning_svcca.measures._samples import cosine_from_gram
 from lightning_svcca.measures.minibatch import MinibatchCKA, chunk_bounds
 from lightning_svcca.measures.neighbors import cknna_from_grams, mutual_knn_from_grams
 from lightning_svcca.measures.rsa import rsa_from_grams
@@ -67,8 +68,10 @@ def sample_metric(metric: str, a: Snapshot, b: Snapshot, rows_a: Tensor, rows_b:
                 accumulator.update(rows_a[start:stop], rows_b[start:stop])
             return float(accumulator.compute())
         if metric == "rsa":
-            gram_a, gram_b = feature_centred_gram(a, rows_a), feature_centred_gram(b, rows_b)
-            return float(rsa_from_grams(gram_a, gram_b, "correlation", "spearman"))
+            # correlations of the datapoints across features: the feature-centred Gram, scaled to cosines
+            similar_a = cosine_from_gram(feature_centred_gram(a, rows_a))
+            similar_b = cosine_from_gram(feature_centred_gram(b, rows_b))
+            return float(rsa_from_grams(similar_a, similar_b, "correlation", "spearman"))
         gram_a, gram_b = uncentred_gram(a, rows_a), uncentred_gram(b, rows_b)
         k = min(NEIGHBOURS, n - 1)
         if metric == "mutual_knn":

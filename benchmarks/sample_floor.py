@@ -86,8 +86,8 @@ def sample_table(sizes: list[tuple[int, int]], repeats: int) -> None:
             measure(x, y)  # warm-up
             measured, floored = [], []
             for _ in range(repeats):
-                floored.append(_seconds(lambda floor=floor: floor(x, y)))
-                measured.append(_seconds(lambda measure=measure: measure(x, y)))
+                floored.append(_seconds(lambda floor=floor, x=x, y=y: floor(x, y)))
+                measured.append(_seconds(lambda measure=measure, x=x, y=y: measure(x, y)))
             m, f = statistics.median(measured), statistics.median(floored)
             print(f"{name:>13} {n:>6} {d:>5}  {m:>9.4f} {f:>8.4f} {m / f:>6.2f}")
     print()

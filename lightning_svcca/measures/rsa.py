@@ -69,9 +69,13 @@ def rdm_from_gram(matrix: Tensor, distance: str) -> Tensor:
 def average_ranks(values: Tensor) -> Tensor:
     """Ranks from 1, tied values sharing the mean of their ranks (``scipy.stats.rankdata(method="average")``)."""
     ordered, order = values.sort()
-    _, group, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
-    last = counts.cumsum(0).to(values.dtype)
-    return torch.empty_like(values).index_copy_(0, order, (last - (counts.to(values.dtype) - 1.0) / 2.0)[group])
+    if not bool((ordered[1:] == ordered[:-1]).any()):  # no ties (the usual case): ranks 1..m in sorted order
+        ranks = torch.arange(1, values.numel() + 1, dtype=values.dtype, device=values.device)
+    else:
+        _, group, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
+        last = counts.cumsum(0).to(values.dtype)
+        ranks = (last - (counts.to(values.dtype) - 1.0) / 2.0)[group]
+    return torch.empty_like(values).index_copy_(0, order, ranks)
 
 
 def upper_dissimilarities(matrix: Tensor, distance: str, upper: Tensor) -> Tensor:

@@ -21,6 +21,8 @@ from lightning_svcca.measures._samples import checked_pair, cosine_from_gram, sp
 
 __all__ = [
     "check_k",
+    "neighbour_keys",
+    "own_alignment_warning",
     "cknna",
     "cknna_from_cosines",
     "cknna_from_grams",
@@ -42,7 +44,7 @@ def check_k(k: object, n: int) -> int:
     return int(k)
 
 
-def _neighbour_keys(cosines: Tensor, k: int) -> Tensor:
+def neighbour_keys(cosines: Tensor, k: int) -> Tensor:
     """Sorted flat keys ``i * n + j`` of each datapoint's ``k`` most similar others.
 
     ``cosines``' diagonal is overwritten with ``-inf`` (a datapoint is not its own neighbour).
@@ -56,7 +58,7 @@ def _neighbour_keys(cosines: Tensor, k: int) -> Tensor:
 
 def mutual_knn_from_cosines(cos_x: Tensor, cos_y: Tensor, k: int) -> Tensor:
     """Mutual k-NN alignment from the two cosine matrices (their diagonals are overwritten)."""
-    keys_x, keys_y = _neighbour_keys(cos_x, k), _neighbour_keys(cos_y, k)
+    keys_x, keys_y = neighbour_keys(cos_x, k), neighbour_keys(cos_y, k)
     shared = torch.isin(keys_x, keys_y, assume_unique=True).sum()
     return shared.to(cos_x.dtype) / (cos_x.shape[0] * k)
 
@@ -65,7 +67,7 @@ def cknna_from_cosines(cos_x: Tensor, cos_y: Tensor, k: int) -> Tensor:
     """CKNNA from the two cosine matrices, ``n >= 4`` (their diagonals are overwritten)."""
     n = cos_x.shape[0]
     # 1. each side's k-NN pairs and the pairs that are neighbours on both sides (sorted flat keys).
-    keys_x, keys_y = _neighbour_keys(cos_x, k), _neighbour_keys(cos_y, k)
+    keys_x, keys_y = neighbour_keys(cos_x, k), neighbour_keys(cos_y, k)
     mutual = keys_x[torch.isin(keys_x, keys_y, assume_unique=True)]
     flat_x, flat_y = cos_x.reshape(-1), cos_y.reshape(-1)
     # 2. unbiased HSIC of the masked kernels (their entries on those pairs), each side's against itself.
@@ -73,15 +75,20 @@ def cknna_from_cosines(cos_x: Tensor, cos_y: Tensor, k: int) -> Tensor:
     own_x = sparse_unbiased_hsic(keys_x, flat_x[keys_x], keys_x, flat_x[keys_x], n)
     own_y = sparse_unbiased_hsic(keys_y, flat_y[keys_y], keys_y, flat_y[keys_y], n)
     if not (float(own_x) > 0 and float(own_y) > 0):
-        warnings.warn(
-            f"cknna: a side's k-NN kernel has no positive alignment with itself at k={k} (its unbiased HSIC is"
-            f" {float(own_x):.3g} for x, {float(own_y):.3g} for y), so the ratio is undefined; returning 0. Use a"
-            " larger k or more datapoints",
-            SimilarityWarning,
-            stacklevel=3,
-        )
+        own_alignment_warning(k, own_x, own_y, stacklevel=4)
         return cross.new_zeros(())
     return cross / (own_x * own_y).sqrt()
+
+
+def own_alignment_warning(k: int, own_x: Tensor, own_y: Tensor, *, stacklevel: int) -> None:
+    """Warn that CKNNA is 0 because a side's k-NN kernel has no positive unbiased alignment with itself."""
+    warnings.warn(
+        f"cknna: a side's k-NN kernel has no positive alignment with itself at k={k} (its unbiased HSIC is"
+        f" {float(own_x):.3g} for x, {float(own_y):.3g} for y), so the ratio is undefined; returning 0. Use a"
+        " larger k or more datapoints",
+        SimilarityWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def mutual_knn_from_grams(gram_x: Tensor, gram_y: Tensor, k: int) -> Tensor:

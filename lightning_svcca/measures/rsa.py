@@ -25,6 +25,7 @@ __all__ = [
     "rsa",
     "rsa_from_grams",
     "sample_gram",
+    "spearman_side",
     "upper_dissimilarities",
 ]
 
@@ -90,26 +91,37 @@ def upper_dissimilarities(matrix: Tensor, distance: str, upper: Tensor) -> Tenso
     return 1.0 - matrix[upper[0], upper[1]]
 
 
+def spearman_side(matrix: Tensor, distance: str, method: str, name: str) -> Tensor:
+    """One side of RSA: its RDM's upper triangle (ranked for Spearman), centred and scaled to unit norm.
+
+    RSA is the dot product of the two sides' vectors.
+
+    Raises:
+        ZeroVarianceError: the RDM does not vary.
+    """
+    n = matrix.shape[0]
+    upper = torch.triu_indices(n, n, offset=1, device=matrix.device)
+    rdm = upper_dissimilarities(matrix, distance, upper)
+    del upper
+    if method == "spearman":
+        rdm = average_ranks(rdm)
+    centred = rdm - rdm.mean()
+    norm = centred.norm()
+    if not float(norm) > 1e3 * torch.finfo(rdm.dtype).eps * float(rdm.abs().max()) * rdm.numel() ** 0.5:
+        raise ZeroVarianceError(
+            f"every two datapoints of {name} are equally dissimilar ({distance} distance), so its RDM does not"
+            " vary and has no correlation; a constant layer, or a distance that cannot tell its datapoints apart"
+            " (correlation distance of a single feature)"
+        )
+    return centred.div_(norm)
+
+
 def rsa_from_grams(gram_x: Tensor, gram_y: Tensor, distance: str, method: str) -> Tensor:
     """RSA from the two sides' :func:`sample_gram` matrices (similarities, or Gram matrices for ``"euclidean"``)."""
-    n = gram_x.shape[0]
-    upper = torch.triu_indices(n, n, offset=1, device=gram_x.device)
     # 1. the upper triangles of both RDMs; 2. their ranks (Spearman); 3. the Pearson correlation.
-    sides = []
-    for name, gram in (("x", gram_x), ("y", gram_y)):
-        rdm = upper_dissimilarities(gram, distance, upper)
-        if method == "spearman":
-            rdm = average_ranks(rdm)
-        centred = rdm - rdm.mean()
-        norm = centred.norm()
-        if not float(norm) > 1e3 * torch.finfo(rdm.dtype).eps * float(rdm.abs().max()) * rdm.numel() ** 0.5:
-            raise ZeroVarianceError(
-                f"every two datapoints of {name} are equally dissimilar ({distance} distance), so its RDM does not"
-                " vary and has no correlation; a constant layer, or a distance that cannot tell its datapoints apart"
-                " (correlation distance of a single feature)"
-            )
-        sides.append(centred / norm)
-    return torch.dot(sides[0], sides[1]).clamp(-1.0, 1.0)
+    side_x = spearman_side(gram_x, distance, method, "x")
+    side_y = spearman_side(gram_y, distance, method, "y")
+    return torch.dot(side_x, side_y).clamp(-1.0, 1.0)
 
 
 def rsa(

@@ -24,7 +24,7 @@ from lightning_svcca.measures._compute import (
 )
 from lightning_svcca.measures.decomposition import Decomposition
 from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
-from lightning_svcca.pipeline.sample_metrics import SAMPLE_METRICS, sample_metric
+from lightning_svcca.pipeline.sample_metrics import SAMPLE_METRICS, SampleCache, sample_metric
 from lightning_svcca.pipeline.snapshot import Collective, Snapshot
 
 __all__ = ["METRICS", "Pair", "cross_products", "evaluate", "measure", "pair_for", "snapshot_needs"]
@@ -141,8 +141,10 @@ def pair_for(metric: str, a: Snapshot, b: Snapshot, shuffle: Tensor | None = Non
     return Pair(a, b, a.left.shape[1], b.left.shape[1], shuffle)
 
 
-def measure(metric: str, pair: Pair, cross: Tensor) -> float:
+def measure(metric: str, pair: Pair, cross: Tensor, cache: SampleCache | None = None) -> float:
     """The value of ``metric`` for a pair, from its cross product ``Ua^T Ub`` (or the snapshots' rows).
+
+    ``cache`` keeps what the sample-level metrics take from each snapshot across the pairs of one call.
 
     The held-out metrics use their functions' defaults (5 folds, seed 0, ridge picked on a dev part) on the
     rows ``U diag(s)`` (``U diag(s) V^T``, the centred activations, for ``pwcca_heldout``).
@@ -151,6 +153,8 @@ def measure(metric: str, pair: Pair, cross: Tensor) -> float:
         return float(canonical_correlations(cross).mean())
     if metric == "r2cca":
         return float(cross.square().sum() / min(cross.shape))
+    if metric in SAMPLE_METRICS:
+        return sample_metric(metric, pair.a, pair.b, pair.shuffle, cache or SampleCache(cross.dtype, cross.device))
     if metric in _ROW_METRICS:
         return _measure_rows(metric, pair, cross)
     a, b = _spectrum(pair.a, cross), _spectrum(pair.b, cross)
@@ -189,8 +193,6 @@ def _measure_rows(metric: str, pair: Pair, cross: Tensor) -> float:
     rows_b = _with_rows(pair.b, pair.shuffle, cross)
     x = rows_a.left * rows_a.singular_values
     y = rows_b.left * rows_b.singular_values
-    if metric in SAMPLE_METRICS:
-        return sample_metric(metric, pair.a, pair.b, x, y)
     if metric == "rbf_cka":
         return float(rbf_cka_from_rows(x, y, 1.0))
     if metric == "cca_heldout":
@@ -231,7 +233,8 @@ def evaluate(
             slots[key] = len(pairs)
             pairs.append(pair)
     products = cross_products(pairs, collective, device=device, dtype=dtype)
-    return [measure(metric, pair, products[slots[_pair_key(pair)]]) for metric, pair in jobs]
+    cache = SampleCache(dtype, device)
+    return [measure(metric, pair, products[slots[_pair_key(pair)]], cache) for metric, pair in jobs]
 
 
 def _pair_key(pair: Pair) -> tuple[int, int, int, int, int]:

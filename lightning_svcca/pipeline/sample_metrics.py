@@ -15,8 +15,8 @@ used by the monitor: ``k = min(10, n - 1)``, chunks of :data:`MINIBATCH_ROWS` pr
 correlation distances (the functions' defaults).
 
 A measurement compares each new snapshot with several others (``previous``, the shuffled baseline, ``final``):
-:class:`SampleCache` keeps what one snapshot gives every comparison (its neighbour keys and unit rows, its RDM's
-ranks) for the few most recent snapshots of one :func:`~lightning_svcca.pipeline.metrics.evaluate` call, so each
+:class:`SampleCache` keeps what one snapshot gives every comparison (its neighbour keys and the cosines there, its
+RDM's ranks) for the few most recent snapshots of one :func:`~lightning_svcca.pipeline.metrics.evaluate` call, so each
 ``n x n`` matrix is formed once per snapshot, not once per pair and metric.
 """
 
@@ -112,18 +112,21 @@ class SampleCache:
             "rows", snapshot, shuffle, lambda: centred_rows(snapshot, shuffle, self.dtype).to(device=self.device)
         )
 
-    def neighbours(self, snapshot: Snapshot, shuffle: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
-        """Unit-length uncentred rows (cosines are their dot products) and the sorted k-NN pair keys."""
+    def neighbours(self, snapshot: Snapshot, shuffle: Tensor | None, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The sorted k-NN pair keys, the cosines there, and the masked kernel's unbiased HSIC with itself."""
 
-        def build() -> tuple[Tensor, Tensor]:
-            if shuffle is not None:  # the unshuffled neighbours, renumbered: no second n x n matrix
-                units, keys = self.neighbours(snapshot, None, k)
-                n, order = units.shape[0], shuffle.to(keys.device)
+        def build() -> tuple[Tensor, Tensor, Tensor]:
+            if shuffle is not None:  # the unshuffled neighbours renumbered (HSIC does not see a permutation)
+                keys, values, own = self.neighbours(snapshot, None, k)
+                n, order = snapshot.n_datapoints, shuffle.to(keys.device)
                 position = torch.empty_like(order).index_copy_(0, order, torch.arange(n, device=order.device))
-                moved = position[keys // n] * n + position[keys % n]
-                return units[order], moved.sort().values
+                moved, where = (position[keys // n] * n + position[keys % n]).sort()
+                return moved, values[where], own
             units = unit_rows(uncentred_rows(snapshot, self.rows(snapshot, None)))
-            return units, neighbour_keys(units @ units.T, k)
+            cosines = units @ units.T
+            keys = neighbour_keys(cosines, k)
+            values = cosines.reshape(-1)[keys]
+            return keys, values, sparse_unbiased_hsic(keys, values, keys, values, snapshot.n_datapoints)
 
         return self.get(f"neighbours{k}", snapshot, shuffle, build)
 
@@ -160,12 +163,20 @@ def sample_metric(
     except ZeroVarianceError:
         return math.nan
     k = min(NEIGHBOURS, a.n_datapoints - 1)
-    units_a, keys_a = cache.neighbours(a, None, k)
-    units_b, keys_b = cache.neighbours(b, shuffle, k)
+    keys_a, values_a, own_a = cache.neighbours(a, None, k)
+    keys_b, values_b, own_b = cache.neighbours(b, shuffle, k)
     shared = torch.isin(keys_a, keys_b, assume_unique=True)
     if metric == "mutual_knn":
         return float(shared.sum()) / keys_a.numel()
-    return _cknna(units_a, keys_a, units_b, keys_b, keys_a[shared], k)
+    # CKNNA: the kernels' values at the mutual pairs are already at hand on both sides (no n x n matrix)
+    mutual = keys_a[shared]
+    cross = sparse_unbiased_hsic(
+        mutual, values_a[shared], mutual, values_b[torch.searchsorted(keys_b, mutual)], a.n_datapoints
+    )
+    if not (float(own_a) > 0 and float(own_b) > 0):
+        own_alignment_warning(k, own_a, own_b, stacklevel=3)
+        return 0.0
+    return float(cross / (own_a * own_b).sqrt())
 
 
 def _minibatch(rows_a: Tensor, rows_b: Tensor) -> float:
@@ -173,23 +184,6 @@ def _minibatch(rows_a: Tensor, rows_b: Tensor) -> float:
     for start, stop in chunk_bounds(rows_a.shape[0], MINIBATCH_ROWS):
         accumulator.update(rows_a[start:stop], rows_b[start:stop])
     return float(accumulator.compute())
-
-
-def _cknna(units_a: Tensor, keys_a: Tensor, units_b: Tensor, keys_b: Tensor, mutual: Tensor, k: int) -> float:
-    """CKNNA from unit rows and k-NN keys: kernel values only at the ``n k`` neighbour pairs (row dot products)."""
-    n = units_a.shape[0]
-
-    def cosines(units: Tensor, keys: Tensor) -> Tensor:
-        return (units[keys // n] * units[keys % n]).sum(dim=1)
-
-    cross = sparse_unbiased_hsic(mutual, cosines(units_a, mutual), mutual, cosines(units_b, mutual), n)
-    values_a, values_b = cosines(units_a, keys_a), cosines(units_b, keys_b)
-    own_a = sparse_unbiased_hsic(keys_a, values_a, keys_a, values_a, n)
-    own_b = sparse_unbiased_hsic(keys_b, values_b, keys_b, values_b, n)
-    if not (float(own_a) > 0 and float(own_b) > 0):
-        own_alignment_warning(k, own_a, own_b, stacklevel=4)
-        return 0.0
-    return float(cross / (own_a * own_b).sqrt())
 
 
 def _affine(snapshot: Snapshot, like: Tensor) -> Tensor:

@@ -217,6 +217,14 @@ def test_minibatch_cka_invariances_and_range():
         assert -1.0 <= float(minibatch_cka(a, b, batch_size=4)) <= 1.0
 
 
+def test_minibatch_cka_of_float32_with_a_large_offset():
+    """float32 inputs with a mean of 1000: PyTorch-Model-Compare's uncentred float32 kernels give NaN here."""
+    x, y = _pair(n=512)
+    expected = float(minibatch_cka(x, y, batch_size=128))
+    shifted = float(minibatch_cka((x + 1e3).float(), (y - 1e3).float(), batch_size=128))
+    assert shifted == pytest.approx(expected, abs=1e-5)
+
+
 def test_minibatch_cka_is_never_nan():
     x, y = _pair(n=40)
     half_constant = x.clone()

@@ -17,6 +17,9 @@ other processes, so CPU time (``time.process_time``) is printed beside it, and r
 
 Cells of more than ``4096**2`` weights per layer times layers (1024 x 32, 4096 x 8, 4096 x 32) run with ``--full``.
 
+Then the sample-level measures (mutual_knn, cknna, minibatch_cka, rsa) against their own floors, as isolated
+kernels (``benchmarks/sample_floor.py``: the Gram matrices, top-k, chunk kernels and sorts each needs).
+
 Run: ``python benchmarks/measurement_floor.py [--quick | --full]`` (``--quick``: widths 64 and 256, 1 and 4 layers,
 a probe of 256; the fit on 512 samples, a probe of 128, 2 epochs; a smoke test of some seconds).
 """
@@ -39,6 +42,8 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sample_floor import sample_table  # noqa: E402
 
 from lightning_svcca import SVCCAMonitor  # noqa: E402
 
@@ -183,11 +188,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread")
     if args.quick:
         measurement_table([64, 256], [1, 4], 256, 256, 2, math.inf)
+        sample_table([(256, 64)], 2)
         if not args.skip_fit:
             overhead_ratio(512, 128, 2, 1)
         return
     max_cost = math.inf if args.full else 4096**2
     measurement_table([64, 256, 1024, 4096], [1, 8, 32], 1024, 256, args.repeats, max_cost)
+    sample_table([(1024, 256), (4096, 256), (4096, 64)], args.repeats)
     if not args.skip_fit:
         overhead_ratio(20000, 1024, 3, args.repeats)
 

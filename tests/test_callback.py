@@ -434,7 +434,11 @@ def test_spilled_snapshots_give_the_same_history_and_are_cleaned_up(
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"metrics": ("svcca", "rsa")}, ValueError, r"metrics must be .*'pwcca', 'cca', 'linear_cka'.*\).*'rsa'"),
+        (
+            {"metrics": ("svcca", "kendall")},
+            ValueError,
+            r"metrics must be .*'pwcca', 'cca', 'linear_cka'.*\).*'kendall'",
+        ),
         ({"metrics": ()}, ValueError, "metrics must be a non-empty"),
         ({"every_n_epochs": 0}, ValueError, "every_n_epochs must be an int >= 1 or None, got 0"),
         ({"keep": 1.5}, ValueError, r"keep as a fraction must be in \(0, 1\], got 1.5"),

@@ -146,7 +146,7 @@ def test_cross_layer_similarity_from_snapshots_and_errors():
     assert float(result.values[0, 0]) == pytest.approx(float(cca(x.double(), y.double()).mean()), abs=STORAGE_TOL)
     assert float(result.values[1, 0]) == pytest.approx(1.0, abs=STORAGE_TOL)
     with pytest.raises(ValueError, match="metric must be one of"):
-        cross_layer_similarity({"x": x}, {"y": y}, "rsa")
+        cross_layer_similarity({"x": x}, {"y": y}, "kendall")
     with pytest.raises(TypeError, match="not a mix"):
         cross_layer_similarity({"x": snap(x)}, {"y": y})
     with pytest.raises(ValueError, match="different numbers of datapoints.*sample_ids_a"):

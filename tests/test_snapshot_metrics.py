@@ -89,8 +89,8 @@ def test_snapshot_needs(metrics, needs):
 
 
 def test_snapshot_needs_refuses_unknown_metrics():
-    with pytest.raises(ValueError, match="unknown metric.*'rsa'"):
-        snapshot_needs(["svcca", "rsa"])
+    with pytest.raises(ValueError, match="unknown metric.*'kendall'"):
+        snapshot_needs(["svcca", "kendall"])
 
 
 def test_row_metrics_refuse_kept_only_snapshots():

@@ -118,8 +118,8 @@ def test_unknown_metric_raises():
     a = _snapshot(_pair(50, 4, 4)[0])
     pair = pair_for("linear_cka", a, a)
     (cross,) = cross_products([pair], LocalCollective(), device=CPU)
-    with pytest.raises(ValueError, match="unknown metric 'rsa'"):
-        measure("rsa", pair, cross)
+    with pytest.raises(ValueError, match="unknown metric 'kendall'"):
+        measure("kendall", pair, cross)
 
 
 @pytest.mark.parametrize(("n", "d"), [(30, 5), (5, 30)], ids=["gram", "svd"])
@@ -171,9 +171,12 @@ def test_with_right_controls_the_right_vectors(with_right):
 
 def test_nbytes_and_state_round_trip():
     snapshot = _snapshot(_pair(50, 6, 2)[0])
-    assert snapshot.nbytes == 50 * 6 * 4 + 6 * 8 + 6 * 6 * 4
+    assert snapshot.nbytes == 50 * 6 * 4 + 6 * 8 + 6 * 6 * 4 + 2 * 7 * 8  # basis, spectrum, right, affine part
     again = Snapshot.from_state(snapshot.to_state())
     _assert_same(again, snapshot)
+    assert torch.equal(again.affine, snapshot.affine)
+    older = {key: value for key, value in snapshot.to_state().items() if key != "affine"}
+    assert Snapshot.from_state(older).affine is None  # snapshots written before the affine part still load
 
 
 # ----------------------------------------------------------------------------------------------------------------

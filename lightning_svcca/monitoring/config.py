@@ -72,12 +72,15 @@ class MonitorConfig:
             e.g. the pretrained one being fine-tuned; layers matched by name), or a tensor of features aligned
             with the probe's samples (e.g. inputs or one-hot labels). Name fixed references with a dict
             ``{"pretrained": model}``; an unnamed one is called ``"reference"``.
-        metrics: one or several of the 11 measures: ``"svcca"``, ``"pwcca"``, ``"cca"`` (mean canonical
+        metrics: one or several of the 15 measures: ``"svcca"``, ``"pwcca"``, ``"cca"`` (mean canonical
             correlation), ``"r2cca"`` (mean squared canonical correlation), ``"linear_cka"``,
             ``"linear_cka_debiased"``, ``"procrustes"`` (one minus the normalised Procrustes distance),
-            ``"rbf_cka"``, and the held-out ``"cca_heldout"``, ``"svcca_heldout"``, ``"pwcca_heldout"`` (canonical
-            directions fitted on part of the probe, correlations read on the rest). Every metric but ``"svcca"``
-            stores full-rank snapshots.
+            ``"rbf_cka"``, the held-out ``"cca_heldout"``, ``"svcca_heldout"``, ``"pwcca_heldout"`` (canonical
+            directions fitted on part of the probe, correlations read on the rest), and the sample-level
+            ``"mutual_knn"``, ``"cknna"`` (10 cosine neighbours), ``"minibatch_cka"`` (unbiased HSIC over chunks of
+            256 probe rows) and ``"rsa"`` (Spearman correlation of correlation-distance RDMs). Every metric but
+            ``"svcca"`` stores full-rank snapshots. With ``baseline``, each value is also logged calibrated against
+            its shuffled baseline as ``{metric}_calibrated`` (see docs/measures.md).
         every_n_epochs: measure every this many epochs (epoch 0 and the end of fit are always measured); ``None``
             with ``every_n_train_steps`` measures by steps only.
         freeze: a :class:`~lightning_svcca.freezing.policy.FreezePolicy` to freeze converged layers, or ``None``.
@@ -98,7 +101,8 @@ class MonitorConfig:
             ``max_datapoints // probe_size`` positions or frames (at least one).
         keep: SVCCA's ``keep`` (fraction of the singular value sum, or a number of directions).
         keep_by: ``"singular_values"`` (the paper's) or ``"variance"``.
-        baseline: also log each metric on the probe with its datapoint pairing shuffled (the noise floor).
+        baseline: also log each metric on the probe with its datapoint pairing shuffled (the noise floor), and
+            each compared value calibrated against it, ``(s - b) / (1 - b)``, as metric ``{metric}_calibrated``.
         max_snapshot_bytes: memory budget for snapshots held in memory; ``None``: unbounded. With a log
             directory (the Lightning callback's ``trainer.log_dir``, the HuggingFace one's ``output_dir``) every
             snapshot is also written to ``<log_dir>/svcca_snapshots/<run_id>/`` when taken, and those files stay

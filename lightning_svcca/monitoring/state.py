@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_svcca.monitoring.state_checks import validate_state
 from lightning_svcca.output.history import pack_history, unpack_history
 from lightning_svcca.pipeline.metrics import snapshot_needs
+from lightning_svcca.pipeline.sample_metrics import AFFINE_METRICS
 from lightning_svcca.pipeline.wrappers import shown_name
 
 if TYPE_CHECKING:
@@ -115,6 +116,22 @@ def _check_metrics(monitor: SVCCAMonitor, saved: Any) -> None:
             f"metrics={list(monitor.config.metrics)} need snapshots with more directions than the checkpoint's"
             f" (taken for metrics={list(saved)})",
         )
+    elif set(monitor.config.metrics) & set(AFFINE_METRICS) and _without_affine(monitor.store):
+        restart_comparisons(
+            monitor,
+            f"metrics={list(monitor.config.metrics)} need snapshots that keep the layer's mean (Snapshot.affine), and"
+            " the checkpoint's snapshots were taken before it was kept",
+        )
+
+
+def _without_affine(store: Any) -> bool:
+    """Whether the first readable snapshot in ``store`` predates :attr:`Snapshot.affine` (all of a run's do)."""
+    for key in store.keys():
+        try:
+            return store.get(key).affine is None
+        except KeyError:
+            continue
+    return False
 
 
 def restart_comparisons(monitor: SVCCAMonitor, why: str) -> None:

@@ -22,6 +22,7 @@ from torch import Tensor
 from lightning_svcca.core.rows import row
 from lightning_svcca.core.safe_files import stored_snapshot
 from lightning_svcca.core.timeline import Timeline, evenly_spaced
+from lightning_svcca.pipeline.calibration import calibrated_rows
 from lightning_svcca.pipeline.metrics import Pair, evaluate, pair_for
 from lightning_svcca.pipeline.references import Reference, ReferenceKind
 from lightning_svcca.pipeline.snapshot import Collective, Snapshot
@@ -80,7 +81,8 @@ class Comparisons:
     def rows_for(self, point: int, epoch: int, step: int, snapshots: Mapping[str, Snapshot]) -> list[dict[str, Any]]:
         """Rows of the measurement at ``point`` (``epoch``, ``step``), before it joins the timeline.
 
-        Kept directions, each layer against each reference, and the baselines.
+        Kept directions, each layer against each reference, the baselines, and each compared value calibrated
+        against its baseline (:func:`~lightning_svcca.pipeline.calibration.calibrated_rows`).
         """
         jobs: list[tuple[dict[str, Any], str, Pair]] = []
         rows = []
@@ -103,7 +105,8 @@ class Comparisons:
                 for metric in self.metrics:
                     pair = pair_for(metric, snapshot, snapshot, shuffle)
                     jobs.append((row(epoch, step, layer, "baseline", metric, math.nan), metric, pair))
-        return rows + self._evaluate(jobs)
+        measured = self._evaluate(jobs)
+        return rows + measured + calibrated_rows(measured)
 
     def against_point(
         self, target: int, name: str, layers: Sequence[str], points: Sequence[int] | None = None

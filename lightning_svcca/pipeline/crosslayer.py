@@ -22,7 +22,11 @@ from lightning_svcca.core.table import format_table
 from lightning_svcca.measures import Decomposition, cca, decompose, linear_cka, procrustes, pwcca, r2cca, rbf_cka, svcca
 from lightning_svcca.measures._checks import KeepBy
 from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
+from lightning_svcca.measures.minibatch import minibatch_cka
+from lightning_svcca.measures.neighbors import cknna, mutual_knn
+from lightning_svcca.measures.rsa import rsa
 from lightning_svcca.pipeline.metrics import METRICS, evaluate, metric_info, pair_for
+from lightning_svcca.pipeline.sample_metrics import MINIBATCH_ROWS, NEIGHBOURS
 from lightning_svcca.pipeline.snapshot import LocalCollective, Snapshot
 
 __all__ = ["LayerMap", "cross_layer_similarity", "pool_by_sample"]
@@ -173,7 +177,7 @@ def _pooled(rows: dict[str, tuple[Tensor, Tensor | None]]) -> dict[str, tuple[Te
 def _prepare(rows: Tensor, metric: str) -> Tensor | Decomposition:
     """Decompose once per layer where the measure can reuse it."""
     entry = metric_info(metric)
-    if entry.held_out:  # computed from the data themselves: no decomposition to reuse
+    if entry.held_out or entry.sample:  # computed from the data themselves: no decomposition to reuse
         return rows
     return decompose(rows, standardize=entry.scale_free)  # scale-free measures: unit-norm columns
 
@@ -191,5 +195,10 @@ def _measure_function(metric: str, keep: float | int, keep_by: str) -> Callable[
         "cca_heldout": lambda x, y: cca_heldout(x, y).mean(),
         "svcca_heldout": lambda x, y: svcca_heldout(x, y, keep, keep_by),
         "pwcca_heldout": pwcca_heldout,
+        # the settings of the snapshot metrics (pipeline/sample_metrics.py), so both routes give one value
+        "mutual_knn": lambda x, y: mutual_knn(x, y, k=min(NEIGHBOURS, x.shape[0] - 1)),
+        "cknna": lambda x, y: cknna(x, y, k=min(NEIGHBOURS, x.shape[0] - 1)),
+        "minibatch_cka": lambda x, y: minibatch_cka(x, y, batch_size=MINIBATCH_ROWS),
+        "rsa": rsa,
     }
     return functions[metric]

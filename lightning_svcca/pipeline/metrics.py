@@ -26,6 +26,7 @@ from lightning_svcca.measures._compute import (
 )
 from lightning_svcca.measures.decomposition import Decomposition
 from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
+from lightning_svcca.pipeline.sample_metrics import SAMPLE_METRICS, SampleCache, sample_metric
 from lightning_svcca.pipeline.snapshot import Collective, Snapshot
 
 __all__ = [
@@ -61,6 +62,9 @@ class Metric:
             variance and barely notices, but SVCCA's kept set (and so its value) can change by several hundredths
             on ill-conditioned layers.
         convergence: a similarity a freeze rule may read (``FreezePolicy(metric=...)``).
+        sample: a sample-level measure (mutual k-NN, CKNNA, minibatch CKA, RSA) computed from the rows and the
+            centring the snapshot removed (:mod:`~lightning_svcca.pipeline.sample_metrics`): from the data, no
+            decomposition reuse.
     """
 
     name: str
@@ -71,12 +75,15 @@ class Metric:
     held_out: bool = False
     float32_safe: bool = False
     convergence: bool = False
+    sample: bool = False
 
 
 #: Every metric a snapshot comparison can compute, in order. The in-sample CCA family (svcca, pwcca, cca, r2cca)
 #: and the variance-weighted measures (linear_cka, linear_cka_debiased, procrustes) follow from the cross product
-#: of two stored bases; rbf_cka and the held-out measures need the datapoints themselves, which a full-rank snapshot
-#: gives up to a rotation (``U diag(s) = Xc V``: distances, and CCA fits, do not see the rotation).
+#: of two stored bases; rbf_cka, the held-out measures and the sample-level ones (mutual_knn, cknna,
+#: minibatch_cka, rsa: :mod:`~lightning_svcca.pipeline.sample_metrics`) need the datapoints themselves, which a
+#: full-rank snapshot gives up to a rotation (``U diag(s) = Xc V``: distances, and CCA fits, do not see the
+#: rotation).
 METRIC_TABLE = (
     Metric("svcca", kept_only=True, convergence=True),
     Metric("pwcca", needs_right=True, scale_free=True, convergence=True),
@@ -89,6 +96,7 @@ METRIC_TABLE = (
     Metric("cca_heldout", from_rows=True, held_out=True),
     Metric("svcca_heldout", from_rows=True, held_out=True),
     Metric("pwcca_heldout", from_rows=True, needs_right=True, held_out=True),
+    *(Metric(name, from_rows=True, sample=True) for name in SAMPLE_METRICS),
 )
 METRICS = tuple(entry.name for entry in METRIC_TABLE)
 _BY_NAME = {entry.name: entry for entry in METRIC_TABLE}
@@ -202,8 +210,10 @@ def pair_for(metric: str, a: Snapshot, b: Snapshot, shuffle: Tensor | None = Non
     return Pair(a, b, a.left.shape[1], b.left.shape[1], shuffle)
 
 
-def measure(metric: str, pair: Pair, cross: Tensor) -> float:
+def measure(metric: str, pair: Pair, cross: Tensor, cache: SampleCache | None = None) -> float:
     """The value of ``metric`` for a pair, from its cross product ``Ua^T Ub`` (or the snapshots' rows).
+
+    ``cache`` keeps what the sample-level metrics take from each snapshot across the pairs of one call.
 
     The held-out metrics use their functions' defaults (5 folds, seed 0, ridge picked on a dev part) on the
     rows ``U diag(s)`` (``U diag(s) V^T``, the centred activations, for ``pwcca_heldout``).
@@ -212,6 +222,8 @@ def measure(metric: str, pair: Pair, cross: Tensor) -> float:
         return float(canonical_correlations(cross).mean())
     if metric == "r2cca":
         return float(cross.square().sum() / min(cross.shape))
+    if metric in SAMPLE_METRICS:
+        return sample_metric(metric, pair.a, pair.b, pair.shuffle, cache or SampleCache(cross.dtype, cross.device))
     if metric in _BY_NAME and _BY_NAME[metric].from_rows:
         return _measure_rows(metric, pair, cross)
     a, b = _spectrum(pair.a, cross), _spectrum(pair.b, cross)
@@ -290,7 +302,8 @@ def evaluate(
             slots[key] = len(pairs)
             pairs.append(pair)
     products = cross_products(pairs, collective, device=device, dtype=dtype)
-    return [measure(metric, pair, products[slots[_pair_key(pair)]]) for metric, pair in jobs]
+    cache = SampleCache(dtype, device)
+    return [measure(metric, pair, products[slots[_pair_key(pair)]], cache) for metric, pair in jobs]
 
 
 def _pair_key(pair: Pair) -> tuple[int, int, int, int, int]:

@@ -72,6 +72,10 @@ class Snapshot:
         kept: directions SVCCA keeps at the run's ``keep``, the layer's intrinsic dimensionality.
         rank: numerical rank of the activations (``r`` when all directions are stored).
         n_features: width of the layer.
+        affine: ``(2, r + 1)`` float64, what the centring took away, for the measures that need the datapoints
+            themselves (cosine neighbours, correlation RDMs): row 0 is ``V^T mu`` and ``|mu|^2`` (the mean
+            activation ``mu``), row 1 is ``V^T 1`` and ``mu . 1`` (the all-ones feature vector). ``None`` in
+            snapshots written before it existed. See :mod:`~lightning_svcca.pipeline.sample_metrics`.
     """
 
     left: Tensor
@@ -80,6 +84,7 @@ class Snapshot:
     kept: int
     rank: int
     n_features: int
+    affine: Tensor | None = None
 
     @property
     def n_datapoints(self) -> int:
@@ -89,7 +94,7 @@ class Snapshot:
     @property
     def nbytes(self) -> int:
         """Bytes of tensor storage."""
-        tensors = (self.left, self.singular_values, self.right)
+        tensors = (self.left, self.singular_values, self.right, self.affine)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def decomposition(self, dtype: torch.dtype = torch.float64, device: torch.device | None = None) -> Decomposition:
@@ -114,6 +119,7 @@ class Snapshot:
             "kept": self.kept,
             "rank": self.rank,
             "n_features": self.n_features,
+            "affine": self.affine,
         }
 
     @classmethod
@@ -126,6 +132,7 @@ class Snapshot:
             int(state["kept"]),
             int(state["rank"]),
             int(state["n_features"]),
+            state.get("affine"),
         )
 
 
@@ -185,6 +192,11 @@ def build_snapshot(
     if left is None:
         # 4. U = Xc V diag(1/s), of the stored directions only.
         left = _project(rows, mean, centred, right[:, :stored] / singular_values[:stored], collective)
+    # 5. what centring removed, in the stored directions' coordinates (sample-level measures, sample_metrics.py).
+    basis = right[:, :stored].to(mean.dtype)
+    affine = torch.stack(
+        [torch.cat([basis.T @ mean, mean.square().sum()[None]]), torch.cat([basis.sum(0), mean.sum()[None]])]
+    )
     return Snapshot(
         left=left[:, :stored].to(torch.float32).contiguous().cpu(),
         singular_values=singular_values[:stored].to(torch.float64).cpu(),
@@ -192,6 +204,7 @@ def build_snapshot(
         kept=kept,
         rank=rank,
         n_features=n_features,
+        affine=affine.to(torch.float64).cpu(),
     )
 
 

@@ -51,7 +51,7 @@ def test_pace_is_one_for_a_steady_fall_in_log_space_and_negative_when_the_loss_r
     reason = TaskGate(flat_below=0.3).verdict(_signal(start, levels), 0.5).reason
     assert _pace(reason) == pytest.approx(1.0, abs=0.01)
     # a loss that stops falling and creeps up again (overfitting): flat, the task has plateaued
-    risen = TaskGate(flat_below=0.3).verdict(_signal(start, [1.0, 0.5, 0.4, 0.41, 0.42, 0.43]), 0.5)
+    risen = TaskGate(flat_below=0.3, patience=1).verdict(_signal(start, [1.0, 0.5, 0.4, 0.41, 0.42, 0.43]), 0.5)
     assert risen.allows and risen.flat and _pace(risen.reason) < 0
     # one that jumps well above its best (an unstable phase at a high learning rate): not a plateau
     jumped = TaskGate(flat_below=0.3).verdict(_signal(start, [1.0, 0.5, 0.4, 0.42, 0.45, 0.5]), 0.5)
@@ -67,8 +67,19 @@ def test_pace_matches_its_formula_on_a_recorded_curve():
 
 
 def test_a_loss_that_can_be_negative_is_read_on_its_own_scale():
-    verdict = TaskGate(min_progress=0.1).verdict(_signal(-1.0, [-1.5, -2.0, -2.1, -2.12]), 0.5)
+    verdict = TaskGate(min_progress=0.1).verdict(_signal(-1.0, [-1.5, -2.0, -2.1, -2.12, -2.13]), 0.5)
     assert verdict.allows and verdict.flat
+
+
+def test_a_plateau_needs_patience_readings_in_a_row_over_a_window_of_min_window():
+    start, levels = 2.0, [1.0, 0.5, 0.45, 0.44, 0.43]  # pace 0.80 at t = 3, then 0.17 and 0.16
+    flat_at = [TaskGate().verdict(_signal(start, levels[:t]), 0.5).flat for t in range(1, 6)]
+    assert flat_at == [False, False, False, False, True]  # t = 4 is the first flat reading, t = 5 the second
+    assert TaskGate(patience=1).verdict(_signal(start, levels[:4]), 0.5).flat
+    assert not TaskGate(patience=1).verdict(_signal(start, levels[:3]), 0.5).flat
+    # lag 1 at t = 2: one interval decides, below min_window
+    assert not TaskGate(patience=1).verdict(_signal(start, [1.0, 0.99]), 0.5).flat
+    assert TaskGate(patience=1, min_window=1).verdict(_signal(start, [1.0, 0.99]), 0.5).flat
 
 
 def test_the_signal_survives_a_checkpoint_and_rejects_malformed_state():

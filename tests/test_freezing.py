@@ -61,7 +61,7 @@ def test_convergence_decisions(policy, similarities, expected):
 
 
 def _decide(policy: FreezePolicy, streaks: dict[str, int] | None = None, **evidence) -> list[FreezeDecision]:
-    """The decisions at one measurement; ``streaks`` (when given) takes the updated counts, as the monitor keeps them."""
+    """The decisions at one measurement; ``streaks`` (when given) takes the updated counts, as the monitor does."""
     outcome = policy.decide(Evidence(**evidence), streaks)
     if streaks is not None:
         streaks.clear()

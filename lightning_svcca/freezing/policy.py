@@ -48,13 +48,15 @@ _ORDERS = ("bottom_up", "any")
 _CONVERGENCE_METRICS = ("svcca", "pwcca", "linear_cka", "cca")
 _CACHE_KEYS = ("bytes", "index")
 _CACHE_DEVICES = ("auto", "cpu", "device")
-#: Each shorthand mode's rule keywords: ``FreezePolicy`` keyword -> the rule's field.
+#: Each shorthand mode's rule and keywords: ``FreezePolicy`` keyword -> the rule's field.
 _MODE_KEYWORDS: dict[str, tuple[type[FreezeRule], dict[str, str]]] = {
     "movement": (Movement, {"movement_threshold": "threshold", "lag_fraction": "lag_fraction"}),
     "convergence": (Convergence, {"threshold": "threshold", "lag": "lag", "noise_aware": "noise_aware"}),
     "linear": (LinearSchedule, {}),
     "schedule": (Schedule, {"schedule": "epochs"}),
 }
+#: The shorthand keywords a mode cannot do without.
+_REQUIRED = {"schedule": "schedule={layer: epoch, ...}"}
 #: The shorthand cache keywords' defaults: ``FreezePolicy`` keyword -> (:class:`PrefixCacheOptions` field, default).
 _CACHE_KEYWORDS: dict[str, tuple[str, Any]] = {
     "cache_max_bytes": ("max_bytes", 2**30),
@@ -325,8 +327,9 @@ def _rule(rule: FreezeRule | None, mode: str | None, keywords: dict[str, Any]) -
         owners = [other for other, (_, names) in _MODE_KEYWORDS.items() if set(foreign) <= set(names)]
         hint = f"; set mode={owners[0]!r} (rule={_MODE_KEYWORDS[owners[0]][0].__name__}(...))" if owners else ""
         raise ValueError(f"FreezePolicy: {foreign} set for mode={mode!r}, which does not use them{hint}")
-    if mode == "schedule" and not keywords.get("schedule"):
-        raise ValueError("FreezePolicy(mode='schedule') needs schedule={layer: epoch, ...}")
+    missing = [form for name, form in _REQUIRED.items() if name in fields and not keywords.get(name)]
+    if missing:
+        raise ValueError(f"FreezePolicy(mode={mode!r}) needs {missing[0]}")
     return kind(**{fields[name]: value for name, value in keywords.items()})
 
 

@@ -53,7 +53,8 @@ class Freezer:
 
     Args:
         hard: hard or soft freezing (the callback decides at fit start).
-        policy: the freeze policy; its ``cache_outputs`` and ``cache_max_bytes`` drive the prefix cache.
+        policy: the freeze policy; its ``cache`` (:class:`~lightning_svcca.freezing.policy.PrefixCacheOptions`)
+            drives the prefix cache.
         spill_dir: called for a fresh directory when cached outputs outgrow ``cache_max_bytes``.
         logger: where the prefix cache says when it engages, serves and turns off (``None``: silent; the
             monitor passes its runtime's logger on rank zero).

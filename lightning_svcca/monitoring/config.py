@@ -133,8 +133,8 @@ class MonitorConfig:
     heatmap_time_share: float = 0.05
     #: Parsed references, with a convergence policy's lag reference appended when it is not "previous".
     references: list[Reference] = field(init=False)
-    #: The reference a convergence policy judges by: a layer's snapshot ``lag`` epochs earlier (``"movement"``: a
-    #: fraction of the measurements earlier, named ``lag{fraction}t``, with ``"initial"``).
+    #: The reference the freeze rule judges by (its ``lagged`` snapshot): ``lag`` epochs earlier (``Convergence``)
+    #: or a fraction of the measurements earlier, named ``lag{fraction}t``, with ``"initial"`` (``Movement``).
     lag_reference: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:

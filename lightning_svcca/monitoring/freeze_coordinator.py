@@ -138,7 +138,7 @@ class FreezingCoordinator:
     ) -> None:
         """Decide on rank zero from this measurement's ``rows``, broadcast, and freeze on every process alike.
 
-        ``measurement``: measurements since the first (what the ``"movement"`` rule's lag grows with; default
+        ``measurement``: measurements since the first (what the ``Movement`` rule's lag grows with; default
         ``epoch``). ``probe_loss``: the probe's own loss at this measurement, for the task gate.
         """
         assert self.policy is not None and self.prefix is not None

@@ -149,7 +149,7 @@ class FreezePolicy:
 
     def __init__(
         self,
-        rule: FreezeRule | None = None,
+        rule: FreezeRule = Movement(),  # noqa: B008 - frozen, so one shared default is safe
         *,
         task: TaskGate | None = TaskGate(),  # noqa: B008 - frozen, so one shared default is safe
         metric: str = "svcca",
@@ -310,14 +310,17 @@ class FreezeOutcome:
     notes: dict[str, str]
 
 
-def _rule(rule: FreezeRule | None, mode: str | None, keywords: dict[str, Any]) -> FreezeRule:
-    """The policy's rule: ``rule``, or the one the shorthand ``mode`` and rule keywords name (default Movement)."""
-    if rule is not None and (mode is not None or keywords) and rule != Movement():
+def _rule(rule: FreezeRule, mode: str | None, keywords: dict[str, Any]) -> FreezeRule:
+    """The policy's rule: ``rule``, or the one the shorthand ``mode`` and rule keywords name (default Movement).
+
+    A rule equal to the default ``Movement()`` gives way to the shorthand (LightningCLI passes the default along).
+    """
+    if mode is None and not keywords:
+        return rule
+    if rule != Movement():
         raise ValueError(
             f"FreezePolicy: give rule= or the shorthand {['mode', *keywords] if mode else list(keywords)}, not both"
         )
-    if rule is not None and mode is None and not keywords:
-        return rule
     mode = mode or "movement"
     if mode not in _MODE_KEYWORDS:
         raise ValueError(f"FreezePolicy.mode must be one of {tuple(_MODE_KEYWORDS)}, got {mode!r}")

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from freeze_benchmark import bert_workloads, conv_workload, fit, run_quietly  # noqa: E402
 from freeze_workloads import Sizes  # noqa: E402
 
-from lightning_svcca import FreezePolicy  # noqa: E402
+from lightning_svcca import Movement  # noqa: E402
 from lightning_svcca.freezing.task_signal import (  # noqa: E402
     START_BATCHES,
     CurveReading,
@@ -125,7 +125,7 @@ def replay(workloads: list[str], seeds: list[int]) -> None:
             for epoch, accuracy in enumerate(recorded["test_accuracy"], start=1):
                 signal.levels.append(statistics.mean(losses[(epoch - 1) * per_epoch : epoch * per_epoch]))
                 signal.probe.append(recorded["held_out_losses"][epoch])
-                verdict = gate.verdict(signal, FreezePolicy().lag_fraction)
+                verdict = gate.verdict(signal, Movement().loss_window)
                 training = _pace(_reading("training loss", signal.start, signal.levels))
                 probe = _pace(_reading("probe loss", signal.probe[0], signal.probe[1:]))
                 mark = "F" if verdict.flat else "." if verdict.allows else "x"
@@ -136,7 +136,7 @@ def replay(workloads: list[str], seeds: list[int]) -> None:
 
 
 def _reading(name: str, start: float | None, values: list) -> CurveReading | None:
-    return read_curve(name, start, values, FreezePolicy().lag_fraction)
+    return read_curve(name, start, values, Movement().loss_window)
 
 
 def _pace(reading: CurveReading | None) -> str:

@@ -50,7 +50,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn import functional
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_svcca import FreezePolicy, Runtime, SVCCAMonitor
+from lightning_svcca import FreezePolicy, Runtime, Schedule, SVCCAMonitor
 
 LAYERS = ("act1", "act2", "act3", "head")
 SCHEDULE = {"act1": 1, "act2": 2}
@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         layers=LAYERS,
         reference=("previous", "initial"),
         metrics=("svcca", "linear_cka"),
-        freeze=FreezePolicy(mode="schedule", schedule=SCHEDULE),
+        freeze=FreezePolicy(Schedule(SCHEDULE)),
         log_dir=args.log_dir,
         runtime=Runtime.distributed(trainable.model, after_freeze=trainable.wrap, max_epochs=epochs),
     )

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_svcca import FreezePolicy, SVCCACallback
+from lightning_svcca import FreezePolicy, LinearSchedule, SVCCACallback
 
 from common import cpu_threads
 from digits import DigitsCNN, accuracy, load_data
@@ -113,7 +113,7 @@ def skipped_share(model: nn.Module, callback: SVCCACallback, epochs: int, batch:
 
 def variants() -> dict[str, FreezePolicy | None]:
     """The three variants compared (the convergence policy with the package's defaults)."""
-    return {"no freezing": None, "linear schedule": FreezePolicy(mode="linear"), "convergence": FreezePolicy()}
+    return {"no freezing": None, "linear schedule": FreezePolicy(LinearSchedule()), "convergence": FreezePolicy()}
 
 
 def main(argv: list[str] | None = None) -> list[Result]:

@@ -45,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from lightning_svcca import FreezePolicy
+from lightning_svcca import FreezePolicy, Schedule
 from lightning_svcca.huggingface import SVCCATrainerCallback
 
 from distributed_loop import GLOBAL_BATCH, LAYERS, SCHEDULE, build_model, synthetic_data
@@ -109,7 +109,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         layers=LAYERS,
         reference=("previous", "initial"),
         metrics=("svcca", "linear_cka"),
-        freeze=FreezePolicy(mode="schedule", schedule=SCHEDULE),
+        freeze=FreezePolicy(Schedule(SCHEDULE)),
     )
     record = ParameterRecord()
     training_args = TrainingArguments(

@@ -28,7 +28,7 @@ from torch.nn import functional
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_svcca import FreezePolicy, SVCCAMonitor
+from lightning_svcca import Convergence, FreezePolicy, SVCCAMonitor
 
 from common import HelpFormatter, add_run_arguments, history_value, run_example
 from digits import DigitsNet, accuracy, load_data
@@ -45,7 +45,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     loader = DataLoader(train_data, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(args.seed))
     args.root.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(args.root))
-    policy = FreezePolicy(mode="convergence", lag=2, threshold=0.98) if args.freeze else None
+    policy = FreezePolicy(Convergence(threshold=0.98, lag=2)) if args.freeze else None
     with SVCCAMonitor(
         model,
         probe=test_data.tensors[0][: 200 if args.quick else 500],

@@ -4,7 +4,8 @@ The math (:func:`cca`, :func:`svcca`, :func:`pwcca`, :func:`linear_cka`) is plai
 runs it on a probe batch from any training loop; :class:`SVCCACallback` (for ``pytorch_lightning``;
 ``lightning_svcca.lightning.SVCCACallback`` for ``lightning.pytorch``) is the Lightning callback around it, and
 ``lightning_svcca.huggingface.SVCCATrainerCallback`` the HuggingFace ``Trainer`` one. Converged layers can be
-frozen with a :class:`FreezePolicy`.
+frozen with a :class:`FreezePolicy` and its rule (:class:`Movement`, :class:`Convergence`,
+:class:`LinearSchedule`, :class:`Schedule`).
 
 The names below are imported on first use (PEP 562): ``import lightning_svcca`` loads nothing heavy, the math and
 the monitor load torch and numpy only, and Lightning, TensorBoard and matplotlib are imported when a callback, a
@@ -18,7 +19,9 @@ from typing import TYPE_CHECKING
 from lightning_svcca._lazy import lazy_attributes
 
 if TYPE_CHECKING:
-    from lightning_svcca.freezing.policy import FreezePolicy
+    from lightning_svcca.freezing.policy import FreezePolicy, PrefixCacheOptions
+    from lightning_svcca.freezing.rules import Convergence, LinearSchedule, Movement, Schedule
+    from lightning_svcca.freezing.task_signal import TaskGate
     from lightning_svcca.integrations.callback import SVCCACallback
     from lightning_svcca.measures import (
         CCAResult,
@@ -54,6 +57,12 @@ __version__ = "0.1.0"
 _MODULES = {
     "SVCCACallback": "integrations.callback",
     "FreezePolicy": "freezing.policy",
+    "PrefixCacheOptions": "freezing.policy",
+    "Convergence": "freezing.rules",
+    "LinearSchedule": "freezing.rules",
+    "Movement": "freezing.rules",
+    "Schedule": "freezing.rules",
+    "TaskGate": "freezing.task_signal",
     "Runtime": "monitoring.runtime",
     "SVCCAMonitor": "monitoring.monitor",
     "SVCCAMonitorWarning": "monitoring.monitor",
@@ -91,14 +100,20 @@ _MODULES = {
 
 __all__ = [
     "CCAResult",
+    "Convergence",
     "Decomposition",
     "FreezePolicy",
     "MinibatchCKA",
+    "LinearSchedule",
+    "Movement",
+    "PrefixCacheOptions",
     "Runtime",
     "SVCCACallback",
     "SVCCAMonitor",
     "SVCCAMonitorWarning",
+    "Schedule",
     "SimilarityWarning",
+    "TaskGate",
     "TensorBoardWriter",
     "TooFewDatapointsWarning",
     "ZeroVarianceError",

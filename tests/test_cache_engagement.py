@@ -222,11 +222,11 @@ def test_usage_judges_speed_from_whole_step_times():
 
 
 def test_policy_checks_the_cache_options():
-    assert FreezePolicy(cache_key="index", cache_device="cpu").cache_device == "cpu"
-    with pytest.raises(ValueError, match="cache_key must be one of"):
-        FreezePolicy(cache_key="hash")
-    with pytest.raises(ValueError, match="cache_device must be one of"):
-        FreezePolicy(cache_device="gpu")
+    assert FreezePolicy(cache_outputs=True, cache_key="index", cache_device="cpu").cache.device == "cpu"
+    with pytest.raises(ValueError, match="key must be one of"):
+        FreezePolicy(cache_outputs=True, cache_key="hash")
+    with pytest.raises(ValueError, match="device must be one of"):
+        FreezePolicy(cache_outputs=True, cache_device="gpu")
 
 
 def test_store_keeps_rows_on_the_device_tier_first_then_host_then_files(tmp_path):

@@ -10,7 +10,18 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from lightning_svcca import FreezePolicy, SVCCACallback, SVCCAMonitor, SVCCAMonitorWarning
+from lightning_svcca import (
+    Convergence,
+    FreezePolicy,
+    LinearSchedule,
+    Movement,
+    PrefixCacheOptions,
+    Schedule,
+    SVCCACallback,
+    SVCCAMonitor,
+    SVCCAMonitorWarning,
+)
+from lightning_svcca.freezing import Evidence, FreezeDecision
 from lightning_svcca.freezing.blocks import freeze_blocks
 from lightning_svcca.freezing.freezer import Freezer
 
@@ -25,42 +36,62 @@ LAYERS = ["relu1", "relu2", "relu3", "fc2"]
 # ---------------------------------------------------------------------------------------------------------------
 
 
+CONVERGED = Convergence(threshold=0.9)
+
+
 @pytest.mark.parametrize(
     ("policy", "similarities", "expected"),
     [
         # bottom-up: relu2 has converged but relu1 below it has not, so nothing freezes
-        (FreezePolicy(mode="convergence", threshold=0.9), {"a": 0.5, "b": 0.95, "c": 0.95}, []),
-        (FreezePolicy(mode="convergence", threshold=0.9), {"a": 0.95, "b": 0.95, "c": 0.5}, ["a", "b"]),
+        (FreezePolicy(CONVERGED), {"a": 0.5, "b": 0.95, "c": 0.95}, []),
+        (FreezePolicy(CONVERGED), {"a": 0.95, "b": 0.95, "c": 0.5}, ["a", "b"]),
         # any order: every converged layer below the kept top
-        (FreezePolicy(mode="convergence", threshold=0.9, order="any"), {"a": 0.5, "b": 0.95, "c": 0.95}, ["b", "c"]),
+        (FreezePolicy(CONVERGED, order="any"), {"a": 0.5, "b": 0.95, "c": 0.95}, ["b", "c"]),
         # keep_last=2 protects the two top layers
-        (FreezePolicy(mode="convergence", threshold=0.9, keep_last=2), {"a": 0.95, "b": 0.95, "c": 0.95}, ["a", "b"]),
+        (FreezePolicy(CONVERGED, keep_last=2), {"a": 0.95, "b": 0.95, "c": 0.95}, ["a", "b"]),
         # max_frozen bounds the count
-        (FreezePolicy(mode="convergence", threshold=0.9, max_frozen=1), {"a": 0.95, "b": 0.95, "c": 0.95}, ["a"]),
+        (FreezePolicy(CONVERGED, max_frozen=1), {"a": 0.95, "b": 0.95, "c": 0.95}, ["a"]),
         # min_epochs: too early
-        (FreezePolicy(mode="convergence", threshold=0.9, min_epochs=11), {"a": 0.95, "b": 0.95, "c": 0.95}, []),
+        (FreezePolicy(CONVERGED, min_epochs=11), {"a": 0.95, "b": 0.95, "c": 0.95}, []),
     ],
 )
 def test_convergence_decisions(policy, similarities, expected):
-    decisions = policy.decide(10, ["a", "b", "c", "d"], {}, {}, similarities)
+    decisions = policy.decide(Evidence(10, ["a", "b", "c", "d"], similarities=similarities)).decisions
     assert [decision.layer for decision in decisions] == expected
     assert all("0.95" in decision.reason for decision in decisions)
 
 
+def _decide(policy: FreezePolicy, streaks: dict[str, int] | None = None, **evidence) -> list[FreezeDecision]:
+    """The decisions at one measurement; ``streaks`` (when given) takes the updated counts, as the monitor does."""
+    outcome = policy.decide(Evidence(**evidence), streaks)
+    if streaks is not None:
+        streaks.clear()
+        streaks.update(outcome.streaks)
+    return outcome.decisions
+
+
 def test_patience_counts_consecutive_measurements():
-    policy = FreezePolicy(mode="convergence", threshold=0.9, patience=2, keep_last=0)
+    policy = FreezePolicy(CONVERGED, patience=2, keep_last=0)
     streaks: dict[str, int] = {}
-    assert policy.decide(5, ["a"], {}, streaks, {"a": 0.95}) == []
-    assert policy.decide(6, ["a"], {}, streaks, {"a": 0.5}) == []  # streak broken
-    assert policy.decide(7, ["a"], {}, streaks, {"a": 0.95}) == []
-    assert [d.layer for d in policy.decide(8, ["a"], {}, streaks, {"a": 0.95})] == ["a"]
+    assert _decide(policy, streaks, epoch=5, layers=["a"], similarities={"a": 0.95}) == []
+    assert _decide(policy, streaks, epoch=6, layers=["a"], similarities={"a": 0.5}) == []  # streak broken
+    assert _decide(policy, streaks, epoch=7, layers=["a"], similarities={"a": 0.95}) == []
+    assert [d.layer for d in _decide(policy, streaks, epoch=8, layers=["a"], similarities={"a": 0.95})] == ["a"]
+
+
+def test_decide_returns_the_streaks_and_leaves_the_callers_alone():
+    policy = FreezePolicy(CONVERGED, patience=2, keep_last=0)
+    streaks = {"a": 1}
+    outcome = policy.decide(Evidence(5, ["a"], similarities={"a": 0.95}), streaks)
+    assert streaks == {"a": 1} and outcome.streaks == {"a": 2} and [d.layer for d in outcome.decisions] == ["a"]
 
 
 def test_noise_aware_judges_the_excess_over_the_shuffled_baseline():
-    policy = FreezePolicy(mode="convergence", threshold=0.9, noise_aware=True, keep_last=0)
+    policy = FreezePolicy(Convergence(threshold=0.9, noise_aware=True), keep_last=0)
     # 0.95 looks converged, but with a baseline of 0.8 it is only (0.95 - 0.8) / 0.2 = 0.75 of the way
-    assert policy.decide(5, ["a"], {}, {}, {"a": 0.95}, {"a": 0.8}) == []
-    assert [d.layer for d in policy.decide(5, ["a"], {}, {}, {"a": 0.99}, {"a": 0.8})] == ["a"]
+    assert _decide(policy, epoch=5, layers=["a"], similarities={"a": 0.95}, baselines={"a": 0.8}) == []
+    [decision] = _decide(policy, epoch=5, layers=["a"], similarities={"a": 0.99}, baselines={"a": 0.8})
+    assert decision.layer == "a" and "above the shuffled baseline 0.8000" in decision.reason
 
 
 def _movement(recent_moved: float, total_moved: float) -> tuple[float, float]:
@@ -68,90 +99,145 @@ def _movement(recent_moved: float, total_moved: float) -> tuple[float, float]:
     return 1.0 - recent_moved, 1.0 - total_moved
 
 
+def _moved(epoch: int, recent_moved: float, total_moved: float, **more) -> dict:
+    """Evidence keywords for one layer ``a`` that moved ``recent_moved`` lately and ``total_moved`` in all."""
+    recent, total = _movement(recent_moved, total_moved)
+    return {"epoch": epoch, "layers": ["a"], "similarities": {"a": recent}, "initial": {"a": total}, **more}
+
+
 def test_the_default_rule_judges_recent_movement_against_movement_since_the_start():
     policy = FreezePolicy(keep_last=0)
-    assert policy.mode == "movement" and policy.lag_fraction == 0.5 and policy.movement_threshold == 0.75
+    assert policy.rule == Movement(threshold=0.75, lag_fraction=0.5)
     # t = 8: lag = floor(0.5 * 8 + 0.5) = 4; a steady pace moves (4/8)^2 = 1/4 of the total in the last 4
-    steady, slowed = _movement(0.01 / 4, 0.01), _movement(0.01 / 16, 0.01)
-    decide = policy.decide
-    assert decide(8, ["a"], {}, {}, {"a": steady[0]}, initial={"a": steady[1]}) == []
-    [decision] = decide(8, ["a"], {}, {}, {"a": slowed[0]}, initial={"a": slowed[1]})
+    assert _decide(policy, **_moved(8, 0.01 / 4, 0.01)) == []
+    [decision] = _decide(policy, **_moved(8, 0.01 / 16, 0.01))
     assert "relative movement 0.250 < 0.75" in decision.reason and "over the last 4 measurement(s)" in decision.reason
     # scale-free: a LoRA-like layer that moved 1e-4 in all reads the same as one that moved 1e-2
-    tiny = _movement(1e-4 / 16, 1e-4)
-    assert [d.layer for d in decide(8, ["a"], {}, {}, {"a": tiny[0]}, initial={"a": tiny[1]})] == ["a"]
+    assert [d.layer for d in _decide(policy, **_moved(8, 1e-4 / 16, 1e-4))] == ["a"]
     # the lag counts measurements when given (every k epochs, or by steps): t = 4 -> lag 2, r = 1/4 is steady
-    assert decide(8, ["a"], {}, {}, {"a": steady[0]}, initial={"a": steady[1]}, measurement=4) == []
+    assert _decide(policy, **_moved(8, 0.01 / 4, 0.01, measurement=4)) == []
 
 
 def test_a_layer_with_nothing_trainable_counts_as_converged_and_unmeasurable_layers_wait():
     policy = FreezePolicy()
-    streaks: dict[str, int] = {}
     similarities = initial = {"emb": 1.0, "a": 0.99, "b": 0.8}  # at t = 1 the lagged snapshot is the first
-    decisions = policy.decide(1, ["emb", "a", "b"], {}, streaks, similarities, initial=initial, idle=["emb"])
+    outcome = policy.decide(Evidence(1, ["emb", "a", "b"], similarities=similarities, initial=initial, idle=["emb"]))
     # t = 1: every moving layer is at its steady pace by definition (rho = 1); the one with nothing trainable is ready
+    decisions = outcome.decisions
     assert [d.layer for d in decisions] == ["emb"] and "nothing of its own trains" in decisions[0].reason
-    assert streaks == {"emb": 1, "a": 0, "b": 0}
-    assert policy.decide(1, ["a", "b"], {}, {}, {"a": 0.99}, initial={}) == []  # no initial value: no decision
+    assert outcome.streaks == {"emb": 1, "a": 0, "b": 0}
+    assert _decide(policy, epoch=1, layers=["a", "b"], similarities={"a": 0.99}) == []  # no initial value: no decision
     # a movement below MIN_MOVEMENT is snapshot rounding (a LoRA adapter's first steps): its ratio is not judged
-    noise = _movement(1e-8, 5e-7)
-    assert policy.decide(8, ["a", "b"], {}, {}, {"a": noise[0]}, initial={"a": noise[1]}) == []
+    assert _decide(policy, **_moved(8, 1e-8, 5e-7)) == []
 
 
 def test_the_first_measurement_is_not_judged_even_under_a_threshold_above_one():
     # at t = 1 the lagged snapshot is the first one: rho = 1 by definition, whatever the layer did
-    policy = FreezePolicy(movement_threshold=1.5, keep_last=0)
+    policy = FreezePolicy(Movement(threshold=1.5), keep_last=0)
     streaks: dict[str, int] = {}
-    moved = _movement(0.3, 0.3)
-    assert policy.decide(1, ["a"], {}, streaks, {"a": moved[0]}, initial={"a": moved[1]}) == []
+    assert _decide(policy, streaks, **_moved(1, 0.3, 0.3)) == []
     assert streaks == {"a": 0}
     # t = 2, lag 1: the second epoch moved a quarter of the total, rho = 0.25 * 2**2 = 1 < 1.5
-    second = _movement(0.3 / 4, 0.3)
-    [decision] = policy.decide(2, ["a"], {}, streaks, {"a": second[0]}, initial={"a": second[1]})
+    [decision] = _decide(policy, streaks, **_moved(2, 0.3 / 4, 0.3))
     assert decision.layer == "a" and "relative movement 1.000 < 1.5" in decision.reason
 
 
 def test_movement_patience_and_min_epochs():
     policy = FreezePolicy(patience=2, min_epochs=3, keep_last=0)
     streaks: dict[str, int] = {}
-    quiet = {"similarities": {"a": 1.0 - 1e-6}, "initial": {"a": 0.9}}
-    assert policy.decide(2, ["a"], {}, streaks, quiet["similarities"], initial=quiet["initial"]) == []
-    assert policy.decide(3, ["a"], {}, streaks, quiet["similarities"], initial=quiet["initial"]) != []
+    quiet = {"layers": ["a"], "similarities": {"a": 1.0 - 1e-6}, "initial": {"a": 0.9}}
+    outcome = policy.decide(Evidence(2, **quiet), streaks)
+    assert outcome.decisions == [] and "freezing starts at epoch 3" not in outcome.notes["a"]  # patience: 1 of 2
+    streaks = dict(outcome.streaks)
+    assert _decide(policy, dict(streaks), epoch=3, **quiet) != []
+    early = policy.decide(Evidence(2, **quiet), streaks)  # ready, but before min_epochs: a note says so
+    assert early.decisions == [] and early.notes["a"].endswith("freezing starts at epoch 3")
 
 
 def test_linear_schedule_places_layer_i_at_i_over_l_of_training():
-    policy = FreezePolicy(mode="linear", keep_last=0)
+    policy = FreezePolicy(LinearSchedule(), keep_last=0)
     assert policy.freeze_epochs(["a", "b", "c", "d"], 20) == {"a": 5, "b": 10, "c": 15, "d": 20}
-    assert [d.layer for d in policy.decide(10, ["a", "b", "c", "d"], {}, {}, {}, max_epochs=20)] == ["a", "b"]
+    assert [d.layer for d in _decide(policy, epoch=10, layers=["a", "b", "c", "d"], max_epochs=20)] == ["a", "b"]
 
 
 def test_scheduled_freezes_give_their_reason_in_plain_words():
-    schedule = FreezePolicy(mode="schedule", schedule={"a": 1}, keep_last=0)
-    assert [d.reason for d in schedule.decide(1, ["a"], {}, {}, {})] == ["scheduled for epoch 1"]
-    linear = FreezePolicy(mode="linear")
-    assert [d.reason for d in linear.decide(2, ["a", "b"], {}, {}, {}, max_epochs=4)] == [
+    schedule = FreezePolicy(Schedule({"a": 1}), keep_last=0)
+    assert [d.reason for d in _decide(schedule, epoch=1, layers=["a"])] == ["scheduled for epoch 1"]
+    linear = FreezePolicy(LinearSchedule())
+    assert [d.reason for d in _decide(linear, epoch=2, layers=["a", "b"], max_epochs=4)] == [
         "scheduled for epoch 2 by the linear schedule"
     ]
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("build", "match"),
     [
-        ({"mode": "sometimes"}, "mode must be one of"),
-        ({"cache_max_bytes": -1}, "cache_max_bytes must be >= 0 or None"),
-        ({"metric": "cosine"}, "metric must be one of"),
-        ({"threshold": 1.5}, r"threshold must be in \(0, 1\]"),
-        ({"mode": "convergence", "lag": 0}, "lag must be >= 1"),
-        ({"lag": 2}, r"\['lag'\] set for mode='movement'"),
-        ({"threshold": 0.9}, r"\['threshold'\] set for mode='movement'"),
-        ({"lag_fraction": 0.0}, r"lag_fraction must be in \(0, 1\]"),
-        ({"movement_threshold": 0.0}, "movement_threshold must be > 0"),
-        ({"order": "top_down"}, "order must be one of"),
-        ({"mode": "schedule"}, "needs schedule="),
-        ({"schedule": {"a": 1}}, "only used with mode='schedule'"),
+        (lambda: FreezePolicy(mode="sometimes"), "mode must be one of"),
+        (lambda: PrefixCacheOptions(max_bytes=-1), "max_bytes must be >= 0 or None"),
+        (lambda: FreezePolicy(metric="cosine"), "metric must be one of"),
+        (lambda: Convergence(threshold=1.5), r"threshold must be in \(0, 1\]"),
+        (lambda: Convergence(lag=0), "lag must be >= 1"),
+        (lambda: Movement(lag_fraction=0.0), r"lag_fraction must be in \(0, 1\]"),
+        (lambda: Movement(threshold=0.0), "threshold must be > 0"),
+        (lambda: FreezePolicy(order="top_down"), "order must be one of"),
+        (lambda: FreezePolicy(patience=0), "patience must be >= 1"),
+        (lambda: Schedule({}), "needs epochs="),
     ],
 )
-def test_policy_rejects_bad_values(kwargs, match):
+def test_policy_and_rules_reject_bad_values(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_a_rule_given_by_name_is_refused_with_the_way_to_name_it():
+    with pytest.raises(TypeError, match="must be a freeze rule"):
+        FreezePolicy("convergence")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("shorthand", "rule"),
+    [
+        ({}, Movement()),
+        ({"mode": "movement", "movement_threshold": 0.5, "lag_fraction": 0.25}, Movement(0.5, 0.25)),
+        ({"mode": "convergence"}, Convergence()),
+        ({"mode": "convergence", "threshold": 0.5, "lag": 2, "noise_aware": True}, Convergence(0.5, 2, True)),
+        ({"mode": "linear"}, LinearSchedule()),
+        ({"mode": "schedule", "schedule": {"a": 1}}, Schedule({"a": 1})),
+    ],
+)
+def test_the_old_keywords_are_a_shorthand_for_the_rule(shorthand, rule):
+    assert FreezePolicy(**shorthand).rule == rule
+    assert FreezePolicy(**shorthand) == FreezePolicy(rule)
+
+
+def test_the_cache_keywords_are_a_shorthand_for_its_options():
+    assert FreezePolicy().cache is None and not FreezePolicy().cache_outputs
+    assert FreezePolicy(cache_outputs=True).cache == PrefixCacheOptions()
+    shorthand = FreezePolicy(cache_outputs=True, cache_max_bytes=None, cache_key="index", cache_device="cpu")
+    assert shorthand == FreezePolicy(cache=PrefixCacheOptions(max_bytes=None, key="index", device="cpu"))
+    assert shorthand.cache_outputs
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"cache_max_bytes": -1, "cache_outputs": True}, "max_bytes must be >= 0 or None"),
+        ({"cache_key": "index"}, r"\['cache_key'\] only apply with cache_outputs=True"),
+        ({"cache_outputs": True, "cache": PrefixCacheOptions()}, "not both"),
+        ({"mode": "convergence", "threshold": 1.5}, r"threshold must be in \(0, 1\]"),
+        ({"mode": "convergence", "lag": 0}, "lag must be >= 1"),
+        ({"lag": 2}, r"\['lag'\] set for mode='movement'.*mode='convergence'"),
+        ({"threshold": 0.9}, r"\['threshold'\] set for mode='movement'"),
+        ({"noise_aware": True}, r"\['noise_aware'\] set for mode='movement'"),
+        ({"mode": "convergence", "lag_fraction": 0.3}, r"\['lag_fraction'\] set for mode='convergence'"),
+        ({"lag_fraction": 0.0}, r"lag_fraction must be in \(0, 1\]"),
+        ({"movement_threshold": 0.0}, "threshold must be > 0"),
+        ({"mode": "schedule"}, "needs schedule="),
+        ({"schedule": {"a": 1}}, r"\['schedule'\] set for mode='movement'.*mode='schedule'"),
+        ({"rule": Convergence(), "lag": 2}, "give rule= or the shorthand"),
+    ],
+)
+def test_the_shorthand_rejects_what_the_policy_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FreezePolicy(**kwargs)
 
@@ -161,8 +247,9 @@ def test_callback_checks_the_policy_against_its_cadence():
         SVCCACallback(probe=torch.zeros(4, 3), freeze=FreezePolicy(mode="convergence", lag=3), every_n_epochs=2)
     with pytest.raises(ValueError, match="does not\\s+measure; add it"):
         SVCCACallback(probe=torch.zeros(4, 3), freeze=FreezePolicy(metric="pwcca"), metrics=["svcca"])
-    with pytest.raises(ValueError, match="noise_aware=True\\) needs the shuffled baseline"):
-        SVCCACallback(probe=torch.zeros(4, 3), freeze=FreezePolicy(noise_aware=True), baseline=False)
+    with pytest.raises(ValueError, match="noise_aware=True\\) reads the shuffled baseline"):
+        freeze = FreezePolicy(Convergence(lag=1, noise_aware=True))
+        SVCCACallback(probe=torch.zeros(4, 3), freeze=freeze, baseline=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -424,13 +511,15 @@ def test_a_layer_without_parameters_of_its_own_is_not_reported_as_a_freeze(tmp_p
 
 def test_the_fine_tuning_preset_is_the_convergence_policy_with_its_documented_settings():
     policy = FreezePolicy.for_fine_tuning()
-    assert (policy.mode, policy.lag, policy.patience, policy.keep_last, policy.cache_outputs) == (
-        "convergence",
-        1,
+    assert (policy.rule, policy.patience, policy.keep_last, policy.cache) == (
+        Convergence(lag=1),
         2,
         2,
-        True,
+        PrefixCacheOptions(),
     )
-    assert FreezePolicy.for_fine_tuning(keep_last=1, threshold=0.98).keep_last == 1
+    tuned = FreezePolicy.for_fine_tuning(keep_last=1, threshold=0.98)
+    assert tuned.keep_last == 1 and tuned.rule == Convergence(threshold=0.98, lag=1)
+    assert FreezePolicy.for_fine_tuning(rule=Movement(), cache=None) == FreezePolicy(patience=2, keep_last=2)
+    assert FreezePolicy.for_fine_tuning(cache_outputs=False).cache is None
     with pytest.raises(ValueError, match="lag must be >= 1"):
         FreezePolicy.for_fine_tuning(lag=0)

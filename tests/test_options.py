@@ -230,3 +230,31 @@ def test_lightning_cli_help_shows_each_options_doc(capsys, cli_module, demos_mod
     for name, doc in _doc_entries(adapter.__doc__).items():
         assert re.search(rf"--trainer\.callbacks\.{name}({name.upper()}|{{true,false}})", shown), name
         assert "".join(doc.split()) in shown, name  # the whole entry
+
+
+@pytest.mark.parametrize(
+    "freeze",
+    [
+        {"rule": {"class_path": "lightning_svcca.Schedule", "init_args": {"epochs": {"layer": 1}}}, "keep_last": 0},
+        {"rule": {"class_path": "Schedule", "init_args": {"epochs": {"layer": 1}}}, "keep_last": 0, "cache": {}},
+        {"mode": "schedule", "schedule": {"layer": 1}, "keep_last": 0, "cache_outputs": True, "cache_key": "index"},
+    ],
+    ids=["class_path", "short_class_name", "shorthand"],
+)
+def test_lightning_cli_writes_a_policy_with_its_rule(tmp_path, freeze, request):
+    """A rule by class path or short name, the cache options as a mapping, or the first form's shorthand."""
+    pytest.importorskip("jsonargparse")
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lightning_svcca import PrefixCacheOptions, Schedule, TaskGate
+
+    callback = {"class_path": "lightning_svcca.lightning.SVCCACallback", "init_args": {"freeze": freeze}}
+    trainer_args = {"callbacks": [callback], "default_root_dir": str(tmp_path), "logger": False}
+    cli = LightningCLI(BoringModel, run=False, args={"trainer": trainer_args}, save_config_callback=None)
+    [svcca] = [c for c in cli.trainer.callbacks if type(c).__name__ == "SVCCACallback"]
+    cache = {"class_path": None, "short_class_name": PrefixCacheOptions(), "shorthand": PrefixCacheOptions(key="index")}
+    assert svcca.config.freeze == FreezePolicy(
+        Schedule({"layer": 1}), keep_last=0, cache=cache[request.node.callspec.id]
+    )
+    assert svcca.config.freeze.task == TaskGate()

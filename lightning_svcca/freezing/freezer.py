@@ -53,7 +53,8 @@ class Freezer:
 
     Args:
         hard: hard or soft freezing (the callback decides at fit start).
-        policy: the freeze policy; its ``cache_outputs`` and ``cache_max_bytes`` drive the prefix cache.
+        policy: the freeze policy; its ``cache`` (:class:`~lightning_svcca.freezing.policy.PrefixCacheOptions`)
+            drives the prefix cache.
         spill_dir: called for a fresh directory when cached outputs outgrow ``cache_max_bytes``.
         logger: where the prefix cache says when it engages, serves and turns off (``None``: silent; the
             monitor passes its runtime's logger on rank zero).
@@ -158,7 +159,7 @@ class Freezer:
     @property
     def caching(self) -> bool:
         """Whether the policy asks for the frozen-prefix cache."""
-        return self.policy is not None and self.policy.cache_outputs
+        return self.policy is not None and self.policy.cache is not None
 
     def cached_layers(self) -> list[str]:
         """The frozen layers of the prefix cache, bottom-up, once it has verified them; ``[]`` before or without.
@@ -189,7 +190,7 @@ class Freezer:
 
     def _update_cache(self, model: nn.Module) -> None:
         """Cache the frozen prefix: the frozen layers at positions 0, 1, ... up to the first unfrozen one."""
-        if self.policy is None or not self.policy.cache_outputs or self._cache_refused:
+        if self.policy is None or self.policy.cache is None or self._cache_refused:
             return
         if self.cache is not None and not self.cache.enabled:
             if self.cache.usage.faster is False:  # not faster on this prefix: a longer one may pay
@@ -228,26 +229,26 @@ class Freezer:
         self, model: nn.Module, modules: list[str], boundary: str, below: PrefixCache | None
     ) -> PrefixCache:
         """A cache on the prefix up to ``boundary``, with the policy's options, announced in the log."""
-        policy = self.policy
-        assert policy is not None
-        device_bytes = _device_budget(model, policy.cache_device, policy.cache_max_bytes)
+        assert self.policy is not None and self.policy.cache is not None
+        options = self.policy.cache
+        device_bytes = _device_budget(model, options.device, options.max_bytes)
         cache = PrefixCache(
             model,
             modules,
             boundary,
-            policy.cache_max_bytes,
+            options.max_bytes,
             self._spill_dir,
             below=below,
-            key=policy.cache_key,
+            key=options.key,
             device_bytes=device_bytes,
             logger=self._logger,
             built_in_epoch=self._epoch,
         )
         where = f"on {cache.store.device} up to {device_bytes / 2**20:.0f} MiB, then " if device_bytes else ""
-        budget = "unbounded" if policy.cache_max_bytes is None else f"{policy.cache_max_bytes / 2**20:.0f} MiB"
+        budget = "unbounded" if options.max_bytes is None else f"{options.max_bytes / 2**20:.0f} MiB"
         self._say(
             f"frozen-prefix cache engaged up to {boundary!r} ({len(cache.outermost) + 1} modules skipped when served):"
-            f" samples keyed by {'dataset index' if policy.cache_key == 'index' else 'input bytes'}, outputs kept"
+            f" samples keyed by {'dataset index' if options.key == 'index' else 'input bytes'}, outputs kept"
             f" {where}in host memory ({budget} in all), then in files; it serves once every sample of a batch is"
             " cached and checked"
         )
@@ -276,7 +277,7 @@ class Freezer:
 
 
 def _device_budget(model: nn.Module, where: str, max_bytes: int | None) -> int:
-    """Bytes of cached outputs to keep on the model's device, for ``FreezePolicy.cache_device``."""
+    """Bytes of cached outputs to keep on the model's device, for ``PrefixCacheOptions.device``."""
     device = next((parameter.device for parameter in model.parameters()), torch.device("cpu"))
     if where == "cpu" or device.type == "cpu":
         return 0

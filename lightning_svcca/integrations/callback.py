@@ -190,8 +190,8 @@ class _SVCCACallbackCore(_CallbackBase):
                 )
             return
         policy = self.config.freeze
-        if policy is not None and policy.mode == "linear" and (trainer.max_epochs is None or trainer.max_epochs < 1):
-            raise ValueError("FreezePolicy(mode='linear') spreads freezes over max_epochs: set Trainer(max_epochs=...)")
+        if policy is not None:
+            policy.rule.check_fit(trainer.max_epochs)
         self._close_monitor()
         self._epoch_offset = int(trainer.current_epoch)
         debugging = bool(getattr(trainer, "fast_dev_run", False))  # Lightning writes no logs then; neither do we

@@ -152,8 +152,8 @@ class MonitorConfig:
     heatmap_time_share: float = 0.05
     #: Parsed references, with a convergence policy's lag reference appended when it is not "previous".
     references: list[Reference] = field(init=False)
-    #: The reference a convergence policy judges by: a layer's snapshot ``lag`` epochs earlier (``"movement"``: a
-    #: fraction of the measurements earlier, named ``lag{fraction}t``, with ``"initial"``).
+    #: The reference the freeze rule judges by (its ``lagged`` snapshot): ``lag`` epochs earlier (``Convergence``)
+    #: or a fraction of the measurements earlier, named ``lag{fraction}t``, with ``"initial"`` (``Movement``).
     lag_reference: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -216,33 +216,36 @@ class MonitorConfig:
         freeze, metrics = self.freeze, self.metrics
         if freeze is not None and not isinstance(freeze, FreezePolicy):
             raise TypeError(f"freeze must be a FreezePolicy or None, got {type(freeze).__name__}")
-        if freeze is not None and freeze.mode == "convergence" and not by_step and freeze.lag % cadence:
+        if freeze is None:
+            return
+        lagged = freeze.rule.lagged
+        if lagged is not None and lagged.lag and not by_step and lagged.lag % cadence:
             raise ValueError(
-                f"FreezePolicy.lag={freeze.lag} must be a multiple of every_n_epochs={self.every_n_epochs}:"
-                " convergence compares a layer with its snapshot lag epochs earlier, so that epoch must be measured"
+                f"{freeze.rule!r}: lag={lagged.lag} must be a multiple of every_n_epochs={self.every_n_epochs}:"
+                " the rule compares a layer with its snapshot lag epochs earlier, so that epoch must be measured"
             )
-        if freeze is not None and freeze.mode in ("movement", "convergence") and freeze.metric not in metrics:
+        if freeze.rule.reads_task and freeze.metric not in metrics:
             raise ValueError(
                 f"FreezePolicy(metric={freeze.metric!r}) judges convergence by a metric the monitor does not"
                 f" measure; add it: metrics={(*metrics, freeze.metric)}"
             )
-        if freeze is not None and freeze.noise_aware and not self.baseline:
-            raise ValueError("FreezePolicy(noise_aware=True) needs the shuffled baseline: keep baseline=True")
+        if freeze.rule.needs_baseline and not self.baseline:
+            raise ValueError(f"{freeze.rule!r} reads the shuffled baseline (noise_aware=True): keep baseline=True")
 
     def _add_freeze_references(self, cadence: int) -> None:
-        """The references a freeze policy reads: a fixed lag (convergence), a growing lag and the first (movement)."""
-        freeze = self.freeze
-        if freeze is not None and freeze.mode == "convergence":
-            # per epoch, lag counts epochs; every k steps, it counts measurements
-            self.lag_reference = "previous" if freeze.lag == cadence else f"lag{freeze.lag}"
+        """The references a freeze rule reads: a fixed lag (convergence), a growing lag and the first (movement)."""
+        lagged = None if self.freeze is None else self.freeze.rule.lagged
+        if lagged is None:
+            return
+        if lagged.fraction:  # a lag that grows with the run
+            self.lag_reference = f"lag{lagged.fraction:g}t"
+            self.references.append(Reference(self.lag_reference, ReferenceKind.LAG, fraction=lagged.fraction))
+        else:  # per epoch, lag counts epochs; every k steps, it counts measurements
+            self.lag_reference = "previous" if lagged.lag == cadence else f"lag{lagged.lag}"
             if self.lag_reference not in self.reference_names:
-                self.references.append(Reference(self.lag_reference, ReferenceKind.LAG, lag=freeze.lag))
-        if freeze is not None and freeze.mode == "movement":
-            # a lag that grows with the run, and the first snapshot: the two sides of the relative movement
-            self.lag_reference = f"lag{freeze.lag_fraction:g}t"
-            self.references.append(Reference(self.lag_reference, ReferenceKind.LAG, fraction=freeze.lag_fraction))
-            if "initial" not in self.reference_names:
-                self.references.append(Reference("initial", ReferenceKind.INITIAL))
+                self.references.append(Reference(self.lag_reference, ReferenceKind.LAG, lag=lagged.lag))
+        if lagged.initial and "initial" not in self.reference_names:
+            self.references.append(Reference("initial", ReferenceKind.INITIAL))
 
     @property
     def cross_layer_moments(self) -> tuple[float, ...]:

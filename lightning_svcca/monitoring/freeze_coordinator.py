@@ -10,7 +10,6 @@ freeze state across checkpoints.
 
 from __future__ import annotations
 
-import math
 import tempfile
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +24,7 @@ from lightning_svcca.freezing.blocks import freeze_blocks, freeze_message, train
 from lightning_svcca.freezing.freezer import Freezer
 from lightning_svcca.freezing.frozen_prefix import FrozenPrefix
 from lightning_svcca.freezing.policy import FreezeDecision
+from lightning_svcca.freezing.rules import Evidence
 from lightning_svcca.freezing.task_signal import TaskSignal, TaskVerdict
 from lightning_svcca.monitoring.config import MonitorConfig
 from lightning_svcca.monitoring.runtime import Runtime
@@ -92,29 +92,16 @@ class FreezingCoordinator:
         )
 
     def _warn_if_too_short(self, every: int | None) -> None:
-        """Say so when the movement rule measures too few times in this fit for a freeze to pay.
+        """Say so when the rule measures too few times in this fit for a freeze to pay (``every``: per epochs).
 
-        It judges a layer from the second measurement after the first snapshot on (at the first, the lagged snapshot
-        is the first one), so the earliest freeze comes ``2 * every`` epochs into the fit (``every``: the config's
-        ``every_n_epochs``).
+        The movement rule judges a layer from the second measurement after the first snapshot on (at the first, the
+        lagged snapshot is the first one), so its earliest freeze comes ``2 * every`` epochs into the fit.
         """
-        max_epochs = self.runtime.max_epochs
-        if self.policy is None or self.policy.mode != "movement" or self.lag_in_measurements or not every:
+        if self.policy is None or self.lag_in_measurements or not every:
             return
-        if not max_epochs or max_epochs < 0:
-            return
-        measurements = math.ceil(max_epochs / every)  # the end of the fit is measured too
-        if measurements > 3:
-            return
-        left = max_epochs - 2 * every
-        can = "nothing before the end" if left <= 0 else f"for the last {left} of its {max_epochs} epochs at most"
-        self._warn_once(
-            "freeze-short-run",
-            f"FreezePolicy(mode='movement') measures {measurements} time(s) in this fit (max_epochs="
-            f"{max_epochs}, every_n_epochs={every}) and judges a layer from its second measurement on, so it can"
-            f" freeze {can}. Measure by steps (every_n_train_steps=...) to give it more points, or freeze at epochs"
-            " you choose (FreezePolicy(mode='schedule', schedule=...))",
-        )
+        warning = self.policy.rule.short_fit_warning(self.runtime.max_epochs, every)
+        if warning is not None:
+            self._warn_once("freeze-short-run", warning)
 
     # ------------------------------------------------------------------------------------------------------------
     # At each measurement
@@ -151,7 +138,7 @@ class FreezingCoordinator:
     ) -> None:
         """Decide on rank zero from this measurement's ``rows``, broadcast, and freeze on every process alike.
 
-        ``measurement``: measurements since the first (what the ``"movement"`` rule's lag grows with; default
+        ``measurement``: measurements since the first (what the ``Movement`` rule's lag grows with; default
         ``epoch``). ``probe_loss``: the probe's own loss at this measurement, for the task gate.
         """
         assert self.policy is not None and self.prefix is not None
@@ -174,37 +161,37 @@ class FreezingCoordinator:
     def _decide(
         self, rows: Sequence[Mapping[str, Any]], epoch: int, layers: Sequence[str], measurement: int | None
     ) -> list[FreezeDecision]:
-        """The policy's decisions from the lag reference's, the initial and the baseline's values (updates streaks)."""
+        """The policy's decisions from the lag reference's, the initial and the baseline's values (keeps streaks)."""
         policy = self.policy
         assert policy is not None and self.prefix is not None
         idle: list[str] = []
-        if policy.mode == "movement":
+        if policy.rule.reads_idle:
             blocks = freeze_blocks(self.prefix.completion, layers, self.model)
             idle = [layer for layer, block in blocks.items() if not trainable_parameters(self.model, block)]
         task = self._task_verdict()
-        notes: dict[str, str] = {}
-        decisions = policy.decide(
-            epoch,
-            layers,
-            self.frozen,
-            self.streaks,
-            values_of(rows, self.lag_reference, policy.metric),
-            values_of(rows, "baseline", policy.metric),
-            self.runtime.max_epochs,
-            compared_with=f"the snapshot {policy.lag} measurement(s) earlier" if self.lag_in_measurements else None,
+        evidence = Evidence(
+            epoch=epoch,
+            layers=layers,
+            frozen=self.frozen,
+            similarities=values_of(rows, self.lag_reference, policy.metric),
             initial=values_of(rows, "initial", policy.metric),
+            baselines=values_of(rows, "baseline", policy.metric),
             measurement=measurement,
+            max_epochs=self.runtime.max_epochs,
+            lag_in_measurements=self.lag_in_measurements,
             idle=idle,
             task=task,
-            notes=notes,
+            metric=policy.metric,
         )
-        self._say_why_waiting(decisions, layers, task, notes)
-        return decisions
+        outcome = policy.decide(evidence, self.streaks)
+        self.streaks = outcome.streaks
+        self._say_why_waiting(outcome.decisions, layers, task, outcome.notes)
+        return outcome.decisions
 
     def _task_verdict(self) -> TaskVerdict | None:
-        """The policy's task gate on the loss seen so far (``None`` without a gate or for a fixed schedule)."""
+        """The policy's task gate on the loss seen so far (``None`` without a gate or for a rule that reads none)."""
         policy = self.policy
-        if policy is None or policy.task is None or policy.mode not in ("movement", "convergence"):
+        if policy is None or policy.task is None or not policy.rule.reads_task:
             return None
         if not self.task.seen and len(self.task.probe) > 1:  # measured after training steps, and no loss came
             self._warn_once(
@@ -214,7 +201,7 @@ class FreezingCoordinator:
                 " pass the loss themselves; a plain loop passes it with monitor.observe_loss(loss) after each"
                 " step (or measure(..., loss=...)). FreezePolicy(task=None) silences this",
             )
-        return policy.task.verdict(self.task, policy.lag_fraction)
+        return policy.task.verdict(self.task, policy.rule.loss_window)
 
     def _say_why_waiting(
         self,

@@ -41,12 +41,8 @@ def check_against_model(config: MonitorConfig, specs: Sequence[LayerSpec]) -> No
         elif reference.kind is ReferenceKind.CHECKPOINT and not Path(reference.source).is_file():
             raise FileNotFoundError(f"reference {reference.name!r}: no checkpoint file at {reference.source}")
     policy = config.freeze
-    if policy is not None and policy.mode == "schedule":
-        unknown = sorted(set(policy.freeze_epochs(names, None)) - set(names))
-        if unknown:
-            raise ValueError(
-                f"FreezePolicy.schedule names layers that are not monitored: {unknown}; monitored: {names}"
-            )
+    if policy is not None:
+        policy.rule.check_layers(names)
 
 
 def probe_from_config(config: MonitorConfig, warn_once: WarnFn) -> Probe:

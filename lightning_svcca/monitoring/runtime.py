@@ -52,7 +52,7 @@ class Runtime:
         convert_input: applied to each probe chunk before the forward pass (e.g. casting floating inputs to a
             ``bf16-true`` model's dtype, as the trainer does with training batches).
         after_freeze: called on every process after layers were frozen (e.g. to rebuild a DDP wrapper).
-        max_epochs: the run's length in epochs, for ``FreezePolicy(mode="linear")`` and cross-layer moments.
+        max_epochs: the run's length in epochs, for the ``LinearSchedule`` freeze rule and cross-layer moments.
         max_steps: the run's length in optimizer steps, for cross-layer moments when measuring by steps.
         logger: where freeze events are logged as text.
         probe_as_training: whether the probe's forward pass computes as the training step's does (``False`` under

@@ -65,6 +65,9 @@ from freeze_workloads import (  # noqa: E402
     fixed_shifts,
     markov_task,
 )
+from pretrain_stdlib_bert import Settings as StdlibSettings  # noqa: E402
+from pretrain_stdlib_bert import pretrained, stdlib_config  # noqa: E402
+from stdlib_corpus import HELD_OUT, package_task  # noqa: E402
 
 from lightning_svcca import FreezePolicy, SVCCACallback  # noqa: E402
 
@@ -183,6 +186,23 @@ def bert_workloads(seed: int, sizes: Sizes, root: Path) -> dict[str, Workload]:
     }  # fmt: skip
 
 
+def stdlib_workload(sizes: Sizes) -> Workload:
+    """(e): the stdlib-pretrained BERT fine-tuned on which held-out package a window comes from.
+
+    The weights come from ``pretrain_stdlib_bert.pretrained`` (cached, trained on first use), the task from
+    ``stdlib_corpus.package_task``; data and weights are the same for every seed (the head's init is not).
+    """
+    settings = StdlibSettings.quick() if sizes.stdlib_quick_pretraining else StdlibSettings()
+    encoder, vocabulary = pretrained(settings)
+    pretrained_model = BertClassifier(len(HELD_OUT), config=stdlib_config(len(vocabulary)))
+    pretrained_model.bert.load_state_dict(encoder)
+    train, test = package_task(vocabulary, sizes.stdlib_windows, sizes.stdlib_test_windows)
+    return Workload(
+        lambda: pretrained_model.fine_tuning(len(HELD_OUT), 5e-4, lora=False), TensorDataset(*train), test,
+        sizes.stdlib_epochs, train[0][:256],
+    )  # fmt: skip
+
+
 def run_all(
     workloads: list[str],
     seeds: list[int],
@@ -200,11 +220,13 @@ def run_all(
     warm_up = Workload(ResNetLike, warm.train, warm.test, 2, warm.probe)
     for variant in (None, FreezePolicy(cache_outputs=True)):  # imports and first calls: paid by no measured fit
         fit(ResNetLike(), warm_up, variant, 0, root / "warm-up")
-    conv = {key: conv_workload(key, sizes) for key in workloads if key in "ab"}
+    fixed = {key: conv_workload(key, sizes) for key in workloads if key in "ab"}
+    if "e" in workloads:
+        fixed["e"] = stdlib_workload(sizes)
     for seed in seeds:
         bert = bert_workloads(seed, sizes, root) if {"c", "d"} & set(workloads) else {}
         for key in workloads:
-            work = conv.get(key) or bert[key]
+            work = fixed.get(key) or bert[key]
             pl.seed_everything(seed, verbose=False)
             initial = work.make_model()
             for name, variant in variants_for(initial.layers, work.epochs).items():

@@ -2,7 +2,10 @@
 
 Workloads (``freeze_workloads.py``): (a) from scratch with random shifts, (b) from scratch on fixed inputs, both a
 ResNet-style net on digits at 32x32; (c) fine-tuning a small BERT pretrained in the benchmark (untimed);
-(d) LoRA fine-tuning of that BERT. Every baseline trains under a cosine learning rate to its plateau.
+(d) LoRA fine-tuning of that BERT; (e) fine-tuning a small BERT pretrained by masked-language modelling on the
+Python standard library's source (``pretrain_stdlib_bert.py``: cached, trained on first use, untimed) on which of
+eight held-out stdlib packages a window of code comes from (``stdlib_corpus.py``). Every baseline trains under a
+cosine learning rate to its plateau.
 
 Variants, all run side by side for each seed (same initial weights, same data order, interleaved so that drift on
 a shared machine hits them alike):
@@ -26,7 +29,7 @@ baseline's final accuracy minus 0.3 points (mean over seeds; ``never`` when a se
 the cache's served share and the freeze epochs of the first seed. Each fit's line, printed as it ends, also gives
 its test accuracy and training time at every epoch end (the per-seed time-to-accuracy curve).
 
-Run: ``python benchmarks/freeze_benchmark.py [--workloads a b c d] [--seeds 0 1 2] [--threads 1] [--quick]
+Run: ``python benchmarks/freeze_benchmark.py [--workloads a b c d e] [--seeds 0 1 2] [--threads 1] [--quick]
 [--variants NAME ...]``.
 A full run at one thread on an idle 2-core machine takes about 45 minutes (the BERT pretraining included).
 """

@@ -11,6 +11,11 @@
   sequences, then fine-tuned on telling 4 other chains of the same language apart (a fresh head), AdamW with a
   warm-up then a cosine learning rate.
 * (d) the same fine-tune with PEFT LoRA on ``query`` and ``value`` (rank 8); the head trains in full.
+* (e) fine-tuning a small BERT (hidden 128, 4 layers, no dropout) pretrained by masked-language modelling on the
+  Python standard library's source (``pretrain_stdlib_bert.py``, cached) on which of eight stdlib packages held
+  out of the pretraining a 63-token window of code comes from (``stdlib_corpus.py``; training and test windows
+  from different files), AdamW with a warm-up then a cosine learning rate. Its data and model code live in those
+  two modules; here only its sizes (``Sizes.stdlib_*``) and the :class:`BertClassifier` it shares with (c).
 
 The chains of a language share a base transition table; each chain adds a perturbation that mixes the language's
 16 perturbation tables (its "topics") with its own weights. A class is read from bigram statistics over the whole

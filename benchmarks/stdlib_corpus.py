@@ -3,18 +3,19 @@
 * **Corpus.** The ``.py`` files under ``sysconfig.get_paths()["stdlib"]`` (the running interpreter's), sorted by
   their path relative to it, without ``site-packages``, the test suites (any ``test``/``tests`` directory),
   ``idlelib``, ``turtledemo``, the generated ``pydoc_data`` and ``encodings`` (codec tables), ``__phello__`` and the
-  build configuration (``config-*``, ``_sysconfigdata*``). About 5 MB of code on CPython 3.11. The stdlib differs a
+  build configuration (``config-*``, ``_sysconfigdata*``). About 9 MB of code on CPython 3.11. The stdlib differs a
   little between Python versions; :func:`corpus_hash` (every file's path and bytes) keys the cached pretraining.
 * **Tokenizer.** :func:`tokenize`: a regular expression splits the text into identifiers/words, numbers, newlines
   and punctuation (common two-character operators kept whole); no whitespace otherwise. The vocabulary
   (:class:`Vocabulary`) is ``[PAD] [UNK] [CLS] [MASK]`` then the most frequent tokens of the pretraining corpus
   (ties broken by the token's text), so it is the same on every machine with the same corpus.
-* **Split.** The files of :data:`HELD_OUT` (eight packages, about 2.3 MB) are kept out of the pretraining
+* **Split.** The files of :data:`HELD_OUT` (eight packages, about 2.9 MB) are kept out of the pretraining
   (masked-language modelling, ``pretrain_stdlib_bert.py``) and make the fine-tuning task.
 * **Fine-tuning task** (:func:`package_task`): which of the eight held-out packages a window of 63 consecutive
   tokens (after ``[CLS]``: 64 positions) comes from. The windows of training and test come from different files:
-  within each package the files, sorted, go to the test set when their index is ``1 mod 4``, to training
-  otherwise. Windows are cut without overlap from each file and drawn balanced per package with a fixed seed. It
+  within each package whole files go to the test set, largest first, while they fit in a quarter of the package's
+  text; the rest to training. Windows are cut without overlap from each file and drawn balanced per package with a
+  fixed seed. It
   is the kind of task a code model is fine-tuned for (topic classification of unseen code), it needs what masked
   language modelling of code teaches (which names, keywords and idioms go together), and it cannot be solved by
   memorising a file; accuracy stays well below 100% (some windows are generic: imports, ``__init__`` plumbing).

@@ -2,7 +2,10 @@
 
 Workloads (``freeze_workloads.py``): (a) from scratch with random shifts, (b) from scratch on fixed inputs, both a
 ResNet-style net on digits at 32x32; (c) fine-tuning a small BERT pretrained in the benchmark (untimed);
-(d) LoRA fine-tuning of that BERT. Every baseline trains under a cosine learning rate to its plateau.
+(d) LoRA fine-tuning of that BERT; (e) fine-tuning a small BERT pretrained by masked-language modelling on the
+Python standard library's source (``pretrain_stdlib_bert.py``: cached, trained on first use, untimed) on which of
+eight held-out stdlib packages a window of code comes from (``stdlib_corpus.py``). Every baseline trains under a
+cosine learning rate to its plateau.
 
 Variants, all run side by side for each seed (same initial weights, same data order, interleaved so that drift on
 a shared machine hits them alike):
@@ -27,7 +30,7 @@ baseline's final accuracy minus 0.3 points (mean over seeds; ``never`` when a se
 the cache's served share and the freeze epochs of the first seed. Each fit's line, printed as it ends, also gives
 its test accuracy and training time at every epoch end (the per-seed time-to-accuracy curve).
 
-Run: ``python benchmarks/freeze_benchmark.py [--workloads a b c d] [--seeds 0 1 2] [--threads 1] [--quick]
+Run: ``python benchmarks/freeze_benchmark.py [--workloads a b c d e] [--seeds 0 1 2] [--threads 1] [--quick]
 [--variants NAME ...]``.
 A full run at one thread on an idle 2-core machine takes about 45 minutes (the BERT pretraining included).
 """
@@ -66,6 +69,9 @@ from freeze_workloads import (  # noqa: E402
     fixed_shifts,
     markov_task,
 )
+from pretrain_stdlib_bert import Settings as StdlibSettings  # noqa: E402
+from pretrain_stdlib_bert import pretrained, stdlib_config  # noqa: E402
+from stdlib_corpus import HELD_OUT, package_task  # noqa: E402
 
 from lightning_svcca import FreezePolicy, SVCCACallback  # noqa: E402
 
@@ -206,6 +212,23 @@ def bert_workloads(seed: int, sizes: Sizes, root: Path) -> dict[str, Workload]:
     }  # fmt: skip
 
 
+def stdlib_workload(sizes: Sizes) -> Workload:
+    """(e): the stdlib-pretrained BERT fine-tuned on which held-out package a window comes from.
+
+    The weights come from ``pretrain_stdlib_bert.pretrained`` (cached, trained on first use), the task from
+    ``stdlib_corpus.package_task``; data and weights are the same for every seed (the head's init is not).
+    """
+    settings = StdlibSettings.quick() if sizes.stdlib_quick_pretraining else StdlibSettings()
+    encoder, vocabulary = pretrained(settings)
+    pretrained_model = BertClassifier(len(HELD_OUT), config=stdlib_config(len(vocabulary)))
+    pretrained_model.bert.load_state_dict(encoder)
+    train, test = package_task(vocabulary, sizes.stdlib_windows, sizes.stdlib_test_windows)
+    return Workload(
+        lambda: pretrained_model.fine_tuning(len(HELD_OUT), 5e-4, lora=False), TensorDataset(*train), test,
+        sizes.stdlib_epochs, train[0][:256],
+    )  # fmt: skip
+
+
 def run_all(
     workloads: list[str],
     seeds: list[int],
@@ -223,11 +246,13 @@ def run_all(
     warm_up = Workload(ResNetLike, warm.train, warm.test, 2, warm.probe)
     for variant in (None, FreezePolicy(cache_outputs=True)):  # imports and first calls: paid by no measured fit
         fit(ResNetLike(), warm_up, variant, 0, root / "warm-up")
-    conv = {key: conv_workload(key, sizes) for key in workloads if key in "ab"}
+    fixed = {key: conv_workload(key, sizes) for key in workloads if key in "ab"}
+    if "e" in workloads:
+        fixed["e"] = stdlib_workload(sizes)
     for seed in seeds:
         bert = bert_workloads(seed, sizes, root) if {"c", "d"} & set(workloads) else {}
         for key in workloads:
-            work = conv.get(key) or bert[key]
+            work = fixed.get(key) or bert[key]
             pl.seed_everything(seed, verbose=False)
             initial = work.make_model()
             for name, variant in variants_for(initial.layers, work.epochs).items():

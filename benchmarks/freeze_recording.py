@@ -11,7 +11,7 @@ callback's noise floor). So any rule that needs ``s(t, t - lag)`` for any lag ca
 Activations are reduced as the callback's ``reduction="positions"`` does: each conv position or sequence token
 is a datapoint, at most ``4096 // 256 = 16`` per probe sample (a fixed random choice, the same at every epoch).
 
-Run: ``python benchmarks/freeze_recording.py --workloads a b c d --seeds 0 [--quick] [--out DIR]``; writes
+Run: ``python benchmarks/freeze_recording.py --workloads a b c d [e] --seeds 0 [--quick] [--out DIR]``; writes
 ``{out}/{workload}_seed{seed}.json`` with the layers, the epochs, the per-epoch test accuracy and CPU seconds,
 and the rows.
 """
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from freeze_benchmark import Workload, bert_workloads, conv_workload, fit  # noqa: E402
+from freeze_benchmark import Workload, bert_workloads, conv_workload, fit, stdlib_workload  # noqa: E402
 from freeze_workloads import Sizes  # noqa: E402
 
 from lightning_svcca import svcca  # noqa: E402
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.seeds:
             bert = bert_workloads(seed, sizes, Path(scratch)) if {"c", "d"} & set(args.workloads) else {}
             for key in args.workloads:
-                work = conv_workload(key, sizes) if key in "ab" else bert[key]
+                work = conv_workload(key, sizes) if key in "ab" else stdlib_workload(sizes) if key == "e" else bert[key]
                 result = {"workload": key, "seed": seed, **record(work, seed, Path(scratch) / key)}
                 (args.out / f"{key}_seed{seed}.json").write_text(json.dumps(result))
                 print(f"{key} seed {seed}: accuracy {[round(a, 4) for a in result['accuracy']]}", flush=True)

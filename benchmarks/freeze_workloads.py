@@ -11,6 +11,11 @@
   sequences, then fine-tuned on telling 4 other chains of the same language apart (a fresh head), AdamW with a
   warm-up then a cosine learning rate.
 * (d) the same fine-tune with PEFT LoRA on ``query`` and ``value`` (rank 8); the head trains in full.
+* (e) fine-tuning a small BERT (hidden 128, 4 layers, no dropout) pretrained by masked-language modelling on the
+  Python standard library's source (``pretrain_stdlib_bert.py``, cached) on which of eight stdlib packages held
+  out of the pretraining a 63-token window of code comes from (``stdlib_corpus.py``; training and test windows
+  from different files), AdamW with a warm-up then a cosine learning rate. Its data and model code live in those
+  two modules; here only its sizes (``Sizes.stdlib_*``) and the :class:`BertClassifier` it shares with (c).
 
 The chains of a language share a base transition table; each chain adds a perturbation that mixes the language's
 16 perturbation tables (its "topics") with its own weights. A class is read from bigram statistics over the whole
@@ -39,6 +44,7 @@ TITLES = {
     "b": "(b) from scratch, fixed inputs, ResNet-style net, digits at 32x32",
     "c": "(c) fine-tuning a small BERT (pretrained in the benchmark on other chains of the same language)",
     "d": "(d) LoRA fine-tuning (query, value) of the BERT of (c)",
+    "e": "(e) fine-tuning a small BERT pretrained (MLM) on the Python stdlib's source: which package a window is from",
 }
 
 
@@ -54,13 +60,18 @@ class Sizes:
     finetune_epochs: int = 8
     lora_epochs: int = 8
     limit: int | None = None  # training images of (a), (b) (None: all 1257)
+    stdlib_windows: int = 2400  # (e): training windows (300 per package); test windows below
+    stdlib_test_windows: int = 1200
+    stdlib_epochs: int = 8
+    stdlib_quick_pretraining: bool = False  # (e): pretrain_stdlib_bert.Settings.quick() instead of the full run
 
     @classmethod
     def quick(cls) -> Sizes:
         """A smoke test: seconds per fit."""
         return cls(
             copies=1, conv_epochs=3, sequences=128, test_sequences=64, pretrain_epochs=1, finetune_epochs=3,
-            lora_epochs=3, limit=128,
+            lora_epochs=3, limit=128, stdlib_windows=128, stdlib_test_windows=64, stdlib_epochs=3,
+            stdlib_quick_pretraining=True,
         )  # fmt: skip
 
 
@@ -218,18 +229,24 @@ def markov_task(
 
 
 class BertClassifier(Classifier):
-    """A 4-layer BERT (hidden 64, 4 heads, no dropout) and a linear head on the [CLS] position."""
+    """A BERT and a linear head on the [CLS] position; by default 4 layers, hidden 64, 4 heads, no dropout.
 
-    def __init__(self, classes: int, lr: float = 1e-3) -> None:
+    Args:
+        classes: the head's outputs.
+        lr: peak learning rate (AdamW, 10% warm-up, cosine).
+        config: a ``transformers.BertConfig`` instead of the default ((e) passes its own).
+    """
+
+    def __init__(self, classes: int, lr: float = 1e-3, config: object | None = None) -> None:
         import transformers
 
         super().__init__(lr, "adamw", warmup=0.1)
-        config = transformers.BertConfig(
+        config = config or transformers.BertConfig(
             vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
             max_position_embeddings=LENGTH, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         )  # fmt: skip
         self.bert: nn.Module = transformers.BertModel(config, add_pooling_layer=False)
-        self.head = nn.Linear(64, classes)
+        self.head = nn.Linear(config.hidden_size, classes)
 
     @property
     def layers(self) -> list[str]:
@@ -245,7 +262,7 @@ class BertClassifier(Classifier):
     def fine_tuning(self, classes: int, lr: float, lora: bool) -> BertClassifier:
         """A copy with a fresh head for ``classes`` and learning rate ``lr``, with LoRA adapters when ``lora``."""
         model = copy.deepcopy(self)
-        model.lr, model.head = lr, nn.Linear(64, classes)
+        model.lr, model.head = lr, nn.Linear(self.head.in_features, classes)
         if lora:
             from peft import LoraConfig, get_peft_model
 

@@ -156,3 +156,35 @@ def test_sharded_probe(capsys):
         ("sharded", "1"),
     ]
     assert sum("sharded / unsharded" in line for line in lines) == 2
+
+
+@pytest.mark.slow
+def test_pretrain_stdlib_bert_caches_and_prints_its_loss_curve(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_SVCCA_BENCH_CACHE", str(tmp_path))
+    _, lines = run_quick(capsys, "pretrain_stdlib_bert")
+    assert any(line.startswith("pretrained in") for line in lines)
+    curve = numbers(next(line for line in lines if line.startswith("MLM loss by span")))
+    assert curve[-1] < curve[0]  # the loss falls, even in 30 steps
+    (directory,) = tmp_path.glob("stdlib_bert-*")
+    weights = (directory / "model.pt").read_bytes()
+    _, lines = run_quick(capsys, "pretrain_stdlib_bert")  # cached: not trained again
+    assert any(line.startswith("cached in") for line in lines)
+    _, lines = run_quick(capsys, "pretrain_stdlib_bert", "--force")  # trained again: the same weights
+    assert (directory / "model.pt").read_bytes() == weights or _same_state(directory, weights)
+
+
+def _same_state(directory: Path, weights: bytes) -> bool:
+    import io
+
+    saved = torch.load(io.BytesIO(weights), weights_only=True)
+    again = torch.load(directory / "model.pt", weights_only=True)
+    return all(torch.equal(saved[key], again[key]) for key in saved)
+
+
+@pytest.mark.slow
+def test_stdlib_transfer(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_SVCCA_BENCH_CACHE", str(tmp_path))
+    _, lines = run_quick(capsys, "stdlib_transfer")
+    assert [line.split(",")[0] for line in lines if line.startswith("(e)")] == [
+        "(e) pretrained encoder", "(e) random encoder",
+    ]  # fmt: skip

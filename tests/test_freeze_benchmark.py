@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -58,14 +59,16 @@ def test_scale_free_rule_is_scale_free_and_passes_layers_that_never_moved():
 
 
 @pytest.mark.slow
-def test_quick_mode_runs_every_variant(tmp_path, capsys):
+def test_quick_mode_runs_every_variant(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_SVCCA_BENCH_CACHE", str(tmp_path / "cache"))  # (e)'s quick pretraining, afresh
     sys.path.insert(0, str(BENCHMARKS))
     try:
         module = _load("freeze_benchmark")
-        results = module.main(["--quick", "--workloads", "b", "d", "--threads", "1", "--root", str(tmp_path)])
+        results = module.main(["--quick", "--workloads", "b", "d", "e", "--threads", "1", "--root", str(tmp_path)])
     finally:
         sys.path.remove(str(BENCHMARKS))
-    assert set(results) == {"b", "d"}
+    assert set(results) == {"b", "d", "e"}
+    assert list((tmp_path / "cache").glob("stdlib_bert-*/model.pt"))
     for variants in results.values():
         assert set(variants) == set(module.variants())
         assert all(len(runs) == 1 and runs[0].points for runs in variants.values())
@@ -73,6 +76,32 @@ def test_quick_mode_runs_every_variant(tmp_path, capsys):
     assert len(results["b"]["linear schedule"][0].frozen) == 4
     table = capsys.readouterr().out
     assert "(b) from scratch, fixed inputs" in table and "(d) LoRA" in table and "time to acc" in table
+    assert "(e) fine-tuning a small BERT pretrained (MLM) on the Python stdlib" in table
+
+
+def test_stdlib_corpus_is_deterministic_and_its_task_splits_packages_by_file():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        corpus = _load("stdlib_corpus")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    files = corpus.stdlib_files()
+    assert files == sorted(files, key=lambda path: path.as_posix()) and "os.py" in {path.as_posix() for path in files}
+    assert not any(path.parts[0] in ("site-packages", "idlelib", "test") for path in files)
+    assert corpus.tokenize("def f(x):\n    return x ** 2 # ok") == [
+        "def", "f", "(", "x", ")", ":", "\n", "return", "x", "**", "2", "#", "ok",
+    ]  # fmt: skip
+    texts = [corpus.read(path) for path in corpus.pretraining_files()[::16]]
+    vocabulary = corpus.Vocabulary.build(texts, 512)
+    assert vocabulary.tokens == corpus.Vocabulary.build(reversed(texts), 512).tokens  # order-free, ties by text
+    assert vocabulary.tokens[:4] == list(corpus.SPECIALS) and len(vocabulary) == 512
+    (x, y), (test_x, test_y) = corpus.package_task(vocabulary, 80, 40)
+    assert x.shape == (80, corpus.WINDOW) and test_x.shape == (40, corpus.WINDOW) and (x[:, 0] == corpus.CLS).all()
+    assert y.bincount().tolist() == [10] * 8 and test_y.bincount().tolist() == [5] * 8
+    again = corpus.package_task(vocabulary, 80, 40)
+    assert torch.equal(again[0][0], x) and torch.equal(again[1][1], test_y)
+    # no window of the test set occurs in the training set: they come from different files
+    assert not ({tuple(row) for row in x.tolist()} & {tuple(row) for row in test_x.tolist()})
 
 
 def test_replay_prints_its_table_from_the_committed_histories():

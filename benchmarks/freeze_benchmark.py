@@ -222,10 +222,11 @@ def stdlib_workload(sizes: Sizes) -> Workload:
     encoder, vocabulary = pretrained(settings)
     pretrained_model = BertClassifier(len(HELD_OUT), config=stdlib_config(len(vocabulary)))
     pretrained_model.bert.load_state_dict(encoder)
-    train, test = package_task(vocabulary, sizes.stdlib_windows, sizes.stdlib_test_windows)
+    held = min(256, sizes.stdlib_test_windows // 4)  # the validation probe: windows of the test files, not tested
+    train, (x, y) = package_task(vocabulary, sizes.stdlib_windows, sizes.stdlib_test_windows + held)
     return Workload(
-        lambda: pretrained_model.fine_tuning(len(HELD_OUT), 5e-4, lora=False), TensorDataset(*train), test,
-        sizes.stdlib_epochs, train[0][:256],
+        lambda: pretrained_model.fine_tuning(len(HELD_OUT), 5e-4, lora=False), TensorDataset(*train),
+        (x[held:], y[held:]), sizes.stdlib_epochs, (x[:held], y[:held]),
     )  # fmt: skip
 
 

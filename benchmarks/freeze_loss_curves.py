@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from freeze_benchmark import bert_workloads, conv_workload, fit, run_quietly  # noqa: E402
+from freeze_benchmark import bert_workloads, conv_workload, fit, run_quietly, stdlib_workload  # noqa: E402
 from freeze_workloads import Sizes  # noqa: E402
 
 from lightning_svcca import Movement  # noqa: E402
@@ -84,7 +84,7 @@ def record(workloads: list[str], seeds: list[int], sizes: Sizes, root: Path) -> 
     for seed in seeds:
         bert = bert_workloads(seed, sizes, root) if {"c", "d"} & set(workloads) else {}
         for key in workloads:
-            work = bert[key] if key in bert else conv_workload(key, sizes)
+            work = bert.get(key) or (stdlib_workload(sizes) if key == "e" else conv_workload(key, sizes))
             pl.seed_everything(seed, verbose=False)
             recorder, held_out = LossRecorder(), HeldOutLoss((work.test[0][:256], work.test[1][:256]))
             model = work.make_model()

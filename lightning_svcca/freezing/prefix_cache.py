@@ -21,7 +21,8 @@ whose samples the old cache holds skips the old prefix and computes only the lay
 sample.
 
 Outputs are kept in host memory up to a budget; beyond it they are written in per-batch files to a directory that
-:meth:`PrefixCache.close` deletes (:class:`~lightning_svcca.freezing.cache_store.SampleStore`). Nothing is
+:meth:`PrefixCache.close` deletes (:class:`~lightning_svcca.freezing.cache_store.SampleStore`). A spill file that
+cannot be written or read back turns the cache off with one warning: it is optional, training goes on. Nothing is
 checkpointed: after a resume the cache is rebuilt and verified again.
 """
 
@@ -44,6 +45,7 @@ from lightning_svcca.freezing.cache_pass import ForwardPass, Pass, Role, boundar
 from lightning_svcca.freezing.cache_store import SampleStore
 from lightning_svcca.freezing.cache_usage import CacheUsage
 from lightning_svcca.measures import SimilarityWarning
+from lightning_svcca.output.safe_files import UnreadableFileError
 from lightning_svcca.pipeline.wrappers import modules_by_name
 
 __all__ = ["PrefixCache", "PrefixCacheWarning"]
@@ -264,8 +266,11 @@ class PrefixCache:
             keys = sample_keys(args, kwargs) if self.enabled and self.key == "bytes" else None
             if not keys or not all(key in self.store for key in keys):
                 return ForwardPass()
+            served = self._served(self.store, keys)
+            if served is None:
+                return ForwardPass()
             self.probe_batches += 1
-            return ForwardPass(Pass.HIT, keys, served=self.store.gather(keys, _model_device(self.model)))
+            return ForwardPass(Pass.HIT, keys, served=served)
         if not (self.enabled and module.training and torch.is_grad_enabled()):
             return ForwardPass()
         first, self._first_forward = self._first_forward, False
@@ -282,8 +287,11 @@ class PrefixCache:
         if hit_count < len(keys):
             self.misses += len(keys) - hit_count
             if self._below is not None and all(key in self._below.store for key in keys):
+                served = self._served(self._below.store, keys)
+                if served is None:
+                    return ForwardPass()
                 self.extended_batches += 1
-                return ForwardPass(Pass.EXTEND, keys, served=self._below.store.gather(keys, _model_device(self.model)))
+                return ForwardPass(Pass.EXTEND, keys, served=served)
             return ForwardPass(Pass.FILL, keys)
         self.hits += len(keys)
         self._hit_batches += 1
@@ -291,9 +299,12 @@ class PrefixCache:
             return ForwardPass(Pass.VERIFY, keys, rng_before=rng_state())
         if self.skipped_batches == 0:
             self._say(f"frozen-prefix cache up to {self.boundary!r} serves ({len(self)} samples cached and verified)")
+        served = self._served(self.store, keys)
+        if served is None:
+            return ForwardPass()
         self.skipped_batches += 1
         self.usage.mark_served(first)
-        return ForwardPass(Pass.HIT, keys, served=self.store.gather(keys, _model_device(self.model)))
+        return ForwardPass(Pass.HIT, keys, served=served)
 
     def _keys(self, args: tuple, kwargs: dict, first: bool) -> list[bytes] | None:
         """The samples' keys: their input bytes, or the indices :meth:`start_batch` was given (taken once)."""
@@ -320,12 +331,33 @@ class PrefixCache:
         if not done.boundary_done:
             self.disable(f"the boundary layer {self.boundary!r} did not run in the model's forward")
             return
-        if done.kind in (Pass.FILL, Pass.EXTEND) and done.computed is not None:
-            self.store.store(done.keys, done.computed)
+        if done.kind in (Pass.FILL, Pass.EXTEND) and done.computed is not None and not self._stored(done):
+            return
         if done.kind is Pass.EXTEND and self._below is not None:
             self._below.store.forget(done.keys)  # moved up: the two caches together hold about one budget
         elif done.kind is Pass.VERIFY:
             self._verify(module, args, kwargs, output, done)
+
+    def _stored(self, done: ForwardPass) -> bool:
+        """Store the pass's computed outputs; a spill that cannot be written turns the cache off (``False``)."""
+        assert done.computed is not None
+        try:
+            self.store.store(done.keys, done.computed)
+        except OSError as error:
+            self.disable(
+                f"{error.strerror or error} (disk full, read-only or not permitted); more memory for it"
+                " (FreezePolicy(cache_max_bytes=...)) avoids spilling"
+            )
+            return False
+        return True
+
+    def _served(self, store: SampleStore, keys: list[bytes]) -> Tensor | None:
+        """``keys``' cached outputs from ``store``; a spill file that cannot be read back turns the cache off."""
+        try:
+            return store.gather(keys, _model_device(self.model))
+        except (OSError, UnreadableFileError) as error:
+            self.disable(f"a spill file cannot be read back ({error})")
+            return None
 
     def _current(self) -> ForwardPass:
         """The forward pass in progress (what the patched forwards read)."""
@@ -346,7 +378,10 @@ class PrefixCache:
     def _verify(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, done: ForwardPass) -> None:
         """Cached == recomputed at the boundary, and the short-cut forward gives the model's output."""
         assert done.computed is not None
-        cached = self.store.gather(done.keys, _model_device(self.model)).to(done.computed.device)
+        served = self._served(self.store, done.keys)
+        if served is None:
+            return
+        cached = served.to(done.computed.device)
         reason = verification_failure(
             self.boundary,
             cached,

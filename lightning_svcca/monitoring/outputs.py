@@ -10,7 +10,9 @@ needs (the cross-layer rows).
 
 from __future__ import annotations
 
+import os
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from lightning_svcca.output.reporting import (
     layer_map_image,
     write_history_csv,
 )
-from lightning_svcca.output.safe_files import try_write
+from lightning_svcca.output.safe_files import FileTrustWarning, linked_folder, try_write
 from lightning_svcca.output.writers import Reporter
 from lightning_svcca.pipeline.comparisons import HeatmapSource
 from lightning_svcca.pipeline.moments import CrossLayerMoments
@@ -63,7 +65,12 @@ class RunOutputs:
         """At the run's start: ``store`` kept in the run's folder, the history CSV claimed, the reporter made."""
         self.run_id = self.run_id or self.runtime.broadcast(uuid.uuid4().hex[:12])
         if self.log_dir is not None and self.runtime.is_global_zero:  # the others keep snapshots in memory
-            store.persist_to(self.log_dir / SNAPSHOT_FOLDER / self.run_id)
+            folder = self.log_dir / SNAPSHOT_FOLDER / self.run_id
+            link = linked_folder(self.log_dir, folder)
+            if link is None:
+                store.persist_to(folder)
+            else:
+                _refuse_link(link)
         zero = self.runtime.is_global_zero
         self.reporter = Reporter(
             self.writers if zero else [],
@@ -172,3 +179,18 @@ class RunOutputs:
             self.csv_name = name
             return self.log_dir / name
         raise RuntimeError(f"no free history file name in {self.log_dir}")
+
+
+def _refuse_link(link: Path) -> None:
+    """Warn that no snapshot is written through ``link`` (a symbolic link inside the log folder)."""
+    try:
+        target = os.readlink(link)
+    except OSError:
+        target = "?"
+    warnings.warn(
+        f"{link} is a symbolic link (to {target}): the monitor writes nothing through links inside its log folder, so"
+        " snapshots stay in memory and go into the checkpoint as tensors, and training goes on. Remove the link (or"
+        " log to another folder) to have snapshot files again",
+        FileTrustWarning,
+        stacklevel=3,
+    )

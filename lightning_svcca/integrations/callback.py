@@ -44,6 +44,7 @@ from lightning_svcca.integrations.resume import describe_changes, orphaned_state
 from lightning_svcca.monitoring.config import MonitorConfig
 from lightning_svcca.monitoring.monitor import Runtime, SVCCAMonitor, SVCCAMonitorWarning
 from lightning_svcca.monitoring.options import takes_monitor_options
+from lightning_svcca.monitoring.state_checks import integer_field
 from lightning_svcca.output.reporting import LAYER_FACTS, tag
 from lightning_svcca.pipeline.distributed import StrategyCollective
 from lightning_svcca.pipeline.snapshot import LocalCollective
@@ -252,7 +253,7 @@ class _SVCCACallbackCore:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (keys missing from older checkpoints take their defaults)."""
-        self._epoch_offset = int(state_dict.get("epoch_offset", 0))
+        self._epoch_offset = integer_field(state_dict.get("epoch_offset", 0), "epoch_offset")  # checked before use
         if self.monitor is not None:
             self.monitor.load_state_dict(state_dict)
         else:

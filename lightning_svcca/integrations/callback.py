@@ -81,6 +81,7 @@ class _SVCCACallbackCore:
         self._pending_state: Mapping[str, Any] | None = None
         #: Epochs the trainer had completed when this fit started (a second fit numbers its own epochs from 0).
         self._epoch_offset = 0
+        self._trained = True  # whether this fit reached on_train_start (set in setup)
         self._warned_stages: set[str] = set()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -157,6 +158,7 @@ class _SVCCACallbackCore:
         if policy is not None and policy.mode == "linear" and (trainer.max_epochs is None or trainer.max_epochs < 1):
             raise ValueError("FreezePolicy(mode='linear') spreads freezes over max_epochs: set Trainer(max_epochs=...)")
         self._close_monitor()
+        self._trained = False  # until on_train_start: a finished run resumed never gets there
         self._epoch_offset = int(trainer.current_epoch)
         debugging = bool(getattr(trainer, "fast_dev_run", False))  # Lightning writes no logs then; neither do we
         self.monitor = SVCCAMonitor.from_config(
@@ -186,6 +188,7 @@ class _SVCCACallbackCore:
         monitor = self._require_monitor()
         monitor.runtime.max_steps = _planned_steps(trainer)  # cross-layer moments, the cost estimate
         monitor.start(step=int(trainer.global_step))
+        self._trained = True
         if monitor.measured:  # empty after a resume whose snapshots were dropped (a changed probe or metrics)
             _publish(trainer, [row for row in monitor.history if row["epoch"] == monitor.measured[-1]])
 
@@ -233,7 +236,14 @@ class _SVCCACallbackCore:
             _publish(trainer, _first_against_final(rows))
 
     def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
-        """Close the monitor: its temporary files go (see :meth:`SVCCAMonitor.close`); the run's files stay."""
+        """Close the monitor: its temporary files go (see :meth:`SVCCAMonitor.close`); the run's files stay.
+
+        A finished run resumed (Lightning runs no training hooks then) is finished again first, so its history holds
+        the ``final`` rows its CSV has (its checkpoint was written before them).
+        """
+        if self.monitor is not None and self.monitor.measured and not self._trained:
+            self.on_train_start(trainer, pl_module)
+            self.on_train_end(trainer, pl_module)
         self._close_monitor()
 
     def on_exception(self, trainer: Any, pl_module: nn.Module, exception: BaseException) -> None:

@@ -4,7 +4,11 @@ vocabulary-sized heads out of the default layers, a layer too large for the memo
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -120,3 +124,41 @@ def test_the_cost_warning_counts_one_measurement_in_the_singular() -> None:
 def test_decomposition_flops_follow_the_smaller_side() -> None:
     assert cost.decomposition_flops(4096, 50_257) == pytest.approx(4 * 4096 * 50_257 * 4096 + 9 * 4096.0**3)
     assert cost.decomposition_flops(4096, 64) == pytest.approx(4 * 4096 * 64 * 64 + 9 * 64.0**3)
+
+
+ULIMIT_SCRIPT = """
+import resource, warnings
+import torch
+from torch import nn
+from lightning_svcca import SVCCAMonitor
+
+def mapped():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+
+limit = mapped() + 3 * 2**30  # 3 GiB more than this process maps: ulimit -v
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(16, 1_000_000), nn.ReLU(), nn.Linear(1_000_000, 4))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    monitor = SVCCAMonitor(model, probe=torch.randn(256, 16), layers=["0", "2"], baseline=False)
+    monitor.start()
+    monitor.measure(epoch=1, step=1)
+print("\\n".join(str(w.message) for w in caught))
+print("MEASURED", sorted({row["layer"] for row in monitor.history}))
+"""
+
+
+def test_a_million_wide_layer_under_an_address_space_limit_is_skipped(tmp_path: Path) -> None:
+    """The issue's case: 1,000,000 features under a memory limit ended in a raw allocator error; now skipped."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", ULIMIT_SCRIPT], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MEASURED ['2']" in done.stdout, done.stdout
+    assert "layer '0' skipped at epoch 0: its measurement needs about 4.8 GiB" in done.stdout
+    assert "can't allocate" not in done.stdout + done.stderr

@@ -53,7 +53,9 @@ def test_gpt2_cost_is_estimated_and_the_head_named_before_the_first_measurement(
     gpt2: nn.Module, caplog, monkeypatch
 ) -> None:
     """The head named explicitly: the estimate (logged) puts most of a measurement on it, and a warning says so
-    before anything is measured; the estimate is within a factor of 4 of the measured time (a shared CPU)."""
+    before anything is measured; the estimate is the measured time's order of magnitude (within a factor of 8: the
+    estimate is for a machine to itself, and test machines are shared; docs/trust.md and the issue's note give the
+    figures measured)."""
     monkeypatch.setattr(budget, "COST_MIN_SECONDS", 0.1)  # a short test run; the real threshold is 30 s of the fit
     layers = ["transformer.h.0", "transformer.h.1", "lm_head"]
     monitor = SVCCAMonitor(gpt2, probe=_tokens(8), probe_size=8, layers=layers, baseline=False)
@@ -75,7 +77,7 @@ def test_gpt2_cost_is_estimated_and_the_head_named_before_the_first_measurement(
         monitor.start()
     measured = monitor.timings[0] - monitor.probe_timings[0]
     predicted = sum(c.seconds for c in costs.values())
-    assert predicted / 4 < measured < predicted * 4, (predicted, measured)
+    assert predicted / 8 < measured < predicted * 8, (predicted, measured)
     monitor.close()
 
 

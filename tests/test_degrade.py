@@ -228,3 +228,19 @@ def test_a_planted_snapshot_folder_link_is_not_followed(tmp_path: Path) -> None:
     assert _epochs(callback) == {1, 2, 3, 4, 5}
     assert not list(outside.rglob("*"))
     assert (log_dir / "svcca_history.csv").is_file()
+
+
+def test_a_tensorboard_writer_that_fails_to_close_only_warns(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from lightning_svcca import TensorBoardWriter
+
+    writer = TensorBoardWriter(tmp_path / "tb")
+    real_close = writer.experiment.close
+
+    def broken() -> None:
+        real_close()
+        raise OSError(28, "No space left on device")
+
+    writer.experiment.close = broken
+    with pytest.warns(WriterWarning, match="closing the TensorBoard writer failed"):
+        writer.close()

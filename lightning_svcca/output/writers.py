@@ -73,8 +73,16 @@ class TensorBoardWriter:
             self.experiment.add_scalar(name, value, step)
 
     def close(self) -> None:
-        """Flush and close the underlying ``SummaryWriter``."""
-        self.experiment.close()
+        """Flush and close the underlying ``SummaryWriter`` (one that fails, on a full disk say, only warns)."""
+        try:
+            self.experiment.close()
+        except Exception as error:  # noqa: BLE001 - the run is over; its history is kept elsewhere
+            warnings.warn(
+                f"closing the TensorBoard writer failed ({type(error).__name__}: {str(error)[:200]}); its event file"
+                " may be incomplete. The history is in svcca_history.csv and the checkpoint",
+                WriterWarning,
+                stacklevel=2,
+            )
 
 
 def as_writers(writers: Any) -> list[Any]:

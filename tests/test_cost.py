@@ -164,3 +164,13 @@ def test_a_million_wide_layer_under_an_address_space_limit_is_skipped(tmp_path: 
     assert "MEASURED ['2']" in done.stdout, done.stdout
     assert "layer '0' skipped at epoch 0: its measurement needs about 4.8 GiB" in done.stdout
     assert "can't allocate" not in done.stdout + done.stderr
+
+
+def test_the_estimate_leaves_the_global_random_state_alone() -> None:
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    cost.flop_rate.cache_clear()
+    before = torch.random.get_rng_state()
+    monitor = SVCCAMonitor(model, probe=X, layers=["0", "2"], baseline=False)
+    monitor.prepare()
+    assert torch.equal(torch.random.get_rng_state(), before)
+    monitor.close()

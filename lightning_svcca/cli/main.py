@@ -16,6 +16,7 @@ when a heatmap is drawn, so the command starts fast.
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import os
 import sys
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_svcca import __version__
+from lightning_svcca.cli.limits import MAX_CELL_CHARACTERS, check_history_file
 from lightning_svcca.core.rows import LAYER_FACTS
 from lightning_svcca.core.table import format_table
 from lightning_svcca.output.reporting import (
@@ -70,7 +72,27 @@ class NothingToReport(UsageError):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0: done, 1: nothing to report, 2: bad input)."""
+    """Run the command line; returns the exit status (0: done, 1: nothing to report, 2: bad input).
+
+    Output piped into a reader that stops early (``| head``) ends the command quietly, with status 0.
+    """
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        _silence_stdout()
+        return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's capture): nothing to flush there
+        pass
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if getattr(args, "standalone", False):  # commands that read no history (compare)
         return _standalone(args)
@@ -87,30 +109,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = max(status, args.command(history, args, path, len(paths) > 1))
         except NothingToReport as error:
             status = max(status, _fail(error, 1))
+        except BrokenPipeError:
+            raise
         except (UsageError, OSError) as error:
             status = max(status, _fail(error, 2))
     return status
 
 
 def _standalone(args: argparse.Namespace) -> int:
-    """Run a command that needs models rather than a history (``compare``)."""
+    """Run a command that needs models rather than a history (``compare``).
+
+    Its inputs are files anyone may have crafted: whatever loading or running them raises is one line, status 2.
+    """
     try:
         return args.command(args)
+    except BrokenPipeError:
+        raise
     except (FileNotFoundError, ImportError, ValueError) as error:
         return _fail(error, 2)
+    except Exception as error:  # noqa: BLE001 - a crafted file's failure is reported, never a traceback
+        return _fail(f"{type(error).__name__}: {error}", 2)
 
 
-def _fail(error: Exception, status: int) -> int:
-    print(f"lightning-svcca: error: {error}", file=sys.stderr)
+def _fail(error: Exception | str, status: int) -> int:
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    print(f"lightning-svcca: error: {lines[0][:500]}", file=sys.stderr)
     return status
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
     try:
+        check_history_file(path)
         history = read_history_csv(path)
     except KeyError as error:
         raise UsageError(f"{path} is not a history file: it has no {error} column") from error
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"{path} is not a history file: {error}") from error
+    except csv.Error as error:
+        if "field limit" in str(error):
+            error = csv.Error(f"a cell is longer than {MAX_CELL_CHARACTERS} characters")
         raise UsageError(f"{path} is not a history file: {error}") from error
     if not history:
         raise NothingToReport(f"{path} holds no rows yet")

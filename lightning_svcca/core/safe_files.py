@@ -7,7 +7,8 @@ corrupted), raises :class:`UnreadableFileError` naming it; a snapshot's contents
 (:func:`load_snapshot_state`), so damaged bytes that still unpickle are caught before they reach a decomposition.
 Writes go to a temporary ``.partial`` file renamed into place (:func:`save_atomically`), which is removed when
 the write fails; :func:`try_write` turns a failed write (disk full, read-only folder, quota) into one warning per
-folder, so training goes on.
+folder, so training goes on. :func:`linked_folder` finds a symbolic link on the way from the log folder to a folder
+the package would write in (a link planted in a shared log folder would send the files anywhere).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "FileTrustWarning",
     "UnreadableFileError",
     "load_plain",
+    "linked_folder",
     "load_snapshot_state",
     "report_unreadable",
     "save_atomically",
@@ -138,6 +140,24 @@ def report_unreadable(error: UnreadableFileError, what: str) -> None:
         FileTrustWarning,
         stacklevel=3,
     )
+
+
+def linked_folder(root: Path, folder: Path) -> Path | None:
+    """The first symbolic link among ``folder`` and its parents below ``root`` (``None``: none, or not below it).
+
+    ``root`` itself (the log folder the user chose) may be a link; what is planted inside it may not. Folders that do
+    not exist yet are not links.
+    """
+    try:
+        parts = folder.relative_to(root).parts
+    except ValueError:
+        return None
+    path = root
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            return path
+    return None
 
 
 def save_atomically(value: Any, path: str | Path) -> Path:

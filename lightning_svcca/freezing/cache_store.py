@@ -3,7 +3,9 @@
 :class:`SampleStore` holds each sample's boundary output in memory while the budget allows: first on the training
 device up to ``device_bytes`` of it (no copy back at serving time), then in host memory; beyond the budget, the rows
 of a batch are written together to one file in a directory created at the first spill and read back memory-mapped.
-:meth:`SampleStore.close` deletes the directory.
+:meth:`SampleStore.close` deletes the directory. A spill that cannot be written (disk full, read-only,
+permission denied, torch's zip writer failing) raises ``OSError`` with the folder named, and leaves no file behind:
+the cache, an optional part, then turns itself off.
 """
 
 from __future__ import annotations
@@ -145,13 +147,20 @@ class SampleStore:
         return self.max_bytes is None or self._memory_bytes + size <= self.max_bytes
 
     def _spill(self, keys: list[bytes], rows: Tensor) -> None:
-        """Write ``rows`` to a new file in the spill directory and index ``keys`` into it."""
+        """Write ``rows`` to a new file in the spill directory and index ``keys`` into it.
+
+        Raises:
+            OSError: the directory or the file could not be written (nothing of this batch is kept then).
+        """
         if self.spill_dir is None:
             self.spill_dir = self._spill_dir_factory()
             self.spill_dir.mkdir(parents=True, exist_ok=True)
         file_index = len(self.files)
         path = self.spill_dir / f"prefix_{file_index:06d}.pt"
-        save_atomically(rows.contiguous(), path)
+        try:
+            save_atomically(rows.contiguous(), path)
+        except OSError as error:
+            raise OSError(error.errno, f"cannot write spill file {path}: {error.strerror or error}") from error
         self.files.append(path)
         self._spilled_bytes += rows.numel() * rows.element_size()
         for row, key in enumerate(keys):

@@ -21,7 +21,8 @@ whose samples the old cache holds skips the old prefix and computes only the lay
 sample.
 
 Outputs are kept in host memory up to a budget; beyond it they are written in per-batch files to a directory that
-:meth:`PrefixCache.close` deletes (:class:`~lightning_svcca.freezing.cache_store.SampleStore`). Nothing is
+:meth:`PrefixCache.close` deletes (:class:`~lightning_svcca.freezing.cache_store.SampleStore`). A spill file that
+cannot be written or read back turns the cache off with one warning: it is optional, training goes on. Nothing is
 checkpointed: after a resume the cache is rebuilt and verified again.
 """
 
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_svcca.core.safe_files import UnreadableFileError
 from lightning_svcca.freezing.cache_check import replay, rng_state, same_outputs, verification_failure
 from lightning_svcca.freezing.cache_keys import index_keys, sample_keys
 from lightning_svcca.freezing.cache_pass import ForwardPass, Pass, Role, boundary_forward, prefix_forward
@@ -264,14 +266,15 @@ class PrefixCache:
             keys = sample_keys(args, kwargs) if self.enabled and self.key == "bytes" else None
             if not keys or not all(key in self.store for key in keys):
                 return ForwardPass()
-            self.probe_batches += 1
-            return ForwardPass(Pass.HIT, keys, served=self.store.gather(keys, _model_device(self.model)))
+            served = _serving(self, Pass.HIT, keys, self.store)
+            self.probe_batches += served.kind is Pass.HIT
+            return served
         if not (self.enabled and module.training and torch.is_grad_enabled()):
             return ForwardPass()
         first, self._first_forward = self._first_forward, False
         if first and self.verified >= VERIFY_BATCHES and self.usage.runs_baseline():
             return ForwardPass()
-        keys = self._keys(args, kwargs, first)
+        keys = _keys(self, args, kwargs, first)
         if keys is None:
             return ForwardPass()
         hit_count = sum(key in self.store for key in keys)
@@ -282,8 +285,9 @@ class PrefixCache:
         if hit_count < len(keys):
             self.misses += len(keys) - hit_count
             if self._below is not None and all(key in self._below.store for key in keys):
-                self.extended_batches += 1
-                return ForwardPass(Pass.EXTEND, keys, served=self._below.store.gather(keys, _model_device(self.model)))
+                served = _serving(self, Pass.EXTEND, keys, self._below.store)
+                self.extended_batches += served.kind is Pass.EXTEND
+                return served
             return ForwardPass(Pass.FILL, keys)
         self.hits += len(keys)
         self._hit_batches += 1
@@ -291,21 +295,11 @@ class PrefixCache:
             return ForwardPass(Pass.VERIFY, keys, rng_before=rng_state())
         if self.skipped_batches == 0:
             self._say(f"frozen-prefix cache up to {self.boundary!r} serves ({len(self)} samples cached and verified)")
-        self.skipped_batches += 1
-        self.usage.mark_served(first)
-        return ForwardPass(Pass.HIT, keys, served=self.store.gather(keys, _model_device(self.model)))
-
-    def _keys(self, args: tuple, kwargs: dict, first: bool) -> list[bytes] | None:
-        """The samples' keys: their input bytes, or the indices :meth:`start_batch` was given (taken once)."""
-        if self.key == "bytes":
-            return sample_keys(args, kwargs)
-        indices, self._indices = self._indices, None
-        if indices is None and first:
-            self.disable(
-                "FreezePolicy(cache_key='index') but a training batch carries no dataset index: wrap the training"
-                " dataset in lightning_svcca.freezing.IndexedDataset, or use cache_key='bytes'"
-            )
-        return None if indices is None else index_keys(indices, args, kwargs)
+        served = _serving(self, Pass.HIT, keys, self.store)
+        if served.kind is Pass.HIT:
+            self.skipped_batches += 1
+            self.usage.mark_served(first)
+        return served
 
     def _say(self, message: str) -> None:
         if self._logger is not None:
@@ -320,8 +314,8 @@ class PrefixCache:
         if not done.boundary_done:
             self.disable(f"the boundary layer {self.boundary!r} did not run in the model's forward")
             return
-        if done.kind in (Pass.FILL, Pass.EXTEND) and done.computed is not None:
-            self.store.store(done.keys, done.computed)
+        if done.kind in (Pass.FILL, Pass.EXTEND) and done.computed is not None and not _stored(self, done):
+            return
         if done.kind is Pass.EXTEND and self._below is not None:
             self._below.store.forget(done.keys)  # moved up: the two caches together hold about one budget
         elif done.kind is Pass.VERIFY:
@@ -346,7 +340,10 @@ class PrefixCache:
     def _verify(self, module: nn.Module, args: tuple, kwargs: dict, output: Any, done: ForwardPass) -> None:
         """Cached == recomputed at the boundary, and the short-cut forward gives the model's output."""
         assert done.computed is not None
-        cached = self.store.gather(done.keys, _model_device(self.model)).to(done.computed.device)
+        served = _gathered(self, self.store, done.keys)
+        if served is None:
+            return
+        cached = served.to(done.computed.device)
         reason = verification_failure(
             self.boundary,
             cached,
@@ -367,6 +364,48 @@ class PrefixCache:
             yield
         finally:
             self._context, self._pass = _Context.TRAINING, ForwardPass()
+
+
+def _keys(cache: PrefixCache, args: tuple, kwargs: dict, first: bool) -> list[bytes] | None:
+    """The samples' keys: their input bytes, or the indices :meth:`PrefixCache.start_batch` was given (taken once)."""
+    if cache.key == "bytes":
+        return sample_keys(args, kwargs)
+    indices, cache._indices = cache._indices, None
+    if indices is None and first:
+        cache.disable(
+            "FreezePolicy(cache_key='index') but a training batch carries no dataset index: wrap the training"
+            " dataset in lightning_svcca.freezing.IndexedDataset, or use cache_key='bytes'"
+        )
+    return None if indices is None else index_keys(indices, args, kwargs)
+
+
+def _stored(cache: PrefixCache, done: ForwardPass) -> bool:
+    """Store the pass's computed outputs; a spill that cannot be written turns the cache off (``False``)."""
+    assert done.computed is not None
+    try:
+        cache.store.store(done.keys, done.computed)
+    except OSError as error:
+        cache.disable(
+            f"{error.strerror or error} (disk full, read-only or not permitted); more memory for it"
+            " (FreezePolicy(cache_max_bytes=...)) avoids spilling"
+        )
+        return False
+    return True
+
+
+def _gathered(cache: PrefixCache, store: SampleStore, keys: list[bytes]) -> Tensor | None:
+    """``keys``' cached outputs from ``store``; a spill file that cannot be read back turns the cache off."""
+    try:
+        return store.gather(keys, _model_device(cache.model))
+    except (OSError, UnreadableFileError) as error:
+        cache.disable(f"a spill file cannot be read back ({error})")
+        return None
+
+
+def _serving(cache: PrefixCache, kind: Pass, keys: list[bytes], store: SampleStore) -> ForwardPass:
+    """A pass of ``kind`` served from ``store``; an ``OFF`` pass when its outputs cannot be read back."""
+    served = _gathered(cache, store, keys)
+    return ForwardPass() if served is None else ForwardPass(kind, keys, served=served)
 
 
 def _adopt(below: PrefixCache | None, cache: PrefixCache) -> PrefixCache | None:

@@ -53,6 +53,7 @@ from lightning_svcca.monitoring.config import (
 )
 from lightning_svcca.monitoring.monitor import Runtime, SVCCAMonitor, SVCCAMonitorWarning
 from lightning_svcca.monitoring.options import monitor_config, takes_monitor_options
+from lightning_svcca.monitoring.state_checks import integer_field
 from lightning_svcca.output.reporting import tag
 from lightning_svcca.pipeline.distributed import StrategyCollective
 from lightning_svcca.pipeline.snapshot import LocalCollective
@@ -107,6 +108,7 @@ class _SVCCACallbackCore(_CallbackBase):
         self._pending_state: Mapping[str, Any] | None = None
         #: Epochs the trainer had completed when this fit started (a second fit numbers its own epochs from 0).
         self._epoch_offset = 0
+        self._trained = True  # whether this fit reached on_train_start (set in setup)
         self._warned_stages: set[str] = set()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -193,6 +195,7 @@ class _SVCCACallbackCore(_CallbackBase):
         if policy is not None:
             policy.rule.check_fit(trainer.max_epochs)
         self._close_monitor()
+        self._trained = False  # until on_train_start: a finished run resumed never gets there
         self._epoch_offset = int(trainer.current_epoch)
         debugging = bool(getattr(trainer, "fast_dev_run", False))  # Lightning writes no logs then; neither do we
         self.monitor = SVCCAMonitor.from_config(
@@ -224,6 +227,7 @@ class _SVCCACallbackCore(_CallbackBase):
         monitor = self._require_monitor()
         monitor.runtime.max_steps = _planned_steps(trainer)  # cross-layer moments, the cost estimate
         monitor.start(step=int(trainer.global_step))
+        self._trained = True
         if monitor.measured:  # empty after a resume whose snapshots were dropped (a changed probe or metrics)
             _publish(trainer, [row for row in monitor.history if row["epoch"] == monitor.measured[-1]])
 
@@ -279,7 +283,14 @@ class _SVCCACallbackCore(_CallbackBase):
 
     @override
     def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
-        """Close the monitor: its temporary files go (see :meth:`SVCCAMonitor.close`); the run's files stay."""
+        """Close the monitor: its temporary files go (see :meth:`SVCCAMonitor.close`); the run's files stay.
+
+        A finished run resumed (Lightning runs no training hooks then) is finished again first, so its history holds
+        the ``final`` rows its CSV has (its checkpoint was written before them).
+        """
+        if self.monitor is not None and self.monitor.measured and not self._trained:
+            self.on_train_start(trainer, pl_module)
+            self.on_train_end(trainer, pl_module)
         self._close_monitor()
 
     @override
@@ -303,7 +314,7 @@ class _SVCCACallbackCore(_CallbackBase):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (keys missing from older checkpoints take their defaults)."""
-        self._epoch_offset = int(state_dict.get("epoch_offset", 0))
+        self._epoch_offset = integer_field(state_dict.get("epoch_offset", 0), "epoch_offset")  # checked before use
         if self.monitor is not None:
             self.monitor.load_state_dict(state_dict)
         else:

@@ -28,6 +28,7 @@ __all__ = [
     "check_memory",
     "layer_memory",
     "machine_memory",
+    "peak",
 ]
 
 #: Warn when a measurement would need more than this share of the machine's (or the GPU's) memory.
@@ -88,7 +89,7 @@ def check_memory(
         )
         for layer, rows in recorder.activations.items()
     }
-    total, available = _peak(estimates), machine_memory(device)
+    total, available = peak(estimates), machine_memory(device)
     if available and total > MEMORY_SHARE * available:
         largest = sorted(estimates, key=lambda layer: -sum(estimates[layer]))[:3]
         shown = ", ".join(f"{layer!r} {sum(estimates[layer]) / _GIB:.1f} GiB" for layer in largest)
@@ -101,7 +102,7 @@ def check_memory(
     return estimates
 
 
-def _peak(estimates: Mapping[str, tuple[int, int]]) -> int:
+def peak(estimates: Mapping[str, tuple[int, int]]) -> int:
     """Every layer's rows (held together) plus the largest decomposition (one at a time)."""
     return sum(rows for rows, _ in estimates.values()) + max((work for _, work in estimates.values()), default=0)
 
@@ -131,7 +132,8 @@ class CostWatch:
                 self._warn_once(
                     "cost",
                     f"measuring takes {share:.0%} of the fit ({seconds:.2f} s per measurement, {training:.2f} s of"
-                    f" training between two), about {total / 60:.1f} min over {planned or done} measurements."
+                    f" training between two), about {total / 60:.1f} min over {planned or done}"
+                    f" measurement{'s' if (planned or done) != 1 else ''}."
                     " Measure less often (every_n_epochs, every_n_train_steps) or make each one cheaper (a smaller"
                     " probe_size or max_datapoints, fewer layers)",
                 )

@@ -279,9 +279,12 @@ class FreezingCoordinator:
         self.freezer.close()
 
     def _cache_dir(self) -> Path:
-        """A fresh folder for the frozen-prefix cache's spill files: in the run's folder, else a temporary one."""
-        if self.store.directory is not None:
-            return self.store.directory / f"prefix_cache_{uuid.uuid4().hex[:8]}"
+        """A fresh folder for the frozen-prefix cache's spill files: in the run's folder, else a temporary one.
+
+        Not in a run folder where a write already failed (read-only, full): the temporary folder instead.
+        """
+        if self.store.writable_directory is not None:
+            return self.store.writable_directory / f"prefix_cache_{uuid.uuid4().hex[:8]}"
         return Path(tempfile.mkdtemp(prefix="svcca_prefix_cache_"))
 
     # ------------------------------------------------------------------------------------------------------------

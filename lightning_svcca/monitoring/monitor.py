@@ -220,6 +220,7 @@ class SVCCAMonitor:
         capture = preflight.capture_for(
             self.model, self.probe, self.specs, self.config, self.runtime, skip=self._skip, warn_once=self.warn_once
         )
+        preflight.keep_measurable(self, capture)
         self.snapshots.attach(capture)
         self.freezing.attach(capture)
 

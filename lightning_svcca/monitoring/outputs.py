@@ -10,12 +10,15 @@ needs (the cross-layer rows).
 
 from __future__ import annotations
 
+import os
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_svcca.core.safe_files import try_write
+from lightning_svcca.core.safe_files import FileTrustWarning, linked_folder, try_write
+from lightning_svcca.monitoring.leftovers import clean_leftovers
 from lightning_svcca.monitoring.runtime import Runtime
 from lightning_svcca.output.reporting import (
     FREEZE_METRIC,
@@ -61,9 +64,17 @@ class RunOutputs:
 
     def open(self, store: SnapshotStore, *, axis: str, heatmap_time_share: float) -> None:
         """At the run's start: ``store`` kept in the run's folder, the history CSV claimed, the reporter made."""
+        resumed = self.run_id is not None
         self.run_id = self.run_id or self.runtime.broadcast(uuid.uuid4().hex[:12])
         if self.log_dir is not None and self.runtime.is_global_zero:  # the others keep snapshots in memory
-            store.persist_to(self.log_dir / SNAPSHOT_FOLDER / self.run_id)
+            folder = self.log_dir / SNAPSHOT_FOLDER / self.run_id
+            link = linked_folder(self.log_dir, folder)
+            if link is None and resumed:
+                self._clean(folder)
+            if link is None:
+                store.persist_to(folder)
+            else:
+                _refuse_link(link)
         zero = self.runtime.is_global_zero
         self.reporter = Reporter(
             self.writers if zero else [],
@@ -72,6 +83,19 @@ class RunOutputs:
             heatmap_time_share=heatmap_time_share,
             background=True,
         )
+
+    def _clean(self, folder: Path) -> None:
+        """A resumed run: remove what a killed process of it left (:mod:`~.leftovers`), saying so with the bytes."""
+        assert self.log_dir is not None
+        removed, size = clean_leftovers(folder, self.log_dir, self.csv_name)
+        if removed:
+            self.runtime.logger.info(
+                "SVCCA removed what a killed process of this run left: %d spill folder(s) and partial file(s), %.1f MiB"
+                " (%s)",
+                len(removed),
+                size / 2**20,
+                ", ".join(str(path) for path in removed[:4]) + (", ..." if len(removed) > 4 else ""),
+            )
 
     def layout(self, references: Sequence[str], layers: Sequence[str], *, frozen: bool) -> None:
         """The TensorBoard chart layout: each metric against each of ``references``, dims, frozen (if ``frozen``)."""
@@ -170,5 +194,28 @@ class RunOutputs:
             except FileExistsError:
                 continue
             self.csv_name = name
+            if index:
+                self.runtime.logger.info(
+                    "SVCCA writes this run's history to %s: %s in %s holds another run's (or that of a run killed"
+                    " before its first checkpoint, which nothing can resume: delete it if so)",
+                    name,
+                    HISTORY_FILE,
+                    self.log_dir,
+                )
             return self.log_dir / name
         raise RuntimeError(f"no free history file name in {self.log_dir}")
+
+
+def _refuse_link(link: Path) -> None:
+    """Warn that no snapshot is written through ``link`` (a symbolic link inside the log folder)."""
+    try:
+        target = os.readlink(link)
+    except OSError:
+        target = "?"
+    warnings.warn(
+        f"{link} is a symbolic link (to {target}): the monitor writes nothing through links inside its log folder, so"
+        " snapshots stay in memory and go into the checkpoint as tensors, and training goes on. Remove the link (or"
+        " log to another folder) to have snapshot files again",
+        FileTrustWarning,
+        stacklevel=3,
+    )

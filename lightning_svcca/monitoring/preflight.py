@@ -7,7 +7,8 @@ training starts: :func:`check_against_model` when the monitor is built, :func:`p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,12 +16,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_svcca.monitoring.budget import check_memory
+from lightning_svcca.monitoring.budget import check_memory, planned_measurements
 from lightning_svcca.monitoring.config import MonitorConfig
+from lightning_svcca.monitoring.cost import estimate_costs, preflight_cost
 from lightning_svcca.monitoring.runtime import Runtime
 from lightning_svcca.monitoring.state import restart_comparisons
 from lightning_svcca.pipeline.capture import Capture, CaptureOptions, SkipFn, WarnFn
-from lightning_svcca.pipeline.layers import LayerSpec
+from lightning_svcca.pipeline.heads import vocab_heads
+from lightning_svcca.pipeline.layers import LayerSpec, default_layers
 from lightning_svcca.pipeline.metrics import metrics_where, snapshot_needs
 from lightning_svcca.pipeline.probe import Probe, build_probe, check_not_meta
 from lightning_svcca.pipeline.references import ReferenceKind, check_reference_layers, device_of
@@ -29,7 +32,14 @@ from lightning_svcca.pipeline.snapshot import Collective, LocalCollective
 if TYPE_CHECKING:
     from lightning_svcca.monitoring.monitor import SVCCAMonitor
 
-__all__ = ["capture_for", "check_against_model", "compute_dtype", "probe_from_config"]
+__all__ = [
+    "announce_left_out_heads",
+    "capture_for",
+    "check_against_model",
+    "compute_dtype",
+    "keep_measurable",
+    "probe_from_config",
+]
 
 
 def check_against_model(config: MonitorConfig, specs: Sequence[LayerSpec]) -> None:
@@ -43,6 +53,19 @@ def check_against_model(config: MonitorConfig, specs: Sequence[LayerSpec]) -> No
     policy = config.freeze
     if policy is not None:
         policy.rule.check_layers(names)
+
+
+def announce_left_out_heads(model: nn.Module, config: MonitorConfig, log: Callable[..., None]) -> None:
+    """One log line naming the vocabulary-sized heads the default layers leave out (:mod:`~.pipeline.heads`)."""
+    if config.layers is not None:
+        return
+    heads = vocab_heads(model, default_layers(model, heads=True))
+    if heads:
+        log(
+            "SVCCA leaves %s out of the default layers: a vocabulary-sized output head costs more to measure than"
+            " every other layer together (name it in layers=... to measure it anyway)",
+            ", ".join(f"{name!r} ({inputs} -> {outputs} features)" for name, (inputs, outputs) in heads.items()),
+        )
 
 
 def probe_from_config(config: MonitorConfig, warn_once: WarnFn) -> Probe:
@@ -69,6 +92,8 @@ def probe_from_config(config: MonitorConfig, warn_once: WarnFn) -> Probe:
 
 def probe_for(monitor: SVCCAMonitor, warn_once: WarnFn) -> Probe:
     """The monitor's probe; one that differs from the checkpoint's (its fingerprint) drops the snapshots."""
+    if monitor.runtime.is_global_zero:
+        announce_left_out_heads(monitor.model, monitor.config, monitor.runtime.logger.info)
     probe = probe_from_config(monitor.config, warn_once)
     fingerprint = probe.fingerprint()
     if monitor.probe_fingerprint is not None and fingerprint != monitor.probe_fingerprint and monitor.store.keys():
@@ -101,7 +126,9 @@ def capture_for(
     """The run's probe passes and snapshots, checked with two probe samples through ``model``.
 
     The same two samples give each layer's width: a measurement that would need too much memory is warned about
-    here (:func:`~lightning_svcca.monitoring.budget.check_memory`).
+    here (:func:`~lightning_svcca.monitoring.budget.check_memory`), what each measurement will cost is logged
+    (:mod:`~lightning_svcca.monitoring.cost`), with a warning naming the layers that dominate, and a layer whose
+    measurement cannot fit in the memory left is skipped (reported through ``skip``) and not recorded.
     """
     full_rank, with_right = snapshot_needs(config.metrics)
     options = CaptureOptions(
@@ -125,10 +152,27 @@ def capture_for(
         forward_context=runtime.forward_context,
         convert_input=runtime.convert_input,
     )
+    started = time.perf_counter()
     checked = capture.check(model, device_of(model))
     samples = min(2, probe.size)
+    probe_seconds = (time.perf_counter() - started) * probe.size / samples
     check_memory(checked, samples, probe.size, options.dtype, device_of(model), warn_once)
+    costs = estimate_costs(checked, samples, probe.size, options.dtype, device_of(model))
+    log = runtime.logger.info if runtime.is_global_zero else (lambda *args: None)
+    too_large = preflight_cost(
+        costs, probe_seconds, planned_measurements(config, runtime), device_of(model), log=log, warn_once=warn_once
+    )
+    for layer, why in too_large.items():  # left out before the first measurement: no allocator error later
+        skip(0, layer, f"{why}; it is not measured in this run (lower probe_size or max_datapoints to measure it)")
+    capture.specs = [spec for spec in capture.specs if spec.name not in too_large]
     return capture
+
+
+def keep_measurable(monitor: SVCCAMonitor, capture: Capture) -> None:
+    """The monitor's layers without those :func:`capture_for` left out (too large for the memory left)."""
+    kept = {spec.name for spec in capture.specs}
+    monitor.specs = [spec for spec in monitor.specs if spec.name in kept]
+    monitor.snapshots.specs = list(monitor.specs)
 
 
 def _probe_collective(probe: Probe, config: MonitorConfig, collective: Collective) -> Collective:

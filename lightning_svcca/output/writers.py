@@ -11,17 +11,23 @@ Steps only go forward: each measurement is one ``log_metrics`` call at its step.
 belongs to earlier steps, so only TensorBoard (which takes steps in any order) receives it as scalars; the other
 writers get it as the final heatmap image (W&B ``log_image``, MLflow ``log_image``), a table (W&B
 ``log_table``) or the history CSV as an artifact (MLflow), and the CSV file beside a CSVLogger's own holds it.
+
+Writers are optional outputs: one that raises (TensorBoard's event writer on a full disk, a logger whose server is
+gone) is warned about once (:class:`WriterWarning`) and skipped from then on; the history, its CSV and the other
+writers go on.
 """
 
 from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from lightning_svcca.core.safe_files import try_write
+from lightning_svcca.measures import SimilarityWarning
 from lightning_svcca.output.drawing import Drawer
 from lightning_svcca.output.reporting import (
     FREEZE_REFERENCE,
@@ -34,7 +40,11 @@ from lightning_svcca.output.reporting import (
     write_history_csv,
 )
 
-__all__ = ["Reporter", "TensorBoardWriter", "Writer", "as_writers"]
+__all__ = ["Reporter", "TensorBoardWriter", "Writer", "WriterWarning", "as_writers"]
+
+
+class WriterWarning(SimilarityWarning):
+    """A writer (logger) raised; it is skipped for the rest of the run, and training goes on."""
 
 
 @runtime_checkable
@@ -65,8 +75,16 @@ class TensorBoardWriter:
             self.experiment.add_scalar(name, value, step)
 
     def close(self) -> None:
-        """Flush and close the underlying ``SummaryWriter``."""
-        self.experiment.close()
+        """Flush and close the underlying ``SummaryWriter`` (one that fails, on a full disk say, only warns)."""
+        try:
+            self.experiment.close()
+        except Exception as error:  # noqa: BLE001 - the run is over; its history is kept elsewhere
+            warnings.warn(
+                f"closing the TensorBoard writer failed ({type(error).__name__}: {str(error)[:200]}); its event file"
+                " may be incomplete. The history is in svcca_history.csv and the checkpoint",
+                WriterWarning,
+                stacklevel=2,
+            )
 
 
 def as_writers(writers: Any) -> list[Any]:
@@ -138,16 +156,17 @@ class Reporter:
         for step in sorted(by_step):
             if step < self._last_step:
                 continue  # a logger never receives a step lower than one it has (W&B would drop it)
-            for writer in self.writers:
-                writer.log_metrics(by_step[step], step=step)
+            for writer in list(self.writers):
+                self._guarded(writer, writer.log_metrics, by_step[step], step=step)
             self._last_step = step
 
     def late_scalars(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Rows of earlier steps (the ``final`` curve): TensorBoard scalars at their own steps."""
-        experiments = self._experiments("add_scalar")
-        for row in rows:
-            for experiment in experiments:
-                experiment.add_scalar(tag(row["metric"], row["reference"], row["layer"]), row["value"], row["step"])
+        for writer, experiment in self._experiments("add_scalar"):
+            for row in rows:
+                name = tag(row["metric"], row["reference"], row["layer"])
+                if not self._guarded(writer, experiment.add_scalar, name, row["value"], row["step"]):
+                    break
 
     def heatmap(
         self,
@@ -200,29 +219,33 @@ class Reporter:
 
     def final_summary(self, image: Any, rows: Sequence[Mapping[str, Any]], step: int, name: str) -> None:
         """The ``final`` curve for writers that cannot take earlier steps: an image, a table, the CSV artifact."""
-        for writer in self.writers:
-            experiment = getattr(writer, "experiment", None)
-            if callable(getattr(experiment, "add_scalar", None)):
-                continue  # TensorBoard has the curve as scalars
-            if image is not None and callable(getattr(writer, "log_image", None)):  # W&B
-                writer.log_image(key=name, images=[image], step=step)
-            if rows and callable(getattr(writer, "log_table", None)):  # W&B
-                columns = list(HISTORY_COLUMNS)
-                writer.log_table(key=f"{name}_table", columns=columns, data=[[r[c] for c in columns] for r in rows])
-            run_id = getattr(writer, "run_id", None)
-            if run_id is not None and callable(getattr(experiment, "log_artifact", None)):  # MLflow
-                if image is not None and callable(getattr(experiment, "log_image", None)):
-                    experiment.log_image(run_id, image, artifact_file=f"{re.sub('/', '_', name)}.png")
-                if self.csv_path is not None and self.csv_path.is_file():
-                    experiment.log_artifact(run_id, str(self.csv_path))
+        for writer in list(self.writers):
+            self._guarded(writer, self._final_summary, writer, image, rows, step, name)
+
+    def _final_summary(self, writer: Any, image: Any, rows: Sequence[Mapping[str, Any]], step: int, name: str) -> None:
+        """:meth:`final_summary` for one writer."""
+        experiment = getattr(writer, "experiment", None)
+        if callable(getattr(experiment, "add_scalar", None)):
+            return  # TensorBoard has the curve as scalars
+        if image is not None and callable(getattr(writer, "log_image", None)):  # W&B
+            writer.log_image(key=name, images=[image], step=step)
+        if rows and callable(getattr(writer, "log_table", None)):  # W&B
+            columns = list(HISTORY_COLUMNS)
+            writer.log_table(key=f"{name}_table", columns=columns, data=[[r[c] for c in columns] for r in rows])
+        run_id = getattr(writer, "run_id", None)
+        if run_id is not None and callable(getattr(experiment, "log_artifact", None)):  # MLflow
+            if image is not None and callable(getattr(experiment, "log_image", None)):
+                experiment.log_image(run_id, image, artifact_file=f"{re.sub('/', '_', name)}.png")
+            if self.csv_path is not None and self.csv_path.is_file():
+                experiment.log_artifact(run_id, str(self.csv_path))
 
     def image(self, name: str, image: Any, step: int) -> None:
         """An RGB image ``(H, W, 3)`` to writers that take images (TensorBoard; W&B ``log_image``)."""
-        for experiment in self._experiments("add_image"):
-            experiment.add_image(name, image, step, dataformats="HWC")
-        for writer in self.writers:
+        for writer, experiment in self._experiments("add_image"):
+            self._guarded(writer, experiment.add_image, name, image, step, dataformats="HWC")
+        for writer in list(self.writers):
             if callable(getattr(writer, "log_image", None)):
-                writer.log_image(key=name, images=[image], step=max(step, self._last_step))
+                self._guarded(writer, writer.log_image, key=name, images=[image], step=max(step, self._last_step))
 
     def layout(self, charts: Sequence[tuple[str, str]], layers: Sequence[str]) -> None:
         """Custom-scalars layout: one chart per ``(metric, reference)`` with every layer on it, grouped by metric."""
@@ -233,13 +256,13 @@ class Reporter:
         for metric, reference in charts:
             series = [f"^{re.escape(tag(metric, reference, layer))}$" for layer in layers]
             layout.setdefault(metric, {})[f"{metric}/{reference}"] = ["Multiline", series]
-        for experiment in experiments:
-            experiment.add_custom_scalars(layout)
+        for writer, experiment in experiments:
+            self._guarded(writer, experiment.add_custom_scalars, layout)
 
     def text(self, name: str, message: str, step: int) -> None:
         """A text entry (e.g. a freeze event)."""
-        for experiment in self._experiments("add_text"):
-            experiment.add_text(name, message, step)
+        for writer, experiment in self._experiments("add_text"):
+            self._guarded(writer, experiment.add_text, name, message, step)
 
     def write_csv(self, history: Iterable[Mapping[str, Any]]) -> None:
         """Rewrite the history CSV with the whole history (atomically; a full or read-only disk only warns)."""
@@ -253,8 +276,8 @@ class Reporter:
             self.heatmap(history, **arguments, always=True)
         self._write_drawn(wait=True)
         self._drawer.close()
-        for experiment in self._experiments("flush"):
-            experiment.flush()
+        for writer, experiment in self._experiments("flush"):
+            self._guarded(writer, experiment.flush)
 
     def _must_wait(self, name: str) -> bool:
         """Whether a heatmap waits: drawing is over its share of the time, or its last picture is still drawing.
@@ -271,13 +294,37 @@ class Reporter:
         experiments = self._experiments("add_image")
         for drawing, image in self._drawer.finished(wait=wait):
             self._drawn[drawing.name] = (drawing.step, drawing.epochs, image)
-            for experiment in experiments:
-                experiment.add_image(drawing.name, image, drawing.step, dataformats="HWC")
+            for writer, experiment in experiments:
+                self._guarded(writer, experiment.add_image, drawing.name, image, drawing.step, dataformats="HWC")
 
-    def _experiments(self, method: str) -> list[Any]:
+    def _experiments(self, method: str) -> list[tuple[Any, Any]]:
+        """``(writer, writer.experiment)`` for each writer whose experiment has ``method``."""
         found = []
         for writer in self.writers:
             experiment = getattr(writer, "experiment", None)
             if callable(getattr(experiment, method, None)):
-                found.append(experiment)
+                found.append((writer, experiment))
         return found
+
+    def _guarded(self, writer: Any, call: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+        """``call(*args, **kwargs)`` for ``writer``; when it raises, warn once and drop the writer (``False``).
+
+        Why: a writer is an optional output; a full disk under TensorBoard's event writer, or a logging server gone,
+        must not end a fit the history (kept in memory, the CSV and the checkpoint) does not need it for.
+        """
+        if writer not in self.writers:
+            return False
+        try:
+            call(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - whatever a third-party writer raises, training goes on
+            self.writers.remove(writer)
+            detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            warnings.warn(
+                f"the writer {type(writer).__name__} failed ({type(error).__name__}: {detail}); it gets nothing more"
+                " from this run, and training goes on. The history is kept in memory, in the checkpoint and in"
+                " svcca_history.csv; fix the writer (free disk space, its server) for the next run",
+                WriterWarning,
+                stacklevel=3,
+            )
+            return False
+        return True

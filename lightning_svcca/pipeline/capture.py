@@ -274,6 +274,16 @@ class Capture:
         except ValueError as error:  # ZeroVarianceError (a dead layer) included: skip the layer, train on
             self._skip(epoch, layer, f"{error} ({label})")
             return None
+        except RuntimeError as error:  # the allocator's: the layer is too large for the memory left, train on
+            if not _out_of_memory(error):
+                raise
+            self._skip(
+                epoch,
+                layer,
+                f"not enough memory to decompose its {tuple(rows.shape)} rows ({label}); lower probe_size or"
+                " max_datapoints, or leave it out (layers=...)",
+            )
+            return None
         if warn:
             self._warn_few_datapoints(layer, snapshot)
         return snapshot
@@ -372,6 +382,12 @@ def unpaired_rows(recorder: ActivationRecorder, layer: str) -> str | None:
     if ids.numel() > 1 and bool((ids[1:] < ids[:-1]).any()):
         return "its rows are not in probe order, so they cannot be paired sample by sample"
     return None
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    """Whether ``error`` is an allocation failure (CPU allocator, CUDA out of memory)."""
+    text = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
 
 
 def _report_nothing(*details: object) -> None:

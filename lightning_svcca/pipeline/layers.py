@@ -21,6 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from lightning_svcca.pipeline.heads import vocab_heads
 from lightning_svcca.pipeline.reduction import LAYOUTS, REDUCTIONS, Layout, Reduction
 from lightning_svcca.pipeline.wrappers import named_modules, shown_name, user_names
 
@@ -72,7 +73,7 @@ class LayerSpec:
             raise ValueError(f"layout of layer {self.name!r} must be one of {LAYOUTS}, got {self.layout!r}")
 
 
-def default_layers(model: nn.Module) -> list[str]:
+def default_layers(model: nn.Module, *, heads: bool = False) -> list[str]:
     """The layers monitored when none are named: repeated blocks, plus the stems and heads around them.
 
     The rule, in order:
@@ -93,6 +94,8 @@ def default_layers(model: nn.Module) -> list[str]:
     3. **No repeated blocks** (a plain MLP or CNN such as ``nn.Sequential(Conv2d, ReLU, ..., Linear)``): every
        Linear, Conv1d/2d/3d, RNN/GRU/LSTM and Transformer encoder/decoder layer, outermost first (a module inside
        one already chosen, such as the projections inside a Transformer layer, is left out).
+    4. **Vocabulary heads** (GPT-2's ``lm_head``, :func:`~lightning_svcca.pipeline.heads.vocab_heads`) are left
+       out: their measurement would cost more than all the others together. ``heads=True`` keeps them.
 
     The names come in ``named_modules()`` order; layers that do not run in the probe's forward pass are dropped at
     the first probe. :func:`format_layers` writes the choice in one line.
@@ -106,6 +109,12 @@ def default_layers(model: nn.Module) -> list[str]:
         >>> default_layers(model)  # its activation stands in for it
         ['1', '2.0', '2.1', '3']
     """
+    names = _default_candidates(model)
+    return names if heads else [name for name in names if name not in vocab_heads(model, names)]
+
+
+def _default_candidates(model: nn.Module) -> list[str]:
+    """:func:`default_layers`' rules 1 to 3."""
     blocks = _repeated_blocks(model)
     if not blocks:
         return _every_layer(model)

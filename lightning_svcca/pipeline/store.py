@@ -61,6 +61,11 @@ class SnapshotStore:
         """Where snapshots not held in memory live (the persistent folder, or the temporary spill folder)."""
         return self.directory if self.directory is not None and self._files else self._spill_dir
 
+    @property
+    def writable_directory(self) -> Path | None:
+        """The persistent folder while its writes succeed (``None``: in memory, or its last write failed)."""
+        return self.directory if self.directory is not None and self.directory not in self._failed else None
+
     def __contains__(self, key: tuple[str, str]) -> bool:
         return key in self._memory or key in self._files
 

@@ -3,8 +3,7 @@
 Fits each workload of ``freeze_benchmark.py`` once without the callback (seed 0 by default) and records every
 training batch's loss, and at the start and every epoch end the test accuracy and the loss of a held-out probe
 (the first 256 test samples: what a probe drawn from validation data sees), into
-``freeze_histories/<key>_seed<seed>_loss.json``.
-``freeze_rule_replay.py`` replays the task gate of ``FreezePolicy`` on these curves.
+``freeze_loss_curves/<key>_seed<seed>.json``.
 
 Run: ``python benchmarks/freeze_loss_curves.py [--workloads a b c d e] [--seeds 0] [--quick]`` to record;
 ``--replay`` reads the recorded curves instead and prints, at every epoch, the test accuracy, both losses, the
@@ -38,7 +37,7 @@ from lightning_svcca.freezing.task_signal import (  # noqa: E402
     read_curve,
 )
 
-HISTORIES = Path(__file__).resolve().parent / "freeze_histories"
+HISTORIES = Path(__file__).resolve().parent / "freeze_loss_curves"
 
 
 class LossRecorder(pl.Callback):
@@ -95,7 +94,7 @@ def record(workloads: list[str], seeds: list[int], sizes: Sizes, root: Path) -> 
                 "held_out_losses": held_out.losses, "held_out_predictions": held_out.predictions,
             }  # fmt: skip
             HISTORIES.mkdir(exist_ok=True)
-            (HISTORIES / f"{key}_seed{seed}_loss.json").write_text(json.dumps(out))
+            (HISTORIES / f"{key}_seed{seed}.json").write_text(json.dumps(out))
             per_epoch = [
                 sum(recorder.losses[i : i + recorder.batches_per_epoch]) / recorder.batches_per_epoch
                 for i in range(0, len(recorder.losses), recorder.batches_per_epoch)
@@ -110,7 +109,7 @@ def replay(workloads: list[str], seeds: list[int]) -> None:
     gate = TaskGate()
     for seed in seeds:
         for key in workloads:
-            path = HISTORIES / f"{key}_seed{seed}_loss.json"
+            path = HISTORIES / f"{key}_seed{seed}.json"
             if not path.exists():
                 print(f"({key}) seed {seed}: no recording ({path.name}); run without --replay first")
                 continue

@@ -163,7 +163,11 @@ def test_early_stopping_once_every_layer_has_converged(tmp_path, digits_loader_a
     trainer = _trainer(tmp_path, [callback, stop, best], max_epochs=30, logger=False, enable_checkpointing=True)
     trainer.fit(DigitsCNN(lr=0.01), loader)
     lowest = {
-        epoch: min(r["value"] for r in callback.history if r["epoch"] == epoch and r["reference"] == "previous")
+        epoch: min(
+            r["value"]
+            for r in callback.history
+            if r["epoch"] == epoch and r["reference"] == "previous" and r["metric"] == "svcca"
+        )
         for epoch in callback.monitor.measured[1:]
     }
     stopped = callback.monitor.measured[-1]
@@ -214,7 +218,8 @@ def test_resume_without_snapshot_files_warns_and_goes_on(tmp_path, digits_loader
             DigitsCNN(), loader, ckpt_path=tmp_path / "run.ckpt"
         )
     assert {r["epoch"] for r in resumed.history} == {0, 1, 2, 3, 4}
-    assert [r["epoch"] for r in resumed.history if r["reference"] == "previous" and r["layer"] == "fc2"] == [1, 2, 3]
+    previous = [r for r in resumed.history if r["reference"] == "previous" and r["metric"] == "svcca"]
+    assert [r["epoch"] for r in previous if r["layer"] == "fc2"] == [1, 2, 3]
 
 
 def test_sequential_runs_in_one_folder_keep_their_own_files(tmp_path, digits_loader_and_probe):

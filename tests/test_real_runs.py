@@ -243,7 +243,7 @@ def test_a_convergence_policy_counts_its_lag_in_measurements(tmp_path, digits, l
     """Step mode: lag=2 compares each layer with its snapshot two measurements (not two epochs) earlier."""
     x, _ = digits
     # every layer counts as converged
-    policy = FreezePolicy(mode="convergence", threshold=0.01, lag=2, patience=1, min_epochs=0)
+    policy = FreezePolicy(mode="convergence", threshold=0.01, lag=2, patience=1, min_epochs=0, task=None)
     callback = SVCCACallback(probe=x[:256], every_n_train_steps=1, every_n_epochs=None, freeze=policy, baseline=False)
     trainer = _trainer(tmp_path, [callback], logger=False, limit_train_batches=4)
     model = _model()

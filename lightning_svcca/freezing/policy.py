@@ -29,6 +29,7 @@ from lightning_svcca.freezing.rules import (
     relative_movement,
 )
 from lightning_svcca.freezing.task_signal import TaskGate
+from lightning_svcca.pipeline.metrics import metrics_where
 
 __all__ = [
     "MIN_MOVEMENT",
@@ -45,7 +46,7 @@ __all__ = [
 FreezeMode = Literal["movement", "convergence", "linear", "schedule"]
 FreezeOrder = Literal["bottom_up", "any"]
 _ORDERS = ("bottom_up", "any")
-_CONVERGENCE_METRICS = ("svcca", "pwcca", "linear_cka", "cca")
+_CONVERGENCE_METRICS = metrics_where("convergence")
 _CACHE_KEYS = ("bytes", "index")
 _CACHE_DEVICES = ("auto", "cpu", "device")
 #: Each shorthand mode's rule and keywords: ``FreezePolicy`` keyword -> the rule's field.

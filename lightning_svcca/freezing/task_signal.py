@@ -151,7 +151,8 @@ class CurveReading:
         """The reading in words, for the freeze and waiting lines."""
         pace = "" if self.pace is None else f", recent pace {self.pace:.2f}"
         above = f", {100 * self.above_best():.0f}% above its best" if self.now > self.best else ""
-        return f"{self.name} {self.now:.4g} ({100 * self.progress:.0f}% below its start {self.start:.4g}{pace}{above})"
+        side = f"{100 * self.progress:.0f}% below" if self.progress >= 0 else f"{-100 * self.progress:.0f}% above"
+        return f"{self.name} {self.now:.4g} ({side} its start {self.start:.4g}{pace}{above})"
 
 
 @dataclass(frozen=True)

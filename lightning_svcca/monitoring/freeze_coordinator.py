@@ -185,7 +185,8 @@ class FreezingCoordinator:
         )
         outcome = policy.decide(evidence, self.streaks)
         self.streaks = outcome.streaks
-        self._say_why_waiting(outcome.decisions, layers, task, outcome.notes)
+        if (epoch if measurement is None else measurement) > 0:  # the first snapshot: nothing to judge, no line
+            self._say_why_waiting(outcome.decisions, layers, task, outcome.notes)
         return outcome.decisions
 
     def _task_verdict(self) -> TaskVerdict | None:

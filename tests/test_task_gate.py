@@ -243,3 +243,17 @@ def test_lightning_reports_the_training_loss_and_a_labelled_probe_gives_its_own(
         digits_cnn(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:256], y[:256]), batch_size=64)
     )
     assert unlabelled.monitor.freezing.task.probe == [None, None, None]
+
+
+def test_a_probe_changed_on_resume_is_not_read_again_and_the_training_loss_gates():
+    signal = _signal(2.0, [1.0, 0.8])
+    signal.probe = [1.5, 0.9, 0.7]
+    signal.forget_probe()
+    for value in (0.69, 0.68, 0.68):  # the new probe's losses, late in the run: no progress from their own start
+        signal.levels.append(0.5)
+        signal.close_interval(value)
+    verdict = TaskGate().verdict(signal, 0.5)
+    assert verdict.allows and "probe loss" not in verdict.reason  # the training loss alone, 75% below its start
+    restored = TaskSignal()
+    restored.load_state_dict(signal.state_dict())
+    assert restored.probe[0] is None  # still unread after the next checkpoint

@@ -66,6 +66,14 @@ class TaskSignal:
         if len(self._first) >= START_BATCHES:
             self.start = sum(self._first) / len(self._first)
 
+    def forget_probe(self) -> None:
+        """Stop reading the probe's curve for the rest of the run (a resume with another probe).
+
+        Its values would start from a new level late in the run, where no progress shows: the gate would wait
+        forever. A ``None`` start keeps the curve unread, also across later checkpoints; the training loss gates.
+        """
+        self.probe = [None]
+
     def close_interval(self, probe_loss: float | None = None) -> float | None:
         """At a measurement: keep the probe's loss; the mean training loss since the last one (``None``: none)."""
         self.probe.append(probe_loss if probe_loss is not None and math.isfinite(probe_loss) else None)

@@ -96,8 +96,10 @@ def probe_for(monitor: SVCCAMonitor, warn_once: WarnFn) -> Probe:
         announce_left_out_heads(monitor.model, monitor.config, monitor.runtime.logger.info)
     probe = probe_from_config(monitor.config, warn_once)
     fingerprint = probe.fingerprint()
-    if monitor.probe_fingerprint is not None and fingerprint != monitor.probe_fingerprint and monitor.store.keys():
-        restart_comparisons(monitor, "the probe differs from the one in the checkpoint (other datapoints)")
+    if monitor.probe_fingerprint is not None and fingerprint != monitor.probe_fingerprint:
+        monitor.freezing.task.forget_probe()  # its loss curve is not comparable with the checkpoint's
+        if monitor.store.keys():
+            restart_comparisons(monitor, "the probe differs from the one in the checkpoint (other datapoints)")
     monitor.probe_fingerprint = fingerprint
     if probe.size < 2:
         raise ValueError(f"the probe has {probe.size} sample(s); it needs at least 2")

@@ -31,7 +31,7 @@ the cache's served share and the freeze epochs of the first seed. Each fit's lin
 its test accuracy and training time at every epoch end (the per-seed time-to-accuracy curve).
 
 Run: ``python benchmarks/freeze_benchmark.py [--workloads a b c d e] [--seeds 0 1 2] [--threads 1] [--quick]
-[--variants NAME ...]``.
+[--variants NAME ...] [--probe 256]``.
 A full run at one thread on an idle 2-core machine takes about 45 minutes for (a)-(d) (the BERT pretraining of (c)
 included) and about 20 more for (e) (6 variants x 3 seeds of about 60 s of CPU each), plus about 6 minutes of CPU
 the first time (e)'s pretraining runs (cached afterwards).
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import logging
 import statistics
 import sys
@@ -184,7 +185,7 @@ def conv_workload(key: str, sizes: Sizes) -> Workload:
     Held out from training (a quarter of them in ``--quick``): a validation probe.
     """
     (x, y), test = digits32(sizes.limit)
-    held = min(256, len(x) // 4)
+    held = min(sizes.probe, len(x) // 4)
     (x, y), probe = (x[:-held], y[:-held]), (x[-held:], y[-held:])
     train = RandomShifts(x, y, sizes.copies) if key == "a" else fixed_shifts(x, y, sizes.copies)
     return Workload(ResNetLike, train, test, sizes.conv_epochs, probe)
@@ -197,7 +198,7 @@ def bert_workloads(seed: int, sizes: Sizes, root: Path) -> dict[str, Workload]:
     source = markov_task(PRETRAIN_CLASSES, 2 * sizes.sequences, seed=100 + seed, language=seed, topics=TOPICS)
     pretrain = Workload(lambda: pretrained, TensorDataset(*source), source, sizes.pretrain_epochs, source)
     fit(pretrained, pretrain, None, seed, root / f"pretrain{seed}")
-    held = min(256, sizes.sequences // 4)  # the validation probe
+    held = min(sizes.probe, sizes.sequences // 4)  # the validation probe
     count = sizes.sequences + sizes.test_sequences + held
     x, y = markov_task(4, count, seed=200 + seed, language=seed, topics=TOPICS)
     train, test = (x[: sizes.sequences], y[: sizes.sequences]), (x[sizes.sequences : -held], y[sizes.sequences : -held])
@@ -224,7 +225,7 @@ def stdlib_workload(sizes: Sizes) -> Workload:
     encoder, vocabulary = pretrained(settings)
     pretrained_model = BertClassifier(len(HELD_OUT), config=stdlib_config(len(vocabulary)))
     pretrained_model.bert.load_state_dict(encoder)
-    held = min(256, sizes.stdlib_test_windows // 4)  # the validation probe: windows of the test files, not tested
+    held = min(sizes.probe, sizes.stdlib_test_windows // 4)  # validation probe: test files windows, untested
     train, (x, y) = package_task(vocabulary, sizes.stdlib_windows, sizes.stdlib_test_windows + held)
     return Workload(
         lambda: pretrained_model.fine_tuning(len(HELD_OUT), 5e-4, lora=False), TensorDataset(*train),
@@ -339,6 +340,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[Run]]]:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (one: CPU time means something)")
     parser.add_argument("--root", type=Path, default=None, help="run directory (default: a temporary one)")
     parser.add_argument("--quick", action="store_true", help="tiny data, 3 epochs, one seed: a smoke test")
+    parser.add_argument("--probe", type=int, default=256, help="held-out validation samples in the probe")
     parser.add_argument(
         "--variants",
         nargs="+",
@@ -348,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[Run]]]:
     )
     args = parser.parse_args(argv)
     seeds = args.seeds[:1] if args.quick else args.seeds
-    sizes = Sizes.quick() if args.quick else Sizes()
+    sizes = dataclasses.replace(Sizes.quick() if args.quick else Sizes(), probe=args.probe)
     chosen = {name: policy for name, policy in variants().items() if name == "no callback" or name in args.variants}
     results = run_quietly(
         args.threads, args.root, lambda root: run_all(args.workloads, seeds, sizes, root, lambda *_: chosen)

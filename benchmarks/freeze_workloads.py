@@ -64,6 +64,7 @@ class Sizes:
     stdlib_test_windows: int = 1200
     stdlib_epochs: int = 8
     stdlib_quick_pretraining: bool = False  # (e): pretrain_stdlib_bert.Settings.quick() instead of the full run
+    probe: int = 256  # held-out validation samples in the probe (at most a quarter of the data they come from)
 
     @classmethod
     def quick(cls) -> Sizes:

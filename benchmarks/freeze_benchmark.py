@@ -134,6 +134,9 @@ class Run:
     points: list[tuple[int, float, float, float]]
     frozen: dict[str, int] = field(default_factory=dict)
     cached_share: float | None = None
+    #: The callback's own clock: seconds of its probe passes and of its whole measurements (``None``: no callback).
+    probe_seconds: float | None = None
+    measuring_seconds: float | None = None
 
 
 def fit(
@@ -176,7 +179,11 @@ def fit(
     seconds = time.perf_counter() - start - clock.paused
     cpu_seconds = time.process_time() - cpu_start - clock.paused_cpu
     frozen = dict(monitor.frozen) if monitor else dict(autofreeze.frozen) if autofreeze else {}
-    return Run(seconds, cpu_seconds, accuracy(model, work.test), clock.points, frozen, spy.share if spy else None)
+    run = Run(seconds, cpu_seconds, accuracy(model, work.test), clock.points, frozen, spy.share if spy else None)
+    if monitor is not None and monitor.monitor is not None:
+        run.probe_seconds = sum(monitor.monitor.probe_timings.values())
+        run.measuring_seconds = sum(monitor.monitor.timings.values())
+    return run
 
 
 def conv_workload(key: str, sizes: Sizes) -> Workload:

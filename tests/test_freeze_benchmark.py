@@ -146,3 +146,17 @@ def test_oracle_quick_mode_fits_each_fixed_freeze(tmp_path, capsys):
     assert set(runs["all@2 + cache"][0].frozen.values()) == {2} and len(runs["all@2 + cache"][0].frozen) == 5
     assert len(runs["lower@1 + cache"][0].frozen) == 4 and not runs["no callback"][0].frozen
     assert "(c) fine-tuning a small BERT" in capsys.readouterr().out
+
+
+def test_monitor_cost_quick_mode_splits_the_cost_of_each_probe_size(tmp_path, capsys):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        cost = _load("monitor_cost")
+        pairs = cost.main(["--quick", "--workloads", "d", "--probes", "16", "8"])
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert set(pairs) == {("d", 16), ("d", 8)}
+    for [(base, monitored)] in pairs.values():
+        assert base.probe_seconds is None and 0 < monitored.probe_seconds < monitored.measuring_seconds
+    table = capsys.readouterr().out
+    assert "probe passes" in table and "(d)" in table

@@ -48,7 +48,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -240,6 +240,29 @@ def stdlib_workload(sizes: Sizes) -> Workload:
     )  # fmt: skip
 
 
+def seeded_workloads(
+    workloads: list[str], seeds: list[int], sizes: Sizes, root: Path
+) -> Iterator[tuple[int, str, Workload, Classifier]]:
+    """``(seed, key, workload, initial model)`` for each seed and workload, after an untimed warm-up fit.
+
+    The warm-up pays the imports and first calls that no measured fit should; (c) and (d) pretrain their BERT
+    once per seed (untimed). Each initial model is made under the seed, for every variant to start from a copy.
+    """
+    warm = conv_workload("b", Sizes.quick())
+    warm_up = Workload(ResNetLike, warm.train, warm.test, 2, warm.probe)
+    for variant in (None, FreezePolicy(cache_outputs=True)):
+        fit(ResNetLike(), warm_up, variant, 0, root / "warm-up")
+    fixed = {key: conv_workload(key, sizes) for key in workloads if key in "ab"}
+    if "e" in workloads:
+        fixed["e"] = stdlib_workload(sizes)
+    for seed in seeds:
+        bert = bert_workloads(seed, sizes, root) if {"c", "d"} & set(workloads) else {}
+        for key in workloads:
+            work = fixed.get(key) or bert[key]
+            pl.seed_everything(seed, verbose=False)
+            yield seed, key, work, work.make_model()
+
+
 def run_all(
     workloads: list[str],
     seeds: list[int],
@@ -253,23 +276,11 @@ def run_all(
     the workload; ``freeze_oracle.py``: fixed freezes placed by the workload's layers and epochs).
     """
     results: dict[str, dict[str, list[Run]]] = {key: {} for key in workloads}
-    warm = conv_workload("b", Sizes.quick())
-    warm_up = Workload(ResNetLike, warm.train, warm.test, 2, warm.probe)
-    for variant in (None, FreezePolicy(cache_outputs=True)):  # imports and first calls: paid by no measured fit
-        fit(ResNetLike(), warm_up, variant, 0, root / "warm-up")
-    fixed = {key: conv_workload(key, sizes) for key in workloads if key in "ab"}
-    if "e" in workloads:
-        fixed["e"] = stdlib_workload(sizes)
-    for seed in seeds:
-        bert = bert_workloads(seed, sizes, root) if {"c", "d"} & set(workloads) else {}
-        for key in workloads:
-            work = fixed.get(key) or bert[key]
-            pl.seed_everything(seed, verbose=False)
-            initial = work.make_model()
-            for name, variant in variants_for(initial.layers, work.epochs).items():
-                run = fit(copy.deepcopy(initial), work, copy.deepcopy(variant), seed, root / f"{key}{seed}")
-                results[key].setdefault(name, []).append(run)
-                _progress(key, name, seed, run)
+    for seed, key, work, initial in seeded_workloads(workloads, seeds, sizes, root):
+        for name, variant in variants_for(initial.layers, work.epochs).items():
+            run = fit(copy.deepcopy(initial), work, copy.deepcopy(variant), seed, root / f"{key}{seed}")
+            results[key].setdefault(name, []).append(run)
+            _progress(key, name, seed, run)
     return results
 
 

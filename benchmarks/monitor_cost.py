@@ -30,11 +30,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import pytorch_lightning as pl
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from freeze_benchmark import MONITOR_ONLY, Run, Workload, bert_workloads, fit, run_quietly, stdlib_workload  # noqa: E402
+from freeze_benchmark import MONITOR_ONLY, Run, Workload, fit, run_quietly, seeded_workloads  # noqa: E402
 from freeze_workloads import Sizes  # noqa: E402
 
 
@@ -49,20 +47,13 @@ def measure(
 ) -> dict[tuple[str, int], list[tuple[Run, Run]]]:
     """(workload, probe size) -> [(baseline run, monitored run)] over seeds."""
     pairs: dict[tuple[str, int], list[tuple[Run, Run]]] = {}
-    fixed = {"e": stdlib_workload(sizes)} if "e" in workloads else {}
-    for seed in seeds:
-        bert = bert_workloads(seed, sizes, root) if {"c", "d"} & set(workloads) else {}
-        for key in workloads:
-            work = fixed.get(key) or bert[key]
-            pl.seed_everything(seed, verbose=False)
-            initial = work.make_model()
-            for samples in probes:
-                base = fit(copy.deepcopy(initial), work, None, seed, root / f"{key}{seed}")
-                monitored = fit(
-                    copy.deepcopy(initial), with_probe(work, samples), MONITOR_ONLY, seed, root / f"{key}{seed}"
-                )
-                pairs.setdefault((key, samples), []).append((base, monitored))
-                print(f"# ({key}) seed {seed} probe {samples}: {_shares(base, monitored)}", flush=True)
+    for seed, key, work, initial in seeded_workloads(workloads, seeds, sizes, root):
+        for samples in probes:
+            base = fit(copy.deepcopy(initial), work, None, seed, root / f"{key}{seed}")
+            probed = with_probe(work, samples)
+            monitored = fit(copy.deepcopy(initial), probed, MONITOR_ONLY, seed, root / f"{key}{seed}")
+            pairs.setdefault((key, samples), []).append((base, monitored))
+            print(f"# ({key}) seed {seed} probe {samples}: {_shares(base, monitored)}", flush=True)
     return pairs
 
 

@@ -1,4 +1,5 @@
-"""Freeze lines and the reasons freezing waits reach the console by default: Lightning, the HF Trainer, a plain loop.
+"""Freeze lines, the reasons freezing waits and what measuring cost reach the console by default: Lightning, the HF
+Trainer, a plain loop.
 
 Each loop runs in a fresh interpreter, as a user's script would: logging set up by nothing but the libraries.
 """
@@ -36,6 +37,7 @@ with SVCCAMonitor(model, probe=x[:128], layers=["1", "3"], freeze=policy, writer
             optimizer.zero_grad(); loss.backward(); optimizer.step()
             monitor.observe_loss(loss)
         monitor.measure(epoch=epoch, step=epoch * 8)
+    monitor.finish(epoch=3, step=24)
     print("frozen:", monitor.frozen)
 """,
     "Lightning": """
@@ -99,3 +101,6 @@ def test_a_freeze_is_one_line_on_the_console_by_default(loop, tmp_path):
     assert "frozen: {" in result.stdout and "2}" in result.stdout, console[-2000:]
     freeze_lines = [line for line in console.splitlines() if "froze layer" in line]
     assert len(freeze_lines) == 1 and "at epoch 2" in freeze_lines[0], console[-2000:]
+    # and what measuring cost, once, at the end: 4 measurements (the initial one and one per epoch)
+    cost_lines = [line for line in console.splitlines() if "measuring took" in line]
+    assert len(cost_lines) == 1 and "4 measurements" in cost_lines[0], console[-2000:]

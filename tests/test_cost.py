@@ -123,6 +123,26 @@ def test_the_cost_warning_counts_one_measurement_in_the_singular() -> None:
     assert len(messages) == 1 and "over 1 measurement." in messages[0]
 
 
+def test_the_cost_summary_gives_the_share_of_the_fit_and_advice_only_above_three_percent(monkeypatch) -> None:
+    def watch_over(clock: list[float], measurements: list[tuple[float, float]]) -> budget.CostWatch:
+        """A watch started at clock[0], each measurement ending at the next tick; the summary reads the last."""
+        ticks = iter(clock)
+        monkeypatch.setattr(budget.time, "perf_counter", lambda: next(ticks))
+        watch = budget.CostWatch(lambda key, message: None)
+        watch.start()
+        for seconds, probe in measurements:
+            watch.measured(seconds, planned=len(measurements), done=1, probe_seconds=probe)
+        return watch
+
+    assert budget.CostWatch(lambda key, message: None).summary() is None  # not started
+    costly = watch_over([100.0, 101.0, 110.0, 140.0], [(1.0, 0.5), (2.0, 0.5)]).summary()
+    assert costly is not None and "3.0 s of the 40.0 s since the fit started (7.5%)" in costly
+    assert "2 measurements of 1.50 s, 33% of it the probe's forward passes" in costly
+    assert "To spend less" in costly and "probe_size" in costly
+    cheap = watch_over([0.0, 1.0, 100.0], [(1.0, 0.2)]).summary()
+    assert cheap is not None and "(1.0%)" in cheap and "1 measurement of" in cheap and "To spend less" not in cheap
+
+
 def test_decomposition_flops_follow_the_smaller_side() -> None:
     assert cost.decomposition_flops(4096, 50_257) == pytest.approx(4 * 4096 * 50_257 * 4096 + 9 * 4096.0**3)
     assert cost.decomposition_flops(4096, 64) == pytest.approx(4 * 4096 * 64 * 64 + 9 * 64.0**3)

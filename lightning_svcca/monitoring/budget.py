@@ -5,7 +5,8 @@ for the whole probe, and the decomposition's work arrays) and warns when the who
 :data:`MEMORY_SHARE` of the machine's memory (the GPU's when the model is on one). :class:`CostWatch` compares
 each measurement's time with the training time since the one before and warns once when measuring takes more than
 :data:`COST_SHARE` of the fit (and at least :data:`COST_MIN_SECONDS` over the planned measurements, so short runs
-stay quiet). Both warnings name the knobs to turn.
+stay quiet), and sums the run's measuring up in one line at its end. The warnings and the line name the knobs to
+turn.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lightning_svcca.pipeline.recording import ActivationRecorder
 __all__ = [
     "COST_MIN_SECONDS",
     "COST_SHARE",
+    "SUMMARY_ADVICE_SHARE",
     "MEMORY_SHARE",
     "CostWatch",
     "check_memory",
@@ -37,6 +39,8 @@ MEMORY_SHARE = 0.25
 COST_SHARE = 0.25
 #: ... and the planned measurements add up to at least this many seconds.
 COST_MIN_SECONDS = 30.0
+#: The end-of-fit cost line says how to spend less when measuring took more than this share of the fit.
+SUMMARY_ADVICE_SHARE = 0.03
 _GIB = 2**30
 
 
@@ -108,10 +112,11 @@ def peak(estimates: Mapping[str, tuple[int, int]]) -> int:
 
 
 class CostWatch:
-    """Warns once when measuring takes more than :data:`COST_SHARE` of the fit.
+    """Counts what measuring costs: warns once when it takes more than :data:`COST_SHARE` of the fit, sums it up.
 
     The fit's time between two measurements is what passed since the last one ended; a measurement of ``m``
-    seconds after ``t`` seconds of training takes ``m / (m + t)`` of the fit.
+    seconds after ``t`` seconds of training takes ``m / (m + t)`` of the fit. :meth:`summary` gives the whole
+    run's share, with the part spent in the probe's forward passes, for the line the monitor logs at the end.
 
     Args:
         warn_once: the monitor's once-per-key warning.
@@ -120,10 +125,26 @@ class CostWatch:
     def __init__(self, warn_once: Callable[[str, str], None]) -> None:
         self._warn_once = warn_once
         self._last_end: float | None = None
+        self._started: float | None = None
+        self.seconds = 0.0
+        self.probe_seconds = 0.0
+        self.count = 0
 
-    def measured(self, seconds: float, planned: int | None, done: int) -> None:
-        """After a measurement of ``seconds``; ``planned``: measurements in the whole fit (``None``: unknown)."""
+    def start(self) -> None:
+        """The fit starts (or resumes) now: :meth:`summary` measures its share from here."""
+        self._started = time.perf_counter()
+        self.seconds = self.probe_seconds = 0.0
+        self.count = 0
+
+    def measured(self, seconds: float, planned: int | None, done: int, probe_seconds: float = 0.0) -> None:
+        """Count a measurement of ``seconds``, ``probe_seconds`` of it the probe's forward pass.
+
+        ``planned``: measurements in the whole fit (``None``: unknown); ``done``: measurements so far.
+        """
         now = time.perf_counter()
+        self.seconds += seconds
+        self.probe_seconds += probe_seconds
+        self.count += 1
         if self._last_end is not None:
             training = max(0.0, now - seconds - self._last_end)
             share = seconds / max(seconds + training, 1e-9)
@@ -138,6 +159,28 @@ class CostWatch:
                     " probe_size or max_datapoints, fewer layers)",
                 )
         self._last_end = now
+
+    def spent(self, seconds: float) -> None:
+        """Count measuring work outside a measurement (the end-of-fit comparisons with the final model)."""
+        self.seconds += seconds
+
+    def summary(self) -> str | None:
+        """What measuring took of the fit since :meth:`start`, in one line (``None`` before any measurement)."""
+        if self._started is None or not self.count:
+            return None
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        share = self.seconds / elapsed
+        line = (
+            f"measuring took {self.seconds:.1f} s of the {elapsed:.1f} s since the fit started ({share:.1%}):"
+            f" {self.count} measurement{'s' if self.count != 1 else ''} of {self.seconds / self.count:.2f} s,"
+            f" {self.probe_seconds / max(self.seconds, 1e-9):.0%} of it the probe's forward passes"
+        )
+        if share > SUMMARY_ADVICE_SHARE:
+            line += (
+                ". To spend less, measure less often (every_n_epochs, every_n_train_steps) or use a smaller probe"
+                " (probe_size): the forward pass costs in proportion to it"
+            )
+        return line
 
 
 def run_length(config: MonitorConfig, runtime: Runtime) -> int | None:

@@ -244,6 +244,7 @@ class SVCCAMonitor:
             device=device_of(self.model),
             dtype=capture.options.dtype,
         )
+        self.cost.start()
         if not self.timeline.points:  # a new run (a resumed one has points, even when its snapshots were dropped)
             self._measure(0, step)
         else:
@@ -294,11 +295,16 @@ class SVCCAMonitor:
             epoch = int(epoch) if self.by_step else max(int(epoch), last + 1)
             rows += self._measure(epoch, step, decide_freezes=False, live_final=False)
         assert self._comparisons is not None
+        started = time.perf_counter()
         if self._comparisons.wants_final:
             rows += self._compare_with_final()
         if self.cross_layer is not None:
             self.cross_layer_maps = self.outputs.cross_layer(self.cross_layer)
         self.outputs.flush()
+        self.cost.spent(time.perf_counter() - started)
+        summary = self.cost.summary()
+        if summary is not None and self.runtime.is_global_zero:
+            self.runtime.logger.info(summary)
         return rows
 
     def close(self) -> None:
@@ -367,7 +373,8 @@ class SVCCAMonitor:
         heatmaps = self._comparisons.heatmap_sources(point, self.history, self.layers, live_final=live_final)
         self.outputs.measurement(rows + cache_scalars, step, heatmaps, self.history, self.layers)
         self.timings[point] = time.perf_counter() - started
-        self.cost.measured(self.timings[point], planned_measurements(self.config, self.runtime), len(self.timeline))
+        planned = planned_measurements(self.config, self.runtime)
+        self.cost.measured(self.timings[point], planned, len(self.timeline), self.probe_timings[point])
         return rows
 
     def _freeze(

@@ -8,7 +8,8 @@ For two ``(n, d)`` representations (float64, one thread):
 * ``rsa``: the two Gram matrices and a sort of each upper triangle (Spearman's ranks).
 
 Each library function (``lightning_svcca.mutual_knn`` etc., input checks included) is timed against its floor,
-alternating, and the medians' ratio printed.
+alternating, and the medians' ratio printed, in wall time and in CPU time (``time.process_time``: on a shared
+machine wall time moves with the other processes).
 
 Run: ``python benchmarks/sample_floor.py [--quick]`` (``--quick``: n = 256 only); ``benchmarks/measurement_floor.py``
 prints this table too.
@@ -68,16 +69,22 @@ MEASURES: dict[str, tuple[Callable[[Tensor, Tensor], object], Callable[[Tensor, 
 }
 
 
-def _seconds(function: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def _seconds(function: Callable[[], object]) -> tuple[float, float]:
+    """Wall and CPU seconds of ``function()``."""
+    wall, cpu = time.perf_counter(), time.process_time()
     function()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _medians(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    """The median wall and the median CPU seconds."""
+    return statistics.median(run[0] for run in runs), statistics.median(run[1] for run in runs)
 
 
 def sample_table(sizes: list[tuple[int, int]], repeats: int) -> None:
-    """Print each measure's seconds, its floor's, and the ratio, for each ``(n, d)``."""
+    """Print each measure's seconds, its floor's, and the ratio (wall, then CPU), for each ``(n, d)``."""
     print(f"sample-level measures vs floor (float64, k={K}, chunks of {CHUNK}; medians of {repeats})")
-    print(f"{'measure':>13} {'n':>6} {'d':>5}  {'measure s':>9} {'floor s':>8} {'ratio':>6}")
+    print(f"{'measure':>13} {'n':>6} {'d':>5}  {'measure s':>9} {'floor s':>8} {'ratio':>6}  {'cpu ratio':>9}")
     generator = torch.Generator().manual_seed(0)
     for n, d in sizes:
         x = torch.randn(n, d, generator=generator, dtype=torch.float64)
@@ -88,8 +95,8 @@ def sample_table(sizes: list[tuple[int, int]], repeats: int) -> None:
             for _ in range(repeats):
                 floored.append(_seconds(lambda floor=floor, x=x, y=y: floor(x, y)))
                 measured.append(_seconds(lambda measure=measure, x=x, y=y: measure(x, y)))
-            m, f = statistics.median(measured), statistics.median(floored)
-            print(f"{name:>13} {n:>6} {d:>5}  {m:>9.4f} {f:>8.4f} {m / f:>6.2f}")
+            (m, m_cpu), (f, f_cpu) = (_medians(runs) for runs in (measured, floored))
+            print(f"{name:>13} {n:>6} {d:>5}  {m:>9.4f} {f:>8.4f} {m / f:>6.2f}  {m_cpu / max(f_cpu, 1e-9):>9.2f}")
     print()
 
 

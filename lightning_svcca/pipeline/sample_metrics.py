@@ -32,7 +32,7 @@ from torch import Tensor
 
 from lightning_svcca.measures._checks import ZeroVarianceError
 from lightning_svcca.measures._samples import cosine_from_gram, sparse_unbiased_hsic, unit_rows
-from lightning_svcca.measures.minibatch import MinibatchCKA, chunk_bounds
+from lightning_svcca.measures.minibatch import MinibatchCKA
 from lightning_svcca.measures.neighbors import neighbour_keys, own_alignment_warning
 from lightning_svcca.measures.rsa import spearman_side
 from lightning_svcca.pipeline.snapshot import Snapshot
@@ -181,8 +181,7 @@ def sample_metric(
 
 def _minibatch(rows_a: Tensor, rows_b: Tensor) -> float:
     accumulator = MinibatchCKA(dtype=rows_a.dtype)
-    for start, stop in chunk_bounds(rows_a.shape[0], MINIBATCH_ROWS):
-        accumulator.update(rows_a[start:stop], rows_b[start:stop])
+    accumulator.add_rows(rows_a, rows_b, MINIBATCH_ROWS)
     return float(accumulator.compute())
 
 

@@ -233,8 +233,8 @@ def truncated_spectrum(
     Raises:
         ZeroVarianceError: no direction is above the floor.
     """
-    mean_sq = n * float(mean.detach().square().sum())
-    floor = noise_floor(float(gram.detach().diagonal().sum()), mean_sq, n, input_eps, gram.dtype)
+    flat_mean = mean.detach().reshape(-1)
+    floor = noise_floor(float(gram.detach().trace()), n * float(flat_mean @ flat_mean), n, input_eps, gram.dtype)
     eigenvalues, vectors = torch.linalg.eigh(gram)
     # eigh sorts ascending: descending singular values s = sqrt(lambda); those above the floor are a leading run,
     # whose columns of vectors are the last ones, flipped (one copy of the kept columns only).
@@ -306,7 +306,7 @@ def _rank(singular_values: Tensor, floor: float, n: int, d: int) -> int:
 def sign_of_largest(vectors: Tensor) -> Tensor:
     """Signs that make the largest-magnitude entry of each column positive (a deterministic SVD sign)."""
     largest = torch.gather(vectors, 0, vectors.abs().argmax(dim=0, keepdim=True))
-    return torch.where(largest < 0, -1.0, 1.0).to(vectors.dtype)
+    return torch.where(largest < 0, -1.0, 1.0)  # the default dtype: a product with vectors takes theirs
 
 
 def fix_signs(vectors: Tensor) -> Tensor:

@@ -20,7 +20,6 @@ from lightning_svcca.measures._samples import checked_pair, unit_rows
 __all__ = [
     "DISTANCES",
     "RSA_METHODS",
-    "average_ranks",
     "rdm_from_gram",
     "rsa",
     "rsa_from_grams",
@@ -67,14 +66,8 @@ def rdm_from_gram(matrix: Tensor, distance: str) -> Tensor:
     return 1.0 - matrix
 
 
-def average_ranks(values: Tensor) -> Tensor:
-    """Ranks from 1, tied values sharing the mean of their ranks (``scipy.stats.rankdata(method="average")``)."""
-    ordered, order = values.sort()
-    return torch.empty_like(values).index_copy_(0, order, _sorted_ranks(ordered))
-
-
 def _sorted_ranks(ordered: Tensor) -> Tensor:
-    """The average ranks of sorted values, in their sorted order."""
+    """Ranks from 1 of sorted values, in their order; tied values share the mean of their ranks (scipy's "average")."""
     if not bool((ordered[1:] == ordered[:-1]).any()):  # no ties (the usual case): ranks 1..m in sorted order
         return torch.arange(1, ordered.numel() + 1, dtype=ordered.dtype, device=ordered.device)
     _, group, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)

@@ -2,9 +2,13 @@
 
 For two ``(n, d)`` representations (float64, one thread):
 
-* ``mutual_knn``: the two ``n x n`` Gram matrices ``X X^T`` and ``Y Y^T``, and a ``topk(k)`` over each.
+* ``mutual_knn``: the rows scaled to unit length, the two ``n x n`` Gram matrices ``X X^T`` and ``Y Y^T`` (the
+  cosines), and a ``topk(k)`` over each. (An earlier floor took the top-k of the raw inner products, which are not
+  the cosine neighbours the measure is defined by: the scaling is arithmetic it cannot skip.)
 * ``cknna``: the same (its three HSIC terms only need the ``n k`` neighbour pairs' kernel values).
-* ``minibatch_cka``: each chunk's two ``b x b`` kernels (``b = 256``) and the three HSIC passes over them.
+* ``minibatch_cka``: each chunk's two ``b x b`` kernels (``b = 256``), the three inner products of the kernels and
+  each kernel's row sums. (An earlier floor left the row sums out, but the unbiased estimator needs ``K 1``: the
+  row sums, or rows centred first, which costs the same for ``d <= b``.)
 * ``rsa``: the two Gram matrices and a sort of each upper triangle (Spearman's ranks).
 
 Each library function (``lightning_svcca.mutual_knn`` etc., input checks included) is timed against its floor,
@@ -40,17 +44,18 @@ def _topk(gram: Tensor) -> Tensor:
 
 
 def floor_mutual_knn(x: Tensor, y: Tensor) -> None:
-    """Two Gram matrices and a top-k over each."""
-    for gram in _grams(x, y):
+    """Unit rows, two Gram matrices (the cosines) and a top-k over each."""
+    for gram in _grams(x / x.norm(dim=1, keepdim=True), y / y.norm(dim=1, keepdim=True)):
         _topk(gram)
 
 
 def floor_minibatch_cka(x: Tensor, y: Tensor) -> None:
-    """Each chunk's two kernels and three elementwise passes over them."""
+    """Each chunk's two kernels, three elementwise passes over them and each kernel's row sums."""
     for start in range(0, x.shape[0], CHUNK):
         kx, ky = _grams(x[start : start + CHUNK], y[start : start + CHUNK])
         for a, b in ((kx, ky), (kx, kx), (ky, ky)):
             (a * b).sum()
+        kx.sum(dim=1), ky.sum(dim=1)
 
 
 def floor_rsa(x: Tensor, y: Tensor) -> None:

@@ -80,25 +80,33 @@ class MinibatchCKA:
         self.add_rows(x, y, x.shape[0])
 
     def add_rows(self, x: Tensor, y: Tensor, batch_size: int) -> None:
-        """Add consecutive chunks of ``batch_size`` rows of checked ``x`` and ``y`` (:func:`chunk_bounds`)."""
-        bounds = chunk_bounds(x.shape[0], batch_size)
-        self._add_centred(
-            _centred_chunks(x, bounds, self.dtype), _centred_chunks(y, bounds, self.dtype), _rounding(x, y)
-        )
+        """Add consecutive chunks of ``batch_size`` rows of checked ``x`` and ``y`` (:func:`chunk_bounds`).
 
-    def _add_centred(
-        self, xs: list[tuple[Tensor, Tensor]], ys: list[tuple[Tensor, Tensor]], eps: tuple[float, float]
-    ) -> None:
-        """Add chunks given as their centred rows and means (``eps``: each side's input rounding level).
-
-        Each chunk costs its two kernel products and their three inner products
-        (:func:`_chunk_statistics`); the estimates and the noise-floor checks then run once for all chunks.
+        Each chunk costs its centring (into one reused buffer per side), its two kernel products and their three
+        inner products (:func:`_chunk_statistics`); the estimates and the noise-floor checks run once for all.
         """
-        statistics = torch.stack([_chunk_statistics(*x, *y) for x, y in zip(xs, ys, strict=True)])
+        bounds = chunk_bounds(x.shape[0], batch_size)
+        sizes = [stop - start for start, stop in bounds]
+        means_x, means_y = _chunk_means(x, sizes, self.dtype), _chunk_means(y, sizes, self.dtype)
+        buffer_x = torch.empty(max(sizes), x.shape[1], dtype=self.dtype, device=x.device)
+        buffer_y = torch.empty(max(sizes), y.shape[1], dtype=self.dtype, device=y.device)
+        statistics = torch.stack(
+            [
+                _chunk_statistics(
+                    torch.sub(x[start:stop], mean_x, out=buffer_x[: stop - start]),
+                    mean_x,
+                    torch.sub(y[start:stop], mean_y, out=buffer_y[: stop - start]),
+                    mean_y,
+                )
+                for (start, stop), mean_x, mean_y in zip(bounds, means_x, means_y, strict=True)
+            ]
+        )
         if not bool(torch.isfinite(statistics).all()):
-            for (x, _), (y, _) in zip(xs, ys, strict=True):
-                column_mean(x, self.dtype, "x"), column_mean(y, self.dtype, "y")  # raises, locating NaN or Inf
-        sizes = [x.shape[0] for x, _ in xs]
+            column_mean(x, self.dtype, "x"), column_mean(y, self.dtype, "y")  # raises, locating NaN or Inf
+        self._add(statistics, sizes, _rounding(x, y))
+
+    def _add(self, statistics: Tensor, sizes: list[int], eps: tuple[float, float]) -> None:
+        """Add chunks given by their :func:`_chunk_statistics` and sizes (``eps``: each side's rounding level)."""
         varies = [  # each side of each chunk above its rounding level: ||Xc||_F over the noise floor
             [
                 row[6 + side] ** 0.5 > noise_floor(row[6 + side], n * row[8 + side], n, eps[side], self.dtype)
@@ -111,7 +119,7 @@ class MinibatchCKA:
         weights = torch.stack([mask[:, 0] * mask[:, 1], mask[:, 0], mask[:, 1]], dim=1)
         hsics = _unbiased_hsics(statistics, statistics.new_tensor(sizes)) * weights
         self._sums = self._sums.to(hsics.device) + hsics.sum(dim=0)
-        self.chunks += len(xs)
+        self.chunks += len(sizes)
 
     def compute(self) -> Tensor:
         """Minibatch CKA of the chunks seen so far (0-dim tensor in ``[-1, 1]``).
@@ -137,17 +145,11 @@ def _rounding(x: Tensor, y: Tensor) -> tuple[float, float]:
     return torch.finfo(x.dtype).eps, torch.finfo(y.dtype).eps
 
 
-def _centred_chunks(data: Tensor, bounds: list[tuple[int, int]], dtype: torch.dtype) -> list[tuple[Tensor, Tensor]]:
-    """Each chunk's rows centred, and its mean, in ``dtype``; chunks of one size in one batched pass."""
-    size = bounds[0][1] - bounds[0][0]
-    full = sum(stop - start == size for start, stop in bounds)  # chunk_bounds: equal chunks, then at most one other
-    blocks = data[: full * size].reshape(full, size, -1)
-    means = blocks.mean(dim=1, keepdim=True, dtype=dtype)
-    chunks = list(zip((blocks.to(dtype) - means).unbind(0), means[:, 0].unbind(0), strict=True))
-    for start, stop in bounds[full:]:
-        mean = data[start:stop].mean(dim=0, dtype=dtype)
-        chunks.append((data[start:stop].to(dtype) - mean, mean))
-    return chunks
+def _chunk_means(data: Tensor, sizes: list[int], dtype: torch.dtype) -> list[Tensor]:
+    """Each chunk's column means in ``dtype``; the leading chunks of equal size in one batched reduction."""
+    full = sum(size == sizes[0] for size in sizes)  # chunk_bounds: equal chunks, then at most one other
+    means = list(data[: full * sizes[0]].reshape(full, sizes[0], -1).mean(dim=1, dtype=dtype).unbind(0))
+    return means + [data[full * sizes[0] :].mean(dim=0, dtype=dtype)] * (len(sizes) - full)
 
 
 def _chunk_statistics(centred_x: Tensor, mean_x: Tensor, centred_y: Tensor, mean_y: Tensor) -> Tensor:

@@ -22,7 +22,6 @@ __all__ = [
     "RSA_METHODS",
     "rdm_from_gram",
     "rsa",
-    "rsa_from_grams",
     "sample_gram",
     "spearman_side",
     "upper_dissimilarities",
@@ -143,16 +142,6 @@ def _constant_rdm(name: str, distance: str) -> ZeroVarianceError:
     )
 
 
-def rsa_from_grams(gram_x: Tensor, gram_y: Tensor, distance: str, method: str) -> Tensor:
-    """RSA from the two sides' :func:`sample_gram` matrices (similarities, or Gram matrices for ``"euclidean"``)."""
-    # 1. the upper triangles of both RDMs; 2. their ranks (Spearman); 3. the Pearson correlation.
-    n = gram_x.shape[0]
-    upper = torch.triu_indices(n, n, offset=1, device=gram_x.device)
-    side_x = spearman_side(gram_x, distance, method, "x", upper)
-    side_y = spearman_side(gram_y, distance, method, "y", upper)
-    return torch.dot(side_x, side_y).clamp(-1.0, 1.0)
-
-
 def rsa(
     x: Tensor,
     y: Tensor,
@@ -198,4 +187,10 @@ def rsa(
     """
     check_rsa_options(method, distance)
     x, y = checked_pair(x, y, dtype, 3)
-    return rsa_from_grams(sample_gram(x, distance), sample_gram(y, distance), distance, method)
+    # 1. each side's RDM upper triangle, ranked (Spearman), centred and scaled: one n x n matrix at a time;
+    # 2. the Pearson correlation of the two.
+    n = x.shape[0]
+    upper = torch.triu_indices(n, n, offset=1, device=x.device)
+    side_x = spearman_side(sample_gram(x, distance), distance, method, "x", upper)
+    side_y = spearman_side(sample_gram(y, distance), distance, method, "y", upper)
+    return torch.dot(side_x, side_y).clamp(-1.0, 1.0)

@@ -143,7 +143,10 @@ def nudge(model: nn.Module, generator: torch.Generator) -> None:
 
 
 def measurement_cell(width: int, depth: int, probe_size: int, repeats: int) -> tuple[Seconds, Seconds]:
-    """Median seconds of a measurement and of its floor, alternated ``repeats`` times, on one MLP."""
+    """Median seconds of a measurement and of its floor, alternated on one MLP.
+
+    ``repeats`` times, or more for fast cells (up to 25, about 0.3 s of measuring), whose medians move most.
+    """
     model, layers = mlp(width, depth)
     model.eval()
     generator = torch.Generator().manual_seed(1)
@@ -151,11 +154,11 @@ def measurement_cell(width: int, depth: int, probe_size: int, repeats: int) -> t
     monitor = SVCCAMonitor(model, probe=probe, layers=layers, reference=("previous", "final"))
     monitor.start()
     nudge(model, generator)
-    monitor.measure(epoch=1, step=1)  # the first comparison: warm-up
+    warm_up = timed(lambda: monitor.measure(epoch=1, step=1))  # the first comparison
     previous: dict[str, Tensor] = {}
     floor(model, probe, layers, previous)
     measured, floors = [], []
-    for epoch in range(2, 2 + repeats):
+    for epoch in range(2, 2 + max(repeats, min(25, int(0.3 / max(warm_up.cpu, 1e-6))))):
         nudge(model, generator)
         floors.append(timed(lambda: floor(model, probe, layers, previous)))
         measured.append(timed(lambda epoch=epoch: monitor.measure(epoch=epoch, step=epoch)))
@@ -171,7 +174,8 @@ def measurement_table(
     Cells whose ``width**2 * layers`` passes ``max_cost`` are left out (the forward passes and ``eigh`` of a single
     thread would take minutes).
     """
-    print(f"measurement vs floor (MLP, ReLU layers, probe {probe_size}; {big_probe} at width 4096; medians)")
+    setting = f"probe {probe_size}; {big_probe} at width 4096; medians of {repeats} or more runs"
+    print(f"measurement vs floor (MLP, ReLU layers, {setting})")
     header = f"{'width':>6} {'layers':>6} {'probe':>6}  {'measure s':>9} {'floor s':>8} {'ratio':>6}"
     print(f"{header}  {'cpu meas':>8} {'cpu floor':>9} {'cpu ratio':>9}")
     for width in widths:

@@ -81,6 +81,11 @@ def _seconds(function: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def _repeats(repeats: int, seconds: float) -> int:
+    """At least ``repeats``, more for fast cells (up to 25, about 0.3 s of floor): their medians settle."""
+    return max(repeats, min(25, int(0.3 / max(seconds, 1e-6))))
+
+
 def _medians(runs: list[tuple[float, float]]) -> tuple[float, float]:
     """The median wall and the median CPU seconds."""
     return statistics.median(run[0] for run in runs), statistics.median(run[1] for run in runs)
@@ -88,7 +93,7 @@ def _medians(runs: list[tuple[float, float]]) -> tuple[float, float]:
 
 def sample_table(sizes: list[tuple[int, int]], repeats: int) -> None:
     """Print each measure's seconds, its floor's, and the ratio (wall, then CPU), for each ``(n, d)``."""
-    print(f"sample-level measures vs floor (float64, k={K}, chunks of {CHUNK}; medians of {repeats})")
+    print(f"sample-level measures vs floor (float64, k={K}, chunks of {CHUNK}; medians of {repeats} to 25 runs)")
     print(f"{'measure':>13} {'n':>6} {'d':>5}  {'measure s':>9} {'floor s':>8} {'ratio':>6}  {'cpu ratio':>9}")
     generator = torch.Generator().manual_seed(0)
     for n, d in sizes:
@@ -97,7 +102,7 @@ def sample_table(sizes: list[tuple[int, int]], repeats: int) -> None:
         for name, (measure, floor) in MEASURES.items():
             measure(x, y)  # warm-up
             measured, floored = [], []
-            for _ in range(repeats):
+            for _ in range(_repeats(repeats, _seconds(lambda floor=floor, x=x, y=y: floor(x, y))[1])):
                 floored.append(_seconds(lambda floor=floor, x=x, y=y: floor(x, y)))
                 measured.append(_seconds(lambda measure=measure, x=x, y=y: measure(x, y)))
             (m, m_cpu), (f, f_cpu) = (_medians(runs) for runs in (measured, floored))

@@ -150,6 +150,8 @@ def upper_gram(centred: Tensor) -> Tensor:
 
     For a caller that needs the centred rows again (the snapshot builder projects them on the basis next).
     """
+    if _gram_groups(centred.shape[1]) < 2:
+        return centred.T @ centred  # one column group: the whole product, no zeroed buffer to add into
     gram = centred.new_zeros(centred.shape[1], centred.shape[1])
     _add_upper_gram(gram, centred)
     return _mirror_upper(gram)
@@ -231,16 +233,16 @@ def truncated_spectrum(
     Raises:
         ZeroVarianceError: no direction is above the floor.
     """
-    mean_sq = n * float(mean.detach().square().sum())
-    floor = noise_floor(float(gram.detach().diagonal().sum()), mean_sq, n, input_eps, gram.dtype)
+    flat_mean = mean.detach().reshape(-1)
+    floor = noise_floor(float(gram.detach().trace()), n * float(flat_mean @ flat_mean), n, input_eps, gram.dtype)
     eigenvalues, vectors = torch.linalg.eigh(gram)
-    # eigh sorts ascending: descending singular values s = sqrt(lambda), and their columns of vectors (taken in
-    # one gather, last column first, rather than flipping every column and then dropping the cut ones).
+    # eigh sorts ascending: descending singular values s = sqrt(lambda); those above the floor are a leading run,
+    # whose columns of vectors are the last ones, flipped (one copy of the kept columns only).
     singular_values = eigenvalues.flip(0).clamp_min(0.0).sqrt()
-    kept = torch.nonzero(_rank_mask(singular_values, floor, n, d, gram=True)).reshape(-1)
-    if kept.numel() == 0:
+    kept = _rank(singular_values, floor, n, d)
+    if kept == 0:
         raise ZeroVarianceError(zero_variance_message(name))
-    return singular_values[kept], vectors[:, vectors.shape[1] - 1 - kept]
+    return singular_values[:kept], vectors[:, vectors.shape[1] - kept :].flip(1)
 
 
 def basis_from_gram(gram: Tensor, mean: Tensor, n: int, input_eps: float, name: str) -> tuple[Tensor, Tensor]:
@@ -288,26 +290,23 @@ def noise_floor(centred_sq: float, mean_sq: float, n: int, input_eps: float, dty
     return max(rounding, mean_residue)
 
 
-def _rank_mask(singular_values: Tensor, floor: float, n: int, d: int, *, gram: bool) -> Tensor:
-    """Directions above the data's noise floor and above what the decomposition itself resolves.
+def _rank(singular_values: Tensor, floor: float, n: int, d: int) -> int:
+    """How many of the descending singular values (from a Gram route) are above the noise and resolution floors.
 
-    The decomposition resolves singular values down to ``eps * max(n, d) * s_max`` (the ``sqrt`` of that on
-    the Gram route, which squares them).
+    The data's noise ``floor``, and what the decomposition itself resolves: singular values down to
+    ``sqrt(eps * max(n, d)) * s_max`` on the Gram route, which squares them.
     """
     if singular_values.numel() == 0:
-        return torch.zeros(0, dtype=torch.bool, device=singular_values.device)
-    s_max = float(singular_values.detach().max())
-    decomposition_floor = torch.finfo(singular_values.dtype).eps * max(n, d)
-    if gram:
-        decomposition_floor = math.sqrt(decomposition_floor)
-    return singular_values > max(floor, decomposition_floor * s_max)
+        return 0
+    s_max = float(singular_values[0].detach())
+    resolution = math.sqrt(torch.finfo(singular_values.dtype).eps * max(n, d)) * s_max
+    return int((singular_values.detach() > max(floor, resolution)).sum())
 
 
 def sign_of_largest(vectors: Tensor) -> Tensor:
     """Signs that make the largest-magnitude entry of each column positive (a deterministic SVD sign)."""
-    index = vectors.abs().argmax(dim=0, keepdim=True)
-    signs = torch.sign(torch.gather(vectors, 0, index))
-    return torch.where(signs == 0, torch.ones_like(signs), signs)
+    largest = torch.gather(vectors, 0, vectors.abs().argmax(dim=0, keepdim=True))
+    return torch.where(largest < 0, -1.0, 1.0)  # the default dtype: a product with vectors takes theirs
 
 
 def fix_signs(vectors: Tensor) -> Tensor:

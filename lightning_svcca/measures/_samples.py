@@ -72,38 +72,8 @@ def unit_rows(x: Tensor) -> Tensor:
     return x / torch.where(norms > 0, norms, 1.0)
 
 
-def unbiased_hsic(k: Tensor, l: Tensor) -> Tensor:  # noqa: E741 (the papers' symbol)
-    r"""The unbiased HSIC estimator of Song et al. (2012, eq. 5), for symmetric ``n x n`` kernels, ``n >= 4``.
-
-    .. math::
-        \mathrm{HSIC}_1(K, L) = \frac{1}{n(n-3)} \Big[ \mathrm{tr}(\tilde K \tilde L)
-            + \frac{\mathbf 1^\top \tilde K \mathbf 1 \; \mathbf 1^\top \tilde L \mathbf 1}{(n-1)(n-2)}
-            - \frac{2}{n-2} \mathbf 1^\top \tilde K \tilde L \mathbf 1 \Big]
-
-    with ``K~``, ``L~`` the kernels with their diagonals zeroed, which is never formed: with ``d_K = diag(K)``,
-    ``tr(K~ L~) = <K, L> - d_K . d_L``, ``1^T K~ 1 = 1^T K 1 - tr K`` and ``1^T K~ L~ 1 = (K 1 - d_K) . (L 1 - d_L)``:
-    one pass over each kernel, ``O(n^2)``, no ``n x n`` temporary.
-    """
-    return hsic_from_parts(k, l, hsic_parts(k), hsic_parts(l))
-
-
-def hsic_parts(kernel: Tensor) -> tuple[Tensor, Tensor]:
-    """What :func:`hsic_from_parts` needs of one kernel besides itself: its diagonal and ``K~ 1`` (row sums)."""
-    diagonal = kernel.diagonal()
-    return diagonal, kernel.sum(dim=1) - diagonal
-
-
-def hsic_from_parts(k: Tensor, l: Tensor, parts_k: tuple[Tensor, Tensor], parts_l: tuple[Tensor, Tensor]) -> Tensor:  # noqa: E741
-    """:func:`unbiased_hsic` with each kernel's :func:`hsic_parts` computed once (a kernel in several pairs)."""
-    n = k.shape[0]
-    (diag_k, rows_k), (diag_l, rows_l) = parts_k, parts_l
-    trace = torch.dot(k.reshape(-1), l.reshape(-1)) - torch.dot(diag_k, diag_l)
-    sums = rows_k.sum() * rows_l.sum() / ((n - 1) * (n - 2))
-    return (trace + sums - 2.0 * torch.dot(rows_k, rows_l) / (n - 2)) / (n * (n - 3))
-
-
 def sparse_unbiased_hsic(keys_a: Tensor, values_a: Tensor, keys_b: Tensor, values_b: Tensor, n: int) -> Tensor:
-    r""":func:`unbiased_hsic` of two ``n x n`` matrices with zero diagonals, given by their nonzero entries.
+    r"""Unbiased HSIC (Song et al. 2012) of two ``n x n`` matrices with zero diagonals, given by their nonzero entries.
 
     ``keys`` are sorted flat indices ``i * n + j`` (``i != j``) and ``values`` the entries there; the matrices need
     not be symmetric (``tr(A B) = sum A_ij B_ji`` reads ``B`` at each transposed key of ``A``). ``O(m log m)`` for

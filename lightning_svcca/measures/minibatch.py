@@ -19,7 +19,6 @@ from lightning_svcca.measures._checks import (
     zero_variance_message,
 )
 from lightning_svcca.measures._linalg import column_mean, noise_floor
-from lightning_svcca.measures._samples import hsic_from_parts, hsic_parts
 
 __all__ = ["MIN_CHUNK", "MinibatchCKA", "minibatch_cka"]
 
@@ -78,18 +77,49 @@ class MinibatchCKA:
                 f"a chunk needs at least {MIN_CHUNK} datapoints for the unbiased HSIC estimator, got {x.shape[0]};"
                 " merge it with the previous chunk"
             )
-        kernels = [self._kernel(data, name, side) for side, (name, data) in enumerate((("x", x), ("y", y)))]
-        kernel_x, kernel_y = kernels
-        parts_x, parts_y = hsic_parts(kernel_x), hsic_parts(kernel_y)
-        chunk = torch.stack(
+        self.add_rows(x, y, x.shape[0])
+
+    def add_rows(self, x: Tensor, y: Tensor, batch_size: int) -> None:
+        """Add consecutive chunks of ``batch_size`` rows of checked ``x`` and ``y`` (:func:`chunk_bounds`).
+
+        Each chunk costs its centring (into one reused buffer per side), its two kernel products and their three
+        inner products (:func:`_chunk_statistics`); the estimates and the noise-floor checks run once for all.
+        """
+        bounds = chunk_bounds(x.shape[0], batch_size)
+        sizes = [stop - start for start, stop in bounds]
+        means_x, means_y = _chunk_means(x, sizes, self.dtype), _chunk_means(y, sizes, self.dtype)
+        buffer_x = torch.empty(max(sizes), x.shape[1], dtype=self.dtype, device=x.device)
+        buffer_y = torch.empty(max(sizes), y.shape[1], dtype=self.dtype, device=y.device)
+        statistics = torch.stack(
             [
-                hsic_from_parts(kernel_x, kernel_y, parts_x, parts_y),
-                hsic_from_parts(kernel_x, kernel_x, parts_x, parts_x),
-                hsic_from_parts(kernel_y, kernel_y, parts_y, parts_y),
+                _chunk_statistics(
+                    torch.sub(x[start:stop], mean_x, out=buffer_x[: stop - start]),
+                    mean_x,
+                    torch.sub(y[start:stop], mean_y, out=buffer_y[: stop - start]),
+                    mean_y,
+                )
+                for (start, stop), mean_x, mean_y in zip(bounds, means_x, means_y, strict=True)
             ]
         )
-        self._sums = self._sums.to(chunk.device) + chunk
-        self.chunks += 1
+        if not bool(torch.isfinite(statistics).all()):
+            column_mean(x, self.dtype, "x"), column_mean(y, self.dtype, "y")  # raises, locating NaN or Inf
+        self._add(statistics, sizes, _rounding(x, y))
+
+    def _add(self, statistics: Tensor, sizes: list[int], eps: tuple[float, float]) -> None:
+        """Add chunks given by their :func:`_chunk_statistics` and sizes (``eps``: each side's rounding level)."""
+        varies = [  # each side of each chunk above its rounding level: ||Xc||_F over the noise floor
+            [
+                row[6 + side] ** 0.5 > noise_floor(row[6 + side], n * row[8 + side], n, eps[side], self.dtype)
+                for side in (0, 1)
+            ]
+            for row, n in zip(statistics.tolist(), sizes, strict=True)
+        ]
+        self._varies = [self._varies[side] or any(chunk[side] for chunk in varies) for side in (0, 1)]
+        mask = statistics.new_tensor(varies)  # a side that does not vary has a zero kernel: its HSICs are 0
+        weights = torch.stack([mask[:, 0] * mask[:, 1], mask[:, 0], mask[:, 1]], dim=1)
+        hsics = _unbiased_hsics(statistics, statistics.new_tensor(sizes)) * weights
+        self._sums = self._sums.to(hsics.device) + hsics.sum(dim=0)
+        self.chunks += len(sizes)
 
     def compute(self) -> Tensor:
         """Minibatch CKA of the chunks seen so far (0-dim tensor in ``[-1, 1]``).
@@ -109,18 +139,62 @@ class MinibatchCKA:
             return cross.new_zeros(())  # U-centred kernels all zero (e.g. chunks of 4 on a line): no dependence seen
         return (cross / denominator).clamp(-1.0, 1.0)
 
-    def _kernel(self, data: Tensor, name: str, side: int) -> Tensor:
-        """The chunk's linear kernel of its centred rows; zero when they do not vary above their rounding level."""
-        mean = column_mean(data, self.dtype, name)
-        centred = data.to(self.dtype) - mean
-        kernel = centred @ centred.T
-        centred_sq = float(kernel.diagonal().sum())  # ||Xc||_F^2
-        n = data.shape[0]
-        floor = noise_floor(centred_sq, n * float(mean.square().sum()), n, torch.finfo(data.dtype).eps, self.dtype)
-        if centred_sq**0.5 > floor:
-            self._varies[side] = True
-            return kernel
-        return kernel.zero_()
+
+def _rounding(x: Tensor, y: Tensor) -> tuple[float, float]:
+    """The rounding level of each side's own dtype (its noise floor)."""
+    return torch.finfo(x.dtype).eps, torch.finfo(y.dtype).eps
+
+
+def _chunk_means(data: Tensor, sizes: list[int], dtype: torch.dtype) -> list[Tensor]:
+    """Each chunk's column means in ``dtype``; the leading chunks of equal size in one batched reduction."""
+    full = sum(size == sizes[0] for size in sizes)  # chunk_bounds: equal chunks, then at most one other
+    means = list(data[: full * sizes[0]].reshape(full, sizes[0], -1).mean(dim=1, dtype=dtype).unbind(0))
+    return means + [data[full * sizes[0] :].mean(dim=0, dtype=dtype)] * (len(sizes) - full)
+
+
+def _chunk_statistics(centred_x: Tensor, mean_x: Tensor, centred_y: Tensor, mean_y: Tensor) -> Tensor:
+    """What a chunk's unbiased HSICs need, ``(10,)``: its kernels' inner products, diagonals, traces and means.
+
+    ``<K, L>``, ``<K, K>``, ``<L, L>``, ``d_K . d_L``, ``d_K . d_K``, ``d_L . d_L``, ``tr K``, ``tr L``, ``|mean_x|^2``,
+    ``|mean_y|^2``, with ``K``, ``L`` the linear kernels of the centred rows and ``d_K``, ``d_L`` their diagonals.
+    """
+    kernel_x, kernel_y = centred_x @ centred_x.T, centred_y @ centred_y.T
+    flat_x, flat_y = kernel_x.reshape(-1), kernel_y.reshape(-1)
+    diagonals = torch.stack([kernel_x.diagonal(), kernel_y.diagonal()])
+    small = diagonals @ diagonals.T
+    return torch.stack(
+        [
+            torch.dot(flat_x, flat_y),
+            torch.dot(flat_x, flat_x),
+            torch.dot(flat_y, flat_y),
+            small[0, 1],
+            small[0, 0],
+            small[1, 1],
+            *diagonals.sum(dim=1),
+            torch.dot(mean_x, mean_x),
+            torch.dot(mean_y, mean_y),
+        ]
+    )
+
+
+def _unbiased_hsics(statistics: Tensor, sizes: Tensor) -> Tensor:
+    r"""The unbiased HSIC (Song et al. 2012, eq. 5) of ``(K, L)``, ``(K, K)``, ``(L, L)`` per chunk: ``(c, 3)``.
+
+    .. math::
+        \mathrm{HSIC}_1(K, L) = \frac{1}{n(n-3)} \Big[ \mathrm{tr}(\tilde K \tilde L)
+            + \frac{\mathbf 1^\top \tilde K \mathbf 1 \; \mathbf 1^\top \tilde L \mathbf 1}{(n-1)(n-2)}
+            - \frac{2}{n-2} \mathbf 1^\top \tilde K \tilde L \mathbf 1 \Big]
+
+    with ``K~``, ``L~`` the kernels with their diagonals ``d_K``, ``d_L`` zeroed. The rows are centred, so
+    ``K 1 = Xc (Xc^T 1) = 0``: ``tr(K~ L~) = <K, L> - d_K . d_L``, ``1^T K~ 1 = -tr K`` and
+    ``1^T K~ L~ 1 = d_K . d_L``, from :func:`_chunk_statistics` (no row sums, no ``n x n`` temporary).
+    """
+    n = sizes[:, None]
+    inner, diagonal = statistics[:, 0:3], statistics[:, 3:6]
+    traces = statistics[:, 6:8]
+    first, second = [0, 0, 1], [1, 0, 1]  # the pairs (K, L), (K, K), (L, L)
+    products = traces[:, first] * traces[:, second]
+    return (inner - diagonal + products / ((n - 1) * (n - 2)) - 2.0 * diagonal / (n - 2)) / (n * (n - 3))
 
 
 def minibatch_cka(x: Tensor, y: Tensor, batch_size: int = 256, *, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -157,8 +231,7 @@ def minibatch_cka(x: Tensor, y: Tensor, batch_size: int = 256, *, dtype: torch.d
     if n < MIN_CHUNK:
         raise ValueError(f"minibatch_cka needs at least {MIN_CHUNK} datapoints, got {n}")
     metric = MinibatchCKA(dtype=dtype)
-    for start, stop in chunk_bounds(n, batch_size):
-        metric.update(x[start:stop], y[start:stop])
+    metric.add_rows(x, y, batch_size)
     return metric.compute()
 
 

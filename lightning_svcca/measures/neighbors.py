@@ -17,19 +17,9 @@ import torch
 from torch import Tensor
 
 from lightning_svcca.measures._checks import SimilarityWarning
-from lightning_svcca.measures._samples import checked_pair, cosine_from_gram, sparse_unbiased_hsic, unit_rows
+from lightning_svcca.measures._samples import checked_pair, sparse_unbiased_hsic, unit_rows
 
-__all__ = [
-    "check_k",
-    "neighbour_keys",
-    "own_alignment_warning",
-    "cknna",
-    "cknna_from_cosines",
-    "cknna_from_grams",
-    "mutual_knn",
-    "mutual_knn_from_cosines",
-    "mutual_knn_from_grams",
-]
+__all__ = ["check_k", "cknna", "mutual_knn", "neighbour_keys", "neighbours", "own_alignment_warning"]
 
 
 def check_k(k: object, n: int) -> int:
@@ -56,28 +46,16 @@ def neighbour_keys(cosines: Tensor, k: int) -> Tensor:
     return (rows * n + nearest).reshape(-1).sort().values
 
 
-def mutual_knn_from_cosines(cos_x: Tensor, cos_y: Tensor, k: int) -> Tensor:
-    """Mutual k-NN alignment from the two cosine matrices (their diagonals are overwritten)."""
-    keys_x, keys_y = neighbour_keys(cos_x, k), neighbour_keys(cos_y, k)
-    shared = torch.isin(keys_x, keys_y, assume_unique=True).sum()
-    return shared.to(cos_x.dtype) / (cos_x.shape[0] * k)
+def neighbours(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The sorted keys of each datapoint's ``k`` nearest others by cosine similarity, and the cosines there.
 
-
-def cknna_from_cosines(cos_x: Tensor, cos_y: Tensor, k: int) -> Tensor:
-    """CKNNA from the two cosine matrices, ``n >= 4`` (their diagonals are overwritten)."""
-    n = cos_x.shape[0]
-    # 1. each side's k-NN pairs and the pairs that are neighbours on both sides (sorted flat keys).
-    keys_x, keys_y = neighbour_keys(cos_x, k), neighbour_keys(cos_y, k)
-    mutual = keys_x[torch.isin(keys_x, keys_y, assume_unique=True)]
-    flat_x, flat_y = cos_x.reshape(-1), cos_y.reshape(-1)
-    # 2. unbiased HSIC of the masked kernels (their entries on those pairs), each side's against itself.
-    cross = sparse_unbiased_hsic(mutual, flat_x[mutual], mutual, flat_y[mutual], n)
-    own_x = sparse_unbiased_hsic(keys_x, flat_x[keys_x], keys_x, flat_x[keys_x], n)
-    own_y = sparse_unbiased_hsic(keys_y, flat_y[keys_y], keys_y, flat_y[keys_y], n)
-    if not (float(own_x) > 0 and float(own_y) > 0):
-        own_alignment_warning(k, own_x, own_y, stacklevel=4)
-        return cross.new_zeros(())
-    return cross / (own_x * own_y).sqrt()
+    One side at a time: its ``n x n`` cosines are freed before the other side's are formed, so a measure holds
+    one such matrix, not two (and reuses its memory rather than paging in a second one).
+    """
+    units = unit_rows(x)
+    cosines = units @ units.T
+    keys = neighbour_keys(cosines, k)
+    return keys, cosines.reshape(-1)[keys]
 
 
 def own_alignment_warning(k: int, own_x: Tensor, own_y: Tensor, *, stacklevel: int) -> None:
@@ -89,16 +67,6 @@ def own_alignment_warning(k: int, own_x: Tensor, own_y: Tensor, *, stacklevel: i
         SimilarityWarning,
         stacklevel=stacklevel,
     )
-
-
-def mutual_knn_from_grams(gram_x: Tensor, gram_y: Tensor, k: int) -> Tensor:
-    """Mutual k-NN alignment from the Gram matrices ``X X^T`` and ``Y Y^T`` of the (uncentred) rows (overwritten)."""
-    return mutual_knn_from_cosines(cosine_from_gram(gram_x), cosine_from_gram(gram_y), k)
-
-
-def cknna_from_grams(gram_x: Tensor, gram_y: Tensor, k: int) -> Tensor:
-    """CKNNA from the Gram matrices ``X X^T`` and ``Y Y^T`` of the (uncentred) rows (overwritten), ``n >= 4``."""
-    return cknna_from_cosines(cosine_from_gram(gram_x), cosine_from_gram(gram_y), k)
 
 
 def mutual_knn(x: Tensor, y: Tensor, k: int = 10, *, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -136,8 +104,8 @@ def mutual_knn(x: Tensor, y: Tensor, k: int = 10, *, dtype: torch.dtype = torch.
     """
     x, y = checked_pair(x, y, dtype, 2)
     k = check_k(k, x.shape[0])
-    x, y = unit_rows(x), unit_rows(y)
-    return mutual_knn_from_cosines(x @ x.T, y @ y.T, k)
+    (keys_x, _), (keys_y, _) = neighbours(x, k), neighbours(y, k)
+    return torch.isin(keys_x, keys_y, assume_unique=True).sum().to(x.dtype) / keys_x.numel()
 
 
 def cknna(x: Tensor, y: Tensor, k: int = 10, *, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -181,6 +149,16 @@ def cknna(x: Tensor, y: Tensor, k: int = 10, *, dtype: torch.dtype = torch.float
         1.0
     """
     x, y = checked_pair(x, y, dtype, 4)
-    k = check_k(k, x.shape[0])
-    x, y = unit_rows(x), unit_rows(y)
-    return cknna_from_cosines(x @ x.T, y @ y.T, k)
+    n, k = x.shape[0], check_k(k, x.shape[0])
+    # 1. each side's k-NN pairs (sorted flat keys) with its kernel there, and the pairs neighbours on both sides.
+    (keys_x, values_x), (keys_y, values_y) = neighbours(x, k), neighbours(y, k)
+    shared = torch.isin(keys_x, keys_y, assume_unique=True)
+    mutual = keys_x[shared]
+    # 2. unbiased HSIC of the masked kernels (their entries on those pairs), each side's against itself.
+    cross = sparse_unbiased_hsic(mutual, values_x[shared], mutual, values_y[torch.searchsorted(keys_y, mutual)], n)
+    own_x = sparse_unbiased_hsic(keys_x, values_x, keys_x, values_x, n)
+    own_y = sparse_unbiased_hsic(keys_y, values_y, keys_y, values_y, n)
+    if not (float(own_x) > 0 and float(own_y) > 0):
+        own_alignment_warning(k, own_x, own_y, stacklevel=3)
+        return cross.new_zeros(())
+    return cross / (own_x * own_y).sqrt()

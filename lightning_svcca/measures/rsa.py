@@ -20,10 +20,8 @@ from lightning_svcca.measures._samples import checked_pair, unit_rows
 __all__ = [
     "DISTANCES",
     "RSA_METHODS",
-    "average_ranks",
     "rdm_from_gram",
     "rsa",
-    "rsa_from_grams",
     "sample_gram",
     "spearman_side",
     "upper_dissimilarities",
@@ -67,16 +65,13 @@ def rdm_from_gram(matrix: Tensor, distance: str) -> Tensor:
     return 1.0 - matrix
 
 
-def average_ranks(values: Tensor) -> Tensor:
-    """Ranks from 1, tied values sharing the mean of their ranks (``scipy.stats.rankdata(method="average")``)."""
-    ordered, order = values.sort()
+def _sorted_ranks(ordered: Tensor) -> Tensor:
+    """Ranks from 1 of sorted values, in their order; tied values share the mean of their ranks (scipy's "average")."""
     if not bool((ordered[1:] == ordered[:-1]).any()):  # no ties (the usual case): ranks 1..m in sorted order
-        ranks = torch.arange(1, values.numel() + 1, dtype=values.dtype, device=values.device)
-    else:
-        _, group, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
-        last = counts.cumsum(0).to(values.dtype)
-        ranks = (last - (counts.to(values.dtype) - 1.0) / 2.0)[group]
-    return torch.empty_like(values).index_copy_(0, order, ranks)
+        return torch.arange(1, ordered.numel() + 1, dtype=ordered.dtype, device=ordered.device)
+    _, group, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).to(ordered.dtype)
+    return (last - (counts.to(ordered.dtype) - 1.0) / 2.0)[group]
 
 
 def upper_dissimilarities(matrix: Tensor, distance: str, upper: Tensor) -> Tensor:
@@ -91,37 +86,60 @@ def upper_dissimilarities(matrix: Tensor, distance: str, upper: Tensor) -> Tenso
     return 1.0 - matrix[upper[0], upper[1]]
 
 
-def spearman_side(matrix: Tensor, distance: str, method: str, name: str) -> Tensor:
+def spearman_side(matrix: Tensor, distance: str, method: str, name: str, upper: Tensor | None = None) -> Tensor:
     """One side of RSA: its RDM's upper triangle (ranked for Spearman), centred and scaled to unit norm.
 
-    RSA is the dot product of the two sides' vectors.
+    RSA is the dot product of the two sides' vectors. ``upper``: ``triu_indices(n, n, 1)``, when the caller has
+    them (both sides share them).
 
     Raises:
         ZeroVarianceError: the RDM does not vary.
     """
     n = matrix.shape[0]
-    upper = torch.triu_indices(n, n, offset=1, device=matrix.device)
-    rdm = upper_dissimilarities(matrix, distance, upper)
-    del upper
+    if upper is None:
+        upper = torch.triu_indices(n, n, offset=1, device=matrix.device)
     if method == "spearman":
-        rdm = average_ranks(rdm)
+        return _ranked_side(matrix, distance, upper, name)
+    rdm = upper_dissimilarities(matrix, distance, upper)
     centred = rdm - rdm.mean()
     norm = centred.norm()
-    if not float(norm) > 1e3 * torch.finfo(rdm.dtype).eps * float(rdm.abs().max()) * rdm.numel() ** 0.5:
-        raise ZeroVarianceError(
-            f"every two datapoints of {name} are equally dissimilar ({distance} distance), so its RDM does not"
-            " vary and has no correlation; a constant layer, or a distance that cannot tell its datapoints apart"
-            " (correlation distance of a single feature)"
-        )
+    if not float(norm) > _flat_below(float(rdm.abs().max()), rdm.numel(), rdm.dtype):
+        raise _constant_rdm(name, distance)
     return centred.div_(norm)
 
 
-def rsa_from_grams(gram_x: Tensor, gram_y: Tensor, distance: str, method: str) -> Tensor:
-    """RSA from the two sides' :func:`sample_gram` matrices (similarities, or Gram matrices for ``"euclidean"``)."""
-    # 1. the upper triangles of both RDMs; 2. their ranks (Spearman); 3. the Pearson correlation.
-    side_x = spearman_side(gram_x, distance, method, "x")
-    side_y = spearman_side(gram_y, distance, method, "y")
-    return torch.dot(side_x, side_y).clamp(-1.0, 1.0)
+def _ranked_side(matrix: Tensor, distance: str, upper: Tensor, name: str) -> Tensor:
+    """:func:`spearman_side` for Spearman: the RDM's ranks, centred and scaled in sorted order, then put in place.
+
+    A dissimilarity ``1 - s`` ranks as ``s`` does, reversed: the similarities are sorted as they are and the
+    scale takes the sign, so no ``1 - s`` is formed. Ranks 1..m centred by their mean ``(m + 1) / 2`` (exact:
+    they sum to ``m (m + 1) / 2`` with or without ties) are scaled before the one scatter into pair order.
+    """
+    values = upper_dissimilarities(matrix, distance, upper) if distance == "euclidean" else matrix[upper[0], upper[1]]
+    ordered, order = values.sort()
+    del values
+    m = ordered.numel()
+    ranks = _sorted_ranks(ordered)
+    largest = float(ranks[-1])
+    centred = ranks.sub_((m + 1) / 2.0)
+    norm = float(centred.norm())
+    if not norm > _flat_below(largest, m, ranks.dtype):
+        raise _constant_rdm(name, distance)
+    centred.mul_((1.0 if distance == "euclidean" else -1.0) / norm)
+    return torch.empty_like(centred).index_copy_(0, order, centred)
+
+
+def _flat_below(largest: float, count: int, dtype: torch.dtype) -> float:
+    """The norm of a centred RDM vector below which its variation is rounding: it does not vary."""
+    return 1e3 * torch.finfo(dtype).eps * largest * count**0.5
+
+
+def _constant_rdm(name: str, distance: str) -> ZeroVarianceError:
+    return ZeroVarianceError(
+        f"every two datapoints of {name} are equally dissimilar ({distance} distance), so its RDM does not"
+        " vary and has no correlation; a constant layer, or a distance that cannot tell its datapoints apart"
+        " (correlation distance of a single feature)"
+    )
 
 
 def rsa(
@@ -169,4 +187,10 @@ def rsa(
     """
     check_rsa_options(method, distance)
     x, y = checked_pair(x, y, dtype, 3)
-    return rsa_from_grams(sample_gram(x, distance), sample_gram(y, distance), distance, method)
+    # 1. each side's RDM upper triangle, ranked (Spearman), centred and scaled: one n x n matrix at a time;
+    # 2. the Pearson correlation of the two.
+    n = x.shape[0]
+    upper = torch.triu_indices(n, n, offset=1, device=x.device)
+    side_x = spearman_side(sample_gram(x, distance), distance, method, "x", upper)
+    side_y = spearman_side(sample_gram(y, distance), distance, method, "y", upper)
+    return torch.dot(side_x, side_y).clamp(-1.0, 1.0)

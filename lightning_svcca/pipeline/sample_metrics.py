@@ -31,9 +31,9 @@ import torch
 from torch import Tensor
 
 from lightning_svcca.measures._checks import ZeroVarianceError
-from lightning_svcca.measures._samples import cosine_from_gram, sparse_unbiased_hsic, unit_rows
-from lightning_svcca.measures.minibatch import MinibatchCKA, chunk_bounds
-from lightning_svcca.measures.neighbors import neighbour_keys, own_alignment_warning
+from lightning_svcca.measures._samples import cosine_from_gram, sparse_unbiased_hsic
+from lightning_svcca.measures.minibatch import MinibatchCKA
+from lightning_svcca.measures.neighbors import neighbours, own_alignment_warning
 from lightning_svcca.measures.rsa import spearman_side
 from lightning_svcca.pipeline.snapshot import Snapshot
 
@@ -122,10 +122,7 @@ class SampleCache:
                 position = torch.empty_like(order).index_copy_(0, order, torch.arange(n, device=order.device))
                 moved, where = (position[keys // n] * n + position[keys % n]).sort()
                 return moved, values[where], own
-            units = unit_rows(uncentred_rows(snapshot, self.rows(snapshot, None)))
-            cosines = units @ units.T
-            keys = neighbour_keys(cosines, k)
-            values = cosines.reshape(-1)[keys]
+            keys, values = neighbours(uncentred_rows(snapshot, self.rows(snapshot, None)), k)
             return keys, values, sparse_unbiased_hsic(keys, values, keys, values, snapshot.n_datapoints)
 
         return self.get(f"neighbours{k}", snapshot, shuffle, build)
@@ -181,8 +178,7 @@ def sample_metric(
 
 def _minibatch(rows_a: Tensor, rows_b: Tensor) -> float:
     accumulator = MinibatchCKA(dtype=rows_a.dtype)
-    for start, stop in chunk_bounds(rows_a.shape[0], MINIBATCH_ROWS):
-        accumulator.update(rows_a[start:stop], rows_b[start:stop])
+    accumulator.add_rows(rows_a, rows_b, MINIBATCH_ROWS)
     return float(accumulator.compute())
 
 

@@ -171,8 +171,7 @@ def build_snapshot(
     """
     n_features = rows.shape[1]
     # 1. global count and mean (one collective); a NaN or Inf anywhere makes the sum non-finite everywhere.
-    totals = collective.sum(torch.cat([rows.new_tensor([rows.shape[0]], dtype=dtype), rows.sum(0, dtype=dtype)]))
-    n, mean = int(totals[0]), totals[1:] / totals[0]
+    n, mean = _count_and_mean(rows, collective, dtype)
     if not bool(torch.isfinite(mean).all()):
         if not bool(torch.isfinite(rows).all()):
             raise_if_not_finite(rows, f"layer {name!r}")
@@ -193,10 +192,8 @@ def build_snapshot(
         # 4. U = Xc V diag(1/s), of the stored directions only.
         left = _project(rows, mean, centred, right[:, :stored] / singular_values[:stored], collective)
     # 5. what centring removed, in the stored directions' coordinates (sample-level measures, sample_metrics.py).
-    basis = right[:, :stored].to(mean.dtype)
-    affine = torch.stack(
-        [torch.cat([basis.T @ mean, mean.square().sum()[None]]), torch.cat([basis.sum(0), mean.sum()[None]])]
-    )
+    sides = torch.stack([mean, torch.ones_like(mean)])  # mu and the all-ones feature vector, one product each
+    affine = torch.cat([sides @ right[:, :stored].to(mean.dtype), sides @ mean[:, None]], dim=1)
     return Snapshot(
         left=left[:, :stored].to(torch.float32).contiguous().cpu(),
         singular_values=singular_values[:stored].to(torch.float64).cpu(),
@@ -206,6 +203,15 @@ def build_snapshot(
         n_features=n_features,
         affine=affine.to(torch.float64).cpu(),
     )
+
+
+def _count_and_mean(rows: Tensor, collective: Collective, dtype: torch.dtype) -> tuple[int, Tensor]:
+    """The number of rows and their column means over every process (one collective), in ``dtype``."""
+    sums = rows.sum(0, dtype=dtype)
+    if collective.world_size == 1:
+        return rows.shape[0], sums / rows.shape[0]
+    totals = collective.sum(torch.cat([sums.new_tensor([rows.shape[0]]), sums]))
+    return int(totals[0]), totals[1:] / totals[0]
 
 
 def _gram_basis(

@@ -160,3 +160,16 @@ def test_monitor_cost_quick_mode_splits_the_cost_of_each_probe_size(tmp_path, ca
         assert base.probe_seconds is None and 0 < monitored.probe_seconds < monitored.measuring_seconds
     table = capsys.readouterr().out
     assert "probe passes" in table and "(d)" in table
+
+
+def test_rewind_quick_mode_prints_the_probe_loss_with_the_lower_layers_set_back(capsys):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        rewind = _load("freeze_rewind")
+        table = rewind.main(["--quick", "--workloads", "d", "--seeds", "0"])
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    rows = table["d", 0]
+    assert [row[0] for row in rows] == [1, 2, 3] and [row[2] for row in rows] == [1, 1, 2]  # epochs, lags
+    assert all(loss > 0 and rewound > 0 for *_, loss, rewound in rows)
+    assert "(d) seed 0: epoch, test accuracy, lag, probe loss, rewound, rise" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,6 +19,16 @@ def _load(name: str):
     sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def _main(name: str, argv: list[str]) -> tuple[Any, Any]:
+    """Load ``benchmarks/<name>.py`` with its folder importable and run its ``main(argv)``: (module, result)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        module = _load(name)
+        return module, module.main(argv)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 def _rows(layer: str, totals: list[float], recents: dict[int, float]) -> list[dict]:
@@ -61,12 +72,9 @@ def test_scale_free_rule_is_scale_free_and_passes_layers_that_never_moved():
 @pytest.mark.slow
 def test_quick_mode_runs_every_variant(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LIGHTNING_SVCCA_BENCH_CACHE", str(tmp_path / "cache"))  # (e)'s quick pretraining, afresh
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        module = _load("freeze_benchmark")
-        results = module.main(["--quick", "--workloads", "b", "d", "e", "--threads", "1", "--root", str(tmp_path)])
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    module, results = _main(
+        "freeze_benchmark", ["--quick", "--workloads", "b", "d", "e", "--threads", "1", "--root", str(tmp_path)]
+    )
     assert set(results) == {"b", "d", "e"}
     assert list((tmp_path / "cache").glob("stdlib_bert-*/model.pt"))
     for variants in results.values():
@@ -134,12 +142,7 @@ def test_summary_of_a_partial_run_counts_only_seeds_whose_baseline_finished():
 
 @pytest.mark.slow
 def test_oracle_quick_mode_fits_each_fixed_freeze(tmp_path, capsys):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        oracle = _load("freeze_oracle")
-        results = oracle.main(["--quick", "--workloads", "c", "--threads", "1"])
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    _, results = _main("freeze_oracle", ["--quick", "--workloads", "c", "--threads", "1"])
     runs = results["c"]
     # 3 quick epochs: the fractions round to epochs 1 and 2; "all" keeps only the head, "lower" also the top block
     assert set(runs) == {"no callback", "all@1 + cache", "lower@1 + cache", "all@2 + cache", "lower@2 + cache"}
@@ -149,12 +152,7 @@ def test_oracle_quick_mode_fits_each_fixed_freeze(tmp_path, capsys):
 
 
 def test_monitor_cost_quick_mode_splits_the_cost_of_each_probe_size(tmp_path, capsys):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        cost = _load("monitor_cost")
-        pairs = cost.main(["--quick", "--workloads", "d", "--probes", "16", "8"])
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    _, pairs = _main("monitor_cost", ["--quick", "--workloads", "d", "--probes", "16", "8"])
     assert set(pairs) == {("d", 16), ("d", 8)}
     for [(base, monitored)] in pairs.values():
         assert base.probe_seconds is None and 0 < monitored.probe_seconds < monitored.measuring_seconds
@@ -163,12 +161,7 @@ def test_monitor_cost_quick_mode_splits_the_cost_of_each_probe_size(tmp_path, ca
 
 
 def test_rewind_quick_mode_prints_the_probe_loss_with_the_lower_layers_set_back(capsys):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        rewind = _load("freeze_rewind")
-        table = rewind.main(["--quick", "--workloads", "d", "--seeds", "0"])
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    _, table = _main("freeze_rewind", ["--quick", "--workloads", "d", "--seeds", "0"])
     rows = table["d", 0]
     assert [row[0] for row in rows] == [1, 2, 3] and [row[2] for row in rows] == [1, 1, 2]  # epochs, lags
     assert all(loss > 0 and rewound > 0 for *_, loss, rewound in rows)

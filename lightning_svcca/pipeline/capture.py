@@ -127,7 +127,10 @@ class Capture:
             mask = probe.batch[probe.mask_key]
             mask_frames = int(mask.shape[1]) if mask.ndim == 2 else None
         layouts = self.layouts if monitored else {}
-        specs = [replace(spec, layout=spec.layout or layouts.get(spec.name)) for spec in self.specs]
+        specs = [
+            replace(spec, layout=layouts[spec.name]) if spec.layout is None and spec.name in layouts else spec
+            for spec in self.specs
+        ]
         recorder = ActivationRecorder(
             model,
             specs,
@@ -141,9 +144,10 @@ class Capture:
         loss = ProbeLoss(probe) if monitored else None  # the freeze rule's task signal
 
         def before_chunk(first: int, chunk: Any) -> None:
-            recorder.start_chunk(first, probe.lengths(chunk), batch_size(chunk), device)
+            size = batch_size(chunk)
+            recorder.start_chunk(first, probe.lengths(chunk), size, device)
             if loss is not None:
-                loss.before_chunk(chunk)
+                loss.before_chunk(chunk, size)
 
         with buffers_from_rank_zero(model, self.collective), recorder:
             try:

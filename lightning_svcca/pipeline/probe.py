@@ -288,7 +288,8 @@ def run_probe(  # noqa: PLR0913 - keyword-only: the pass's range and optional ho
                     on_output(output)
     finally:
         for module, training in modes.items():
-            module.training = training
+            if module.training != training:  # nn.Module's __setattr__ is slow: write only the flags eval() changed
+                module.training = training
 
 
 def eager_stance() -> contextlib.AbstractContextManager:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from lightning_svcca.measures import DATAPOINTS_PER_DIRECTION
 from lightning_svcca.pipeline.distributed import buffers_from_rank_zero, shard
 from lightning_svcca.pipeline.layers import LayerSpec
-from lightning_svcca.pipeline.probe import ForwardFn, Probe, batch_size, describe_batch, run_probe
+from lightning_svcca.pipeline.probe import ForwardFn, Probe, describe_batch, run_probe
 from lightning_svcca.pipeline.probe_loss import ProbeLoss
 from lightning_svcca.pipeline.recording import ActivationRecorder, LayoutWarning
 from lightning_svcca.pipeline.reduction import Layout, OutputSelectionError, layer_seed, probe_share, reduce_output
@@ -143,8 +143,10 @@ class Capture:
 
         loss = ProbeLoss(probe) if monitored else None  # the freeze rule's task signal
 
+        chunk_size = self.options.probe_batch_size
+
         def before_chunk(first: int, chunk: Any) -> None:
-            size = batch_size(chunk)
+            size = min(first + chunk_size, stop) - first  # the chunk's samples, as Probe.chunks cut them
             recorder.start_chunk(first, probe.lengths(chunk), size, device)
             if loss is not None:
                 loss.before_chunk(chunk, size)
@@ -154,7 +156,7 @@ class Capture:
                 run_probe(
                     model,
                     probe,
-                    chunk_size=self.options.probe_batch_size,
+                    chunk_size=chunk_size,
                     device=device,
                     forward_fn=self.options.forward_fn,
                     start=start,

@@ -272,7 +272,8 @@ def run_probe(  # noqa: PLR0913 - keyword-only: the pass's range and optional ho
     context = forward_context or contextlib.nullcontext
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance():
-            model.eval()
+            if any(modes.values()):
+                model.eval()
             for first, chunk in probe.chunks(chunk_size, start, stop):
                 chunk = _to_device(chunk, device)
                 if convert is not None:

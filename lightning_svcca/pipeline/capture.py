@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from lightning_svcca.measures import DATAPOINTS_PER_DIRECTION
 from lightning_svcca.pipeline.distributed import buffers_from_rank_zero, shard
 from lightning_svcca.pipeline.layers import LayerSpec
-from lightning_svcca.pipeline.probe import ForwardFn, Probe, batch_size, describe_batch, run_probe
+from lightning_svcca.pipeline.probe import ForwardFn, Probe, describe_batch, run_probe
 from lightning_svcca.pipeline.probe_loss import ProbeLoss
 from lightning_svcca.pipeline.recording import ActivationRecorder, LayoutWarning
 from lightning_svcca.pipeline.reduction import Layout, OutputSelectionError, layer_seed, probe_share, reduce_output
@@ -127,7 +127,10 @@ class Capture:
             mask = probe.batch[probe.mask_key]
             mask_frames = int(mask.shape[1]) if mask.ndim == 2 else None
         layouts = self.layouts if monitored else {}
-        specs = [replace(spec, layout=spec.layout or layouts.get(spec.name)) for spec in self.specs]
+        specs = [
+            replace(spec, layout=layouts[spec.name]) if spec.layout is None and spec.name in layouts else spec
+            for spec in self.specs
+        ]
         recorder = ActivationRecorder(
             model,
             specs,
@@ -140,17 +143,20 @@ class Capture:
 
         loss = ProbeLoss(probe) if monitored else None  # the freeze rule's task signal
 
+        chunk_size = self.options.probe_batch_size
+
         def before_chunk(first: int, chunk: Any) -> None:
-            recorder.start_chunk(first, probe.lengths(chunk), batch_size(chunk), device)
+            size = min(first + chunk_size, stop) - first  # the chunk's samples, as Probe.chunks cut them
+            recorder.start_chunk(first, probe.lengths(chunk), size, device)
             if loss is not None:
-                loss.before_chunk(chunk)
+                loss.before_chunk(chunk, size)
 
         with buffers_from_rank_zero(model, self.collective), recorder:
             try:
                 run_probe(
                     model,
                     probe,
-                    chunk_size=self.options.probe_batch_size,
+                    chunk_size=chunk_size,
                     device=device,
                     forward_fn=self.options.forward_fn,
                     start=start,

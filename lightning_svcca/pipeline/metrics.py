@@ -195,6 +195,8 @@ def cross_products(
     partials = [
         (rows(pair.a)[:, : pair.kept_a].T @ rows(pair.b, pair.shuffle)[:, : pair.kept_b]).to(dtype) for pair in pairs
     ]
+    if collective.world_size == 1:
+        return partials  # nothing to sum: no flat copy to split again
     summed = collective.sum(torch.cat([partial.reshape(-1) for partial in partials]))
     products, offset = [], 0
     for partial in partials:

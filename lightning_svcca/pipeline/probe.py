@@ -272,7 +272,8 @@ def run_probe(  # noqa: PLR0913 - keyword-only: the pass's range and optional ho
     context = forward_context or contextlib.nullcontext
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance():
-            model.eval()
+            if any(modes.values()):
+                model.eval()
             for first, chunk in probe.chunks(chunk_size, start, stop):
                 chunk = _to_device(chunk, device)
                 if convert is not None:
@@ -288,7 +289,8 @@ def run_probe(  # noqa: PLR0913 - keyword-only: the pass's range and optional ho
                     on_output(output)
     finally:
         for module, training in modes.items():
-            module.training = training
+            if module.training != training:  # nn.Module's __setattr__ is slow: write only the flags eval() changed
+                module.training = training
 
 
 def eager_stance() -> contextlib.AbstractContextManager:

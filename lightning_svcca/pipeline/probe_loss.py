@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
-from lightning_svcca.pipeline.probe import Probe, batch_size
+from lightning_svcca.pipeline.probe import Probe
 
 __all__ = ["ProbeLoss", "chunk_loss", "labels_of"]
 
@@ -70,10 +70,10 @@ class ProbeLoss:
         self._total = 0.0
         self._count = 0
 
-    def before_chunk(self, chunk: Any) -> None:
-        """Take a chunk's labels and size before its forward pass."""
+    def before_chunk(self, chunk: Any, size: int) -> None:
+        """Take a chunk's labels and its ``size`` (samples) before its forward pass."""
         self._labels = labels_of(chunk, self.probe)
-        self._size = batch_size(chunk)
+        self._size = size
 
     def add_output(self, output: Any) -> None:
         """Add the chunk's loss, weighted by its samples."""

@@ -112,7 +112,9 @@ class ActivationRecorder:
             strides: :attr:`strides` known from an earlier pass (for a pass that skips the strided layers).
         """
         self.model = model
-        self.output_lengths = output_lengths if output_lengths is not None else find_length_hook(model)
+        # without a padding mask no frame lengths are mapped: the model is not searched for its hook
+        found = output_lengths is not None or mask_frames is None
+        self.output_lengths = output_lengths if found else find_length_hook(model)
         self.specs = {spec.name: spec for spec in specs}
         self.recorded = set(self.specs) if record_only is None else set(record_only) & set(self.specs)
         self.per_sample = max(1, per_sample)
@@ -187,7 +189,7 @@ class ActivationRecorder:
         for name, module in named_modules(self.model):
             watched = name in self.specs
             if watched or _has_state(module) or isinstance(module, _CHANNELS_FIRST_TYPES):
-                self._handles.append(module.register_forward_hook(self._hook(name)))
+                self._handles.append(module.register_forward_hook(self._hook(name, module)))
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -204,24 +206,29 @@ class ActivationRecorder:
         self._chunks = {name: [] for name in self.specs}
         self._mean_chunks = {name: [] for name in self.specs}
 
-    def _hook(self, name: str):  # noqa: ANN202 - a torch forward hook
+    def _hook(self, name: str, module: nn.Module):  # noqa: ANN202 - a torch forward hook
+        """The forward hook of ``module``; what its type says is looked up once, not at every call."""
+        spec = self.specs.get(name) if name in self.recorded else None
+        own = _own_layout(module)
+        channels = _channel_count(module) if own is not None else None
+        strided = isinstance(module, (nn.Conv1d, nn.MaxPool1d, nn.AvgPool1d))
+
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if self._first_chunk:
                 self.completion.append(name)
-            spec = self.specs.get(name)
-            own = _own_layout(module)
-            self._note_stride(module, args, output)
-            if spec is not None and name in self.recorded:
+            if strided:
+                self._note_stride(module, args, output)
+            if spec is not None:
                 self._record(spec, own, output)
             if own is not None:
                 self._layout = own
-                self._channels = _channel_count(module) or self._channels
+                self._channels = channels or self._channels
 
         return hook
 
     def _note_stride(self, module: nn.Module, args: Any, output: Any) -> None:
         """Remember which strided Conv1d / pooling layer turned how many frames into how many."""
-        if not isinstance(module, (nn.Conv1d, nn.MaxPool1d, nn.AvgPool1d)) or not isinstance(output, Tensor):
+        if not isinstance(output, Tensor):
             return
         source = args[0] if args and isinstance(args[0], Tensor) else None
         if source is None or source.ndim != output.ndim or output.ndim < 2:
@@ -280,11 +287,12 @@ class ActivationRecorder:
             )
         except ValueError as error:
             raise ValueError(f"layer {spec.name!r}: {error}") from error
-        storage = torch.float64 if rows.dtype == torch.float64 else torch.float32
-        self._chunks[spec.name].append((rows.to(storage), ids))
+        if rows.dtype not in (torch.float32, torch.float64):
+            rows = rows.to(torch.float32)  # stored in float32 unless float64 (a same-dtype .to is not free)
+        self._chunks[spec.name].append((rows, ids))
         if self.keep_means:
             means = rows if tensor.ndim <= 2 else self._means(tensor, layout)
-            self._mean_chunks[spec.name].append(means.to(storage))
+            self._mean_chunks[spec.name].append(means.to(rows.dtype))
 
     def _means(self, tensor: Tensor, layout: Layout) -> Tensor:
         """Each sample's output averaged over all its positions or valid frames: ``(samples, features)``."""

@@ -16,13 +16,15 @@ import pytorch_lightning as pl
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.nn import functional
-from torch.utils.data import DataLoader, Dataset, SequentialSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_svcca import FreezePolicy, SVCCACallback, SVCCAMonitor, TensorBoardWriter
 
 from digits_models import DigitsCNN, digits_tensors
 
 transformers = pytest.importorskip("transformers")
+
+from hf_helpers import hf_trainer, sgd  # noqa: E402 - needs transformers
 
 LAYERS = ["relu1", "relu2", "relu3", "fc2"]
 EPOCHS = 3
@@ -39,10 +41,6 @@ def digits_train_and_probe():
 def initial_model():
     torch.manual_seed(0)
     return DigitsCNN(lr=0.05, weight_decay=0.0)
-
-
-def _sgd(model):
-    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
 
 def _keyed(history):
@@ -102,7 +100,7 @@ def _train_plain(model, optimizer, monitor, train, after_epoch=None):
 def test_plain_loop_gives_the_callbacks_history(tmp_path, initial_model, digits_train_and_probe, lightning_history):
     train, probe = digits_train_and_probe
     model = copy.deepcopy(initial_model)
-    optimizer = _sgd(model)
+    optimizer = sgd(model)
     with SVCCAMonitor(model, probe=probe, writers=TensorBoardWriter(tmp_path), log_dir=tmp_path, **OPTIONS) as monitor:
         _train_plain(model, optimizer, monitor, train)
     _assert_same_history(monitor.history, lightning_history)
@@ -112,56 +110,12 @@ def test_plain_loop_gives_the_callbacks_history(tmp_path, initial_model, digits_
     assert (tmp_path / "svcca_history.csv").is_file()
 
 
-class _Dicts(Dataset):
-    def __init__(self, data: TensorDataset) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index):
-        x, y = self.data[index]
-        return {"x": x, "labels": y}
-
-
-class _InOrderTrainer(transformers.Trainer):
-    """The Trainer with the batches in dataset order, as the other loops see them."""
-
-    def _get_train_sampler(self, *args, **kwargs):
-        return SequentialSampler(self.train_dataset)
-
-
-def _hf_trainer(tmp_path, model, train, callback, epochs, **overrides):
-    options = dict(
-        output_dir=str(tmp_path),
-        num_train_epochs=epochs,
-        per_device_train_batch_size=64,
-        max_grad_norm=0.0,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_strategy="no",
-        save_strategy="no",
-        remove_unused_columns=False,
-    )
-    args = transformers.TrainingArguments(**{**options, **overrides})
-    optimizer = _sgd(model)
-    return _InOrderTrainer(
-        model=model,
-        args=args,
-        train_dataset=_Dicts(train),
-        optimizers=(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)),
-        compute_loss_func=lambda outputs, labels, num_items_in_batch=None: functional.cross_entropy(outputs, labels),
-        callbacks=[callback],
-    )
-
-
 def test_hf_trainer_gives_the_callbacks_history(tmp_path, initial_model, digits_train_and_probe, lightning_history):
     from lightning_svcca.integrations.huggingface import SVCCATrainerCallback
 
     train, probe = digits_train_and_probe
     callback = SVCCATrainerCallback(probe=probe, **OPTIONS)
-    _hf_trainer(tmp_path, copy.deepcopy(initial_model), train, callback, EPOCHS).train()
+    hf_trainer(tmp_path, copy.deepcopy(initial_model), train, callback, EPOCHS).train()
     _assert_same_history(callback.history, lightning_history)
     events = EventAccumulator(str(tmp_path / "runs" / "svcca")).Reload()
     assert "svcca/previous/relu2" in events.Tags()["scalars"]
@@ -172,11 +126,11 @@ def test_hf_trainer_resume_continues_the_history(tmp_path, initial_model, digits
 
     train, probe = digits_train_and_probe
     first = SVCCATrainerCallback(probe=probe, **OPTIONS)
-    _hf_trainer(tmp_path, copy.deepcopy(initial_model), train, first, EPOCHS, save_strategy="epoch").train()
+    hf_trainer(tmp_path, copy.deepcopy(initial_model), train, first, EPOCHS, save_strategy="epoch").train()
     checkpoints = sorted(tmp_path.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
     assert all((folder / STATE_FILE).is_file() for folder in checkpoints) and len(checkpoints) == EPOCHS
     resumed = SVCCATrainerCallback(probe=probe, **OPTIONS)
-    trainer = _hf_trainer(tmp_path, copy.deepcopy(initial_model), train, resumed, EPOCHS, save_strategy="no")
+    trainer = hf_trainer(tmp_path, copy.deepcopy(initial_model), train, resumed, EPOCHS, save_strategy="no")
     trainer.train(resume_from_checkpoint=str(checkpoints[1]))  # after epoch 2 of 3
     keys = [(r["epoch"], r["layer"], r["reference"], r["metric"]) for r in resumed.history]
     assert len(keys) == len(set(keys))
@@ -235,7 +189,7 @@ def test_hf_trainer_tells_the_monitor_the_epochs_it_will_run(tmp_path, initial_m
 
     train, probe = digits_train_and_probe
     callback = SVCCATrainerCallback(probe=probe, **OPTIONS)
-    _hf_trainer(tmp_path, copy.deepcopy(initial_model), train, callback, 5, max_steps=9).train()
+    hf_trainer(tmp_path, copy.deepcopy(initial_model), train, callback, 5, max_steps=9).train()
     assert callback.monitor.runtime.max_epochs == 2  # max_steps=9 over 6-step epochs overrides num_train_epochs=5
     assert _epochs_of(SimpleNamespace(num_train_epochs=2.5), SimpleNamespace()) == 3  # the Trainer rounds up
     unbounded = SimpleNamespace(num_train_epochs=sys.maxsize)  # an iterable dataset run by max_steps
@@ -251,7 +205,7 @@ def test_hf_trainer_measures_every_k_steps_like_the_lightning_callback(tmp_path,
     train, probe = digits_train_and_probe
     options = {**OPTIONS, "every_n_epochs": None, "every_n_train_steps": 4}
     hf = SVCCATrainerCallback(probe=probe, **options)
-    _hf_trainer(tmp_path / "hf", copy.deepcopy(initial_model), train, hf, 2, max_steps=9).train()
+    hf_trainer(tmp_path / "hf", copy.deepcopy(initial_model), train, hf, 2, max_steps=9).train()
     at = sorted({(r["step"], r["epoch"]) for r in hf.history})
     assert at == [(0, 0), (4, 0), (8, 1), (9, 1)]
 
@@ -280,5 +234,5 @@ def test_hf_trainer_measures_by_steps_and_epochs_once_per_step(tmp_path, initial
 
     train, probe = digits_train_and_probe
     callback = SVCCATrainerCallback(probe=probe, **{**OPTIONS, "every_n_train_steps": 4}, writers=None)
-    _hf_trainer(tmp_path, copy.deepcopy(initial_model), train, callback, 2).train()
+    hf_trainer(tmp_path, copy.deepcopy(initial_model), train, callback, 2).train()
     assert sorted({(r["step"], r["epoch"]) for r in callback.history}) == [(0, 0), (4, 0), (6, 1), (8, 1), (12, 2)]

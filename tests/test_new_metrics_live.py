@@ -150,45 +150,18 @@ def test_plain_loop_measures_the_new_metrics(tmp_path, data):
 
 
 def test_hf_trainer_measures_the_new_metrics(tmp_path, data):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
+    from hf_helpers import hf_trainer
+
     from lightning_svcca.integrations.huggingface import SVCCATrainerCallback
 
     train, probe = data
-
-    class Dicts(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(train)
-
-        def __getitem__(self, index):
-            x, y = train[index]
-            return {"x": x, "labels": y}
-
     torch.manual_seed(0)
     model = _MLP()
     callback = SVCCATrainerCallback(
         probe=probe, layers=["fc1", "fc2"], reference=("previous", "final"), metrics=METRICS
     )
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        num_train_epochs=EPOCHS,
-        per_device_train_batch_size=64,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_strategy="no",
-        save_strategy="no",
-        remove_unused_columns=False,
-    )
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    trainer = transformers.Trainer(
-        model=model,
-        args=args,
-        train_dataset=Dicts(),
-        optimizers=(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)),
-        compute_loss_func=lambda outputs, labels, num_items_in_batch=None: functional.cross_entropy(outputs, labels),
-        callbacks=[callback],
-    )
-    trainer.train()
+    hf_trainer(tmp_path, model, train, callback, EPOCHS).train()
     _check_history(callback.history)
 
 

@@ -1,5 +1,6 @@
 """What the test files share beyond the digits data and models (``digits_models.py``) and the fixtures
-(``conftest.py``): a quiet Trainer writing only into the test's folder, and the callback's console lines.
+(``conftest.py``): a quiet Trainer writing only into the test's folder, the callback's console lines, and a
+``torch.save`` that fails as a full or read-only disk does.
 
 Every test that fits builds its Trainer with :func:`quiet_trainer` (or the ``make_trainer`` fixture, which adds
 short defaults), so what a fit writes lands in ``tmp_path`` and the settings a test depends on are the ones it
@@ -8,8 +9,10 @@ names.
 
 from __future__ import annotations
 
+import errno
 import logging
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,3 +51,23 @@ def console_lines(callback: Any, handler: logging.Handler) -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def failing_save(real_save: Callable[..., Any], failure: str, hits: Callable[[str], bool]) -> Callable[..., Any]:
+    """``torch.save`` that, for the targets ``hits`` picks (by ``str(target)``: a target may be a buffer), leaves
+    half a file and fails as a full disk would.
+
+    ``failure``: ``"torch-zip"`` (torch's own writer error) or an ``errno`` name (``"ENOSPC"``, ``"EACCES"``,
+    ``"EROFS"``); other targets are saved by ``real_save``.
+    """
+
+    def save(value: Any, target: Any, *args: Any, **kwargs: Any) -> Any:
+        if not hits(str(target)):
+            return real_save(value, target, *args, **kwargs)
+        Path(target).write_bytes(b"half a file")  # what a full disk leaves
+        if failure == "torch-zip":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
+        code = getattr(errno, failure)
+        raise OSError(code, os.strerror(code), str(target))
+
+    return save

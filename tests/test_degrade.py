@@ -4,7 +4,6 @@ a small budget); the disk cases on a small tmpfs where this machine lets us moun
 
 from __future__ import annotations
 
-import os
 import subprocess
 import warnings
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from lightning_svcca.freezing.prefix_cache import PrefixCacheWarning
 from lightning_svcca.output.writers import WriterWarning
 
 from digits_models import DigitsCNN, digits_tensors
+from helpers import failing_save
 
 LAYERS = ["relu1", "relu2", "relu3", "fc2"]
 PER_SAMPLE = 16 * 8 * 8 * 4  # relu2's output: 16 channels of 8x8 float32
@@ -98,17 +98,8 @@ def test_a_spill_that_fails_turns_the_cache_off_and_training_goes_on(
 ) -> None:
     real_save = torch.save
 
-    def failing_save(value: Any, target: Any, *args: Any, **kwargs: Any) -> None:
-        if "prefix_" not in Path(target).name:
-            return real_save(value, target, *args, **kwargs)
-        Path(target).write_bytes(b"half a file")  # what a full disk leaves
-        if failure == "torch-zip":
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
-        import errno
-
-        raise OSError(getattr(errno, failure), os.strerror(getattr(errno, failure)), str(target))
-
-    monkeypatch.setattr(safe_files.torch, "save", failing_save)
+    save = failing_save(real_save, failure, hits=lambda target: "prefix_" in Path(target).name)
+    monkeypatch.setattr(safe_files.torch, "save", save)
     callback, caught = _fit(tmp_path, freeze=_policy())
     messages = _of(caught, PrefixCacheWarning)
     assert len(messages) == 1 and "turned off" in messages[0] and "spill file" in messages[0], messages
@@ -145,14 +136,14 @@ def test_spill_folder_never_inside_a_folder_found_unwritable(tmp_path: Path, mon
     real_save = torch.save
     folders: list[Path] = []
 
-    def failing_save(value: Any, target: Any, *args: Any, **kwargs: Any) -> None:
+    def read_only_save(value: Any, target: Any, *args: Any, **kwargs: Any) -> None:
         if "svcca_snapshots" in str(target) and "prefix_" not in Path(target).name:
             raise OSError(30, "Read-only file system", str(target))
         if "prefix_" in Path(target).name:
             folders.append(Path(target).parent)
         return real_save(value, target, *args, **kwargs)
 
-    monkeypatch.setattr(safe_files.torch, "save", failing_save)
+    monkeypatch.setattr(safe_files.torch, "save", read_only_save)
     callback, caught = _fit(tmp_path, freeze=_policy())
     assert _epochs(callback) == {1, 2, 3, 4, 5} and not _of(caught, PrefixCacheWarning)
     assert folders and not any("svcca_snapshots" in str(folder) for folder in folders), folders

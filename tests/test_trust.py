@@ -33,7 +33,7 @@ from lightning_svcca.pipeline.moments import CrossLayerMoments
 from lightning_svcca.pipeline.snapshot import LocalCollective, build_snapshot
 from lightning_svcca.pipeline.store import SnapshotStore
 
-from helpers import quiet_trainer
+from helpers import failing_save, quiet_trainer
 
 LAYERS = ["net.0", "net.2", "net.4"]
 
@@ -417,15 +417,8 @@ def test_damaged_snapshot_file_is_dropped_and_training_goes_on(tmp_path: Path, h
 def test_snapshot_write_failure_keeps_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
     real_save = torch.save
 
-    def failing_save(value: Any, target: Any, *args: Any, **kwargs: Any) -> None:
-        if "svcca_snapshots" not in str(target):
-            return real_save(value, target, *args, **kwargs)
-        Path(target).write_bytes(b"half a file")  # what a full disk leaves
-        if failure == "torch-zip":
-            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
-        raise OSError(getattr(errno, failure), os.strerror(getattr(errno, failure)), str(target))
-
-    monkeypatch.setattr(safe_files.torch, "save", failing_save)
+    save = failing_save(real_save, failure, hits=lambda target: "svcca_snapshots" in target)
+    monkeypatch.setattr(safe_files.torch, "save", save)
     callback, caught = _fit(tmp_path, 2)
     monkeypatch.setattr(safe_files.torch, "save", real_save)
     messages = _texts(caught)

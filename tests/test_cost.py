@@ -78,7 +78,27 @@ def test_gpt2_cost_is_estimated_and_the_head_named_before_the_first_measurement(
     measured = monitor.timings[0] - monitor.probe_timings[0]
     predicted = sum(c.seconds for c in costs.values())
     assert predicted / 8 < measured < predicted * 8, (predicted, measured)
+    probe_estimate = float(estimate.split("(probe pass ")[1].split(" s)")[0])
+    assert probe_estimate / 8 < monitor.probe_timings[0] < probe_estimate * 8, (probe_estimate, monitor.probe_timings)
     monitor.close()
+
+
+def test_the_probe_pass_estimate_splits_a_cost_per_chunk_from_a_cost_per_sample(monkeypatch) -> None:
+    """Passes costing 10 ms per forward call and 1 ms per sample: a probe of 1,000 in chunks of 256 (4 calls) costs
+    1.04 s, which the two timed passes (2 and 32 samples) recover; scaling the 2-sample pass would say 6 s."""
+    clock = [0.0]
+    monkeypatch.setattr(cost.time, "perf_counter", lambda: clock[0])
+    calls: list[int] = []
+
+    def record(samples: int) -> None:
+        calls.append(samples)
+        clock[0] += 0.010 + 0.001 * samples
+
+    cpu = torch.device("cpu")
+    assert cost.probe_pass_seconds(record, 1000, 256, cpu) == pytest.approx(1.04)
+    assert calls == [2, 32]
+    assert cost.probe_pass_seconds(record, 1000, 8, cpu) == pytest.approx(125 * 0.010 + 1.0)  # 8-sample chunks
+    assert cost.probe_pass_seconds(record, 2, 256, cpu) == pytest.approx(0.012)  # nothing larger to time
 
 
 def test_a_layer_too_large_for_the_memory_left_is_skipped_not_crashed_on(monkeypatch) -> None:

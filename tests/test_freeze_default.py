@@ -15,6 +15,7 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_svcca import FreezePolicy, SVCCACallback, SVCCAMonitorWarning
@@ -73,13 +74,13 @@ def _counting_task(count: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     return x, ((x == 5).sum(1) > (x == 7).sum(1)).long()
 
 
-def _fit(tmp_path, model, policy, loader, probe, layers, epochs, caplog=None, **trainer_kwargs):
+def _fit(tmp_path, model, policy, loader, probe, layers, epochs, caplog=None, callbacks=(), ckpt_path=None, **kwargs):
     callback = SVCCACallback(probe=probe, layers=layers, reference=["previous"], freeze=policy)
-    trainer = quiet_trainer(tmp_path, [callback], max_epochs=epochs, **trainer_kwargs)
+    trainer = quiet_trainer(tmp_path, [callback, *callbacks], max_epochs=epochs, **kwargs)
     lines = console_lines(callback, caplog.handler) if caplog is not None else contextlib.nullcontext()
     with lines, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(model, loader)
+        trainer.fit(model, loader, ckpt_path=ckpt_path)
     return callback
 
 
@@ -87,14 +88,28 @@ def _froze_messages(caplog) -> list[str]:
     return list(dict.fromkeys(r.getMessage() for r in caplog.records if "froze layer" in r.getMessage()))
 
 
-def test_the_default_freezes_the_lowest_layer_from_scratch_within_twelve_epochs(tmp_path):
+def test_the_default_finds_the_lowest_layer_converged_from_scratch_within_twelve_epochs(tmp_path, caplog):
+    """Found at the twelfth, the fit's last measurement: held with a line, not frozen (a freeze there saves
+    nothing); a fit resumed for two more epochs freezes it at its first measurement."""
     pl.seed_everything(0, verbose=False)
     (x, y), (probe, _), _ = digits_tensors()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64, shuffle=True)
     layers = ["relu1", "relu2", "relu3", "fc2"]
-    callback = _fit(tmp_path, CosineDigitsCNN(), FreezePolicy(), loader, probe, layers, 12, limit_train_batches=8)
-    assert "relu1" in callback.frozen and callback.frozen["relu1"] <= 12
-    assert "fc2" not in callback.frozen
+    saved = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    callback = _fit(
+        tmp_path, CosineDigitsCNN(), FreezePolicy(), loader, probe, layers, 12, caplog,
+        limit_train_batches=8, callbacks=[saved], enable_checkpointing=True,
+    )  # fmt: skip
+    held = [r.getMessage() for r in caplog.records if "would freeze at epoch 12" in r.getMessage()]
+    assert callback.frozen == {} and len(held) == 1 and "'relu1'" in held[0] and "saves nothing" in held[0], held
+    # the monitor measured both sides of the relative movement: the growing lag and the first snapshot
+    references = {row["reference"] for row in callback.history}
+    assert {"lag0.5t", "initial"} <= references
+    resumed = _fit(
+        tmp_path / "b", CosineDigitsCNN(), FreezePolicy(), loader, probe, layers, 14,
+        limit_train_batches=8, ckpt_path=tmp_path / "ckpt" / "last.ckpt",
+    )  # fmt: skip
+    assert resumed.frozen.get("relu1") == 13 and "fc2" not in resumed.frozen, resumed.frozen
     # the monitor measured both sides of the relative movement: the growing lag and the first snapshot
     references = {row["reference"] for row in callback.history}
     assert {"lag0.5t", "initial"} <= references

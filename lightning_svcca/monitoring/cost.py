@@ -4,8 +4,8 @@ The preflight's two-sample probe pass gives each layer's width and datapoints pe
 measurement is known before it runs: its rows (``datapoints x width``), the decomposition's work arrays
 (:func:`~lightning_svcca.monitoring.budget.layer_memory`) and its floating-point operations
 (:func:`decomposition_flops`), turned into seconds by this machine's measured matrix-product rate
-(:func:`flop_rate`) and a measured :data:`OVERHEAD`, plus the probe pass timed on the two samples and scaled to the
-probe (an upper bound: the first pass pays one-time costs).
+(:func:`flop_rate`) and a measured :data:`OVERHEAD`, plus the probe pass (:func:`probe_pass_seconds`: two warm timed
+passes split into a cost per chunk and a cost per sample, scaled to the probe's chunks and samples).
 :func:`preflight_cost` logs one line with the estimate, warns once naming the layers that dominate when the
 measurements planned would take :data:`~lightning_svcca.monitoring.budget.COST_MIN_SECONDS` or more, and returns the
 layers whose measurement cannot fit in the memory this process can still allocate (:func:`available_memory`):
@@ -15,6 +15,7 @@ those are left out with a clear message, instead of failing in the allocator at 
 from __future__ import annotations
 
 import functools
+import math
 import resource
 import statistics
 import time
@@ -27,7 +28,15 @@ import torch
 from lightning_svcca.monitoring import budget
 from lightning_svcca.pipeline.recording import ActivationRecorder
 
-__all__ = ["LayerCost", "available_memory", "decomposition_flops", "estimate_costs", "flop_rate", "preflight_cost"]
+__all__ = [
+    "LayerCost",
+    "available_memory",
+    "decomposition_flops",
+    "estimate_costs",
+    "flop_rate",
+    "preflight_cost",
+    "probe_pass_seconds",
+]
 
 #: A layer is named as expensive when it takes at least this share of a measurement ...
 EXPENSIVE_SHARE = 0.25
@@ -37,6 +46,8 @@ EXPENSIVE_OVER_MEDIAN = 4.0
 #: Gram product and the rank cut run below it (measured on a CPU, float64, 1,024 x 5,000, 2,048 x 5,000 and
 #: 4,096 x 1,024 rows: 1.2 to 1.7).
 OVERHEAD = 1.5
+#: Samples of the larger of the two timed passes of :func:`probe_pass_seconds` (fewer when a chunk holds fewer).
+TIMED_SAMPLES = 32
 _GIB = 2**30
 
 
@@ -100,6 +111,35 @@ def estimate_costs(
     return costs
 
 
+def probe_pass_seconds(
+    record: Callable[[int], object], probe_size: int, chunk_size: int, device: torch.device
+) -> float:
+    """Seconds of a whole probe pass, from two timed passes of its first samples (``record(samples)`` runs one).
+
+    A pass costs a part per forward call (Python, hooks, kernel launches), which dominates a small model, and a part
+    per sample. Passes of 2 and of up to :data:`TIMED_SAMPLES` samples, after the check pass paid the one-time
+    costs, give both; the probe then pays the first once per chunk of ``chunk_size`` and the second per sample.
+    Scaling the check pass alone by ``probe_size / 2`` read 10-1000x too high on small models.
+    """
+    small = min(2, probe_size)
+    large = min(probe_size, chunk_size, TIMED_SAMPLES)
+    small_seconds = _timed_pass(record, small, device)
+    if large <= small:
+        per_call, per_sample = small_seconds, 0.0
+    else:
+        per_sample = max(0.0, (_timed_pass(record, large, device) - small_seconds) / (large - small))
+        per_call = max(0.0, small_seconds - small * per_sample)
+    return math.ceil(probe_size / chunk_size) * per_call + probe_size * per_sample
+
+
+def _timed_pass(record: Callable[[int], object], samples: int, device: torch.device) -> float:
+    started = time.perf_counter()
+    record(samples)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
 def available_memory(device: torch.device) -> int | None:
     """Bytes this process can still allocate on ``device`` (``None``: unknown).
 
@@ -130,7 +170,7 @@ def preflight_cost(
 
     Args:
         costs: :func:`estimate_costs`.
-        probe_seconds: the probe pass's estimated seconds (scaled from the preflight pass).
+        probe_seconds: the probe pass's estimated seconds (:func:`probe_pass_seconds`).
         planned: measurements in the whole fit (``None``: unknown; one is assumed).
         device: where the decomposition runs (whose free memory bounds a layer).
         log: an info logger (one line).
@@ -142,7 +182,7 @@ def preflight_cost(
     peak = budget.peak({layer: (cost.rows, cost.work) for layer, cost in costs.items()})
     ranked = sorted(costs, key=lambda layer: -costs[layer].seconds)
     log(
-        "SVCCA estimates each measurement at about %s and %s (probe pass up to %s); the costliest layers: %s",
+        "SVCCA estimates each measurement at about %s and %s (probe pass %s); the costliest layers: %s",
         _seconds(seconds),
         _size(peak),
         _seconds(probe_seconds),

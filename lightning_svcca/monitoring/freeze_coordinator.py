@@ -147,8 +147,28 @@ class FreezingCoordinator:
         if self.runtime.is_global_zero:
             decisions = self._decide(rows, epoch, layers, measurement)
         decisions, self.streaks = self.runtime.broadcast((decisions, self.streaks))
-        if decisions:
+        if decisions and self._fit_ends_at(epoch, step):
+            self._hold_at_the_end(decisions, epoch)
+        elif decisions:
             self._apply(decisions, epoch, step, layers)
+
+    def _fit_ends_at(self, epoch: int, step: int) -> bool:
+        """Whether no training follows this measurement: the fit's last epoch (or step, when known) is done."""
+        max_epochs, max_steps = self.runtime.max_epochs, self.runtime.max_steps
+        return bool(max_epochs and max_epochs > 0 and epoch >= max_epochs) or bool(max_steps and step >= max_steps)
+
+    def _hold_at_the_end(self, decisions: Sequence[FreezeDecision], epoch: int) -> None:
+        """One line instead of freezing after the last epoch, where a freeze saves nothing.
+
+        The streaks are kept (in the checkpoint too): a fit resumed for more epochs judges these layers again at its
+        first measurement, with their streaks as they are now.
+        """
+        if self.runtime.is_global_zero:
+            layers = ", ".join(repr(decision.layer) for decision in decisions)
+            self.runtime.logger.info(
+                f"freezing: {layers} would freeze at epoch {epoch}, but the fit ends there and a freeze saves"
+                " nothing (not frozen; a fit resumed for more epochs judges them again at its first measurement)"
+            )
 
     def frozen_rows(self, epoch: int, step: int, layers: Sequence[str]) -> list[dict[str, Any]]:
         """A ``frozen`` row (1 or 0) per layer, with a policy or freezes; ``[]`` without either."""

@@ -7,7 +7,6 @@ training starts: :func:`check_against_model` when the monitor is built, :func:`p
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from lightning_svcca.monitoring.budget import check_memory, planned_measurements
 from lightning_svcca.monitoring.config import MonitorConfig
-from lightning_svcca.monitoring.cost import estimate_costs, preflight_cost
+from lightning_svcca.monitoring.cost import estimate_costs, preflight_cost, probe_pass_seconds
 from lightning_svcca.monitoring.runtime import Runtime
 from lightning_svcca.monitoring.state import restart_comparisons
 from lightning_svcca.pipeline.capture import Capture, CaptureOptions, SkipFn, WarnFn
@@ -154,10 +153,14 @@ def capture_for(
         forward_context=runtime.forward_context,
         convert_input=runtime.convert_input,
     )
-    started = time.perf_counter()
     checked = capture.check(model, device_of(model))
     samples = min(2, probe.size)
-    probe_seconds = (time.perf_counter() - started) * probe.size / samples
+    probe_seconds = probe_pass_seconds(
+        lambda count: capture.record(model, device_of(model), limit=count),
+        probe.size,
+        options.probe_batch_size,
+        device_of(model),
+    )
     check_memory(checked, samples, probe.size, options.dtype, device_of(model), warn_once)
     costs = estimate_costs(checked, samples, probe.size, options.dtype, device_of(model))
     log = runtime.logger.info if runtime.is_global_zero else (lambda *args: None)

@@ -3,7 +3,8 @@
 The math (:func:`cca`, :func:`svcca`, :func:`pwcca`, :func:`linear_cka`) is plain torch. :class:`SVCCAMonitor`
 runs it on a probe batch from any training loop; :class:`SVCCACallback` (for ``pytorch_lightning``;
 ``lightning_svcca.lightning.SVCCACallback`` for ``lightning.pytorch``) is the Lightning callback around it, and
-``lightning_svcca.huggingface.SVCCATrainerCallback`` the HuggingFace ``Trainer`` one. Converged layers can be
+:class:`SVCCATrainerCallback` (also ``lightning_svcca.huggingface.SVCCATrainerCallback``) the HuggingFace
+``Trainer`` one. Converged layers can be
 frozen with a :class:`FreezePolicy` and its rule (:class:`Movement`, :class:`Convergence`,
 :class:`LinearSchedule`, :class:`Schedule`).
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from lightning_svcca.freezing.rules import Convergence, LinearSchedule, Movement, Schedule
     from lightning_svcca.freezing.task_signal import TaskGate
     from lightning_svcca.integrations.callback import SVCCACallback
+    from lightning_svcca.integrations.huggingface import SVCCATrainerCallback as SVCCATrainerCallback
     from lightning_svcca.measures import (
         CCAResult,
         Decomposition,
@@ -56,6 +58,7 @@ __version__ = "0.1.0"
 #: Public name -> the module (or subpackage) it is imported from.
 _MODULES = {
     "SVCCACallback": "integrations.callback",
+    "SVCCATrainerCallback": "integrations.huggingface",  # not in __all__: transformers is optional
     "FreezePolicy": "freezing.policy",
     "PrefixCacheOptions": "freezing.policy",
     "Convergence": "freezing.rules",

@@ -37,6 +37,9 @@ def test_every_public_name_imports() -> None:
         module = importlib.import_module(module_name)
         for name in names:
             assert getattr(module, name) is not None, f"{module_name}.{name}"
+    from lightning_svcca.huggingface import SVCCATrainerCallback
+
+    assert lightning_svcca.SVCCATrainerCallback is SVCCATrainerCallback  # imported on use; transformers is optional
     from lightning_svcca.similarity import __all__ as math_names
 
     assert set(math_names) >= {"cca", "svcca", "svcca_details", "pwcca", "linear_cka", "procrustes", "rbf_cka"}

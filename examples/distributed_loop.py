@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
         if dist.get_rank() == 0:
             frozen = ", ".join(f"{layer} after epoch {epoch}" for layer, epoch in summary["frozen"].items())
             print(f"{summary['strategy']} on {summary['world_size']} process(es): froze {frozen or 'nothing'}")
+        # every rank done before the teardown: a rank whose peer already exited can abort in gloo's teardown
+        # ("terminate called without an active exception"), as seen once under load
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

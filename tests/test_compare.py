@@ -128,7 +128,7 @@ def test_cross_layer_similarity_with_widths_spatial_sizes_and_sample_ids():
 def test_cross_layer_similarity_from_snapshots_and_errors():
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(200, 6, generator=generator), torch.randn(200, 9, generator=generator)
-    full_rank, with_right = snapshot_needs(["cca"])
+    full_rank, with_right, _ = snapshot_needs(["cca"])
 
     def snap(rows):
         return build_snapshot(

@@ -56,7 +56,8 @@ def test_metric_properties_come_from_one_table() -> None:
     assert metrics_where("kept_only") == ("svcca",)
     assert metrics_where("needs_right") == ("pwcca", "pwcca_heldout")
     assert set(metrics_where("held_out")) <= set(metrics_where("from_rows"))
-    assert snapshot_needs(["svcca"]) == (False, False) and snapshot_needs(["pwcca_heldout"]) == (True, True)
+    assert snapshot_needs(["svcca"]) == (False, False, False)
+    assert snapshot_needs(["pwcca_heldout"]) == (True, True, False)
     assert metric_info("linear_cka").float32_safe
     with pytest.raises(ValueError, match="unknown metric 'svca'"):
         metric_info("svca")

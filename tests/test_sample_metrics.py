@@ -4,6 +4,7 @@ activations, through the affine part the snapshots keep; calibration; compare_mo
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def _data(n, d1, d2, seed=0):
 
 
 def _snapshot(rows, metrics=SAMPLE_METRICS):
-    full_rank, with_right = snapshot_needs(metrics)
+    full_rank, with_right, with_affine = snapshot_needs(metrics)
     return build_snapshot(
         rows,
         LocalCollective(),
@@ -47,6 +48,7 @@ def _snapshot(rows, metrics=SAMPLE_METRICS):
         full_rank=full_rank,
         with_right=with_right,
         input_eps=EPS32,
+        with_affine=with_affine,
     )
 
 
@@ -162,7 +164,8 @@ def test_cli_compare_with_the_new_metrics(tmp_path, capsys):
 
 
 def test_resuming_snapshots_without_the_affine_part_restarts_comparisons():
-    """Checkpoints from before Snapshot.affine: cosine and correlation metrics cannot use their snapshots."""
+    """A run whose metrics need no Snapshot.affine stores none (as did checkpoints from before it existed): resumed
+    with cosine or correlation metrics, its snapshots cannot be used; resumed the other way round, they can."""
     from lightning_svcca import SVCCAMonitor, SVCCAMonitorWarning
 
     torch.manual_seed(0)
@@ -172,7 +175,15 @@ def test_resuming_snapshots_without_the_affine_part_restarts_comparisons():
     first.start()
     first.measure(epoch=1, step=1)
     state = first.state_dict()
-    state["snapshots"] = {key: {**value, "affine": None} for key, value in state["snapshots"].items()}
+    assert all(value["affine"] is None for value in state["snapshots"].values())
+    with_mean = SVCCAMonitor(model, probe=probe, layers=["0", "2"], metrics=["rsa"])
+    with_mean.start()
+    kept = SVCCAMonitor(model, probe=probe, layers=["0", "2"], metrics=["linear_cka"])
+    kept.start()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SVCCAMonitorWarning)
+        kept.load_state_dict(with_mean.state_dict())  # more than linear_cka needs: kept
+    assert kept.store.keys()
     again = SVCCAMonitor(model, probe=probe, layers=["0", "2"], metrics=["linear_cka", "cknna"])
     again.start()
     with pytest.warns(SVCCAMonitorWarning, match="keep the layer's mean.*earlier snapshots are dropped"):

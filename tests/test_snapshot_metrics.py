@@ -36,7 +36,7 @@ def _data(n, d1, d2, seed=0):
 
 
 def _snapshots(x, y, metrics, keep=0.99):
-    full_rank, with_right = snapshot_needs(metrics)
+    full_rank, with_right, _ = snapshot_needs(metrics)
     kwargs = dict(keep=keep, keep_by="singular_values", full_rank=full_rank, with_right=with_right, input_eps=EPS32)
     return (
         build_snapshot(x, LocalCollective(), name="x", **kwargs),
@@ -75,13 +75,16 @@ def test_evaluate_mixes_every_metric_with_a_shuffle():
 @pytest.mark.parametrize(
     ("metrics", "needs"),
     [
-        (["svcca"], (False, False)),
-        (["svcca", "cca"], (True, False)),
-        (["linear_cka"], (True, False)),
-        (["procrustes", "rbf_cka", "r2cca", "linear_cka_debiased"], (True, False)),
-        (["cca_heldout", "svcca_heldout"], (True, False)),
-        (["pwcca"], (True, True)),
-        (["svcca", "pwcca_heldout"], (True, True)),
+        (["svcca"], (False, False, False)),
+        (["svcca", "cca"], (True, False, False)),
+        (["linear_cka"], (True, False, False)),
+        (["procrustes", "rbf_cka", "r2cca", "linear_cka_debiased"], (True, False, False)),
+        (["cca_heldout", "svcca_heldout"], (True, False, False)),
+        (["pwcca"], (True, True, False)),
+        (["svcca", "pwcca_heldout"], (True, True, False)),
+        (["minibatch_cka"], (True, False, False)),  # centred kernels: translation-invariant
+        (["mutual_knn"], (True, False, True)),
+        (["svcca", "cknna", "rsa"], (True, False, True)),
     ],
 )
 def test_snapshot_needs(metrics, needs):

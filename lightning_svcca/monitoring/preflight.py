@@ -131,7 +131,7 @@ def capture_for(
     (:mod:`~lightning_svcca.monitoring.cost`), with a warning naming the layers that dominate, and a layer whose
     measurement cannot fit in the memory left is skipped (reported through ``skip``) and not recorded.
     """
-    full_rank, with_right = snapshot_needs(config.metrics)
+    full_rank, with_right, with_affine = snapshot_needs(config.metrics)
     options = CaptureOptions(
         probe_batch_size=config.probe_batch_size,
         forward_fn=config.forward_fn,
@@ -140,6 +140,7 @@ def capture_for(
         keep_by=config.keep_by,
         full_rank=full_rank,
         with_right=with_right,
+        with_affine=with_affine,
         keep_means=bool(config.cross_layer_moments),
         dtype=compute_dtype(config, model),
     )

@@ -108,8 +108,8 @@ def _check_metrics(monitor: SVCCAMonitor, saved: Any) -> None:
     """
     if not saved or not monitor.store.keys():
         return
-    old_full, old_right = snapshot_needs(list(saved))
-    full, right = snapshot_needs(monitor.config.metrics)
+    old_full, old_right, _ = snapshot_needs(list(saved))
+    full, right, _ = snapshot_needs(monitor.config.metrics)
     if (full and not old_full) or (right and not old_right):
         restart_comparisons(
             monitor,
@@ -120,12 +120,12 @@ def _check_metrics(monitor: SVCCAMonitor, saved: Any) -> None:
         restart_comparisons(
             monitor,
             f"metrics={list(monitor.config.metrics)} need snapshots that keep the layer's mean (Snapshot.affine), and"
-            " the checkpoint's snapshots were taken before it was kept",
+            f" the checkpoint's snapshots were taken without it (for metrics={list(saved)})",
         )
 
 
 def _without_affine(store: Any) -> bool:
-    """Whether the first readable snapshot in ``store`` predates :attr:`Snapshot.affine` (all of a run's do)."""
+    """Whether the first readable snapshot in ``store`` lacks :attr:`Snapshot.affine` (all of a run's do or none)."""
     for key in store.keys():
         try:
             return store.get(key).affine is None

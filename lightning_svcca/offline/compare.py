@@ -111,7 +111,7 @@ def compare_models(  # noqa: PLR0913 - keyword-only: the monitor's measuring opt
     if not metrics:
         raise ValueError("metrics must name at least one measure")
     cross_layer_metric = cross_layer_metric or metrics[0]
-    full_rank, with_right = snapshot_needs([*metrics, cross_layer_metric])
+    full_rank, with_right, with_affine = snapshot_needs([*metrics, cross_layer_metric])
     probe = build_probe(probe, _loader_size(probe), input_key=input_key)
     specs = resolve_layers(model_a, layers, reduction)
     resolve_layers(model_b, [spec.name for spec in specs], reduction)  # the same names must exist in B
@@ -126,6 +126,7 @@ def compare_models(  # noqa: PLR0913 - keyword-only: the monitor's measuring opt
         keep_by=keep_by,
         full_rank=full_rank,
         with_right=with_right,
+        with_affine=with_affine,
         dtype=dtype,
         keep_means=True,
     )

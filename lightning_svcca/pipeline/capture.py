@@ -53,6 +53,8 @@ class CaptureOptions:
     keep_by: str = "singular_values"
     full_rank: bool = False
     with_right: bool = False
+    #: Keep what centring removed (:attr:`Snapshot.affine`), which mutual_knn, cknna and rsa need.
+    with_affine: bool = True
     dtype: torch.dtype = torch.float64
     #: Also keep each sample's output averaged over its positions (cross-layer maps).
     keep_means: bool = False
@@ -322,6 +324,7 @@ class Capture:
             with_right=options.with_right,
             input_eps=input_eps,
             dtype=options.dtype,
+            with_affine=options.with_affine,
         )
 
     def feature_snapshots(

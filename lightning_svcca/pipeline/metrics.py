@@ -26,7 +26,7 @@ from lightning_svcca.measures._compute import (
 )
 from lightning_svcca.measures.decomposition import Decomposition
 from lightning_svcca.measures.heldout import cca_heldout, pwcca_heldout, svcca_heldout
-from lightning_svcca.pipeline.sample_metrics import SAMPLE_METRICS, SampleCache, sample_metric
+from lightning_svcca.pipeline.sample_metrics import AFFINE_METRICS, SAMPLE_METRICS, SampleCache, sample_metric
 from lightning_svcca.pipeline.snapshot import Collective, Snapshot
 
 __all__ = [
@@ -123,25 +123,30 @@ def metrics_where(prop: str) -> tuple[str, ...]:
     return tuple(entry.name for entry in METRIC_TABLE if getattr(entry, prop))
 
 
-def snapshot_needs(metrics: Sequence[str]) -> tuple[bool, bool]:
-    """What :func:`build_snapshot` must store for ``metrics``: ``(full_rank, with_right)``.
+def snapshot_needs(metrics: Sequence[str]) -> tuple[bool, bool, bool]:
+    """What :func:`build_snapshot` must store for ``metrics``: ``(full_rank, with_right, with_affine)``.
 
     Only ``"svcca"`` can do with the SVCCA-kept directions; every other metric needs all directions
     (``full_rank``). ``"pwcca"`` and ``"pwcca_heldout"`` weight by neurons, so they need the right singular
-    vectors (``with_right``).
+    vectors (``with_right``). ``mutual_knn``, ``cknna`` and ``rsa`` read the raw datapoints, so they need what
+    centring removed (``with_affine``: :attr:`Snapshot.affine`).
 
     Raises:
         ValueError: an unknown metric.
 
     Example:
-        >>> snapshot_needs(["svcca"]), snapshot_needs(["svcca", "linear_cka"]), snapshot_needs(["pwcca"])
-        ((False, False), (True, False), (True, True))
+        >>> snapshot_needs(["svcca"]), snapshot_needs(["svcca", "linear_cka"]), snapshot_needs(["pwcca", "rsa"])
+        ((False, False, False), (True, False, False), (True, True, True))
     """
     unknown = [name for name in metrics if name not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; choose from {METRICS}")
     entries = [_BY_NAME[name] for name in metrics]
-    return any(not entry.kept_only for entry in entries), any(entry.needs_right for entry in entries)
+    return (
+        any(not entry.kept_only for entry in entries),
+        any(entry.needs_right for entry in entries),
+        any(name in AFFINE_METRICS for name in metrics),
+    )
 
 
 @dataclass(frozen=True)

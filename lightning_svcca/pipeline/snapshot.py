@@ -74,8 +74,9 @@ class Snapshot:
         n_features: width of the layer.
         affine: ``(2, r + 1)`` float64, what the centring took away, for the measures that need the datapoints
             themselves (cosine neighbours, correlation RDMs): row 0 is ``V^T mu`` and ``|mu|^2`` (the mean
-            activation ``mu``), row 1 is ``V^T 1`` and ``mu . 1`` (the all-ones feature vector). ``None`` in
-            snapshots written before it existed. See :mod:`~lightning_svcca.pipeline.sample_metrics`.
+            activation ``mu``), row 1 is ``V^T 1`` and ``mu . 1`` (the all-ones feature vector). ``None`` when
+            built without it (``with_affine=False``: no metric of the run needs it) and in snapshots written before
+            it existed. See :mod:`~lightning_svcca.pipeline.sample_metrics`.
     """
 
     left: Tensor
@@ -147,6 +148,7 @@ def build_snapshot(
     with_right: bool,
     input_eps: float,
     dtype: torch.dtype = torch.float64,
+    with_affine: bool = True,
 ) -> Snapshot:
     """Decompose a layer's activations, held as row shards across processes, into a :class:`Snapshot`.
 
@@ -164,6 +166,8 @@ def build_snapshot(
         with_right: store the right singular vectors (PWCCA).
         input_eps: rounding level of the activations' original dtype (for the rank cut).
         dtype: precision of the accumulation and decomposition.
+        with_affine: store :attr:`Snapshot.affine` (the sample-level measures that are not translation-invariant
+            need it; :func:`~lightning_svcca.pipeline.metrics.snapshot_needs` says when).
 
     Raises:
         ValueError: NaN or Inf activations on any process.
@@ -192,17 +196,27 @@ def build_snapshot(
         # 4. U = Xc V diag(1/s), of the stored directions only.
         left = _project(rows, mean, centred, right[:, :stored] / singular_values[:stored], collective)
     # 5. what centring removed, in the stored directions' coordinates (sample-level measures, sample_metrics.py).
-    sides = torch.stack([mean, torch.ones_like(mean)])  # mu and the all-ones feature vector, one product each
-    affine = torch.cat([sides @ right[:, :stored].to(mean.dtype), sides @ mean[:, None]], dim=1)
+    affine = None
+    if with_affine:
+        sides = torch.stack([mean, torch.ones_like(mean)])  # mu and the all-ones feature vector, one product each
+        affine = torch.cat([sides @ right[:, :stored].to(mean.dtype), sides @ mean[:, None]], dim=1)
+        affine = affine.to(torch.float64).cpu()
     return Snapshot(
-        left=left[:, :stored].to(torch.float32).contiguous().cpu(),
-        singular_values=singular_values[:stored].to(torch.float64).cpu(),
-        right=right[:, :stored].to(torch.float32).contiguous().cpu() if with_right else None,
+        left=_stored(left[:, :stored], torch.float32),
+        singular_values=_stored(singular_values[:stored], torch.float64),
+        right=_stored(right[:, :stored], torch.float32) if with_right else None,
         kept=kept,
         rank=rank,
         n_features=n_features,
-        affine=affine.to(torch.float64).cpu(),
+        affine=affine,
     )
+
+
+def _stored(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor`` as a snapshot keeps it: ``dtype``, contiguous, on the CPU (no call when it is already so)."""
+    if tensor.dtype == dtype and tensor.device.type == "cpu" and tensor.is_contiguous():
+        return tensor
+    return tensor.to(dtype).contiguous().cpu()
 
 
 def _count_and_mean(rows: Tensor, collective: Collective, dtype: torch.dtype) -> tuple[int, Tensor]:

@@ -6,10 +6,13 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
-from lightning_svcca import Convergence, FreezePolicy, LinearSchedule, Movement, Schedule
+from lightning_svcca import Convergence, FreezePolicy, LinearSchedule, Movement, Schedule, SVCCAMonitor
+from lightning_svcca.core.timeline import Timeline
 from lightning_svcca.freezing import Evidence
-from lightning_svcca.freezing.rules import LaggedSnapshot
+from lightning_svcca.freezing.rules import LaggedSnapshot, relative_movement
 from lightning_svcca.freezing.task_signal import TaskVerdict
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_svcca"
@@ -24,6 +27,50 @@ def test_movement_reads_the_pace_and_notes_the_layers_still_moving():
     assert list(found.ready) == ["a"] and found.ready["a"].startswith("relative movement 0.250 < 0.75 for 1")
     assert found.notes["b"].startswith("relative movement 1.000 >= 0.75 (1 - svcca: 2.50e-03 over the last 4")
     assert found.streaks == {"a": 1, "b": 0, "c": 0}  # c was not measured: its streak starts again
+
+
+def test_movement_reads_its_pace_over_the_epochs_when_measurements_are_unevenly_spaced():
+    """Measured at epochs 0, 2, 4, 5, 6: at 6 (t = 4, lag 2) the lagged snapshot is epoch 4's. A layer moving at a
+    steady speed has 1 - s = c * (elapsed epochs)**2: 4c lately, 36c in all, rho = (4 / 36) * (6 / 2)**2 = 1;
+    counting measurements (4 / 2) read 0.444 and would have frozen it while it moved."""
+    timeline = Timeline()
+    for epoch in (0, 2, 4, 5, 6):
+        timeline.add(epoch, epoch=epoch, step=10 * epoch)
+    span = timeline.span_by_fraction(6, 0.5)
+    assert span == (6, 2) and timeline.lagged_by_fraction(6, 0.5) == 4
+    c = 1e-4
+    measured = {"similarities": {"a": 1 - 4 * c}, "initial": {"a": 1 - 36 * c}}
+    uneven = Movement().readiness(Evidence(6, ["a"], measurement=4, span=span, **measured), {})
+    assert uneven.ready == {} and uneven.notes["a"].startswith("relative movement 1.000 >= 0.75")
+    counted = Movement().readiness(Evidence(6, ["a"], measurement=4, **measured), {})
+    assert counted.ready["a"].startswith("relative movement 0.444 < 0.75")
+    assert relative_movement(1 - 4 * c, 1 - 36 * c, 4, 0.5, (4, 2)) == relative_movement(1 - 4 * c, 1 - 36 * c, 4, 0.5)
+
+
+def test_the_monitor_gives_the_rule_and_the_gate_the_epochs_it_measured_at(monkeypatch):
+    """A run measured at epochs 0, 2, 4, 5, 6 (every 2 epochs, then every epoch after a resume): the rule reads the
+    span (6, 2) at epoch 6, and the task's losses are placed at their epochs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
+    probe = torch.randn(200, 8)
+    seen: list[Evidence] = []
+    monitor = SVCCAMonitor(model, probe=probe, layers=["1", "3"], freeze=FreezePolicy())
+    policy = monitor.config.freeze
+    real = type(policy.rule).readiness
+    monkeypatch.setattr(
+        type(policy.rule),
+        "readiness",
+        lambda rule, evidence, *a, **k: seen.append(evidence) or real(rule, evidence, *a, **k),
+    )
+    monitor.start()
+    for epoch in (2, 4, 5, 6):
+        with torch.no_grad():
+            model[0].weight.add_(0.05 * torch.randn_like(model[0].weight))
+        monitor.measure(epoch=epoch, step=10 * epoch, loss=1.0 / (1 + epoch))
+    assert [e.span for e in seen] == [None, (2, 2), (4, 2), (5, 3), (6, 2)]  # lags of 1, 1, 2, 2 measurements
+    assert monitor.freezing.task.probe_positions() == [0, 2, 4, 5, 6]
+    assert monitor.freezing.task.level_positions() == [0, 2, 4, 5, 6]
+    monitor.close()
 
 
 def test_movement_waits_for_patience_and_its_window_follows_lag_fraction():

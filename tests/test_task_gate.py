@@ -82,6 +82,38 @@ def test_a_plateau_needs_patience_readings_in_a_row_over_a_window_of_min_window(
     assert TaskGate(patience=1, min_window=1).verdict(_signal(start, [1.0, 0.99]), 0.5).flat
 
 
+def test_unevenly_spaced_measurements_read_a_steady_fall_as_pace_one():
+    """Measured at epochs 0, 2, 4, 5, 6 (a resume that went from every 2 epochs to every epoch): a loss falling by the
+    same factor per epoch reads pace 1 over the epochs its values were taken at; counting measurements read 0.67."""
+    start, q, points = 2.0, 0.8, [0, 2, 4, 5, 6]
+    losses = [start * q**point for point in points]
+    state = {
+        "start": start, "levels": losses[1:], "level_points": points[1:], "start_point": 0,
+        "probe": losses, "probe_points": points,
+    }  # fmt: skip
+    signal = TaskSignal()
+    signal.load_state_dict(state)
+    paces = re.findall(r"recent pace (-?[\d.]+)", TaskGate().verdict(signal, 0.5).reason)
+    assert [float(pace) for pace in paces] == pytest.approx([1.0, 1.0], abs=0.01)  # probe loss, training loss
+    evenly = TaskSignal()
+    evenly.load_state_dict({**state, "probe_points": [], "level_points": []})  # a checkpoint from before points
+    assert _pace(TaskGate().verdict(evenly, 0.5).reason) == pytest.approx(4 / 6, abs=0.01)  # (4 epochs / 2) / 3
+
+
+def test_each_value_is_placed_at_its_measurement_and_the_first_interval_where_training_began():
+    signal = TaskSignal()
+    signal.close_interval(None, 0)  # measured before training: no loss yet
+    for point, loss in ((3, 0.8), (5, 0.7), (6, 0.6)):
+        signal.observe(loss)
+        signal.close_interval(loss, point)
+    assert (signal.probe_positions(), signal.level_positions()) == ([0, 3, 5, 6], [0, 3, 5, 6])
+    again = TaskSignal()
+    again.load_state_dict(signal.state_dict())
+    assert (again.probe_positions(), again.level_positions()) == ([0, 3, 5, 6], [0, 3, 5, 6])
+    again.forget_probe()  # another probe after a resume: its curve is not read, nor placed
+    assert again.probe_positions() is None and again.level_positions() == [0, 3, 5, 6]
+
+
 def test_the_signal_survives_a_checkpoint_and_rejects_malformed_state():
     signal = _signal(1.0, [0.9, 0.8])
     restored = TaskSignal()
@@ -91,6 +123,8 @@ def test_the_signal_survives_a_checkpoint_and_rejects_malformed_state():
         TaskSignal().load_state_dict({"levels": ["a"]})
     with pytest.raises(ValueError, match="task.start"):
         TaskSignal().load_state_dict({"start": float("inf")})
+    with pytest.raises(ValueError, match="task.level_points"):
+        TaskSignal().load_state_dict({"level_points": [1.5]})
 
 
 def test_tensors_are_read_once_per_measurement_and_non_finite_losses_are_left_out():

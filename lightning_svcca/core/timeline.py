@@ -59,6 +59,8 @@ class Timeline:
         (2, 1, (2, 20))
         >>> timeline.lagged_by_fraction(3, 0.25)  # 2 measurements before 3: lag max(1, floor(0.5 + 0.5)) = 1
         2
+        >>> timeline.span_by_fraction(3, 0.25)  # 3 epochs since the first point, 1 since the lagged one
+        (3, 1)
     """
 
     def __init__(self, *, lag_in_measurements: bool = False) -> None:
@@ -123,6 +125,20 @@ class Timeline:
         if not earlier:
             return None
         return earlier[len(earlier) - fraction_lag(len(earlier), fraction)]
+
+    def span_by_fraction(self, point: int, fraction: float) -> tuple[int, int] | None:
+        """How far back the first measured point and the :meth:`lagged_by_fraction` one lie, in epochs or steps.
+
+        ``(point - first, point - lagged)``; ``None`` before a lagged point or without the first one.
+
+        A ratio of counts (``t / lag``) is this ratio only when measurements are evenly spaced; a resume that changed
+        ``every_n_epochs`` spaces them unevenly, and the freeze rule's pace is read from the spans instead.
+        """
+        lagged = self.lagged_by_fraction(point, fraction)
+        first = self.first
+        if lagged is None or first is None or lagged >= point:
+            return None
+        return point - first, point - lagged
 
     def reachable_by_fraction(self, point: int, fraction: float) -> set[int]:
         """The measured points a fraction lag can still reach from the measurement after ``point`` on."""

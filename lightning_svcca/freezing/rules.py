@@ -43,7 +43,9 @@ MIN_MOVEMENT = 1e-5
 DEFAULT_LOSS_WINDOW = 0.5
 
 
-def relative_movement(recent: float, total: float, measurement: int, fraction: float) -> float:
+def relative_movement(
+    recent: float, total: float, measurement: int, fraction: float, span: tuple[float, float] | None = None
+) -> float:
     """``rho = (1 - s(t, t - lag)) / (1 - s(t, 0)) * (t / lag)**2``: a layer's recent pace against its pace so far.
 
     ``1 - SVCCA`` grows as the square of a small displacement, so a layer moving at a steady speed has
@@ -56,11 +58,14 @@ def relative_movement(recent: float, total: float, measurement: int, fraction: f
         total: ``s(t, 0)``, the similarity to the first snapshot.
         measurement: ``t``, measurements since the first (epochs, when measuring every epoch).
         fraction: the lag as a fraction of ``t``.
+        span: the time since the first snapshot and since the lagged one, in epochs or steps
+            (:meth:`~lightning_svcca.core.timeline.Timeline.span_by_fraction`): their ratio replaces ``t / lag``,
+            which it equals when measurements are evenly spaced. ``None``: evenly spaced.
     """
     if total >= 1.0:
         return 0.0
-    lag = fraction_lag(measurement, fraction)
-    return max(0.0, 1.0 - recent) / (1.0 - total) * (measurement / lag) ** 2
+    ratio = span[0] / span[1] if span is not None and span[1] > 0 else measurement / fraction_lag(measurement, fraction)
+    return max(0.0, 1.0 - recent) / (1.0 - total) * ratio**2
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,8 @@ class Evidence:
         initial: each layer's similarity to its first snapshot (:class:`Movement`).
         baselines: each layer's shuffled-pairing baseline (:class:`Convergence` with ``noise_aware``).
         measurement: measurements since the first (``None``: ``epoch``), what :class:`Movement`'s lag grows with.
+        span: the time (epochs, or steps) since the first snapshot and since the lagged one, which
+            :class:`Movement` reads its pace over (``None``: measurements evenly spaced, ``t / lag``).
         max_epochs: the fit's ``max_epochs`` (:class:`LinearSchedule`).
         lag_in_measurements: lags count measurements (measuring every k steps), not epochs: how a reason names
             the snapshot compared with.
@@ -91,6 +98,7 @@ class Evidence:
     initial: Mapping[str, float] = field(default_factory=dict)
     baselines: Mapping[str, float] = field(default_factory=dict)
     measurement: int | None = None
+    span: tuple[float, float] | None = None
     max_epochs: int | None = None
     lag_in_measurements: bool = False
     idle: Collection[str] = ()
@@ -228,7 +236,7 @@ class Movement(FreezeRule):
                 counts[layer] = counts.get(layer, 0) + 1
                 reason = "nothing of its own trains"
             elif t > lag and layer in recent and layer in initial and 1.0 - initial[layer] >= MIN_MOVEMENT:
-                rho = relative_movement(recent[layer], initial[layer], t, self.lag_fraction)
+                rho = relative_movement(recent[layer], initial[layer], t, self.lag_fraction, evidence.span)
                 converged = rho < self.threshold
                 counts[layer] = counts.get(layer, 0) + 1 if converged else 0
                 streak = f" for {counts[layer]} measurement(s)" if converged else ""

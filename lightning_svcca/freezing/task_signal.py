@@ -39,6 +39,13 @@ class TaskSignal:
         self.levels: list[float] = []
         #: The probe's own loss at each measurement from the first (``None`` where the output gave none).
         self.probe: list[float | None] = []
+        #: Where each value was taken, in epochs or steps: the point of each :attr:`probe` entry, the point closing
+        #: each interval of :attr:`levels`, and the point the first interval opened at (the pace is read over these
+        #: spans; empty in checkpoints from before they were kept, which read evenly spaced measurements).
+        self.probe_points: list[int] = []
+        self.level_points: list[int] = []
+        self.start_point: int | None = None
+        self._last_point: int | None = None
         self._first: list[float] = []
         self._sum: torch.Tensor | float = 0.0
         self._count: torch.Tensor | float = 0.0
@@ -73,18 +80,40 @@ class TaskSignal:
         forever. A ``None`` start keeps the curve unread, also across later checkpoints; the training loss gates.
         """
         self.probe = [None]
+        self.probe_points = []
 
-    def close_interval(self, probe_loss: float | None = None) -> float | None:
-        """At a measurement: keep the probe's loss; the mean training loss since the last one (``None``: none)."""
+    def close_interval(self, probe_loss: float | None = None, point: int | None = None) -> float | None:
+        """At a measurement: keep the probe's loss; the mean training loss since the last one (``None``: none).
+
+        ``point``: the measurement's epoch or step, where both values are placed (without points, the measurements
+        are read as evenly spaced).
+        """
         self.probe.append(probe_loss if probe_loss is not None and math.isfinite(probe_loss) else None)
+        if point is not None:
+            self.probe_points.append(int(point))
         total, count = float(self._sum), float(self._count)
         self._sum, self._count = 0.0, 0.0
         if self.start is None and self._first:  # a first interval shorter than START_BATCHES
             self.start = sum(self._first) / len(self._first)
+        opened_at, self._last_point = self._last_point, None if point is None else int(point)
         if count == 0:
             return None
+        if not self.levels:
+            self.start_point = 0 if opened_at is None else opened_at  # a first interval opens where training began
         self.levels.append(total / count)
+        if point is not None:
+            self.level_points.append(int(point))
         return self.levels[-1]
+
+    def probe_positions(self) -> list[int] | None:
+        """The point of each :attr:`probe` entry, or ``None`` when they are not all known (read evenly spaced)."""
+        return list(self.probe_points) if len(self.probe_points) == len(self.probe) else None
+
+    def level_positions(self) -> list[int] | None:
+        """The start's point, then each :attr:`levels` entry's, or ``None`` when not all are known."""
+        if self.start_point is None or len(self.level_points) != len(self.levels):
+            return None
+        return [self.start_point, *self.level_points]
 
     @property
     def seen(self) -> bool:
@@ -93,7 +122,16 @@ class TaskSignal:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values: the starting level, the interval means, the first batches' losses."""
-        return {"start": self.start, "levels": list(self.levels), "first": list(self._first), "probe": list(self.probe)}
+        return {
+            "start": self.start,
+            "levels": list(self.levels),
+            "first": list(self._first),
+            "probe": list(self.probe),
+            "probe_points": list(self.probe_points),
+            "level_points": list(self.level_points),
+            "start_point": self.start_point,
+            "last_point": self._last_point,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (missing entries: nothing seen yet); a malformed entry raises ``ValueError``."""
@@ -107,6 +145,16 @@ class TaskSignal:
             None if value is None else _finite(value, "task.probe")
             for value in _listed(state.get("probe", []), "task.probe")
         ]
+        self.probe_points = [
+            _point(value, "task.probe_points") for value in _listed(state.get("probe_points", []), "task.probe_points")
+        ]
+        self.level_points = [
+            _point(value, "task.level_points") for value in _listed(state.get("level_points", []), "task.level_points")
+        ]
+        self.start_point = (
+            None if state.get("start_point") is None else _point(state["start_point"], "task.start_point")
+        )
+        self._last_point = None if state.get("last_point") is None else _point(state["last_point"], "task.last_point")
         self._sum, self._count = 0.0, 0.0
 
 
@@ -114,6 +162,13 @@ def _listed(value: Any, field: str) -> list[Any]:
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"the checkpoint's {field} must be a list of numbers, got {type(value).__name__}")
     return list(value)
+
+
+def _point(value: Any, field: str) -> int:
+    """``value`` as an epoch or step (a non-negative int), or a ``ValueError`` naming the checkpoint field."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"the checkpoint's {field} must hold epochs or steps (integers >= 0), got {value!r}")
+    return value
 
 
 def _finite(value: Any, field: str) -> float:
@@ -219,7 +274,7 @@ class TaskGate:
 
     def verdict(self, signal: TaskSignal, lag_fraction: float) -> TaskVerdict:
         """Whether ``signal``'s losses allow freezing now, and whether the task has plateaued."""
-        readings = self._readings(signal.start, signal.levels, signal.probe, lag_fraction)
+        readings = self._readings(signal, 0, lag_fraction)
         if not readings:
             if self.wait_without_loss:
                 return TaskVerdict(False, False, "no loss read yet (training or probe)")
@@ -244,29 +299,45 @@ class TaskGate:
 
     def _flat_at(self, signal: TaskSignal, back: int, name: str, lag_fraction: float) -> bool:
         """Whether the curve ``name`` read flat ``back`` measurements ago (recent pace low, near its best)."""
-        levels = signal.levels[: len(signal.levels) - back]
-        probe = signal.probe[: len(signal.probe) - back]
-        readings = self._readings(signal.start, levels, probe, lag_fraction)
+        readings = self._readings(signal, back, lag_fraction)
         if not readings or readings[0].name != name or readings[0].pace is None or readings[0].lag < self.min_window:
             return False
         return readings[0].pace < self.flat_below and readings[0].above_best() <= self.near_best
 
     @staticmethod
-    def _readings(
-        start: float | None, levels: Sequence[float], probe: Sequence[float | None], lag_fraction: float
-    ) -> list[CurveReading]:
-        """The probe's loss curve (first, when there is one) and the training loss's, as read now."""
+    def _readings(signal: TaskSignal, back: int, lag_fraction: float) -> list[CurveReading]:
+        """The probe's loss curve (first, when there is one) and the training loss's, read ``back`` measurements ago.
+
+        ``back = 0``: now. Each curve's pace is read over the epochs or steps its values were taken at, when known.
+        """
+        levels, probe = signal.levels[: len(signal.levels) - back], signal.probe[: len(signal.probe) - back]
+        probe_at, levels_at = signal.probe_positions(), signal.level_positions()
         found = (
-            read_curve("probe loss", probe[0] if probe else None, probe[1:], lag_fraction),
-            read_curve("training loss", start, levels, lag_fraction),
-        )
+            read_curve(
+                "probe loss", probe[0] if probe else None, probe[1:], lag_fraction,
+                None if probe_at is None else probe_at[: len(probe)],
+            ),
+            read_curve(
+                "training loss", signal.start, levels, lag_fraction,
+                None if levels_at is None else levels_at[: len(levels) + 1],
+            ),
+        )  # fmt: skip
         return [reading for reading in found if reading is not None]
 
 
 def read_curve(
-    name: str, start: float | None, values: Sequence[float | None], lag_fraction: float
+    name: str,
+    start: float | None,
+    values: Sequence[float | None],
+    lag_fraction: float,
+    positions: Sequence[int] | None = None,
 ) -> CurveReading | None:
-    """A loss curve's progress, pace and best value, as :class:`TaskGate` reads it (``None`` without a value)."""
+    """A loss curve's progress, pace and best value, as :class:`TaskGate` reads it (``None`` without a value).
+
+    ``positions``: the epoch or step of the start and of each value (``len(values) + 1`` of them); the pace's
+    ``t / lag`` is then the ratio of the spans since the start and since the lagged value, which it equals when
+    measurements are evenly spaced (``None``: evenly spaced).
+    """
     if start is None or not values or values[-1] is None:
         return None
     now, t = values[-1], len(values)
@@ -277,5 +348,8 @@ def read_curve(
     if before is None or start == now:
         return CurveReading(name, start, now, best, progress, None, lag)
     scale = math.log if start > 0 and now > 0 and before > 0 else float
-    pace = (scale(before) - scale(now)) / (scale(start) - scale(now)) * (t / lag)
+    ratio = t / lag
+    if positions is not None and len(positions) == t + 1 and positions[t] > positions[t - lag]:
+        ratio = (positions[t] - positions[0]) / (positions[t] - positions[t - lag])
+    pace = (scale(before) - scale(now)) / (scale(start) - scale(now)) * ratio
     return CurveReading(name, start, now, best, progress, pace, lag)

@@ -135,17 +135,21 @@ class FreezingCoordinator:
         measurement: int | None = None,
         *,
         probe_loss: float | None = None,
+        span: tuple[int, int] | None = None,
+        point: int | None = None,
     ) -> None:
         """Decide on rank zero from this measurement's ``rows``, broadcast, and freeze on every process alike.
 
         ``measurement``: measurements since the first (what the ``Movement`` rule's lag grows with; default
-        ``epoch``). ``probe_loss``: the probe's own loss at this measurement, for the task gate.
+        ``epoch``). ``probe_loss``: the probe's own loss at this measurement, for the task gate. ``span``: the
+        epochs (or steps) since the first snapshot and since the rule's lagged one (its pace is read over them).
+        ``point``: this measurement's epoch (or step), where the task's losses are placed (default ``epoch``).
         """
         assert self.policy is not None and self.prefix is not None
-        self.task.close_interval(probe_loss)
+        self.task.close_interval(probe_loss, epoch if point is None else point)
         decisions: list[FreezeDecision] = []
         if self.runtime.is_global_zero:
-            decisions = self._decide(rows, epoch, layers, measurement)
+            decisions = self._decide(rows, epoch, layers, measurement, span)
         decisions, self.streaks = self.runtime.broadcast((decisions, self.streaks))
         if decisions and self._fit_ends_at(epoch, step):
             self._hold_at_the_end(decisions, epoch)
@@ -179,7 +183,12 @@ class FreezingCoordinator:
         ]
 
     def _decide(
-        self, rows: Sequence[Mapping[str, Any]], epoch: int, layers: Sequence[str], measurement: int | None
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        epoch: int,
+        layers: Sequence[str],
+        measurement: int | None,
+        span: tuple[int, int] | None = None,
     ) -> list[FreezeDecision]:
         """The policy's decisions from the lag reference's, the initial and the baseline's values (keeps streaks)."""
         policy = self.policy
@@ -197,6 +206,7 @@ class FreezingCoordinator:
             initial=values_of(rows, "initial", policy.metric),
             baselines=values_of(rows, "baseline", policy.metric),
             measurement=measurement,
+            span=span,
             max_epochs=self.runtime.max_epochs,
             lag_in_measurements=self.lag_in_measurements,
             idle=idle,

@@ -383,7 +383,12 @@ class SVCCAMonitor:
         """Freeze the layers the policy finds converged (unless ``decide`` is off); the ``frozen`` rows."""
         if decide and self.config.freeze is not None:
             measurement = len(self.timeline) - 1
-            self.freezing.freeze_converged(rows, epoch, step, self.layers, measurement, probe_loss=probe_loss)
+            lagged = self.config.freeze.rule.lagged
+            point = step if self.by_step else epoch
+            span = self.timeline.span_by_fraction(point, lagged.fraction) if lagged and lagged.fraction else None
+            self.freezing.freeze_converged(
+                rows, epoch, step, self.layers, measurement, probe_loss=probe_loss, span=span, point=point
+            )
         return self.freezing.frozen_rows(epoch, step, self.layers)
 
     def _compare_with_final(self) -> list[dict[str, Any]]:

@@ -42,6 +42,7 @@ def test_movement_reads_its_pace_over_the_epochs_when_measurements_are_unevenly_
     measured = {"similarities": {"a": 1 - 4 * c}, "initial": {"a": 1 - 36 * c}}
     uneven = Movement().readiness(Evidence(6, ["a"], measurement=4, span=span, **measured), {})
     assert uneven.ready == {} and uneven.notes["a"].startswith("relative movement 1.000 >= 0.75")
+    assert "over the last 2 measurement(s) (2 of 6 epochs)" in uneven.notes["a"]
     counted = Movement().readiness(Evidence(6, ["a"], measurement=4, **measured), {})
     assert counted.ready["a"].startswith("relative movement 0.444 < 0.75")
     assert relative_movement(1 - 4 * c, 1 - 36 * c, 4, 0.5, (4, 2)) == relative_movement(1 - 4 * c, 1 - 36 * c, 4, 0.5)
@@ -71,6 +72,14 @@ def test_the_monitor_gives_the_rule_and_the_gate_the_epochs_it_measured_at(monke
     assert monitor.freezing.task.probe_positions() == [0, 2, 4, 5, 6]
     assert monitor.freezing.task.level_positions() == [0, 2, 4, 5, 6]
     monitor.close()
+    # by steps, as the adapters measure with every_n_train_steps=20 and 24 steps an epoch (the epoch ends too)
+    seen.clear()
+    by_step = SVCCAMonitor(model, probe=probe, layers=["1", "3"], freeze=FreezePolicy(), every_n_train_steps=20)
+    by_step.start()
+    for step in (20, 24, 40, 48):
+        by_step.measure(epoch=step // 24, step=step, loss=1.0 / (1 + step))
+    assert [e.span for e in seen] == [None, (20, 20), (24, 4), (40, 20), (48, 24)]  # counts read 1, 2, 1.5, 2
+    by_step.close()
 
 
 def test_movement_waits_for_patience_and_its_window_follows_lag_fraction():

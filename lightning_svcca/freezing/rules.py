@@ -68,6 +68,14 @@ def relative_movement(
     return max(0.0, 1.0 - recent) / (1.0 - total) * ratio**2
 
 
+def _span_words(evidence: Evidence) -> str:
+    """`` (4 of 24 steps)``: the recent window and the time since the first snapshot, when they are known."""
+    if evidence.span is None:
+        return ""
+    unit = "steps" if evidence.lag_in_measurements else "epochs"
+    return f" ({evidence.span[1]:g} of {evidence.span[0]:g} {unit})"
+
+
 @dataclass(frozen=True)
 class Evidence:
     """One measurement, as a freeze rule reads it.
@@ -242,8 +250,8 @@ class Movement(FreezeRule):
                 streak = f" for {counts[layer]} measurement(s)" if converged else ""
                 reason = (
                     f"relative movement {rho:.3f} {'<' if converged else '>='} {self.threshold}{streak}"
-                    f" (1 - {evidence.metric}: {1.0 - recent[layer]:.2e} over the last {lag} measurement(s),"
-                    f" {1.0 - initial[layer]:.2e} since the start)"
+                    f" (1 - {evidence.metric}: {1.0 - recent[layer]:.2e} over the last {lag} measurement(s)"
+                    f"{_span_words(evidence)}, {1.0 - initial[layer]:.2e} since the start)"
                 )
             else:  # not measured, too little movement yet to tell a pace from noise, or t <= lag: the lagged
                 # snapshot is the first, so rho = 1 by definition and says nothing (a threshold above 1 would

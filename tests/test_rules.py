@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_svcca import Convergence, FreezePolicy, LinearSchedule, Movement, Schedule, SVCCAMonitor
-from lightning_svcca.core.timeline import Timeline
+from lightning_svcca.core.timeline import Timeline, fraction_lag
 from lightning_svcca.freezing import Evidence
 from lightning_svcca.freezing.rules import LaggedSnapshot, relative_movement
 from lightning_svcca.freezing.task_signal import TaskVerdict
@@ -30,27 +30,41 @@ def test_movement_reads_the_pace_and_notes_the_layers_still_moving():
 
 
 def test_movement_reads_its_pace_over_the_epochs_when_measurements_are_unevenly_spaced():
-    """Measured at epochs 0, 2, 4, 5, 6: at 6 (t = 4, lag 2) the lagged snapshot is epoch 4's. A layer moving at a
-    steady speed has 1 - s = c * (elapsed epochs)**2: 4c lately, 36c in all, rho = (4 / 36) * (6 / 2)**2 = 1;
-    counting measurements (4 / 2) read 0.444 and would have frozen it while it moved."""
+    """Measured at epochs 0, 2, 4, 5, 6: at 6 the lagged snapshot is the latest at least half the run back, epoch 2's
+    (3 measurements back). A layer moving at a steady speed has 1 - s = c * (elapsed epochs)**2: 16c lately, 36c in
+    all, rho = (16 / 36) * (6 / 4)**2 = 1. Counting measurements (lag 2: epoch 4's snapshot, t / lag = 2) read
+    (4 / 36) * 2**2 = 0.444 and would have frozen it while it moved."""
     timeline = Timeline()
     for epoch in (0, 2, 4, 5, 6):
         timeline.add(epoch, epoch=epoch, step=10 * epoch)
+    assert timeline.lagged_by_fraction(6, 0.5) == 2 and timeline.lag_by_fraction(6, 0.5) == 3
     span = timeline.span_by_fraction(6, 0.5)
-    assert span == (6, 2) and timeline.lagged_by_fraction(6, 0.5) == 4
+    assert span == (6, 4)
     c = 1e-4
-    measured = {"similarities": {"a": 1 - 4 * c}, "initial": {"a": 1 - 36 * c}}
-    uneven = Movement().readiness(Evidence(6, ["a"], measurement=4, span=span, **measured), {})
+    uneven = Movement().readiness(
+        Evidence(6, ["a"], similarities={"a": 1 - 16 * c}, initial={"a": 1 - 36 * c}, measurement=4, span=span, lag=3),
+        {},
+    )
     assert uneven.ready == {} and uneven.notes["a"].startswith("relative movement 1.000 >= 0.75")
-    assert "over the last 2 measurement(s) (2 of 6 epochs)" in uneven.notes["a"]
-    counted = Movement().readiness(Evidence(6, ["a"], measurement=4, **measured), {})
+    assert "over the last 3 measurement(s) (4 of 6 epochs)" in uneven.notes["a"]
+    counted = Movement().readiness(
+        Evidence(6, ["a"], similarities={"a": 1 - 4 * c}, initial={"a": 1 - 36 * c}, measurement=4), {}
+    )
     assert counted.ready["a"].startswith("relative movement 0.444 < 0.75")
+    # evenly spaced, the time-based window is the counted one: lag = ceil(t / 2) measurements, span ratio t / lag
+    even = Timeline()
+    for epoch in range(8):
+        even.add(epoch, epoch=epoch, step=epoch)
+    for t in range(1, 8):
+        assert even.lag_by_fraction(t, 0.5) == fraction_lag(t, 0.5) == (t + 1) // 2
+        assert even.lag_by_fraction(t, 0.25) == fraction_lag(t, 0.25)
+        assert even.span_by_fraction(t, 0.5) == (t, fraction_lag(t, 0.5))
     assert relative_movement(1 - 4 * c, 1 - 36 * c, 4, 0.5, (4, 2)) == relative_movement(1 - 4 * c, 1 - 36 * c, 4, 0.5)
 
 
 def test_the_monitor_gives_the_rule_and_the_gate_the_epochs_it_measured_at(monkeypatch):
     """A run measured at epochs 0, 2, 4, 5, 6 (every 2 epochs, then every epoch after a resume): the rule reads the
-    span (6, 2) at epoch 6, and the task's losses are placed at their epochs."""
+    span (6, 4) at epoch 6, 3 measurements back, and the task's losses are placed at their epochs."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
     probe = torch.randn(200, 8)
@@ -68,7 +82,7 @@ def test_the_monitor_gives_the_rule_and_the_gate_the_epochs_it_measured_at(monke
         with torch.no_grad():
             model[0].weight.add_(0.05 * torch.randn_like(model[0].weight))
         monitor.measure(epoch=epoch, step=10 * epoch, loss=1.0 / (1 + epoch))
-    assert [e.span for e in seen] == [None, (2, 2), (4, 2), (5, 3), (6, 2)]  # lags of 1, 1, 2, 2 measurements
+    assert [(e.span, e.lag) for e in seen] == [(None, None), ((2, 2), 1), ((4, 2), 1), ((5, 3), 2), ((6, 4), 3)]
     assert monitor.freezing.task.probe_positions() == [0, 2, 4, 5, 6]
     assert monitor.freezing.task.level_positions() == [0, 2, 4, 5, 6]
     monitor.close()
@@ -78,7 +92,9 @@ def test_the_monitor_gives_the_rule_and_the_gate_the_epochs_it_measured_at(monke
     by_step.start()
     for step in (20, 24, 40, 48):
         by_step.measure(epoch=step // 24, step=step, loss=1.0 / (1 + step))
-    assert [e.span for e in seen] == [None, (20, 20), (24, 4), (40, 20), (48, 24)]  # counts read 1, 2, 1.5, 2
+    # at step 24 the window reaches back to step 0 (half the run is 12 steps): not judged, where counting read
+    # 4 steps as half the run
+    assert [e.span for e in seen] == [None, (20, 20), (24, 24), (40, 20), (48, 24)]
     by_step.close()
 
 

@@ -136,6 +136,31 @@ def test_tensors_are_read_once_per_measurement_and_non_finite_losses_are_left_ou
     assert signal.close_interval() is None  # nothing since
 
 
+def test_the_label_prior_is_the_entropy_of_the_probe_labels_and_progress_is_read_from_it():
+    from scipy.stats import entropy
+
+    from lightning_svcca.pipeline.probe import build_probe
+    from lightning_svcca.pipeline.probe_loss import label_entropy
+
+    labels = torch.tensor([0] * 83 + [1] * 17)
+    probe = build_probe({"input_ids": torch.zeros(100, 4, dtype=torch.long), "labels": labels}, 100)
+    assert label_entropy(probe) == pytest.approx(entropy([83, 17]))  # scipy normalises the counts
+    tokens = torch.tensor([[5, 5, 7, -100], [7, 9, -100, -100]])  # language-model labels: -100 ignored
+    batch = build_probe({"input_ids": tokens.clamp_min(0), "labels": tokens}, 2)
+    assert label_entropy(batch) == pytest.approx(entropy([2, 2, 1]))
+    assert label_entropy(build_probe(torch.randn(8, 3), 8)) is None  # no labels
+    assert label_entropy(build_probe((torch.randn(8, 3), torch.rand(8)), 8)) is None  # float targets: regression
+    # a loss that fell from its start (0.68) to the class frequencies' entropy (0.46) has made no progress
+    signal = TaskSignal()
+    signal.load_state_dict({"probe": [0.68, 0.47, 0.45, 0.44], "start": 0.65, "levels": [0.5, 0.45, 0.44]})
+    signal.prior = float(entropy([83, 17]))
+    verdict = TaskGate().verdict(signal, 0.5)
+    assert (
+        not verdict.allows and "probe loss 0.44 (3% below the labels' entropy 0.4559, its start 0.68" in verdict.reason
+    )
+    assert TaskGate(label_prior=False).verdict(signal, 0.5).allows  # 35% below its start
+
+
 def test_bad_gate_settings_name_the_setting():
     with pytest.raises(ValueError, match="min_progress"):
         TaskGate(min_progress=1.5)
@@ -233,6 +258,37 @@ def test_a_loss_plateau_before_learning_freezes_nothing_until_the_loss_leaves_it
     assert abs(gated - baseline) <= 0.003, (gated, baseline, frozen)
     waits = [record.getMessage() for record in caplog.records if "freezing waits" in record.getMessage()]
     assert any("no task progress yet" in line for line in waits), waits
+
+
+@pytest.mark.slow
+def test_a_loss_at_the_class_frequencies_entropy_is_no_progress(tmp_path, caplog):
+    """``benchmarks/freeze_label_prior.py``, seed 0: the loss falls from its start to the entropy of the class
+    frequencies at once and stays there for a hundred steps. Read from its start, that was 36% progress and a
+    plateau, and every layer froze on it; read from the labels' entropy, nothing freezes before the task is learnt."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "freeze_label_prior.py"
+    spec = importlib.util.spec_from_file_location("freeze_label_prior", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["freeze_label_prior"] = bench  # its dataclass looks its module up there
+    spec.loader.exec_module(bench)
+
+    baseline = bench.fit(tmp_path / "baseline", None, callback=False)
+    learnt = bench.learnt_at(baseline.curve, bench.label_prior())
+    assert learnt is not None and learnt >= 100, "the task must sit at the class frequencies for a while"
+
+    from_start = bench.fit(tmp_path / "from-start", FreezePolicy(task=TaskGate(label_prior=False)))
+    assert from_start.frozen_at and max(from_start.frozen_at.values()) < learnt  # frozen before the task was learnt
+    assert from_start.accuracy < baseline.accuracy - 0.05
+
+    with caplog.at_level(logging.INFO, logger="lightning_svcca"):
+        gated = bench.fit(tmp_path / "gated", FreezePolicy())
+    assert min(gated.frozen_at.values(), default=math.inf) >= learnt
+    assert abs(gated.accuracy - baseline.accuracy) <= 0.003, (gated, baseline)
+    waits = [record.getMessage() for record in caplog.records if "freezing waits" in record.getMessage()]
+    assert any("no task progress yet" in line and "the labels' entropy" in line for line in waits), waits
 
 
 def test_a_plain_loop_reports_its_loss_and_the_gate_says_why_it_waits(caplog):

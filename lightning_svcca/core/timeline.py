@@ -20,13 +20,24 @@ __all__ = ["Timeline", "evenly_spaced", "fraction_lag"]
 T = TypeVar("T")
 
 
-def fraction_lag(measurement: int, fraction: float) -> int:
-    """A lag that grows with the run: ``max(1, floor(fraction * measurement + 1/2))`` measurements.
+#: Slack on comparisons of fractions of the run: ``0.1 * 30`` is ``3.0000000000000004`` in floating point.
+_SLACK = 1e-9
 
-    ``measurement`` counts the measurements since the first. For ``fraction <= 1`` the lagged measurement
-    ``measurement - lag`` never moves back as the run goes on, so snapshots it has passed are never needed again.
+
+def fraction_lag(measurement: int, fraction: float) -> int:
+    """A lag that grows with the run: ``max(1, ceil(fraction * measurement))`` measurements.
+
+    ``measurement`` counts the measurements since the first; the window spans at least ``fraction`` of them (at the
+    default ``fraction = 0.5`` this is ``floor(measurement / 2 + 1/2)``). It is :meth:`Timeline.lagged_by_fraction`'s
+    lag when measurements are evenly spaced. For ``fraction <= 1`` the lagged measurement ``measurement - lag``
+    never moves back as the run goes on, so snapshots it has passed are never needed again.
     """
-    return max(1, math.floor(fraction * measurement + 0.5))
+    return max(1, math.ceil(fraction * measurement - _SLACK))
+
+
+def fraction_target(point: int, origin: int, fraction: float) -> float:
+    """The point ``fraction`` of the way back from ``point`` to ``origin``: a lagged point lies at or before it."""
+    return point - fraction * (point - origin) + _SLACK * max(1, point - origin)
 
 
 def evenly_spaced(items: Sequence[T], most: int) -> list[T]:
@@ -57,7 +68,7 @@ class Timeline:
         >>> timeline.add(2, epoch=2, step=20)
         >>> timeline.previous(3), timeline.lagged(3, 2), timeline.at(2)
         (2, 1, (2, 20))
-        >>> timeline.lagged_by_fraction(3, 0.25)  # 2 measurements before 3: lag max(1, floor(0.5 + 0.5)) = 1
+        >>> timeline.lagged_by_fraction(3, 0.25)  # the latest point at least 3 / 4 epochs back (at or before 2.25)
         2
         >>> timeline.span_by_fraction(3, 0.25)  # 3 epochs since the first point, 1 since the lagged one
         (3, 1)
@@ -120,11 +131,23 @@ class Timeline:
         return earlier[-lag] if len(earlier) >= lag else None
 
     def lagged_by_fraction(self, point: int, fraction: float) -> int | None:
-        """The measured point :func:`fraction_lag` measurements back from ``point``; ``None`` before any."""
+        """The latest measured point at least ``fraction`` of the run back from ``point``; ``None`` before any.
+
+        The run is measured in points (epochs or steps) from the first measured one, so the recent window spans at
+        least ``fraction`` of the time whatever the spacing: with every_n_train_steps the callbacks also measure at
+        epoch ends, and a point 4 steps back would otherwise count as a whole measurement. Evenly spaced, this is
+        :func:`fraction_lag` measurements back.
+        """
         earlier = self.before(point)
         if not earlier:
             return None
-        return earlier[len(earlier) - fraction_lag(len(earlier), fraction)]
+        target = fraction_target(point, earlier[0], fraction)
+        return max(p for p in earlier if p <= target)
+
+    def lag_by_fraction(self, point: int, fraction: float) -> int | None:
+        """How many measurements back :meth:`lagged_by_fraction` lies (``None`` before any)."""
+        lagged = self.lagged_by_fraction(point, fraction)
+        return None if lagged is None else sum(1 for p in self.measured if lagged <= p < point)
 
     def span_by_fraction(self, point: int, fraction: float) -> tuple[int, int] | None:
         """How far back the first measured point and the :meth:`lagged_by_fraction` one lie, in epochs or steps.
@@ -141,9 +164,17 @@ class Timeline:
         return point - first, point - lagged
 
     def reachable_by_fraction(self, point: int, fraction: float) -> set[int]:
-        """The measured points a fraction lag can still reach from the measurement after ``point`` on."""
-        upcoming = len(self.before(point)) + 1  # the next measurement's count since the first
-        return set(self.measured[upcoming - fraction_lag(upcoming, fraction) :])
+        """The measured points a fraction lag can still reach from the measurement after ``point`` on.
+
+        A later point's target (:func:`fraction_target`) is never earlier than ``point``'s, so the latest measured
+        point at or before ``point``'s target, and every one after it, are all that can still be lagged points.
+        """
+        if not self.measured:
+            return set()
+        target = fraction_target(point, self.measured[0], fraction)
+        reachable = [p for p in self.measured if p <= target]
+        start = reachable[-1] if reachable else self.measured[0]
+        return {p for p in self.measured if p >= start}
 
     def recent(self, point: int, horizon: int) -> set[int]:
         """The measured points a lag of at most ``horizon`` can still reach from ``point`` on (``point`` included)."""

@@ -90,6 +90,8 @@ class Evidence:
         measurement: measurements since the first (``None``: ``epoch``), what :class:`Movement`'s lag grows with.
         span: the time (epochs, or steps) since the first snapshot and since the lagged one, which
             :class:`Movement` reads its pace over (``None``: measurements evenly spaced, ``t / lag``).
+        lag: how many measurements back the lagged snapshot lies (``None``: :func:`fraction_lag` of ``t``, as
+            when measurements are evenly spaced).
         max_epochs: the fit's ``max_epochs`` (:class:`LinearSchedule`).
         lag_in_measurements: lags count measurements (measuring every k steps), not epochs: how a reason names
             the snapshot compared with.
@@ -107,6 +109,7 @@ class Evidence:
     baselines: Mapping[str, float] = field(default_factory=dict)
     measurement: int | None = None
     span: tuple[float, float] | None = None
+    lag: int | None = None
     max_epochs: int | None = None
     lag_in_measurements: bool = False
     idle: Collection[str] = ()
@@ -236,7 +239,7 @@ class Movement(FreezeRule):
         """Layers whose relative movement stayed below ``threshold`` for ``patience`` measurements, with the reason."""
         t = evidence.epoch if evidence.measurement is None else evidence.measurement
         recent, initial, idle = evidence.similarities, evidence.initial, set(evidence.idle)
-        lag = fraction_lag(t, self.lag_fraction)
+        lag = fraction_lag(t, self.lag_fraction) if evidence.lag is None else evidence.lag
         result = Readiness(streaks=dict(streaks))
         counts = result.streaks
         for layer in evidence.unfrozen():

@@ -29,6 +29,7 @@ from lightning_svcca.freezing.task_signal import TaskSignal, TaskVerdict
 from lightning_svcca.monitoring.config import MonitorConfig
 from lightning_svcca.monitoring.runtime import Runtime
 from lightning_svcca.pipeline.capture import Capture, WarnFn
+from lightning_svcca.pipeline.probe_loss import label_entropy
 from lightning_svcca.pipeline.recording import ActivationRecorder
 from lightning_svcca.pipeline.snapshot import Snapshot
 from lightning_svcca.pipeline.store import SnapshotStore
@@ -81,7 +82,11 @@ class FreezingCoordinator:
         self._warn_if_too_short(config.every_n_epochs)
 
     def attach(self, capture: Capture) -> None:
-        """Take the run's probe passes: from now on :meth:`probe_pass` may reuse the frozen prefix."""
+        """Take the run's probe passes: from now on :meth:`probe_pass` may reuse the frozen prefix.
+
+        The probe's labels also set the level its loss must fall below to count as progress (their entropy).
+        """
+        self.task.prior = label_entropy(capture.probe)
         self.prefix = FrozenPrefix(
             capture,
             self.store,
@@ -136,20 +141,22 @@ class FreezingCoordinator:
         *,
         probe_loss: float | None = None,
         span: tuple[int, int] | None = None,
+        lag: int | None = None,
         point: int | None = None,
     ) -> None:
         """Decide on rank zero from this measurement's ``rows``, broadcast, and freeze on every process alike.
 
         ``measurement``: measurements since the first (what the ``Movement`` rule's lag grows with; default
         ``epoch``). ``probe_loss``: the probe's own loss at this measurement, for the task gate. ``span``: the
-        epochs (or steps) since the first snapshot and since the rule's lagged one (its pace is read over them).
+        epochs (or steps) since the first snapshot and since the rule's lagged one (its pace is read over them);
+        ``lag``: how many measurements back the lagged one lies.
         ``point``: this measurement's epoch (or step), where the task's losses are placed (default ``epoch``).
         """
         assert self.policy is not None and self.prefix is not None
         self.task.close_interval(probe_loss, epoch if point is None else point)
         decisions: list[FreezeDecision] = []
         if self.runtime.is_global_zero:
-            decisions = self._decide(rows, epoch, layers, measurement, span)
+            decisions = self._decide(rows, epoch, layers, measurement, span, lag)
         decisions, self.streaks = self.runtime.broadcast((decisions, self.streaks))
         if decisions and self._fit_ends_at(epoch, step):
             self._hold_at_the_end(decisions, epoch)
@@ -189,6 +196,7 @@ class FreezingCoordinator:
         layers: Sequence[str],
         measurement: int | None,
         span: tuple[int, int] | None = None,
+        lag: int | None = None,
     ) -> list[FreezeDecision]:
         """The policy's decisions from the lag reference's, the initial and the baseline's values (keeps streaks)."""
         policy = self.policy
@@ -207,6 +215,7 @@ class FreezingCoordinator:
             baselines=values_of(rows, "baseline", policy.metric),
             measurement=measurement,
             span=span,
+            lag=lag,
             max_epochs=self.runtime.max_epochs,
             lag_in_measurements=self.lag_in_measurements,
             idle=idle,

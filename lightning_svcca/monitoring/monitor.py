@@ -385,9 +385,12 @@ class SVCCAMonitor:
             measurement = len(self.timeline) - 1
             lagged = self.config.freeze.rule.lagged
             point = step if self.by_step else epoch
-            span = self.timeline.span_by_fraction(point, lagged.fraction) if lagged and lagged.fraction else None
+            span = lag = None
+            if lagged is not None and lagged.fraction:  # the window the rule reads, in epochs (steps) and measurements
+                span = self.timeline.span_by_fraction(point, lagged.fraction)
+                lag = self.timeline.lag_by_fraction(point, lagged.fraction)
             self.freezing.freeze_converged(
-                rows, epoch, step, self.layers, measurement, probe_loss=probe_loss, span=span, point=point
+                rows, epoch, step, self.layers, measurement, probe_loss=probe_loss, span=span, lag=lag, point=point
             )
         return self.freezing.frozen_rows(epoch, step, self.layers)
 

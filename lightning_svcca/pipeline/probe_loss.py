@@ -19,7 +19,7 @@ from torch.nn import functional
 
 from lightning_svcca.pipeline.probe import Probe
 
-__all__ = ["ProbeLoss", "chunk_loss", "labels_of"]
+__all__ = ["ProbeLoss", "chunk_loss", "label_entropy", "labels_of"]
 
 
 def labels_of(chunk: Any, probe: Probe) -> Tensor | None:
@@ -33,6 +33,24 @@ def labels_of(chunk: Any, probe: Probe) -> Tensor | None:
     if isinstance(labels, Tensor) and not labels.is_floating_point() and not labels.is_complex():
         return labels
     return None
+
+
+def label_entropy(probe: Probe) -> float | None:
+    """The cross-entropy of predicting the probe's labels from their frequencies alone (nats), or ``None``.
+
+    A classifier that has learnt only how often each class occurs scores this; one that reads its inputs scores
+    below it (for token labels, the unigram entropy: a language model that knows only word frequencies). ``-100``
+    is ignored, as in the losses; ``None`` without integer labels.
+    """
+    labels = labels_of(probe.batch, probe)
+    if labels is None:
+        return None
+    labels = labels[labels != -100]
+    if labels.numel() == 0 or bool((labels < 0).any()):
+        return None
+    counts = torch.bincount(labels.reshape(-1).long()).double()
+    shares = counts[counts > 0] / counts.sum()
+    return float(-(shares * shares.log()).sum())
 
 
 def chunk_loss(output: Any, labels: Tensor | None) -> float | None:

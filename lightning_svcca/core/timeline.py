@@ -166,12 +166,13 @@ class Timeline:
     def reachable_by_fraction(self, point: int, fraction: float) -> set[int]:
         """The measured points a fraction lag can still reach from the measurement after ``point`` on.
 
-        A later point's target (:func:`fraction_target`) is never earlier than ``point``'s, so the latest measured
-        point at or before ``point``'s target, and every one after it, are all that can still be lagged points.
+        A later point is at least ``point + 1`` (epochs and steps are integers) and its target
+        (:func:`fraction_target`) is never earlier than that of ``point + 1``, so the latest measured point at or
+        before that target, and every one after it, are all that can still be lagged points.
         """
         if not self.measured:
             return set()
-        target = fraction_target(point, self.measured[0], fraction)
+        target = fraction_target(point + 1, self.measured[0], fraction)
         reachable = [p for p in self.measured if p <= target]
         start = reachable[-1] if reachable else self.measured[0]
         return {p for p in self.measured if p >= start}

@@ -49,7 +49,9 @@ def label_prior() -> float:
     return float(entropy(torch.bincount(y[TRAIN:PROBE_END]).numpy()))
 
 
-class _Sequences(Dataset):
+class LabelledSequences(Dataset):
+    """``(x, y)`` as the dicts a HuggingFace sequence classifier takes: ``{"input_ids": x, "labels": y}``."""
+
     def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.x, self.y = x, y
 
@@ -100,7 +102,7 @@ def fit(root: Path, policy: FreezePolicy | None, seed: int = 0, callback: bool =
         data_seed=seed,
     )  # fmt: skip
     trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=_Sequences(x[:TRAIN], y[:TRAIN]), callbacks=callbacks
+        model=model, args=args, train_dataset=LabelledSequences(x[:TRAIN], y[:TRAIN]), callbacks=callbacks
     )
     trainer.remove_callback(transformers.PrinterCallback)  # its end-of-fit metrics dict, between the table's lines
     trainer.train()

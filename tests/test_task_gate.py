@@ -8,9 +8,13 @@ leaves the plateau.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import re
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -20,6 +24,21 @@ from lightning_svcca import FreezePolicy, SVCCAMonitor
 from lightning_svcca.freezing.task_signal import TaskGate, TaskSignal
 
 transformers = pytest.importorskip("transformers")
+
+
+def _benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module (registered: its dataclasses look their module up)."""
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+#: The label-prior benchmark: its imbalanced task and fit, and the dataset both HF Trainer tests here use.
+BENCH = _benchmark("freeze_label_prior")
 
 VOCAB, LENGTH, KEYWORD = 64, 32, 4
 
@@ -184,17 +203,6 @@ def _keyword_task(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-class _Sequences(torch.utils.data.Dataset):
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.x[index], "labels": self.y[index]}
-
-
 def _bert() -> nn.Module:
     torch.manual_seed(0)
     config = transformers.BertConfig(
@@ -229,7 +237,7 @@ def _fit_keyword_bert(tmp_path, policy: FreezePolicy | None) -> tuple[float, dic
         disable_tqdm=True, seed=0, data_seed=0,
     )  # fmt: skip
     transformers.Trainer(
-        model=model, args=args, train_dataset=_Sequences(x[:2048], y[:2048]), callbacks=callbacks
+        model=model, args=args, train_dataset=BENCH.LabelledSequences(x[:2048], y[:2048]), callbacks=callbacks
     ).train()
     model.eval()
     with torch.no_grad():
@@ -265,26 +273,16 @@ def test_a_loss_at_the_class_frequencies_entropy_is_no_progress(tmp_path, caplog
     """``benchmarks/freeze_label_prior.py``, seed 0: the loss falls from its start to the entropy of the class
     frequencies at once and stays there for a hundred steps. Read from its start, that was 36% progress and a
     plateau, and every layer froze on it; read from the labels' entropy, nothing freezes before the task is learnt."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "freeze_label_prior.py"
-    spec = importlib.util.spec_from_file_location("freeze_label_prior", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["freeze_label_prior"] = bench  # its dataclass looks its module up there
-    spec.loader.exec_module(bench)
-
-    baseline = bench.fit(tmp_path / "baseline", None, callback=False)
-    learnt = bench.learnt_at(baseline.curve, bench.label_prior())
+    baseline = BENCH.fit(tmp_path / "baseline", None, callback=False)
+    learnt = BENCH.learnt_at(baseline.curve, BENCH.label_prior())
     assert learnt is not None and learnt >= 100, "the task must sit at the class frequencies for a while"
 
-    from_start = bench.fit(tmp_path / "from-start", FreezePolicy(task=TaskGate(label_prior=False)))
+    from_start = BENCH.fit(tmp_path / "from-start", FreezePolicy(task=TaskGate(label_prior=False)))
     assert from_start.frozen_at and max(from_start.frozen_at.values()) < learnt  # frozen before the task was learnt
     assert from_start.accuracy < baseline.accuracy - 0.05
 
     with caplog.at_level(logging.INFO, logger="lightning_svcca"):
-        gated = bench.fit(tmp_path / "gated", FreezePolicy())
+        gated = BENCH.fit(tmp_path / "gated", FreezePolicy())
     assert min(gated.frozen_at.values(), default=math.inf) >= learnt
     assert abs(gated.accuracy - baseline.accuracy) <= 0.003, (gated, baseline)
     waits = [record.getMessage() for record in caplog.records if "freezing waits" in record.getMessage()]

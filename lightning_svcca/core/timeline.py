@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["Timeline", "evenly_spaced", "fraction_lag"]
+__all__ = ["Timeline", "evenly_spaced", "fraction_lag", "fraction_target", "lagged_index"]
 
 T = TypeVar("T")
 
@@ -38,6 +38,16 @@ def fraction_lag(measurement: int, fraction: float) -> int:
 def fraction_target(point: int, origin: int, fraction: float) -> float:
     """The point ``fraction`` of the way back from ``point`` to ``origin``: a lagged point lies at or before it."""
     return point - fraction * (point - origin) + _SLACK * max(1, point - origin)
+
+
+def lagged_index(earlier: Sequence[int], point: int, fraction: float) -> int:
+    """The index in ``earlier`` of the latest point at least ``fraction`` of the run back from ``point``.
+
+    ``earlier``: the ascending points before ``point``, the first one the run's origin. The movement rule's lagged
+    snapshot and the task gate's lagged loss are both picked this way.
+    """
+    target = fraction_target(point, earlier[0], fraction)
+    return max(index for index, at in enumerate(earlier) if at <= target)
 
 
 def evenly_spaced(items: Sequence[T], most: int) -> list[T]:
@@ -139,15 +149,12 @@ class Timeline:
         :func:`fraction_lag` measurements back.
         """
         earlier = self.before(point)
-        if not earlier:
-            return None
-        target = fraction_target(point, earlier[0], fraction)
-        return max(p for p in earlier if p <= target)
+        return earlier[lagged_index(earlier, point, fraction)] if earlier else None
 
     def lag_by_fraction(self, point: int, fraction: float) -> int | None:
         """How many measurements back :meth:`lagged_by_fraction` lies (``None`` before any)."""
-        lagged = self.lagged_by_fraction(point, fraction)
-        return None if lagged is None else sum(1 for p in self.measured if lagged <= p < point)
+        earlier = self.before(point)
+        return len(earlier) - lagged_index(earlier, point, fraction) if earlier else None
 
     def span_by_fraction(self, point: int, fraction: float) -> tuple[int, int] | None:
         """How far back the first measured point and the :meth:`lagged_by_fraction` one lie, in epochs or steps.

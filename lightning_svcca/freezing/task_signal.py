@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lightning_svcca.core.timeline import fraction_lag, fraction_target
+from lightning_svcca.core.timeline import fraction_lag, lagged_index
 
 __all__ = ["CurveReading", "TaskGate", "TaskSignal", "TaskVerdict", "read_curve"]
 
@@ -48,7 +48,6 @@ class TaskSignal:
         #: set from the probe at each fit's start: the probe's loss must fall below it to count as progress.
         self.prior: float | None = None
         self.start_point: int | None = None
-        self._last_point: int | None = None
         self._first: list[float] = []
         self._sum: torch.Tensor | float = 0.0
         self._count: torch.Tensor | float = 0.0
@@ -82,8 +81,7 @@ class TaskSignal:
         Its values would start from a new level late in the run, where no progress shows: the gate would wait
         forever. A ``None`` start keeps the curve unread, also across later checkpoints; the training loss gates.
         """
-        self.probe = [None]
-        self.probe_points = []
+        self.probe = [None]  # its points stay: they place the training loss's intervals (probe_positions: None)
 
     def close_interval(self, probe_loss: float | None = None, point: int | None = None) -> float | None:
         """At a measurement: keep the probe's loss; the mean training loss since the last one (``None``: none).
@@ -91,6 +89,7 @@ class TaskSignal:
         ``point``: the measurement's epoch or step, where both values are placed (without points, the measurements
         are read as evenly spaced).
         """
+        opened_at = self.probe_points[-1] if self.probe_points else None  # the last measurement's point
         self.probe.append(probe_loss if probe_loss is not None and math.isfinite(probe_loss) else None)
         if point is not None:
             self.probe_points.append(int(point))
@@ -98,7 +97,6 @@ class TaskSignal:
         self._sum, self._count = 0.0, 0.0
         if self.start is None and self._first:  # a first interval shorter than START_BATCHES
             self.start = sum(self._first) / len(self._first)
-        opened_at, self._last_point = self._last_point, None if point is None else int(point)
         if count == 0:
             return None
         if not self.levels:
@@ -133,7 +131,6 @@ class TaskSignal:
             "probe_points": list(self.probe_points),
             "level_points": list(self.level_points),
             "start_point": self.start_point,
-            "last_point": self._last_point,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -157,7 +154,6 @@ class TaskSignal:
         self.start_point = (
             None if state.get("start_point") is None else _point(state["start_point"], "task.start_point")
         )
-        self._last_point = None if state.get("last_point") is None else _point(state["last_point"], "task.last_point")
         self._sum, self._count = 0.0, 0.0
 
 
@@ -365,11 +361,7 @@ def read_curve(
     level = min(start, prior) if prior is not None and prior > 0 else start
     progress = (level - now) / abs(level) if level else 0.0
     placed = positions is not None and len(positions) == t + 1 and all(map(int.__lt__, positions, positions[1:]))
-    if placed:  # the latest value at least lag_fraction of the time back, as Timeline.lagged_by_fraction picks
-        target = fraction_target(positions[t], positions[0], lag_fraction)
-        lag = t - max(index for index in range(t) if positions[index] <= target)
-    else:
-        lag = fraction_lag(t, lag_fraction)
+    lag = t - lagged_index(positions[:t], positions[t], lag_fraction) if placed else fraction_lag(t, lag_fraction)
     before = values[-1 - lag] if t > lag else None
     if before is None or start == now:
         return CurveReading(name, start, now, best, progress, None, lag, prior)

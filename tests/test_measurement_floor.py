@@ -1,21 +1,23 @@
 """A measurement near its floor: the benchmark runs, heatmaps draw off the training thread, live ``final`` is lazy.
 
-``benchmarks/measurement_floor.py --quick`` prints its measurement/floor table and the fit overhead; heatmaps drawn
-in the background reach the writers from the caller's thread (at the next call, or at flush); the live ``final``
-heatmap's comparisons are only computed when a picture is drawn.
+``benchmarks/measurement_floor.py --quick`` prints its measurement/floor table and the fit overhead; heatmaps are
+drawn and sent to the writers that take images on the drawing thread, and a writer that raised there is dropped on
+the caller's thread (at the next call, or at flush); the live ``final`` heatmap's comparisons are only computed when
+a picture is drawn.
 """
 
 from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 from test_benchmarks import run_quick, table
 from torch import nn
 
 from lightning_svcca import SVCCAMonitor
 from lightning_svcca.output import drawing
-from lightning_svcca.output.writers import Reporter
+from lightning_svcca.output.writers import Reporter, WriterWarning
 
 
 def test_measurement_floor_quick_prints_the_table_and_the_overhead(capsys):
@@ -52,7 +54,7 @@ def _rows(epochs):
     ]
 
 
-def test_background_heatmaps_are_drawn_off_thread_and_written_from_the_callers(monkeypatch):
+def test_background_heatmaps_are_drawn_and_written_off_the_training_thread(monkeypatch):
     drawn_in: list[str] = []
     render = drawing.HeatmapFigure.render
 
@@ -67,17 +69,37 @@ def test_background_heatmaps_are_drawn_off_thread_and_written_from_the_callers(m
         returned = reporter.heatmap(
             _rows(range(1, step + 1)), reference="previous", metric="svcca", layers=["a", "b"], step=step
         )
-        assert returned is None  # drawn in the background, written later
+        assert returned is None  # drawn and written in the background
     reporter.flush()
     main = threading.current_thread().name
     assert [step for _, step, _ in experiment.images] == [1, 2, 3]
-    assert {thread for _, _, thread in experiment.images} == {main}
     assert drawn_in and main not in drawn_in
+    assert {thread for _, _, thread in experiment.images} == set(drawn_in)  # written where drawn
     # the end-of-fit picture is returned at once
     image = reporter.heatmap(
         _rows([1, 2, 3, 4]), reference="previous", metric="svcca", layers=["a", "b"], step=4, always=True
     )
     assert image is not None and image.ndim == 3 and experiment.images[-1][1] == 4
+
+
+class _FullDiskExperiment(_Experiment):
+    def add_image(self, name, image, step, dataformats):
+        super().add_image(name, image, step, dataformats)
+        raise OSError(28, "No space left on device")
+
+
+def test_a_writer_failing_on_the_drawing_thread_is_dropped_on_the_callers_with_one_warning():
+    failing, healthy = _FullDiskExperiment(), _Experiment()
+    reporter = Reporter([_Logger(failing), _Logger(healthy)], None, background=True)
+    with pytest.warns(WriterWarning, match="No space left on device") as caught:
+        for step in (1, 2, 3):
+            reporter.heatmap(
+                _rows(range(1, step + 1)), reference="previous", metric="svcca", layers=["a", "b"], step=step
+            )
+            reporter.flush()  # the drawing finished: the failure reaches this thread
+    assert len([w for w in caught if issubclass(w.category, WriterWarning)]) == 1
+    assert [step for _, step, _ in failing.images] == [1]  # dropped after its first failure
+    assert [step for _, step, _ in healthy.images] == [1, 2, 3]
 
 
 def test_live_final_comparisons_only_when_a_picture_is_drawn():

@@ -28,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from lightning_svcca.core.safe_files import try_write
 from lightning_svcca.measures import SimilarityWarning
-from lightning_svcca.output.drawing import Drawer
+from lightning_svcca.output.drawing import Drawer, Write
 from lightning_svcca.output.reporting import (
     FREEZE_REFERENCE,
     HISTORY_COLUMNS,
@@ -116,9 +116,9 @@ class Reporter:
         heatmap_time_share: the largest share of the time since this reporter was made that drawing heatmaps
             may take. Drawing one costs about 0.1 s (matplotlib), as much as an epoch of a small model: past the
             share, a heatmap waits for a later measurement, and :meth:`flush` draws what is still waiting.
-        background: draw heatmaps on a background thread (:class:`~lightning_svcca.output.drawing.Drawer`); each
-            image goes to the writers at the reporter's next call once drawn (from the caller's thread), and
-            :meth:`flush` waits for them all. ``False``: drawn and written when asked.
+        background: draw heatmaps, and send them to the writers that take images, on a background thread
+            (:class:`~lightning_svcca.output.drawing.Drawer`); a writer that raised there is dropped at the
+            reporter's next call, and :meth:`flush` waits for them all. ``False``: drawn and written when asked.
     """
 
     def __init__(
@@ -147,7 +147,7 @@ class Reporter:
 
         Heatmaps drawn in the background since the last call go to the writers first.
         """
-        self._write_drawn()
+        self._take_drawn()
         by_step: dict[int, dict[str, float]] = {}
         for row in rows:
             by_step.setdefault(int(row["step"]), {})[tag(row["metric"], row["reference"], row["layer"])] = float(
@@ -188,7 +188,7 @@ class Reporter:
         ``always``) the image is returned (``None`` when there is nothing to draw, or when it waits). The same
         picture is not written twice at one step: it is returned as drawn before.
         """
-        self._write_drawn()
+        self._take_drawn()
         experiments = self._experiments("add_image")
         if not experiments and not always:
             return None
@@ -211,10 +211,11 @@ class Reporter:
         def style() -> HeatmapFigure:
             return HeatmapFigure(**heatmap_style(metric, reference), xlabel=self.axis)
 
-        self._drawer.draw(name, step, style, names, epochs, matrix, frozen=frozen)
+        write = self._image_write(name, step, experiments)
+        self._drawer.draw(name, step, style, names, epochs, matrix, frozen=frozen, write=write)
         if self._drawer.background and not always:
             return None
-        self._write_drawn(wait=True)
+        self._take_drawn(wait=True)
         return self._drawn[name][2]
 
     def final_summary(self, image: Any, rows: Sequence[Mapping[str, Any]], step: int, name: str) -> None:
@@ -274,7 +275,7 @@ class Reporter:
         waiting, self._waiting = self._waiting, {}
         for history, arguments in waiting.values():
             self.heatmap(history, **arguments, always=True)
-        self._write_drawn(wait=True)
+        self._take_drawn(wait=True)
         self._drawer.close()
         for writer, experiment in self._experiments("flush"):
             self._guarded(writer, experiment.flush)
@@ -289,13 +290,31 @@ class Reporter:
         elapsed = time.perf_counter() - self._started
         return self._drawer.seconds > self.heatmap_time_share * elapsed or self._drawer.busy(name)
 
-    def _write_drawn(self, *, wait: bool = False) -> None:
-        """Send the heatmaps drawn since the last call to the writers that take images (``wait``: all asked for)."""
-        experiments = self._experiments("add_image")
-        for drawing, image in self._drawer.finished(wait=wait):
-            self._drawn[drawing.name] = (drawing.step, drawing.epochs, image)
+    def _take_drawn(self, *, wait: bool = False) -> None:
+        """Take the heatmaps drawn and written since the last call (``wait``: all asked for); drop failed writers."""
+        for drawing, drawn in self._drawer.finished(wait=wait):
+            self._drawn[drawing.name] = (drawing.step, drawing.epochs, drawn.image)
+            for writer, error in drawn.errors:
+                self._drop(writer, error)
+
+    def _image_write(self, name: str, step: int, experiments: list[tuple[Any, Any]]) -> Write:
+        """What sends the picture ``name`` at ``step`` to ``experiments`` (on the drawing thread), errors returned.
+
+        A writer dropped meanwhile (on the training thread) gets nothing; the errors are dropped there too
+        (:meth:`_take_drawn`), so warnings and the writer list stay the training thread's.
+        """
+
+        def write(image: Any) -> list[tuple[Any, Exception]]:
+            errors: list[tuple[Any, Exception]] = []
             for writer, experiment in experiments:
-                self._guarded(writer, experiment.add_image, drawing.name, image, drawing.step, dataformats="HWC")
+                if writer in self.writers:
+                    try:
+                        experiment.add_image(name, image, step, dataformats="HWC")
+                    except Exception as error:  # noqa: BLE001 - any writer's error: the training thread drops it
+                        errors.append((writer, error))
+            return errors
+
+        return write
 
     def _experiments(self, method: str) -> list[tuple[Any, Any]]:
         """``(writer, writer.experiment)`` for each writer whose experiment has ``method``."""
@@ -317,14 +336,20 @@ class Reporter:
         try:
             call(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - whatever a third-party writer raises, training goes on
-            self.writers.remove(writer)
-            detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-            warnings.warn(
-                f"the writer {type(writer).__name__} failed ({type(error).__name__}: {detail}); it gets nothing more"
-                " from this run, and training goes on. The history is kept in memory, in the checkpoint and in"
-                " svcca_history.csv; fix the writer (free disk space, its server) for the next run",
-                WriterWarning,
-                stacklevel=3,
-            )
+            self._drop(writer, error)
             return False
         return True
+
+    def _drop(self, writer: Any, error: Exception) -> None:
+        """Warn that ``writer`` raised ``error`` and give it nothing more (once: a writer dropped already is left)."""
+        if writer not in self.writers:
+            return
+        self.writers.remove(writer)
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        warnings.warn(
+            f"the writer {type(writer).__name__} failed ({type(error).__name__}: {detail}); it gets nothing more"
+            " from this run, and training goes on. The history is kept in memory, in the checkpoint and in"
+            " svcca_history.csv; fix the writer (free disk space, its server) for the next run",
+            WriterWarning,
+            stacklevel=4,
+        )

@@ -171,3 +171,17 @@ def test_no_module_of_the_package_tests_a_mode_string():
         if re.search(r"\.mode\s*(==|!=|in\b|not in\b)|mode\s*==\s*[\"']", line)
     ]
     assert found == [], "ask the rule object (policy.rule) instead of testing a mode string"
+
+
+def test_keep_last_keeps_the_top_layers_that_train_not_a_head_with_nothing_trainable():
+    """A LoRA model's head has no trainable parameters: keeping it back would protect nothing, so the kept layer is
+    the top one that trains, and the head above it never freezes either."""
+    plateau = TaskVerdict(True, True, "plateaued")
+    layers = ["emb", "h0", "h1", "head"]
+    policy = FreezePolicy(Schedule({"emb": 1, "h0": 1, "h1": 1, "head": 1}), keep_last=1)
+    assert policy.kept_from(layers, idle=["emb", "head"]) == 2 and policy.kept_from(layers) == 3
+    decided = policy.decide(Evidence(1, layers, idle=["emb", "head"], task=plateau))
+    assert [d.layer for d in decided.decisions] == ["emb", "h0"]
+    assert [d.layer for d in policy.decide(Evidence(1, layers, task=plateau)).decisions] == ["emb", "h0", "h1"]
+    assert FreezePolicy(Schedule({"h0": 1}), keep_last=5).kept_from(layers, idle=["head"]) == 0
+    assert FreezePolicy(Schedule({"h0": 1}), keep_last=0).kept_from(layers, idle=["head"]) == 4

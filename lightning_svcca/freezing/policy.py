@@ -14,7 +14,7 @@ What a freeze covers is
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -119,7 +119,8 @@ class FreezePolicy:
         min_epochs: no freezing before this many completed epochs.
         order: ``"bottom_up"`` (a layer freezes only once every layer below it, in forward order, is frozen)
             or ``"any"``.
-        keep_last: never freeze the last ``keep_last`` monitored layers.
+        keep_last: never freeze the top ``keep_last`` monitored layers that have something to train (a top layer
+            with nothing trainable, such as a LoRA model's head, is not counted), nor any layer above them.
         max_frozen: at most this many layers frozen (``None``: no bound beyond ``keep_last``).
         cache: the frozen-prefix cache's options (:class:`PrefixCacheOptions`); ``None``: no cache.
         mode: shorthand for ``rule``, with the rule's parameters as keywords (kept from the policy's first form):
@@ -264,21 +265,32 @@ class FreezePolicy:
             return FreezeOutcome([], found.streaks, notes)
         if task is not None and task.flat and not early:
             ready = {layer: ready.get(layer) or task.reason for layer in evidence.unfrozen()}
-        return FreezeOutcome(self._admissible(evidence.layers, evidence.frozen, ready), found.streaks, notes)
+        admissible = self._admissible(evidence.layers, evidence.frozen, ready, evidence.idle)
+        return FreezeOutcome(admissible, found.streaks, notes)
+
+    def kept_from(self, layers: Sequence[str], idle: Collection[str] = ()) -> int:
+        """Where the layers ``keep_last`` keeps training start: freezing stops below this index of ``layers``.
+
+        Those are the top ``keep_last`` monitored layers that have something to train (``idle`` ones, such as a
+        LoRA model's head, have nothing to keep training and are not counted); layers above them never freeze.
+        """
+        training = [index for index, layer in enumerate(layers) if layer not in idle]
+        if self.keep_last == 0 or not training:
+            return len(layers)
+        return training[max(0, len(training) - self.keep_last)]
 
     def _admissible(
-        self, layers: Sequence[str], frozen: Mapping[str, int], ready: Mapping[str, str]
+        self, layers: Sequence[str], frozen: Mapping[str, int], ready: Mapping[str, str], idle: Collection[str]
     ) -> list[FreezeDecision]:
         """Apply the order and the bounds to the layers that are ready."""
-        limit = len(layers) - self.keep_last
-        if self.max_frozen is not None:
-            limit = min(limit, self.max_frozen)
+        stop = self.kept_from(layers, idle)
+        limit = stop if self.max_frozen is None else min(stop, self.max_frozen)
         count = sum(1 for layer in layers if layer in frozen)
         decisions = []
         for index, layer in enumerate(layers):
             if layer in frozen:
                 continue
-            if index >= len(layers) - self.keep_last or count >= limit:
+            if index >= stop or count >= limit:
                 break
             if layer in ready:
                 decisions.append(FreezeDecision(layer, ready[layer]))

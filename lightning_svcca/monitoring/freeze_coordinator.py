@@ -71,8 +71,8 @@ class FreezingCoordinator:
         self.streaks: dict[str, int] = {}
         #: The training loss the loop reports (:meth:`observe_loss`), which the policy's task gate reads.
         self.task = TaskSignal()
-        #: The last waiting line's kind, so a line is written when the reason for waiting changes.
-        self._waiting: str | None = None
+        #: The kinds of waiting line said since the fit's start or the last freeze (each is said once).
+        self._said_waiting: set[str] = set()
         #: The probe pass past the frozen prefix (built by :meth:`attach`, once the probe exists).
         self.prefix: FrozenPrefix | None = None
         self.lag_reference = config.lag_reference
@@ -87,6 +87,7 @@ class FreezingCoordinator:
         The probe's labels also set the level its loss must fall below to count as progress (their entropy).
         """
         self.task.prior = label_entropy(capture.probe)
+        self._said_waiting.clear()
         self.prefix = FrozenPrefix(
             capture,
             self.store,
@@ -201,10 +202,8 @@ class FreezingCoordinator:
         """The policy's decisions from the lag reference's, the initial and the baseline's values (keeps streaks)."""
         policy = self.policy
         assert policy is not None and self.prefix is not None
-        idle: list[str] = []
-        if policy.rule.reads_idle:
-            blocks = freeze_blocks(self.prefix.completion, layers, self.model)
-            idle = [layer for layer, block in blocks.items() if not trainable_parameters(self.model, block)]
+        blocks = freeze_blocks(self.prefix.completion, layers, self.model)
+        idle = [layer for layer, block in blocks.items() if not trainable_parameters(self.model, block)]
         task = self._task_verdict()
         evidence = Evidence(
             epoch=epoch,
@@ -225,7 +224,7 @@ class FreezingCoordinator:
         outcome = policy.decide(evidence, self.streaks)
         self.streaks = outcome.streaks
         if (epoch if measurement is None else measurement) > 0:  # the first snapshot: nothing to judge, no line
-            self._say_why_waiting(outcome.decisions, layers, task, outcome.notes)
+            self._say_why_waiting(outcome.decisions, layers[: policy.kept_from(layers, idle)], task, outcome.notes)
         return outcome.decisions
 
     def _task_verdict(self) -> TaskVerdict | None:
@@ -246,14 +245,20 @@ class FreezingCoordinator:
     def _say_why_waiting(
         self,
         decisions: Sequence[FreezeDecision],
-        layers: Sequence[str],
+        candidates: Sequence[str],
         task: TaskVerdict | None,
         notes: Mapping[str, str],
     ) -> None:
-        """A line when freezing waits, each time the reason changes: no task progress yet, or still moving."""
-        waiting = [layer for layer in layers[: len(layers) - self.policy.keep_last] if layer not in self.frozen]
-        if decisions or not waiting:
-            self._waiting = None
+        """A line when freezing waits, once for each reason (no task progress yet, still moving) until a freeze.
+
+        ``candidates``: the layers the policy may freeze. A gate that opens and closes by turns says each reason
+        once, not at every turn.
+        """
+        if decisions:
+            self._said_waiting.clear()
+            return
+        waiting = [layer for layer in candidates if layer not in self.frozen]
+        if not waiting:
             return
         if task is not None and not task.allows:
             kind, why = "task", task.reason
@@ -261,31 +266,40 @@ class FreezingCoordinator:
             lowest = waiting[0]
             kind = "moving"
             why = f"{lowest!r} is still moving: {notes[lowest]}" if lowest in notes else f"{lowest!r} not judged yet"
-        if kind != self._waiting:
-            self._waiting = kind
+        if kind not in self._said_waiting:
+            self._said_waiting.add(kind)
             self.runtime.logger.info(f"freezing waits: {why}")
 
     def _apply(self, decisions: Sequence[FreezeDecision], epoch: int, step: int, layers: Sequence[str]) -> None:
         """Freeze each decided layer's block, never the last trainable parameters; then the after-freeze hook."""
         assert self.prefix is not None
         blocks = freeze_blocks(self.prefix.completion, layers, self.model)
+        idle = []
         for decision in decisions:
             block = blocks[decision.layer]
             if not self.freezer.leaves_trainable(self.model, block):
                 self._warn_once(
                     "freeze-all",
                     f"the freeze policy would freeze every trainable parameter at layer {decision.layer!r}; it stops"
-                    " one short and that layer keeps training. Use FreezePolicy(keep_last=1) or more",
+                    " one short and that layer keeps training. FreezePolicy(keep_last=...) keeps the top monitored"
+                    f" layers that have something to train training (now {self.policy.keep_last}): the trainable"
+                    " parameters left are in the layers it would freeze or outside the monitored layers",
                 )
                 break
             message = freeze_message(self.model, decision.layer, block, epoch, decision.reason)
             self.freezer.freeze(self.model, decision.layer, block)
             self.frozen[decision.layer] = epoch
             if message is None:  # nothing trainable of its own: it counts for the order, but is no freeze
-                self.runtime.logger.debug(f"layer {decision.layer!r} has nothing trainable: {decision.reason}")
+                idle.append(decision.layer)
             elif self.runtime.is_global_zero:
                 self.runtime.logger.info(message)
                 self._announce(message, step)
+        if idle and self.runtime.is_global_zero:
+            self.runtime.logger.info(
+                f"freezing counts {', '.join(map(repr, idle))} as frozen from epoch {epoch}:"
+                f" {'it has' if len(idle) == 1 else 'they have'} no trainable parameters (frozen before this fit, or"
+                " a PEFT model that trains adapters elsewhere)"
+            )
         if self.freezer.hard and self.runtime.after_freeze is not None:
             self.runtime.after_freeze()
 

@@ -278,7 +278,15 @@ class SVCCAMonitor:
             raise RuntimeError("call start() before measure(): it builds the probe and measures the initial model")
         if step <= self.last_measured_step:
             return []
-        if not self.by_step and (epoch in self.timeline or epoch % (self.config.every_n_epochs or 1)):
+        if not self.by_step and epoch in self.timeline:
+            self.warn_once(
+                "measure-same-epoch",
+                f"measure(epoch={epoch}, step={step}) measured nothing: epoch {epoch} was measured already (at step"
+                f" {self.timeline.at(epoch)[1]}). The monitor measures once per epoch, after it; to measure within"
+                " epochs, pass every_n_train_steps=... and call measure when you want a measurement",
+            )
+            return []
+        if not self.by_step and epoch % (self.config.every_n_epochs or 1):
             return []
         return self._measure(epoch, step)
 

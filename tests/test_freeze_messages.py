@@ -1,0 +1,108 @@
+"""What a plain loop's user is told about freezing: each reason to wait once, layers with nothing to train, a
+measurement asked for twice in one epoch, and no wrong advice under a LoRA-like model whose head trains nothing."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_svcca import FreezePolicy, Schedule, SVCCAMonitor, SVCCAMonitorWarning
+from lightning_svcca.freezing.task_signal import TaskGate, TaskVerdict
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 8), torch.randint(0, 2, (256,))
+    x[y == 1] += 1.0  # a separable task: the loss falls
+    return x, y
+
+
+def _model() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+def _fit(model: nn.Module, monitor: SVCCAMonitor, epochs: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    """``epochs`` epochs of 8 SGD steps, measured after each."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    monitor.start()
+    for epoch in range(1, epochs + 1):
+        for chunk in range(0, 256, 32):
+            loss = nn.functional.cross_entropy(model(x[chunk : chunk + 32]), y[chunk : chunk + 32])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.observe_loss(loss)
+        monitor.measure(epoch=epoch, step=epoch * 8)
+
+
+def _lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [record.getMessage() for record in caplog.records if text in record.getMessage()]
+
+
+def test_a_gate_that_opens_and_closes_by_turns_says_each_reason_once(monkeypatch, caplog):
+    turns = iter([False, True] * 10)
+
+    def alternating(self, signal, window):
+        allows = next(turns)
+        return TaskVerdict(allows, False, "plateau read" if allows else "no task progress yet: made up")
+
+    monkeypatch.setattr(TaskGate, "verdict", alternating)
+    x, y = _data()
+    model = _model()
+    policy = FreezePolicy(movement_threshold=1e-9)  # nothing is ever still enough: the layers keep moving
+    with caplog.at_level(logging.INFO, logger="lightning_svcca"):
+        with SVCCAMonitor(model, probe=x[:128], layers=["1", "3"], freeze=policy, writers=None) as monitor:
+            _fit(model, monitor, 8, x, y)
+    waits = _lines(caplog, "freezing waits")
+    assert len(waits) == 2, waits  # was one line at every turn: 8
+    assert sum("no task progress yet" in line for line in waits) == 1
+    assert monitor.frozen == {}
+
+
+def test_a_layer_frozen_before_the_fit_is_counted_as_frozen_with_one_line(caplog):
+    x, y = _data()
+    model = _model()
+    model[0].requires_grad_(False)  # frozen by an earlier fit, or by the user
+    policy = FreezePolicy(Schedule({"1": 1, "3": 2}), keep_last=1)
+    with caplog.at_level(logging.INFO, logger="lightning_svcca"):
+        with SVCCAMonitor(model, probe=x[:128], layers=["1", "3", "4"], freeze=policy, writers=None) as monitor:
+            _fit(model, monitor, 3, x, y)
+    counted = _lines(caplog, "as frozen from epoch")
+    assert counted == [
+        "freezing counts '1' as frozen from epoch 1: it has no trainable parameters (frozen before this fit, or a PEFT"
+        " model that trains adapters elsewhere)"
+    ]
+    assert monitor.frozen == {"1": 1, "3": 2}
+    assert any("froze layer '3' at epoch 2" in line for line in _lines(caplog, "froze layer"))
+
+
+def test_a_head_with_nothing_trainable_is_not_what_keep_last_keeps(caplog):
+    """Adapters train in the hidden layers only: the kept layer is the top one that trains, with no warning."""
+    x, y = _data()
+    model = _model()
+    model[4].requires_grad_(False)  # the head trains nothing, as a LoRA model's head
+    policy = FreezePolicy(Schedule({"1": 1, "3": 1, "4": 1}), keep_last=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SVCCAMonitorWarning)  # the old "use keep_last=1 or more", with keep_last=1
+        with SVCCAMonitor(model, probe=x[:128], layers=["1", "3", "4"], freeze=policy, writers=None) as monitor:
+            _fit(model, monitor, 2, x, y)
+    assert monitor.frozen == {"1": 1}
+    assert model[2].weight.requires_grad  # '3', the top layer that trains, keeps training
+
+
+def test_measuring_one_epoch_twice_in_a_plain_loop_says_why_nothing_happened():
+    x, y = _data()
+    model = _model()
+    with SVCCAMonitor(model, probe=x[:128], layers=["1", "3"], writers=None) as monitor:
+        _fit(model, monitor, 1, x, y)
+        with pytest.warns(SVCCAMonitorWarning, match=r"epoch 1 was measured already .*every_n_train_steps"):
+            assert monitor.measure(epoch=1, step=16) == []
+        by_steps = SVCCAMonitor(model, probe=x[:128], layers=["1", "3"], writers=None, every_n_train_steps=8)
+        with by_steps, warnings.catch_warnings():
+            warnings.simplefilter("error", SVCCAMonitorWarning)
+            by_steps.start()
+            assert by_steps.measure(epoch=1, step=8) and by_steps.measure(epoch=1, step=16)

@@ -157,10 +157,26 @@ def test_the_cost_summary_gives_the_share_of_the_fit_and_advice_only_above_three
     assert budget.CostWatch(lambda key, message: None).summary() is None  # not started
     costly = watch_over([100.0, 101.0, 110.0, 140.0], [(1.0, 0.5), (2.0, 0.5)]).summary()
     assert costly is not None and "3.0 s of the 40.0 s since the fit started (7.5%)" in costly
-    assert "2 measurements of 1.50 s, 33% of it the probe's forward passes" in costly
+    assert "2 measurements of 1.50 s (33% of them the probe's forward passes)" in costly
     assert "To spend less" in costly and "probe_size" in costly
     cheap = watch_over([0.0, 1.0, 100.0], [(1.0, 0.2)]).summary()
     assert cheap is not None and "(1.0%)" in cheap and "1 measurement of" in cheap and "To spend less" not in cheap
+
+
+def test_the_cost_summary_counts_the_probe_set_up_and_the_final_comparisons_beside_the_measurements(monkeypatch):
+    """Set up in on_fit_start (the preflight's passes), measured twice, compared with the final model: all of it is
+    what measuring cost, and the time since the fit started counts from the set-up."""
+    ticks = iter([110.0, 111.0, 140.0])
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: next(ticks))
+    watch = budget.CostWatch(lambda key, message: None)
+    watch.prepared(100.0, 2.0)
+    watch.start()  # no clock read: the fit started when its probe was set up
+    watch.measured(1.0, planned=2, done=1, probe_seconds=0.5)
+    watch.measured(2.0, planned=2, done=2, probe_seconds=0.5)
+    watch.spent(1.0)
+    line = watch.summary()
+    assert line is not None and "measuring took 6.0 s of the 40.0 s since the fit started (15.0%)" in line
+    assert "2 measurements of 1.50 s (33% of them" in line and "and 3.0 s setting up the probe and comparing" in line
 
 
 def test_decomposition_flops_follow_the_smaller_side() -> None:

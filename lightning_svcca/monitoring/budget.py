@@ -116,7 +116,8 @@ class CostWatch:
 
     The fit's time between two measurements is what passed since the last one ended; a measurement of ``m``
     seconds after ``t`` seconds of training takes ``m / (m + t)`` of the fit. :meth:`summary` gives the whole
-    run's share, with the part spent in the probe's forward passes, for the line the monitor logs at the end.
+    run's share (the probe's set-up and the end-of-fit comparisons included: on a small fit they are a good part of
+    it), with the part spent in the probe's forward passes, for the line the monitor logs at the end.
 
     Args:
         warn_once: the monitor's once-per-key warning.
@@ -126,14 +127,24 @@ class CostWatch:
         self._warn_once = warn_once
         self._last_end: float | None = None
         self._started: float | None = None
+        self._prepared: tuple[float, float] | None = None
         self.seconds = 0.0
         self.probe_seconds = 0.0
+        #: Seconds outside the measurements: the probe's set-up, the end-of-fit comparisons with the final model.
+        self.other_seconds = 0.0
         self.count = 0
 
+    def prepared(self, began: float, seconds: float) -> None:
+        """The probe was built and checked from ``began`` (a ``perf_counter`` time), in ``seconds``: the fit's start."""
+        self._prepared = (began, seconds)
+
     def start(self) -> None:
-        """The fit starts (or resumes) now: :meth:`summary` measures its share from here."""
-        self._started = time.perf_counter()
-        self.seconds = self.probe_seconds = 0.0
+        """The fit starts (or resumes) now, or when its probe was set up: :meth:`summary` measures from there."""
+        began, setting_up = self._prepared or (time.perf_counter(), 0.0)
+        self._prepared = None
+        self._started = began
+        self.seconds = self.other_seconds = setting_up
+        self.probe_seconds = 0.0
         self.count = 0
 
     def measured(self, seconds: float, planned: int | None, done: int, probe_seconds: float = 0.0) -> None:
@@ -163,6 +174,7 @@ class CostWatch:
     def spent(self, seconds: float) -> None:
         """Count measuring work outside a measurement (the end-of-fit comparisons with the final model)."""
         self.seconds += seconds
+        self.other_seconds += seconds
 
     def summary(self) -> str | None:
         """What measuring took of the fit since :meth:`start`, in one line (``None`` before any measurement)."""
@@ -170,10 +182,12 @@ class CostWatch:
             return None
         elapsed = max(time.perf_counter() - self._started, 1e-9)
         share = self.seconds / elapsed
+        measuring = self.seconds - self.other_seconds
         line = (
             f"measuring took {self.seconds:.1f} s of the {elapsed:.1f} s since the fit started ({share:.1%}):"
-            f" {self.count} measurement{'s' if self.count != 1 else ''} of {self.seconds / self.count:.2f} s,"
-            f" {self.probe_seconds / max(self.seconds, 1e-9):.0%} of it the probe's forward passes"
+            f" {self.count} measurement{'s' if self.count != 1 else ''} of {measuring / self.count:.2f} s"
+            f" ({self.probe_seconds / max(measuring, 1e-9):.0%} of {'them' if self.count != 1 else 'it'} the probe's"
+            f" forward passes), and {self.other_seconds:.1f} s setting up the probe and comparing with the final model"
         )
         if share > SUMMARY_ADVICE_SHARE:
             line += (

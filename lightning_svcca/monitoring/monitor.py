@@ -215,6 +215,7 @@ class SVCCAMonitor:
         """
         if self.probe is not None:
             return
+        began = time.perf_counter()
         self.probe = preflight.probe_for(self, self.warn_once)
         assert self.probe is not None
         capture = preflight.capture_for(
@@ -223,6 +224,7 @@ class SVCCAMonitor:
         preflight.keep_measurable(self, capture)
         self.snapshots.attach(capture)
         self.freezing.attach(capture)
+        self.cost.prepared(began, time.perf_counter() - began)
 
     def start(self, *, step: int = 0) -> None:
         """Build the probe and measure epoch 0 (the initial snapshot), or, when resuming, the fixed references."""

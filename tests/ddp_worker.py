@@ -17,6 +17,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--shard", type=int, default=1)
+    parser.add_argument("--tensorboard", action="store_true", help="Lightning's TensorBoard logger (its default)")
     args = parser.parse_args()
     pl.seed_everything(0, verbose=False)
     (x_train, y_train), (x_probe, _), _ = digits_tensors()
@@ -66,6 +68,7 @@ def main() -> None:
         metrics=["svcca", "pwcca", "linear_cka"],
         freeze=freeze,
         shard_probe=bool(args.shard),
+        heatmap_time_share=1.0 if args.tensorboard else 0.05,  # every heatmap at every measurement: none waits
     )
     checkpoints = ModelCheckpoint(dirpath=args.out / "checkpoints", save_top_k=-1, every_n_epochs=1)
     trainer = pl.Trainer(
@@ -75,7 +78,7 @@ def main() -> None:
         strategy="ddp" if args.devices > 1 else "auto",
         default_root_dir=args.out,
         callbacks=[callback, checkpoints, counters := _CacheCounters(callback)],
-        logger=False,
+        logger=TensorBoardLogger(args.out, name="tb") if args.tensorboard else False,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_train_batches=6,

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_svcca.pipeline.metrics import cross_products, measure, pair_for
 from lightning_svcca.pipeline.snapshot import LocalCollective, build_snapshot
@@ -140,8 +141,15 @@ def test_ddp_sharded_probe_matches_single_process(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_freeze_mid_training_and_resume(tmp_path):
-    """Default strategy="ddp", no find_unused_parameters: freezing mid-run trains on; resuming keeps the freezes."""
-    first = _run_worker(tmp_path / "first", "freeze", "--epochs", "4")
+    """Default strategy="ddp", no find_unused_parameters: freezing mid-run trains on; resuming keeps the freezes.
+
+    The first fit logs to TensorBoard, Lightning's default logger: rank zero draws the live ``final`` heatmap at each
+    measurement alone. Its comparisons once went through a collective the other process never joined, and the run
+    hung at its second measurement."""
+    first = _run_worker(tmp_path / "first", "freeze", "--epochs", "4", "--tensorboard")
+    events = next((tmp_path / "first" / "tb").rglob("events.out.tfevents*"))
+    images = EventAccumulator(str(events), size_guidance={"images": 0}).Reload().Images("svcca/final/heatmap")
+    assert {image.step for image in images} == {6, 12, 18, 24}  # drawn live on rank zero at each measurement
     for result in first:
         assert result["frozen"] == {"relu1": 1, "relu2": 2}
         assert not result["requires_grad"]["conv1.weight"] and not result["requires_grad"]["conv2.weight"]

@@ -25,7 +25,7 @@ from lightning_svcca.core.timeline import Timeline, evenly_spaced
 from lightning_svcca.pipeline.calibration import calibrated_rows
 from lightning_svcca.pipeline.metrics import Pair, evaluate, pair_for
 from lightning_svcca.pipeline.references import Reference, ReferenceKind
-from lightning_svcca.pipeline.snapshot import Collective, Snapshot
+from lightning_svcca.pipeline.snapshot import Collective, LocalCollective, Snapshot
 from lightning_svcca.pipeline.store import SnapshotStore
 
 __all__ = ["LIVE_FINAL_COLUMNS", "Comparisons", "HeatmapSource"]
@@ -109,9 +109,13 @@ class Comparisons:
         return rows + measured + calibrated_rows(measured)
 
     def against_point(
-        self, target: int, name: str, layers: Sequence[str], points: Sequence[int] | None = None
+        self, target: int, name: str, layers: Sequence[str], points: Sequence[int] | None = None, *, alone: bool = False
     ) -> list[dict[str, Any]]:
-        """Each measured point's snapshot (or those of ``points``) against point ``target``'s, as ``name`` rows."""
+        """Each measured point's snapshot (or those of ``points``) against point ``target``'s, as ``name`` rows.
+
+        ``alone``: computed by this process only, from the whole bases every process holds, with no collective (the
+        live ``final`` heatmap, drawn on rank zero alone: a collective there waits for the other processes forever).
+        """
         rows = []
         for layer in layers:
             latest = stored_snapshot(self.store, (layer, str(target)))
@@ -131,7 +135,7 @@ class Comparisons:
                             pair_for(metric, snapshot, latest),
                         )
                     )
-            rows += self._evaluate(jobs)
+            rows += self._evaluate(jobs, alone=alone)
         return rows
 
     def heatmap_sources(
@@ -151,7 +155,7 @@ class Comparisons:
         }
         if self.wants_final and len(self.timeline) > 1 and live_final:
             shown = evenly_spaced(self.timeline.measured, LIVE_FINAL_COLUMNS)
-            sources["final"] = functools.cache(lambda: self.against_point(point, "final", layers, shown))
+            sources["final"] = functools.cache(lambda: self.against_point(point, "final", layers, shown, alone=True))
         return sources
 
     def reference_snapshot(self, reference: Reference, layer: str, point: int) -> Snapshot | None:
@@ -188,10 +192,13 @@ class Comparisons:
             if tag.isdigit() and int(tag) not in kept:
                 self.store.discard((layer, tag))
 
-    def _evaluate(self, jobs: Sequence[tuple[dict[str, Any], str, Pair]]) -> list[dict[str, Any]]:
-        """Fill in each job's row value; rows whose value is not finite are dropped."""
+    def _evaluate(
+        self, jobs: Sequence[tuple[dict[str, Any], str, Pair]], *, alone: bool = False
+    ) -> list[dict[str, Any]]:
+        """Fill in each job's row value; rows whose value is not finite are dropped (``alone``: no collective)."""
+        collective = LocalCollective() if alone else self._collective
         values = evaluate(
-            [(metric, pair) for _, metric, pair in jobs], self._collective, device=self._device, dtype=self._dtype
+            [(metric, pair) for _, metric, pair in jobs], collective, device=self._device, dtype=self._dtype
         )
         return [{**r, "value": v} for (r, _, _), v in zip(jobs, values, strict=True) if math.isfinite(v)]
 

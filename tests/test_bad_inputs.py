@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -121,12 +122,17 @@ def test_scalar_output_is_refused_with_the_layer_named():
         monitor.start()
 
 
-def test_probe_size_beyond_the_data_warns():
+def test_probe_size_beyond_the_data_warns_when_asked_for_not_under_the_default():
     data = TensorDataset(torch.rand(100, 1, 8, 8), torch.zeros(100, dtype=torch.long))
-    monitor = _monitor(DataLoader(data, batch_size=10), probe_size=1024)
+    monitor = _monitor(DataLoader(data, batch_size=10), probe_size=2048)
     with pytest.warns(SVCCAMonitorWarning, match="holds only 100 samples"):
         monitor.prepare()
     assert monitor.probe.size == 100
+    by_default = _monitor(DataLoader(data, batch_size=10))  # a small validation set: the default takes it all
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SVCCAMonitorWarning)
+        by_default.prepare()
+    assert by_default.probe.size == 100
 
 
 class _DictData(Dataset):

@@ -136,7 +136,10 @@ def test_a_fit_too_short_for_the_movement_rule_says_so(tmp_path, epochs, says):
     fit = {"max_epochs": epochs, "limit_train_batches": 2, "accelerator": "cpu", "logger": False}
     quiet = {"enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
     callback = SVCCACallback(probe=probe, layers=layers, freeze=FreezePolicy())
-    with pytest.warns(SVCCAMonitorWarning, match=f"measures {epochs} time.*can freeze {says}.*every_n_train_steps"):
+    with pytest.warns(
+        SVCCAMonitorWarning,
+        match=f"gets {epochs} measurement.s. after training.*can freeze {says}.*every_n_train_steps",
+    ):
         pl.Trainer(default_root_dir=tmp_path, callbacks=[callback], **fit, **quiet).fit(DigitsCNN(), loader)
     by_steps = SVCCACallback(probe=probe, layers=layers, freeze=FreezePolicy(), every_n_train_steps=1)
     with warnings.catch_warnings(record=True) as caught:

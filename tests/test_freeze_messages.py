@@ -78,6 +78,7 @@ def test_a_layer_frozen_before_the_fit_is_counted_as_frozen_with_one_line(caplog
     ]
     assert monitor.frozen == {"1": 1, "3": 2}
     assert any("froze layer '3' at epoch 2" in line for line in _lines(caplog, "froze layer"))
+    assert not _lines(caplog, "freezing waits")  # a schedule freezes when planned: it waits for nothing
 
 
 def test_a_head_with_nothing_trainable_is_not_what_keep_last_keeps(caplog):

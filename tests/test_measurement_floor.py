@@ -82,6 +82,16 @@ def test_background_heatmaps_are_drawn_and_written_off_the_training_thread(monke
     assert image is not None and image.ndim == 3 and experiment.images[-1][1] == 4
 
 
+def test_the_end_of_fit_picture_is_not_written_again_when_the_last_measurement_drew_it():
+    experiment = _Experiment()
+    reporter = Reporter([_Logger(experiment)], None, background=True)
+    rows = _rows([1, 2, 3])
+    reporter.heatmap(rows, reference="previous", metric="svcca", layers=["a", "b"], step=3)  # still drawing
+    image = reporter.heatmap(rows, reference="previous", metric="svcca", layers=["a", "b"], step=3, always=True)
+    reporter.flush()
+    assert image is not None and [step for _, step, _ in experiment.images] == [3]
+
+
 class _FullDiskExperiment(_Experiment):
     def add_image(self, name, image, step, dataformats):
         super().add_image(name, image, step, dataformats)

@@ -408,6 +408,19 @@ def test_validate_and_test_alone_warn_once_that_nothing_is_measured(tmp_path, di
     assert callback.history == [] and not list(tmp_path.rglob("*svcca*"))
 
 
+def test_validate_after_a_fit_is_the_usual_evaluation_and_warns_nothing(tmp_path, digits, loaders):
+    x, _ = digits
+    callback = SVCCACallback(probe=x[:256])
+    trainer = _trainer(tmp_path, [callback], logger=False, max_epochs=1)
+    model = _Testable()
+    trainer.fit(model, loaders[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SVCCAMonitorWarning)
+        trainer.validate(model, loaders[1], verbose=False)
+        trainer.test(model, loaders[1], verbose=False)
+    assert {row["epoch"] for row in callback.history} == {0, 1}  # the fit's history is kept
+
+
 @pytest.mark.parametrize("overrides", [{"fast_dev_run": True}, {"logger": False}], ids=["fast_dev_run", "no-logger"])
 def test_nothing_is_written_outside_default_root_dir(tmp_path, monkeypatch, digits, loaders, overrides):
     x, _ = digits

@@ -274,8 +274,9 @@ class Movement(FreezeRule):
         left = max_epochs - 2 * every
         can = "nothing before the end" if left <= 0 else f"for the last {left} of its {max_epochs} epochs at most"
         return (
-            f"the Movement freeze rule measures {measurements} time(s) in this fit (max_epochs={max_epochs},"
-            f" every_n_epochs={every}) and judges a layer from its second measurement on, so it can freeze {can}."
+            f"the Movement freeze rule gets {measurements} measurement(s) after training in this fit"
+            f" (max_epochs={max_epochs}, every_n_epochs={every}; the one before training is its reference) and judges"
+            f" a layer from its second measurement on, so it can freeze {can}."
             " Measure by steps (every_n_train_steps=...) to give it more points, or freeze at epochs you choose"
             " (FreezePolicy(rule=Schedule(epochs={...})))"
         )

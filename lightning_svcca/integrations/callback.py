@@ -184,8 +184,8 @@ class _SVCCACallbackCore(_CallbackBase):
         resumes from a checkpoint, whose state ``load_state_dict`` hands to the monitor built here.
         """
         stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn (a str enum): "validate", ...
-        if stage != "fit":
-            if stage not in self._warned_stages and trainer.is_global_zero:
+        if stage != "fit":  # validate or test alone measure nothing; after a fit, they are the usual evaluation
+            if stage not in self._warned_stages and self.monitor is None and trainer.is_global_zero:
                 self._warned_stages.add(stage)
                 warnings.warn(
                     f"SVCCACallback measures during Trainer.fit only; this {stage} run records nothing",

@@ -26,6 +26,9 @@ from lightning_svcca.pipeline.probe import ForwardFn
 from lightning_svcca.pipeline.reduction import REDUCTIONS
 from lightning_svcca.pipeline.references import Reference, ReferenceKind, parse_references
 
+#: Samples the probe takes from a DataLoader by default (all of them when it holds fewer).
+DEFAULT_PROBE_SIZE = 1024
+
 __all__ = [
     "COMPUTE_DTYPES",
     "LayersArg",
@@ -87,7 +90,8 @@ class MonitorConfig:
         every_n_train_steps: also measure every this many optimizer steps (as ``ModelCheckpoint`` names it), for
             short fine-tunes and step-based runs. Measurements are then identified by their global step: the
             history's ``step`` column, the heatmaps' columns, and a freeze policy's ``lag`` counts measurements.
-        probe_size: samples taken from a DataLoader (and the cap for a tensor or batch probe).
+        probe_size: samples taken from a DataLoader (and the cap for a tensor or batch probe); a DataLoader with
+            fewer gives them all (a warning says so when you set ``probe_size``, not under the default).
         probe_batch_size: samples per forward pass of the probe.
         probe_input: the part of a batch that is the model input (index or key; default: element 0 of a tuple).
         probe_mask: the part of a batch holding a sequence padding mask ``(N, T)`` (1 = real frame) or lengths
@@ -133,7 +137,7 @@ class MonitorConfig:
     freeze: FreezePolicy | None = None
     _: KW_ONLY
     every_n_train_steps: int | None = None
-    probe_size: int = 1024
+    probe_size: int = DEFAULT_PROBE_SIZE
     probe_batch_size: int = 256
     probe_input: int | str | None = None
     probe_mask: int | str | bool | None = None

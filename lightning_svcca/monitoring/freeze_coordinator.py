@@ -223,7 +223,8 @@ class FreezingCoordinator:
         )
         outcome = policy.decide(evidence, self.streaks)
         self.streaks = outcome.streaks
-        if (epoch if measurement is None else measurement) > 0:  # the first snapshot: nothing to judge, no line
+        judged = policy.rule.lagged is not None  # a schedule freezes when planned: it never waits for anything
+        if judged and (epoch if measurement is None else measurement) > 0:  # the first snapshot: nothing to judge
             self._say_why_waiting(outcome.decisions, layers[: policy.kept_from(layers, idle)], task, outcome.notes)
         return outcome.decisions
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_svcca.monitoring.budget import check_memory, planned_measurements
-from lightning_svcca.monitoring.config import MonitorConfig
+from lightning_svcca.monitoring.config import DEFAULT_PROBE_SIZE, MonitorConfig
 from lightning_svcca.monitoring.cost import estimate_costs, preflight_cost, probe_pass_seconds
 from lightning_svcca.monitoring.runtime import Runtime
 from lightning_svcca.monitoring.state import restart_comparisons
@@ -80,7 +80,7 @@ def probe_from_config(config: MonitorConfig, warn_once: WarnFn) -> Probe:
         mask_key=config.probe_mask,
         seed=config.probe_seed,
     )
-    if isinstance(source, DataLoader) and probe.size < config.probe_size:
+    if isinstance(source, DataLoader) and probe.size < config.probe_size != DEFAULT_PROBE_SIZE:  # asked for more
         warn_once(
             "probe-truncated",
             f"probe_size={config.probe_size} but the probe DataLoader holds only {probe.size} samples: the"

@@ -186,9 +186,10 @@ class Reporter:
         previous picture is still being drawn (below a share of 1.0), waits (:meth:`flush` draws it). In the
         background, the image goes to the writers when drawn and ``None`` is returned; otherwise (and with
         ``always``) the image is returned (``None`` when there is nothing to draw, or when it waits). The same
-        picture is not written twice at one step: it is returned as drawn before.
+        picture is not written twice at one step: it is returned as drawn before (with ``always``, once the
+        pictures still drawing are done: the live ``final`` picture of the last measurement is the end-of-fit one).
         """
-        self._take_drawn()
+        self._take_drawn(wait=always)
         experiments = self._experiments("add_image")
         if not experiments and not always:
             return None

@@ -135,6 +135,13 @@ def test_hf_trainer_resume_continues_the_history(tmp_path, initial_model, digits
     keys = [(r["epoch"], r["layer"], r["reference"], r["metric"]) for r in resumed.history]
     assert len(keys) == len(set(keys))
     _assert_same_history(resumed.history, lightning_history)
+    # the resumed session is a TensorBoard run of its own: its final curve does not sit on the first session's
+    step = int(checkpoints[1].name.split("-")[1])
+    first_final = EventAccumulator(str(tmp_path / "runs" / "svcca")).Reload().Scalars(f"svcca/final/{LAYERS[0]}")
+    resumed_events = EventAccumulator(str(tmp_path / "runs" / "svcca" / f"resumed_step{step}")).Reload()
+    resumed_final = resumed_events.Scalars(f"svcca/final/{LAYERS[0]}")
+    assert [e.step for e in first_final] == [e.step for e in resumed_final]  # one value per step in each run
+    assert min(e.step for e in resumed_events.Scalars(f"svcca/previous/{LAYERS[0]}")) > step  # only the new ones
 
 
 def test_plain_loop_freezing_keeps_frozen_weights_and_norms(initial_model, digits_train_and_probe):

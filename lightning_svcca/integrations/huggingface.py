@@ -122,7 +122,8 @@ class SVCCATrainerCallback(TrainerCallback):
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         writers = self.writers
         if writers == "tensorboard":
-            self._writer = TensorBoardWriter(tensorboard_dir(args)) if state.is_world_process_zero else None
+            folder = tensorboard_dir(args, resumed_at=int(state.global_step))
+            self._writer = TensorBoardWriter(folder) if state.is_world_process_zero else None
             writers = self._writer
         self.monitor = SVCCAMonitor.from_config(
             model,
@@ -291,14 +292,20 @@ def _shards_parameters(args: Any) -> bool:
     )
 
 
-def tensorboard_dir(args: Any) -> Path:
+def tensorboard_dir(args: Any, resumed_at: int = 0) -> Path:
     """Where the TensorBoard events go.
 
     ``args.logging_dir`` (transformers 4), else ``$TENSORBOARD_LOGGING_DIR``, else ``<output_dir>/runs/svcca``
-    (beside the Trainer's own ``runs/<date>_<host>`` folders).
+    (beside the Trainer's own ``runs/<date>_<host>`` folders). A run resumed at global step ``resumed_at`` writes
+    into ``runs/svcca/resumed_step<resumed_at>``: TensorBoard shows it as a run of its own, as Lightning's next
+    logger version. In the same folder, its ``final`` curve (every measured step against the new final model)
+    would sit on the first session's, at the same steps: two curves zig-zagging into one.
     """
     folder = getattr(args, "logging_dir", None) or os.environ.get("TENSORBOARD_LOGGING_DIR")
-    return Path(folder) if folder else Path(args.output_dir) / "runs" / "svcca"
+    if folder:
+        return Path(folder)
+    default = Path(args.output_dir) / "runs" / "svcca"
+    return default / f"resumed_step{resumed_at}" if resumed_at > 0 else default
 
 
 def _epochs_of(args: Any, state: Any) -> int | None:

@@ -79,6 +79,8 @@ def test_a_real_fit_logs_when_the_cache_engages_and_serves_with_its_scalars(tmp_
     _, _, lines, metrics = _fit_logged(tmp_path, _schedule(True))
     engaged = [line for line in lines if line.startswith("frozen-prefix cache engaged up to 'relu2'")]
     assert len(engaged) == 1 and "keyed by input bytes" in engaged[0]
+    froze = next(index for index, line in enumerate(lines) if line.startswith("froze layer 'relu2'"))
+    assert froze < lines.index(engaged[0])  # the freeze is said first, then what the cache does about it
     assert any(line.startswith("frozen-prefix cache up to 'relu2' serves") for line in lines), lines
     cache = {step: m for step, m in metrics if "svcca/cache/served_share" in m}
     per_sample = 16 * 8 * 8 * 4  # relu2's output: 16 channels of 8x8 float32

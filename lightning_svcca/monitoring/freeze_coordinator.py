@@ -288,13 +288,13 @@ class FreezingCoordinator:
                 )
                 break
             message = freeze_message(self.model, decision.layer, block, epoch, decision.reason)
-            self.freezer.freeze(self.model, decision.layer, block)
-            self.frozen[decision.layer] = epoch
             if message is None:  # nothing trainable of its own: it counts for the order, but is no freeze
                 idle.append(decision.layer)
-            elif self.runtime.is_global_zero:
+            elif self.runtime.is_global_zero:  # said before the freeze: the cache's line about it comes after
                 self.runtime.logger.info(message)
                 self._announce(message, step)
+            self.freezer.freeze(self.model, decision.layer, block)
+            self.frozen[decision.layer] = epoch
         if idle and self.runtime.is_global_zero:
             self.runtime.logger.info(
                 f"freezing counts {', '.join(map(repr, idle))} as frozen from epoch {epoch}:"

@@ -1,4 +1,4 @@
-"""What a plain loop's user is told about freezing: each reason to wait once, layers with nothing to train, a
+"""What a plain loop's user is told about freezing: why it waits (each reason once), layers with nothing to train, a
 measurement asked for twice in one epoch, and no wrong advice under a LoRA-like model whose head trains nothing."""
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ def _model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
 
 
-def _fit(model: nn.Module, monitor: SVCCAMonitor, epochs: int, x: torch.Tensor, y: torch.Tensor) -> None:
-    """``epochs`` epochs of 8 SGD steps, measured after each."""
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+def _fit(
+    model: nn.Module, monitor: SVCCAMonitor, epochs: int, x: torch.Tensor, y: torch.Tensor, lr: float = 0.05
+) -> None:
+    """``epochs`` epochs of 8 SGD steps, each loss reported to the monitor, measured after each epoch."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     monitor.start()
     for epoch in range(1, epochs + 1):
         for chunk in range(0, 256, 32):
@@ -41,6 +43,18 @@ def _fit(model: nn.Module, monitor: SVCCAMonitor, epochs: int, x: torch.Tensor, 
 
 def _lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [record.getMessage() for record in caplog.records if text in record.getMessage()]
+
+
+def test_a_plain_loop_reports_its_loss_and_the_gate_says_why_it_waits(caplog):
+    torch.manual_seed(0)
+    model = _model()
+    x, y = torch.randn(256, 8), torch.randint(0, 2, (256,))  # random labels: the loss cannot fall 10%
+    policy = FreezePolicy(movement_threshold=10.0)  # the representations alone would freeze at once
+    with caplog.at_level(logging.INFO, logger="lightning_svcca"):
+        with SVCCAMonitor(model, probe=x[:128], layers=["1", "3"], freeze=policy, writers=None) as monitor:
+            _fit(model, monitor, 5, x, y, lr=1e-3)
+    assert monitor.frozen == {}
+    assert any("freezing waits: no task progress yet" in line for line in _lines(caplog, "freezing waits"))
 
 
 def test_a_gate_that_opens_and_closes_by_turns_says_each_reason_once(monkeypatch, caplog):

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_svcca import FreezePolicy, SVCCAMonitor
+from lightning_svcca import FreezePolicy
 from lightning_svcca.freezing.task_signal import TaskGate, TaskSignal
 
 transformers = pytest.importorskip("transformers")
@@ -287,27 +287,6 @@ def test_a_loss_at_the_class_frequencies_entropy_is_no_progress(tmp_path, caplog
     assert abs(gated.accuracy - baseline.accuracy) <= 0.003, (gated, baseline)
     waits = [record.getMessage() for record in caplog.records if "freezing waits" in record.getMessage()]
     assert any("no task progress yet" in line and "the labels' entropy" in line for line in waits), waits
-
-
-def test_a_plain_loop_reports_its_loss_and_the_gate_says_why_it_waits(caplog):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
-    x, y = torch.randn(256, 8), torch.randint(0, 2, (256,))  # random labels: the loss cannot fall 10%
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    policy = FreezePolicy(movement_threshold=10.0)  # the representations alone would freeze at once
-    monitor = SVCCAMonitor(model, probe=x[:128], layers=["1", "3"], freeze=policy, writers=None)
-    with caplog.at_level(logging.INFO, logger="lightning_svcca"), monitor:
-        monitor.start()
-        for epoch in range(1, 6):
-            for chunk in range(0, 256, 32):
-                loss = nn.functional.cross_entropy(model(x[chunk : chunk + 32]), y[chunk : chunk + 32])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                monitor.observe_loss(loss)
-            monitor.measure(epoch=epoch, step=epoch * 8)
-    assert monitor.frozen == {}
-    assert any("freezing waits: no task progress yet" in record.getMessage() for record in caplog.records)
 
 
 def test_lightning_reports_the_training_loss_and_a_labelled_probe_gives_its_own(digits, digits_cnn, make_trainer):

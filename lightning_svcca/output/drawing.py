@@ -1,7 +1,7 @@
 """Heatmap pictures drawn and written off the training thread: one worker thread, results handed back in order.
 
 Drawing a heatmap costs about 0.1 s of matplotlib, as much as an epoch of a small model, and handing the picture to
-TensorBoard another 15 ms (``add_image`` resamples and PNG-encodes it): together a fifth of a BERT measurement.
+TensorBoard some more (``add_image`` resamples and PNG-encodes it on the thread that calls it).
 :class:`Drawer` runs each drawing on a single background thread (matplotlib's object API with the Agg canvas: every
 picture has its own ``Figure``, no pyplot state, so a thread is safe), then the drawing's ``write`` (the reporter
 sends the image to the writers that take images: TensorBoard's ``SummaryWriter`` queues events under a lock, so a

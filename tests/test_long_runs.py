@@ -154,6 +154,27 @@ def test_every_logger_holds_every_value(tmp_path, digits_loader_and_probe, monke
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def test_an_mlflow_run_keeps_its_files_out_of_the_tracking_store(tmp_path, digits_loader_and_probe, monkeypatch):
+    """Lightning's ``trainer.log_dir`` is MLflow's tracking store itself: a history CSV and a snapshot folder there
+    made ``mlflow.search_experiments`` read ``svcca_snapshots`` as a malformed experiment. They go to
+    ``default_root_dir``, as without a logger."""
+    mlflow = pytest.importorskip("mlflow")
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    loader, probe = digits_loader_and_probe
+    store, root = tmp_path / "mlruns", tmp_path / "root"
+    logger = MLFlowLogger(experiment_name="svcca", tracking_uri=f"file:{store}")
+    callback = SVCCACallback(probe=probe, layers=LAYERS, probe_size=200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(root, [callback], logger=logger, max_epochs=1).fit(DigitsCNN(), loader)
+    assert not list(store.glob("svcca*")) and (root / "svcca_history.csv").is_file()
+    assert any((root / "svcca_snapshots").iterdir())
+    experiments = mlflow.MlflowClient(tracking_uri=f"file:{store}").search_experiments()
+    assert sorted(e.name for e in experiments) == ["Default", "svcca"] or [e.name for e in experiments] == ["svcca"]
+
+
 def test_early_stopping_once_every_layer_has_converged(tmp_path, digits_loader_and_probe):
     loader, probe = digits_loader_and_probe
     torch.manual_seed(0)

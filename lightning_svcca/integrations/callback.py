@@ -204,7 +204,7 @@ class _SVCCACallbackCore(_CallbackBase):
             pl_module,
             _with_probe(self.config, lambda: _default_probe_loader(trainer)),
             writers=trainer.loggers if trainer.is_global_zero and not debugging else [],
-            log_dir=None if debugging else Path(trainer.log_dir or trainer.default_root_dir),
+            log_dir=None if debugging else _run_folder(trainer),
             runtime=_runtime(trainer, self._logger(), autocast=self.probe_autocast),
         )
         if self._pending_state is not None:
@@ -513,3 +513,16 @@ def _describe_probe(probe: Any, size: int) -> str:
 
 class SVCCACallback(_SVCCACallbackCore, pl.Callback):  # noqa: D101 - the docstring is the core's
     __doc__ = _SVCCACallbackCore.__doc__
+
+
+def _run_folder(trainer: Any) -> Path:
+    """The folder of this run's history CSV and snapshots: the TensorBoard or CSV logger's version folder.
+
+    ``trainer.log_dir`` is that folder for those two; for the others it is the logger's ``save_dir``, which holds
+    every run's files (MLflow's tracking store, where a foreign folder breaks ``mlflow.search_experiments``; W&B's
+    ``wandb`` root). Then, and without a logger, ``default_root_dir``: runs sharing it get their own CSV names.
+    """
+    first = trainer.loggers[0] if trainer.loggers else None
+    if first is not None and type(first).__name__ in ("TensorBoardLogger", "CSVLogger") and trainer.log_dir:
+        return Path(trainer.log_dir)
+    return Path(trainer.default_root_dir)

@@ -108,7 +108,8 @@ class MonitorConfig:
         baseline: also log each metric on the probe with its datapoint pairing shuffled (the noise floor), and
             each compared value calibrated against it, ``(s - b) / (1 - b)``, as metric ``{metric}_calibrated``.
         max_snapshot_bytes: memory budget for snapshots held in memory; ``None``: unbounded. With a log
-            directory (the Lightning callback's ``trainer.log_dir``, the HuggingFace one's ``output_dir``) every
+            directory (the Lightning callback's: the TensorBoard or CSV logger's ``log_dir``, else
+            ``default_root_dir``; the HuggingFace one's ``output_dir``) every
             snapshot is also written to ``<log_dir>/svcca_snapshots/<run_id>/`` when taken, and those files stay
             after the fit (checkpoints refer to them); snapshots beyond the budget are read back from there.
             Without one, snapshots beyond the budget spill to a temporary folder that ``close()`` deletes (the

@@ -128,3 +128,30 @@ def test_live_final_comparisons_only_when_a_picture_is_drawn():
     rows = monitor.finish(epoch=3, step=3)
     assert {row["reference"] for row in rows} == {"final"} and len(calls) == 1
     monitor.close()
+
+
+def test_the_live_final_picture_leaves_the_measures_computed_from_the_datapoints_to_the_end():
+    """RSA on thousands of datapoints takes seconds a comparison: drawn live, on rank zero alone, the other processes
+    waited for it at every measurement. Its final picture comes at the end, when every process compares."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    experiment = _Experiment()
+    monitor = SVCCAMonitor(
+        model,
+        probe=torch.randn(128, 8),
+        layers=["1", "2"],
+        metrics=("svcca", "rsa"),
+        writers=[_Logger(experiment)],
+        heatmap_time_share=1.0,
+    )
+    monitor.start()
+    for epoch in (1, 2, 3):
+        with torch.no_grad():
+            model[0].weight.add_(0.1 * torch.randn_like(model[0].weight))
+        monitor.measure(epoch=epoch, step=epoch)
+    monitor.finish(epoch=3, step=3)
+    monitor.close()
+    steps = {name: sorted({step for n, step, _ in experiment.images if n == name}) for name, _, _ in experiment.images}
+    assert steps["svcca/final/heatmap"] == [1, 2, 3]  # live at each measurement after the first, and at the end
+    assert steps["rsa/final/heatmap"] == [3]  # the end only
+    assert steps["rsa/previous/heatmap"] == [1, 2, 3]  # its other pictures are drawn from the history, as before

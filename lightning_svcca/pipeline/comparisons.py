@@ -23,7 +23,7 @@ from lightning_svcca.core.rows import row
 from lightning_svcca.core.safe_files import stored_snapshot
 from lightning_svcca.core.timeline import Timeline, evenly_spaced
 from lightning_svcca.pipeline.calibration import calibrated_rows
-from lightning_svcca.pipeline.metrics import Pair, evaluate, pair_for
+from lightning_svcca.pipeline.metrics import Pair, evaluate, metric_info, pair_for
 from lightning_svcca.pipeline.references import Reference, ReferenceKind
 from lightning_svcca.pipeline.snapshot import Collective, LocalCollective, Snapshot
 from lightning_svcca.pipeline.store import SnapshotStore
@@ -109,12 +109,20 @@ class Comparisons:
         return rows + measured + calibrated_rows(measured)
 
     def against_point(
-        self, target: int, name: str, layers: Sequence[str], points: Sequence[int] | None = None, *, alone: bool = False
+        self,
+        target: int,
+        name: str,
+        layers: Sequence[str],
+        points: Sequence[int] | None = None,
+        *,
+        alone: bool = False,
+        metrics: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
         """Each measured point's snapshot (or those of ``points``) against point ``target``'s, as ``name`` rows.
 
         ``alone``: computed by this process only, from the whole bases every process holds, with no collective (the
         live ``final`` heatmap, drawn on rank zero alone: a collective there waits for the other processes forever).
+        ``metrics``: these of the monitor's metrics only (``None``: all).
         """
         rows = []
         for layer in layers:
@@ -127,7 +135,7 @@ class Comparisons:
                 if snapshot is None:
                     continue
                 epoch, step = self.timeline.at(point)
-                for metric in self.metrics:
+                for metric in self.metrics if metrics is None else metrics:
                     jobs.append(
                         (
                             row(epoch, step, layer, name, metric, math.nan),
@@ -148,14 +156,19 @@ class Comparisons:
         :data:`LIVE_FINAL_COLUMNS` points against the latest (not kept in the history), so a measurement costs the
         same at epoch 10 and at epoch 1000. Those comparisons are a function, computed (once) only when the
         picture is drawn: a run without image writers, or one whose heatmaps wait for their time share, never
-        pays for them.
+        pays for them. Only the metrics that follow from two bases' cross product are drawn live: the ones computed
+        from the datapoints (rbf_cka, the held-out and the sample-level measures: seconds each on thousands of
+        datapoints, on rank zero alone while the other processes wait) get their ``final`` picture at the end.
         """
         sources: dict[str, HeatmapSource] = {
             reference.name: history for reference in self.references if reference.kind.charted
         }
         if self.wants_final and len(self.timeline) > 1 and live_final:
             shown = evenly_spaced(self.timeline.measured, LIVE_FINAL_COLUMNS)
-            sources["final"] = functools.cache(lambda: self.against_point(point, "final", layers, shown, alone=True))
+            cheap = [metric for metric in self.metrics if not metric_info(metric).from_rows]
+            sources["final"] = functools.cache(
+                lambda: self.against_point(point, "final", layers, shown, alone=True, metrics=cheap)
+            )
         return sources
 
     def reference_snapshot(self, reference: Reference, layer: str, point: int) -> Snapshot | None:

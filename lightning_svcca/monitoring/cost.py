@@ -31,6 +31,7 @@ from lightning_svcca.pipeline.recording import ActivationRecorder
 __all__ = [
     "LayerCost",
     "available_memory",
+    "datapoint_metric_seconds",
     "decomposition_flops",
     "estimate_costs",
     "flop_rate",
@@ -96,9 +97,19 @@ def flop_rate(dtype: torch.dtype, device: torch.device) -> float:
 
 
 def estimate_costs(
-    recorder: ActivationRecorder, samples: int, probe_size: int, dtype: torch.dtype, device: torch.device
+    recorder: ActivationRecorder,
+    samples: int,
+    probe_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    datapoint_metrics: Mapping[str, int] | None = None,
 ) -> dict[str, LayerCost]:
-    """Each layer's :class:`LayerCost` from a pass of ``samples`` probe samples."""
+    """Each layer's :class:`LayerCost` from a pass of ``samples`` probe samples.
+
+    ``datapoint_metrics``: the measures computed from the datapoints (:data:`DATAPOINT_SCALING`) and how many
+    comparisons of each a measurement makes; their seconds grow with the datapoints, not with the width alone.
+    """
     compute_bytes = torch.finfo(dtype).bits // 8
     rate = flop_rate(dtype, device)
     costs = {}
@@ -107,8 +118,51 @@ def estimate_costs(
         width = int(rows[0].numel()) if rows.ndim > 1 else 1
         held, work = budget.layer_memory(datapoints, width, rows.element_size(), compute_bytes)
         seconds = OVERHEAD * decomposition_flops(datapoints, width) / rate
+        for metric, comparisons in (datapoint_metrics or {}).items():
+            seconds += comparisons * datapoint_metric_seconds(metric, datapoints, min(width, datapoints))
         costs[layer] = LayerCost(datapoints, width, held, work, seconds)
     return costs
+
+
+#: How the measures computed from the datapoints grow with them: exponent ``p`` of ``n ** p``, and whether a sort
+#: of the ``n ** 2`` pairs adds a ``log n`` (RSA ranks the dissimilarities). Neighbour sets and RBF kernels take
+#: ``n x n`` matrices; minibatch CKA takes chunks of a fixed size.
+DATAPOINT_SCALING = {
+    "mutual_knn": (2, False),
+    "cknna": (2, False),
+    "rsa": (2, True),
+    "minibatch_cka": (1, False),
+    "rbf_cka": (2, False),
+}
+#: Datapoints of the one timed call that :func:`datapoint_metric_seconds` scales from.
+TIMED_DATAPOINTS = 256
+
+
+def datapoint_metric_seconds(metric: str, datapoints: int, width: int) -> float:
+    """Seconds of one comparison by ``metric`` of ``datapoints`` rows of ``width`` features: timed once, scaled.
+
+    A flop count would miss what these measures spend in top-k selection and sorting, so one call on
+    :data:`TIMED_DATAPOINTS` rows is timed and scaled by :data:`DATAPOINT_SCALING`: a few times off at most, where
+    leaving them out read 1,000 times low (RSA on a conv layer's 8,192 datapoints).
+    """
+    power, sorts = DATAPOINT_SCALING[metric]
+    ratio = max(1.0, datapoints / TIMED_DATAPOINTS)
+    scale = ratio**power * (math.log(max(datapoints, 2)) / math.log(TIMED_DATAPOINTS) if sorts else 1.0)
+    return _timed_metric(metric, max(1, min(width, TIMED_DATAPOINTS))) * scale
+
+
+@functools.lru_cache(maxsize=64)
+def _timed_metric(metric: str, width: int) -> float:
+    """Seconds of one call of ``metric`` on :data:`TIMED_DATAPOINTS` random rows (after a warm-up call)."""
+    from lightning_svcca import measures  # the public measures: the same kernels the snapshots' comparisons run
+
+    function = getattr(measures, metric)
+    generator = torch.Generator().manual_seed(0)  # not the global generator: it belongs to the training loop
+    x, y = (torch.randn(TIMED_DATAPOINTS, width, generator=generator, dtype=torch.float64) for _ in range(2))
+    function(x, y)
+    started = time.perf_counter()
+    function(x, y)
+    return time.perf_counter() - started
 
 
 def probe_pass_seconds(

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from lightning_svcca.monitoring.budget import check_memory, planned_measurements
 from lightning_svcca.monitoring.config import DEFAULT_PROBE_SIZE, MonitorConfig
-from lightning_svcca.monitoring.cost import estimate_costs, preflight_cost, probe_pass_seconds
+from lightning_svcca.monitoring.cost import DATAPOINT_SCALING, estimate_costs, preflight_cost, probe_pass_seconds
 from lightning_svcca.monitoring.runtime import Runtime
 from lightning_svcca.monitoring.state import restart_comparisons
 from lightning_svcca.pipeline.capture import Capture, CaptureOptions, SkipFn, WarnFn
@@ -163,7 +163,11 @@ def capture_for(
         device_of(model),
     )
     check_memory(checked, samples, probe.size, options.dtype, device_of(model), warn_once)
-    costs = estimate_costs(checked, samples, probe.size, options.dtype, device_of(model))
+    compared = sum(reference.kind is not ReferenceKind.FINAL for reference in config.references) + config.baseline
+    datapoint_metrics = {metric: compared for metric in config.metrics if metric in DATAPOINT_SCALING}
+    costs = estimate_costs(
+        checked, samples, probe.size, options.dtype, device_of(model), datapoint_metrics=datapoint_metrics
+    )
     log = runtime.logger.info if runtime.is_global_zero else (lambda *args: None)
     too_large = preflight_cost(
         costs, probe_seconds, planned_measurements(config, runtime), device_of(model), log=log, warn_once=warn_once

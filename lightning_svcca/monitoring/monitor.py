@@ -247,14 +247,14 @@ class SVCCAMonitor:
             dtype=capture.options.dtype,
         )
         self.cost.start()
+        if self.runtime.is_global_zero:  # said before the first measurement, and what it may say about the layers
+            self.runtime.logger.info("SVCCA monitors %s", format_layers(self.layers))
+            charted = self.reference_names + (["baseline"] if config.baseline else [])
+            self.outputs.layout(charted, self.layers, frozen=config.freeze is not None)
         if not self.timeline.points:  # a new run (a resumed one has points, even when its snapshots were dropped)
             self._measure(0, step)
         else:
             self.snapshots.fixed_references()
-        if self.runtime.is_global_zero:
-            self.runtime.logger.info("SVCCA monitors %s", format_layers(self.layers))
-            charted = self.reference_names + (["baseline"] if config.baseline else [])
-            self.outputs.layout(charted, self.layers, frozen=config.freeze is not None)
 
     def observe_loss(self, loss: Any) -> None:
         """Report a training batch's loss (a tensor or a number): the freeze policy's task gate reads it.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 from collections import Counter
 
 import pytest
@@ -522,6 +523,30 @@ def test_dead_and_nan_layers_are_skipped_with_a_warning(make_trainer):
     assert {(epoch, layer) for epoch, layer, _ in callback.skipped} == {
         (epoch, layer) for epoch in (0, 1, 2) for layer in ("dead", "nan")
     }
+    # a layer with NaN activations is no converged layer: the minimum EarlyStopping and ModelCheckpoint read is NaN
+    # (over the layers left it read about 1 on a diverged model); a dead layer alone leaves it a number
+    assert math.isnan(float(trainer.callback_metrics["svcca/previous/min_over_layers"]))
+
+
+def test_a_dead_layer_alone_leaves_the_minimum_over_layers_a_number(make_trainer):
+    class WithDeadBranch(BoringModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dead = _Broken("dead")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.layer(x)
+            self.dead(out)
+            return out
+
+    torch.manual_seed(0)
+    callback = SVCCACallback(probe=torch.randn(64, 32), layers=["layer", "dead"], probe_size=64)
+    trainer = make_trainer([callback], max_epochs=2, logger=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(WithDeadBranch())
+    value = float(trainer.callback_metrics["svcca/previous/min_over_layers"])
+    assert value == pytest.approx(float(trainer.callback_metrics["svcca/previous/layer"]))
 
 
 @pytest.mark.filterwarnings("default::lightning_svcca.integrations.callback.SVCCAMonitorWarning")

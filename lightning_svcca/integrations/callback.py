@@ -361,8 +361,10 @@ class _SVCCACallbackCore(_CallbackBase):
         """One measurement at the trainer's global step; its values also go to ``trainer.callback_metrics``."""
         if self.monitor is not None and self.monitor.started:
             epoch = self._fit_epoch(trainer) if completed is None else completed
+            skipped = len(self.monitor.skipped)
             rows = self.monitor.measure(epoch=epoch, step=int(trainer.global_step))
-            _publish(trainer, rows)
+            diverged = any(_not_finite(reason) for _, _, reason in self.monitor.skipped[skipped:])
+            _publish(trainer, rows, diverged=diverged)
 
     def _fit_epoch(self, trainer: Any) -> int:
         """Completed epochs of this fit (the trainer's, less those done before the fit began)."""
@@ -388,11 +390,14 @@ class _SVCCACallbackCore(_CallbackBase):
         return logging.getLogger("lightning_svcca")
 
 
-def _publish(trainer: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+def _publish(trainer: Any, rows: Sequence[Mapping[str, Any]], *, diverged: bool = False) -> None:
     """A measurement's values in ``trainer.callback_metrics``, for ``EarlyStopping`` and ``ModelCheckpoint``.
 
     Each row under its tag, and per metric and reference ``{metric}/{reference}/min_over_layers``: the least
-    converged layer (every process computes the same values, so every rank agrees).
+    converged layer (every process computes the same values, so every rank agrees). ``diverged``: a layer was
+    skipped for NaN or Inf activations, and the minimum is NaN: over the layers left it read about 1 on a model whose
+    loss had blown up, and ``EarlyStopping`` stopped it as converged and ``ModelCheckpoint`` kept it as the best
+    (both take a NaN as no improvement; ``EarlyStopping(check_finite=True)``, the default, stops on it).
     """
     lowest: dict[str, float] = {}
     for row in rows:
@@ -400,9 +405,14 @@ def _publish(trainer: Any, rows: Sequence[Mapping[str, Any]]) -> None:
         trainer.callback_metrics[name] = torch.tensor(row["value"])
         if row["reference"] not in LAYER_FACTS:
             key = tag(row["metric"], row["reference"], "min_over_layers")
-            lowest[key] = min(lowest.get(key, math.inf), row["value"])
+            lowest[key] = math.nan if diverged else min(lowest.get(key, math.inf), row["value"])
     for name, value in lowest.items():
         trainer.callback_metrics[name] = torch.tensor(value)
+
+
+def _not_finite(reason: str) -> bool:
+    """Whether a layer was skipped because its activations hold NaN or Inf (or overflow): the model diverged."""
+    return "NaN or Inf" in reason or "overflows" in reason
 
 
 def _first_against_final(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

@@ -188,3 +188,9 @@ def test_cli_compare_two_checkpoints(tmp_path, digits_cnn, digits_loaders, capsy
     assert "1.000" in capsys.readouterr().out
     assert main(["compare", str(first), str(second), "--model", "nowhere", "--probe", "digits"]) == 2
     assert "--model must be" in capsys.readouterr().err
+
+
+def test_compare_models_refuses_a_keep_out_of_range_as_svcca_does(two_models):
+    before, after, probe = two_models
+    with pytest.raises(ValueError, match=r"keep as a fraction must be in \(0, 1\], got 1.5"):
+        compare_models(before, after, probe, LAYERS, ("svcca",), keep=1.5)

@@ -297,3 +297,11 @@ def test_rsa_refuses_degenerate_inputs():
         rsa(x, y, method="kendall")
     with pytest.raises(ValueError, match="distance must be one of"):
         rsa(x, y, distance="cityblock")
+
+
+def test_minibatch_cka_of_tensors_that_track_gradients_is_their_value():
+    """A similarity is no loss: inputs that track gradients (activations taken mid-training) give their value (the
+    chunk buffers refused autograd's tensors with a raw RuntimeError)."""
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    y = x @ torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    assert float(minibatch_cka(x, y, batch_size=25)) == pytest.approx(float(minibatch_cka(x.detach(), y.detach(), 25)))

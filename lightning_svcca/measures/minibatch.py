@@ -85,6 +85,7 @@ class MinibatchCKA:
         Each chunk costs its centring (into one reused buffer per side), its two kernel products and their three
         inner products (:func:`_chunk_statistics`); the estimates and the noise-floor checks run once for all.
         """
+        x, y = x.detach(), y.detach()  # a similarity, not a loss: writing into buffers refuses autograd's tensors
         bounds = chunk_bounds(x.shape[0], batch_size)
         sizes = [stop - start for start, stop in bounds]
         means_x, means_y = _chunk_means(x, sizes, self.dtype), _chunk_means(y, sizes, self.dtype)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_svcca.core.table import format_table
-from lightning_svcca.measures._checks import KeepBy
+from lightning_svcca.measures._checks import KeepBy, check_keep
 from lightning_svcca.pipeline.capture import Capture, CaptureOptions
 from lightning_svcca.pipeline.crosslayer import LayerMap, cross_layer_similarity, pool_by_sample
 from lightning_svcca.pipeline.layers import resolve_layers
@@ -110,6 +110,7 @@ def compare_models(  # noqa: PLR0913 - keyword-only: the monitor's measuring opt
     metrics = list(metrics)
     if not metrics:
         raise ValueError("metrics must name at least one measure")
+    keep = check_keep(keep, keep_by)  # keep=1.5 was taken, and gave numbers unlike any valid keep
     cross_layer_metric = cross_layer_metric or metrics[0]
     full_rank, with_right, with_affine = snapshot_needs([*metrics, cross_layer_metric])
     probe = build_probe(probe, _loader_size(probe), input_key=input_key)

@@ -121,3 +121,39 @@ def test_measuring_one_epoch_twice_in_a_plain_loop_says_why_nothing_happened():
             warnings.simplefilter("error", SVCCAMonitorWarning)
             by_steps.start()
             assert by_steps.measure(epoch=1, step=8) and by_steps.measure(epoch=1, step=16)
+
+
+def test_a_resume_that_drops_the_first_snapshots_says_the_movement_rule_cannot_judge(caplog):
+    """Resumed with metrics that need more of each snapshot, the run's snapshots are dropped: without a comparison
+    with the first one, the movement rule never judges the layer, nor bottom-up the layers above. It says so."""
+    x, y = _data()
+    model = _model()
+    with SVCCAMonitor(model, probe=x[:128], layers=["1", "3"], freeze=FreezePolicy(), writers=None) as first:
+        _fit(model, first, 2, x, y)
+        state = first.state_dict()
+    changed = SVCCAMonitor(
+        model,
+        probe=x[:128],
+        layers=["1", "3"],
+        metrics=("svcca", "linear_cka"),
+        freeze=FreezePolicy(task=None),  # the representations alone: the gate's own waiting is another test's
+        writers=None,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the resume's own warnings: the snapshots dropped
+        changed.load_state_dict(state)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with caplog.at_level(logging.INFO, logger="lightning_svcca"), changed:
+        changed.start(step=16)
+        for epoch in (3, 4, 5, 6):
+            for chunk in range(0, 256, 32):
+                loss = nn.functional.cross_entropy(model(x[chunk : chunk + 32]), y[chunk : chunk + 32])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                changed.observe_loss(loss)
+            changed.measure(epoch=epoch, step=epoch * 8)
+    assert any(
+        "'1' cannot be judged: it has no comparison with the run's first snapshot" in line
+        for line in _lines(caplog, "freezing waits")
+    )

@@ -37,6 +37,15 @@ from lightning_svcca.pipeline.store import SnapshotStore
 __all__ = ["FreezingCoordinator"]
 
 
+#: Why freezing waits for a layer measured without a comparison with the run's first snapshot.
+_UNJUDGEABLE = (
+    "{layer} cannot be judged: it has no comparison with the run's first snapshot (a layer new in this run, or"
+    " snapshots dropped when a resume changed the probe, the metrics or the layers), so the movement rule freezes"
+    " neither it nor, bottom-up, the layers above it. Freeze it when you choose"
+    " (FreezePolicy(rule=Schedule(epochs={{...}}))), or resume with the settings the run began with"
+)
+
+
 class FreezingCoordinator:
     """The freezes of one run: decided on rank zero, applied everywhere, kept applied, saved with checkpoints.
 
@@ -223,9 +232,13 @@ class FreezingCoordinator:
         )
         outcome = policy.decide(evidence, self.streaks)
         self.streaks = outcome.streaks
-        judged = policy.rule.lagged is not None  # a schedule freezes when planned: it never waits for anything
-        if judged and (epoch if measurement is None else measurement) > 0:  # the first snapshot: nothing to judge
-            self._say_why_waiting(outcome.decisions, layers[: policy.kept_from(layers, idle)], task, outcome.notes)
+        lagged = policy.rule.lagged  # None: a schedule freezes when planned, it never waits for anything
+        if lagged is not None and (epoch if measurement is None else measurement) > 0:  # the first: nothing to judge
+            # a rule that reads each layer against its first snapshot cannot judge a measured layer without it
+            measured = evidence.similarities if lagged.initial else {}
+            unjudgeable = [layer for layer in measured if layer not in evidence.initial]
+            candidates = layers[: policy.kept_from(layers, idle)]
+            self._say_why_waiting(outcome.decisions, candidates, task, outcome.notes, unjudgeable)
         return outcome.decisions
 
     def _task_verdict(self) -> TaskVerdict | None:
@@ -249,6 +262,7 @@ class FreezingCoordinator:
         candidates: Sequence[str],
         task: TaskVerdict | None,
         notes: Mapping[str, str],
+        unjudgeable: Sequence[str] = (),
     ) -> None:
         """A line when freezing waits, once for each reason (no task progress yet, still moving) until a freeze.
 
@@ -263,6 +277,8 @@ class FreezingCoordinator:
             return
         if task is not None and not task.allows:
             kind, why = "task", task.reason
+        elif waiting[0] in unjudgeable:
+            kind, why = "unjudgeable", _UNJUDGEABLE.format(layer=repr(waiting[0]))
         else:
             lowest = waiting[0]
             kind = "moving"

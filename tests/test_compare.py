@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_svcca.cli.main import main
 from lightning_svcca.measures import cca, linear_cka, procrustes, svcca
+from lightning_svcca.measures._checks import TooFewDatapointsWarning
 from lightning_svcca.offline.compare import compare_models
 from lightning_svcca.pipeline.crosslayer import LayerMap, cross_layer_similarity, pool_by_sample
 from lightning_svcca.pipeline.metrics import snapshot_needs
@@ -194,3 +195,11 @@ def test_compare_models_refuses_a_keep_out_of_range_as_svcca_does(two_models):
     before, after, probe = two_models
     with pytest.raises(ValueError, match=r"keep as a fraction must be in \(0, 1\], got 1.5"):
         compare_models(before, after, probe, LAYERS, ("svcca",), keep=1.5)
+
+
+def test_compare_models_warns_when_the_probe_is_too_small_for_the_directions_kept(two_models):
+    """Five samples gave 1.000 for every layer of two different models, with no word: CCA on fewer datapoints than
+    directions is biased towards 1."""
+    before, after, probe = two_models
+    with pytest.warns(TooFewDatapointsWarning, match=r"layer 'fc1' compares \d+ directions using only 5 datapoints"):
+        compare_models(before, after, probe[:5], ["fc1"], ("svcca",))

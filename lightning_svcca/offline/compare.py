@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_svcca.core.table import format_table
-from lightning_svcca.measures._checks import KeepBy, check_keep
+from lightning_svcca.measures._checks import KeepBy, check_keep, warn_if_few_datapoints
 from lightning_svcca.pipeline.capture import Capture, CaptureOptions
 from lightning_svcca.pipeline.crosslayer import LayerMap, cross_layer_similarity, pool_by_sample
 from lightning_svcca.pipeline.layers import resolve_layers
@@ -158,6 +158,9 @@ def _layer_table(
     snapshots = [
         {name: capture.compress(r.activations[name], r.input_eps[name], name) for name in names} for r in recorders
     ]
+    for name in names:  # too few datapoints for the directions kept bias every similarity towards 1: say so
+        kept = max(side[name].kept for side in snapshots)
+        warn_if_few_datapoints(snapshots[0][name].n_datapoints, kept, f"layer {name!r}", stacklevel=4)
     jobs = [(metric, pair_for(metric, snapshots[0][name], snapshots[1][name])) for name in names for metric in metrics]
     values = iter(evaluate(jobs, LocalCollective(), device=torch.device("cpu"), dtype=dtype))
     return [{"layer": name, **{metric: next(values) for metric in metrics}} for name in names]

@@ -469,3 +469,15 @@ def test_a_heatmap_time_share_of_one_draws_every_heatmap(history):
     for step in range(4):
         reporter.heatmap(history, reference="final", metric="svcca", layers=["conv", "fc"], step=step)
     assert [step for _, _, step, _ in experiment.images] == [0, 1, 2, 3]
+
+
+def test_a_history_csv_cut_mid_row_leaves_its_last_row_out_with_a_warning(tmp_path, history):
+    """A cut file read silently gave its last value as a number it never held (0.2656479872344012 read 0.2656...3440)."""
+    from lightning_svcca.core.safe_files import FileTrustWarning
+
+    path = write_history_csv(history, tmp_path / "svcca_history.csv")
+    text = path.read_text()
+    assert read_history_csv(path) == [dict(row) for row in history]
+    path.write_text(text[:-4])  # cut inside the last row's value
+    with pytest.warns(FileTrustWarning, match="ends in the middle of a row"):
+        assert read_history_csv(path) == [dict(row) for row in history[:-1]]

@@ -13,9 +13,11 @@ heatmap is drawn.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import uuid
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +25,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from lightning_svcca.core.rows import FREEZE_METRIC, FREEZE_REFERENCE, HISTORY_COLUMNS
+from lightning_svcca.core.safe_files import FileTrustWarning
 from lightning_svcca.core.timeline import evenly_spaced
 from lightning_svcca.output.csv_cells import neutralise_cell, restore_cell
 
@@ -528,13 +531,25 @@ _INTEGER_COLUMNS = ("epoch", "step")
 def read_history_csv(path: str | Path) -> list[dict[str, Any]]:
     """Read a history CSV back into rows: ``epoch`` (and ``step``, where present) as int, ``value`` as float.
 
-    Freeze rows of older files (``metric="svcca", reference="frozen"``) come back under ``metric="freeze"``.
+    Freeze rows of older files (``metric="svcca", reference="frozen"``) come back under ``metric="freeze"``. The
+    package writes every row with its line end and the file in one rename: a file ending mid-row was cut (a copy
+    or a disk that failed), and its last row is left out with a :class:`FileTrustWarning` rather than read as a
+    number it never held.
     """
     with Path(path).open(newline="") as handle:
-        rows = [
-            {key: restore_cell(text) if isinstance(text, str) else text for key, text in row.items()}
-            for row in csv.DictReader(handle)
-        ]
+        text = handle.read()
+    rows = [
+        {key: restore_cell(cell) if isinstance(cell, str) else cell for key, cell in row.items()}
+        for row in csv.DictReader(io.StringIO(text))
+    ]
+    if text and not text.endswith(("\n", "\r")) and rows:
+        warnings.warn(
+            f"{path} ends in the middle of a row (the file was cut): its last row is left out; the checkpoint holds"
+            " the whole history",
+            FileTrustWarning,
+            stacklevel=2,
+        )
+        rows.pop()
     for row in rows:
         for column in _INTEGER_COLUMNS:
             if column in row:

@@ -472,7 +472,7 @@ def test_a_heatmap_time_share_of_one_draws_every_heatmap(history):
 
 
 def test_a_history_csv_cut_mid_row_leaves_its_last_row_out_with_a_warning(tmp_path, history):
-    """A cut file read silently gave its last value as a number it never held (0.2656479872344012 read 0.2656...3440)."""
+    """A cut file was read silently, its last value as a number it never held (0.2656479872344012 as 0.2656...3440)."""
     from lightning_svcca.core.safe_files import FileTrustWarning
 
     path = write_history_csv(history, tmp_path / "svcca_history.csv")

@@ -52,6 +52,13 @@ def test_summary_prints_convergence_epochs_and_freezes(history_dir, capsys):
     assert lines[4].split() == ["high", "3", "3", "1.0000", "-"]
 
 
+@pytest.mark.parametrize("level", ["1.5", "-2", "high"])
+def test_summary_refuses_a_threshold_no_similarity_reaches(history_dir, capsys, level):
+    with pytest.raises(SystemExit) as stopped:
+        main(["summary", str(history_dir), "--thresholds", "0.9", level])
+    assert stopped.value.code == 2 and "argument --thresholds" in capsys.readouterr().err
+
+
 def test_table_and_heatmap(history_dir, capsys, tmp_path):
     assert main(["table", str(history_dir / "svcca_history.csv")]) == 0
     out = capsys.readouterr().out

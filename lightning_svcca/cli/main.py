@@ -190,7 +190,11 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--all", action="store_true", help="report every history found under HISTORY")
         if name == "summary":
             command.add_argument(
-                "--thresholds", type=float, nargs="+", default=[0.9, 0.95], help="similarity levels (default: 0.9 0.95)"
+                "--thresholds",
+                type=_similarity_level,
+                nargs="+",
+                default=[0.9, 0.95],
+                help="similarity levels in [-1, 1] (default: 0.9 0.95)",
             )
         if name == "heatmap":
             command.add_argument(
@@ -367,3 +371,14 @@ def _max(row: Any) -> float:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _similarity_level(text: str) -> float:
+    """A ``--thresholds`` value: a number in [-1, 1], the range of every similarity (``1.5`` or ``-2`` never is)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value:g} is outside [-1, 1], the range of the similarities")
+    return value

@@ -25,7 +25,6 @@ from typing import Any, TypeVar
 import numpy as np
 
 from lightning_svcca.core.rows import FREEZE_METRIC, FREEZE_REFERENCE, HISTORY_COLUMNS
-from lightning_svcca.core.safe_files import FileTrustWarning
 from lightning_svcca.core.timeline import evenly_spaced
 from lightning_svcca.output.csv_cells import neutralise_cell, restore_cell
 
@@ -543,6 +542,8 @@ def read_history_csv(path: str | Path) -> list[dict[str, Any]]:
         for row in csv.DictReader(io.StringIO(text))
     ]
     if text and not text.endswith(("\n", "\r")) and rows:
+        from lightning_svcca.core.safe_files import FileTrustWarning  # it imports torch: not for every CLI read
+
         warnings.warn(
             f"{path} ends in the middle of a row (the file was cut): its last row is left out; the checkpoint holds"
             " the whole history",

@@ -26,12 +26,18 @@ def _model() -> nn.Sequential:
 
 
 def _fit(
-    model: nn.Module, monitor: SVCCAMonitor, epochs: int, x: torch.Tensor, y: torch.Tensor, lr: float = 0.05
+    model: nn.Module,
+    monitor: SVCCAMonitor,
+    epochs: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float = 0.05,
+    after: int = 0,
 ) -> None:
-    """``epochs`` epochs of 8 SGD steps, each loss reported to the monitor, measured after each epoch."""
+    """``epochs`` epochs of 8 SGD steps after epoch ``after``, each loss reported, measured after each epoch."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
-    monitor.start()
-    for epoch in range(1, epochs + 1):
+    monitor.start(step=after * 8)
+    for epoch in range(after + 1, after + epochs + 1):
         for chunk in range(0, 256, 32):
             loss = nn.functional.cross_entropy(model(x[chunk : chunk + 32]), y[chunk : chunk + 32])
             optimizer.zero_grad()
@@ -142,17 +148,8 @@ def test_a_resume_that_drops_the_first_snapshots_says_the_movement_rule_cannot_j
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the resume's own warnings: the snapshots dropped
         changed.load_state_dict(state)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     with caplog.at_level(logging.INFO, logger="lightning_svcca"), changed:
-        changed.start(step=16)
-        for epoch in (3, 4, 5, 6):
-            for chunk in range(0, 256, 32):
-                loss = nn.functional.cross_entropy(model(x[chunk : chunk + 32]), y[chunk : chunk + 32])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                changed.observe_loss(loss)
-            changed.measure(epoch=epoch, step=epoch * 8)
+        _fit(model, changed, 4, x, y, after=2)
     assert any(
         "'1' cannot be judged: it has no comparison with the run's first snapshot" in line
         for line in _lines(caplog, "freezing waits")

@@ -142,7 +142,7 @@ def test_what_each_rule_tells_the_monitor():
     assert Movement(lag_fraction=0.25).loss_window == 0.25 and Convergence().loss_window == 0.5
     assert Convergence(noise_aware=True).needs_baseline and not Movement().needs_baseline
     assert Movement.reads_task and Convergence.reads_task and not LinearSchedule.reads_task
-    assert not Schedule.reads_task and Movement.reads_idle and not Convergence.reads_idle
+    assert not Schedule.reads_task
     with pytest.raises(ValueError, match="set Trainer\\(max_epochs"):
         LinearSchedule().check_fit(None)
     with pytest.raises(ValueError, match=r"not monitored: \['x'\]"):

@@ -95,7 +95,8 @@ class Evidence:
         max_epochs: the fit's ``max_epochs`` (:class:`LinearSchedule`).
         lag_in_measurements: lags count measurements (measuring every k steps), not epochs: how a reason names
             the snapshot compared with.
-        idle: layers with nothing trainable of their own (:class:`Movement` counts them as converged).
+        idle: layers with nothing trainable of their own (:class:`Movement` counts them as converged; the policy's
+            ``keep_last`` keeps the top layers that are not).
         task: what the training loss says (:meth:`~lightning_svcca.freezing.task_signal.TaskGate.verdict`), for
             the rules that read it (:attr:`FreezeRule.reads_task`); ``None``: no gate.
         metric: the measure the similarities are in, as the reasons name it.
@@ -156,8 +157,6 @@ class FreezeRule:
 
     #: The rule judges measured similarities: the policy's ``metric`` must be measured, the task gate applies.
     reads_task: ClassVar[bool] = True
-    #: The rule counts layers with nothing trainable of their own as converged (the monitor then finds them).
-    reads_idle: ClassVar[bool] = False
 
     def readiness(self, evidence: Evidence, streaks: Mapping[str, int], patience: int = 1) -> Readiness:
         """The layers ready from ``evidence``, given the streaks so far; ``patience``: converged measurements needed."""
@@ -216,8 +215,6 @@ class Movement(FreezeRule):
 
     threshold: float = 0.75
     lag_fraction: float = 0.5
-
-    reads_idle: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.threshold <= 0.0:

@@ -93,8 +93,8 @@ def test_a_layer_frozen_before_the_fit_is_counted_as_frozen_with_one_line(caplog
             _fit(model, monitor, 3, x, y)
     counted = _lines(caplog, "as frozen from epoch")
     assert counted == [
-        "freezing counts '1' as frozen from epoch 1: it has no trainable parameters (frozen before this fit, or a PEFT"
-        " model that trains adapters elsewhere)"
+        "freezing counts '1' as frozen from epoch 1: it has no trainable parameters of its own (none at all, frozen"
+        " before this fit, or a PEFT model's base that trains adapters elsewhere)"
     ]
     assert monitor.frozen == {"1": 1, "3": 2}
     assert any("froze layer '3' at epoch 2" in line for line in _lines(caplog, "froze layer"))

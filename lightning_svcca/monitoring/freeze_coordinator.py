@@ -312,10 +312,12 @@ class FreezingCoordinator:
             self.freezer.freeze(self.model, decision.layer, block)
             self.frozen[decision.layer] = epoch
         if idle and self.runtime.is_global_zero:
+            subject = "it has" if len(idle) == 1 else "they have"
+            owner = "its" if len(idle) == 1 else "their"
             self.runtime.logger.info(
-                f"freezing counts {', '.join(map(repr, idle))} as frozen from epoch {epoch}:"
-                f" {'it has' if len(idle) == 1 else 'they have'} no trainable parameters (frozen before this fit, or"
-                " a PEFT model that trains adapters elsewhere)"
+                f"freezing counts {', '.join(map(repr, idle))} as frozen from epoch {epoch}: {subject} no trainable"
+                f" parameters of {owner} own (none at all, frozen before this fit, or a PEFT model's base that trains"
+                " adapters elsewhere)"
             )
         if self.freezer.hard and self.runtime.after_freeze is not None:
             self.runtime.after_freeze()
